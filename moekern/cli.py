@@ -1,0 +1,56 @@
+"""`moekern ...`: the one place that knows every part of the package.
+
+Each command lives with the code it drives; this module lists them. A command module exposes
+`add_parser(subparsers)` which registers its sub-parser with `set_defaults(func=...)`; `func(args)`
+returns an exit code. Modules are imported when the parser is built, so keep their top-level imports
+light (import pandas, matplotlib, vLLM inside the command functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command-module paths, in the order `moekern --help` lists them
+COMMAND_MODULES = (
+    "moekern.bench.cli",  # bench
+    "moekern.models.cli",  # models
+    "moekern.analysis.cli",  # metrics, datasets, predict, validate, placement, sweep, report
+    "moekern.study.cli",  # profile, coactivation, factorial, recommend, project
+    "moekern.diffusion.cli",  # diffusion
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekern", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"moekern {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for path in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == path or path.startswith(exc.name + ".")):
+                continue  # that part of the package is not there yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from moekern import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

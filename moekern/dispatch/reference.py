@@ -1,0 +1,112 @@
+"""Plain-PyTorch references for dispatch and combine: align, permute, unpermute.
+
+Flattened slots: slot i = token * top_k + j is token `token`'s j-th choice, expert topk_ids[token, j].
+Every backend orders the slots of one expert by i (token order), experts by index.
+
+align (for blocked grouped GEMMs, the layout vLLM's moe_align_block_size also produces):
+  sorted_token_ids [M*k + E*(B-1)] int32: expert 0's slots, padded with the sentinel M*k up to a multiple
+    of B, then expert 1's, ...; experts with no slots take no blocks; entries past
+    num_tokens_post_padded are also the sentinel.
+  block_expert_ids [ceil((M*k + E*(B-1)) / B)] int32: the expert of each block; -1 past the used blocks.
+  num_tokens_post_padded [1] int32: sum over experts of ceil(count_e / B) * B.
+  The sizes are fixed by (M, k, E, B) alone, so the outputs can live in CUDA-graph-captured buffers.
+
+permute/unpermute (for token-contiguous expert inputs):
+  permuted [M*k, H]: row r holds hidden_states[sorted_slots[r] // k]; rows grouped by expert.
+  layout.sorted_slots [M*k] int32: the flattened slot of each permuted row.
+  layout.slot_to_row [M*k] int32: the inverse, the permuted row of each slot.
+  layout.expert_offsets [E+1] int32: expert e's rows are expert_offsets[e]:expert_offsets[e+1].
+  unpermute: out[t] = sum_j topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], fp32 accumulation,
+  returned in expert_output's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class AlignOutput(NamedTuple):
+    sorted_token_ids: torch.Tensor  # [M*k + E*(B-1)] int32, sentinel M*k
+    block_expert_ids: torch.Tensor  # [ceil((M*k + E*(B-1)) / B)] int32, -1 past the used blocks
+    num_tokens_post_padded: torch.Tensor  # [1] int32
+
+
+class PermuteLayout(NamedTuple):
+    sorted_slots: torch.Tensor  # [M*k] int32
+    slot_to_row: torch.Tensor  # [M*k] int32
+    expert_offsets: torch.Tensor  # [E+1] int32
+    num_tokens: int
+    top_k: int
+
+
+def align_sizes(num_slots: int, num_experts: int, block_size: int) -> tuple[int, int]:
+    """(len(sorted_token_ids), len(block_expert_ids)) for M*k = num_slots."""
+    max_padded = num_slots + num_experts * (block_size - 1)
+    return max_padded, -(-max_padded // block_size)
+
+
+def align_reference(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> AlignOutput:
+    M, k = topk_ids.shape
+    n = M * k
+    flat = topk_ids.reshape(-1).long()
+    max_padded, max_blocks = align_sizes(n, num_experts, block_size)
+    dev = topk_ids.device
+    sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)
+    block_experts = torch.full((max_blocks,), -1, dtype=torch.int32, device=dev)
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, in slot order within one
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    src = dst = block = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        sorted_ids[dst:dst + c] = order[src:src + c].to(torch.int32)
+        nblocks = -(-c // block_size)
+        block_experts[block:block + nblocks] = e
+        src += c
+        dst += nblocks * block_size
+        block += nblocks
+    return AlignOutput(sorted_ids, block_experts, torch.tensor([dst], dtype=torch.int32, device=dev))
+
+
+def permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
+    M, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    sorted_slots = torch.argsort(flat, stable=True)
+    slot_to_row = torch.empty_like(sorted_slots)
+    slot_to_row[sorted_slots] = torch.arange(M * k, device=flat.device)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    permuted = hidden_states[torch.div(sorted_slots, k, rounding_mode="floor")]
+    layout = PermuteLayout(sorted_slots.to(torch.int32), slot_to_row.to(torch.int32), offsets, M, k)
+    return permuted, layout
+
+
+def unpermute_reference(expert_output: torch.Tensor, layout: PermuteLayout, topk_weights: torch.Tensor):
+    M, k = layout.num_tokens, layout.top_k
+    rows = expert_output[layout.slot_to_row.long()].float().view(M, k, -1)
+    out = (rows * topk_weights.float().view(M, k, 1)).sum(dim=1)
+    return out.to(expert_output.dtype)
+
+
+def fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids):
+    """Per-expert loop: out[t] = sum_j w[t,j] * (silu(x W_gate^T) * (x W_up^T)) W_down^T, fp32 math.
+
+    w13: [E, 2I, H] (gate rows 0:I, up rows I:2I); w2: [E, H, I]. Returns hidden_states' dtype.
+    """
+    M, H = hidden_states.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    out = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
+    x = hidden_states.float()
+    for e in range(E):
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ w13[e].float().t()
+        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = a @ w2[e].float().t()
+        out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
+    return out.to(hidden_states.dtype)

@@ -1,0 +1,120 @@
+"""Gate logs: how many tokens each expert received, per MoE layer, per forward step.
+
+Schema "moekern.gatelog/1", JSON Lines, one file per rank (`gate_log.rank{R}.jsonl`), one record per
+(step, layer):
+
+    {"schema": "moekern.gatelog/1", "step": 12, "layer": 3, "rank": 0, "num_tokens": 256,
+     "phase": "decode", "top_k": 8, "expert_counts": [31, 0, 17, ...], "time": 1763900000.25}
+
+- step: forward-step index on that rank (0-based, increasing); layer: MoE layer index (0-based, in model
+  order, counting MoE layers only); rank: global rank of the writer (EP/TP/DP rank in `extra` if known).
+- num_tokens: tokens in the step's batch; sum(expert_counts) == num_tokens * top_k.
+- phase: "prefill" | "decode" | "mixed" | "diffusion" | "unknown".
+- optional: "time" (unix seconds when the step was drained), "model" (str), "extra" (dict),
+  "topk_sample" (list of per-token id lists, a rate-limited sample for co-activation studies).
+
+Readers skip lines that do not parse or do not match the schema, and report them (path, line, reason).
+This module is stdlib + numpy only: the analysis reads it without torch, vLLM or a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SCHEMA = "moekern.gatelog/1"
+PHASES = ("prefill", "decode", "mixed", "diffusion", "unknown")
+
+
+@dataclass
+class GateRecord:
+    step: int
+    layer: int
+    expert_counts: list[int]
+    num_tokens: int
+    rank: int = 0
+    phase: str = "unknown"
+    top_k: int | None = None
+    time: float | None = None
+    model: str | None = None
+    extra: dict = field(default_factory=dict)
+    topk_sample: list[list[int]] | None = None
+
+    def to_json(self) -> str:
+        obj = {"schema": SCHEMA, "step": self.step, "layer": self.layer, "rank": self.rank,
+               "num_tokens": self.num_tokens, "phase": self.phase, "top_k": self.top_k,
+               "expert_counts": [int(c) for c in self.expert_counts]}
+        for key in ("time", "model", "topk_sample"):
+            if getattr(self, key) is not None:
+                obj[key] = getattr(self, key)
+        if self.extra:
+            obj["extra"] = self.extra
+        return json.dumps(obj, separators=(",", ":"))
+
+
+@dataclass
+class SkippedLine:
+    path: str
+    line: int
+    reason: str
+
+
+def parse_record(text: str) -> GateRecord:
+    """Parse one JSONL line; raise ValueError saying what is wrong."""
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if obj.get("schema") != SCHEMA:
+        raise ValueError(f"schema={obj.get('schema')!r}, expected {SCHEMA!r}")
+    for key in ("step", "layer", "num_tokens"):
+        if not isinstance(obj.get(key), int) or obj[key] < 0:
+            raise ValueError(f"{key} must be a non-negative int; got {obj.get(key)!r}")
+    counts = obj.get("expert_counts")
+    if not isinstance(counts, list) or not counts or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError("expert_counts must be a non-empty list of non-negative ints")
+    phase = obj.get("phase", "unknown")
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} must be one of {PHASES}")
+    return GateRecord(step=obj["step"], layer=obj["layer"], expert_counts=counts, num_tokens=obj["num_tokens"],
+                      rank=int(obj.get("rank", 0)), phase=phase, top_k=obj.get("top_k"), time=obj.get("time"),
+                      model=obj.get("model"), extra=obj.get("extra") or {}, topk_sample=obj.get("topk_sample"))
+
+
+def gate_log_files(path: str | os.PathLike) -> list[Path]:
+    """The JSONL gate-log files under `path` (a file, or a directory searched for gate_log*.jsonl)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(p.rglob("gate_log*.jsonl"))
+    raise FileNotFoundError(f"gate log path {str(p)!r} does not exist")
+
+
+def iter_records(path: str | os.PathLike, skipped: list[SkippedLine] | None = None) -> Iterator[GateRecord]:
+    """Yield the records of every gate-log file under `path`; bad lines go to `skipped` (if given)."""
+    for f in gate_log_files(path):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield parse_record(line)
+                except (ValueError, json.JSONDecodeError) as exc:
+                    if skipped is not None:
+                        skipped.append(SkippedLine(str(f), i, str(exc)))
+
+
+def read_gate_log(path: str | os.PathLike) -> tuple[list[GateRecord], list[SkippedLine]]:
+    """All records under `path` and the lines skipped as corrupt."""
+    skipped: list[SkippedLine] = []
+    return list(iter_records(path, skipped)), skipped
+
+
+def write_records(path: str | os.PathLike, records: Iterable[GateRecord]) -> None:
+    """Append records to a JSONL file (synchronous; the vLLM plugin has its own background writer)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(r.to_json() + "\n")

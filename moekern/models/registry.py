@@ -1,0 +1,103 @@
+"""One registry of MoE model shapes: benchmarks, dummy-weight end-to-end configs, memory estimates and
+placement all read it.
+
+Values are from each model's published config.json (Hugging Face model cards); `intermediate_size` is the
+routed expert's FFN width (moe_intermediate_size where the config has one). LLaDA-8B is dense (E = 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registry key, e.g. "mixtral"
+    hf_id: str  # the checkpoint the shape comes from
+    architecture: str  # HF `architectures[0]`, for dummy-weight configs
+    hidden_size: int
+    intermediate_size: int  # per routed expert (dense FFN width for dense models)
+    num_experts: int  # routed experts; 0 for a dense model
+    top_k: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    num_shared_experts: int = 0
+    shared_intermediate_size: int = 0  # total width of the shared expert(s) FFN
+    first_k_dense: int = 0  # leading dense layers (DeepSeek)
+    dense_intermediate_size: int = 0  # FFN width of those dense layers
+    scoring: str = "softmax"
+    renormalize: bool = True
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense if self.is_moe else 0
+
+    def routing_kwargs(self) -> dict:
+        """Keyword arguments for moekern.fused_topk (without top_k)."""
+        kw = {"scoring": self.scoring, "renormalize": self.renormalize,
+              "routed_scaling_factor": self.routed_scaling_factor}
+        if self.num_expert_group:
+            kw.update(num_expert_group=self.num_expert_group, topk_group=self.topk_group)
+        return kw
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def _add(spec: ModelSpec) -> None:
+    MODELS[spec.name] = spec
+
+
+_add(ModelSpec("mixtral", "mistralai/Mixtral-8x7B-v0.1", "MixtralForCausalLM", 4096, 14336, 8, 2, 32, 32, 8, 32000,
+               aliases=("mixtral-8x7b",)))
+_add(ModelSpec("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "Qwen3MoeForCausalLM", 2048, 768, 128, 8, 48, 32, 4, 151936,
+               head_dim=128, aliases=("qwen3",)))
+_add(ModelSpec("deepseek-v3", "deepseek-ai/DeepSeek-V3", "DeepseekV3ForCausalLM", 7168, 2048, 256, 8, 61, 128, 128,
+               129280, head_dim=192, num_shared_experts=1, shared_intermediate_size=2048, first_k_dense=3,
+               dense_intermediate_size=18432, scoring="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
+               routed_scaling_factor=2.5, correction_bias=True,
+               notes="MLA attention (q_lora 1536, kv_lora 512, rope 64, nope 128, v 128)", aliases=("dsv3",)))
+_add(ModelSpec("olmoe", "allenai/OLMoE-1B-7B-0924", "OlmoeForCausalLM", 2048, 1024, 64, 8, 16, 16, 16, 50304,
+               renormalize=False, aliases=("olmoe-1b-7b",)))
+_add(ModelSpec("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", "Qwen2MoeForCausalLM", 2048, 1408, 60, 4, 24, 16, 16,
+               151936, num_shared_experts=4, shared_intermediate_size=5632, renormalize=False,
+               notes="shared expert is one FFN of width 5632 (4 experts' worth) with a sigmoid gate"))
+_add(ModelSpec("qwen2-57b-a14b", "Qwen/Qwen2-57B-A14B", "Qwen2MoeForCausalLM", 3584, 2560, 64, 8, 28, 28, 4, 151936,
+               num_shared_experts=8, shared_intermediate_size=20480, renormalize=False))
+_add(ModelSpec("dbrx", "databricks/dbrx-base", "DbrxForCausalLM", 6144, 10752, 16, 4, 40, 48, 8, 100352))
+_add(ModelSpec("llada-moe-7b", "inclusionAI/LLaDA-MoE-7B-A1B-Base", "LLaDAMoEModelLM", 2048, 1024, 64, 8, 16, 16, 16,
+               157184, renormalize=False,
+               notes="masked-diffusion LM (bidirectional attention); OLMoE-style MoE blocks"))
+_add(ModelSpec("llada-8b", "GSAI-ML/LLaDA-8B-Base", "LLaDAModelLM", 4096, 12288, 0, 0, 32, 32, 32, 126464,
+               notes="dense masked-diffusion LM"))
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a model up by registry key or alias (case-insensitive)."""
+    key = name.lower()
+    if key in MODELS:
+        return MODELS[key]
+    for spec in MODELS.values():
+        if key in spec.aliases:
+            return spec
+    raise KeyError(f"model={name!r} is not in the registry; known: {', '.join(MODELS)}")
+
+
+# The four shapes every kernel benchmark and GPU test runs.
+STANDARD_MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe")
