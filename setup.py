@@ -31,7 +31,9 @@ def _extensions():
         return [], {}
 
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std for the host compiler: torch picks the standard its headers need (C++20 from torch 2.10 on).
+    # Device files are torch-free and C++17.
+    cxx_flags = ["-O3"]
     is_hip = torch.version.hip is not None
     has_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
     device_sources = _sources("csrc/**/*.cu")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib
 
-from moekern.routing import RoutingOutput, fused_topk, fused_topk_reference
-
 __version__ = "0.1.0"
 
-# Heavier parts load on first use, so `import moekern` stays cheap.
+# Parts load on first use, so `import moekern` stays cheap and the analysis (moekern.analysis,
+# moekern.gatelog) runs without importing torch.
 _LAZY = {
+    "fused_topk": "moekern.routing",
+    "fused_topk_reference": "moekern.routing",
+    "RoutingOutput": "moekern.routing",
     "align": "moekern.dispatch",
     "permute": "moekern.dispatch",
     "unpermute": "moekern.dispatch",
@@ -29,7 +31,7 @@ _LAZY = {
     "gatelog": "moekern.gatelog",
 }
 
-__all__ = ["RoutingOutput", "fused_topk", "fused_topk_reference", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -86,7 +86,7 @@ def permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, num_e
 
 def unpermute_reference(expert_output: torch.Tensor, layout: PermuteLayout, topk_weights: torch.Tensor):
     M, k = layout.num_tokens, layout.top_k
-    rows = expert_output[layout.slot_to_row.long()].float().view(M, k, -1)
+    rows = expert_output[layout.slot_to_row.long()].float().view(M, k, expert_output.shape[1])  # -1 fails at M=0
     out = (rows * topk_weights.float().view(M, k, 1)).sum(dim=1)
     return out.to(expert_output.dtype)
 

@@ -1,0 +1,80 @@
+"""Greedy outputs with MOEKERN_KERNELS=routing must equal the plugin-off outputs, token for token.
+
+Runs the dummy-weight model three times in fresh subprocesses (identical seeded weights): plugin off twice
+(vLLM's own run-to-run determinism, the baseline) and MOEKERN_KERNELS=routing with gate logs; compares
+the generated token ids of every prompt. Writes <out>/check_equal.json; exit 1 when routing differs.
+
+    python benchmarks/e2e/check_equal.py --model mixtral-8x7b-4l --out /tmp/eq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run_e2e  # noqa: E402
+from make_configs import MODELS, attention_backend  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mixtral-8x7b-4l")
+    p.add_argument("--out", type=Path, default=Path("/tmp/moekern_check_equal"))
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--no-baseline", action="store_true", help="skip the second plugin-off run")
+    args = p.parse_args(argv)
+    if args.model == "mixtral":
+        args.model = "mixtral-8x7b-4l"
+    if args.model not in MODELS:
+        raise SystemExit(f"--model={args.model!r} must be one of {sorted(MODELS)}")
+    if run_e2e.plugin_entry_point() is None:
+        raise SystemExit("moekern's vllm.general_plugins entry point is not installed (pip install -e .)")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    ns = argparse.Namespace(model=args.model, model_dir=None, load_format="dummy", tokenizer=None,
+                            max_model_len=1024, gpu_mem=0.8, attention_backend=attention_backend(args.model),
+                            vocab=json.loads((run_e2e.HERE / "configs" / args.model / "config.json").read_text())[
+                                "vocab_size"], num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, reps=1, arm_timeout=400, has_tokenizer=False)
+    run_e2e.prepare_model_dir(ns, out)
+    arms = ["vllm"] + ([] if args.no_baseline else ["vllm"]) + ["moekern-routing-log"]
+    tokens, results = [], []
+    for i, arm in enumerate(arms):
+        t0 = time.time()
+        r = run_e2e.run_offline_arm(ns, arm, out, extra_spec={"save_tokens": True})
+        print(f"{arm}: rc={r['rc']} {time.time() - t0:.0f}s", flush=True)
+        if r["rc"] != 0:
+            print(r.get("error", ""))
+            (out / "check_equal.json").write_text(json.dumps({"equal": False, "error": f"{arm} failed", "run": r}))
+            return 1
+        tokens.append(r["token_ids"])
+        results.append({k: v for k, v in r.items() if k != "token_ids"})
+
+    def compare(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        first = None
+        if diff:
+            x, y = a[diff[0]], b[diff[0]]
+            first = {"prompt": diff[0], "position": next((j for j, (u, v) in enumerate(zip(x, y)) if u != v),
+                                                         min(len(x), len(y)))}
+        return {"prompts_differing": len(diff), "of": len(a), "first_difference": first}
+
+    report = {"model": args.model, "routing_vs_off": compare(tokens[0], tokens[-1]),
+              "off_vs_off": None if args.no_baseline else compare(tokens[0], tokens[1]),
+              "gate_log": run_e2e.check_gate_logs(out / "gate_logs" / "moekern-routing-log"),
+              "plugin": results[-1].get("plugin"), "runs": results}
+    report["equal"] = report["routing_vs_off"]["prompts_differing"] == 0
+    (out / "check_equal.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("equal", "routing_vs_off", "off_vs_off", "gate_log")}, indent=1))
+    return 0 if report["equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

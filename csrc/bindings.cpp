@@ -1,0 +1,283 @@
+// torch.ops.moekern.*: op schemas, argument checks, dtype mapping and stream lookup for the torch-free
+// launchers in csrc/routing and csrc/dispatch. The only file in csrc/ that includes torch.
+//
+// Schemas are registered in every build. A device build (MOEKERN_WITH_DEVICE, set by setup.py for
+// CUDA/HIP) implements the ops for CUDA tensors (ROCm tensors use the same dispatch key). Every build
+// registers a CPU kernel that raises a clear error, so a CPU-only build or CPU tensors never reach a
+// launcher. Fake (meta) implementations live in Python (moekern/routing/cuda_topk.py,
+// moekern/dispatch/cuda_ops.py) so the ops trace under torch.compile.
+
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#ifdef MOEKERN_WITH_DEVICE
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "dispatch/dispatch.h"
+#include "routing/fused_topk.h"
+#endif
+
+namespace {
+
+using Tensor = at::Tensor;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+bool has_device_kernels() {
+#ifdef MOEKERN_WITH_DEVICE
+  return true;
+#else
+  return false;
+#endif
+}
+
+[[noreturn]] void no_cpu_kernel(const char* op) {
+#ifdef MOEKERN_WITH_DEVICE
+  TORCH_CHECK(false, "moekern::", op, " runs on CUDA/HIP tensors; got CPU tensors (use backend='torch' on CPU)");
+#else
+  TORCH_CHECK(false, "moekern::", op,
+              " is not available: moekern._C was built without device kernels (CPU-only build: torch had no "
+              "CUDA/ROCm, or no nvcc/hipcc was found); rebuild with `pip install --no-build-isolation -e .` on a "
+              "GPU machine, or use backend='torch' / 'triton'");
+#endif
+}
+
+Tensor3 fused_topk_cpu(const Tensor&, int64_t, int64_t, bool, const std::optional<Tensor>&, int64_t, int64_t,
+                       double) {
+  no_cpu_kernel("fused_topk");
+}
+Tensor3 moe_align_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&) { no_cpu_kernel("moe_align"); }
+Tensor4 permute_cpu(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&) {
+  no_cpu_kernel("permute");
+}
+Tensor unpermute_cpu(const Tensor&, const Tensor&, const Tensor&) { no_cpu_kernel("unpermute"); }
+
+#ifdef MOEKERN_WITH_DEVICE
+
+void check_launch(mk::Error err, const char* op) {
+  TORCH_CHECK(err == mk::kSuccess, "moekern::", op, ": kernel launch failed: ", mk::error_string(err));
+}
+
+mk::DType to_mk_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return mk::DType::kFloat32;
+    case at::kHalf: return mk::DType::kFloat16;
+    case at::kBFloat16: return mk::DType::kBFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA/HIP tensor; got device=", t.device());
+}
+
+void check_same_device(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+// topk_ids [M, k] of any integer dtype -> contiguous int32 (the routing kernel already gives int32).
+Tensor ids_as_int32(const Tensor& topk_ids) {
+  TORCH_CHECK(topk_ids.dim() == 2, "topk_ids must be 2-D [M, k]; got shape ", topk_ids.sizes());
+  TORCH_CHECK(!at::isFloatingType(topk_ids.scalar_type()) && topk_ids.scalar_type() != at::kBool,
+              "topk_ids must be an integer tensor; got ", topk_ids.scalar_type());
+  return topk_ids.to(at::kInt).contiguous();
+}
+
+const int32_t* optional_counts(const std::optional<Tensor>& expert_counts, const Tensor& ids, int64_t E,
+                               Tensor& holder) {
+  if (!expert_counts.has_value()) return nullptr;
+  const Tensor& c = *expert_counts;
+  check_same_device(c, ids, "expert_counts", "topk_ids");
+  TORCH_CHECK(c.dim() == 1 && c.size(0) == E, "expert_counts must have shape (", E, ",); got ", c.sizes());
+  TORCH_CHECK(!at::isFloatingType(c.scalar_type()), "expert_counts must be an integer tensor; got ", c.scalar_type());
+  holder = c.to(at::kInt).contiguous();
+  return holder.data_ptr<int32_t>();
+}
+
+void check_num_experts(int64_t E) {
+  TORCH_CHECK(E >= 1 && E <= mk::kDispatchMaxExperts, "num_experts=", E, " must be in [1, ",
+              mk::kDispatchMaxExperts, "]");
+}
+
+Tensor3 fused_topk_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
+                        const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale) {
+  check_cuda(logits_in, "logits");
+  TORCH_CHECK(logits_in.dim() == 2, "logits must be 2-D [M, E]; got shape ", logits_in.sizes());
+  const mk::DType dtype = to_mk_dtype(logits_in, "logits");
+  const int64_t M = logits_in.size(0), E = logits_in.size(1);
+  TORCH_CHECK(E >= 1 && E <= mk::kTopkMaxExperts, "num_experts=", E, " must be in [1, ", mk::kTopkMaxExperts,
+              "] for the cuda backend");
+  TORCH_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, mk::kTopkMaxK), "top_k=", top_k,
+              " must be in [1, min(num_experts=", E, ", ", mk::kTopkMaxK, ")]");
+  TORCH_CHECK(scoring == 0 || scoring == 1, "scoring=", scoring, " must be 0 (softmax) or 1 (sigmoid)");
+  TORCH_CHECK(num_groups >= 0, "num_groups=", num_groups, " must be >= 0 (0 or 1: no grouping)");
+  if (num_groups > 1) {
+    TORCH_CHECK(E % num_groups == 0, "num_groups=", num_groups, " must divide num_experts=", E);
+    TORCH_CHECK(topk_group >= 1 && topk_group <= num_groups, "topk_group=", topk_group, " must be in [1, num_groups=",
+                num_groups, "]");
+    TORCH_CHECK(top_k <= topk_group * (E / num_groups), "top_k=", top_k, " must be <= the ",
+                topk_group * (E / num_groups), " selectable experts of topk_group=", topk_group, " groups");
+  }
+  const Tensor logits = logits_in.contiguous();
+  Tensor bias;
+  const float* bias_ptr = nullptr;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(scoring == 1, "bias (correction_bias) is defined for sigmoid scoring only; got scoring=", scoring);
+    check_same_device(*bias_in, logits, "bias", "logits");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == E, "bias must have shape (", E, ",); got ",
+                bias_in->sizes());
+    TORCH_CHECK(bias_in->scalar_type() == at::kFloat, "bias must be float32; got ", bias_in->scalar_type());
+    bias = bias_in->contiguous();
+    bias_ptr = bias.data_ptr<float>();
+  }
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const auto i32 = logits.options().dtype(at::kInt);
+  Tensor weights = at::empty({M, top_k}, logits.options().dtype(at::kFloat));
+  Tensor ids = at::empty({M, top_k}, i32);
+  Tensor counts = at::empty({E}, i32);
+  check_launch(mk::launch_fused_topk(logits.data_ptr(), dtype, M, static_cast<int>(E), static_cast<int>(top_k),
+                                     static_cast<int>(scoring), renormalize, bias_ptr, static_cast<int>(num_groups),
+                                     static_cast<int>(topk_group), static_cast<float>(scale),
+                                     weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                     c10::cuda::getCurrentCUDAStream().stream()),
+               "fused_topk");
+  return {weights, ids, counts};
+}
+
+Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
+                       const std::optional<Tensor>& expert_counts) {
+  check_cuda(topk_ids, "topk_ids");
+  check_num_experts(num_experts);
+  TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
+  const Tensor ids = ids_as_int32(topk_ids);
+  const int64_t n = ids.numel(), E = num_experts;
+  const int64_t max_padded = n + E * (block_size - 1);
+  TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded,
+              " must be < 2^31");
+  const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
+  const c10::cuda::OptionalCUDAGuard guard(ids.device());
+  Tensor counts_holder;
+  const int32_t* counts = optional_counts(expert_counts, ids, E, counts_holder);
+  const auto i32 = ids.options().dtype(at::kInt);
+  Tensor sorted = at::empty({max_padded}, i32);
+  Tensor block_ids = at::empty({max_blocks}, i32);
+  Tensor post_pad = at::empty({1}, i32);
+  const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E));
+  Tensor scratch = at::empty({scratch_elems}, i32);
+  check_launch(mk::launch_align(ids.data_ptr<int32_t>(), n, static_cast<int>(E), static_cast<int>(block_size), counts,
+                                sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(),
+                                nullptr, nullptr, scratch_elems ? scratch.data_ptr<int32_t>() : nullptr,
+                                c10::cuda::getCurrentCUDAStream().stream()),
+               "moe_align");
+  return {sorted, block_ids, post_pad};
+}
+
+Tensor4 permute_cuda(const Tensor& hidden_in, const Tensor& topk_ids, int64_t num_experts,
+                     const std::optional<Tensor>& expert_counts) {
+  check_cuda(hidden_in, "hidden");
+  check_cuda(topk_ids, "topk_ids");
+  check_same_device(topk_ids, hidden_in, "topk_ids", "hidden");
+  check_num_experts(num_experts);
+  TORCH_CHECK(hidden_in.dim() == 2, "hidden must be 2-D [M, H]; got shape ", hidden_in.sizes());
+  const Tensor ids = ids_as_int32(topk_ids);
+  TORCH_CHECK(ids.size(0) == hidden_in.size(0), "topk_ids has ", ids.size(0), " rows but hidden has ",
+              hidden_in.size(0));
+  const int64_t k = ids.size(1), n = ids.numel(), E = num_experts, H = hidden_in.size(1);
+  TORCH_CHECK(n < (int64_t{1} << 31), "M*k=", n, " must be < 2^31");
+  TORCH_CHECK(k >= 1 || n == 0, "topk_ids must have at least one column; got shape ", topk_ids.sizes());
+  const Tensor hidden = hidden_in.contiguous();
+  const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  Tensor counts_holder;
+  const int32_t* counts = optional_counts(expert_counts, ids, E, counts_holder);
+  const auto i32 = ids.options().dtype(at::kInt);
+  Tensor permuted = at::empty({n, H}, hidden.options());
+  Tensor sorted_slots = at::empty({n}, i32);
+  Tensor slot_to_row = at::empty({n}, i32);
+  Tensor offsets = at::empty({E + 1}, i32);
+  const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E));
+  Tensor scratch = at::empty({scratch_elems}, i32);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(mk::launch_align(ids.data_ptr<int32_t>(), n, static_cast<int>(E), 1, counts,
+                                sorted_slots.data_ptr<int32_t>(), nullptr, nullptr, slot_to_row.data_ptr<int32_t>(),
+                                offsets.data_ptr<int32_t>(), scratch_elems ? scratch.data_ptr<int32_t>() : nullptr,
+                                stream),
+               "permute");
+  if (k >= 1)
+    check_launch(mk::launch_gather_rows(hidden.data_ptr(), permuted.data_ptr(), sorted_slots.data_ptr<int32_t>(), n,
+                                        static_cast<int>(k), H * static_cast<int64_t>(hidden.element_size()), stream),
+                 "permute");
+  return {permuted, sorted_slots, slot_to_row, offsets};
+}
+
+Tensor unpermute_cuda(const Tensor& expert_output_in, const Tensor& slot_to_row_in, const Tensor& topk_weights_in) {
+  check_cuda(expert_output_in, "expert_output");
+  check_same_device(slot_to_row_in, expert_output_in, "slot_to_row", "expert_output");
+  check_same_device(topk_weights_in, expert_output_in, "topk_weights", "expert_output");
+  TORCH_CHECK(expert_output_in.dim() == 2, "expert_output must be 2-D [M*k, H]; got shape ", expert_output_in.sizes());
+  const mk::DType dtype = to_mk_dtype(expert_output_in, "expert_output");
+  TORCH_CHECK(topk_weights_in.dim() == 2, "topk_weights must be 2-D [M, k]; got shape ", topk_weights_in.sizes());
+  TORCH_CHECK(at::isFloatingType(topk_weights_in.scalar_type()), "topk_weights must be floating point; got ",
+              topk_weights_in.scalar_type());
+  const int64_t M = topk_weights_in.size(0), k = topk_weights_in.size(1), H = expert_output_in.size(1);
+  TORCH_CHECK(slot_to_row_in.dim() == 1 && slot_to_row_in.size(0) == M * k, "slot_to_row must have shape (", M * k,
+              ",) = M*k for topk_weights of shape ", topk_weights_in.sizes(), "; got ", slot_to_row_in.sizes());
+  TORCH_CHECK(k >= 1 || M == 0, "topk_weights must have at least one column; got shape ", topk_weights_in.sizes());
+  const Tensor expert_output = expert_output_in.contiguous();
+  const Tensor slot_to_row = slot_to_row_in.to(at::kInt).contiguous();
+  const Tensor weights = topk_weights_in.to(at::kFloat).contiguous();
+  const c10::cuda::OptionalCUDAGuard guard(expert_output.device());
+  Tensor out = at::empty({M, H}, expert_output.options());
+  if (M > 0 && k > 0)
+    check_launch(mk::launch_unpermute(expert_output.data_ptr(), dtype, slot_to_row.data_ptr<int32_t>(),
+                                      weights.data_ptr<float>(), M, static_cast<int>(k), H, expert_output.size(0),
+                                      out.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                 "unpermute");
+  return out;
+}
+
+#endif  // MOEKERN_WITH_DEVICE
+
+}  // namespace
+
+TORCH_LIBRARY(moekern, m) {
+  m.def("has_device_kernels() -> bool", &has_device_kernels);
+  m.def(
+      "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
+      "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");
+  m.def(
+      "moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
+      "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
+  m.def(
+      "permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
+      "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)");
+  m.def("unpermute(Tensor expert_output, Tensor slot_to_row, Tensor topk_weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moekern, CPU, m) {
+  m.impl("fused_topk", &fused_topk_cpu);
+  m.impl("moe_align", &moe_align_cpu);
+  m.impl("permute", &permute_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+}
+
+#ifdef MOEKERN_WITH_DEVICE
+TORCH_LIBRARY_IMPL(moekern, CUDA, m) {
+  m.impl("fused_topk", &fused_topk_cuda);
+  m.impl("moe_align", &moe_align_cuda);
+  m.impl("permute", &permute_cuda);
+  m.impl("unpermute", &unpermute_cuda);
+}
+#endif
+
+// `import moekern._C` loads this library, whose static initializers register the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "moekern custom ops (torch.ops.moekern)", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,191 @@
+// CUDA/HIP portability for moekern's device code: the one place that knows which vendor compiles it.
+//
+// Everything else in csrc/ writes `mk::` names: the stream and error types, warp size and lane masks,
+// shuffles/ballots/match, fp16/bf16 conversions, and MOEKERN_DISPATCH_FLOAT, which instantiates one
+// templated kernel per logits/hidden dtype. The same .cu files compile with nvcc (sm_80, sm_90a) and with
+// hipcc (`-x hip`, gfx90a); they are never hipified copies.
+//
+// Host part (types, enums, error helpers) is usable from a plain C++ compiler (bindings.cpp); the device
+// part is only seen by nvcc/hipcc. The HIP branch targets CDNA (wave64: gfx90a, gfx942) and ROCm >= 5.2,
+// so bf16 is `hip_bfloat16` (hip/hip_bfloat16.h), which every ROCm release ships.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__) || defined(__HIP_PLATFORM_HCC__) || defined(USE_ROCM)
+#define MOEKERN_HIP 1
+#include <hip/hip_runtime.h>
+#include <hip/hip_fp16.h>
+#include <hip/hip_bfloat16.h>
+#else
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
+
+namespace mk {
+
+// ---------------------------------------------------------------- host part
+#ifdef MOEKERN_HIP
+using Stream = hipStream_t;
+using Error = hipError_t;
+constexpr Error kSuccess = hipSuccess;
+constexpr Error kInvalidValue = hipErrorInvalidValue;
+inline const char* error_string(Error e) { return hipGetErrorString(e); }
+inline Error last_error() { return hipGetLastError(); }
+inline Error memset_async(void* p, int v, size_t n, Stream s) { return hipMemsetAsync(p, v, n, s); }
+// Multiprocessors of the current device (sizes persistent grids); 1 if the query fails.
+inline int num_sms() {
+  int dev = 0, n = 0;
+  if (hipGetDevice(&dev) != hipSuccess || hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, dev) != hipSuccess)
+    return 1;
+  return n > 0 ? n : 1;
+}
+#else
+using Stream = cudaStream_t;
+using Error = cudaError_t;
+constexpr Error kSuccess = cudaSuccess;
+constexpr Error kInvalidValue = cudaErrorInvalidValue;
+inline const char* error_string(Error e) { return cudaGetErrorString(e); }
+inline Error last_error() { return cudaGetLastError(); }
+inline Error memset_async(void* p, int v, size_t n, Stream s) { return cudaMemsetAsync(p, v, n, s); }
+// Multiprocessors of the current device (sizes persistent grids); 1 if the query fails.
+inline int num_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return 1;
+  return n > 0 ? n : 1;
+}
+#endif
+
+// The float dtypes a kernel can be instantiated for; bindings.cpp maps torch dtypes onto these.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+#ifdef MOEKERN_HIP
+using half_t = __half;
+using bf16_t = hip_bfloat16;
+constexpr int kWarpSize = 64;  // CDNA wavefront
+using lane_mask_t = unsigned long long;
+#else
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+constexpr int kWarpSize = 32;
+using lane_mask_t = unsigned int;
+#endif
+
+}  // namespace mk
+
+// Instantiates `__VA_ARGS__` with `T` bound to the device type of `dtype`; an unknown dtype returns
+// mk::kInvalidValue from the enclosing launcher (bindings.cpp checks dtypes before it gets here).
+#define MOEKERN_DISPATCH_FLOAT(dtype, T, ...)        \
+  switch (dtype) {                                   \
+    case ::mk::DType::kFloat32: {                    \
+      using T = float;                               \
+      __VA_ARGS__;                                   \
+      break;                                         \
+    }                                                \
+    case ::mk::DType::kFloat16: {                    \
+      using T = ::mk::half_t;                        \
+      __VA_ARGS__;                                   \
+      break;                                         \
+    }                                                \
+    case ::mk::DType::kBFloat16: {                   \
+      using T = ::mk::bf16_t;                        \
+      __VA_ARGS__;                                   \
+      break;                                         \
+    }                                                \
+    default:                                         \
+      return ::mk::kInvalidValue;                    \
+  }
+
+// ---------------------------------------------------------------- device part
+#if defined(__CUDACC__) || defined(__HIPCC__)
+namespace mk {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) { return __half2float(x); }
+#ifdef MOEKERN_HIP
+__device__ __forceinline__ float to_float(bf16_t x) { return static_cast<float>(x); }
+#else
+__device__ __forceinline__ float to_float(bf16_t x) { return __bfloat162float(x); }
+#endif
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float x) { return __float2half_rn(x); }
+#ifdef MOEKERN_HIP
+// hip_bfloat16(float) rounds to nearest even, as torch's .to(torch.bfloat16) does.
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float x) { return bf16_t(x); }
+#else
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
+#endif
+
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
+
+#ifdef MOEKERN_HIP
+__device__ __forceinline__ unsigned shfl_xor(unsigned v, int m) { return __shfl_xor(v, m); }
+__device__ __forceinline__ int shfl_xor(int v, int m) { return __shfl_xor(v, m); }
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor(v, m); }
+__device__ __forceinline__ unsigned shfl(unsigned v, int src) { return __shfl(v, src); }
+__device__ __forceinline__ int shfl_up(int v, int d) { return __shfl_up(v, d); }
+__device__ __forceinline__ int shfl(int v, int src) { return __shfl(v, src); }
+__device__ __forceinline__ float shfl(float v, int src) { return __shfl(v, src); }
+__device__ __forceinline__ lane_mask_t ballot(bool p) { return __ballot(p); }
+__device__ __forceinline__ int popc(lane_mask_t m) { return __popcll(m); }
+// Wavefronts run in lockstep on CDNA; this only stops the compiler moving LDS accesses across it.
+__device__ __forceinline__ void syncwarp() { __builtin_amdgcn_wave_barrier(); }
+#else
+__device__ __forceinline__ unsigned shfl_xor(unsigned v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ unsigned shfl(unsigned v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ int shfl_up(int v, int d) { return __shfl_up_sync(0xffffffffu, v, d); }
+__device__ __forceinline__ int shfl(int v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ lane_mask_t ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+__device__ __forceinline__ int popc(lane_mask_t m) { return __popc(m); }
+__device__ __forceinline__ void syncwarp() { __syncwarp(); }
+#endif
+
+__device__ __forceinline__ lane_mask_t lanemask_lt() {
+  return (static_cast<lane_mask_t>(1) << lane_id()) - 1;
+}
+
+// Lanes of the (fully active) warp holding the same `key` as this lane, key < 2^bits. CUDA uses the
+// hardware match; HIP has none, so it intersects one ballot per key bit (the radix-sort trick).
+template <int kBits>
+__device__ __forceinline__ lane_mask_t match_any(unsigned key) {
+#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  return __match_any_sync(0xffffffffu, key);
+#else
+  lane_mask_t peers = ~static_cast<lane_mask_t>(0);
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) {
+    const bool bit = (key >> b) & 1u;
+    const lane_mask_t set = ballot(bit);
+    peers &= bit ? set : ~set;
+  }
+  return peers;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = fmaxf(v, shfl_xor(v, m));
+  return v;
+}
+
+}  // namespace mk
+#endif  // device part

@@ -1,0 +1,264 @@
+"""`moekern metrics | datasets | predict | validate | placement | sweep | report`.
+
+Heavy imports (numpy, pandas, matplotlib, sentencepiece) happen inside the command functions, so building
+the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("metrics", help="imbalance metrics of gate logs, or serving metrics of bench results")
+    p.add_argument("path", help="gate-log file/dir, per-step JSON dir, or (with --bench) bench results dir/file")
+    p.add_argument("--bench", action="store_true", help="read vllm bench serve result JSON instead of gate logs")
+    p.add_argument("--max-tokens", type=int, default=1000, help="drop steps with more tokens (warm-up); default 1000")
+    p.add_argument("--no-filter", action="store_true", help="keep every step (no max-tokens filter)")
+    p.add_argument("--phase", default=None, help="only records of this phase (prefill, decode, ...)")
+    p.add_argument("--ep-size", type=int, default=None, help="also report per-rank load for this EP size")
+    p.add_argument("--placement", default="contiguous",
+                   help="contiguous | round_robin | a JSON file with expert_to_rank [E] or physical_to_logical")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_metrics)
+
+    p = sub.add_parser("datasets", help="prompt datasets with a spread of predicted imbalance")
+    dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION")
+    g = dsub.add_parser("generate", help="write N JSONL prompt datasets named {index:03d}_{score:.4f}.jsonl")
+    g.add_argument("--num", type=int, required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompts", type=int, default=100, help="prompts per dataset (default 100)")
+    g.add_argument("--fallback-tokenizer", action="store_true", help="use the whitespace tokenizer")
+    g.set_defaults(func=_datasets_generate)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("predict", help="predicted routing imbalance of prompt files (JSONL or text)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--fallback-tokenizer", action="store_true", help="use the whitespace tokenizer")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("validate", help="Spearman of predicted scores vs measured CV (bootstrap CI)")
+    p.add_argument("datasets_dir")
+    p.add_argument("gate_logs_dir", help="one sub-folder/file per dataset, named by its stem or index")
+    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("placement", help="expert->rank placement advice for expert parallelism")
+    p.add_argument("path", help="gate-log file/dir or per-step JSON dir")
+    p.add_argument("--ep-size", type=int, required=True)
+    p.add_argument("--redundant", type=int, default=None, help="redundant slots for replication (default ep-size)")
+    p.add_argument("--model", default=None, help="registry model for memory per GPU (e.g. mixtral)")
+    p.add_argument("--train-frac", type=float, default=0.5)
+    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("--out", default=None, help="write the advice + physical_to_logical map JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_placement)
+
+    p = sub.add_parser("sweep", help="run a grid of end-to-end benchmarks from a YAML spec (resumable)")
+    p.add_argument("spec")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="HTML/Markdown report of a results directory")
+    p.add_argument("results_dir", nargs="?", default=None,
+                   help="default: the shipped SYNTHETIC sample (moekern/data/sample_results)")
+    p.add_argument("--out", default="report.html", help="report path; .md gives Markdown")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--ep-size", type=int, default=None)
+    p.set_defaults(func=_report)
+
+
+def _clean(obj):
+    """Strict JSON: +-inf -> "inf"/"-inf" strings, NaN -> null (json.dumps would write Infinity/NaN)."""
+    if isinstance(obj, float):
+        return None if obj != obj else ("inf" if obj == math.inf else "-inf" if obj == -math.inf else obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _dumps(obj) -> str:
+    return json.dumps(_clean(obj), indent=1, default=str, allow_nan=False)
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else ("nan" if x != x else f"{x:.4f}")
+
+
+def _metrics(args) -> int:
+    if args.bench:
+        return _bench_metrics(args)
+    from moekern.analysis.metrics import load_table, rank_load_summary, summarize
+
+    max_tokens = None if args.no_filter else args.max_tokens
+    table = load_table(args.path, phase=args.phase)
+    s = summarize(table, max_tokens)
+    out = {"source": table.source, "skipped_lines": len(table.skipped), **s.to_dict()}
+    if args.ep_size:
+        e2r = p2l = None
+        if args.placement == "round_robin":
+            from moekern.analysis.metrics import round_robin_map
+
+            e2r = round_robin_map(table.num_experts, args.ep_size)
+        elif args.placement != "contiguous":
+            obj = json.load(open(args.placement, encoding="utf-8"))
+            rec = obj.get("recommended", obj)
+            e2r, p2l = rec.get("expert_to_rank"), rec.get("physical_to_logical")
+        out["rank_load"] = rank_load_summary(table, args.ep_size, e2r, p2l, max_tokens)
+    if args.json:
+        print(_dumps(out))
+        return 0
+    print(f"{table.source}: {table.num_steps} steps x {table.num_layers} layers x {table.num_experts} experts; "
+          f"{s.steps_used} used, {s.steps_dropped} dropped (num_tokens > {max_tokens}); "
+          f"{len(table.skipped)} corrupt lines skipped")
+    names = ("cv", "max_min", "max_mean", "entropy", "gini")
+    print(f"{'':10s}" + "".join(f"{n:>11s}" for n in names))
+    for kind in ("step", "agg"):
+        print(f"{kind:10s}" + "".join(f"{_fmt(s.overall[f'{kind}_{n}']):>11s}" for n in names))
+    print("per-layer per-step CV: " + " ".join(_fmt(x) for x in s.per_layer["step_cv"]))
+    if "rank_load" in out:
+        r = out["rank_load"]
+        print(f"EP={r['ep_size']} ({args.placement}): rank tokens {[round(x) for x in r['rank_tokens']]}, "
+              f"max/mean per step {_fmt(r['step_max_mean'])}, aggregated {_fmt(r['agg_max_mean'])}")
+    return 0
+
+
+def _bench_metrics(args) -> int:
+    from pathlib import Path
+
+    from moekern.analysis.serving import group_runs, load_runs, parse_bench_result
+
+    p = Path(args.path)
+    if p.is_file():
+        runs = [parse_bench_result(json.loads(p.read_text(encoding="utf-8")), p.stem, str(p))]
+    else:
+        runs, skipped = load_runs(p)
+        for f, why in skipped:
+            print(f"skipped {f}: {why}", file=sys.stderr)
+    if args.json:
+        print(_dumps([r.row() for r in runs]))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(group_runs(runs).to_string(index=False))
+    return 0
+
+
+def _datasets_generate(args) -> int:
+    from moekern.analysis.datasets import generate_datasets
+    from moekern.analysis.predictor import ImbalancePredictor
+
+    pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
+    if pred.tokenizer.is_fallback:
+        print(f"note: whitespace tokenizer ({pred.tokenizer.reason or 'mistral-common/sentencepiece missing'})",
+              file=sys.stderr)
+    infos = generate_datasets(args.num, args.out, args.seed, args.prompts, predictor=pred)
+    print(f"tokenizer: {pred.tokenizer.name}")
+    for i in infos:
+        print(f"{i.path}  strategy={i.strategy:25s} t={i.intensity:.2f} domains={i.num_domains:2d} score={i.score:.4f}")
+    return 0
+
+
+def _predict(args) -> int:
+    from moekern.analysis.predictor import ImbalancePredictor, read_prompts
+
+    pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
+    results = {}
+    for f in args.files:
+        prompts, domains = read_prompts(f)
+        if not prompts:
+            print(f"{f}: no prompts", file=sys.stderr)
+            continue
+        results[f] = pred.predict(prompts, domains).to_dict()
+    if args.json:
+        print(_dumps(results))
+        return 0
+    print(f"tokenizer: {pred.tokenizer.name}" + (" (FALLBACK)" if pred.tokenizer.is_fallback else ""))
+    for f, r in results.items():
+        comps = " ".join(f"{k}={v:.3f}" for k, v in r["components"].items())
+        print(f"{f}: score={r['score']:.4f} ({r['num_prompts']} prompts, {r['num_tokens']} tokens) {comps}")
+    return 0 if results else 1
+
+
+def _validate(args) -> int:
+    from moekern.analysis.validate import validate
+
+    res = validate(args.datasets_dir, args.gate_logs_dir, args.max_tokens, n_boot=args.n_boot)
+    if args.json:
+        print(_dumps(res.to_dict()))
+        return 0
+    for d, s, m in res.pairs:
+        print(f"{d}: predicted {s:.4f}  measured {res.metric} {_fmt(m)}")
+    if res.unmatched:
+        print(f"no gate log for: {', '.join(res.unmatched)}")
+    print(f"Spearman rho = {res.rho.fmt()}  p = {_fmt(res.pvalue)}")
+    return 0 if res.pairs else 1
+
+
+def _placement(args) -> int:
+    from moekern.analysis.metrics import load_table
+    from moekern.analysis.placement import advise
+
+    model = None
+    if args.model:
+        from moekern.models import get_model
+
+        model = get_model(args.model)
+    table = load_table(args.path)
+    adv = advise(table, args.ep_size, args.redundant, args.train_frac, args.max_tokens, model=model)
+    obj = adv.to_json()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(_dumps(obj))
+    if args.json:
+        print(_dumps(obj))
+        return 0
+    print(f"EP={adv.ep_size}; fitted on {adv.train_steps} steps, scored on {adv.test_steps} held-out steps")
+    for s in adv.scores:
+        mem = f"  {s.memory['total_bytes'] / 2**30:.2f} GiB/GPU" if s.memory else ""
+        print(f"  {s.strategy:12s} R={s.num_redundant:<3d} max/mean per step {s.test_step_max_mean:.4f}  "
+              f"aggregated {s.test_agg_max_mean:.4f}{mem}")
+    print(f"recommended: {adv.best.strategy}" + (f" with {adv.best.num_redundant} redundant slots"
+                                                 if adv.best.num_redundant else ""))
+    print("vLLM: " + " ".join(adv.vllm_args))
+    print(adv.note)
+    if args.out:
+        print(f"map written to {args.out}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from moekern.analysis.sweep import load_spec, run_sweep
+
+    try:
+        summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"moekern sweep: {exc}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from moekern.analysis.report import write_report
+
+    src = args.results_dir
+    if src is None:
+        src = str(Path(__file__).resolve().parents[1] / "data" / "sample_results")
+        print(f"no RESULTS_DIR given: using the shipped SYNTHETIC sample {src}", file=sys.stderr)
+    out = write_report(src, args.out, n_boot=args.n_boot, ep_size=args.ep_size)
+    print(f"report written to {out}")
+    return 0

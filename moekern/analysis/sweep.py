@@ -1,0 +1,231 @@
+"""`moekern sweep SPEC.yaml`: run a grid of end-to-end serving benchmarks, resumably.
+
+The runs themselves are a subprocess command template from the spec (the end-to-end runner,
+benchmarks/e2e/run_e2e.py or `python -m moekern.vllm.e2e`), so the sweep knows nothing of its internals.
+Spec (YAML; see analysis/specs/sweep_example.yaml):
+
+    name: example
+    out_dir: results/sweep_example           # relative to the spec file
+    command: >-
+      python benchmarks/e2e/run_e2e.py --model {model} --moe-backend {backend}
+      --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
+      --dataset {dataset} --result-json {result} --gate-log-dir {gate_log_dir}
+    vars: {model: mixtral}                   # constants for the template
+    eplb_flag: {true: "--enable-eplb", false: ""}
+    grid:
+      backend: [moekern, vllm]
+      max_num_seqs: [8, 16, 32, 64]
+      max_num_batched_tokens: [2048, 4096, 8192, 16384]
+      eplb: [false, true]
+      dataset: ["datasets/*.jsonl"]          # globs expand (relative to the spec file)
+    timeout_s: 3600
+
+Template fields: every grid key and var, plus {result} (out_dir/runs/ID.json), {gate_log_dir}
+(out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder), {run_id}, {out_dir}, {dataset_name}
+(file stem), {eplb_flag}. A runner that writes a folder instead of one result file: set
+`collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes {result}.
+A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner wrote one) gets a "moekern"
+block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log, predicted_score from a
+`NNN_SCORE.jsonl` dataset name) unless it already has one, so `moekern report` can group it. Each run's
+output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point does not
+stop the sweep and is retried on the next invocation.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SCORE = re.compile(r"^\d{3}_(\d+\.\d+)$")
+
+
+@dataclass
+class SweepPoint:
+    run_id: str
+    params: dict
+    command: list[str]
+    result: Path
+    gate_log_dir: Path
+    done: bool = False
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    out_dir: Path
+    command: str
+    grid: dict[str, list]
+    vars: dict = field(default_factory=dict)
+    eplb_flag: dict = field(default_factory=lambda: {True: "--enable-eplb", False: ""})
+    timeout_s: float | None = None
+    base_dir: Path = Path(".")
+    collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
+
+
+def load_spec(path) -> SweepSpec:
+    """Parse and check a sweep spec YAML file."""
+    import yaml
+
+    p = Path(path)
+    raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"sweep spec {str(p)!r} must be a YAML mapping")
+    for key in ("command", "grid"):
+        if key not in raw:
+            raise ValueError(f"sweep spec {str(p)!r} is missing {key!r}")
+    grid = raw["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError("grid must map each parameter to a non-empty list of values")
+    base = p.resolve().parent
+    out = Path(raw.get("out_dir", f"results/{p.stem}"))
+    flag = raw.get("eplb_flag", {True: "--enable-eplb", False: ""})
+    flag = {(_truthy(k)): (v or "") for k, v in flag.items()}
+    return SweepSpec(name=str(raw.get("name", p.stem)), out_dir=out if out.is_absolute() else base / out,
+                     command=str(raw["command"]), grid=grid, vars=dict(raw.get("vars") or {}), eplb_flag=flag,
+                     timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"))
+
+
+def _truthy(v) -> bool:
+    return v is True or (isinstance(v, str) and v.lower() in ("true", "1", "yes", "on")) or v == 1
+
+
+def _expand(values: list, base: Path, is_dataset: bool) -> list:
+    if not is_dataset:
+        return values
+    out = []
+    for v in values:
+        s = str(v)
+        pattern = s if Path(s).is_absolute() else str(base / s)
+        hits = sorted(glob.glob(pattern)) if any(c in s for c in "*?[") else [pattern]
+        out.extend(hits)
+    return out
+
+
+def _slug(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    s = Path(str(v)).stem if ("/" in str(v) or str(v).endswith(".jsonl")) else str(v)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", s)
+
+
+_ABBREV = {"backend": "", "max_num_seqs": "s", "max_num_batched_tokens": "b", "eplb": "eplb", "dataset": "d"}
+
+
+def plan(spec: SweepSpec) -> list[SweepPoint]:
+    """Every grid point, in grid order, with its command and whether its result already exists."""
+    keys = list(spec.grid)
+    values = [_expand(spec.grid[k], spec.base_dir, k == "dataset") for k in keys]
+    if any(not v for v in values):
+        raise ValueError(f"grid parameter {keys[[bool(v) for v in values].index(False)]!r} expanded to nothing "
+                         "(a dataset glob that matches no file?)")
+    points = []
+    for combo in itertools.product(*values):
+        params = dict(zip(keys, combo))
+        run_id = "_".join(f"{_ABBREV.get(k, k[:3])}{_slug(v)}" for k, v in params.items())
+        result = spec.out_dir / "runs" / f"{run_id}.json"
+        gate = spec.out_dir / "gate_logs" / run_id
+        fields = {**spec.vars, **params, "result": str(result), "gate_log_dir": str(gate), "run_id": run_id,
+                  "run_dir": str(spec.out_dir / "work" / run_id),
+                  "out_dir": str(spec.out_dir),
+                  "eplb_flag": spec.eplb_flag.get(_truthy(params.get("eplb", False)), "")}
+        if "dataset" in params:
+            fields["dataset_name"] = Path(str(params["dataset"])).stem
+        try:
+            cmd = shlex.split(spec.command.format(**fields))
+        except KeyError as exc:
+            raise ValueError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
+                             "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag") from exc
+        points.append(SweepPoint(run_id, params, cmd, result, gate, result.exists()))
+    return points
+
+
+def _annotate(point: SweepPoint, spec: SweepSpec) -> None:
+    try:
+        obj = json.loads(point.result.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    if not isinstance(obj, dict) or "moekern" in obj:
+        return
+    meta = {"run_id": point.run_id, "sweep": spec.name}
+    for k, v in point.params.items():
+        meta["moe_backend" if k == "backend" else k] = v
+    if "dataset" in point.params:
+        m = _SCORE.match(Path(str(point.params["dataset"])).stem)
+        if m:
+            meta["predicted_score"] = float(m.group(1))
+        meta["dataset"] = Path(str(point.params["dataset"])).name
+    if point.gate_log_dir.exists():
+        meta["gate_log"] = str(Path("..") / "gate_logs" / point.run_id)  # relative to runs/ID.json
+    obj["moekern"] = meta
+    point.result.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+
+
+def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None) -> dict:
+    """Run the points whose result is missing. Returns {"planned", "skipped", "ran", "failed"}."""
+    out = out or sys.stdout
+    points = plan(spec)
+    todo = [p for p in points if not p.done]
+    summary = {"planned": len(points), "skipped": len(points) - len(todo), "ran": 0, "failed": 0}
+    if dry_run:
+        print(f"sweep {spec.name!r}: {len(points)} points, {summary['skipped']} done (skipped), "
+              f"{len(todo)} to run; results -> {spec.out_dir / 'runs'}", file=out)
+        for p in points:
+            print(f"[{'done' if p.done else 'todo'}] {p.run_id}: {shlex.join(p.command)}", file=out)
+        return summary
+    for sub in ("runs", "logs", "gate_logs"):
+        (spec.out_dir / sub).mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(points), initial=summary["skipped"], desc=f"sweep {spec.name}", unit="run")
+        except ImportError:
+            bar = None
+    status_path = spec.out_dir / "sweep_status.jsonl"
+    for p in todo:
+        p.gate_log_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = spec.out_dir / "work" / p.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        log = spec.out_dir / "logs" / f"{p.run_id}.log"
+        try:
+            with open(log, "w", encoding="utf-8") as fh:
+                rc = subprocess.run(p.command, stdout=fh, stderr=subprocess.STDOUT, cwd=spec.base_dir,
+                                    timeout=spec.timeout_s).returncode
+            reason = "" if rc == 0 else f"exit code {rc}"
+        except subprocess.TimeoutExpired:
+            rc, reason = -1, f"timed out after {spec.timeout_s} s"
+        except OSError as exc:
+            rc, reason = -1, f"could not start: {exc}"
+        if rc == 0 and spec.collect and not p.result.exists():
+            hits = sorted(run_dir.glob(spec.collect))
+            if hits:
+                p.result.write_bytes(hits[0].read_bytes())
+        ok = rc == 0 and p.result.exists()
+        if rc == 0 and not p.result.exists():
+            reason = f"exit code 0 but no result file {p.result}"
+        if ok:
+            _annotate(p, spec)
+            summary["ran"] += 1
+        else:
+            summary["failed"] += 1
+            if p.result.exists():  # a partial result must not make the next invocation skip this point
+                p.result.rename(p.result.with_suffix(".failed.json"))
+        with open(status_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"run_id": p.run_id, "ok": ok, "reason": reason, "seconds": time.time() - t0,
+                                 "log": str(log)}) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=summary["failed"])
+    if bar is not None:
+        bar.close()
+    return summary

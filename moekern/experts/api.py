@@ -1,0 +1,194 @@
+"""moekern.fused_moe: a whole MoE layer (route, align, gate-up GEMM + SiLU-and-mul, down GEMM, combine).
+
+Backends (one argument selects all stages):
+  "torch"  fused_topk(backend="torch") + moekern.dispatch.reference.fused_moe_reference (per-expert loop,
+           fp32 math). No alignment needed.
+  "triton" fused_topk(backend="triton") + moekern.align(backend="triton") + our Triton grouped GEMMs.
+  "cuda"   fused_topk(backend="cuda") + moekern.align(backend="cuda") + our Triton grouped GEMMs: moekern
+           has no CUDA GEMM of its own; "cuda" selects the compiled routing/align kernels only.
+  "auto"   on a CUDA tensor: routing and align pick their own best ("auto"), experts run in Triton;
+           on CPU: "torch" (use backend="triton" with TRITON_INTERPRET=1 to run the kernels on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekern._ext import BACKENDS, backend_unavailable_reason, resolve_backend
+from moekern.experts.configs import BlockConfig, get_configs
+
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ROUTING_KWARGS = ("scoring", "renormalize", "correction_bias", "num_expert_group", "topk_group",
+                  "routed_scaling_factor")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _validate_weights(hidden_states, w13, w2) -> tuple[int, int, int, int]:
+    """Returns (M, H, E, I); raises TypeError/ValueError naming the argument, expected and got."""
+    for name, t in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be 2-D [M, H]; got shape {_shape(hidden_states)}")
+    if w13.dim() != 3:
+        raise ValueError(f"w13 must be 3-D [E, 2I, H]; got shape {_shape(w13)}")
+    if w2.dim() != 3:
+        raise ValueError(f"w2 must be 3-D [E, H, I]; got shape {_shape(w2)}")
+    M, H = hidden_states.shape
+    E, two_i, w13_h = w13.shape
+    if E < 1:
+        raise ValueError(f"w13 must hold at least one expert; got shape {_shape(w13)}")
+    if two_i < 2 or two_i % 2:
+        raise ValueError(f"w13.shape[1] = 2I (gate rows then up rows) must be even and >= 2; got {two_i}")
+    inter = two_i // 2
+    if w13_h != H:
+        raise ValueError(f"w13 must have shape [E, 2I, H={H}] (H from hidden_states); got {_shape(w13)}")
+    if _shape(w2) != (E, H, inter):
+        raise ValueError(f"w2 must have shape [E={E}, H={H}, I={inter}] to match w13 {_shape(w13)}; got {_shape(w2)}")
+    if hidden_states.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"hidden_states must be bfloat16, float16 or float32; got {hidden_states.dtype}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != hidden_states.dtype:
+            raise TypeError(f"{name}.dtype must equal hidden_states.dtype={hidden_states.dtype}; got {t.dtype}")
+        if t.device != hidden_states.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+        if not t.is_contiguous():
+            # A silent copy of an expert weight stack can be gigabytes; make the caller decide.
+            raise ValueError(f"{name} must be contiguous; got strides {t.stride()} for shape {_shape(t)}")
+    return M, H, E, inter
+
+
+def _validate_precomputed(topk_weights, topk_ids, M: int, E: int, top_k, check_range: bool) -> int:
+    if topk_weights is None or topk_ids is None:
+        raise ValueError("topk_weights and topk_ids go together; got only "
+                         + ("topk_ids" if topk_weights is None else "topk_weights"))
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [M, k]; got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] != M:
+            raise ValueError(f"{name} must have shape [M={M}, k]; got {_shape(t)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights and topk_ids must have the same shape; got {_shape(topk_weights)} and {_shape(topk_ids)}")
+    k = topk_ids.shape[1]
+    if k < 1:
+        raise ValueError(f"topk_ids must have at least one column; got shape {_shape(topk_ids)}")
+    if k > E:
+        raise ValueError(f"top_k={k} (topk_ids.shape[1]) must be <= num_experts={E}")
+    if top_k is not None and top_k != k:
+        raise ValueError(f"top_k={top_k} disagrees with topk_ids.shape[1]={k}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64; got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a float tensor; got {topk_weights.dtype}")
+    if check_range and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"topk_ids must lie in [0, num_experts={E}); got values in [{lo}, {hi}]")
+    return k
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor | None = None,
+    top_k: int | None = None,
+    *,
+    topk_weights: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+    block_config: BlockConfig | tuple[BlockConfig, BlockConfig] | None = None,
+    check_ids: bool = True,
+    **routing_kwargs,
+) -> torch.Tensor:
+    """One MoE layer: out[t] = sum_j w[t,j] * (silu(x_t W_gate[e]^T) * (x_t W_up[e]^T)) W_down[e]^T, e = ids[t,j].
+
+    hidden_states: [M, H] bf16|fp16|fp32 (fp32 for tests; the Triton path runs fp32 dots in IEEE mode).
+    w13: [E, 2I, H], gate rows 0:I then up rows I:2I (vLLM's layout); w2: [E, H, I]; both contiguous and
+      of hidden_states' dtype and device.
+    Routing, either
+      router_logits: [M, E] fp32|fp16|bf16 and top_k, routed by moekern.fused_topk with routing_kwargs
+        (scoring, renormalize, correction_bias, num_expert_group, topk_group, routed_scaling_factor), or
+      topk_weights: [M, k] float and topk_ids: [M, k] int32|int64 precomputed (benchmarks isolate the
+        experts this way); ids must lie in [0, E) (checked on CPU tensors and on the torch backend; on
+        the GPU kernel path the check would cost a host sync, so it is the caller's duty).
+    backend: "auto" | "torch" | "triton" | "cuda" (see the module doc; "cuda" runs our Triton experts).
+    block_config: a BlockConfig for both GEMMs or a (gemm1, gemm2) pair with equal block_m; default:
+      moekern.experts.configs.get_configs.
+    check_ids: range-check precomputed topk_ids (one min/max: a host sync on a GPU). Pass False for
+      CUDA-graph capture or benchmarks when the ids are known good: an id outside [0, E) then reads and
+      writes out of bounds. Ids made by the routing stage are in range by construction and never checked.
+
+    Returns [M, H] in hidden_states' dtype. Intermediates (silu(gate)*up, per-slot outputs) are rounded to
+    that dtype; accumulation is fp32 and the k-way combine sums in fp32.
+    """
+    M, H, E, inter = _validate_weights(hidden_states, w13, w2)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    unknown = sorted(set(routing_kwargs) - set(ROUTING_KWARGS))
+    if unknown:
+        raise TypeError(f"fused_moe got unexpected keyword argument(s) {unknown}; routing takes {ROUTING_KWARGS}")
+    dev = hidden_states.device
+
+    if backend == "auto":
+        if dev.type == "cuda" and backend_unavailable_reason("triton", dev) is None:
+            expert_backend, stage_backend = "triton", "auto"
+        else:
+            expert_backend = stage_backend = "torch"
+    else:
+        resolve_backend("triton" if backend == "cuda" else backend, dev)  # raises when unavailable
+        expert_backend = "torch" if backend == "torch" else "triton"
+        stage_backend = backend
+
+    precomputed = topk_weights is not None or topk_ids is not None
+    if precomputed:
+        if router_logits is not None:
+            raise ValueError("pass either router_logits (+ top_k) or precomputed topk_weights/topk_ids, not both")
+        if routing_kwargs:
+            raise ValueError(f"routing arguments {sorted(routing_kwargs)} have no effect with precomputed topk_ids")
+        k = _validate_precomputed(topk_weights, topk_ids, M, E, top_k, check_ids)
+        expert_counts = None
+        for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+            if t.device != dev:
+                raise ValueError(f"{name} is on {t.device} but hidden_states is on {dev}")
+    else:
+        if router_logits is None:
+            raise ValueError("fused_moe needs router_logits [M, E] with top_k, or topk_weights and topk_ids")
+        if top_k is None:
+            raise ValueError("top_k is required when router_logits is given")
+        if not isinstance(router_logits, torch.Tensor):
+            raise TypeError(f"router_logits must be a torch.Tensor [M, E]; got {type(router_logits).__name__}")
+        if router_logits.dim() != 2 or _shape(router_logits) != (M, E):
+            raise ValueError(f"router_logits must have shape [M={M}, E={E}]; got {_shape(router_logits)}")
+        if router_logits.device != dev:
+            raise ValueError(f"router_logits is on {router_logits.device} but hidden_states is on {dev}")
+        from moekern.routing import fused_topk
+
+        routing = fused_topk(router_logits, top_k, backend=stage_backend, **routing_kwargs)
+        topk_weights, topk_ids, expert_counts, k = routing.topk_weights, routing.topk_ids, routing.expert_counts, top_k
+
+    cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config)
+    if M == 0:
+        return hidden_states.new_empty(0, H)
+    if expert_backend == "torch":
+        from moekern.dispatch.reference import fused_moe_reference
+
+        return fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids)
+
+    from moekern.experts.triton_gemm import moe_experts_triton
+
+    from moekern.dispatch import align
+
+    # Ranges were checked above (or hold by construction); align must not sync again.
+    aligned = align(topk_ids.to(torch.int32), E, cfg1.block_m, expert_counts=expert_counts, backend=stage_backend,
+                    check_ids=False)
+    return moe_experts_triton(
+        hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous(),
+        w13, w2,
+        topk_weights.reshape(-1).to(torch.float32).contiguous(),
+        aligned[0], aligned[1], aligned[2], k, cfg1, cfg2,
+    )

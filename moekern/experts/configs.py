@@ -1,0 +1,178 @@
+"""Tile configurations for the two grouped GEMMs of moekern.fused_moe.
+
+GEMM1 (gate-up, SiLU-and-mul fused): per program a [block_m, block_n] tile of the intermediate, which reads
+  2 * block_n rows of w13 (block_n gate rows and the matching block_n up rows); N = I, K = H.
+GEMM2 (down, routing weight fused): per program a [block_m, block_n] tile of the per-slot output; N = H, K = I.
+
+block_m is shared by both GEMMs: it is the padding unit of moekern.align, so one alignment serves both.
+
+A config is picked in this order: the `block_config` argument, then the table below keyed on
+(E, I, H, M bucket) for Hopper (H100/H200: both sm_90 with the same SM count and shared memory, so one table
+serves both; tuned on an H100 only), then `default_configs`, a heuristic on tokens per expert. The table
+holds measured rows only, from `python -m moekern.experts.tune` (see TUNED).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One Triton launch shape. Block sizes are powers of two >= 16 (tl.dot's minimum)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 1  # programs sharing a weight tile run together (L2 reuse) when > 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def validate(self, name: str = "block_config") -> None:
+        for field_name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, field_name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}.{field_name}={v!r} must be a power of two >= 16")
+        if self.block_m > 256 or self.block_n > 256 or self.block_k > 256:
+            raise ValueError(f"{name} block sizes must be <= 256; got {self}")
+        for field_name, low in (("group_m", 1), ("num_warps", 1), ("num_stages", 1)):
+            v = getattr(self, field_name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}.{field_name}={v!r} must be an int >= {low}")
+        if self.num_warps & (self.num_warps - 1) or self.num_warps > 16:
+            raise ValueError(f"{name}.num_warps={self.num_warps} must be a power of two <= 16")
+
+
+_B = BlockConfig
+
+# (E, I, H) -> {M bucket: (gemm1, gemm2)}; a call uses the bucket nearest to M in log2. Measured with
+# `python -m moekern.experts.tune` on an H100 80GB HBM3 (torch 2.11+cu130, triton 3.6), bf16, random
+# routing; each GEMM's candidates timed by triton.testing.do_bench. Eager layer times, ms (tuned / heuristic);
+# at M=1 for the small models these are CPU-launch bound (qwen3 M=1: 205 us eager, 45 us in a CUDA graph):
+#   mixtral   M=1 0.384/0.470  M=64 0.964/1.339  M=1024 1.812/3.761
+#   qwen3     M=1 0.269/0.377  M=64 0.457/0.458  M=1024 0.527/0.627
+#   dsv3      M=1 0.275/0.288  M=64 6.434/6.443  M=1024 7.646/9.239
+#   olmoe     M=1 0.417/0.419  M=64 0.336/0.333  M=1024 0.421/0.438
+# (the heuristic column is the heuristic as it was before it was refit to these rows.)
+TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {
+    (8, 14336, 4096): {  # Mixtral-8x7B
+        1: (_B(16, 128, 128, 1, 4, 3), _B(16, 32, 128, 1, 4, 4)),
+        64: (_B(32, 128, 128, 1, 4, 3), _B(32, 128, 128, 1, 4, 4)),
+        1024: (_B(128, 128, 64, 8, 8, 3), _B(128, 128, 128, 8, 8, 3)),
+    },
+    (128, 768, 2048): {  # Qwen3-30B-A3B
+        1: (_B(16, 64, 128, 1, 4, 3), _B(16, 32, 64, 1, 4, 4)),
+        64: (_B(16, 128, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 4)),
+        1024: (_B(64, 64, 128, 1, 8, 4), _B(64, 128, 64, 1, 4, 4)),
+    },
+    (256, 2048, 7168): {  # DeepSeek-V3 routed experts
+        1: (_B(16, 128, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 3)),
+        64: (_B(16, 32, 128, 1, 4, 4), _B(16, 64, 128, 1, 4, 4)),
+        1024: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),
+    },
+    (64, 1024, 2048): {  # OLMoE-1B-7B
+        1: (_B(16, 32, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 3)),
+        64: (_B(16, 128, 128, 1, 4, 3), _B(16, 32, 128, 1, 4, 3)),
+        1024: (_B(128, 64, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),
+    },
+}
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _clamp(cfg: BlockConfig, n: int, k: int) -> BlockConfig:
+    """Shrink N/K tiles that exceed the (padded) problem, so tiny shapes (tests) launch small programs."""
+    bn = max(16, min(cfg.block_n, _next_pow2(n)))
+    bk = max(16, min(cfg.block_k, _next_pow2(k)))
+    return BlockConfig(cfg.block_m, bn, bk, cfg.group_m, cfg.num_warps, cfg.num_stages)
+
+
+def default_configs(
+    num_tokens: int, num_experts: int, top_k: int, inter: int, hidden: int, dtype: torch.dtype
+) -> tuple[BlockConfig, BlockConfig]:
+    """Heuristic (gemm1, gemm2) configs for M = num_tokens.
+
+    Decode-like calls (few tokens per expert) are bound by reading weights: a small M tile wastes little
+    on padding and a long K tile keeps more bytes in flight. Prefill-like calls are compute bound: large
+    M/N tiles, more warps, GROUP_M > 1 so M-blocks of one expert reuse its weight tiles from L2.
+    """
+    per_expert = num_tokens * top_k / max(num_experts, 1)
+    if num_tokens <= 32 or per_expert <= 12:
+        block_m = 16
+    elif per_expert <= 24:
+        block_m = 32
+    elif per_expert < 96:
+        block_m = 64
+    else:
+        block_m = 128
+    # Fit to the tuned rows above (the pattern across the four models, not one model's optimum).
+    group_m = 8 if per_expert >= 256 else 1
+    if block_m <= 32:
+        g1 = BlockConfig(block_m, 128, 128, 1, 4, 3)
+        g2 = BlockConfig(block_m, 64 if block_m == 16 else 128, 128, 1, 4, 4)
+    elif block_m == 64:
+        g1 = BlockConfig(64, 64, 128, 1, 4, 4)
+        g2 = BlockConfig(64, 128, 128, 1, 4, 4)
+    else:
+        g1 = BlockConfig(128, 128, 64, group_m, 8, 3)
+        g2 = BlockConfig(128, 128, 64, group_m, 8, 3)
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory per stage; this path is for tests, not speed.
+        g1 = BlockConfig(block_m, min(g1.block_n, 64), 32, g1.group_m, 4, 2)
+        g2 = BlockConfig(block_m, min(g2.block_n, 64), 32, g2.group_m, 4, 2)
+    return _clamp(g1, inter, hidden), _clamp(g2, hidden, inter)
+
+
+def get_configs(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    inter: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_config: BlockConfig | tuple[BlockConfig, BlockConfig] | None = None,
+) -> tuple[BlockConfig, BlockConfig]:
+    """(gemm1, gemm2) configs: the override, else the table (Hopper, bf16/fp16), else the heuristic."""
+    if block_config is not None:
+        if isinstance(block_config, BlockConfig):
+            pair = (block_config, block_config)
+        elif (
+            isinstance(block_config, tuple)
+            and len(block_config) == 2
+            and all(isinstance(c, BlockConfig) for c in block_config)
+        ):
+            pair = block_config
+        else:
+            raise TypeError(
+                "block_config must be a moekern.experts.BlockConfig or a (gemm1, gemm2) tuple of them; "
+                f"got {type(block_config).__name__}"
+            )
+        pair[0].validate("block_config[gemm1]")
+        pair[1].validate("block_config[gemm2]")
+        if pair[0].block_m != pair[1].block_m:
+            raise ValueError(
+                f"block_config: gemm1.block_m={pair[0].block_m} and gemm2.block_m={pair[1].block_m} must be "
+                "equal (both GEMMs share one alignment)"
+            )
+        return pair
+    if (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and (num_experts, inter, hidden) in TUNED
+        and torch.cuda.get_device_capability(device)[0] == 9
+    ):
+        rows = TUNED[(num_experts, inter, hidden)]
+        log_m = math.log2(max(num_tokens, 1))
+        bucket = min(rows, key=lambda b: (abs(math.log2(b) - log_m), b))
+        return rows[bucket]
+    return default_configs(num_tokens, num_experts, top_k, inter, hidden, dtype)

@@ -1,0 +1,54 @@
+"""The cuda backend of moekern.fused_topk: torch.ops.moekern.fused_topk (csrc/routing/fused_topk.cu).
+
+One launch per call (plus a memset of the [E] histogram when M > 8 tokens). Importing this module
+registers the op's fake implementation, so the op traces under torch.compile and CUDA-graph capture.
+moekern.fused_topk validates the arguments; the op re-checks the ones a kernel relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekern._ext import extension_error
+
+SCORING_CODES = {"softmax": 0, "sigmoid": 1}
+
+# Checked once at import: the wrappers then read a constant, which torch.compile traces through.
+_EXT_ERROR = extension_error()
+
+if _EXT_ERROR is None:
+
+    @torch.library.register_fake("moekern::fused_topk")
+    def _fused_topk_fake(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale):
+        M, E = logits.shape
+        return (
+            logits.new_empty((M, top_k), dtype=torch.float32),
+            logits.new_empty((M, top_k), dtype=torch.int32),
+            logits.new_empty((E,), dtype=torch.int32),
+        )
+
+
+def fused_topk_cuda(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    topk_group: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: [M, E] fp32|fp16|bf16 CUDA, E <= 512, top_k <= 16; bias: [E] fp32 (sigmoid only) or None;
+    num_groups: 0 (or 1) for no grouped selection, else G dividing E with topk_group in [1, G].
+
+    Returns (topk_weights [M, k] fp32, topk_ids [M, k] int32, expert_counts [E] int32), the semantics of
+    moekern.routing.reference.fused_topk_reference (ids and counts exactly).
+    """
+    if _EXT_ERROR is not None:
+        raise RuntimeError(f"fused_topk_cuda needs moekern._C: {_EXT_ERROR}")
+    if scoring not in SCORING_CODES:
+        raise ValueError(f"scoring={scoring!r} must be one of {tuple(SCORING_CODES)}")
+    return torch.ops.moekern.fused_topk(
+        logits, int(top_k), SCORING_CODES[scoring], bool(renormalize), bias, int(num_groups or 0),
+        int(topk_group or 0), float(scale),
+    )

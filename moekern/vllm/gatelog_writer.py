@@ -1,0 +1,285 @@
+"""The plugin's gate-log recorder: counts on the GPU, drained once per step, written by a thread.
+
+Why this shape. Under CUDA graphs the MoE layer's Python runs once, at capture; every replay only
+re-runs the recorded kernels. So accumulation must itself be a recorded GPU op: each MoE layer adds its
+routing's expert_counts ([E] int32, made by fused_topk anyway) into row `layer` of one persistent device
+buffer `counts` [L, E_max] int32 (`counts[layer, :E] += expert_counts`, one tiny kernel per layer; vLLM's
+own routing, when a layer falls back to it, adds its ids with one index_add_). The buffer's address never
+changes, so captured graphs keep writing to it.
+
+A *step* is one call of the worker's execute_model that runs a forward pass (scheduled tokens > 0): the
+host side (moekern.vllm.hooks) calls `begin_step()` before it (zero the buffer: one memset on the current
+stream) and `end_step(...)` after it returns (copy the buffer to a pinned host slot with
+non_blocking=True on the same stream, record an event, hand the slot to the writer thread). Stream order
+alone makes this correct: the copy follows the step's MoE kernels, the next step's memset follows the
+copy, and the host never waits. A side stream would buy nothing: the next step's memset would have to
+wait for it anyway, and the copy is L*E_max*4 bytes (a few KB). Graph replays within one step (there is
+one per forward) accumulate into the same rows; dummy/warm-up forwards outside steps are wiped by the
+next begin_step().
+
+The writer thread waits on each slot's event (off the hot path), turns rows into moekern.gatelog/1
+records and appends them to gate_log.rank{R}.jsonl, flushing every `flush_steps` steps or
+`flush_seconds` seconds: a crash loses at most that much. Memory is bounded: `queue_slots` pinned slots;
+when all are in flight the step is dropped (never waited for) and counted in `dropped_steps` (written to
+the .meta.json sidecar); step indices keep counting, so a gap in `step` shows a drop.
+
+num_tokens is sum(expert_counts) / top_k: the rows the layer routed, which under CUDA graphs includes
+the batch padding to the captured size. The scheduler's unpadded count is in extra.scheduled_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moekern.gatelog import SCHEMA, GateRecord
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    num_experts: int
+    top_k: int
+
+
+@dataclass
+class _Pending:
+    step: int
+    slot: int
+    event: object  # torch.cuda.Event or None (CPU tensors: the copy was synchronous)
+    phase: str
+    scheduled_tokens: int | None
+    time: float
+
+
+@dataclass
+class RecorderStats:
+    steps: int = 0
+    written_steps: int = 0
+    dropped_steps: int = 0
+    records: int = 0
+    write_errors: int = 0
+    last_error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class GateLogRecorder:
+    """One per process. Host-side methods run on the thread that runs the model; `_run` is the writer."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, rank: int | None = None, flush_steps: int = 64,
+                 flush_seconds: float = 1.0, queue_slots: int = 256, model: str | None = None,
+                 extra: dict | None = None, meta: dict | None = None):
+        if flush_steps < 1:
+            raise ValueError(f"flush_steps={flush_steps} must be >= 1")
+        if queue_slots < 1:
+            raise ValueError(f"queue_slots={queue_slots} must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.flush_steps = flush_steps
+        self.flush_seconds = flush_seconds
+        self.queue_slots = queue_slots
+        self.model = model
+        self.extra = dict(extra or {})
+        self.meta = dict(meta or {})
+        self.layers: list[LayerInfo] = []
+        self.stats = RecorderStats()
+        self.counts: torch.Tensor | None = None  # [L, E_max] int32 on the model's device
+        self._host: torch.Tensor | None = None  # [S, L, E_max] int32, pinned when on CUDA
+        self._events: list = []
+        self._free: list[int] = []
+        self._free_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._file = None
+        self._closed = False
+        self._step = 0
+        self._in_step = False
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def register_layer(self, name: str, num_experts: int, top_k: int) -> int:
+        """Index (0-based, in registration = model order) of a new MoE layer. Before the buffer exists only."""
+        if self.counts is not None:
+            raise RuntimeError(f"layer {name!r} registered after the gate-log buffer was allocated")
+        if num_experts < 1 or top_k < 1:
+            raise ValueError(f"layer {name!r}: num_experts={num_experts} and top_k={top_k} must be >= 1")
+        self.layers.append(LayerInfo(name, num_experts, top_k))
+        return len(self.layers) - 1
+
+    @property
+    def ready(self) -> bool:
+        return self.counts is not None and not self._closed
+
+    def ensure_buffer(self, device) -> torch.Tensor:
+        """Allocate the device buffer and the pinned ring (once; before any CUDA graph is captured)."""
+        if self.counts is not None:
+            return self.counts
+        if not self.layers:
+            raise RuntimeError("no MoE layer registered with the gate-log recorder")
+        device = torch.device(device)
+        L, W = len(self.layers), max(li.num_experts for li in self.layers)
+        pin = device.type == "cuda"
+        # Normal (not inference) tensors: in-place updates then work both inside vLLM's inference_mode
+        # forward and in the step hooks outside it.
+        with torch.inference_mode(False):
+            self.counts = torch.zeros(L, W, dtype=torch.int32, device=device)
+            self._host = torch.zeros(self.queue_slots, L, W, dtype=torch.int32, pin_memory=pin)
+        self._events = [torch.cuda.Event() if pin else None for _ in range(self.queue_slots)]
+        self._free = list(range(self.queue_slots - 1, -1, -1))
+        if self.rank is None:
+            self.rank = _global_rank()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._write_meta()
+        self._thread = threading.Thread(target=self._run, name=f"moekern-gatelog-r{self.rank}", daemon=True)
+        self._thread.start()
+        return self.counts
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / f"gate_log.rank{self.rank if self.rank is not None else 0}.jsonl"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.out_dir / f"gate_log.rank{self.rank if self.rank is not None else 0}.meta.json"
+
+    # ---- accumulation (inside the model's forward; recorded into CUDA graphs) ------------------------------
+    def add_counts(self, layer: int, expert_counts: torch.Tensor) -> None:
+        """counts[layer, :E] += expert_counts ([E] int32, fused_topk's): one kernel, graph-capturable."""
+        buf = self.counts if self.counts is not None else self.ensure_buffer(expert_counts.device)
+        E = expert_counts.shape[0]
+        buf[layer, :E].add_(expert_counts)
+
+    def add_ids(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """For layers routed by vLLM itself: count ids [M, k] with one index_add_ (no host sync)."""
+        buf = self.counts if self.counts is not None else self.ensure_buffer(topk_ids.device)
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        buf[layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+    # ---- step boundaries (host side, outside any captured region) ------------------------------------------
+    def begin_step(self) -> None:
+        if self.counts is None or self._closed:
+            return
+        with torch.inference_mode():
+            self.counts.zero_()
+        self._in_step = True
+
+    def end_step(self, phase: str = "unknown", scheduled_tokens: int | None = None) -> int | None:
+        """Hand this step's counts to the writer; returns the step index (None if no step was open)."""
+        if not self._in_step or self.counts is None or self._closed:
+            return None
+        self._in_step = False
+        step = self._step
+        self._step += 1
+        self.stats.steps += 1
+        with self._free_lock:
+            slot = self._free.pop() if self._free else None
+        if slot is None:
+            self.stats.dropped_steps += 1
+            return step
+        event = self._events[slot]
+        with torch.inference_mode():
+            self._host[slot].copy_(self.counts, non_blocking=True)
+            if event is not None:
+                event.record()
+        self._queue.put(_Pending(step, slot, event, phase, scheduled_tokens, time.time()))
+        return step
+
+    # ---- writer thread ------------------------------------------------------------------------------------
+    def _records(self, item: _Pending, rows) -> list[GateRecord]:
+        extra = dict(self.extra)
+        if item.scheduled_tokens is not None:
+            extra["scheduled_tokens"] = int(item.scheduled_tokens)
+        out = []
+        for li, info in enumerate(self.layers):
+            counts = [int(c) for c in rows[li][: info.num_experts]]
+            out.append(GateRecord(step=item.step, layer=li, expert_counts=counts,
+                                  num_tokens=sum(counts) // info.top_k, rank=int(self.rank or 0),
+                                  phase=item.phase, top_k=info.top_k, time=round(item.time, 6),
+                                  model=self.model, extra=extra))
+        return out
+
+    def _run(self) -> None:
+        pending_lines = 0
+        last_flush = time.monotonic()
+        while True:
+            timeout = self.flush_seconds if self.flush_seconds > 0 else None
+            try:
+                item = self._queue.get(timeout=timeout) if pending_lines else self._queue.get()
+            except queue.Empty:
+                item = "tick"
+            if item is None:
+                break
+            if isinstance(item, _Pending):
+                try:
+                    if item.event is not None:
+                        item.event.synchronize()
+                    rows = self._host[item.slot].tolist()
+                finally:
+                    with self._free_lock:
+                        self._free.append(item.slot)
+                try:
+                    lines = [r.to_json() for r in self._records(item, rows)]
+                    self._file.write("\n".join(lines) + "\n")
+                    self.stats.records += len(lines)
+                    self.stats.written_steps += 1
+                    pending_lines += 1
+                except Exception as exc:  # a full disk must not kill the engine
+                    self.stats.write_errors += 1
+                    self.stats.last_error = repr(exc)
+            now = time.monotonic()
+            if pending_lines and (pending_lines >= self.flush_steps or now - last_flush >= self.flush_seconds):
+                self._flush()
+                pending_lines, last_flush = 0, now
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self._file.flush()
+        except Exception as exc:
+            self.stats.write_errors += 1
+            self.stats.last_error = repr(exc)
+
+    def _write_meta(self) -> None:
+        meta = {"schema": SCHEMA, "rank": self.rank, "model": self.model, "extra": self.extra,
+                "layers": [{"layer": i, "name": li.name, "num_experts": li.num_experts, "top_k": li.top_k}
+                           for i, li in enumerate(self.layers)],
+                "steps": self.stats.steps, "written_steps": self.stats.written_steps,
+                "dropped_steps": self.stats.dropped_steps, "write_errors": self.stats.write_errors,
+                "last_error": self.stats.last_error, **self.meta}
+        tmp = self.meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.meta_path)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, flush, stop the thread (bounded wait), and update the sidecar."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+        if self._file is not None:
+            self._flush()
+            try:
+                self._write_meta()
+            except OSError:
+                pass
+            self._file.close()
+
+
+def _global_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:
+        pass
+    return int(os.environ.get("RANK", "0") or 0)

@@ -1,0 +1,345 @@
+"""The vLLM-touching half of the plugin: where it hooks in, and what each hook does.
+
+Three narrow hooks, each installed when (and only when) vLLM imports the module that owns it, via a
+post-import hook (`when_imported`), so register() itself imports nothing from vLLM:
+
+1. vllm.model_executor.layers.fused_moe.runner.moe_runner.register_layer_for_moe_forward_op
+   (module function; MoERunner.__init__ calls it once per MoE layer, in model order). The wrapper calls
+   the original, then takes the layer's router and, if it is one of vLLM's BaseRouter classes, shadows
+   its `_compute_routing` with an *instance* attribute. Only that layer's router changes; BaseRouter's
+   own pre/post steps (EPLB logical->physical mapping, routed-experts capture, index dtype) still run.
+   With MOEKERN_KERNELS=all it also shadows the layer's UnquantizedFusedMoEMethod.apply with
+   moekern.fused_moe, per layer and only where that is exact (see `_experts_ok`).
+2. vllm.v1.worker.gpu_worker.Worker.execute_model (class method; both model runners, V1 and V2, are
+   driven through it): step boundaries for the gate log (begin_step / end_step) and the step's phase.
+3. vllm.v1.worker.gpu_worker.Worker.load_model: allocate the gate-log buffers right after the weights,
+   i.e. before profiling and CUDA-graph capture.
+
+torch.compile / CUDA graphs: the MoE layer runs inside vLLM's opaque custom op torch.ops.vllm.moe_forward
+(direct_register_custom_op with a fake impl), so Dynamo never traces our Python and needs no fake for
+fused_topk; the op's real body runs eagerly, and under CUDA graphs only once, at capture. Everything we
+launch there is capture-safe: fused_topk (no host sync), `counts[layer] += expert_counts`, the skew bias
+add, fused_moe(check_ids=False). Nothing on the host side of a step (hook 2) is inside a captured region.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import sys
+import threading
+
+import torch
+
+from moekern.vllm.config import PluginConfig, skew_bias
+from moekern.vllm.routing_map import RoutingPlan, classify_phase, plan_routing
+
+# A child of vLLM's "vllm" logger, so vLLM's logging configuration shows our messages.
+logger = logging.getLogger("vllm.moekern")
+_logged_reasons: set = set()
+
+MOE_RUNNER = "vllm.model_executor.layers.fused_moe.runner.moe_runner"
+GPU_WORKER = "vllm.v1.worker.gpu_worker"
+
+_lock = threading.Lock()
+_STATE: dict = {"config": None, "recorder": None, "layers": [], "installed": False}
+
+
+# ---- post-import hooks ------------------------------------------------------------------------------------
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs callbacks right after a named module finishes executing (then steps aside)."""
+
+    def __init__(self):
+        self.callbacks: dict[str, list] = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.callbacks:
+            return None
+        # Ask the rest of the meta path (without us) for the real spec, then wrap its loader.
+        idx = sys.meta_path.index(self) if self in sys.meta_path else -1
+        for finder in sys.meta_path[idx + 1:]:
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _CallbackLoader(spec.loader, self.callbacks.pop(fullname))
+                return spec
+        return None
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, inner, callbacks):
+        self.inner, self.callbacks = inner, callbacks
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        for cb in self.callbacks:
+            cb(module)
+
+    def __getattr__(self, name):  # get_source, is_package, ... for tools that ask the loader
+        return getattr(self.inner, name)
+
+
+_finder = _PostImportFinder()
+
+
+def when_imported(module_name: str, callback) -> None:
+    """Call callback(module) now if `module_name` is imported, else right after it is."""
+    mod = sys.modules.get(module_name)
+    if mod is not None:
+        callback(mod)
+        return
+    _finder.callbacks.setdefault(module_name, []).append(callback)
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+# ---- per-layer state --------------------------------------------------------------------------------------
+class LayerHook:
+    """What the plugin knows about one MoE layer: index, plan cache, skew bias, recorder."""
+
+    def __init__(self, index: int, name: str, router, cfg: PluginConfig, recorder):
+        self.index, self.name, self.router, self.cfg, self.recorder = index, name, router, cfg, recorder
+        self.plans: dict[int, RoutingPlan | None] = {}
+        self.bias = None
+        self.experts_decision: bool | None = None
+
+    def plan(self, num_experts: int) -> RoutingPlan | None:
+        if num_experts not in self.plans:
+            plan, why = plan_routing(self.router, num_experts)
+            if plan is None:
+                # once per distinct reason, not once per layer
+                log = logger.warning if why not in _logged_reasons else logger.debug
+                _logged_reasons.add(why)
+                log("moekern: layer %d (%s) keeps vLLM routing: %s", self.index, self.name, why)
+            else:
+                logger.info("moekern: layer %d (%s) routed by moekern.fused_topk: %s", self.index, self.name,
+                            plan.why)
+            self.plans[num_experts] = plan
+        return self.plans[num_experts]
+
+    def route(self, orig, hidden_states, router_logits, indices_type, input_ids):
+        logits = router_logits
+        if self.cfg.skew is not None:
+            E = logits.shape[-1]
+            if self.bias is None or self.bias.shape[0] != E or self.bias.device != logits.device:
+                self.bias = skew_bias(self.cfg.skew, E, device=logits.device)
+            logits = torch.add(self.bias, logits)  # fp32 [M, E]: one kernel, graph-capturable
+        plan = self.plan(logits.shape[-1]) if self.cfg.kernels != "off" else None
+        if plan is not None:
+            from moekern.routing import fused_topk
+
+            bias = None
+            if plan.uses_bias:
+                bias = getattr(self.router, "e_score_correction_bias")
+                bias = bias.data if isinstance(bias, torch.nn.Parameter) else bias
+                if bias.dtype != torch.float32:
+                    bias = bias.float()
+            out = fused_topk(logits, plan.top_k, correction_bias=bias, **plan.kwargs)
+            if self.recorder is not None:
+                self.recorder.add_counts(self.index, out.expert_counts)
+            ids = out.topk_ids
+            if indices_type is not None and ids.dtype != indices_type:
+                ids = ids.to(indices_type)
+            return out.topk_weights, ids
+        topk_weights, topk_ids = orig(hidden_states, logits, indices_type, input_ids=input_ids)
+        if self.recorder is not None:
+            top_k = getattr(self.router, "top_k", topk_ids.shape[1])
+            self.recorder.add_ids(self.index, topk_ids[:, :top_k])  # fused shared slots come after
+        return topk_weights, topk_ids
+
+
+def _experts_ok(hook: LayerHook, quant_method, layer) -> tuple[bool, str]:
+    """Whether moekern.fused_moe computes exactly what this layer's vLLM experts would."""
+    if type(quant_method).__name__ != "UnquantizedFusedMoEMethod":
+        return False, f"quant method {type(quant_method).__name__} (only unquantized MoE is swapped)"
+    backend = getattr(getattr(quant_method, "unquantized_backend", None), "name", None)
+    if backend != "TRITON":
+        return False, f"vLLM unquantized backend {backend} (weights may be re-laid out; only TRITON is swapped)"
+    if getattr(layer, "expert_map", None) is not None:
+        return False, "expert parallelism (expert_map set): moekern.fused_moe has no expert map"
+    moe = getattr(layer, "moe_config", None)
+    if moe is not None and (getattr(moe, "has_bias", False) or getattr(moe, "is_lora_enabled", False)):
+        return False, "expert biases or LoRA"
+    pc = getattr(moe, "moe_parallel_config", None)
+    if pc is not None and getattr(pc, "use_all2all_kernels", False):
+        return False, "all2all prepare/finalize kernels"
+    act = getattr(getattr(layer, "activation", None), "name", None)
+    if act != "SILU":
+        return False, f"activation {act} (moekern.fused_moe is SiLU-and-mul)"
+    if getattr(layer, "apply_router_weight_on_input", False):
+        return False, "apply_router_weight_on_input"
+    try:
+        from moekern.experts import fused_moe  # noqa: F401
+    except Exception as exc:  # being written in parallel; degrade to routing only
+        return False, f"moekern.fused_moe unavailable ({exc})"
+    return True, "moekern.fused_moe"
+
+
+def _install_experts(hook: LayerHook, runner) -> None:
+    routed = getattr(runner, "routed_experts", None)
+    qm = getattr(routed, "quant_method", None)
+    if qm is None or not hasattr(qm, "apply"):
+        logger.warning("moekern: layer %d (%s): no quant_method.apply to swap", hook.index, hook.name)
+        return
+    orig_apply = qm.apply
+
+    def apply(layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        if hook.experts_decision is None:
+            ok, why = _experts_ok(hook, qm, layer)
+            (logger.info if ok else logger.warning)(
+                "moekern: layer %d (%s) experts: %s", hook.index, hook.name, why if ok else f"vLLM's ({why})")
+            hook.experts_decision = ok
+        if not hook.experts_decision:
+            return orig_apply(layer=layer, x=x, topk_weights=topk_weights, topk_ids=topk_ids,
+                              shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+        from moekern.experts import fused_moe
+
+        if shared_experts is not None:
+            # vLLM's modular kernel would run shared experts inside apply() when it overlaps them; that
+            # order (MK_INTERNAL_OVERLAPPED) runs here instead; other orders are no-ops in this call.
+            from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
+            shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
+        return fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights=topk_weights, topk_ids=topk_ids,
+                         check_ids=False)
+
+    qm.apply = apply
+
+
+def _on_layer_registered(vllm_config, runner) -> None:
+    cfg: PluginConfig = _STATE["config"]
+    router = getattr(runner, "router", None)
+    name = getattr(runner, "layer_name", "?")
+    if router is None or not hasattr(router, "_compute_routing"):
+        logger.warning("moekern: MoE layer %s has no BaseRouter (%s); left to vLLM", name, type(router).__name__)
+        return
+    E = int(getattr(router, "global_num_experts", 0) or 0)
+    top_k = int(getattr(router, "top_k", 0) or 0)
+    rec = _STATE["recorder"]
+    if rec is not None:
+        if rec.model is None:
+            rec.model = str(getattr(getattr(vllm_config, "model_config", None), "model", "") or "") or None
+        index = rec.register_layer(name, E, top_k)
+    else:
+        index = len(_STATE["layers"])
+    hook = LayerHook(index, name, router, cfg, rec)
+    _STATE["layers"].append(hook)
+    orig = router._compute_routing  # bound method of the class
+
+    def _compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None):
+        return hook.route(orig, hidden_states, router_logits, indices_type, input_ids)
+
+    router._compute_routing = _compute_routing  # instance attribute shadows the class method
+    if cfg.kernels == "all":
+        _install_experts(hook, runner)
+
+
+def _patch_moe_runner(module) -> None:
+    orig = module.register_layer_for_moe_forward_op
+    if getattr(orig, "_moekern", False):
+        return
+
+    def register_layer_for_moe_forward_op(vllm_config, layer):
+        orig(vllm_config, layer)
+        try:
+            _on_layer_registered(vllm_config, layer)
+        except Exception:  # never break model construction: the layer stays vLLM's
+            logger.exception("moekern: could not hook MoE layer %s", getattr(layer, "layer_name", "?"))
+
+    register_layer_for_moe_forward_op._moekern = True
+    module.register_layer_for_moe_forward_op = register_layer_for_moe_forward_op
+
+
+def _parallel_extra() -> dict:
+    extra = {}
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        for key, getter in (("tp_rank", "get_tp_group"), ("ep_rank", "get_ep_group"), ("dp_rank", "get_dp_group"),
+                            ("pp_rank", "get_pp_group")):
+            try:
+                group = getattr(ps, getter)()
+                if group.world_size > 1:
+                    extra[key] = int(group.rank_in_group)
+            except Exception:
+                pass
+    except Exception:
+        pass
+    return extra
+
+
+def _patch_worker(module) -> None:
+    Worker = module.Worker
+    if getattr(Worker.execute_model, "_moekern", False):
+        return
+    orig_execute, orig_load = Worker.execute_model, Worker.load_model
+    prompt_lens: dict = {}
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        rec = _STATE["recorder"]
+        n = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
+        if rec is None or not rec.ready or not n:
+            return orig_execute(self, scheduler_output, *args, **kwargs)
+        try:
+            phase = classify_phase(scheduler_output, prompt_lens)
+        except Exception:
+            phase = "unknown"
+        rec.begin_step()
+        out = orig_execute(self, scheduler_output, *args, **kwargs)
+        rec.end_step(phase, int(n))
+        return out
+
+    def load_model(self, *args, **kwargs):
+        out = orig_load(self, *args, **kwargs)
+        rec = _STATE["recorder"]
+        if rec is not None and rec.layers and rec.counts is None:
+            rec.extra.update(_parallel_extra())
+            rec.ensure_buffer(getattr(self, "device", None) or torch.device("cuda", torch.cuda.current_device()))
+            logger.info("moekern: gate log -> %s (%d MoE layers)", rec.path, len(rec.layers))
+        return out
+
+    execute_model._moekern = True
+    Worker.execute_model = execute_model
+    Worker.load_model = load_model
+
+
+def install(cfg: PluginConfig) -> None:
+    """Arm the hooks (idempotent: vLLM may load general plugins more than once per process)."""
+    with _lock:
+        if _STATE["installed"]:
+            return
+        _STATE["installed"] = True
+        _STATE["config"] = cfg
+        if cfg.gate_log:
+            import atexit
+
+            from moekern.vllm.gatelog_writer import GateLogRecorder
+
+            rec = GateLogRecorder(cfg.gate_log_dir, flush_steps=cfg.flush_steps, flush_seconds=cfg.flush_seconds,
+                                  queue_slots=cfg.queue_slots,
+                                  meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None})
+            _STATE["recorder"] = rec
+            atexit.register(rec.close)
+    when_imported(MOE_RUNNER, _patch_moe_runner)
+    if cfg.gate_log:
+        when_imported(GPU_WORKER, _patch_worker)
+
+
+def plugin_summary(worker=None) -> dict:
+    """What the plugin did in this process (for vLLM's collective_rpc: called as fn(worker))."""
+    rec = _STATE["recorder"]
+    return {
+        "installed": _STATE["installed"],
+        "kernels": getattr(_STATE["config"], "kernels", None),
+        "layers": [{"index": h.index, "name": h.name, "router": type(h.router).__name__,
+                    "moekern_routing": {str(E): (p.why if p else None) for E, p in h.plans.items()},
+                    "moekern_experts": h.experts_decision} for h in _STATE["layers"]],
+        "gate_log": None if rec is None else {"path": str(rec.path), "steps": rec.stats.steps,
+                                              "dropped_steps": rec.stats.dropped_steps},
+    }

@@ -1,0 +1,206 @@
+"""Imbalance metrics (hand-computed worked examples, edge cases, properties), gate-log loading with corrupt
+lines, per-rank loads, bench-JSON parsing with missing fields, and the small statistics helpers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekern.analysis import metrics as M
+from moekern.analysis import serving as S
+from moekern.analysis import stats
+from moekern.gatelog import GateRecord, write_records
+
+
+# ------------------------------------------------------------------------------------ worked examples
+def test_worked_example_1236():
+    c = [1, 2, 3, 6]  # mean 3; squared deviations 4, 1, 0, 9 -> population variance 14/4 = 3.5
+    assert M.cv(c) == pytest.approx(math.sqrt(3.5) / 3, rel=1e-12)  # 0.62361
+    assert M.cv(c) == pytest.approx(0.623610, abs=1e-6)
+    assert M.max_min(c) == 6.0
+    assert M.max_mean(c) == 2.0
+    h = -(1 / 12 * math.log(1 / 12) + 2 / 12 * math.log(2 / 12) + 3 / 12 * math.log(3 / 12) + 6 / 12 * math.log(6 / 12))
+    assert M.normalized_entropy(c) == pytest.approx(h / math.log(4), rel=1e-12)
+    assert M.normalized_entropy(c) == pytest.approx(0.864787, abs=1e-6)
+    # unordered |ci - cj|: 1, 2, 5, 1, 4, 3 = 16; Gini = 2 * 16 / (2 * 4^2 * 3) = 1/3
+    assert M.gini(c) == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_worked_example_idle_experts():
+    c = [2, 2, 0, 0]  # mean 1, deviations 1, 1, -1, -1 -> std 1
+    assert M.cv(c) == pytest.approx(1.0)
+    assert M.max_min(c) == math.inf  # an idle expert: unbounded, documented
+    assert M.max_mean(c) == 2.0
+    assert M.normalized_entropy(c) == pytest.approx(0.5)  # ln 2 / ln 4
+    assert M.gini(c) == pytest.approx(0.5)  # unordered diffs 4 * 2 = 8 -> 2 * 8 / (2 * 16 * 1)
+
+
+def test_worked_example_one_hot_expert():
+    c = [0, 0, 0, 4]  # mean 1, squared deviations 1, 1, 1, 9 -> variance 3
+    assert M.cv(c) == pytest.approx(math.sqrt(3))
+    assert M.max_mean(c) == 4.0  # = E: all load on one expert
+    assert M.normalized_entropy(c) == pytest.approx(0.0, abs=1e-12)
+    assert M.gini(c) == pytest.approx(0.75)  # (E - 1) / E
+
+
+@pytest.mark.parametrize("c", [[4, 4, 4, 4], [5], [0, 0, 7, 0][2:3]])
+def test_perfect_balance_and_single_expert(c):
+    assert M.all_metrics(c) == pytest.approx({"cv": 0.0, "max_min": 1.0, "max_mean": 1.0, "entropy": 1.0,
+                                              "gini": 0.0})
+
+
+def test_all_zero_is_nan_not_an_error():
+    for v in M.all_metrics([0, 0, 0]).values():
+        assert math.isnan(v)
+
+
+def test_batched_shapes_match_rowwise():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 20, size=(3, 4, 8))
+    a[1, 2] = 0
+    for name, f in M.METRIC_FUNCS.items():
+        out = f(a)
+        assert out.shape == (3, 4)
+        for i in range(3):
+            for j in range(4):
+                np.testing.assert_equal(out[i, j], f(a[i, j]), err_msg=name)
+
+
+@pytest.mark.parametrize("bad", [[], [1, -1], [np.nan, 1]])
+def test_bad_counts_rejected(bad):
+    with pytest.raises(ValueError, match="expert counts"):
+        M.cv(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=16).filter(lambda x: sum(x) > 0))
+def test_properties_against_brute_force(c):
+    a = np.asarray(c, dtype=float)
+    e = a.size
+    g = np.abs(a[:, None] - a[None, :]).sum() / (2 * e * e * a.mean())
+    assert M.gini(c) == pytest.approx(g, abs=1e-9)
+    assert 0 <= M.gini(c) <= (e - 1) / e + 1e-12
+    assert 1 - 1e-12 <= M.max_mean(c) <= e + 1e-12
+    assert -1e-12 <= M.normalized_entropy(c) <= 1 + 1e-12
+    assert M.cv(c) == pytest.approx(np.sqrt(((a - a.mean()) ** 2).mean()) / a.mean(), rel=1e-9, abs=1e-12)
+    assert M.cv([3 * x for x in c]) == pytest.approx(M.cv(c), rel=1e-9, abs=1e-12)  # scale-free
+
+
+# ---------------------------------------------------------------------------------- step aggregation
+def test_per_step_vs_aggregated_cv_and_warmup_filter():
+    # step 0: a 2000-token warm-up batch; steps 1, 2 mirror each other; step 3 saw no tokens
+    counts = np.array([[[2000, 0]], [[3, 1]], [[1, 3]], [[0, 0]]], dtype=float)
+    t = M.table_from_counts(counts, num_tokens=[2000, 4, 4, 0])
+    s = M.summarize(t)  # default max_tokens=1000 drops step 0
+    assert (s.steps_used, s.steps_dropped) == (3, 1)
+    assert s.overall["step_cv"] == pytest.approx(0.5)  # CV([3,1]) = 1/2 each; the all-zero step is skipped
+    assert s.overall["agg_cv"] == pytest.approx(0.0)  # [4, 4]
+    s_all = M.summarize(t, max_tokens=None)
+    assert s_all.overall["step_cv"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert s_all.overall["agg_cv"] == pytest.approx(M.cv([2004, 4]))
+
+
+def test_overall_is_mean_over_layers():
+    counts = np.array([[[1, 3], [2, 2]], [[3, 1], [2, 2]]], dtype=float)  # layer 0 CV 0.5, layer 1 CV 0
+    s = M.summarize(M.table_from_counts(counts))
+    assert s.per_layer["step_cv"] == pytest.approx([0.5, 0.0])
+    assert s.overall["step_cv"] == pytest.approx(0.25)
+
+
+# -------------------------------------------------------------------------------------- rank loads
+def test_rank_loads_placements():
+    c = [1, 2, 3, 6]
+    np.testing.assert_allclose(M.rank_loads(c, 2), [3, 9])  # contiguous
+    np.testing.assert_allclose(M.rank_loads(c, 2, expert_to_rank=M.round_robin_map(4, 2)), [4, 8])
+    # 6 slots, 3 per rank; expert 3 has 3 replicas splitting its 6 tokens evenly
+    np.testing.assert_allclose(M.rank_loads(c, 2, physical_to_logical=[0, 1, 2, 3, 3, 3]), [6, 6])
+    np.testing.assert_allclose(M.rank_loads([[1, 2, 3, 6], [6, 3, 2, 1]], 2, expert_to_rank=[[0, 0, 1, 1], [1, 1, 0, 0]]),
+                               [[3, 9], [3, 9]])
+    with pytest.raises(ValueError, match="ep_size"):
+        M.rank_loads(c, 3)
+    with pytest.raises(ValueError, match="every logical expert"):
+        M.rank_loads(c, 2, physical_to_logical=[0, 1, 2, 2])
+
+
+# ------------------------------------------------------------------------------------- log loading
+def test_gate_log_corrupt_lines_and_ranks(tmp_path):
+    d = tmp_path / "logs"
+    d.mkdir()
+    r0 = [GateRecord(s, l, [s + 1, 2, 0, 1], 2, rank=0, top_k=2) for s in range(3) for l in range(2)]
+    write_records(d / "gate_log.rank0.jsonl", r0)
+    with open(d / "gate_log.rank0.jsonl", "a") as fh:
+        fh.write("{not json\n")
+        fh.write(json.dumps({"schema": "other/1", "step": 9, "layer": 0, "num_tokens": 1, "expert_counts": [1]}) + "\n")
+        fh.write(json.dumps({"schema": "moekern.gatelog/1", "step": 9, "layer": 0, "num_tokens": 1,
+                             "expert_counts": [-1, 2]}) + "\n")
+    # rank 1 (TP): identical copy for step 0 layer 0 only, so "auto" keeps one copy
+    write_records(d / "gate_log.rank1.jsonl", [GateRecord(0, 0, [1, 2, 0, 1], 2, rank=1, top_k=2)])
+    t = M.load_table(d)
+    assert len(t.skipped) == 3
+    assert t.counts.shape == (3, 2, 4)
+    np.testing.assert_array_equal(t.counts[2, 1], [3, 2, 0, 1])
+    np.testing.assert_array_equal(t.counts[0, 0], [1, 2, 0, 1])  # not doubled
+    # a DP rank with a different batch is summed under "auto"
+    write_records(d / "gate_log.rank2.jsonl", [GateRecord(1, 0, [0, 0, 4, 0], 2, rank=2, top_k=2)])
+    t = M.load_table(d)
+    np.testing.assert_array_equal(t.counts[1, 0], [2, 2, 4, 1])
+    assert t.num_tokens[1] == 4
+    assert M.load_table(d, combine_ranks="first").counts[1, 0].tolist() == [2, 2, 0, 1]
+
+
+def test_per_step_json_dir(tmp_path):
+    for s in range(3):
+        (tmp_path / f"step_{s:04d}.json").write_text(json.dumps(
+            {"step": s, "layers": {"0": [s, 1, 1, 0], "1": [2, 2, 0, 0]}, "top_k": 2}))
+    (tmp_path / "step_9999.json").write_text("{broken")
+    t = M.load_table(tmp_path)
+    assert t.counts.shape == (3, 2, 4) and len(t.skipped) == 1
+    np.testing.assert_allclose(t.num_tokens, [1, 1.5, 2])  # sum(first layer) / top_k
+    assert M.summarize(t).per_layer["step_cv"][1] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- bench JSON
+def test_bench_json_parsing_with_missing_fields():
+    obj = {"backend": "vllm", "duration": 10.0, "total_input_tokens": 500, "mean_ttft_ms": 12.5, "p99_tpot_ms": 9.0,
+           "request_throughput": 3.0, "max_num_seqs": "16", "eplb": "true",
+           "moekern": {"moe_backend": "moekern", "max_num_batched_tokens": 4096}}
+    r = S.parse_bench_result(obj, "run1")
+    assert r.moe_backend == "moekern"  # our block wins over vLLM's endpoint-type "backend"
+    assert (r.max_num_seqs, r.max_num_batched_tokens, r.eplb) == (16, 4096, True)
+    assert r.metrics["mean_ttft_ms"] == 12.5 and r.metrics["p99_tpot_ms"] == 9.0
+    assert math.isnan(r.metrics["median_itl_ms"]) and math.isnan(r.metrics["output_throughput"])
+    assert r.metrics["input_throughput"] == pytest.approx(50.0)
+    bare = S.parse_bench_result({"backend": "openai"})
+    assert bare.moe_backend == "openai" and bare.eplb is None and math.isnan(bare.metrics["input_throughput"])
+    with pytest.raises(ValueError, match="JSON object"):
+        S.parse_bench_result([1, 2])
+
+
+def test_load_runs_and_grouping(tmp_path):
+    for i, (b, tpot) in enumerate([("a", 10.0), ("a", 12.0), ("b", 20.0)]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps({"moe_backend": b, "max_num_seqs": 8, "mean_tpot_ms": tpot,
+                                                         "output_throughput": 100.0, "duration": 1.0}))
+    (tmp_path / "metadata.json").write_text(json.dumps({"synthetic": True}))  # not a run
+    (tmp_path / "broken.json").write_text("{")
+    runs, skipped = S.load_runs(tmp_path)
+    assert len(runs) == 3 and len(skipped) == 1
+    g = S.group_runs(runs)
+    row = g[g.moe_backend == "a"].iloc[0]
+    assert row["mean_tpot_ms_count"] == 2 and row["mean_tpot_ms_mean"] == pytest.approx(11.0)
+
+
+# ------------------------------------------------------------------------------------------- stats
+def test_stats_helpers():
+    assert stats.iqr_mask([1, 2, 3, 4, 100]).tolist() == [True, True, True, True, False]
+    assert stats.iqr_mask([1, 100, np.nan]).tolist() == [True, True, False]  # too few to flag
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+    est = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0], n_boot=200)
+    assert est.value == 3.0 and est.low <= 3.0 <= est.high and est.n == 5
+    d = stats.bootstrap_diff([10, 11, 12], [1, 2, 3], n_boot=200)
+    assert d.value == pytest.approx(9.0) and d.low > 0

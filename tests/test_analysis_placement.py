@@ -1,0 +1,99 @@
+"""Placement strategies (hand-worked packing, greedy beats contiguous on a skewed log, replication lowers
+the max rank load), memory per GPU, vLLM advice, and the `moekern placement` command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moekern.analysis import metrics as M
+from moekern.analysis.placement import (advise, contiguous_p2l, greedy_p2l, replicate_p2l, round_robin_p2l,
+                                        weight_bytes_per_gpu)
+from moekern.models import get_model
+
+HOT = [40, 30, 5, 5, 5, 5, 5, 5]
+
+
+def test_simple_maps():
+    assert contiguous_p2l(8, 4).tolist() == list(range(8))
+    assert round_robin_p2l(8, 4).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    np.testing.assert_allclose(M.rank_loads(HOT, 4, physical_to_logical=round_robin_p2l(8, 4)), [45, 35, 10, 10])
+    with pytest.raises(ValueError, match="ep_size"):
+        contiguous_p2l(8, 3)
+
+
+def test_greedy_worked_example():
+    # LPT: 40->r0, 30->r1, 5->r2, 5->r3, 5->r2, 5->r3, then only r0/r1 have free slots: 5->r1, 5->r0
+    assert greedy_p2l(HOT, 4).tolist() == [0, 7, 1, 6, 2, 4, 3, 5]
+    np.testing.assert_allclose(M.rank_loads(HOT, 4, physical_to_logical=greedy_p2l(HOT, 4)), [45, 35, 10, 10])
+    np.testing.assert_allclose(M.rank_loads(HOT, 4), [70, 10, 10, 10])  # contiguous puts both hot experts on r0
+
+
+def test_replicate_worked_example():
+    # 4 redundant slots: expert 0 -> 3 replicas (13.33 each), expert 1 -> 3 replicas (10 each)
+    p2l = replicate_p2l(HOT, 4, 4)
+    assert p2l.size == 12 and sorted(np.bincount(p2l).tolist()) == [1, 1, 1, 1, 1, 1, 3, 3]
+    loads = M.rank_loads(HOT, 4, physical_to_logical=p2l)
+    np.testing.assert_allclose(loads, [85 / 3, 85 / 3, 70 / 3, 20])
+    assert loads.max() < 45  # lower than the best single-copy placement
+    for r in range(4):  # no rank holds two replicas of one expert
+        slots = p2l[3 * r: 3 * r + 3]
+        assert len(set(slots.tolist())) == 3
+    with pytest.raises(ValueError, match="divide"):
+        replicate_p2l(HOT, 4, 3)
+
+
+def _skewed_table(steps=40, seed=0):
+    rng = np.random.default_rng(seed)
+    p = np.array(HOT, dtype=float) / 100
+    counts = np.stack([[rng.multinomial(200, p), rng.multinomial(200, p[::-1])] for _ in range(steps)])
+    return M.table_from_counts(counts)
+
+
+def test_greedy_beats_contiguous_and_replication_lowers_max_load():
+    adv = advise(_skewed_table(), ep_size=4, num_redundant=4)
+    by = {s.strategy: s for s in adv.scores}
+    assert by["greedy"].test_step_max_mean < by["contiguous"].test_step_max_mean - 0.5
+    assert by["replicate"].test_step_max_mean < by["greedy"].test_step_max_mean
+    assert adv.best.strategy == "replicate"
+    assert adv.train_steps == 20 and adv.test_steps == 20
+    assert adv.best.physical_to_logical.shape == (2, 12)
+    assert "--enable-eplb" in adv.vllm_args and "cannot load a custom expert map" in adv.note
+    obj = adv.to_json()
+    assert obj["recommended"]["num_physical_experts"] == 12 and obj["recommended"]["num_logical_experts"] == 8
+    json.dumps(obj)  # serializable
+
+
+def test_balanced_load_recommends_no_change():
+    counts = np.full((10, 1, 8), 25)
+    adv = advise(M.table_from_counts(counts), ep_size=4, num_redundant=4)
+    assert adv.best.strategy == "contiguous" and adv.best.test_step_max_mean == pytest.approx(1.0)
+    assert adv.vllm_args[-2:] == ["--expert-placement-strategy", "linear"]
+
+
+def test_memory_per_gpu_mixtral():
+    m = get_model("mixtral")
+    expert = 3 * 4096 * 14336
+    mem = weight_bytes_per_gpu(m, ep_size=2)
+    assert mem["expert_bytes"] == 32 * 4 * expert * 2  # 8 experts / 2 ranks, 32 layers, bf16
+    mem_r = weight_bytes_per_gpu(m, ep_size=2, num_redundant=2)
+    assert mem_r["expert_bytes"] - mem["expert_bytes"] == 32 * 1 * expert * 2
+    assert mem_r["extra_bytes_for_redundancy"] == 32 * expert * 2
+    assert 40e9 < mem["total_bytes"] < 50e9  # ~46.7 GB: half the experts + all the rest
+    with pytest.raises(ValueError, match="dense"):
+        weight_bytes_per_gpu(get_model("llada-8b"), 1)
+
+
+def test_placement_cli(tmp_path, capsys):
+    from moekern.analysis.synthetic import write_synthetic_gate_log
+    from moekern.cli import main
+
+    write_synthetic_gate_log(tmp_path / "g" / "gate_log.rank0.jsonl", num_steps=20, num_experts=8, skew=0.6)
+    out = tmp_path / "map.json"
+    assert main(["placement", str(tmp_path / "g"), "--ep-size", "4", "--model", "mixtral", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recommended:" in text and "GiB/GPU" in text
+    obj = json.loads(out.read_text())
+    assert obj["format"] == "moekern.placement/1" and len(obj["strategies"]) == 4
+    assert main(["metrics", str(tmp_path / "g"), "--ep-size", "4", "--placement", str(out)]) == 0
+    assert "EP=4" in capsys.readouterr().out

@@ -1,0 +1,109 @@
+"""The compiled extension moekern._C: op schemas, has_device_kernels, fake (meta) implementations, and the
+error a CPU-only build gives when a device op is called. Runs on CPU; skipped when _C is not built
+(`pip install --no-build-isolation -e .` builds it, CPU-only on a machine without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekern import _ext
+from moekern.dispatch.reference import align_sizes
+
+pytestmark = pytest.mark.skipif(_ext.extension_error() is not None, reason=f"skipped: {_ext.extension_error()}")
+
+SCHEMAS = {
+    "has_device_kernels": "moekern::has_device_kernels() -> bool",
+    "fused_topk": (
+        "moekern::fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, "
+        "int num_groups, int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)"
+    ),
+    "moe_align": (
+        "moekern::moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
+        "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)"
+    ),
+    "permute": (
+        "moekern::permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
+        "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)"
+    ),
+    "unpermute": "moekern::unpermute(Tensor expert_output, Tensor slot_to_row, Tensor topk_weights) -> Tensor",
+}
+
+
+@pytest.mark.parametrize("op", sorted(SCHEMAS))
+def test_schema_registered(op):
+    assert str(getattr(torch.ops.moekern, op).default._schema) == SCHEMAS[op]
+
+
+def test_has_device_kernels_matches_torch_build():
+    has = torch.ops.moekern.has_device_kernels()
+    assert isinstance(has, bool)
+    assert _ext.cuda_kernels_available() == has
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert has is False  # a CPU torch can only have built the bindings alone
+
+
+def _cpu_calls():
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    return {
+        "fused_topk": lambda: torch.ops.moekern.fused_topk(torch.randn(2, 4), 2, 0, True, None, 0, 0, 1.0),
+        "moe_align": lambda: torch.ops.moekern.moe_align(ids, 4, 16, None),
+        "permute": lambda: torch.ops.moekern.permute(torch.randn(2, 8), ids, 4, None),
+        "unpermute": lambda: torch.ops.moekern.unpermute(
+            torch.randn(4, 8), torch.arange(4, dtype=torch.int32), torch.ones(2, 2)
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_cpu_calls()))
+def test_device_op_on_cpu_raises_clear_error(op):
+    expected = "CUDA/HIP tensors" if torch.ops.moekern.has_device_kernels() else "built without device kernels"
+    with pytest.raises(RuntimeError, match=expected) as info:
+        _cpu_calls()[op]()
+    assert f"moekern::{op}" in str(info.value)  # the message names the op
+
+
+def test_fake_fused_topk_shapes():
+    from moekern.routing import cuda_topk  # noqa: F401  (registers the fake)
+
+    w, ids, counts = torch.ops.moekern.fused_topk(
+        torch.empty(5, 256, device="meta", dtype=torch.bfloat16), 8, 1, True,
+        torch.empty(256, device="meta"), 8, 4, 2.5,
+    )
+    assert (w.shape, w.dtype) == ((5, 8), torch.float32)
+    assert (ids.shape, ids.dtype) == ((5, 8), torch.int32)
+    assert (counts.shape, counts.dtype) == ((256,), torch.int32)
+
+
+@pytest.mark.parametrize("M,k,E,B", [(1, 2, 8, 16), (64, 8, 256, 64), (0, 8, 64, 128), (7, 3, 5, 1)])
+def test_fake_moe_align_shapes(M, k, E, B):
+    from moekern.dispatch import cuda_ops  # noqa: F401
+
+    sorted_ids, blocks, post = torch.ops.moekern.moe_align(
+        torch.empty(M, k, device="meta", dtype=torch.int32), E, B, None
+    )
+    max_padded, max_blocks = align_sizes(M * k, E, B)
+    assert sorted_ids.shape == (max_padded,) and blocks.shape == (max_blocks,) and post.shape == (1,)
+    assert sorted_ids.dtype == blocks.dtype == post.dtype == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fake_permute_unpermute_shapes(dtype):
+    from moekern.dispatch import cuda_ops  # noqa: F401
+
+    M, k, E, H = 6, 4, 16, 40
+    permuted, sorted_slots, slot_to_row, offsets = torch.ops.moekern.permute(
+        torch.empty(M, H, device="meta", dtype=dtype), torch.empty(M, k, device="meta", dtype=torch.int32), E, None
+    )
+    assert (permuted.shape, permuted.dtype) == ((M * k, H), dtype)
+    assert sorted_slots.shape == slot_to_row.shape == (M * k,)
+    assert offsets.shape == (E + 1,)
+    out = torch.ops.moekern.unpermute(permuted, slot_to_row, torch.empty(M, k, device="meta"))
+    assert (out.shape, out.dtype) == ((M, H), dtype)
+
+
+def test_wrappers_reject_bad_scoring():
+    from moekern.routing.cuda_topk import fused_topk_cuda
+
+    with pytest.raises(ValueError, match="scoring='tanh' must be one of"):
+        fused_topk_cuda(torch.randn(2, 4), 2, "tanh", True, None, 0, 0, 1.0)

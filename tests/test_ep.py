@@ -1,0 +1,331 @@
+"""moekern.ep: expert-parallel dispatch/combine against the gather-everything reference (moekern.ep.reference).
+
+- portable path: W = 2, 4, 8 gloo processes on CPU, spawned once per W; each worker runs every case
+  (hypothesis-drawn routing plus fixed edge cases) and the bad-input cases, then a good case again to show
+  the group is still in step after the errors.
+- peer path: the Triton write/reduce/pull kernels with W emulated ranks in one process (CPU under
+  TRITON_INTERPRET=1 at tiny shapes; the same checks at larger shapes on one GPU, marked gpu).
+Exactness: hidden states are small integers and weights multiples of 1/4, and expert e multiplies by
+(e + 1), so fp32 sums are exact and outputs must match bit for bit (bf16 as well: the reference states the
+rounding points of combine and the values stay representable).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import moekern
+from moekern.ep.reference import apply_experts, combine_reference, dispatch_reference, payload_reference
+
+SKEWS = ("uniform", "zipf", "one_rank", "empty_rank")
+
+
+def expert_fn(x, e):
+    return x * (e + 1)
+
+
+def make_inputs(seed, W, E, k, H, Ms, skew, dtype=torch.float32):
+    """Deterministic inputs for every rank (each worker rebuilds all of them and keeps its own)."""
+    g = torch.Generator().manual_seed(seed)
+    El = E // W
+    xs, ids, ws = [], [], []
+    for M in Ms:
+        x = torch.randint(-4, 5, (M, H), generator=g).to(dtype)
+        if skew == "uniform":
+            p = torch.ones(E)
+        elif skew == "zipf":
+            p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        elif skew == "one_rank":  # everything on rank 0 when k fits there, else spill to the next experts
+            p = torch.zeros(E)
+            p[: max(El, k)] = 1.0
+        else:  # "empty_rank": the last rank owns no chosen expert
+            p = torch.ones(E)
+            p[E - El:] = 0.0
+            if int((p > 0).sum()) < k:
+                p[:] = 1.0
+        rows = [torch.multinomial(p.float(), k, replacement=False, generator=g) for _ in range(M)]
+        ids.append(torch.stack(rows).to(torch.int32) if M else torch.empty(0, k, dtype=torch.int32))
+        ws.append(torch.randint(1, 5, (M, k), generator=g).float() / 4)
+        xs.append(x)
+    return xs, ids, ws
+
+
+def global_ids(out, rank, E, W):
+    El = E // W
+    return torch.repeat_interleave(torch.arange(El, device=out.expert_counts.device), out.expert_counts.long()) + rank * El
+
+
+def check_recv(out, ref, tag=""):
+    for name in ("recv_x", "recv_topk_ids", "recv_topk_weights", "recv_src_rank", "recv_src_token"):
+        got, want = getattr(out, name).cpu(), getattr(ref, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), f"{tag}: {name} differs\n{got}\n{want}"
+    El = out.expert_offsets.numel() - 1
+    k = out.recv_topk_ids.shape[1]
+    # expert_x: each row is a received token whose local id is its expert, experts ascending, tokens ascending
+    ids = out.recv_topk_ids.cpu().long()
+    slots = torch.nonzero(ids >= 0)
+    order = torch.argsort(ids[slots[:, 0], slots[:, 1]] * max(1, ids.shape[0] * k) + slots[:, 0] * k + slots[:, 1])
+    want_x = out.recv_x.cpu()[slots[order, 0]]
+    assert torch.equal(out.expert_x.cpu(), want_x), f"{tag}: expert_x differs"
+    assert torch.equal(out.expert_counts.cpu().long(), torch.bincount(ids[ids >= 0], minlength=El)), tag
+
+
+def token_partial(out, rank, E, W):
+    """[R, H]: what fused_moe(recv_x, ..., recv_topk_weights, recv_topk_ids) would give, in fp32 then dtype."""
+    x = out.recv_x.cpu()
+    R, k = out.recv_topk_ids.shape
+    acc = torch.zeros(R, x.shape[1])
+    for j in range(k):
+        lid = out.recv_topk_ids[:, j].cpu().long()
+        on = lid >= 0
+        if on.any():
+            y = apply_experts(x[on], lid[on] + rank * (E // W), expert_fn)
+            acc[on] += y.float() * out.recv_topk_weights[on, j].cpu().unsqueeze(1)
+    return acc.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ gloo multi-process path
+
+CASE = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**20),
+    "skew": st.sampled_from(SKEWS),
+    "E_per_rank": st.sampled_from([1, 2, 3]),
+    "k": st.integers(1, 4),
+    "H": st.sampled_from([1, 8, 33]),
+    "Ms": st.lists(st.integers(0, 9), min_size=8, max_size=8),
+    "fp8": st.booleans(),
+    "bf16": st.booleans(),
+})
+
+
+def _run_case(rank, W, c, group):
+    E = c["E_per_rank"] * W
+    k = min(c["k"], E)
+    dtype = torch.bfloat16 if c["bf16"] else torch.float32
+    xs, ids, ws = make_inputs(c["seed"], W, E, k, c["H"], c["Ms"][:W], c["skew"], dtype)
+    out, handle = moekern.ep.dispatch(xs[rank], ids[rank], ws[rank], E, group=group, backend="nccl", fp8=c["fp8"])
+    tag = f"rank {rank} case {c}"
+    check_recv(out, dispatch_reference(xs, ids, ws, E, fp8=c["fp8"], ranks=[rank])[rank], tag)
+    want = combine_reference(xs, ids, ws, E, expert_fn, fp8=c["fp8"], ranks=[rank])[rank]
+    y = apply_experts(out.expert_x, global_ids(out, rank, E, W), expert_fn)
+    got = moekern.ep.combine(y, handle)
+    assert torch.equal(got, want), f"{tag}: combine(layout='expert') differs"
+    got = moekern.ep.combine(token_partial(out, rank, E, W), handle, layout="token")
+    assert torch.equal(got, want), f"{tag}: combine(layout='token') differs"
+
+
+def _bad_cases(rank, W, group):
+    x = torch.ones(3, 4)
+    ids = torch.zeros(3, 2, dtype=torch.int32)
+    ids[:, 1] = 1
+    w = torch.ones(3, 2)
+    E = 2 * W
+    with pytest.raises(ValueError, match="divisible"):
+        moekern.ep.dispatch(x, ids, w, E + 1, group=group)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moekern.ep.dispatch(x, ids, w[:2], E, group=group)
+    with pytest.raises(TypeError, match="topk_ids must be int32"):
+        moekern.ep.dispatch(x, ids.float(), w, E, group=group)
+    with pytest.raises(TypeError, match="hidden_states"):
+        moekern.ep.dispatch(x.to(torch.int32), ids, w, E, group=group)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        moekern.ep.dispatch(x, ids, w, E, group=group, backend="peer", world=object())
+    with pytest.raises(ValueError, match="NCCL process group"):  # a gloo group with CUDA tensors
+        moekern.ep.api._check_backend("peer", group, torch.device("cuda"), object())
+    # only rank 1 has a bad id: every rank must raise (no rank left blocked in a collective)
+    bad = ids.clone()
+    if rank == 1:
+        bad[0, 0] = E
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\]"):
+        moekern.ep.dispatch(x, bad, w, E, group=group)
+    # ranks disagreeing on H
+    with pytest.raises(ValueError, match="disagree on H"):
+        moekern.ep.dispatch(torch.ones(3, 4 + (rank == 0)), ids, w, E, group=group)
+    out, handle = moekern.ep.dispatch(x, ids, w, E, group=group)
+    with pytest.raises(ValueError, match="expert_output must be"):
+        moekern.ep.combine(torch.zeros(out.expert_x.shape[0] + 1, 4), handle)
+    with pytest.raises(TypeError, match="expert_output must be torch.float32"):
+        moekern.ep.combine(out.expert_x.double(), handle)
+    with pytest.raises(ValueError, match="layout"):
+        moekern.ep.combine(out.expert_x, handle, layout="rows")
+    moekern.ep.combine(out.expert_x, handle)  # the group is still usable
+
+
+def _worker(rank, port, cases_by_w):
+    """One of 8 gloo processes. Phases W = 8 (the default group), 4 and 2 (subgroups of the lowest ranks), in
+    that order, so a rank that sits out a phase never waits on one still running an earlier phase."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=8, timeout=datetime.timedelta(seconds=60))
+    try:
+        groups = {8: None, 4: dist.new_group(list(range(4))), 2: dist.new_group([0, 1])}
+        for W in (8, 4, 2):
+            if rank >= W:
+                continue
+            cases = cases_by_w[W]
+            for c in cases:
+                _run_case(rank, W, c, groups[W])
+            _bad_cases(rank, W, groups[W])
+            _run_case(rank, W, cases[0], groups[W])  # still in step after the errors
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _edge_cases():
+    zero_some = [0 if r % 2 else 5 for r in range(8)]
+    return [
+        dict(seed=1, skew="one_rank", E_per_rank=2, k=2, H=8, Ms=[4] * 8, fp8=False, bf16=False),
+        dict(seed=2, skew="empty_rank", E_per_rank=2, k=3, H=8, Ms=zero_some, fp8=False, bf16=True),
+        dict(seed=3, skew="uniform", E_per_rank=1, k=1, H=8, Ms=[0] * 8, fp8=False, bf16=False),
+        dict(seed=4, skew="zipf", E_per_rank=3, k=4, H=16, Ms=[6, 1, 0, 7, 2, 0, 3, 5], fp8=True, bf16=True),
+    ]
+
+
+@settings(max_examples=1, derandomize=True, deadline=None, phases=[Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@given(drawn=st.lists(CASE, min_size=9, max_size=9))
+def test_nccl_path_gloo(drawn):
+    """W = 2, 4, 8 gloo ranks on CPU, one spawn of 8 processes (process start-up dominates on 2 cores)."""
+    import torch.multiprocessing as mp
+
+    cases_by_w = {W: drawn[i * 3:(i + 1) * 3] + _edge_cases() for i, W in enumerate((2, 4, 8))}
+    mp.spawn(_worker, args=(_free_port(), cases_by_w), nprocs=8, join=True)
+
+
+# ------------------------------------------------------------------------------- in-process checks
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(c=CASE)
+def test_nccl_path_single_rank(c):
+    """W = 1 without torch.distributed: dispatch is a local permute, combine the weighted sum."""
+    _run_case(0, 1, c, None)
+
+
+def assert_combined(got, want, fp8, tag):
+    """Exact, except after an fp8 round trip: its values are no longer short dyadics, so the kernel's fused
+    fp32 multiply-add (one rounding instead of two) and, under TRITON_INTERPRET=1, the interpreter's
+    truncating fp32->bf16 cast can move each rank's partial, and so the sum, by an ulp: 2 bf16 ulps allowed."""
+    if fp8:
+        torch.testing.assert_close(got, want, rtol=2**-6, atol=1e-6, msg=lambda m: f"{tag}\n{m}")
+    else:
+        assert torch.equal(got, want), tag
+
+
+def _run_emulated(W, c, device, block_world=None):
+    E = c["E_per_rank"] * W
+    k = min(c["k"], E)
+    dtype = torch.bfloat16 if c["bf16"] else torch.float32
+    Ms = c["Ms"][:W]
+    xs, ids, ws = make_inputs(c["seed"], W, E, k, c["H"], Ms, c["skew"], dtype)
+    # the reference starts from what the receivers must see: x after the fp8 round trip, done on the
+    # device the kernels use (CPU and GPU division may round a scale differently)
+    seen = [payload_reference(x.to(device), c["fp8"]).cpu() for x in xs]
+    world = moekern.ep.PeerWorld.emulated(W, max(Ms + [1]), c["H"], k, dtype=dtype, device=device)
+    res = moekern.ep.dispatch_emulated(
+        world, [x.to(device) for x in xs], [i.to(device) for i in ids], [w.to(device) for w in ws], E, fp8=c["fp8"])
+    refs = dispatch_reference(seen, ids, ws, E)
+    for d, ((out, _), ref) in enumerate(zip(res, refs)):
+        check_recv(out, ref, f"emulated rank {d} case {c}")
+    want = combine_reference(seen, ids, ws, E, expert_fn)
+    ys = [apply_experts(out.expert_x, global_ids(out, d, E, W), expert_fn) for d, (out, _) in enumerate(res)]
+    got = moekern.ep.combine_emulated(ys, [h for _, h in res])
+    for d in range(W):
+        assert_combined(got[d].cpu(), want[d], c["fp8"], f"emulated combine(expert) rank {d} case {c}")
+    parts = [token_partial(out, d, E, W).to(device) for d, (out, _) in enumerate(res)]
+    got = moekern.ep.combine_emulated(parts, [h for _, h in res], layout="token")
+    for d in range(W):
+        assert_combined(got[d].cpu(), want[d], c["fp8"], f"emulated combine(token) rank {d} case {c}")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(c=CASE, W=st.sampled_from([2, 4]))
+def test_peer_emulated_interpreter(c, W, device):
+    """The peer kernels (Triton; interpreter on CPU) with W ranks sharing one device."""
+    _run_emulated(W, {**c, "H": min(c["H"], 8), "Ms": [min(m, 4) for m in c["Ms"]]}, device)
+
+
+@pytest.mark.parametrize("case", _edge_cases(), ids=lambda c: c["skew"])
+def test_peer_emulated_edges(case, device):
+    _run_emulated(4, {**case, "H": 8}, device)
+
+
+def test_peer_emulated_bad_inputs(device):
+    W, E, k, H = 2, 4, 2, 8
+    xs, ids, ws = make_inputs(0, W, E, k, H, [3, 2], "uniform")
+    xs, ids, ws = ([t.to(device) for t in v] for v in (xs, ids, ws))
+    world = moekern.ep.PeerWorld.emulated(W, 3, H, k, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="divisible"):
+        moekern.ep.dispatch_emulated(world, xs, ids, ws, 5)
+    with pytest.raises(ValueError, match="list of W=2"):
+        moekern.ep.dispatch_emulated(world, xs[:1], ids, ws, E)
+    bad = [ids[0].clone(), ids[1]]
+    bad[0][0, 0] = -1
+    with pytest.raises(ValueError, match=r"rank\(s\) \[0\]"):
+        moekern.ep.dispatch_emulated(world, xs, bad, ws, E)
+    small = moekern.ep.PeerWorld.emulated(W, 3, H, k, dtype=torch.float32, device=device, capacity=1)
+    with pytest.raises(ValueError, match="capacity"):
+        moekern.ep.dispatch_emulated(small, xs, ids, ws, E)
+    other = moekern.ep.PeerWorld.emulated(W, 3, H + 1, k, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="built for H"):
+        moekern.ep.dispatch_emulated(other, xs, ids, ws, E)
+    res = moekern.ep.dispatch_emulated(world, xs, ids, ws, E)
+    with pytest.raises(ValueError, match="one per handle"):
+        moekern.ep.combine_emulated([res[0][0].expert_x], [h for _, h in res])
+    with pytest.raises(ValueError, match="backend="):
+        moekern.ep.dispatch(xs[0], ids[0], ws[0], E, backend="mpi")
+    with pytest.raises(ValueError, match="needs world="):
+        moekern.ep.dispatch(xs[0], ids[0], ws[0], E, backend="peer")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skew", SKEWS)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_peer_emulated_gpu(skew, fp8):
+    """W = 8 emulated ranks on one GPU at realistic widths, bf16, exact against the reference."""
+    c = dict(seed=7, skew=skew, E_per_rank=8, k=8, H=7168, Ms=[128, 0, 37, 128, 1, 64, 0, 100], fp8=fp8, bf16=True)
+    _run_emulated(8, c, "cuda")
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(c=CASE)
+def test_peer_emulated_gpu_hypothesis(c):
+    _run_emulated(8, c, "cuda")
+
+
+@pytest.mark.gpu
+def test_nccl_path_single_rank_gpu():
+    c = dict(seed=5, skew="zipf", E_per_rank=16, k=8, H=4096, Ms=[300], fp8=False, bf16=True)
+    E = 16
+    xs, ids, ws = make_inputs(c["seed"], 1, E, 8, c["H"], c["Ms"], c["skew"], torch.bfloat16)
+    out, handle = moekern.ep.dispatch(xs[0].cuda(), ids[0].cuda(), ws[0].cuda(), E)
+    check_recv(out, dispatch_reference(xs, ids, ws, E)[0], "gpu W=1")
+    y = apply_experts(out.expert_x, global_ids(out, 0, E, 1), expert_fn)
+    assert torch.equal(moekern.ep.combine(y, handle).cpu(), combine_reference(xs, ids, ws, E, expert_fn)[0])
+
+
+# ------------------------------------------------------------------------------------- vLLM adapter
+
+
+@pytest.mark.gpu
+def test_vllm_adapter_identity_w1():
+    pytest.importorskip("vllm", reason="skipped: vllm is not installed")
+    from moekern.ep.vllm_adapter import check_adapter_matches_no_ep
+
+    check_adapter_matches_no_ep(device="cuda")

@@ -1,0 +1,150 @@
+"""The plugin's gate-log recorder: exact counts, schema round-trip, flushing, bounded memory (CPU)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from moekern.gatelog import SCHEMA, read_gate_log
+from moekern.vllm.gatelog_writer import GateLogRecorder
+
+
+def _wait_for_lines(path, n, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            if len(lines) >= n:
+                return lines
+        time.sleep(0.02)
+    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def _recorder(tmp_path, **kw):
+    rec = GateLogRecorder(tmp_path, rank=3, model="m", **kw)
+    rec.register_layer("model.layers.0.mlp.experts", 4, 2)
+    rec.register_layer("model.layers.1.mlp.experts", 3, 1)
+    rec.ensure_buffer("cpu")
+    return rec
+
+
+def test_round_trip_exact_counts_and_schema(tmp_path):
+    rec = _recorder(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    for step in range(5):
+        rec.begin_step()
+        M = 3 + step
+        ids0 = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(M)]).to(torch.int32)
+        counts0 = torch.bincount(ids0.flatten().long(), minlength=4).to(torch.int32)
+        rec.add_counts(0, counts0)
+        ids1 = torch.randint(0, 3, (M, 1), generator=g, dtype=torch.int32)
+        rec.add_ids(1, ids1)
+        assert rec.end_step("decode" if step % 2 else "prefill", scheduled_tokens=M) == step
+        expected.append((counts0.tolist(), torch.bincount(ids1.flatten().long(), minlength=3).tolist(), M))
+    rec.close()
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == []
+    assert len(records) == 10
+    by_key = {(r.step, r.layer): r for r in records}
+    for step, (c0, c1, M) in enumerate(expected):
+        r0, r1 = by_key[(step, 0)], by_key[(step, 1)]
+        assert r0.expert_counts == c0 and r1.expert_counts == c1
+        assert r0.num_tokens == M and r1.num_tokens == M  # sum(counts) == num_tokens * top_k
+        assert sum(r0.expert_counts) == r0.num_tokens * r0.top_k
+        assert r0.rank == 3 and r0.model == "m" and r0.extra["scheduled_tokens"] == M
+        assert r0.phase == ("decode" if step % 2 else "prefill")
+    meta = json.loads((tmp_path / "gate_log.rank3.meta.json").read_text())
+    assert meta["schema"] == SCHEMA and meta["steps"] == 5 and meta["dropped_steps"] == 0
+    assert [l["name"] for l in meta["layers"]] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+
+
+def test_steps_are_isolated_and_outside_steps_ignored(tmp_path):
+    rec = _recorder(tmp_path)
+    rec.add_counts(0, torch.tensor([5, 5, 5, 5], dtype=torch.int32))  # a warm-up forward outside any step
+    assert rec.end_step() is None  # no step open: nothing written
+    rec.begin_step()  # wipes the warm-up counts
+    rec.add_counts(0, torch.tensor([1, 0, 1, 0], dtype=torch.int32))
+    rec.end_step("decode", 1)
+    rec.begin_step()
+    rec.add_counts(0, torch.tensor([0, 2, 0, 0], dtype=torch.int32))
+    rec.end_step("decode", 1)
+    rec.close()
+    records, _ = read_gate_log(tmp_path)
+    layer0 = sorted((r for r in records if r.layer == 0), key=lambda r: r.step)
+    assert [r.expert_counts for r in layer0] == [[1, 0, 1, 0], [0, 2, 0, 0]]
+
+
+def test_flush_per_steps_without_close(tmp_path):
+    rec = _recorder(tmp_path, flush_steps=1, flush_seconds=3600)
+    rec.begin_step()
+    rec.add_counts(0, torch.tensor([1, 1, 0, 0], dtype=torch.int32))
+    rec.end_step("prefill", 1)
+    lines = _wait_for_lines(rec.path, 2)  # visible on disk with the recorder still open
+    assert len(lines) == 2
+    rec.close()
+
+
+def test_flush_per_seconds_without_close(tmp_path):
+    rec = _recorder(tmp_path, flush_steps=10_000, flush_seconds=0.1)
+    for _ in range(3):
+        rec.begin_step()
+        rec.end_step("decode", 1)
+    lines = _wait_for_lines(rec.path, 6)
+    assert len(lines) == 6
+    rec.close()
+
+
+def test_bounded_queue_drops_and_counts(tmp_path):
+    rec = GateLogRecorder(tmp_path, rank=0, queue_slots=2, flush_steps=1)
+    rec.register_layer("l0", 2, 1)
+    entered, release = threading.Event(), threading.Event()
+    orig = rec._records
+
+    def slow_records(item, rows):
+        entered.set()
+        release.wait(10)
+        return orig(item, rows)
+
+    rec._records = slow_records
+    rec.ensure_buffer("cpu")
+    rec.begin_step(); rec.end_step("decode", 1)  # step 0: the writer takes it and blocks (slot freed)
+    assert entered.wait(5)
+    for _ in range(4):  # steps 1, 2 fill both slots; 3, 4 are dropped, not waited for
+        rec.begin_step(); rec.end_step("decode", 1)
+    assert rec.stats.dropped_steps == 2
+    release.set()
+    rec.close()
+    records, _ = read_gate_log(tmp_path)
+    assert sorted(r.step for r in records) == [0, 1, 2]  # the gap shows the drops
+    meta = json.loads(rec.meta_path.read_text())
+    assert meta["dropped_steps"] == 2 and meta["steps"] == 5
+
+
+def test_reader_reports_corrupt_lines(tmp_path):
+    rec = _recorder(tmp_path)
+    rec.begin_step(); rec.add_counts(0, torch.tensor([1, 1, 0, 0], dtype=torch.int32)); rec.end_step("decode", 1)
+    rec.close()
+    with open(rec.path, "a") as fh:
+        fh.write('{"schema": "moekern.gatelog/1", "step": 1, "layer": 0, "num_tok\n')  # a torn last line
+    records, skipped = read_gate_log(tmp_path)
+    assert len(records) == 2 and len(skipped) == 1 and skipped[0].line == 3
+
+
+def test_bad_use_raises(tmp_path):
+    rec = GateLogRecorder(tmp_path)
+    with pytest.raises(RuntimeError, match="no MoE layer"):
+        rec.ensure_buffer("cpu")
+    with pytest.raises(ValueError, match="num_experts=0"):
+        rec.register_layer("x", 0, 1)
+    rec.register_layer("x", 4, 2)
+    rec.ensure_buffer("cpu")
+    with pytest.raises(RuntimeError, match="after the gate-log buffer"):
+        rec.register_layer("y", 4, 2)
+    rec.close()
+    with pytest.raises(ValueError, match="queue_slots=0"):
+        GateLogRecorder(tmp_path, queue_slots=0)

@@ -1,0 +1,329 @@
+"""moekern.fused_moe against moekern.dispatch.reference.fused_moe_reference (per-expert loop, fp32 math).
+
+Tolerances. fp32: the Triton path uses IEEE fp32 dots (no TF32) and keeps the intermediate in fp32, so it
+differs from the reference only in summation order: rtol 1e-4, atol 1e-5. fp16/bf16: the intermediate and
+per-slot outputs are rounded to the activation dtype, so we compare the norm-relative error
+||out - ref|| / ||ref|| (ref computed in fp32 from the same low-precision inputs) < 1e-2.
+
+CPU runs the kernels under TRITON_INTERPRET=1 (set by conftest) at tiny shapes; on a GPU the same tests run
+the compiled kernels, and the `gpu` tests add the standard model shapes in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moekern
+from moekern.dispatch.reference import fused_moe_reference
+from moekern.experts import BlockConfig, default_configs, get_configs
+from moekern.models import get_model
+from moekern.routing import fused_topk_reference
+
+H, I = 32, 16
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)
+LOWP_REL_TOL = 1e-2
+
+
+def _weights(E, h=H, inter=I, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w13 = (torch.randn(E, 2 * inter, h, generator=g) / h**0.5).to(dtype).to(device)
+    w2 = (torch.randn(E, h, inter, generator=g) / inter**0.5).to(dtype).to(device)
+    return w13, w2
+
+
+def _inputs(M, E, h=H, dtype=torch.float32, device="cpu", seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(M, h, generator=g).to(dtype).to(device)
+    logits = torch.randn(M, E, generator=g).to(device)
+    return x, logits
+
+
+def _route(logits, k, **kw):
+    w, ids = fused_topk_reference(logits, k, **kw)[:2]
+    return w, ids
+
+
+def _rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("E", [4, 8, 60])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("M", [1, 8])
+def test_triton_matches_reference_fp32(E, k, M, device):
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    ref = fused_moe_reference(x, w13, w2, w, ids)
+    assert out.shape == (M, H) and out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "h,inter,cfg",
+    [
+        (40, 24, BlockConfig(16, 16, 16, 1, 4, 1)),  # K and N not multiples of the tiles (masks, wrapped cols)
+        (32, 16, BlockConfig(32, 16, 32, 1, 4, 1)),  # block_m 32
+        (32, 48, BlockConfig(16, 32, 16, 4, 4, 1)),  # GROUP_M > 1, several N tiles, odd N tile count
+    ],
+)
+def test_block_config_override(h, inter, cfg, device):
+    E, k, M = 4, 2, 8
+    w13, w2 = _weights(E, h, inter, device=device)
+    x, logits = _inputs(M, E, h, device=device)
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=cfg)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_gemm_pair_override(device):
+    E, k, M = 4, 2, 6
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids = _route(logits, k)
+    pair = (BlockConfig(16, 16, 32, 1, 4, 1), BlockConfig(16, 32, 16, 2, 4, 1))
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=pair)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_router_logits_path(device):
+    E, k, M = 8, 2, 7
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids = _route(logits, k)
+    ref = fused_moe_reference(x, w13, w2, w, ids)
+    for backend in ("torch", "triton"):
+        out = moekern.fused_moe(x, w13, w2, logits, k, backend=backend)
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def test_routing_kwargs_pass_through(device):
+    """Sigmoid + correction bias + grouped selection + scaling: must reach fused_topk unchanged."""
+    E, k, M = 16, 4, 6
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    kw = dict(scoring="sigmoid", renormalize=True, num_expert_group=4, topk_group=2,
+              routed_scaling_factor=2.5, correction_bias=torch.linspace(-0.5, 0.5, E, device=device))
+    w, ids = _route(logits, k, **kw)
+    ref = fused_moe_reference(x, w13, w2, w, ids)
+    plain = fused_moe_reference(x, w13, w2, *_route(logits, k))
+    assert _rel_err(plain, ref) > 1e-2  # the kwargs change the answer, so passing them is tested
+    for backend in ("torch", "triton"):
+        out = moekern.fused_moe(x, w13, w2, logits, k, backend=backend, **kw)
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_skew_all_tokens_one_expert(k, device):
+    """Every token to expert 3 (and 5 for k=2): one long run spanning several blocks, other experts empty."""
+    E, M = 8, 40
+    w13, w2 = _weights(E, device=device)
+    x, _ = _inputs(M, E, device=device)
+    ids = torch.tensor([3, 5][:k], dtype=torch.int32, device=device).expand(M, k).contiguous()
+    w = torch.rand(M, k, device=device)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+def test_zero_tokens(backend, device):
+    E = 4
+    w13, w2 = _weights(E, device=device)
+    x = torch.empty(0, H, device=device)
+    out = moekern.fused_moe(x, w13, w2, torch.empty(0, E, device=device), 2, backend=backend)
+    assert out.shape == (0, H) and out.dtype == torch.float32
+    out = moekern.fused_moe(x, w13, w2, topk_weights=torch.empty(0, 2, device=device),
+                            topk_ids=torch.empty(0, 2, dtype=torch.int32, device=device), backend=backend)
+    assert out.shape == (0, H)
+
+
+def test_auto_backend(device):
+    E, k, M = 8, 2, 5
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, logits, k)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_int64_ids_and_noncontiguous_hidden(device):
+    E, k, M = 4, 2, 5
+    w13, w2 = _weights(E, device=device)
+    x_wide, logits = _inputs(M, E, h=2 * H, device=device)
+    x = x_wide[:, ::2]  # stride (2H, 2): must be copied, not misread
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids.long(), backend="triton")
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype, device):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("triton 3.7's CPU interpreter returns garbage for bf16 (numpy has no bfloat16); runs on a GPU")
+    E, k, M = 8, 2, 8
+    w13, w2 = _weights(E, dtype=dtype, device=device)
+    x, logits = _inputs(M, E, dtype=dtype, device=device)
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    ref = fused_moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+    assert out.dtype == dtype
+    assert _rel_err(out, ref) < LOWP_REL_TOL
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    M=st.integers(0, 6),
+    E=st.integers(1, 8),
+    k=st.integers(1, 3),
+    block_m=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_ids(M, E, k, block_m, seed):
+    """Any ids (repeats within a row included) and any weights: triton == reference."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    k = min(k, E)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32).to(device)
+    w = torch.randn(M, k, generator=g).to(device)
+    w13, w2 = _weights(E, device=device, seed=seed)
+    x = torch.randn(M, H, generator=g).to(device)
+    cfg = BlockConfig(block_m, 16, 32, 1, 4, 1)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=cfg)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_default_configs():
+    g1, g2 = default_configs(1, 256, 8, 2048, 7168, torch.bfloat16)
+    assert g1.block_m == g2.block_m == 16  # decode: small M tile
+    g1, g2 = default_configs(8192, 8, 2, 14336, 4096, torch.bfloat16)
+    assert g1.block_m == g2.block_m == 128 and g1.group_m > 1
+    g1, g2 = default_configs(4, 4, 2, 16, 32, torch.float32)  # tiny shapes: tiles clamp to the problem
+    assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (16, 32, 32, 16)
+    for cfg in (g1, g2):
+        cfg.validate()
+
+
+def test_tuned_table_entries_valid():
+    from moekern.experts.configs import TUNED
+
+    for key, rows in TUNED.items():
+        for bucket, (g1, g2) in rows.items():
+            g1.validate(f"TUNED{key}[{bucket}].gemm1")
+            g2.validate(f"TUNED{key}[{bucket}].gemm2")
+            assert g1.block_m == g2.block_m, (key, bucket)
+
+
+def test_block_config_errors():
+    dev = torch.device("cpu")
+    with pytest.raises(ValueError, match="block_m=24 must be a power of two"):
+        get_configs(4, 4, 2, 16, 32, torch.float32, dev, BlockConfig(block_m=24))
+    with pytest.raises(ValueError, match="must be equal"):
+        get_configs(4, 4, 2, 16, 32, torch.float32, dev, (BlockConfig(block_m=16), BlockConfig(block_m=32)))
+    with pytest.raises(TypeError, match="block_config must be"):
+        get_configs(4, 4, 2, 16, 32, torch.float32, dev, {"block_m": 16})
+
+
+def _bad_cases():
+    E, M, k = 4, 3, 2
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    pre = dict(topk_weights=w, topk_ids=ids)
+    return [
+        ("w2 shape", (x, w13, _weights(E, inter=8)[1]), pre, ValueError, "w2 must have shape"),
+        ("w13 H", (x, _weights(E, h=16)[0], w2), pre, ValueError, r"w13 must have shape \[E, 2I, H=32\]"),
+        ("odd 2I", (x, torch.randn(E, 5, H), w2), pre, ValueError, "must be even"),
+        ("expert count", (x, w13, _weights(E + 1)[1]), pre, ValueError, "w2 must have shape"),
+        ("hidden 1-D", (x[0], w13, w2), pre, ValueError, "hidden_states must be 2-D"),
+        ("dtype", (x.half(), w13, w2), pre, TypeError, "w13.dtype must equal"),
+        ("int hidden", (x.int(), w13.int(), w2.int()), pre, TypeError, "hidden_states must be bfloat16"),
+        ("noncontig w13", (x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2), pre, ValueError,
+         "w13 must be contiguous"),
+        ("no routing", (x, w13, w2), {}, ValueError, "needs router_logits"),
+        ("top_k missing", (x, w13, w2, logits), {}, ValueError, "top_k is required"),
+        ("both", (x, w13, w2, logits, k), pre, ValueError, "not both"),
+        ("only ids", (x, w13, w2), dict(topk_ids=ids), ValueError, "go together"),
+        ("ids range", (x, w13, w2), dict(topk_weights=w, topk_ids=ids + E), ValueError, r"must lie in \[0, num_experts=4\)"),
+        ("ids negative", (x, w13, w2), dict(topk_weights=w, topk_ids=ids - E), ValueError, "must lie in"),
+        ("ids rows", (x, w13, w2), dict(topk_weights=w[:2], topk_ids=ids[:2]), ValueError, r"shape \[M=3, k\]"),
+        ("ids/weights shape", (x, w13, w2), dict(topk_weights=w[:, :1], topk_ids=ids), ValueError, "same shape"),
+        ("float ids", (x, w13, w2), dict(topk_weights=w, topk_ids=ids.float()), TypeError, "int32 or int64"),
+        ("k > E", (x, w13, w2), dict(topk_weights=torch.rand(M, 5), topk_ids=torch.zeros(M, 5, dtype=torch.int32)),
+         ValueError, "must be <= num_experts=4"),
+        ("top_k disagrees", (x, w13, w2, None, 3), pre, ValueError, "disagrees"),
+        ("logits shape", (x, w13, w2, logits[:, :3], k), {}, ValueError, r"router_logits must have shape \[M=3, E=4\]"),
+        ("kwargs with ids", (x, w13, w2), dict(pre, scoring="sigmoid"), ValueError, "no effect"),
+        ("unknown kwarg", (x, w13, w2, logits, k), dict(renormalise=True), TypeError, "unexpected keyword"),
+        ("backend", (x, w13, w2, logits, k), dict(backend="cutlass"), ValueError, "backend='cutlass'"),
+        ("routing check", (x, w13, w2, logits, 5), {}, ValueError, "top_k=5 must be <= num_experts=4"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs(case):
+    _, args, kwargs, exc, match = case
+    kwargs = {"backend": "torch", **kwargs}
+    with pytest.raises(exc, match=match):
+        moekern.fused_moe(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+MODEL_SHAPES = ["mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe"]
+_GPU_WEIGHTS: dict = {}
+
+
+def _model_weights(name):
+    """bf16 weights made on the GPU (DeepSeek-V3's w13 is 15 GB), scaled so activations stay O(1); one model
+    is held at a time."""
+    spec = get_model(name)
+    if name not in _GPU_WEIGHTS:
+        _GPU_WEIGHTS.clear()
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        E, h, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        w13 = torch.randn(E, 2 * inter, h, dtype=torch.bfloat16, device="cuda").mul_(h**-0.5)
+        w2 = torch.randn(E, h, inter, dtype=torch.bfloat16, device="cuda").mul_(inter**-0.5)
+        _GPU_WEIGHTS[name] = (spec, w13, w2)
+    return _GPU_WEIGHTS[name]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+@pytest.mark.parametrize("M", [1, 64, 1024])
+def test_model_shapes_bf16(name, M):
+    spec, w13, w2 = _model_weights(name)
+    E, k = spec.num_experts, spec.top_k
+    torch.manual_seed(M)
+    x = torch.randn(M, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    logits = torch.randn(M, E, device="cuda")
+    routing_kw = spec.routing_kwargs()
+    if spec.correction_bias:
+        routing_kw["correction_bias"] = torch.randn(E, device="cuda") * 0.1
+    w, ids, _ = moekern.fused_topk(logits, k, backend="torch", **routing_kw)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    # The reference loops over experts with at least one token only, in fp32, one expert at a time.
+    ref = fused_moe_reference(x.float(), w13, w2, w, ids)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert _rel_err(out, ref) < LOWP_REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_model_layer_from_logits_bf16(name):
+    """The whole layer from logits, with routing and align on the GPU's own backends ("auto")."""
+    spec, w13, w2 = _model_weights(name)
+    E, k, M = spec.num_experts, spec.top_k, 256
+    torch.manual_seed(1)
+    x = torch.randn(M, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    logits = torch.randn(M, E, device="cuda")
+    routing_kw = spec.routing_kwargs()
+    if spec.correction_bias:
+        routing_kw["correction_bias"] = torch.randn(E, device="cuda") * 0.1
+    w, ids, _ = moekern.fused_topk(logits, k, **routing_kw)
+    out = moekern.fused_moe(x, w13, w2, logits, k, **routing_kw)
+    ref = fused_moe_reference(x.float(), w13, w2, w, ids)
+    assert _rel_err(out, ref) < LOWP_REL_TOL

@@ -1,0 +1,376 @@
+"""The vLLM plugin: env parsing, skew, router mapping, phase, hooks on fake vLLM objects (CPU); E2E (GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from moekern.gatelog import read_gate_log
+from moekern.routing import fused_topk
+from moekern.vllm import config_from_env, parse_skew, register, skew_bias, skew_probabilities
+from moekern.vllm import hooks
+from moekern.vllm.routing_map import classify_phase, plan_routing
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- environment ------------------------------------------------------------------------------------------
+def test_env_defaults_are_off():
+    cfg = config_from_env({})
+    assert cfg.kernels == "off" and cfg.gate_log_dir is None and cfg.skew is None and not cfg.enabled
+
+
+@pytest.mark.parametrize("value,expected", [("routing", "routing"), ("ALL", "all"), ("off", "off"), ("0", "off")])
+def test_env_kernels(value, expected):
+    assert config_from_env({"MOEKERN_KERNELS": value}).kernels == expected
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"MOEKERN_KERNELS": "fast"}, "MOEKERN_KERNELS"),
+    ({"MOEKERN_GATE_LOG_FLUSH_STEPS": "0"}, "MOEKERN_GATE_LOG_FLUSH_STEPS"),
+    ({"MOEKERN_GATE_LOG_QUEUE": "x"}, "MOEKERN_GATE_LOG_QUEUE"),
+    ({"MOEKERN_ROUTING_SKEW": "zipf"}, "MOEKERN_ROUTING_SKEW"),
+    ({"MOEKERN_ROUTING_SKEW": "hot:1:1.0"}, r"fraction must be in \(0, 1\)"),
+    ({"MOEKERN_ROUTING_SKEW": "zipf:1@-2"}, "beta"),
+])
+def test_env_bad_values_name_the_variable(env, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_env(env)
+
+
+def test_gate_log_alone_enables():
+    cfg = config_from_env({"MOEKERN_GATE_LOG_DIR": "/tmp/x", "MOEKERN_GATE_LOG_FLUSH_SECONDS": "0.5"})
+    assert cfg.enabled and cfg.gate_log and cfg.kernels == "off" and cfg.flush_seconds == 0.5
+
+
+def test_register_off_touches_nothing():
+    # A fresh interpreter: register() with no MOEKERN_* set must not import the hooks (nor vLLM).
+    code = ("import sys, moekern.vllm as m; assert m.register() is None; "
+            "assert 'moekern.vllm.hooks' not in sys.modules and 'vllm' not in sys.modules; print('ok')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEKERN_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---- routing skew -----------------------------------------------------------------------------------------
+def test_parse_skew_forms():
+    assert parse_skew(None) is None and parse_skew("  ") is None
+    assert parse_skew("uniform").kind == "uniform"
+    z = parse_skew("zipf:1.2@0.05", seed=7)
+    assert (z.kind, z.s, z.beta, z.seed) == ("zipf", 1.2, 0.05, 7)
+    h = parse_skew("hot:3:0.5")
+    assert (h.kind, h.expert, h.fraction, h.beta) == ("hot", 3, 0.5, 1.0)
+    for bad in ("zipf:-1", "hot:a:0.5", "hot:1", "uniform:2", "gauss:1"):
+        with pytest.raises(ValueError):
+            parse_skew(bad)
+
+
+def test_skew_bias_definitions():
+    E = 8
+    assert torch.equal(skew_bias(parse_skew("uniform"), E), torch.zeros(E))
+    z = parse_skew("zipf:1.5@2.0", seed=3)
+    import numpy as np
+
+    rank = np.random.default_rng(3).permutation(E)
+    want = torch.tensor([-2.0 * 1.5 * math.log(r + 1) for r in rank], dtype=torch.float32)
+    torch.testing.assert_close(skew_bias(z, E), want, rtol=1e-6, atol=1e-6)
+    h = skew_bias(parse_skew("hot:2:0.6"), E)
+    assert torch.count_nonzero(h) == 1
+    assert h[2].item() == pytest.approx(math.log(0.6 * (E - 1) / 0.4), rel=1e-6)
+    p = skew_probabilities(parse_skew("hot:2:0.6"), E)
+    assert sum(p) == pytest.approx(1.0) and p[2] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="hot expert=9"):
+        skew_bias(parse_skew("hot:9:0.5"), E)
+
+
+@pytest.mark.parametrize("spec", ["zipf:1.0", "hot:5:0.4", "zipf:0.7@0.5"])
+def test_skew_is_exact_under_gumbel_logits(spec):
+    # The stated calibration: logits = c + Gumbel(0, beta) noise => first choice ~ p (a 200k-sample check).
+    skew = parse_skew(spec, seed=1)
+    E, N = 8, 200_000
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(N, E, generator=g, dtype=torch.float64).clamp_min(1e-12)
+    logits = (-torch.log(-torch.log(u))) * skew.beta + 3.0
+    first = torch.argmax(logits + skew_bias(skew, E).double(), dim=1)
+    freq = torch.bincount(first, minlength=E).double() / N
+    torch.testing.assert_close(freq, torch.tensor(skew_probabilities(skew, E), dtype=torch.float64),
+                               atol=0.006, rtol=0)
+
+
+# ---- router mapping: plans reproduce vLLM's routing semantics ---------------------------------------------
+def _router(cls_name, **attrs):
+    return type(cls_name, (), {})() if not attrs else _with(type(cls_name, (), {})(), attrs)
+
+
+def _with(obj, attrs):
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    return obj
+
+
+def vllm_semantics(logits, top_k, scoring, renormalize, bias=None, G=None, g=None, scale=1.0, group_score="top2"):
+    """Our own restatement of vLLM 0.26's routers (fused_topk / fused_topk_bias / grouped_topk), as sets."""
+    x = logits.float()
+    s = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    sel = s if bias is None else s + bias
+    if G:
+        M, E = x.shape
+        grouped = sel.view(M, G, E // G)
+        gs = grouped.topk(2, -1).values.sum(-1) if group_score == "top2" else grouped.max(-1).values
+        keep = torch.zeros(M, G, dtype=torch.bool).scatter_(1, gs.topk(g, -1).indices, True)
+        sel = sel.masked_fill(~keep.repeat_interleave(E // G, 1), float("-inf"))
+    ids = sel.topk(top_k, -1).indices
+    w = s.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w * scale, ids
+
+
+def _check_plan(router, E, M=64, ref_kwargs=None, seed=0):
+    plan, why = plan_routing(router, E)
+    assert plan is not None, why
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(M, E, generator=g)
+    bias = getattr(router, "e_score_correction_bias", None) if plan.uses_bias else None
+    out = fused_topk(logits, plan.top_k, correction_bias=bias, backend="torch", **plan.kwargs)
+    w_ref, ids_ref = vllm_semantics(logits, router.top_k, bias=bias, **ref_kwargs)
+    # Compare as per-row {id: weight} maps: vLLM's unsorted topk may order the k slots differently.
+    for r in range(M):
+        got = dict(zip(out.topk_ids[r].tolist(), out.topk_weights[r].tolist()))
+        want = dict(zip(ids_ref[r].tolist(), w_ref[r].tolist()))
+        assert got.keys() == want.keys(), (r, got, want)
+        for e in got:
+            assert got[e] == pytest.approx(want[e], rel=1e-5, abs=1e-6)
+    assert out.expert_counts.sum().item() == M * plan.top_k
+    return plan
+
+
+def test_mixtral_qwen_olmoe_fused_topk_router():
+    for renorm in (True, False):
+        r = _router("FusedTopKRouter", top_k=2, scoring_func="softmax", renormalize=renorm, global_num_experts=8)
+        _check_plan(r, 8, ref_kwargs=dict(scoring="softmax", renormalize=renorm))
+    r = _router("FusedTopKRouter", top_k=4, scoring_func="sigmoid", renormalize=True)
+    _check_plan(r, 16, ref_kwargs=dict(scoring="sigmoid", renormalize=True))
+
+
+def test_deepseek_v3_grouped_sigmoid_bias():
+    E = 64
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(5)) * 0.1
+    r = _router("GroupedTopKRouter", top_k=8, num_expert_group=8, topk_group=4, scoring_func="sigmoid",
+                renormalize=True, routed_scaling_factor=2.5, e_score_correction_bias=bias)
+    plan = _check_plan(r, E, ref_kwargs=dict(scoring="sigmoid", renormalize=True, G=8, g=4, scale=2.5))
+    assert plan.uses_bias and plan.kwargs["num_expert_group"] == 8
+
+
+def test_fused_topk_bias_router_sigmoid():
+    E = 32
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(6)) * 0.1
+    r = _router("FusedTopKBiasRouter", top_k=6, scoring_func="sigmoid", renormalize=True, routed_scaling_factor=1.5,
+                e_score_correction_bias=bias, _hash_indices_table=None, num_fused_shared_experts=0)
+    _check_plan(r, E, ref_kwargs=dict(scoring="sigmoid", renormalize=True, scale=1.5))
+
+
+def test_deepseek_v2_lite_single_group_is_plain_topk():
+    r = _router("GroupedTopKRouter", top_k=6, num_expert_group=1, topk_group=1, scoring_func="softmax",
+                renormalize=False, routed_scaling_factor=1.0, e_score_correction_bias=None)
+    plan = _check_plan(r, 64, ref_kwargs=dict(scoring="softmax", renormalize=False))
+    assert "num_expert_group" not in plan.kwargs
+
+
+def test_grouped_all_groups_kept_is_plain_topk():
+    r = _router("GroupedTopKRouter", top_k=6, num_expert_group=4, topk_group=4, scoring_func="softmax",
+                renormalize=True, routed_scaling_factor=16.0, e_score_correction_bias=None)
+    _check_plan(r, 64, ref_kwargs=dict(scoring="softmax", renormalize=True, scale=16.0))
+
+
+@pytest.mark.parametrize("cls,attrs,E,needle", [
+    ("GroupedTopKRouter", dict(top_k=6, num_expert_group=8, topk_group=3, scoring_func="softmax",
+                               e_score_correction_bias=None), 160, "max-of-group"),
+    ("GroupedTopKRouter", dict(top_k=6, num_expert_group=8, topk_group=3, scoring_func="softmax",
+                               e_score_correction_bias=torch.zeros(64)), 64, "softmax scoring with"),
+    ("FusedTopKBiasRouter", dict(top_k=2, scoring_func="sqrtsoftplus", e_score_correction_bias=torch.zeros(8),
+                                 _hash_indices_table=None), 8, "sqrtsoftplus"),
+    ("FusedTopKBiasRouter", dict(top_k=2, scoring_func="sigmoid", e_score_correction_bias=None,
+                                 _hash_indices_table=torch.zeros(3, 2)), 8, "hash-table"),
+    ("FusedTopKRouter", dict(top_k=2, scoring_func="softmax", num_fused_shared_experts=1), 8, "fused shared"),
+    ("CustomRoutingRouter", dict(top_k=1), 8, "not mapped"),
+    ("FusedTopKRouter", dict(top_k=9), 8, "top_k=9 > num_experts=8"),
+])
+def test_unsupported_routers_fall_back_with_reason(cls, attrs, E, needle):
+    plan, why = plan_routing(_router(cls, **attrs), E)
+    assert plan is None and needle in why
+
+
+# ---- phase of a step --------------------------------------------------------------------------------------
+def _sched(new=(), cached=(), num_sched=None, finished=(), spec=None, resumed=()):
+    new_reqs = [SimpleNamespace(req_id=r, prompt_token_ids=list(range(n)), prompt_embeds=None, num_computed_tokens=c)
+                for r, n, c in new]
+    cached_data = SimpleNamespace(req_ids=[r for r, _ in cached], num_computed_tokens=[c for _, c in cached],
+                                  resumed_req_ids=set(resumed))
+    return SimpleNamespace(scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_data,
+                           num_scheduled_tokens=num_sched or {}, finished_req_ids=set(finished),
+                           scheduled_spec_decode_tokens=spec or {})
+
+
+def test_classify_phase_sequence():
+    lens = {}
+    assert classify_phase(_sched(new=[("a", 10, 0)], num_sched={"a": 6}), lens) == "prefill"  # chunk 1
+    assert classify_phase(_sched(cached=[("a", 6)], num_sched={"a": 4}), lens) == "prefill"  # chunk 2
+    assert classify_phase(_sched(cached=[("a", 10)], num_sched={"a": 1}), lens) == "decode"
+    assert classify_phase(_sched(new=[("b", 5, 0)], cached=[("a", 11)], num_sched={"a": 1, "b": 5}), lens) == "mixed"
+    # the last prefill chunk of one token is still prefill (computed 4 < prompt 5)
+    assert classify_phase(_sched(cached=[("b", 4)], num_sched={"b": 1}), lens) == "prefill"
+    assert classify_phase(_sched(cached=[("a", 12)], num_sched={"a": 1}, finished={"b"}), lens) == "decode"
+    assert "b" not in lens
+    # unknown request (seen first mid-flight): judged by scheduled tokens minus speculative ones
+    assert classify_phase(_sched(cached=[("z", 50)], num_sched={"z": 3}, spec={"z": [1, 2]}), lens) == "decode"
+    assert classify_phase(_sched(cached=[("y", 50)], num_sched={"y": 8}), lens) == "prefill"
+    assert classify_phase(_sched(cached=[("a", 0)], num_sched={"a": 12}, resumed={"a"}), lens) == "prefill"
+    assert classify_phase(_sched(), lens) == "unknown"
+
+
+# ---- hooks on fake vLLM objects ---------------------------------------------------------------------------
+def test_when_imported_runs_after_import_and_immediately(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakepkg_mk"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "target.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hooks.when_imported("fakepkg_mk.target", lambda m: seen.append(m.VALUE))
+    assert seen == []
+    import fakepkg_mk.target as target  # noqa: F401
+
+    assert seen == [41]
+    hooks.when_imported("fakepkg_mk.target", lambda m: seen.append(m.VALUE + 1))
+    assert seen == [41, 42]
+    for name in ("fakepkg_mk.target", "fakepkg_mk"):
+        sys.modules.pop(name, None)
+
+
+class FusedTopKRouter:  # the name is what plan_routing reads; behaves like vLLM's BaseRouter subclass
+    def __init__(self, top_k=2, E=8, renormalize=True):
+        self.top_k, self.global_num_experts, self.renormalize, self.scoring_func = top_k, E, renormalize, "softmax"
+        self.calls = []
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        self.calls.append(router_logits)
+        w, ids = torch.softmax(router_logits.float(), -1).topk(self.top_k, -1)
+        return w / w.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+@pytest.fixture
+def fresh_hooks(monkeypatch):
+    monkeypatch.setattr(hooks, "_STATE", {"config": None, "recorder": None, "layers": [], "installed": False})
+    yield hooks._STATE
+    rec = hooks._STATE.get("recorder")
+    if rec is not None:
+        rec.close()
+
+
+def _fake_stack(tmp_path, env):
+    """Install the plugin against fake moe_runner / gpu_worker modules; build 2 MoE layers."""
+    cfg = config_from_env(env)
+    hooks.install(cfg)
+    runner_mod = ModuleType("fake_moe_runner")
+    registered = []
+    runner_mod.register_layer_for_moe_forward_op = lambda vllm_config, layer: registered.append(layer.layer_name)
+    hooks._patch_moe_runner(runner_mod)
+    layers = []
+    for i in range(2):
+        layer = SimpleNamespace(layer_name=f"model.layers.{i}.mlp.experts", router=FusedTopKRouter())
+        runner_mod.register_layer_for_moe_forward_op(SimpleNamespace(model_config=SimpleNamespace(model="fake")), layer)
+        layers.append(layer)
+    assert registered == [l.layer_name for l in layers]
+
+    class Worker:
+        device = torch.device("cpu")
+
+        def load_model(self, *, load_dummy_weights=False):
+            return "loaded"
+
+        def execute_model(self, scheduler_output):
+            M = scheduler_output.total_num_scheduled_tokens
+            logits = torch.randn(M, 8, generator=torch.Generator().manual_seed(M))
+            return [l.router._compute_routing(None, logits, None) for l in layers]
+
+    worker_mod = ModuleType("fake_gpu_worker")
+    worker_mod.Worker = Worker
+    hooks._patch_worker(worker_mod)
+    return cfg, layers, Worker()
+
+
+def test_routing_mode_uses_fused_topk_and_logs(tmp_path, fresh_hooks):
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path)})
+    assert worker.load_model() == "loaded"  # allocates the gate-log buffer
+    sched = _sched(new=[("a", 5, 0)], num_sched={"a": 5})
+    sched.total_num_scheduled_tokens = 5
+    outs = worker.execute_model(sched)
+    assert all(l.router.calls == [] for l in layers)  # vLLM's routing was not called
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(5))
+    ref = fused_topk(logits, 2, backend="torch")
+    for w, ids in outs:
+        assert torch.equal(ids, ref.topk_ids) and torch.equal(w, ref.topk_weights)
+    fresh_hooks["recorder"].close()
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == [] and len(records) == 2
+    for r in records:
+        assert r.expert_counts == ref.expert_counts.tolist() and r.num_tokens == 5 and r.phase == "prefill"
+        assert r.model == "fake"
+
+
+def test_off_mode_with_gate_log_and_skew_keeps_vllm_routing(tmp_path, fresh_hooks):
+    env = {"MOEKERN_GATE_LOG_DIR": str(tmp_path), "MOEKERN_ROUTING_SKEW": "hot:3:0.9"}
+    cfg, layers, worker = _fake_stack(tmp_path, env)
+    worker.load_model()
+    sched = _sched(cached=[("a", 9)], num_sched={"a": 1})
+    sched.total_num_scheduled_tokens = 4
+    outs = worker.execute_model(sched)
+    bias = skew_bias(cfg.skew, 8)
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    for layer, (w, ids) in zip(layers, outs):
+        assert len(layer.router.calls) == 1  # vLLM's routing ran ...
+        torch.testing.assert_close(layer.router.calls[0], logits + bias)  # ... on the skewed logits
+    fresh_hooks["recorder"].close()
+    records, _ = read_gate_log(tmp_path)
+    want = torch.bincount(outs[0][1].flatten().long(), minlength=8).tolist()
+    assert [r.expert_counts for r in records if r.layer == 0] == [want]
+    assert all(r.phase == "unknown" or r.phase == "decode" for r in records)
+
+
+def test_plugin_off_installs_nothing(fresh_hooks, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("MOEKERN_")]:
+        monkeypatch.delenv(k)
+    assert register() is None
+    assert fresh_hooks["installed"] is False
+
+
+# ---- GPU: end to end with vLLM (run by the lead on the GPU machine) ---------------------------------------
+def _have_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _have_vllm(), reason="vllm is not installed")
+def test_e2e_routing_equals_vllm_greedy(tmp_path):
+    """MOEKERN_KERNELS=routing gives vLLM's greedy tokens on the dummy-weight Mixtral (and logs gates)."""
+    out = tmp_path / "eq"
+    cmd = [sys.executable, str(REPO / "benchmarks/e2e/check_equal.py"), "--model", "mixtral", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((out / "check_equal.json").read_text())
+    assert result["equal"], result
+    records, skipped = read_gate_log(out / "gate_logs")
+    assert records and not skipped
+    assert all(sum(r.expert_counts) == r.num_tokens * r.top_k for r in records)
