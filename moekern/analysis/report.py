@@ -221,6 +221,12 @@ def build_report(results_dir, n_boot: int = 500, ep_size: int | None = None) -> 
                                       ("text", "vLLM flags: " + " ".join(adv.vllm_args) + ". " + adv.note)]))
             except ValueError as exc:
                 rep.notes.append(f"placement skipped: {exc}")
+    try:  # study sections (LaTeX tables, ANOVA, co-activation, predictor, projection) when present
+        from moekern.study.report import add_study_sections
+    except ImportError:
+        add_study_sections = None
+    if add_study_sections is not None:
+        add_study_sections(rep, root, df, runs, meta)
     rep.findings = _findings(df, n_boot)
     return rep
 
@@ -242,6 +248,8 @@ def render_html(rep: Report) -> str:
             if kind == "img":
                 out.append(f"<img alt='{e(heading)}' src='data:image/png;base64,"
                            f"{base64.b64encode(payload).decode()}'/>")
+            elif kind == "pre":
+                out.append(f"<pre>{e(payload)}</pre>")
             else:
                 out.append(f"<p>{e(payload)}</p>")
     out.append("<h2>Findings (95% bootstrap CI)</h2><table><tr><th>finding</th><th>estimate</th><th>95% CI</th>"
@@ -269,6 +277,8 @@ def render_markdown(rep: Report, image_dir: Path, rel: str) -> str:
                 (image_dir / name).write_bytes(payload)
                 out.append(f"![{heading}]({rel}/{name})\n")
                 k += 1
+            elif kind == "pre":
+                out.append("```latex\n" + payload + "\n```\n")
             else:
                 out.append(payload + "\n")
     out += ["## Findings (95% bootstrap CI)", "", "| finding | estimate | 95% CI | n | note |", "|---|---|---|---|---|"]

@@ -129,10 +129,7 @@ def run_command(args) -> int:
 
 def _with_vllm_block_sizes(shapes, make_shape, resolve_model, vllm_block_size):
     """After each align shape, the same shape at the block size vLLM would pick, if that one is new."""
-    out, seen = [], set()
-    for s in shapes:
-        out.append(s)
-        seen.add(s)
+    seen = set(shapes)
     result = []
     for s in shapes:
         result.append(s)

@@ -90,7 +90,7 @@ def _cell(r) -> str:
     if r.get("speedup_vs_vllm") and r["provider"] != "vllm":
         extra.append(f"{r['speedup_vs_vllm']:.2f}x")
     if r.get("roofline_fraction"):
-        extra.append(f"{100 * r['roofline_fraction']:.2g}%")
+        extra.append(f"{100 * r['roofline_fraction']:.3g}%")
     return s + (f" [{', '.join(extra)}]" if extra else "")
 
 

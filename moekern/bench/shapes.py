@@ -185,8 +185,10 @@ def make_inputs(shape: Shape, max_tokens: int, device, seed: int = 0) -> Inputs:
     inp = Inputs(max_tokens, logits, bias, w, ids)
     if shape.op == "moe":
         H, inter = shape.hidden_size, shape.intermediate_size
-        inp.hidden = torch.randn(max_tokens, H, generator=gen, device=device, dtype=torch.bfloat16)
+        # The CPU demo runs Triton's interpreter, whose bf16 dot products are not faithful: fp32 there.
+        act = torch.bfloat16 if device.type == "cuda" else torch.float32
+        inp.hidden = torch.randn(max_tokens, H, generator=gen, device=device, dtype=act)
         # Scaled so every layer's output stays O(1): relative errors then mean what they say.
-        inp.w13 = torch.randn(E, 2 * inter, H, generator=gen, device=device, dtype=torch.bfloat16).mul_(H ** -0.5)
-        inp.w2 = torch.randn(E, H, inter, generator=gen, device=device, dtype=torch.bfloat16).mul_(inter ** -0.5)
+        inp.w13 = torch.randn(E, 2 * inter, H, generator=gen, device=device, dtype=act).mul_(H ** -0.5)
+        inp.w2 = torch.randn(E, H, inter, generator=gen, device=device, dtype=act).mul_(inter ** -0.5)
     return inp

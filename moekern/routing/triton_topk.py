@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-_INT32_MIN = -2147483648
-_NEG_INF_KEY = -2139095041  # order key of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
+_INT32_MIN = tl.constexpr(-2147483648)
+_NEG_INF_KEY = tl.constexpr(-2139095041)  # order key of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
 
 
 @triton.jit

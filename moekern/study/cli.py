@@ -1,0 +1,271 @@
+"""`moekern profile | coactivation | factorial | recommend | project`. Heavy imports happen inside the
+command functions, so building the parser stays cheap."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="per-kernel time shares (torch.profiler, traces, ncu, nsys, rocprofv3)")
+    ps = p.add_subparsers(dest="profile_tool", metavar="TOOL")
+    for name, helptext in (("torch", "torch.profiler around a workload: trace.json + per-kernel table"),
+                           ("run", "run the workload only (the target that ncu/nsys/rocprofv3 wrap)"),
+                           ("ncu", "Nsight Compute metrics of moekern's kernels (CSV parsed)"),
+                           ("nsys", "Nsight Systems timeline (where nsys works)"),
+                           ("rocprof", "rocprofv3 kernel trace (AMD GPUs)")):
+        q = ps.add_parser(name, help=helptext)
+        q.add_argument("--kind", default="fused_moe", choices=("fused_moe", "routing"))
+        q.add_argument("--model", default="mixtral")
+        q.add_argument("--tokens", type=int, default=256)
+        q.add_argument("--backend", default="auto")
+        q.add_argument("--device", default=None)
+        q.add_argument("--scale-hidden", type=int, default=1, help="divide H and I (tiny CPU runs)")
+        q.add_argument("--iters", type=int, default=5)
+        q.add_argument("--warmup", type=int, default=2)
+        q.add_argument("--out", default="profile_out")
+        q.add_argument("--json", action="store_true")
+        q.set_defaults(func=_profile)
+    q = ps.add_parser("trace", help="per-kernel table of an existing Chrome-trace JSON (e.g. vLLM's profiler)")
+    q.add_argument("trace")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_profile_trace)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("coactivation", help="expert co-activation, hot/cold experts, placements scored by fan-out")
+    p.add_argument("path", help="gate-log file/dir whose records carry topk_sample")
+    p.add_argument("--ep-size", type=int, required=True)
+    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("--no-filter", action="store_true")
+    p.add_argument("--out", default=None, help="write the JSON (maps included) here")
+    p.add_argument("--plot", default=None, help="write a co-activation heatmap PNG (first sampled layer)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_coactivation)
+
+    p = sub.add_parser("factorial", help="factorial design over serving factors + type-II ANOVA")
+    p.add_argument("spec", help="factorial YAML spec")
+    p.add_argument("--dry-run", action="store_true", help="plan only; run nothing")
+    p.add_argument("--analyze", default=None, help="ANOVA of the results under this dir (default: spec out_dir)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_factorial)
+
+    p = sub.add_parser("recommend", help="layout + placement advice: analytic scores and the learned predictor")
+    p.add_argument("--model", required=True)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gate-log", default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--moe-backend", default="moekern")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--predictor", default=None, help="a .joblib predictor (default: the shipped one)")
+    p.add_argument("--retrain", default=None, metavar="RESULTS_DIR",
+                   help="train a predictor on RESULTS_DIR, write it to --predictor (or the shipped path), exit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_recommend)
+
+    p = sub.add_parser("project", help="PROJECTED EP dispatch/combine and step time on 1-4 nodes of 8 GPUs")
+    p.add_argument("gate_log")
+    p.add_argument("--model", required=True)
+    p.add_argument("--nodes", default="1,2,3,4")
+    p.add_argument("--tokens-per-gpu", type=int, default=256)
+    p.add_argument("--intra-bw-gbs", type=float, default=None, help="default: measured file, else 350 (assumed)")
+    p.add_argument("--inter-bw-gbs", type=float, default=50.0, help="per GPU; 50 = one 400 Gb/s NIC")
+    p.add_argument("--gemm-tflops", type=float, default=400.0)
+    p.add_argument("--dispatch-bytes", type=float, default=2.0, help="2 = bf16, 1 = fp8 dispatch")
+    p.add_argument("--plot", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_project)
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else (str(obj) if math.isinf(obj) else obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _profile(args) -> int:
+    from moekern.study import profile as P
+
+    wl = ["--kind", args.kind, "--model", args.model, "--tokens", str(args.tokens), "--backend", args.backend,
+          "--scale-hidden", str(args.scale_hidden), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    if args.profile_tool in ("torch", "run"):
+        fn, desc = P.make_workload(args.kind, args.model, args.tokens, args.backend, args.device,
+                                   scale_hidden=args.scale_hidden)
+        if args.profile_tool == "run":
+            for _ in range(args.warmup + args.iters):
+                fn()
+            print(json.dumps(desc))
+            return 0
+        table = P.profile_callable(fn, args.out, args.warmup, args.iters, desc["device"])
+        print(json.dumps({**desc, **table.to_dict()}, indent=1) if args.json else table.format())
+        if not args.json:
+            print(f"trace (open in ui.perfetto.dev): {table.trace_path}")
+        return 0
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = P.workload_argv(wl)
+    if args.profile_tool == "ncu":
+        rc, text = P.run_tool(P.ncu_command(target, None), out / "ncu.log")
+        if rc == 127:
+            print(text)
+            return 0
+        try:
+            rows = P.parse_ncu_csv(text)
+        except ValueError as exc:
+            print(f"ncu exit code {rc}; {exc}; see {out / 'ncu.log'}", file=sys.stderr)
+            return 1
+        (out / "ncu_metrics.json").write_text(json.dumps(_clean(rows), indent=1), encoding="utf-8")
+        for r in rows:
+            print(f"{r['kernel'][:60]:60s} " + " ".join(f"{r.get(m, float('nan')):7.1f}" for m in P.METRICS))
+        print(f"columns: {', '.join(P.METRICS)}; wrote {out / 'ncu_metrics.json'}")
+        return 0 if rc == 0 else 1
+    if args.profile_tool == "nsys":
+        rc, text = P.run_tool(P.nsys_command(target, out / "moekern"), out / "nsys.log")
+        reports = sorted(out.glob("moekern*.nsys-rep"))
+        if rc == 127:
+            print(text)
+        elif not reports:
+            print(f"nsys ran (exit {rc}) but wrote no report: this machine's nsys does not produce reports "
+                  f"(see {out / 'nsys.log'}); use `moekern profile torch` instead")
+        else:
+            print(f"nsys report: {reports[0]}")
+        return 0
+    rc, text = P.run_tool(P.rocprof_command(target, out / "rocprof"), out / "rocprof.log")
+    print(text if rc == 127 else f"rocprofv3 exit {rc}; output in {out / 'rocprof'}")
+    return 0
+
+
+def _profile_trace(args) -> int:
+    from moekern.study.profile import read_trace
+
+    t = read_trace(args.trace)
+    print(json.dumps(t.to_dict(), indent=1) if args.json else t.format())
+    return 0
+
+
+def _coactivation(args) -> int:
+    from moekern.study.coactivation import hot_cold, placement_study
+
+    res = placement_study(args.path, args.ep_size, max_tokens=None if args.no_filter else args.max_tokens)
+    data = res["coact"]
+    sampled = [l for l in data.layers if data.samples.get(l)]
+    out = {"ep_size": args.ep_size, "train_steps": res["train_steps"], "test_steps": res["test_steps"],
+           "sampled_tokens_test": res["sampled_tokens_test"], "layers_with_samples": sampled,
+           "hot_cold_rule": "hot: load > mean + 1 std; cold: load < mean - 1 std (population std)",
+           "layers": {str(l): {"hot": hot_cold(data.load[l])[0].tolist(), "cold": hot_cold(data.load[l])[1].tolist()}
+                      for l in data.layers},
+           "placements": [{"strategy": r.strategy, "num_redundant": r.num_redundant,
+                           "test_step_max_mean": r.step_max_mean, "fan_out": r.fan_out} for r in res["rows"]]}
+    if args.out:
+        full = dict(out, physical_to_logical={r.strategy: r.physical_to_logical.tolist() for r in res["rows"]},
+                    coactivation={str(l): data.coact[l].tolist() for l in data.layers})
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(_clean(full), fh)
+    if args.plot and sampled:
+        from pathlib import Path
+
+        from moekern.study.report import coactivation_heatmap
+
+        Path(args.plot).write_bytes(coactivation_heatmap(data.coact[sampled[0]], f"layer {sampled[0]}"))
+    if args.json:
+        print(json.dumps(_clean(out), indent=1))
+        return 0
+    if not sampled:
+        print("note: no record carries topk_sample; fan-out cannot be scored (NaN)")
+    print(f"EP={args.ep_size}: {res['train_steps']} train / {res['test_steps']} test steps, "
+          f"{res['sampled_tokens_test']} sampled test tokens")
+    print(f"{'strategy':14s} {'max/mean':>8s} {'fan-out':>8s}")
+    for r in res["rows"]:
+        name = r.strategy + (f"+{r.num_redundant}" if r.num_redundant else "")
+        print(f"{name:14s} {r.step_max_mean:8.3f} {r.fan_out:8.3f}")
+    for l, v in out["layers"].items():
+        print(f"layer {l}: hot {v['hot']} cold {v['cold']}")
+    return 0
+
+
+def _factorial(args) -> int:
+    from moekern.study.factorial import (FACTORS, anova_all, anova_latex, anova_plot, collect_results,
+                                         load_factorial_spec, run_factorial)
+
+    spec = load_factorial_spec(args.spec)
+    summary = run_factorial(spec, dry_run=args.dry_run)
+    if args.dry_run and not args.analyze:
+        print(json.dumps(summary))
+        return 0
+    df = collect_results(args.analyze or spec.out_dir / "runs")
+    if df.empty:
+        print(f"no results yet under {args.analyze or spec.out_dir / 'runs'}; nothing to analyze")
+        return 0
+    res = anova_all(df, [f for f in spec.factors if f in FACTORS or f in df], spec.responses, spec.interactions)
+    if not res:
+        print("ANOVA not possible: too few results or no factor varies")
+        return 0
+    anova_plot(res, spec.out_dir / "anova.png")
+    (spec.out_dir / "anova.tex").write_text(anova_latex(res), encoding="utf-8")
+    if args.json:
+        print(json.dumps(_clean({k: v.to_dict() for k, v in res.items()}), indent=1))
+    else:
+        for k, v in res.items():
+            print(v.formula)
+            print(v.table.to_string(float_format=lambda x: f"{x:.4g}"))
+        print(f"wrote {spec.out_dir / 'anova.png'} and {spec.out_dir / 'anova.tex'}")
+    return 0
+
+
+def _recommend(args) -> int:
+    from moekern.study import learned
+    from moekern.study.recommend import format_recommendation, recommend
+
+    if args.retrain:
+        from importlib import resources
+
+        pred = learned.train(args.retrain)
+        path = args.predictor or str(resources.files("moekern").joinpath(learned.SHIPPED))
+        learned.save(pred, path)
+        for a in pred.accuracy():
+            print(json.dumps(_clean(a)))
+        print(f"wrote {path}" + (" (trained on SYNTHETIC data)" if pred.synthetic else ""))
+        return 0
+    rec = recommend(args.model, args.gpus, args.gate_log, args.max_num_seqs, args.max_num_batched_tokens,
+                    args.moe_backend, args.gpu_mem_gb, predictor_path=args.predictor)
+    print(json.dumps(_clean(rec), indent=1, default=str) if args.json else format_recommendation(rec))
+    return 0
+
+
+def _project(args) -> int:
+    from moekern.study.project import measured_ep_rows, project_from_gate_log, projection_plot
+
+    kw = {"inter_bw": args.inter_bw_gbs * 1e9, "gemm_tflops": args.gemm_tflops, "dispatch_bytes": args.dispatch_bytes}
+    if args.intra_bw_gbs:
+        kw["intra_bw"] = args.intra_bw_gbs * 1e9
+    nodes = tuple(int(x) for x in args.nodes.split(","))
+    rows, info = project_from_gate_log(args.gate_log, args.model, nodes, args.tokens_per_gpu, **kw)
+    measured = measured_ep_rows()
+    if args.plot:
+        projection_plot(rows, f"{info['model']}, {info['routing']}", args.plot)
+    if args.json:
+        print(json.dumps(_clean({"info": info, "rows": [r.__dict__ for r in rows], "measured": measured}), indent=1))
+        return 0
+    print(f"{info['status']}: {info['model']}, routing {info['routing']}, intra {info['intra_bw'] / 1e9:.0f} GB/s "
+          f"({info['intra_bw_source']}), inter {info['inter_bw'] / 1e9:.0f} GB/s/GPU")
+    print(f"{'GPUs':>4s} {'placement':13s} {'disp us':>8s} {'gemm us':>8s} {'comb us':>8s} {'step ms':>8s} "
+          f"{'fan-out':>7s} {'inter%':>6s} {'hot rank':>8s}")
+    for r in rows:
+        print(f"{r.gpus:4d} {r.placement:13s} {r.dispatch_us:8.1f} {r.gemm_us:8.1f} {r.combine_us:8.1f} "
+              f"{r.step_ms:8.2f} {r.fan_out:7.2f} {100 * r.inter_node_fraction:6.1f} {r.max_rank_share:8.2f}")
+    if measured:
+        print(f"measured (bench_ep.py, {measured[0].get('device')}; single-GPU emulation = kernel-side cost, not "
+              f"NVLink): " + "; ".join(f"{m.get('phase')} H={m.get('hidden')} E={m.get('num_experts')} "
+                                        f"{m.get('skew')}: dispatch {m.get('peer_dispatch_us', float('nan')):.0f} us, "
+                                        f"combine {m.get('peer_combine_us', float('nan')):.0f} us" for m in measured[:6]))
+    else:
+        print("no measured EP results (benchmarks/results/ep/*.json): every number above is projected")
+    return 0
