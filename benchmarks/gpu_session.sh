@@ -23,7 +23,10 @@ case "$stage" in
   build-test)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     time build
-    python3 -m pytest -q -m gpu -x --timeout 600 tests 2>&1 | tail -40
+    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 120 tests \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/memcheck_smoke.py \
+      2>&1 | tee "$OUT/memcheck.log" | tail -15
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

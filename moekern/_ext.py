@@ -6,7 +6,7 @@ whether one is available and, if not, why, so that errors can say so.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -14,22 +14,35 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
-@functools.cache
-def extension_error() -> str | None:
-    """None when moekern._C imports, else the reason it does not."""
+def _probe_extension() -> tuple[str | None, bool]:
     try:
         from moekern import _C  # noqa: F401  (registers torch.ops.moekern.*)
     except ImportError as exc:
-        return f"moekern._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .` on a GPU machine"
+        return (f"moekern._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .` "
+                "on a GPU machine"), False
+    return None, bool(torch.ops.moekern.has_device_kernels())
+
+
+def _probe_triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed; `pip install triton`"
     return None
 
 
-@functools.cache
+# Probed once, at import, as plain module constants: torch.compile then reads them as constants
+# instead of tracing an op call or a functools.cache wrapper inside a compiled region.
+_EXTENSION_ERROR, _DEVICE_KERNELS = _probe_extension()
+_TRITON_ERROR = _probe_triton()
+
+
+def extension_error() -> str | None:
+    """None when moekern._C imports, else the reason it does not."""
+    return _EXTENSION_ERROR
+
+
 def cuda_kernels_available() -> bool:
     """True when moekern._C was built with device (CUDA or HIP) kernels."""
-    if extension_error() is not None:
-        return False
-    return bool(torch.ops.moekern.has_device_kernels())
+    return _DEVICE_KERNELS
 
 
 def interpreting() -> bool:
@@ -37,13 +50,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
 def triton_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc}); `pip install triton`"
-    return None
+    """None when triton is installed, else the reason it is not usable."""
+    return _TRITON_ERROR
 
 
 def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:

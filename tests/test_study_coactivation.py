@@ -39,7 +39,7 @@ def test_coactivation_matrix_bad_ids():
 
 
 def test_hot_cold():
-    hot, cold = C.hot_cold([10, 10, 10, 10, 50, 0, 10, 10])
+    hot, cold = C.hot_cold([10, 10, 10, 10, 20, 0, 10, 10])  # mean 10, std 5
     assert hot.tolist() == [4] and cold.tolist() == [5]
     assert [x.size for x in C.hot_cold([3, 3, 3])] == [0, 0]
 
@@ -110,7 +110,7 @@ def test_placement_study_on_synthetic_log(tmp_path):
     # and does not give up load balance wholesale (the cap is 1.1 x mean on train loads)
     assert rows["coactivation"].step_max_mean < 1.6
     data = C.load_coactivation(p)
-    assert data.layers == [0, 1] and data.coact[0].trace() == 0 or True
+    assert data.layers == [0, 1]
     assert np.all(np.diag(data.coact[0]) == np.bincount(data.sample_tokens(0).reshape(-1), minlength=16))
 
 

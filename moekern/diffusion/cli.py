@@ -128,11 +128,22 @@ def _bench(args) -> int:
     except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run_bench(model, cases, backends=backends, kernels=args.kernels, prompt_length=args.prompt_length,
-                       ar=not args.no_ar, seed=args.seed, temperature=args.temperature)
-    result["skipped"] = [f"case {s}" for s in skipped] + result["skipped"]
-    result["weights"] = args.checkpoint or "random"
     tag = args.tag or f"diffusion_{model.config.name}_{model.device.type}"
-    for p in write_results(result, args.out, tag):
+    result = None
+    # One backend at a time, results rewritten after each: a run cut short (a time limit) keeps what it did.
+    for backend in backends:
+        part = run_bench(model, cases, backends=(backend,), kernels=args.kernels, prompt_length=args.prompt_length,
+                         ar=not args.no_ar, seed=args.seed, temperature=args.temperature)
+        if result is None:
+            result = part
+            result["skipped"] = [f"case {s}" for s in skipped] + part["skipped"]
+            result["weights"] = args.checkpoint or "random"
+        else:
+            for key in ("diffusion", "ar", "skipped"):
+                result[key] += part[key]
+        paths = write_results(result, args.out, tag)
+        if not model.config.is_moe:
+            break  # a dense model has one FFN, whatever the MoE backend
+    for p in paths:
         print(p)
     return 0

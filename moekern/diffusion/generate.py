@@ -7,7 +7,8 @@ its steps: step i unmasks m//s + (1 if i < m % s else 0) positions (s = steps pe
 forward over the WHOLE sequence (bidirectional attention, no KV cache: committed tokens attend to the
 still-masked future, as in the reference) predicts every position; for the masked positions of the current
 block the prediction is argmax(logits + temperature * Gumbel noise) (argmax(logits) at temperature 0) and
-its confidence is softmax(logits)[prediction]; the k most confident are committed, the rest stay masked
+its confidence is softmax(logits)[prediction] (the mask id's logit is set to -inf first: it is never
+predicted); the k most confident are committed, the rest stay masked
 ("remasked"). Committed tokens never change again; positions of later blocks are never committed early.
 
 Argument rules (each raises ValueError naming the argument):
@@ -134,11 +135,17 @@ def prepare_prompts(prompts, model: DiffusionModel, pad_id: int | None = None) -
     return ids, valid
 
 
-def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator | None,
+            mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [..., V] fp32 -> (ids [...] int64, confidence softmax(logits)[ids] fp32).
+
+    The mask token is never predicted: its logit is set to -inf first (a trained LLaDA gives it ~0
+    probability anyway; random weights do not, and a committed mask id would stay "masked").
 
     Gumbel-max: argmax(logits + T * g), g = -log(-log u), equals LLaDA's argmax(exp(logits) / (-log u)^T)
     (take logs); fp64 keeps the noise of large vocabularies from rounding away."""
+    logits = logits.clone()
+    logits[..., mask_id] = -float("inf")
     if temperature > 0:
         u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float64)
         g = -torch.log(-torch.log(u.clamp_min(1e-300)))
@@ -214,7 +221,7 @@ def generate(
                              kernels=kernels, stats=stats)  # [N, B, V]
             block = x[:, lo:hi]
             masked = block == cfg.mask_id
-            pred, conf = _sample(logits, temperature, gen)
+            pred, conf = _sample(logits, temperature, gen, cfg.mask_id)
             conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
             chosen = torch.zeros_like(masked)
             if k:
@@ -260,7 +267,7 @@ def ar_generate(
         T = x.shape[1]
         logits = forward(model, x, valid=valid if padded else None, causal=True, logits_slice=slice(T - 1, T),
                          moe_backend=moe_backend, kernels=kernels, stats=stats)
-        nxt, _ = _sample(logits[:, 0], temperature, gen)
+        nxt, _ = _sample(logits[:, 0], temperature, gen, cfg.mask_id)
         x = torch.cat([x, nxt[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones(N, 1, dtype=torch.bool, device=dev)], dim=1)
         rec = StepRecord(step=t, block=t, committed=1, num_tokens=N * T)
