@@ -27,6 +27,7 @@ _LAZY = {
     "PermuteLayout": "moekern.dispatch",
     "fused_moe": "moekern.experts",
     "ep": "moekern.ep",
+    "diffusion": "moekern.diffusion",
     "models": "moekern.models",
     "gatelog": "moekern.gatelog",
 }

@@ -130,26 +130,26 @@ def test_models_cli():
 ODD_E = ["qwen1.5-moe-a2.7b", "dbrx"]
 
 
-def _logits(spec, m, seed=0):
+def _logits(spec, m, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, spec.num_experts, generator=g)
     x[0, :] = 0.0  # an all-tie row: ids must be the lowest indices
-    return x
+    return x.to(device)
 
 
 @pytest.mark.parametrize("name", ODD_E)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_topk_odd_expert_counts(name, backend):
+def test_fused_topk_odd_expert_counts(name, backend, device):
     import moekern
     from moekern.routing.reference import fused_topk_reference
 
     spec = get_model(name)
-    logits = _logits(spec, 7)
+    logits = _logits(spec, 7, device=device)
     kw = spec.routing_kwargs()
     out = moekern.fused_topk(logits, spec.top_k, backend=backend, **kw)
     ref_w, ref_ids, ref_counts = fused_topk_reference(logits, spec.top_k, **kw)
     assert torch.equal(out.topk_ids.long(), ref_ids.long())
-    assert torch.equal(out.topk_ids[0].long().sort().values, torch.arange(spec.top_k))
+    assert torch.equal(out.topk_ids[0].long().sort().values.cpu(), torch.arange(spec.top_k))
     torch.testing.assert_close(out.topk_weights, ref_w, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.expert_counts.long(), torch.bincount(ref_ids.reshape(-1).long(),
                                                                 minlength=spec.num_experts))
@@ -159,12 +159,12 @@ def test_fused_topk_odd_expert_counts(name, backend):
 
 @pytest.mark.parametrize("name", ODD_E)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_align_odd_expert_counts(name, backend):
+def test_align_odd_expert_counts(name, backend, device):
     import moekern
     from moekern.dispatch.reference import align_reference
 
     spec = get_model(name)
-    ids = moekern.fused_topk(_logits(spec, 9, seed=1), spec.top_k, backend="torch").topk_ids
+    ids = moekern.fused_topk(_logits(spec, 9, seed=1, device=device), spec.top_k, backend="torch").topk_ids
     for block in (4, 16):
         out = moekern.align(ids, spec.num_experts, block, backend=backend)
         ref = align_reference(ids, spec.num_experts, block)
@@ -174,7 +174,7 @@ def test_align_odd_expert_counts(name, backend):
 
 @pytest.mark.parametrize("name", ODD_E)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_moe_odd_expert_counts(name, backend):
+def test_fused_moe_odd_expert_counts(name, backend, device):
     import moekern
     from moekern.dispatch.reference import fused_moe_reference
     from moekern.routing.reference import fused_topk_reference
@@ -182,10 +182,10 @@ def test_fused_moe_odd_expert_counts(name, backend):
     spec = get_model(name)
     g = torch.Generator().manual_seed(2)
     m, h, inter, e = 5, 32, 16, spec.num_experts
-    x = torch.randn(m, h, generator=g)
-    w13 = torch.randn(e, 2 * inter, h, generator=g) * 0.1
-    w2 = torch.randn(e, h, inter, generator=g) * 0.1
-    logits = _logits(spec, m, seed=3)
+    x = torch.randn(m, h, generator=g).to(device)
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) * 0.1).to(device)
+    w2 = (torch.randn(e, h, inter, generator=g) * 0.1).to(device)
+    logits = _logits(spec, m, seed=3, device=device)
     kw = spec.routing_kwargs()
     out = moekern.fused_moe(x, w13, w2, logits, spec.top_k, backend=backend, **kw)
     ref_w, ref_ids, _ = fused_topk_reference(logits, spec.top_k, **kw)
