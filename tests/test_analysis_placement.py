@@ -84,6 +84,27 @@ def test_memory_per_gpu_mixtral():
         weight_bytes_per_gpu(get_model("llada-8b"), 1)
 
 
+@pytest.mark.parametrize("name, ep, red, attn_tp", [("mixtral", 2, 2, 1), ("deepseek-v3", 8, 8, 1),
+                                                    ("qwen3-30b-a3b", 8, 0, 2), ("olmoe", 4, 4, 4)])
+def test_memory_is_the_models_estimator(name, ep, red, attn_tp):
+    """placement.weight_bytes_per_gpu is moekern.models.weight_bytes_per_gpu(tp=attn_tp, ep=ep_size), one
+    estimator. Against the EP-only formula placement had before, that changes (on purpose): MLA attention is
+    counted with its real projections (DeepSeek), tied embeddings once, KV heads replicated when attn_tp >
+    num_kv_heads, and the router is not split by attn_tp; standard-attention models at attn_tp=1 (Mixtral
+    above) come out byte-identical."""
+    from moekern.models import weight_bytes_per_gpu as models_bytes
+
+    m = get_model(name)
+    mem = weight_bytes_per_gpu(m, ep_size=ep, num_redundant=red, attn_tp=attn_tp)
+    ref = models_bytes(m, tp=attn_tp, ep=ep, num_redundant=red)
+    assert {k: mem[k] for k in ref} == ref
+    no_red = models_bytes(m, tp=attn_tp, ep=ep)
+    assert mem["extra_bytes_for_redundancy"] == ref["expert_bytes"] - no_red["expert_bytes"]
+    assert mem["experts_per_gpu"] == -(-(m.num_experts + red) // ep)
+    with pytest.raises(ValueError, match="multiple of tp"):
+        weight_bytes_per_gpu(m, ep_size=3, attn_tp=2)
+
+
 def test_placement_cli(tmp_path, capsys):
     from moekern.analysis.synthetic import write_synthetic_gate_log
     from moekern.cli import main

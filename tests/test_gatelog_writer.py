@@ -148,3 +148,67 @@ def test_bad_use_raises(tmp_path):
     rec.close()
     with pytest.raises(ValueError, match="queue_slots=0"):
         GateLogRecorder(tmp_path, queue_slots=0)
+
+
+def test_topk_sample_rate_limited_and_exact(tmp_path):
+    """MOEKERN_GATE_LOG_TOPK_SAMPLE: the first min(N, M) rows' ids per layer, every `topk_every` steps,
+    padding rows (beyond scheduled_tokens) left out; the counts are unchanged by sampling."""
+    rec = _recorder(tmp_path, topk_sample=3, topk_every=2)
+    assert rec.sample.shape == (2, 3, 2) and rec._host_sample.shape == (rec.queue_slots, 2, 3, 2)
+    g = torch.Generator().manual_seed(1)
+    sent = []
+    for step, (M, sched) in enumerate([(5, 5), (4, 4), (2, 2), (6, 6), (4, 3)]):
+        rec.begin_step()
+        ids0 = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(M)]).to(torch.int32)
+        ids1 = torch.randint(0, 3, (M, 1), generator=g, dtype=torch.int64)  # vLLM's ids may be int64
+        rec.add_counts(0, torch.bincount(ids0.flatten().long(), minlength=4).to(torch.int32))
+        rec.add_topk_sample(0, ids0)
+        rec.add_ids(1, ids1)
+        rec.add_topk_sample(1, ids1)
+        rec.end_step("decode", scheduled_tokens=sched)
+        sent.append((ids0, ids1, sched))
+    rec.close()
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == [] and len(records) == 10
+    by_key = {(r.step, r.layer): r for r in records}
+    for step, (ids0, ids1, sched) in enumerate(sent):
+        r0, r1 = by_key[(step, 0)], by_key[(step, 1)]
+        assert r0.expert_counts == torch.bincount(ids0.flatten().long(), minlength=4).tolist()
+        if step % 2:
+            assert r0.topk_sample is None and r1.topk_sample is None
+            continue
+        n = min(3, ids0.shape[0], sched)
+        assert r0.topk_sample == ids0[:n].tolist() and r1.topk_sample == ids1[:n].tolist()
+    assert len(by_key[(2, 0)].topk_sample) == 2  # M=2 < N: the unwritten row (-1) is not reported
+    assert len(by_key[(4, 0)].topk_sample) == 3  # M=4 rows, 3 scheduled: the padding row is dropped
+    meta = json.loads(rec.meta_path.read_text())
+    assert meta["topk_sample"] == 3 and meta["topk_every"] == 2
+
+
+def test_topk_sample_off_by_default_and_feeds_the_study(tmp_path):
+    rec = _recorder(tmp_path / "off")
+    assert rec.sample is None
+    rec.begin_step()
+    rec.add_topk_sample(0, torch.zeros(4, 2, dtype=torch.int32))  # a no-op when off
+    rec.end_step("decode", 4)
+    rec.close()
+    records, _ = read_gate_log(tmp_path / "off")
+    assert all(r.topk_sample is None for r in records)
+    assert "topk_sample" not in rec.path.read_text()
+
+    from moekern.study.coactivation import load_coactivation
+
+    rec = _recorder(tmp_path / "on", topk_sample=8)
+    ids = torch.tensor([[0, 1], [0, 1], [2, 3]], dtype=torch.int32)
+    rec.begin_step()
+    rec.add_counts(0, torch.bincount(ids.flatten().long(), minlength=4).to(torch.int32))
+    rec.add_topk_sample(0, ids)
+    rec.end_step("decode", 3)
+    rec.close()
+    data = load_coactivation(tmp_path / "on")
+    c = data.coact[0]
+    assert (c[0, 1], c[1, 0], c[2, 3], c[0, 2], c[1, 3]) == (2, 2, 1, 0, 0)  # pairs routed together
+    with pytest.raises(ValueError, match="topk_sample=-1"):
+        GateLogRecorder(tmp_path, topk_sample=-1)
+    with pytest.raises(ValueError, match="topk_every=0"):
+        GateLogRecorder(tmp_path, topk_sample=4, topk_every=0)

@@ -174,15 +174,33 @@ def test_low_precision(dtype, device):
     assert _rel_err(out, ref) < LOWP_REL_TOL
 
 
+# Kernel variants (BlockConfig.fuse_silu / persistent / tma / group_m): each must give the same answer as the
+# reference within the same tolerances as the default kernel.
+VARIANTS = {
+    "fused": dict(),
+    "unfused": dict(fuse_silu=False),
+    "fused-persistent": dict(persistent=2),
+    "unfused-persistent-group": dict(fuse_silu=False, persistent=1, group_m=4),
+    "fused-tma": dict(tma=True),
+    "unfused-tma-persistent": dict(fuse_silu=False, tma=True, persistent=2),
+}
+
+
+def _variant(name, block_m=16, block_n=16, block_k=16, group_m=1):
+    kw = {"group_m": group_m, **VARIANTS[name]}  # a variant's own group_m wins
+    return BlockConfig(block_m, block_n, block_k, kw.pop("group_m"), 4, 1, **kw)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     M=st.integers(0, 6),
     E=st.integers(1, 8),
     k=st.integers(1, 3),
     block_m=st.sampled_from([16, 32]),
+    variant=st.sampled_from(sorted(VARIANTS)),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_ids(M, E, k, block_m, seed):
+def test_property_random_ids(M, E, k, block_m, variant, seed):
     """Any ids (repeats within a row included) and any weights: triton == reference."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     k = min(k, E)
@@ -191,9 +209,100 @@ def test_property_random_ids(M, E, k, block_m, seed):
     w = torch.randn(M, k, generator=g).to(device)
     w13, w2 = _weights(E, device=device, seed=seed)
     x = torch.randn(M, H, generator=g).to(device)
-    cfg = BlockConfig(block_m, 16, 32, 1, 4, 1)
+    cfg = _variant(variant, block_m=block_m, block_k=32)
     out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=cfg)
     torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(
+    "h,inter,M,E,k,block_m",
+    [
+        (40, 24, 9, 4, 2, 16),  # K and N not multiples of the tiles; several N tiles
+        (32, 16, 40, 8, 2, 32),  # skew below: one expert spans several blocks
+    ],
+)
+def test_variants_match_reference(variant, h, inter, M, E, k, block_m, device):
+    w13, w2 = _weights(E, h, inter, device=device)
+    x, logits = _inputs(M, E, h, device=device)
+    w, ids = _route(logits, k)
+    if M == 40:
+        ids[: M // 2, 0] = 3  # half the tokens' first choice on expert 3: a multi-block run
+        ids[:, 1] = torch.where(ids[:, 1] == 3, torch.full_like(ids[:, 1], 5), ids[:, 1])
+    cfg = _variant(variant, block_m=block_m, group_m=2)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=cfg)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+@pytest.mark.parametrize("variant", ["fused", "unfused", "unfused-tma-persistent"])
+def test_variants_low_precision(variant, device):
+    if device == "cpu" and variant.endswith("tma-persistent"):
+        pytest.skip("fp16 descriptor loads in the interpreter add nothing over the fp32 test; runs on a GPU")
+    dtype = torch.float16
+    E, k, M = 8, 2, 8
+    w13, w2 = _weights(E, dtype=dtype, device=device)
+    x, logits = _inputs(M, E, dtype=dtype, device=device)
+    w, ids = _route(logits, k)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton",
+                            block_config=_variant(variant, block_k=32))
+    ref = fused_moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+    assert out.dtype == dtype and _rel_err(out, ref) < LOWP_REL_TOL
+
+
+def test_silu_and_mul_kernel(device):
+    from moekern.experts.triton_gemm import silu_and_mul
+
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(5, 2 * 24, generator=g).to(device) * 4
+    out = silu_and_mul(gate_up, torch.empty(5, 24, device=device))
+    ref = torch.nn.functional.silu(gate_up[:, :24]) * gate_up[:, 24:]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_noncontiguous_routing(device):
+    """_fused_moe_impl copies only what is not already in the kernels' layout: strided ids/weights and fp16
+    weights must still give the reference's answer."""
+    E, k, M = 8, 2, 7
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids = _route(logits, k)
+    ids_strided = torch.stack([ids, ids], dim=2)[:, :, 0]  # stride (2k, 2)
+    w_strided = w.t().contiguous().t()  # column-major [M, k]
+    assert not ids_strided.is_contiguous() and not w_strided.is_contiguous()
+    ref = fused_moe_reference(x, w13, w2, w, ids)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w_strided, topk_ids=ids_strided.long(), backend="triton")
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w.half(), topk_ids=ids, backend="triton")
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w.half().float(), ids), **FP32_TOL)
+
+
+def test_config_lookup_cached():
+    from moekern.experts.configs import _lookup_configs
+
+    dev = torch.device("cpu")
+    first = get_configs(3, 8, 2, 16, 32, torch.float32, dev)
+    hits = _lookup_configs.cache_info().hits
+    assert get_configs(3, 8, 2, 16, 32, torch.float32, dev) is first
+    assert _lookup_configs.cache_info().hits == hits + 1
+    assert first == default_configs(3, 8, 2, 16, 32, torch.float32)
+
+
+def test_variant_config_errors():
+    dev = torch.device("cpu")
+    for bad, match in [(BlockConfig(persistent=-1), "persistent=-1"), (BlockConfig(persistent=True), "persistent=True"),
+                       (BlockConfig(fuse_silu=1), "fuse_silu=1 must be a bool"), (BlockConfig(tma="yes"), "tma='yes'")]:
+        with pytest.raises(ValueError, match=match):
+            get_configs(4, 4, 2, 16, 32, torch.float32, dev, bad)
+
+
+def test_tma_needs_aligned_k(device):
+    E, k, M, h = 4, 2, 3, 34  # 34 * 4 bytes is not a multiple of 16
+    w13, w2 = _weights(E, h, device=device)
+    x, logits = _inputs(M, E, h, device=device)
+    w, ids = _route(logits, k)
+    with pytest.raises(ValueError, match="tma needs K"):
+        moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton",
+                          block_config=BlockConfig(16, 16, 16, 1, 4, 1, tma=True))
 
 
 def test_default_configs():

@@ -48,6 +48,17 @@ def test_env_bad_values_name_the_variable(env, match):
         config_from_env(env)
 
 
+def test_env_topk_sample():
+    cfg = config_from_env({})
+    assert (cfg.topk_sample, cfg.topk_every) == (0, 1)
+    cfg = config_from_env({"MOEKERN_GATE_LOG_TOPK_SAMPLE": "16", "MOEKERN_GATE_LOG_TOPK_EVERY": "4"})
+    assert (cfg.topk_sample, cfg.topk_every) == (16, 4)
+    with pytest.raises(ValueError, match="MOEKERN_GATE_LOG_TOPK_EVERY=0"):
+        config_from_env({"MOEKERN_GATE_LOG_TOPK_EVERY": "0"})
+    with pytest.raises(ValueError, match="MOEKERN_GATE_LOG_TOPK_SAMPLE"):
+        config_from_env({"MOEKERN_GATE_LOG_TOPK_SAMPLE": "many"})
+
+
 def test_gate_log_alone_enables():
     cfg = config_from_env({"MOEKERN_GATE_LOG_DIR": "/tmp/x", "MOEKERN_GATE_LOG_FLUSH_SECONDS": "0.5"})
     assert cfg.enabled and cfg.gate_log and cfg.kernels == "off" and cfg.flush_seconds == 0.5
@@ -328,6 +339,23 @@ def test_routing_mode_uses_fused_topk_and_logs(tmp_path, fresh_hooks):
     for r in records:
         assert r.expert_counts == ref.expert_counts.tolist() and r.num_tokens == 5 and r.phase == "prefill"
         assert r.model == "fake"
+
+
+@pytest.mark.parametrize("kernels", ["routing", "off"])
+def test_topk_sample_through_the_hooks(tmp_path, fresh_hooks, kernels):
+    """Both routing paths (moekern's fused_topk and vLLM's own) feed the top-k sample."""
+    env = {"MOEKERN_KERNELS": kernels, "MOEKERN_GATE_LOG_DIR": str(tmp_path), "MOEKERN_GATE_LOG_TOPK_SAMPLE": "3"}
+    cfg, layers, worker = _fake_stack(tmp_path, env)
+    worker.load_model()
+    sched = _sched(new=[("a", 5, 0)], num_sched={"a": 5})
+    sched.total_num_scheduled_tokens = 5
+    outs = worker.execute_model(sched)
+    fresh_hooks["recorder"].close()
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == [] and len(records) == 2
+    for r, (w, ids) in zip(sorted(records, key=lambda r: r.layer), outs):
+        assert r.topk_sample == ids[:3].tolist() and len(r.topk_sample[0]) == 2
+        assert r.expert_counts == torch.bincount(ids.flatten().long(), minlength=8).tolist()
 
 
 def test_off_mode_with_gate_log_and_skew_keeps_vllm_routing(tmp_path, fresh_hooks):

@@ -1,9 +1,9 @@
 """Write the dummy-weight config.json files under benchmarks/e2e/configs/<name>/ (run once; they are committed).
 
-Shapes come from moekern.models (one registry); layers are reduced so each model fits one 80 GB GPU with
-room for a KV cache. DeepSeek-V2-Lite is not in the registry (its shape is written out here).
-Classic config keys only (rope_theta, not rope_parameters), which every transformers version vLLM 0.26
-accepts reads.
+Configs come from moekern.models.hf_config (one registry, one config writer); layers are reduced so each
+model fits one 80 GB GPU with room for a KV cache. DeepSeek-V2-Lite is not in the registry and hf_config has
+no DeepseekV2 writer, so its shape is written out here. Classic config keys only (rope_theta, not
+rope_parameters), which every transformers version vLLM 0.26 accepts reads.
 
     python benchmarks/e2e/make_configs.py
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moekern.models import get_model
+from moekern.models import get_model, hf_config
 
 HERE = Path(__file__).resolve().parent / "configs"
 
@@ -27,57 +27,25 @@ MODELS = {
 }
 
 
-def _common(spec, layers):
-    return {"architectures": [spec.architecture], "hidden_size": spec.hidden_size, "num_hidden_layers": layers,
-            "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
-            "vocab_size": spec.vocab_size, "hidden_act": "silu", "torch_dtype": "bfloat16",
-            "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "num_experts_per_tok": spec.top_k}
-
-
 def config_for(name: str) -> dict:
+    """The config.json dict of `name` (a MODELS key)."""
     key, layers, _ = MODELS[name]
-    if key == "mixtral":
-        s = get_model(key)
-        c = _common(s, layers)
-        c.update(model_type="mixtral", intermediate_size=s.intermediate_size, num_local_experts=s.num_experts,
-                 max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
-                 bos_token_id=1, eos_token_id=2)
-    elif key == "qwen3-30b-a3b":
-        s = get_model(key)
-        c = _common(s, layers)
-        c.update(model_type="qwen3_moe", intermediate_size=6144, moe_intermediate_size=s.intermediate_size,
-                 head_dim=s.head_dim, num_experts=s.num_experts, norm_topk_prob=s.renormalize, decoder_sparse_step=1,
-                 mlp_only_layers=[], max_position_embeddings=40960, rope_theta=1e6, attention_bias=False,
-                 bos_token_id=151643, eos_token_id=151645)
-    elif key == "olmoe":
-        s = get_model(key)
-        c = _common(s, layers)
-        c.update(model_type="olmoe", intermediate_size=s.intermediate_size, num_experts=s.num_experts,
-                 norm_topk_prob=s.renormalize, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
-                 clip_qkv=None, pad_token_id=1, eos_token_id=50279)
-    elif key == "deepseek-v3":
-        s = get_model(key)
-        c = _common(s, layers)
-        c.update(model_type="deepseek_v3", intermediate_size=s.dense_intermediate_size,
-                 moe_intermediate_size=s.intermediate_size, n_routed_experts=s.num_experts,
-                 n_shared_experts=s.num_shared_experts, first_k_dense_replace=min(s.first_k_dense, layers - 1),
-                 moe_layer_freq=1, n_group=s.num_expert_group, topk_group=s.topk_group, topk_method="noaux_tc",
-                 norm_topk_prob=s.renormalize, routed_scaling_factor=s.routed_scaling_factor, scoring_func="sigmoid",
-                 q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                 max_position_embeddings=163840, rope_theta=10000.0, rope_scaling=None, attention_bias=False,
-                 bos_token_id=0, eos_token_id=1)
-    else:  # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): softmax routing, one expert group
-        c = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
-             "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": layers,
-             "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
-             "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1,
-             "topk_group": 1, "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-             "scoring_func": "softmax", "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-             "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400, "max_position_embeddings": 163840,
-             "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu",
-             "attention_bias": False, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
-             "bos_token_id": 100000, "eos_token_id": 100001}
-    c["_moekern_note"] = f"dummy-weight shape of {name} generated by benchmarks/e2e/make_configs.py"
+    if key is not None:
+        c = hf_config(get_model(key), num_layers=layers)
+        c["_moekern_note"] = f"{name}: {c['_moekern_note']}; written by benchmarks/e2e/make_configs.py"
+        return c
+    # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): softmax routing, one expert group
+    c = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
+         "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": layers,
+         "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+         "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1,
+         "topk_group": 1, "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+         "scoring_func": "softmax", "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+         "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400, "max_position_embeddings": 163840,
+         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu",
+         "attention_bias": False, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+         "bos_token_id": 100000, "eos_token_id": 100001,
+         "_moekern_note": f"dummy-weight shape of {name} written by benchmarks/e2e/make_configs.py"}
     return c
 
 

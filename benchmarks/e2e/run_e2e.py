@@ -67,26 +67,127 @@ def plugin_entry_point() -> str | None:
     return None
 
 
-def arm_env(arm: str, out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEKERN_")}
-    plugin_env, _, log = ARMS[arm]
-    env.update(plugin_env)
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """CUDA-graph batch sizes: CAPTURE_SIZES below max_num_seqs, then max_num_seqs itself (the largest decode
+    batch), so every arm captures the same graphs for a given max_num_seqs (128 -> CAPTURE_SIZES)."""
+    return [s for s in CAPTURE_SIZES if s < max_num_seqs] + [max_num_seqs]
+
+
+def gate_log_dir(args, arm: str, out: Path) -> Path | None:
+    """Where `arm` writes gate logs, or None for no gate log. --gate-log-dir DIR turns them on for every arm
+    (the plugin logs vLLM's own routing too when it is installed): DIR itself when one arm runs, else
+    DIR/<arm>. Without it, the arms marked as logging in ARMS write to OUT/gate_logs/<arm>."""
+    if getattr(args, "gate_log_dir", None):
+        base = Path(args.gate_log_dir)
+        return base if getattr(args, "num_arms", 1) == 1 else base / arm
+    return out / "gate_logs" / arm if ARMS[arm][2] else None
+
+
+def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | None = None) -> dict:
+    """The arm's subprocess environment: ours without MOEKERN_*, plus the arm's plugin settings."""
+    src = os.environ if base_env is None else base_env
+    env = {k: v for k, v in src.items() if not k.startswith("MOEKERN_")}
+    env.update(ARMS[arm][0])
     env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if log:
-        d = out / "gate_logs" / arm
-        shutil.rmtree(d, ignore_errors=True)
-        env["MOEKERN_GATE_LOG_DIR"] = str(d)
+    if gate_dir is not None:
+        env["MOEKERN_GATE_LOG_DIR"] = str(gate_dir)
     return env
 
 
 def engine_kwargs(args, arm: str) -> dict:
+    """vLLM engine arguments of one arm (LLM(**kw) offline; serve_command turns them into CLI flags)."""
     kw = dict(model=str(args.model_dir), load_format=args.load_format, dtype="bfloat16", seed=0,
-              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_mem, max_num_seqs=128,
-              attention_backend=args.attention_backend,
-              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_mem,
+              max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
+              compilation_config={"cudagraph_capture_sizes": capture_sizes(args.max_num_seqs)})
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.enable_eplb:  # vLLM: EPLB needs expert parallelism (and TP/DP > 1, checked in check_args)
+        kw.update(enable_expert_parallel=True, enable_eplb=True)
     kw.update(ARMS[arm][1])
     return kw
+
+
+# engine kwarg -> `vllm serve` flag; booleans become bare flags, dicts JSON
+_SERVE_FLAGS = ("load_format", "dtype", "seed", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
+                "max_num_batched_tokens", "tensor_parallel_size", "enable_expert_parallel", "enable_eplb",
+                "attention_backend", "compilation_config", "moe_backend")
+
+
+def serve_command(kw: dict, port: int) -> list[str]:
+    """`vllm serve` argv for engine kwargs `kw` (from engine_kwargs) on 127.0.0.1:`port`."""
+    unknown = sorted(set(kw) - set(_SERVE_FLAGS) - {"model"})
+    if unknown:
+        raise ValueError(f"engine kwargs {unknown} have no vllm serve flag mapping; known {_SERVE_FLAGS}")
+    cmd = ["vllm", "serve", str(kw["model"]), "--host", "127.0.0.1", "--port", str(port)]
+    for key in _SERVE_FLAGS:
+        if key not in kw or kw[key] is None or kw[key] is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        v = kw[key]
+        cmd += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return cmd
+
+
+def bench_command(args, port: int, result_dir: Path, result_file: str) -> list[str]:
+    """`vllm bench serve` argv: random token prompts, or --dataset's prompts as vLLM's custom dataset
+    (JSONL with a "prompt" per line; no chat template, so the server sees the same text as offline mode;
+    every request generates exactly output_len tokens)."""
+    cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+           "--model", str(args.model_dir), "--tokenizer", str(args.model_dir)]
+    if args.dataset:
+        cmd += ["--dataset-name", "custom", "--dataset-path", str(args.dataset), "--custom-output-len",
+                str(args.output_len), "--skip-chat-template"]
+    else:
+        cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
+                str(args.output_len)]
+    return cmd + ["--num-prompts", str(args.serve_prompts), "--max-concurrency", str(args.concurrency),
+                  "--request-rate", "inf", "--ignore-eos", "--seed", "0", "--num-warmups", "4",
+                  "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+                  "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file,
+                  "--disable-tqdm"]
+
+
+def read_dataset_prompts(path, encode, num_prompts: int) -> list[list[int]]:
+    """Token ids of the first `num_prompts` prompts of a `moekern datasets generate` JSONL file (cycled when
+    the file has fewer), `encode(text) -> list[int]` being the model's tokenizer (with its BOS, as the server
+    adds it). Raises ValueError naming the line for a line without a "prompt" string."""
+    texts = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--dataset {str(path)!r} line {i}: not JSON ({exc})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"--dataset {str(path)!r} line {i}: expected an object with a \"prompt\" string")
+        texts.append(row["prompt"])
+    if not texts:
+        raise ValueError(f"--dataset {str(path)!r} holds no prompts")
+    return [list(encode(texts[i % len(texts)])) for i in range(num_prompts)]
+
+
+def _hf_encode(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return lambda text: tok(text).input_ids
+
+
+def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int]] | None = None) -> dict:
+    """What the offline child runs: engine kwargs and the workload (random token prompts of input_len from
+    `seed`, or the given prompt token ids)."""
+    spec = {"engine": engine_kwargs(args, arm), "seed": 0, "vocab": args.vocab, "input_len": args.input_len,
+            "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
+            "ignore_eos": True, "result": str(res_path)}
+    if prompt_token_ids is not None:
+        spec["prompt_token_ids"] = prompt_token_ids
+        spec["num_prompts"] = len(prompt_token_ids)
+    return spec
 
 
 # ---- offline child: runs inside the arm's subprocess ------------------------------------------------------
@@ -99,10 +200,12 @@ def child_offline(spec_path: str) -> int:
     t_init = time.perf_counter()
     llm = LLM(skip_tokenizer_init=True, **spec["engine"])
     init_s = time.perf_counter() - t_init
-    rng = np.random.default_rng(spec["seed"])
-    vocab = spec["vocab"]
-    prompts = [TokensPrompt(prompt_token_ids=rng.integers(100, vocab - 100, spec["input_len"]).tolist())
-               for _ in range(spec["num_prompts"])]
+    ids = spec.get("prompt_token_ids")
+    if ids is None:
+        rng = np.random.default_rng(spec["seed"])
+        ids = [rng.integers(100, spec["vocab"] - 100, spec["input_len"]).tolist() for _ in range(spec["num_prompts"])]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
+    n_in = sum(len(p) for p in ids)
     sp = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=spec["ignore_eos"],
                         detokenize=False)
     llm.generate(prompts[: min(16, len(prompts))], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
@@ -114,7 +217,7 @@ def child_offline(spec_path: str) -> int:
         dt = time.perf_counter() - t0
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         runs.append({"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
-                     "total_tok_s": (n_out + spec["num_prompts"] * spec["input_len"]) / dt})
+                     "total_tok_s": (n_out + n_in) / dt})
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
     try:
         from moekern.vllm.hooks import plugin_summary  # importable by reference in vLLM's worker processes
@@ -134,15 +237,15 @@ def child_offline(spec_path: str) -> int:
 def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -> dict:
     res_path = out / f"offline_{arm}.json"
     res_path.unlink(missing_ok=True)
-    spec = {"engine": engine_kwargs(args, arm), "seed": 0, "vocab": args.vocab, "input_len": args.input_len,
-            "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
-            "ignore_eos": True, "result": str(res_path), **(extra_spec or {})}
+    ids = read_dataset_prompts(args.dataset, _hf_encode(args.model_dir), args.num_prompts) if args.dataset else None
+    spec = {**offline_spec(args, arm, res_path, ids), **(extra_spec or {})}
     spec_path = out / f"offline_{arm}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = out / f"offline_{arm}.log"
     t0 = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)], env=arm_env(arm, out),
+        proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
+                                env=arm_env(arm, out, _fresh_gate_dir(args, arm, out)),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         rc = _wait_group(proc, args.arm_timeout)
     r = {"arm": arm, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
@@ -151,6 +254,13 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -
     else:
         r["error"] = _tail(log)
     return r
+
+
+def _fresh_gate_dir(args, arm: str, out: Path) -> Path | None:
+    d = gate_log_dir(args, arm, out)
+    if d is not None:  # an old run's records must not mix into this one's
+        shutil.rmtree(d, ignore_errors=True)
+    return d
 
 
 # ---- served -----------------------------------------------------------------------------------------------
@@ -193,15 +303,8 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def run_serve_arm(args, arm: str, out: Path) -> dict:
     port = _free_port()
-    kw = engine_kwargs(args, arm)
-    cmd = ["vllm", "serve", kw.pop("model"), "--host", "127.0.0.1", "--port", str(port), "--load-format",
-           kw.pop("load_format"), "--dtype", kw.pop("dtype"), "--seed", "0", "--max-model-len", str(kw.pop("max_model_len")),
-           "--gpu-memory-utilization", str(kw.pop("gpu_memory_utilization")), "--max-num-seqs", str(kw.pop("max_num_seqs")),
-           "--attention-backend", kw.pop("attention_backend"),
-           "--compilation-config", json.dumps(kw.pop("compilation_config"))]
-    if "moe_backend" in kw:
-        cmd += ["--moe-backend", kw.pop("moe_backend")]
-    env = arm_env(arm, out)
+    cmd = serve_command(engine_kwargs(args, arm), port)
+    env = arm_env(arm, out, _fresh_gate_dir(args, arm, out))
     log = out / f"serve_{arm}.server.log"
     result_file = f"serve_{arm}.bench.json"
     (out / result_file).unlink(missing_ok=True)
@@ -226,13 +329,8 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
             if not ready:
                 r["error"] = "server did not become healthy: " + _tail(log)
                 return r
-            bench = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-                     "--model", str(args.model_dir), "--tokenizer", str(args.model_dir), "--dataset-name", "random",
-                     "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-                     "--num-prompts", str(args.serve_prompts), "--max-concurrency", str(args.concurrency),
-                     "--request-rate", "inf", "--ignore-eos", "--seed", "0", "--num-warmups", "4",
-                     "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-                     "--save-result", "--result-dir", str(out), "--result-filename", result_file, "--disable-tqdm"]
+            bench = bench_command(args, port, out, result_file)
+            r["bench_cmd"] = " ".join(bench)
             blog = out / f"serve_{arm}.bench.log"
             with open(blog, "w") as bfh:
                 b = subprocess.Popen(bench, env=env, stdout=bfh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -254,6 +352,8 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
 def prepare_model_dir(args, out: Path) -> None:
     if args.model_dir:
         args.model_dir = Path(args.model_dir)
+        args.has_tokenizer = any((args.model_dir / f).exists()
+                                 for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         return
     src = HERE / "configs" / args.model / "config.json"
     d = out / "models" / args.model
@@ -286,7 +386,7 @@ def summarize(results: dict) -> dict:
     return s
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child-offline", help=argparse.SUPPRESS)
     p.add_argument("--model", default="mixtral-8x7b-4l", choices=sorted(MODELS))
@@ -305,13 +405,34 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-mem", type=float, default=0.85)
+    p.add_argument("--max-num-seqs", type=int, default=128,
+                   help="vLLM max_num_seqs (CUDA graphs are captured up to it); default 128")
+    p.add_argument("--max-num-batched-tokens", type=int, help="vLLM max_num_batched_tokens (default: vLLM's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--enable-eplb", action="store_true",
+                   help="vLLM expert-parallel load balancing (turns on expert parallelism; needs "
+                        "--tensor-parallel-size > 1)")
+    p.add_argument("--dataset", type=Path,
+                   help="JSONL of prompts from `moekern datasets generate` instead of random tokens: tokenized "
+                        "with the model's tokenizer offline, vLLM's custom dataset in serve mode")
+    p.add_argument("--gate-log-dir", type=Path,
+                   help="gate logs of every arm go here (one arm) or to DIR/<arm> (several)")
+    p.add_argument("--result", type=Path,
+                   help="copy the serve bench JSON here with a 'moekern' block describing the run "
+                        "(needs --mode serve and one arm; what `moekern sweep` and `moekern report` read)")
     p.add_argument("--arm-timeout", type=float, default=300)
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--budget-s", type=float, default=560, help="skip arms that would start after this many seconds")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed, defaulted and checked arguments; argparse errors (exit 2) name the bad flag. Touches no
+    files except reading the model's committed config.json for its vocab size."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.child_offline:
-        return child_offline(args.child_offline)
-
+        return args
     q = args.quick
     args.num_prompts = args.num_prompts or (128 if q else 256)
     args.serve_prompts = args.serve_prompts or (128 if q else 256)
@@ -321,6 +442,65 @@ def main(argv=None) -> int:
     args.attention_backend = attention_backend(args.model)
     args.vocab = json.loads((HERE / "configs" / args.model / "config.json").read_text())["vocab_size"]
     args.has_tokenizer = False
+    modes = ["offline", "serve"] if args.mode == "both" else [args.mode]
+    args.arm_plan = {m: (args.arms.split(",") if args.arms else (OFFLINE_ARMS if m == "offline" else SERVE_ARMS))
+                     for m in modes}
+    for arms in args.arm_plan.values():
+        for arm in arms:
+            if arm not in ARMS:
+                p.error(f"--arms: unknown arm {arm!r}; known {sorted(ARMS)}")
+    args.num_arms = len({a for arms in args.arm_plan.values() for a in arms})
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')}={v} must be >= 1")
+    if args.enable_eplb and args.tensor_parallel_size < 2:
+        p.error(f"--enable-eplb needs --tensor-parallel-size > 1 (vLLM's EPLB balances across the EP group); "
+                f"got --tensor-parallel-size={args.tensor_parallel_size}")
+    if args.dataset is not None and not args.dataset.is_file():
+        p.error(f"--dataset {str(args.dataset)!r} is not a file")
+    if args.result is not None and (modes != ["serve"] or len(args.arm_plan["serve"]) != 1):
+        p.error(f"--result holds one serve run: it needs --mode serve and one arm in --arms; got --mode "
+                f"{args.mode} and arms {args.arm_plan}")
+    return args
+
+
+def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
+    """The 'moekern' block of a --result file, in the keys moekern.analysis.serving groups by
+    (moe_backend, max_num_seqs, max_num_batched_tokens, eplb) plus dataset, predicted_score and gate_log
+    (relative to the result file, so a results folder can move as a whole)."""
+    from moekern.analysis.sweep import predicted_score_from_name
+
+    meta = {"moe_backend": arm, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "eplb": bool(args.enable_eplb),
+            "tensor_parallel_size": args.tensor_parallel_size, "model": args.model,
+            "load_format": args.load_format, "concurrency": args.concurrency, "num_prompts": args.serve_prompts,
+            "output_len": args.output_len, "runner": "benchmarks/e2e/run_e2e.py"}
+    if args.dataset:
+        meta["dataset"] = Path(args.dataset).name
+        score = predicted_score_from_name(args.dataset)
+        if score is not None:
+            meta["predicted_score"] = score
+    else:
+        meta["input_len"] = args.input_len
+    if gate_dir is not None and args.result is not None and Path(gate_dir).exists():
+        meta["gate_log"] = os.path.relpath(Path(gate_dir).resolve(), Path(args.result).resolve().parent)
+    return meta
+
+
+def write_result(args, arm: str, bench_json: Path, gate_dir: Path | None) -> Path:
+    """Copy a serve arm's bench JSON to --result with the run's 'moekern' block."""
+    obj = json.loads(bench_json.read_text())
+    obj["moekern"] = {**obj.get("moekern", {}), **result_metadata(args, arm, gate_dir)}
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(obj, indent=1))
+    return args.result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child_offline:
+        return child_offline(args.child_offline)
     out = args.out or REPO / "benchmarks" / "results" / "e2e" / _dt.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)
     prepare_model_dir(args, out)
@@ -329,7 +509,12 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "model_dir": str(args.model_dir), "load_format": args.load_format,
             "attention_backend": args.attention_backend, "plugin_entry_point": ep, "argv": sys.argv,
             "workload": {k: getattr(args, k) for k in ("num_prompts", "serve_prompts", "concurrency", "input_len",
-                                                       "output_len", "reps", "max_model_len")}}
+                                                       "output_len", "reps", "max_model_len")},
+            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
+            "dataset": str(args.dataset) if args.dataset else None,
+            "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
+            "result": str(args.result) if args.result else None}
     try:
         import torch
         import vllm
@@ -339,12 +524,8 @@ def main(argv=None) -> int:
     except Exception as exc:
         meta["versions_error"] = repr(exc)
     results: dict = {"meta": meta, "offline": {}, "serve": {}}
-    modes = ["offline", "serve"] if args.mode == "both" else [args.mode]
-    for mode in modes:
-        arms = args.arms.split(",") if args.arms else (OFFLINE_ARMS if mode == "offline" else SERVE_ARMS)
+    for mode, arms in args.arm_plan.items():
         for arm in arms:
-            if arm not in ARMS:
-                raise SystemExit(f"--arms: unknown arm {arm!r}; known {sorted(ARMS)}")
             if arm.startswith("moekern") and ep is None:
                 results[mode][arm] = {"skipped": "moekern's vllm.general_plugins entry point is not installed "
                                                  "(pip install --no-build-isolation -e .)"}
@@ -352,22 +533,32 @@ def main(argv=None) -> int:
             if mode == "serve" and not args.has_tokenizer and args.load_format == "dummy":
                 results[mode][arm] = {"skipped": "serve needs a tokenizer (--tokenizer or $GPUENV_MIXTRAL_TOKENIZER)"}
                 continue
+            if mode == "offline" and args.dataset and not args.has_tokenizer:
+                results[mode][arm] = {"skipped": "--dataset needs the model's tokenizer (--tokenizer, "
+                                                 "$GPUENV_MIXTRAL_TOKENIZER or a --model-dir holding one)"}
+                continue
             if time.time() - t_start > args.budget_s:
                 results[mode][arm] = {"skipped": f"time budget {args.budget_s}s spent"}
                 continue
             print(f"[{time.time() - t_start:6.0f}s] {mode} {arm} ...", flush=True)
             r = run_offline_arm(args, arm, out) if mode == "offline" else run_serve_arm(args, arm, out)
-            if ARMS[arm][2] and "error" not in r:
-                r["gate_log"] = check_gate_logs(out / "gate_logs" / arm)
+            gdir = gate_log_dir(args, arm, out)
+            if gdir is not None and "error" not in r:
+                r["gate_log"] = check_gate_logs(gdir)
+            if mode == "serve" and args.result is not None and "error" not in r:
+                r["result"] = str(write_result(args, arm, out / f"serve_{arm}.bench.json", gdir))
             results[mode][arm] = r
             brief = {k: r.get(k) for k in ("rc", "output_tok_s", "output_throughput", "mean_ttft_ms", "mean_tpot_ms",
                                            "error") if r.get(k) is not None}
             print(f"[{time.time() - t_start:6.0f}s]   -> {json.dumps(brief)[:600]}", flush=True)
-            (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1))
+            (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
     results["summary"] = summarize(results)
-    (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1))
+    (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["summary"], indent=1))
     print("results:", out / f"e2e_{args.model}.json")
+    if args.result is not None and not args.result.exists():
+        print(f"--result {args.result} was not written (the serve arm failed or was skipped)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moekern.analysis.metrics import DEFAULT_MAX_TOKENS, LoadTable, _nanmean, max_mean, rank_loads
+from moekern.models import weight_bytes_per_gpu as _models_weight_bytes
 
 STRATEGIES = ("contiguous", "round_robin", "greedy", "replicate")
 
@@ -86,30 +87,21 @@ def replicate_p2l(expert_load, ep_size: int, num_redundant: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- memory
 def weight_bytes_per_gpu(model, ep_size: int, num_redundant: int = 0, dtype_bytes: float = 2.0,
                          attn_tp: int = 1) -> dict:
-    """Approximate weight bytes per GPU for a moekern.models ModelSpec under EP.
+    """Weight bytes on the busiest GPU when `model` (a moekern.models ModelSpec) runs EP over `ep_size` ranks
+    with `num_redundant` replica slots, attention/dense parts split `attn_tp` ways: the placement view of
+    moekern.models.weight_bytes_per_gpu(model, tp=attn_tp, ep=ep_size) (one estimator; its docstring says
+    what is counted: MLA attention, tied embeddings and KV-head replication included).
 
-    Routed experts (3 * H * I params each: gate, up, down) are split over EP ranks, (E + R) / ep slots per
-    rank per MoE layer; everything else (attention, router, shared experts, leading dense layers,
-    embeddings and LM head) is replicated, divided by `attn_tp` when attention/dense parts are
-    tensor-parallel. Attention uses the standard q/k/v/o shapes; MLA models (DeepSeek) are approximated by
-    the same formula (their real size differs by a few percent of the total). Biases and norms ignored.
+    Returns that dict plus "model", "ep_size", "num_redundant", "dtype_bytes" and
+    "extra_bytes_for_redundancy" (expert bytes the R replicas add to the busiest GPU). Raises ValueError for
+    a dense model or an ep_size that is not a multiple of attn_tp.
     """
-    m = model
-    if not m.is_moe:
-        raise ValueError(f"model={m.name!r} is dense (num_experts=0); expert placement does not apply")
-    slots = m.num_experts + num_redundant
-    _check(slots, ep_size)
-    h, hd = m.hidden_size, (m.head_dim or m.hidden_size // m.num_heads)
-    expert = 3 * h * m.intermediate_size
-    attn = h * m.num_heads * hd * 2 + h * m.num_kv_heads * hd * 2
-    per_moe_layer_shared = h * m.num_experts + 3 * h * m.shared_intermediate_size
-    dense_ffn = 3 * h * m.dense_intermediate_size * m.first_k_dense
-    other = m.num_layers * attn + m.num_moe_layers * per_moe_layer_shared + dense_ffn + 2 * m.vocab_size * h
-    expert_params = m.num_moe_layers * (slots // ep_size) * expert
-    return {"model": m.name, "ep_size": ep_size, "num_redundant": num_redundant, "dtype_bytes": dtype_bytes,
-            "expert_bytes": expert_params * dtype_bytes, "other_bytes": other * dtype_bytes / attn_tp,
-            "total_bytes": expert_params * dtype_bytes + other * dtype_bytes / attn_tp,
-            "extra_bytes_for_redundancy": m.num_moe_layers * (num_redundant // ep_size) * expert * dtype_bytes}
+    if not model.is_moe:
+        raise ValueError(f"model={model.name!r} is dense (num_experts=0); expert placement does not apply")
+    mem = _models_weight_bytes(model, tp=attn_tp, ep=ep_size, dtype_bytes=dtype_bytes, num_redundant=num_redundant)
+    base = mem if not num_redundant else _models_weight_bytes(model, tp=attn_tp, ep=ep_size, dtype_bytes=dtype_bytes)
+    return {"model": model.name, "ep_size": ep_size, "num_redundant": num_redundant, "dtype_bytes": dtype_bytes,
+            **mem, "extra_bytes_for_redundancy": mem["expert_bytes"] - base["expert_bytes"]}
 
 
 # ---------------------------------------------------------------------------------------------- advice
@@ -188,7 +180,7 @@ def advise(table: LoadTable, ep_size: int, num_redundant: int | None = None, tra
         elif name == "greedy":
             p2l, red = np.stack([greedy_p2l(train_load[j], ep_size) for j in range(l)]), 0
         elif name == "replicate":
-            if r <= 0 or (e + r) % ep_size:
+            if r <= 0 or ep_size == 1 or (e + r) % ep_size:  # one rank: replicas balance nothing
                 continue
             p2l, red = np.stack([replicate_p2l(train_load[j], ep_size, r) for j in range(l)]), r
         else:

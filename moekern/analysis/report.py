@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moekern.analysis.plotting import fig_png
 from moekern.analysis.stats import bootstrap_ci, bootstrap_diff, iqr_mask, spearman_ci
 
 PLOT_METRICS = (("mean_ttft_ms", "TTFT mean (ms)"), ("mean_tpot_ms", "TPOT mean (ms)"),
@@ -38,64 +38,57 @@ class Report:
     findings: list[dict] = field(default_factory=list)
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+_png = fig_png  # figure -> PNG bytes (moekern.analysis.plotting)
 
 
 def _by_backend(df):
     return sorted(df["moe_backend"].dropna().unique()) if "moe_backend" in df else []
 
 
-def _line_plot(df, x: str, xlabel: str):
+def _metric_panels(df, x: str, xlabel: str, title: str, draw, log2_x: bool = False):
+    """One panel per PLOT_METRICS entry with `x` on the horizontal axis; `draw(ax, d, metric, backend)` plots
+    each backend's rows `d` that have both x and the metric. Returns the figure's PNG."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4.2 * len(PLOT_METRICS), 3.2))
     for ax, (m, label) in zip(axes, PLOT_METRICS):
         for b in _by_backend(df):
             d = df[(df.moe_backend == b) & df[x].notna() & df[m].notna()]
-            if d.empty:
-                continue
-            keep = iqr_mask(d[m].to_numpy())
-            g = d[keep].groupby(x)[m].median()
-            ax.plot(g.index, g.values, marker="o", label=b)
-        ax.set_xscale("log", base=2)
+            if not d.empty:
+                draw(ax, d, m, b)
+        if log2_x:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"median over the other settings (IQR outliers excluded) vs {xlabel}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return _png(fig)
+
+
+def _line_plot(df, x: str, xlabel: str):
+    def draw(ax, d, m, b):
+        keep = iqr_mask(d[m].to_numpy())
+        g = d[keep].groupby(x)[m].median()
+        ax.plot(g.index, g.values, marker="o", label=b)
+
+    return _metric_panels(df, x, xlabel, f"median over the other settings (IQR outliers excluded) vs {xlabel}", draw,
+                          log2_x=True)
 
 
 def _scatter_plot(df, x: str, xlabel: str):
-    import matplotlib.pyplot as plt
+    def draw(ax, d, m, b):
+        xs, ys = d[x].to_numpy(float), d[m].to_numpy(float)
+        keep = iqr_mask(ys)
+        pts = ax.scatter(xs[keep], ys[keep], s=10, alpha=0.6, label=b)
+        if (~keep).any():
+            ax.scatter(xs[~keep], ys[~keep], s=25, marker="x", color="red")
+        if keep.sum() >= 3 and np.ptp(xs[keep]) > 0:
+            k, c = np.polyfit(xs[keep], ys[keep], 1)
+            xx = np.linspace(xs[keep].min(), xs[keep].max(), 10)
+            ax.plot(xx, k * xx + c, color=pts.get_facecolor()[0], lw=1)
 
-    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4.2 * len(PLOT_METRICS), 3.2))
-    for ax, (m, label) in zip(axes, PLOT_METRICS):
-        for b in _by_backend(df):
-            d = df[(df.moe_backend == b) & df[x].notna() & df[m].notna()]
-            if d.empty:
-                continue
-            xs, ys = d[x].to_numpy(float), d[m].to_numpy(float)
-            keep = iqr_mask(ys)
-            pts = ax.scatter(xs[keep], ys[keep], s=10, alpha=0.6, label=b)
-            if (~keep).any():
-                ax.scatter(xs[~keep], ys[~keep], s=25, marker="x", color="red")
-            if keep.sum() >= 3 and np.ptp(xs[keep]) > 0:
-                k, c = np.polyfit(xs[keep], ys[keep], 1)
-                xx = np.linspace(xs[keep].min(), xs[keep].max(), 10)
-                ax.plot(xx, k * xx + c, color=pts.get_facecolor()[0], lw=1)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"vs {xlabel}; red x = IQR outlier (excluded from the fit)", fontsize=9)
-    return _png(fig)
+    return _metric_panels(df, x, xlabel, f"vs {xlabel}; red x = IQR outlier (excluded from the fit)", draw)
 
 
 def _heatmap(table, title: str):

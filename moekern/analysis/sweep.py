@@ -7,10 +7,10 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
     name: example
     out_dir: results/sweep_example           # relative to the spec file
     command: >-
-      python benchmarks/e2e/run_e2e.py --model {model} --moe-backend {backend}
-      --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
-      --dataset {dataset} --result-json {result} --gate-log-dir {gate_log_dir}
-    vars: {model: mixtral}                   # constants for the template
+      python ../../benchmarks/e2e/run_e2e.py --model {model} --mode serve --arms {backend}
+      --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
+      --dataset {dataset} --out {run_dir} --result {result} --gate-log-dir {gate_log_dir}
+    vars: {model: mixtral-8x7b-4l, tp: 2}    # constants for the template
     eplb_flag: {true: "--enable-eplb", false: ""}
     grid:
       backend: [moekern, vllm]
@@ -20,13 +20,14 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
       dataset: ["datasets/*.jsonl"]          # globs expand (relative to the spec file)
     timeout_s: 3600
 
-Template fields: every grid key and var, plus {result} (out_dir/runs/ID.json), {gate_log_dir}
+The command runs in the spec file's folder. Template fields: every grid key and var, plus {result} (out_dir/runs/ID.json), {gate_log_dir}
 (out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder), {run_id}, {out_dir}, {dataset_name}
 (file stem), {eplb_flag}. A runner that writes a folder instead of one result file: set
 `collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes {result}.
 A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner wrote one) gets a "moekern"
 block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log, predicted_score from a
-`NNN_SCORE.jsonl` dataset name) unless it already has one, so `moekern report` can group it. Each run's
+`NNN_SCORE.jsonl` dataset name), so `moekern report` can group it; keys the runner already wrote there
+(run_e2e.py --result writes its own block) are kept, the sweep adds only the missing ones. Each run's
 output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point does not
 stop the sweep and is retried on the next invocation.
 """
@@ -147,24 +148,31 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
     return points
 
 
+def predicted_score_from_name(path) -> float | None:
+    """The ImbalancePredictor score in a `moekern datasets generate` file name (`NNN_SCORE.jsonl`), else None."""
+    m = _SCORE.match(Path(str(path)).stem)
+    return float(m.group(1)) if m else None
+
+
 def _annotate(point: SweepPoint, spec: SweepSpec) -> None:
     try:
         obj = json.loads(point.result.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return
-    if not isinstance(obj, dict) or "moekern" in obj:
+    if not isinstance(obj, dict):
         return
     meta = {"run_id": point.run_id, "sweep": spec.name}
     for k, v in point.params.items():
         meta["moe_backend" if k == "backend" else k] = v
     if "dataset" in point.params:
-        m = _SCORE.match(Path(str(point.params["dataset"])).stem)
-        if m:
-            meta["predicted_score"] = float(m.group(1))
+        score = predicted_score_from_name(point.params["dataset"])
+        if score is not None:
+            meta["predicted_score"] = score
         meta["dataset"] = Path(str(point.params["dataset"])).name
     if point.gate_log_dir.exists():
         meta["gate_log"] = str(Path("..") / "gate_logs" / point.run_id)  # relative to runs/ID.json
-    obj["moekern"] = meta
+    own = obj.get("moekern")
+    obj["moekern"] = {**meta, **own} if isinstance(own, dict) else meta  # the runner's own keys win
     point.result.write_text(json.dumps(obj, indent=1), encoding="utf-8")
 
 

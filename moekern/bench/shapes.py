@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekern.models import STANDARD_MODELS, ModelSpec, get_model
+from moekern.models.registry import routing_kwargs
 
 OPS = ("routing", "align", "moe")
 
@@ -62,12 +63,9 @@ class Shape:
         return k + (f"/B={self.block_size}" if self.op == "align" else "")
 
     def routing_kwargs(self) -> dict:
-        """Keyword arguments for moekern.fused_topk besides logits, top_k and correction_bias."""
-        kw = {"scoring": self.scoring, "renormalize": self.renormalize,
-              "routed_scaling_factor": self.routed_scaling_factor}
-        if self.num_expert_group:
-            kw.update(num_expert_group=self.num_expert_group, topk_group=self.topk_group)
-        return kw
+        """Keyword arguments for moekern.fused_topk besides logits, top_k and correction_bias (the registry's
+        rule, moekern.models.registry.routing_kwargs, applied to this shape's routing fields)."""
+        return routing_kwargs(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,25 +1,30 @@
 """Triton kernels for dispatch and combine: align (counting sort into padded blocks), permute, unpermute.
 
 Align is a stable counting sort of the N = M*k flattened slots by expert, each expert's run padded to a
-multiple of B (B = 1 gives permute's unpadded layout, so permute reuses the same kernels):
+multiple of B (B = 1 gives permute's unpadded layout, so permute reuses the same kernels). The old version
+was latency-bound (global loads inside serial loops, 4-6 launches); this one keeps each program's work in
+registers, loaded once (see NOTES.md for the diagnosis and the measurements):
 
-  1. chunk pass: the slots are cut into chunks of CHUNK; for each slot, its rank among the earlier slots
-     of the same expert in its chunk comes from a [CHUNK, CHUNK] equality matrix (no atomics, so the
-     result is deterministic and order-preserving). The last slot of each expert in a chunk writes the
-     chunk's count for that expert into counts[chunk, e].
-  2. scan pass: per expert, an exclusive prefix sum of counts over chunks (tiles of SCAN_P chunks,
-     tl.cumsum along the chunk axis, carried between tiles); the column total is the expert's count.
-  3. blocks pass: padded counts ceil(c/B)*B, their exclusive prefix sum over experts (E <= 512 fits one
-     vector), num_tokens_post_padded, and for every block the expert whose padded run covers it
-     (#experts whose run ends at or before the block), -1 past the used blocks.
-  4. scatter pass: slot i of expert e, chunk p, in-chunk rank r goes to offset[e] + prefix[p, e] + r.
+  * rank within an expert, order-preserving: sort the unique keys expert << LOG_N | slot (tl.sort, bitonic,
+    O(N log^2 N) per program). In the sorted order, position q holds slot `key & (N-1)` of expert
+    `key >> LOG_N`, and its destination is q + shift[expert], shift = padded offset - unpadded offset
+    (+ the expert's count in earlier chunks): one tl.gather from an [E_PAD] register vector.
+  * counts: tl.histogram (or the caller's exact expert_counts); padded offsets: tl.cumsum over [E_PAD].
+  * blocks and sentinels, per tile of BT blocks: the owner of block b is the number of experts whose padded
+    run ends at or before b; positions of b at or past offset[owner] + count[owner] (or past the used
+    blocks) get the sentinel N. Real slots and sentinels are disjoint, so the kernels fill the sentinel
+    themselves (no torch.full launch) and need no ordering between the scatter and the fill.
 
-For small N (<= SMALL_N) one program does all of it, walking the chunks in order with a per-expert
-cursor kept in global scratch (tl.debug_barrier orders the cursor's reads and writes within the
-program); one launch beats four when the launch cost dominates (decode).
+Paths, chosen from shapes only:
+  1. N <= small_n: one launch. Every program histograms all ids; program 0 sorts and scatters; program t
+     writes block tile t.
+  2. larger: launch 1 writes per-chunk histograms [P, E] (chunks of C slots); launch 2: program p sums the
+     table (earlier chunks -> prefix, all -> totals), sorts and scatters chunk p, writes block tile p.
+  3. when the table would be read too many times (P * programs large): a scan launch in between turns the
+     table into exclusive prefixes + totals, so launch 2 reads one row.
 
-Nothing here reads a device value on the host: sizes come from shapes only, so the launches can be
-captured in a CUDA graph. Index arithmetic is int32 for slots (N < 2**31) and int64 for row * H offsets.
+Nothing here reads a device value on the host: the launches can be captured in a CUDA graph. Index
+arithmetic is int32 for slots (N < 2**31) and int64 for row * H offsets.
 """
 
 from __future__ import annotations
@@ -28,119 +33,116 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 256  # slots per chunk; the in-chunk rank costs CHUNK**2 compares
-SMALL_N = 1024  # at or below this many slots one program does the whole align
-SCAN_P = 64  # chunks per tile in the scan pass
-BLOCKS_TILE = 64  # blocks per program in the blocks pass
-RANK_COLS = 32  # columns of the in-chunk equality matrix compared at a time
+SMALL_N = 4096  # at or below this many slots one launch does the whole align (one program sorts all keys)
+MAX_SMALL_N = 16384  # the single-launch path sorts next_pow2(N) keys in one program; larger is refused
+MIN_CHUNK = 1024  # slots per chunk of the multi-launch path, at least ...
+MAX_CHUNK = 8192  # ... and at most (a chunk's keys are sorted by one program)
+TARGET_CHUNKS = 64  # the chunk size grows until there are at most this many chunks (or MAX_CHUNK)
+TABLE_READS = 8192  # programs x chunks above which the scan launch runs (each program then reads one row)
+SCAN_P = 64  # chunks per tile in the scan launch
+MIN_E_PAD = 64  # tl.histogram bins: at least a (64-wide) warp's worth
 
 
 @triton.jit
-def _chunk_ranks(ids_ptr, start, n, CHUNK: tl.constexpr, RANK_COLS: tl.constexpr):
-    """Load one chunk of ids; return (ids, slot index, valid mask, rank among same-id earlier slots, is last).
-
-    The [CHUNK, CHUNK] equality matrix is walked RANK_COLS columns at a time (columns re-read from global
-    memory, where they are cached) so that no program holds all CHUNK**2 compares in registers."""
-    offs = start + tl.arange(0, CHUNK)
-    valid = offs < n
-    ids = tl.load(ids_ptr + offs, mask=valid, other=-1)
-    rank = tl.zeros([CHUNK], dtype=tl.int32)
-    total = tl.zeros([CHUNK], dtype=tl.int32)
-    for c0 in tl.static_range(0, CHUNK, RANK_COLS):
-        cols = start + c0 + tl.arange(0, RANK_COLS)
-        col_ids = tl.load(ids_ptr + cols, mask=cols < n, other=-2)  # -2 never equals a row's id
-        same = ids[:, None] == col_ids[None, :]
-        earlier = cols[None, :] < offs[:, None]
-        rank += tl.sum((same & earlier).to(tl.int32), axis=1)
-        total += tl.sum(same.to(tl.int32), axis=1)
-    is_last = valid & (rank == total - 1)
-    return ids, offs, valid, rank, is_last
-
-
-@triton.jit
-def _padded_offsets(counts, BLOCK_SIZE: tl.constexpr):
-    """counts [E_PAD] -> (padded counts, inclusive prefix sum of the padded counts)."""
+def _padded_layout(counts, BLOCK_SIZE: tl.constexpr):
+    """counts [E_PAD] -> (padded counts, exclusive and inclusive prefix sums of the padded counts)."""
     padded = ((counts + BLOCK_SIZE - 1) // BLOCK_SIZE) * BLOCK_SIZE
-    return padded, tl.cumsum(padded, axis=0)
+    incl = tl.cumsum(padded, axis=0)
+    return padded, incl - padded, incl
 
 
 @triton.jit
-def _write_blocks(block_expert_ids_ptr, ends, e_mask, num_blocks, b_start, BLOCK_SIZE: tl.constexpr,
-                  BLOCKS_TILE: tl.constexpr):
-    """Owner expert of blocks b_start..b_start+BLOCKS_TILE: the number of experts whose padded run ends at or
-    before the block's first slot (empty experts end where they start, so they are skipped); -1 past the end."""
-    blocks = b_start + tl.arange(0, BLOCKS_TILE)
-    end_blocks = ends // BLOCK_SIZE
-    owner = tl.sum(((end_blocks[None, :] <= blocks[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
-    total_blocks = tl.max(tl.where(e_mask, end_blocks, 0), axis=0)  # ends are non-decreasing
-    owner = tl.where(blocks < total_blocks, owner, -1)
-    tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < num_blocks)
+def _sort_scatter(ids_ptr, start, n, shift, sorted_ptr, inverse_ptr,
+                  N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, WRITE_INVERSE: tl.constexpr):
+    """Slots start..start+N_PAD (those < n): slot s of expert e with r earlier slots of e in this range goes
+    to shift'[e] + r, where shift = shift' - (slots of experts < e in this range) is what the caller passes."""
+    i = tl.arange(0, N_PAD)
+    valid = start + i < n
+    ids = tl.load(ids_ptr + start + i, mask=valid, other=0)
+    keys = (tl.where(valid, ids, E_PAD) << LOG_N) | i  # unique; invalid slots sort last
+    keys = tl.sort(keys)
+    expert = tl.minimum(keys >> LOG_N, E_PAD - 1)
+    slot = start + (keys & (N_PAD - 1))
+    dest = i + tl.gather(shift, expert, 0)
+    keep = start + i < n  # sorted position q < (valid count) <=> the key at q is a real slot
+    tl.store(sorted_ptr + dest, slot, mask=keep)
+    if WRITE_INVERSE:
+        tl.store(inverse_ptr + slot, dest, mask=keep)
 
 
 @triton.jit
-def _align_small_kernel(
-    ids_ptr, counts_in_ptr, cursor_ptr, sorted_ptr, inverse_ptr, block_expert_ids_ptr, offsets_ptr, post_ptr,
-    n, num_experts, num_blocks,
-    BLOCK_SIZE: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, RANK_COLS: tl.constexpr,
-    BLOCKS_TILE: tl.constexpr, HAS_COUNTS: tl.constexpr, WRITE_INVERSE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+def _blocks_and_pads(tile, counts, excl, incl, e_mask, blocks_ptr, sorted_ptr, sentinel, num_blocks, max_padded,
+                     BLOCK_SIZE: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, J_TILE: tl.constexpr,
+                     WRITE_PADS: tl.constexpr):
+    """Blocks tile*BT .. +BT: block_expert_ids (-1 past the used blocks) and the sentinel at every position of
+    these blocks that no slot fills. Empty experts end where they start, so they never own a block."""
+    b = tile * BT + tl.arange(0, BT)
+    b_mask = b < num_blocks
+    end_blocks = incl // BLOCK_SIZE
+    owner = tl.sum(((end_blocks[None, :] <= b[:, None]) & e_mask[None, :]).to(tl.int32), axis=1)
+    total_blocks = tl.sum(tl.where(e_mask, incl - excl, 0), axis=0) // BLOCK_SIZE
+    used = b < total_blocks
+    tl.store(blocks_ptr + b, tl.where(used, owner, -1), mask=b_mask)
+    if WRITE_PADS:
+        o = tl.minimum(owner, E_PAD - 1)  # owner == E past the used blocks; those are all padding anyway
+        real_end = tl.where(used, tl.gather(excl + counts, o, 0), 0)
+        for j0 in range(0, BLOCK_SIZE, J_TILE):
+            j = j0 + tl.arange(0, J_TILE)
+            x = b[:, None] * BLOCK_SIZE + j[None, :]
+            pad = (x >= real_end[:, None]) & (j[None, :] < BLOCK_SIZE) & b_mask[:, None] & (x < max_padded)
+            tl.store(sorted_ptr + x, tl.zeros([BT, J_TILE], dtype=tl.int32) + sentinel, mask=pad)
+
+
+@triton.jit
+def _align_single_kernel(
+    ids_ptr, counts_in_ptr, sorted_ptr, inverse_ptr, blocks_ptr, offsets_ptr, post_ptr,
+    n, num_experts, num_blocks, max_padded,
+    BLOCK_SIZE: tl.constexpr, N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr,
+    J_TILE: tl.constexpr, HAS_COUNTS: tl.constexpr, WRITE_INVERSE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+    WRITE_PADS: tl.constexpr,
 ):
+    pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     e_mask = e < num_experts
     if HAS_COUNTS:
         counts = tl.load(counts_in_ptr + e, mask=e_mask, other=0)
     else:
-        # histogram: each chunk's last slot of an expert adds the chunk's count to the cursor
-        tl.store(cursor_ptr + e, tl.zeros([E_PAD], dtype=tl.int32), mask=e_mask)
-        tl.debug_barrier()
-        for start in range(0, n, CHUNK):
-            ids, offs, valid, rank, is_last = _chunk_ranks(ids_ptr, start, n, CHUNK, RANK_COLS)
-            old = tl.load(cursor_ptr + ids, mask=is_last, other=0)
-            tl.debug_barrier()
-            tl.store(cursor_ptr + ids, old + rank + 1, mask=is_last)
-            tl.debug_barrier()
-        counts = tl.load(cursor_ptr + e, mask=e_mask, other=0)
-    padded, incl = _padded_offsets(counts, BLOCK_SIZE)
-    excl = incl - padded
-    tl.store(offsets_ptr + e, excl, mask=e_mask)
-    tl.store(offsets_ptr + num_experts, tl.sum(padded, axis=0))
-    tl.store(post_ptr, tl.sum(padded, axis=0))
-    tl.debug_barrier()  # the histogram's last reads of the cursor come before it is reset to the offsets
-    tl.store(cursor_ptr + e, excl, mask=e_mask)
+        i = tl.arange(0, N_PAD)
+        counts = tl.histogram(tl.load(ids_ptr + i, mask=i < n, other=0), E_PAD, mask=i < n)
+    padded, excl, incl = _padded_layout(counts, BLOCK_SIZE)
+    if pid == 0:
+        total = tl.sum(padded, axis=0)
+        tl.store(offsets_ptr + e, excl, mask=e_mask)
+        tl.store(offsets_ptr + num_experts, total)
+        tl.store(post_ptr, total)
+        unpadded_excl = tl.cumsum(counts, axis=0) - counts
+        _sort_scatter(ids_ptr, 0, n, excl - unpadded_excl, sorted_ptr, inverse_ptr, N_PAD, LOG_N, E_PAD,
+                      WRITE_INVERSE)
     if WRITE_BLOCKS:
-        for b_start in range(0, num_blocks, BLOCKS_TILE):
-            _write_blocks(block_expert_ids_ptr, incl, e_mask, num_blocks, b_start, BLOCK_SIZE, BLOCKS_TILE)
-    tl.debug_barrier()
-    for start in range(0, n, CHUNK):
-        ids, offs, valid, rank, is_last = _chunk_ranks(ids_ptr, start, n, CHUNK, RANK_COLS)
-        base = tl.load(cursor_ptr + ids, mask=valid, other=0)
-        dest = base + rank
-        tl.store(sorted_ptr + dest, offs, mask=valid)
-        if WRITE_INVERSE:
-            tl.store(inverse_ptr + offs, dest, mask=valid)
-        tl.debug_barrier()
-        tl.store(cursor_ptr + ids, dest + 1, mask=is_last)
-        tl.debug_barrier()
+        _blocks_and_pads(pid, counts, excl, incl, e_mask, blocks_ptr, sorted_ptr, n, num_blocks, max_padded,
+                         BLOCK_SIZE, E_PAD, BT, J_TILE, WRITE_PADS)
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, n, num_experts, CHUNK: tl.constexpr,
-                        RANK_COLS: tl.constexpr):
+def _align_hist_kernel(ids_ptr, table_ptr, n, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
-    ids, offs, valid, rank, is_last = _chunk_ranks(ids_ptr, pid * CHUNK, n, CHUNK, RANK_COLS)
-    tl.store(rank_ptr + offs, rank, mask=valid)
-    tl.store(chunk_counts_ptr + pid * num_experts + ids, rank + 1, mask=is_last)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < n
+    hist = tl.histogram(tl.load(ids_ptr + offs, mask=valid, other=0), E_PAD, mask=valid)
+    e = tl.arange(0, E_PAD)
+    tl.store(table_ptr + pid * num_experts + e, hist, mask=e < num_experts)  # every row written: no zero fill
 
 
 @triton.jit
-def _align_scan_kernel(chunk_counts_ptr, totals_ptr, num_chunks, num_experts,
-                       E_TILE: tl.constexpr, SCAN_P: tl.constexpr):
+def _align_scan_kernel(table_ptr, totals_ptr, num_chunks, num_experts, E_TILE: tl.constexpr, SCAN_P: tl.constexpr):
+    """table[p, e] <- sum of table[:p, e] (in place); totals[e] <- the column sum."""
     e = tl.program_id(0) * E_TILE + tl.arange(0, E_TILE)
     e_mask = e < num_experts
     carry = tl.zeros([E_TILE], dtype=tl.int32)
     for p_start in range(0, num_chunks, SCAN_P):
         p = p_start + tl.arange(0, SCAN_P)
         mask = (p[:, None] < num_chunks) & e_mask[None, :]
-        ptrs = chunk_counts_ptr + p[:, None] * num_experts + e[None, :]
+        ptrs = table_ptr + p[:, None] * num_experts + e[None, :]
         tile = tl.load(ptrs, mask=mask, other=0)
         excl = tl.cumsum(tile, axis=0) - tile + carry[None, :]
         tl.store(ptrs, excl, mask=mask)
@@ -149,36 +151,47 @@ def _align_scan_kernel(chunk_counts_ptr, totals_ptr, num_chunks, num_experts,
 
 
 @triton.jit
-def _align_blocks_kernel(totals_ptr, block_expert_ids_ptr, offsets_ptr, post_ptr, num_experts, num_blocks,
-                         BLOCK_SIZE: tl.constexpr, E_PAD: tl.constexpr, BLOCKS_TILE: tl.constexpr,
-                         WRITE_BLOCKS: tl.constexpr):
+def _align_chunks_kernel(
+    ids_ptr, table_ptr, totals_ptr, sorted_ptr, inverse_ptr, blocks_ptr, offsets_ptr, post_ptr,
+    n, num_experts, num_chunks, num_blocks, max_padded,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, LOG_C: tl.constexpr, E_PAD: tl.constexpr, P_TILE: tl.constexpr,
+    BT: tl.constexpr, J_TILE: tl.constexpr, SCANNED: tl.constexpr, WRITE_INVERSE: tl.constexpr,
+    WRITE_BLOCKS: tl.constexpr, WRITE_PADS: tl.constexpr,
+):
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     e_mask = e < num_experts
-    counts = tl.load(totals_ptr + e, mask=e_mask, other=0)
-    padded, incl = _padded_offsets(counts, BLOCK_SIZE)
+    if SCANNED:
+        totals = tl.load(totals_ptr + e, mask=e_mask, other=0)
+    else:
+        # totals, prefix over the chunks before pid, and chunk pid's own row, in one sweep over the table
+        totals = tl.zeros([E_PAD], dtype=tl.int32)
+        prefix = tl.zeros([E_PAD], dtype=tl.int32)
+        own = tl.zeros([E_PAD], dtype=tl.int32)
+        for p0 in range(0, num_chunks, P_TILE):
+            p = p0 + tl.arange(0, P_TILE)
+            tile = tl.load(table_ptr + p[:, None] * num_experts + e[None, :],
+                           mask=(p[:, None] < num_chunks) & e_mask[None, :], other=0)
+            totals += tl.sum(tile, axis=0)
+            prefix += tl.sum(tl.where(p[:, None] < pid, tile, 0), axis=0)
+            own += tl.sum(tl.where(p[:, None] == pid, tile, 0), axis=0)
+    padded, excl, incl = _padded_layout(totals, BLOCK_SIZE)
     if pid == 0:
-        tl.store(offsets_ptr + e, incl - padded, mask=e_mask)
-        tl.store(offsets_ptr + num_experts, tl.sum(padded, axis=0))
-        tl.store(post_ptr, tl.sum(padded, axis=0))
+        total = tl.sum(padded, axis=0)
+        tl.store(offsets_ptr + e, excl, mask=e_mask)
+        tl.store(offsets_ptr + num_experts, total)
+        tl.store(post_ptr, total)
+    if pid < num_chunks:
+        if SCANNED:
+            prefix = tl.load(table_ptr + pid * num_experts + e, mask=e_mask, other=0)
+            offs = pid * CHUNK + tl.arange(0, CHUNK)
+            own = tl.histogram(tl.load(ids_ptr + offs, mask=offs < n, other=0), E_PAD, mask=offs < n)
+        own_excl = tl.cumsum(own, axis=0) - own
+        _sort_scatter(ids_ptr, pid * CHUNK, n, excl + prefix - own_excl, sorted_ptr, inverse_ptr, CHUNK, LOG_C,
+                      E_PAD, WRITE_INVERSE)
     if WRITE_BLOCKS:
-        _write_blocks(block_expert_ids_ptr, incl, e_mask, num_blocks, pid * BLOCKS_TILE, BLOCK_SIZE, BLOCKS_TILE)
-
-
-@triton.jit
-def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, inverse_ptr,
-                          n, num_experts, CHUNK: tl.constexpr, WRITE_INVERSE: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * CHUNK + tl.arange(0, CHUNK)
-    valid = offs < n
-    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
-    rank = tl.load(rank_ptr + offs, mask=valid, other=0)
-    base = tl.load(offsets_ptr + ids, mask=valid, other=0)
-    prefix = tl.load(chunk_counts_ptr + pid * num_experts + ids, mask=valid, other=0)
-    dest = base + prefix + rank
-    tl.store(sorted_ptr + dest, offs, mask=valid)
-    if WRITE_INVERSE:
-        tl.store(inverse_ptr + offs, dest, mask=valid)
+        _blocks_and_pads(pid, totals, excl, incl, e_mask, blocks_ptr, sorted_ptr, n, num_blocks, max_padded,
+                         BLOCK_SIZE, E_PAD, BT, J_TILE, WRITE_PADS)
 
 
 @triton.jit
@@ -211,61 +224,83 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _chunk_size(n: int) -> int:
+    return min(MAX_CHUNK, max(MIN_CHUNK, _next_pow2(-(-n // TARGET_CHUNKS))))
+
+
+def _warps(keys: int) -> int:
+    return 4 if keys <= 256 else 8 if keys <= 2048 else 16
+
+
 def _counting_sort(topk_ids, num_experts, block_size, expert_counts, *, write_inverse, write_blocks,
-                   chunk=CHUNK, small_n=SMALL_N):
+                   chunk=None, small_n=SMALL_N, table_reads=TABLE_READS):
     """Shared by align (block_size B, blocks) and permute (B = 1, inverse). Returns
-    (sorted [N + E*(B-1)], inverse [N] or None, block_expert_ids or None, offsets [E+1], post [1])."""
+    (sorted [N + E*(B-1)], inverse [N] or None, block_expert_ids or None, offsets [E+1], post [1]).
+
+    chunk (a power of two), small_n (capped at MAX_SMALL_N) and table_reads choose the path; tests use them
+    to reach every path at tiny sizes, the defaults pick it from N."""
     dev = topk_ids.device
     n = topk_ids.numel()
     max_padded = n + num_experts * (block_size - 1)
     num_blocks = -(-max_padded // block_size) if write_blocks else 0
-    sorted_ids = (torch.full((max_padded,), n, dtype=torch.int32, device=dev) if block_size > 1
-                  else torch.empty(max_padded, dtype=torch.int32, device=dev))
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)  # the kernels write every entry
     inverse = torch.empty(n, dtype=torch.int32, device=dev) if write_inverse else None
     blocks = torch.empty(num_blocks, dtype=torch.int32, device=dev) if write_blocks else None
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     post = torch.empty(1, dtype=torch.int32, device=dev)
-    e_pad = max(16, _next_pow2(num_experts))  # tiny vectors trip some Triton versions
+    e_pad = max(MIN_E_PAD, _next_pow2(num_experts))
+    bt = max(16, min(128, 8192 // e_pad))  # blocks per tile: the owner search is a [BT, E_PAD] compare
+    j_tile = max(16, min(_next_pow2(block_size), 4096 // bt))
+    n_tiles = -(-num_blocks // bt) if write_blocks else 0
+    write_pads = write_blocks and block_size > 1  # B = 1: every position holds a real slot
     dummy = offsets  # stands in for pointers a constexpr flag turns off
     ids = topk_ids.reshape(-1)
-    if n <= small_n:
-        chunk = min(chunk, max(16, _next_pow2(n)))
-        cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        _align_small_kernel[(1,)](
-            ids, expert_counts if expert_counts is not None else dummy, cursor, sorted_ids,
+    common = dict(BLOCK_SIZE=block_size, E_PAD=e_pad, BT=bt, J_TILE=j_tile, WRITE_INVERSE=write_inverse,
+                  WRITE_BLOCKS=write_blocks, WRITE_PADS=write_pads)
+    if n <= min(small_n, MAX_SMALL_N):
+        n_pad = max(16, _next_pow2(n))
+        _align_single_kernel[(max(1, n_tiles),)](
+            ids, expert_counts if expert_counts is not None else dummy, sorted_ids,
             inverse if write_inverse else dummy, blocks if write_blocks else dummy, offsets, post,
-            n, num_experts, num_blocks,
-            BLOCK_SIZE=block_size, E_PAD=e_pad, CHUNK=chunk, RANK_COLS=min(chunk, RANK_COLS), BLOCKS_TILE=BLOCKS_TILE,
-            HAS_COUNTS=expert_counts is not None, WRITE_INVERSE=write_inverse, WRITE_BLOCKS=write_blocks,
-            num_warps=8 if chunk >= 256 else 4,
+            n, num_experts, num_blocks, max_padded,
+            N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, HAS_COUNTS=expert_counts is not None,
+            num_warps=_warps(n_pad), **common,
         )
         return sorted_ids, inverse, blocks, offsets, post
+    chunk = _chunk_size(n) if chunk is None else chunk
+    if chunk < 16 or chunk & (chunk - 1) or chunk > MAX_CHUNK:
+        raise ValueError(f"chunk={chunk} must be a power of two in [16, {MAX_CHUNK}]")
     num_chunks = -(-n // chunk)
-    chunk_counts = torch.zeros(num_chunks, num_experts, dtype=torch.int32, device=dev)
-    ranks = torch.empty(n, dtype=torch.int32, device=dev)
-    totals = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    _align_count_kernel[(num_chunks,)](ids, chunk_counts, ranks, n, num_experts, CHUNK=chunk,
-                                       RANK_COLS=min(chunk, RANK_COLS), num_warps=8 if chunk >= 256 else 4)
-    e_tile = min(e_pad, 32)
-    _align_scan_kernel[(-(-num_experts // e_tile),)](chunk_counts, totals, num_chunks, num_experts,
-                                                      E_TILE=e_tile, SCAN_P=SCAN_P)
-    # expert_counts, when given, must equal the column totals; using it only saves nothing here, so the
-    # totals the scan just computed are used (they are exact by construction).
-    grid_blocks = max(1, -(-num_blocks // BLOCKS_TILE))
-    _align_blocks_kernel[(grid_blocks,)](totals, blocks if write_blocks else dummy, offsets, post, num_experts,
-                                         num_blocks, BLOCK_SIZE=block_size, E_PAD=e_pad, BLOCKS_TILE=BLOCKS_TILE,
-                                         WRITE_BLOCKS=write_blocks)
-    _align_scatter_kernel[(num_chunks,)](ids, chunk_counts, ranks, offsets, sorted_ids,
-                                         inverse if write_inverse else dummy, n, num_experts, CHUNK=chunk,
-                                         WRITE_INVERSE=write_inverse)
+    grid = max(num_chunks, n_tiles)
+    # expert_counts, when given, must equal the column totals; the table gives them for free, so it is unused.
+    table = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=dev)
+    _align_hist_kernel[(num_chunks,)](ids, table, n, num_experts, CHUNK=chunk, E_PAD=e_pad,
+                                      num_warps=_warps(chunk))
+    scanned = grid * num_chunks > table_reads
+    totals = dummy
+    if scanned:
+        totals = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        e_tile = min(e_pad, 32)
+        _align_scan_kernel[(-(-num_experts // e_tile),)](table, totals, num_chunks, num_experts,
+                                                          E_TILE=e_tile, SCAN_P=SCAN_P)
+    p_tile = max(1, min(_next_pow2(num_chunks), 8192 // e_pad))
+    _align_chunks_kernel[(grid,)](
+        ids, table, totals, sorted_ids, inverse if write_inverse else dummy, blocks if write_blocks else dummy,
+        offsets, post, n, num_experts, num_chunks, num_blocks, max_padded,
+        CHUNK=chunk, LOG_C=chunk.bit_length() - 1, P_TILE=p_tile, SCANNED=scanned, num_warps=_warps(chunk),
+        **common,
+    )
     return sorted_ids, inverse, blocks, offsets, post
 
 
-def align_triton(topk_ids, num_experts, block_size, expert_counts, *, chunk=CHUNK, small_n=SMALL_N):
-    """topk_ids [M, k] int32 contiguous, checked. Returns (sorted_token_ids, block_expert_ids, num_tokens_post_padded)."""
+def align_triton(topk_ids, num_experts, block_size, expert_counts, *, chunk=None, small_n=SMALL_N,
+                 table_reads=TABLE_READS):
+    """topk_ids [M, k] int32 contiguous, checked. Returns (sorted_token_ids, block_expert_ids, num_tokens_post_padded).
+
+    1 launch for M*k <= small_n, else 2 (3 with the scan launch); see the module docstring."""
     sorted_ids, _, blocks, _, post = _counting_sort(
         topk_ids, num_experts, block_size, expert_counts, write_inverse=False, write_blocks=True,
-        chunk=chunk, small_n=small_n,
+        chunk=chunk, small_n=small_n, table_reads=table_reads,
     )
     return sorted_ids, blocks, post
 
@@ -274,14 +309,15 @@ def _block_h(hidden_dim: int) -> int:
     return min(1024, max(16, _next_pow2(hidden_dim)))
 
 
-def permute_triton(hidden_states, topk_ids, num_experts, expert_counts, *, chunk=CHUNK, small_n=SMALL_N):
+def permute_triton(hidden_states, topk_ids, num_experts, expert_counts, *, chunk=None, small_n=SMALL_N,
+                   table_reads=TABLE_READS):
     """hidden_states [M, H] contiguous; topk_ids [M, k] int32 contiguous. Returns
     (permuted [M*k, H], sorted_slots [M*k], slot_to_row [M*k], expert_offsets [E+1])."""
     M, k = topk_ids.shape
     H = hidden_states.shape[1]
     sorted_slots, slot_to_row, _, offsets, _ = _counting_sort(
         topk_ids, num_experts, 1, expert_counts, write_inverse=True, write_blocks=False,
-        chunk=chunk, small_n=small_n,
+        chunk=chunk, small_n=small_n, table_reads=table_reads,
     )
     permuted = torch.empty(M * k, H, dtype=hidden_states.dtype, device=hidden_states.device)
     if M * k and H:

@@ -12,6 +12,8 @@ Backends (one argument selects all stages):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moekern._ext import BACKENDS, backend_unavailable_reason, resolve_backend
@@ -178,17 +180,52 @@ def fused_moe(
         from moekern.dispatch.reference import fused_moe_reference
 
         return fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids)
+    if hidden_states.stride(1) != 1:
+        hidden_states = hidden_states.contiguous()
+    return _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1, cfg2,
+                           _align_backend(stage_backend, dev, E))
 
+
+@functools.lru_cache(maxsize=64)
+def _align_backend(stage_backend: str, device: torch.device, num_experts: int) -> str:
+    """The backend align would choose (moekern.dispatch.api._choose), resolved once per (backend, device, E)."""
+    from moekern.dispatch.api import MAX_EXPERTS
+
+    in_limits = num_experts <= MAX_EXPERTS
+    chosen = resolve_backend(stage_backend, device, cuda_ok=in_limits, triton_ok=in_limits)
+    return chosen if in_limits else "torch"  # out of the kernels' limits: the public align raises or loops
+
+
+def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1: BlockConfig,
+                    cfg2: BlockConfig, align_backend: str) -> torch.Tensor:
+    """The Triton path after fused_moe validated everything once: no checks, no host syncs, no copies of
+    inputs that are already in the kernels' layout. hidden_states: [M>0, H] with K stride 1."""
     from moekern.experts.triton_gemm import moe_experts_triton
 
-    from moekern.dispatch import align
+    num_experts = w13.shape[0]
+    top_k = topk_ids.shape[1]
+    if topk_ids.dtype != torch.int32:
+        topk_ids = topk_ids.to(torch.int32)
+    if not topk_ids.is_contiguous():
+        topk_ids = topk_ids.contiguous()
+    # Ranges were checked by fused_moe (or hold by construction); align must not sync again.
+    if align_backend == "cuda":
+        from moekern.dispatch.cuda_ops import align_cuda
 
-    # Ranges were checked above (or hold by construction); align must not sync again.
-    aligned = align(topk_ids.to(torch.int32), E, cfg1.block_m, expert_counts=expert_counts, backend=stage_backend,
-                    check_ids=False)
-    return moe_experts_triton(
-        hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous(),
-        w13, w2,
-        topk_weights.reshape(-1).to(torch.float32).contiguous(),
-        aligned[0], aligned[1], aligned[2], k, cfg1, cfg2,
-    )
+        aligned = align_cuda(topk_ids, num_experts, cfg1.block_m, expert_counts)
+    elif align_backend == "triton":
+        from moekern.dispatch.triton_ops import align_triton
+
+        aligned = align_triton(topk_ids, num_experts, cfg1.block_m, expert_counts)
+    else:
+        from moekern.dispatch import align
+
+        aligned = align(topk_ids, num_experts, cfg1.block_m, expert_counts=expert_counts, backend=align_backend,
+                        check_ids=False)
+    # The kernels read topk_weights as a flat [M*k] fp32 vector: a contiguous [M, k] fp32 tensor is one.
+    if topk_weights.dtype != torch.float32:
+        topk_weights = topk_weights.to(torch.float32)
+    if not topk_weights.is_contiguous():
+        topk_weights = topk_weights.contiguous()
+    return moe_experts_triton(hidden_states, w13, w2, topk_weights, aligned[0], aligned[1], aligned[2], top_k,
+                              cfg1, cfg2)

@@ -14,6 +14,8 @@ holds measured rows only, from `python -m moekern.experts.tune` (see TUNED).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +32,10 @@ class BlockConfig:
     group_m: int = 1  # programs sharing a weight tile run together (L2 reuse) when > 1
     num_warps: int = 4
     num_stages: int = 3
+    # Variants (triton_gemm.py's module doc); the defaults are the original kernel.
+    fuse_silu: bool = True  # gemm1 only: False = one accumulator over 2I columns + a SiLU-and-mul kernel
+    persistent: int = 0  # > 0: a grid of (SM count x persistent) programs looping over the used tiles
+    tma: bool = False  # weight tiles through a Hopper TMA tensor descriptor (guarded; off by default)
 
     def validate(self, name: str = "block_config") -> None:
         for field_name in ("block_m", "block_n", "block_k"):
@@ -44,6 +50,11 @@ class BlockConfig:
                 raise ValueError(f"{name}.{field_name}={v!r} must be an int >= {low}")
         if self.num_warps & (self.num_warps - 1) or self.num_warps > 16:
             raise ValueError(f"{name}.num_warps={self.num_warps} must be a power of two <= 16")
+        for field_name in ("fuse_silu", "tma"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise ValueError(f"{name}.{field_name}={getattr(self, field_name)!r} must be a bool")
+        if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or not 0 <= self.persistent <= 8:
+            raise ValueError(f"{name}.persistent={self.persistent!r} must be an int in [0, 8] (programs per SM)")
 
 
 _B = BlockConfig
@@ -93,7 +104,7 @@ def _clamp(cfg: BlockConfig, n: int, k: int) -> BlockConfig:
     """Shrink N/K tiles that exceed the (padded) problem, so tiny shapes (tests) launch small programs."""
     bn = max(16, min(cfg.block_n, _next_pow2(n)))
     bk = max(16, min(cfg.block_k, _next_pow2(k)))
-    return BlockConfig(cfg.block_m, bn, bk, cfg.group_m, cfg.num_warps, cfg.num_stages)
+    return dataclasses.replace(cfg, block_n=bn, block_k=bk)
 
 
 def default_configs(
@@ -165,6 +176,14 @@ def get_configs(
                 "equal (both GEMMs share one alignment)"
             )
         return pair
+    return _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device) -> tuple[BlockConfig, BlockConfig]:
+    """The table, else the heuristic; cached because the lookup (a device-capability query, log2 distances)
+    runs on every eager call. Keyed on the exact M (the heuristic's thresholds are in M), bounded by the LRU.
+    After editing TUNED at run time, call _lookup_configs.cache_clear()."""
     if (
         device.type == "cuda"
         and dtype in (torch.bfloat16, torch.float16)

@@ -14,16 +14,29 @@ Programs whose block starts past num_tokens_post_padded return at once; sentinel
 only, so no host sync is needed to launch. Programs are ordered in groups of GROUP_M M-blocks per N tile,
 so the M-blocks of one expert read a weight tile while it is still in L2.
 
+Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (configs.py):
+  fuse_silu (gemm1; default True)  False: GEMM1 is a plain grouped GEMM over all 2I columns (one
+         accumulator, so a wider N tile fits) into a [slots, 2I] buffer, then _silu_and_mul_kernel
+         writes the [slots, I] intermediate - vLLM's structure. Costs one [slots, 2I] write + read and a
+         launch; pays when the two-accumulator tile is what limits the MMA rate (large M, small I).
+  persistent (programs per SM; default 0 = off)  a fixed grid of SMs x persistent programs walks the
+         used tiles (num_tokens_post_padded / BLOCK_M blocks, read on the device), GROUP_M-swizzled the
+         same way: no programs for padded blocks, no partial last wave.
+  tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
+         [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
+
 Bounds. Weights must be contiguous ([E, 2I, H], [E, H, I], K stride 1); A rows may have any row stride.
 Row and expert offsets are int64 (DeepSeek-V3's w13 has 7.5e9 elements). Accumulation is fp32 through
 tl.dot; fp32 inputs use input_precision="ieee" so tests compare to an fp32 reference without TF32 error.
 
-Memory access: plain pointer loads, no TMA tensor descriptors. tl.make_tensor_descriptor's API and its
-interpreter support differ between triton 3.6 and 3.7, and the A side is a gather (rows by slot), which a
-2-D descriptor does not express; the weight side alone did not justify two code paths.
+Memory access: plain pointer loads by default. The tma variant uses triton.tools.tensor_descriptor
+.TensorDescriptor made on the host (same API in triton 3.6 and 3.7, runs in the interpreter, needs no
+device allocator unlike tl.make_tensor_descriptor), for the weight side only.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -33,45 +46,15 @@ from moekern.experts.configs import BlockConfig
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    a_ptr,  # [rows, K]; row of slot s is s // A_DIV
-    b_ptr,  # [E, N_total, K], K contiguous
-    c_ptr,  # [num_slots, N], row per slot
-    topk_weights_ptr,  # [num_slots] fp32 (read when MUL_WEIGHT)
-    sorted_token_ids_ptr,
-    block_expert_ids_ptr,
-    num_tokens_post_padded_ptr,
-    N,  # output columns (I for GEMM1, whose up rows start at row N of b)
-    K,
-    num_slots,  # M * top_k; also the sentinel value
-    num_m_blocks,  # len(block_expert_ids): the grid's worst case
-    stride_am,
-    stride_be,
-    stride_bn,
-    stride_cm,
-    A_DIV: tl.constexpr,
-    FUSE_SILU: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _gemm_tile(
+    a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
+    pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
+    A_DIV: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * num_n_blocks
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_size
-    pid_n = (pid % programs_per_group) // group_size
-
-    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
-        return
-    # align's contract: every block below num_tokens_post_padded has a real expert (>= 0).
+    """One [BLOCK_M, BLOCK_N] output tile of M-block pid_m (a used block: its expert is >= 0)."""
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
     row_ok = slots < num_slots
@@ -79,30 +62,42 @@ def _grouped_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
-    # Wrapped columns load valid weight rows; their results are masked on store. Saves a mask per load.
-    offs_bn = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None]
-    up_shift = N * stride_bn  # GEMM1: the up projection's rows follow the gate's
+    if USE_TMA:
+        # Rows of the [E * rows_per_expert, K] weight view; a tile that runs past N reads the next rows
+        # (up rows, or the next expert's): valid memory, masked on store. The K tail is zero-filled.
+        b_row = (expert * rows_per_expert + pid_n * BLOCK_N).to(tl.int32)
+        b_ptrs = b_ptr  # unused
+    else:
+        # Wrapped columns load valid weight rows; their results are masked on store. Saves a mask per load.
+        offs_bn = (offs_n % N).to(tl.int64)
+        b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None]
+        b_row = 0
+    up_shift = N * stride_bn  # fused GEMM1: the up projection's rows follow the gate's
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
             k_ok = offs_k < K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_TMA:
+            b = tl.trans(b_desc.load([b_row, kb * BLOCK_K]))
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         if FUSE_SILU:
-            if EVEN_K:
+            if USE_TMA:
+                b_up = tl.trans(b_desc.load([b_row + N, kb * BLOCK_K]))
+            elif EVEN_K:
                 b_up = tl.load(b_ptrs + up_shift)
             else:
                 b_up = tl.load(b_ptrs + up_shift, mask=k_ok[:, None], other=0.0)
@@ -111,7 +106,8 @@ def _grouped_gemm_kernel(
             else:
                 acc_up = tl.dot(a, b_up, acc_up)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not USE_TMA:
+            b_ptrs += BLOCK_K
 
     if FUSE_SILU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -122,19 +118,145 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _swizzle(tile, num_m_blocks, num_n_blocks, GROUP_M: tl.constexpr):
+    """Tile index -> (pid_m, pid_n): GROUP_M consecutive M-blocks per N tile, so the M-blocks of one expert
+    (adjacent in align's order) read the same weight tile back to back, while it is in L2."""
+    programs_per_group = GROUP_M * num_n_blocks
+    first_m = (tile // programs_per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (tile % programs_per_group) % group_size
+    pid_n = (tile % programs_per_group) // group_size
+    return pid_m, pid_n
+
+
+# num_slots and num_m_blocks change with M on every call; specializing on them (== 1, % 16) would only
+# compile more variants of the kernel (seconds each) on an eager server's first calls.
+@triton.jit(do_not_specialize=["num_slots", "num_m_blocks"])
+def _grouped_gemm_kernel(
+    a_ptr,  # [rows, K]; row of slot s is s // A_DIV
+    b_ptr,  # [E, N_total, K], K contiguous
+    b_desc,  # USE_TMA: a TensorDescriptor over b viewed [E * N_total, K], block [BLOCK_N, BLOCK_K]
+    c_ptr,  # [num_slots, N], row per slot
+    topk_weights_ptr,  # [num_slots] fp32 (read when MUL_WEIGHT)
+    sorted_token_ids_ptr,
+    block_expert_ids_ptr,
+    num_tokens_post_padded_ptr,
+    N,  # output columns (I for the fused GEMM1, whose up rows start at row N of b)
+    K,
+    num_slots,  # M * top_k; also the sentinel value
+    num_m_blocks,  # len(block_expert_ids): the grid's worst case
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    rows_per_expert,  # N_total = b.shape[1]
+    A_DIV: tl.constexpr,
+    FUSE_SILU: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # A fixed grid walks the used tiles only (align pads num_tokens_post_padded to BLOCK_M).
+        used_m_blocks = tl.load(num_tokens_post_padded_ptr) // BLOCK_M
+        for tile in range(pid, used_m_blocks * num_n_blocks, tl.num_programs(0)):
+            pid_m, pid_n = _swizzle(tile, used_m_blocks, num_n_blocks, GROUP_M)
+            _gemm_tile(a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
+                       pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
+                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = _swizzle(pid, num_m_blocks, num_n_blocks, GROUP_M)
+        # align's contract: every block below num_tokens_post_padded has a real expert (>= 0).
+        if pid_m * BLOCK_M < tl.load(num_tokens_post_padded_ptr):
+            _gemm_tile(a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
+                       pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
+                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, N, stride_in, stride_out, BLOCK: tl.constexpr):
+    """out[r, n] = silu(gate_up[r, n]) * gate_up[r, N + n], in fp32, rounded once to out's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + N + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+SILU_BLOCK = 1024  # columns per program of the unfused SiLU-and-mul
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: a small fixed grid still exercises the persistent loop
+
+
 def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded, *, n, k,
             num_slots, a_div, fuse_silu, mul_weight, cfg: BlockConfig):
+    """One grouped GEMM: c[slot, :n] = epilogue(a[slot // a_div] @ b[expert]^T). fuse_silu: b holds 2n rows."""
     num_m_blocks = block_expert_ids.numel()
-    grid = (num_m_blocks * triton.cdiv(n, cfg.block_n),)
+    tiles = num_m_blocks * triton.cdiv(n, cfg.block_n)
+    if cfg.persistent:
+        grid = (max(1, min(tiles, _num_sms(a.device) * cfg.persistent)),)
+    else:
+        grid = (tiles,)
+    b_desc = b
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if (k * b.element_size()) % 16 or b.data_ptr() % 16:
+            raise ValueError(f"block_config.tma needs K * itemsize % 16 == 0 and a 16-byte aligned weight; got K={k}, "
+                             f"itemsize={b.element_size()}")
+        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [cfg.block_n, cfg.block_k])
     _grouped_gemm_kernel[grid](
-        a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+        a, b, b_desc, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
         n, k, num_slots, num_m_blocks,
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0), b.shape[1],
         A_DIV=a_div, FUSE_SILU=fuse_silu, MUL_WEIGHT=mul_weight,
-        IEEE_FP32=a.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0,
+        IEEE_FP32=a.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
+        PERSISTENT=cfg.persistent > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [rows, I] = silu(gate_up[:, :I]) * gate_up[:, I:], fp32 math; gate_up: [rows, 2I], K stride 1."""
+    rows, inter = out.shape
+    if rows:
+        block = min(SILU_BLOCK, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
+                                                               out.stride(0), BLOCK=block)
+    return out
+
+
+def gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
+          num_tokens_post_padded, top_k: int, cfg: BlockConfig) -> torch.Tensor:
+    """intermediate [slots, I] = silu(x W_gate^T) * (x W_up^T) per slot, fused or split by cfg.fuse_silu."""
+    num_slots, inter = intermediate.shape
+    hidden = hidden_states.shape[1]
+    if cfg.fuse_silu:
+        _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
+                num_tokens_post_padded, n=inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=True,
+                mul_weight=False, cfg=cfg)
+        return intermediate
+    gate_up = torch.empty(num_slots, 2 * inter, dtype=intermediate.dtype, device=intermediate.device)
+    _launch(hidden_states, w13, gate_up, topk_weights, sorted_token_ids, block_expert_ids,
+            num_tokens_post_padded, n=2 * inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=False,
+            mul_weight=False, cfg=cfg)
+    return silu_and_mul(gate_up, intermediate)
 
 
 def moe_experts_triton(
@@ -152,7 +274,7 @@ def moe_experts_triton(
     """Expert MLP + weighted combine over an alignment made with block size cfg1.block_m (== cfg2.block_m).
 
     hidden_states: [M, H] (K stride 1); w13: [E, 2I, H]; w2: [E, H, I], contiguous, same dtype;
-    topk_weights: [M*k] fp32 contiguous. Returns [M, H] in hidden_states' dtype. Arguments are checked by
+    topk_weights: [M*k] (or [M, k]) fp32 contiguous. Returns [M, H] in hidden_states' dtype. Arguments are checked by
     moekern.fused_moe; this function assumes them valid.
     """
     M, H = hidden_states.shape
@@ -160,9 +282,8 @@ def moe_experts_triton(
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
     intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
-    _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-            num_tokens_post_padded, n=inter, k=H, num_slots=num_slots, a_div=top_k, fuse_silu=True,
-            mul_weight=False, cfg=cfg1)
+    gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
+          num_tokens_post_padded, top_k, cfg1)
     per_slot = torch.empty(num_slots, H, dtype=dtype, device=dev)
     _launch(intermediate, w2, per_slot, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=H, k=inter, num_slots=num_slots, a_div=1, fuse_silu=False,

@@ -60,14 +60,22 @@ class ModelSpec:
 
     def routing_kwargs(self) -> dict:
         """Keyword arguments for moekern.fused_topk (without top_k)."""
-        kw = {"scoring": self.scoring, "renormalize": self.renormalize,
-              "routed_scaling_factor": self.routed_scaling_factor}
-        if self.num_expert_group:
-            kw.update(num_expert_group=self.num_expert_group, topk_group=self.topk_group)
-        return kw
+        return routing_kwargs(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def routing_kwargs(routing) -> dict:
+    """Keyword arguments for moekern.fused_topk (without logits, top_k and correction_bias) from anything
+    carrying the registry's routing fields (scoring, renormalize, routed_scaling_factor, num_expert_group,
+    topk_group): a ModelSpec, or a benchmark Shape copied from one. Grouped selection only when
+    num_expert_group is set (0/None = plain top-k)."""
+    kw = {"scoring": routing.scoring, "renormalize": routing.renormalize,
+          "routed_scaling_factor": routing.routed_scaling_factor}
+    if routing.num_expert_group:
+        kw.update(num_expert_group=routing.num_expert_group, topk_group=routing.topk_group)
+    return kw
 
 
 MODELS: dict[str, ModelSpec] = {}

@@ -266,7 +266,7 @@ def anova_all(df, factors, responses=RESPONSES, interactions: int = 2) -> dict[s
 def anova_plot(results: dict[str, AnovaResult], path=None):
     """Bar chart of partial eta squared per term and response (* marks p < 0.05); PNG bytes, and
     written to `path` when given."""
-    import io
+    from moekern.analysis.plotting import fig_png
 
     import matplotlib
 
@@ -285,12 +285,7 @@ def anova_plot(results: dict[str, AnovaResult], path=None):
         ax.set_xlabel("partial eta^2 (red: p < 0.05)")
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    if path:
-        Path(path).write_bytes(buf.getvalue())
-    return buf.getvalue()
+    return fig_png(fig, path, bbox_tight=False)
 
 
 def anova_latex(results: dict[str, AnovaResult]) -> str:

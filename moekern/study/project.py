@@ -217,7 +217,7 @@ def measured_ep_rows(search_dirs=("benchmarks/results/ep",)) -> list[dict]:
 
 
 def projection_plot(rows: list[Projection], title: str = "", path=None) -> bytes:
-    import io
+    from moekern.analysis.plotting import fig_png
 
     import matplotlib
 
@@ -237,9 +237,4 @@ def projection_plot(rows: list[Projection], title: str = "", path=None) -> bytes
     axes[0].legend(fontsize=7)
     fig.suptitle(f"PROJECTED, not measured: {title}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    if path:
-        Path(path).write_bytes(buf.getvalue())
-    return buf.getvalue()
+    return fig_png(fig, path, bbox_tight=False)

@@ -7,19 +7,14 @@ exists; a failure in one is a note, never a broken report. Items: ("img", png) |
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
+from moekern.analysis.plotting import fig_png
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+_png = fig_png  # figure -> PNG bytes (moekern.analysis.plotting)
 
 
 def coactivation_heatmap(coact: np.ndarray, title: str) -> bytes:

@@ -6,6 +6,9 @@
     MOEKERN_GATE_LOG_FLUSH_SECONDS ... or after this many seconds, whichever comes first (default 1.0)
     MOEKERN_GATE_LOG_QUEUE         pinned host slots between the GPU and the writer thread (default 256);
                                    when all are in use the step is dropped and counted, never waited for
+    MOEKERN_GATE_LOG_TOPK_SAMPLE   N > 0: also log the top-k ids of at most N tokens per layer per sampled
+                                   step as the record's "topk_sample" (co-activation studies); default 0 (off)
+    MOEKERN_GATE_LOG_TOPK_EVERY    sample every N-th step (default 1)
     MOEKERN_ROUTING_SKEW   uniform | zipf:<s>[@<beta>] | hot:<expert>:<fraction>[@<beta>]   (study tool)
     MOEKERN_ROUTING_SKEW_SEED      seed of the zipf rank permutation (default 0)
 
@@ -64,6 +67,8 @@ class PluginConfig:
     flush_seconds: float = 1.0
     queue_slots: int = 256
     skew: RoutingSkew | None = None
+    topk_sample: int = 0  # tokens per layer per sampled step; 0 = off
+    topk_every: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -165,6 +170,8 @@ def config_from_env(env: dict | None = None) -> PluginConfig:
         flush_steps=_int_env(env, "MOEKERN_GATE_LOG_FLUSH_STEPS", 64, 1),
         flush_seconds=_float_env(env, "MOEKERN_GATE_LOG_FLUSH_SECONDS", 1.0, 0.0),
         queue_slots=_int_env(env, "MOEKERN_GATE_LOG_QUEUE", 256, 1),
+        topk_sample=_int_env(env, "MOEKERN_GATE_LOG_TOPK_SAMPLE", 0, 0),
+        topk_every=_int_env(env, "MOEKERN_GATE_LOG_TOPK_EVERY", 1, 1),
         skew=parse_skew(env.get("MOEKERN_ROUTING_SKEW"), seed=seed),
     )
 

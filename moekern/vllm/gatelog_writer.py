@@ -25,6 +25,15 @@ the .meta.json sidecar); step indices keep counting, so a gap in `step` shows a 
 
 num_tokens is sum(expert_counts) / top_k: the rows the layer routed, which under CUDA graphs includes
 the batch padding to the captured size. The scheduler's unpadded count is in extra.scheduled_tokens.
+
+Top-k sample (opt-in, `topk_sample=N`, for co-activation studies): each MoE layer also copies the ids of
+its first min(N, M) routed rows into a second persistent buffer `sample` [L, N, k_max] int32 (one slice
+copy, recorded in the graph like the counts; M is fixed per captured graph, so the slice is too). Every
+`topk_every`-th step begin_step() fills it with -1 and end_step() copies it to a pinned slot next to the
+counts, same stream, same event: no extra sync. Other steps skip both (the in-graph copy still runs, a
+few hundred bytes). The writer keeps the rows a layer actually wrote (no -1) and, since CUDA-graph
+padding sits at the end of the batch, at most scheduled_tokens of them; they become the record's
+`topk_sample`. Pinned memory: queue_slots * L * N * k_max * 4 bytes (256 * 48 * 16 * 8 * 4 = 6 MiB).
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ class _Pending:
     phase: str
     scheduled_tokens: int | None
     time: float
+    sampled: bool = False  # a top-k sample was copied with the counts
+    samples: list | None = None  # [L][N][k_max] ids, filled by the writer thread
 
 
 @dataclass
@@ -75,11 +86,13 @@ class GateLogRecorder:
 
     def __init__(self, out_dir: str | os.PathLike, *, rank: int | None = None, flush_steps: int = 64,
                  flush_seconds: float = 1.0, queue_slots: int = 256, model: str | None = None,
-                 extra: dict | None = None, meta: dict | None = None):
+                 extra: dict | None = None, meta: dict | None = None, topk_sample: int = 0, topk_every: int = 1):
         if flush_steps < 1:
             raise ValueError(f"flush_steps={flush_steps} must be >= 1")
         if queue_slots < 1:
             raise ValueError(f"queue_slots={queue_slots} must be >= 1")
+        if topk_sample < 0 or topk_every < 1:
+            raise ValueError(f"topk_sample={topk_sample} must be >= 0 and topk_every={topk_every} >= 1")
         self.out_dir = Path(out_dir)
         self.rank = rank
         self.flush_steps = flush_steps
@@ -88,10 +101,14 @@ class GateLogRecorder:
         self.model = model
         self.extra = dict(extra or {})
         self.meta = dict(meta or {})
+        self.topk_sample = topk_sample
+        self.topk_every = topk_every
         self.layers: list[LayerInfo] = []
         self.stats = RecorderStats()
         self.counts: torch.Tensor | None = None  # [L, E_max] int32 on the model's device
         self._host: torch.Tensor | None = None  # [S, L, E_max] int32, pinned when on CUDA
+        self.sample: torch.Tensor | None = None  # [L, N, k_max] int32 on the device (topk_sample = N > 0)
+        self._host_sample: torch.Tensor | None = None  # [S, L, N, k_max] int32, pinned when on CUDA
         self._events: list = []
         self._free: list[int] = []
         self._free_lock = threading.Lock()
@@ -101,6 +118,7 @@ class GateLogRecorder:
         self._closed = False
         self._step = 0
         self._in_step = False
+        self._sampling = False  # the open step is a sample step
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def register_layer(self, name: str, num_experts: int, top_k: int) -> int:
@@ -130,6 +148,11 @@ class GateLogRecorder:
         with torch.inference_mode(False):
             self.counts = torch.zeros(L, W, dtype=torch.int32, device=device)
             self._host = torch.zeros(self.queue_slots, L, W, dtype=torch.int32, pin_memory=pin)
+            if self.topk_sample:
+                K = max(li.top_k for li in self.layers)
+                self.sample = torch.full((L, self.topk_sample, K), -1, dtype=torch.int32, device=device)
+                self._host_sample = torch.full((self.queue_slots, L, self.topk_sample, K), -1, dtype=torch.int32,
+                                               pin_memory=pin)
         self._events = [torch.cuda.Event() if pin else None for _ in range(self.queue_slots)]
         self._free = list(range(self.queue_slots - 1, -1, -1))
         if self.rank is None:
@@ -162,12 +185,27 @@ class GateLogRecorder:
         flat = topk_ids.reshape(-1).to(torch.int64)
         buf[layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
+    def add_topk_sample(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """sample[layer, :n, :k] = topk_ids[:n, :k], n = min(N, M): one slice copy, graph-capturable (M is
+        static within a captured graph). No-op unless topk_sample > 0."""
+        if not self.topk_sample:
+            return
+        if self.sample is None:
+            self.ensure_buffer(topk_ids.device)
+        n = min(self.topk_sample, topk_ids.shape[0])
+        k = min(topk_ids.shape[1], self.sample.shape[2])
+        if n:
+            self.sample[layer, :n, :k].copy_(topk_ids[:n, :k])
+
     # ---- step boundaries (host side, outside any captured region) ------------------------------------------
     def begin_step(self) -> None:
         if self.counts is None or self._closed:
             return
+        self._sampling = self.sample is not None and self._step % self.topk_every == 0
         with torch.inference_mode():
             self.counts.zero_()
+            if self._sampling:
+                self.sample.fill_(-1)  # rows a layer does not write this step stay -1 and are left out
         self._in_step = True
 
     def end_step(self, phase: str = "unknown", scheduled_tokens: int | None = None) -> int | None:
@@ -186,9 +224,11 @@ class GateLogRecorder:
         event = self._events[slot]
         with torch.inference_mode():
             self._host[slot].copy_(self.counts, non_blocking=True)
+            if self._sampling:
+                self._host_sample[slot].copy_(self.sample, non_blocking=True)
             if event is not None:
                 event.record()
-        self._queue.put(_Pending(step, slot, event, phase, scheduled_tokens, time.time()))
+        self._queue.put(_Pending(step, slot, event, phase, scheduled_tokens, time.time(), self._sampling))
         return step
 
     # ---- writer thread ------------------------------------------------------------------------------------
@@ -199,10 +239,15 @@ class GateLogRecorder:
         out = []
         for li, info in enumerate(self.layers):
             counts = [int(c) for c in rows[li][: info.num_experts]]
+            sample = None
+            if item.samples is not None:
+                sample = [t[: info.top_k] for t in item.samples[li] if min(t[: info.top_k]) >= 0]
+                if item.scheduled_tokens is not None:
+                    sample = sample[: item.scheduled_tokens]  # CUDA-graph padding rows come last
             out.append(GateRecord(step=item.step, layer=li, expert_counts=counts,
                                   num_tokens=sum(counts) // info.top_k, rank=int(self.rank or 0),
                                   phase=item.phase, top_k=info.top_k, time=round(item.time, 6),
-                                  model=self.model, extra=extra))
+                                  model=self.model, extra=extra, topk_sample=sample or None))
         return out
 
     def _run(self) -> None:
@@ -221,6 +266,8 @@ class GateLogRecorder:
                     if item.event is not None:
                         item.event.synchronize()
                     rows = self._host[item.slot].tolist()
+                    if item.sampled:
+                        item.samples = self._host_sample[item.slot].tolist()
                 finally:
                     with self._free_lock:
                         self._free.append(item.slot)
@@ -250,6 +297,7 @@ class GateLogRecorder:
         meta = {"schema": SCHEMA, "rank": self.rank, "model": self.model, "extra": self.extra,
                 "layers": [{"layer": i, "name": li.name, "num_experts": li.num_experts, "top_k": li.top_k}
                            for i, li in enumerate(self.layers)],
+                "topk_sample": self.topk_sample, "topk_every": self.topk_every,
                 "steps": self.stats.steps, "written_steps": self.stats.written_steps,
                 "dropped_steps": self.stats.dropped_steps, "write_errors": self.stats.write_errors,
                 "last_error": self.stats.last_error, **self.meta}

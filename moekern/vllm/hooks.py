@@ -18,8 +18,8 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
 torch.compile / CUDA graphs: the MoE layer runs inside vLLM's opaque custom op torch.ops.vllm.moe_forward
 (direct_register_custom_op with a fake impl), so Dynamo never traces our Python and needs no fake for
 fused_topk; the op's real body runs eagerly, and under CUDA graphs only once, at capture. Everything we
-launch there is capture-safe: fused_topk (no host sync), `counts[layer] += expert_counts`, the skew bias
-add, fused_moe(check_ids=False). Nothing on the host side of a step (hook 2) is inside a captured region.
+launch there is capture-safe: fused_topk (no host sync), `counts[layer] += expert_counts`, the optional
+top-k sample's slice copy, the skew bias add, fused_moe(check_ids=False). Nothing on the host side of a step (hook 2) is inside a captured region.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class LayerHook:
             out = fused_topk(logits, plan.top_k, correction_bias=bias, **plan.kwargs)
             if self.recorder is not None:
                 self.recorder.add_counts(self.index, out.expert_counts)
+                self.recorder.add_topk_sample(self.index, out.topk_ids)
             ids = out.topk_ids
             if indices_type is not None and ids.dtype != indices_type:
                 ids = ids.to(indices_type)
@@ -151,6 +152,7 @@ class LayerHook:
         if self.recorder is not None:
             top_k = getattr(self.router, "top_k", topk_ids.shape[1])
             self.recorder.add_ids(self.index, topk_ids[:, :top_k])  # fused shared slots come after
+            self.recorder.add_topk_sample(self.index, topk_ids[:, :top_k])
         return topk_weights, topk_ids
 
 
@@ -322,7 +324,8 @@ def install(cfg: PluginConfig) -> None:
             from moekern.vllm.gatelog_writer import GateLogRecorder
 
             rec = GateLogRecorder(cfg.gate_log_dir, flush_steps=cfg.flush_steps, flush_seconds=cfg.flush_seconds,
-                                  queue_slots=cfg.queue_slots,
+                                  queue_slots=cfg.queue_slots, topk_sample=cfg.topk_sample,
+                                  topk_every=cfg.topk_every,
                                   meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None})
             _STATE["recorder"] = rec
             atexit.register(rec.close)

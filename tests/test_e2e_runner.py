@@ -1,0 +1,227 @@
+"""benchmarks/e2e/run_e2e.py without vLLM: argument parsing, the engine kwargs, the `vllm serve` and `vllm
+bench serve` command lines it builds, dataset prompts, the --result metadata the analysis groups by, and the
+sweep example spec rendering commands the runner accepts."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+E2E = REPO / "benchmarks" / "e2e"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("run_e2e", E2E / "run_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    p = tmp_path / "003_0.4125.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": t, "domain": "x"}) for t in ("ab", "cde", "f")) + "\n")
+    return p
+
+
+def _ready(e2e, argv):
+    """parse_args plus the model dir main() would set, without copying files."""
+    args = e2e.parse_args(argv)
+    args.model_dir = Path("/models/m")
+    return args
+
+
+def _flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def test_defaults_keep_the_legacy_engine(e2e):
+    args = _ready(e2e, ["--quick", "--mode", "serve"])
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.tensor_parallel_size) == (128, None, 1)
+    assert not args.enable_eplb and args.dataset is None and args.result is None
+    kw = e2e.engine_kwargs(args, "vllm")
+    assert kw["compilation_config"] == {"cudagraph_capture_sizes": e2e.CAPTURE_SIZES}
+    assert not {"max_num_batched_tokens", "enable_eplb", "enable_expert_parallel", "tensor_parallel_size"} & set(kw)
+    cmd = e2e.serve_command(kw, 8123)
+    assert cmd[:8] == ["vllm", "serve", "/models/m", "--host", "127.0.0.1", "--port", "8123", "--load-format"]
+    assert _flag(cmd, "--max-num-seqs") == "128" and _flag(cmd, "--seed") == "0"
+    assert json.loads(_flag(cmd, "--compilation-config")) == {"cudagraph_capture_sizes": e2e.CAPTURE_SIZES}
+    assert "--enable-eplb" not in cmd and "--moe-backend" not in cmd
+    assert _flag(e2e.serve_command(e2e.engine_kwargs(args, "flashinfer"), 1), "--moe-backend") == "flashinfer_cutlass"
+
+
+def test_sweep_flags_reach_engine_and_serve(e2e):
+    args = _ready(e2e, ["--mode", "serve", "--arms", "moekern", "--max-num-seqs", "8",
+                        "--max-num-batched-tokens", "4096", "--enable-eplb", "--tensor-parallel-size", "2"])
+    kw = e2e.engine_kwargs(args, "moekern")
+    assert kw["max_num_seqs"] == 8 and kw["max_num_batched_tokens"] == 4096 and kw["tensor_parallel_size"] == 2
+    assert kw["enable_eplb"] is True and kw["enable_expert_parallel"] is True
+    assert kw["compilation_config"]["cudagraph_capture_sizes"] == [1, 2, 4, 8]
+    cmd = e2e.serve_command(kw, 1)
+    assert _flag(cmd, "--max-num-seqs") == "8" and _flag(cmd, "--max-num-batched-tokens") == "4096"
+    assert _flag(cmd, "--tensor-parallel-size") == "2"
+    # boolean engine flags are bare switches
+    assert cmd[cmd.index("--enable-eplb") + 1].startswith("--") and "--enable-expert-parallel" in cmd
+    assert e2e.capture_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100]
+    with pytest.raises(ValueError, match="no vllm serve flag"):
+        e2e.serve_command({**kw, "swap_space": 4}, 1)
+
+
+def test_bench_command_random_and_dataset(e2e, dataset, tmp_path):
+    args = _ready(e2e, ["--quick", "--mode", "serve"])
+    cmd = e2e.bench_command(args, 9000, tmp_path, "r.json")
+    assert _flag(cmd, "--dataset-name") == "random" and _flag(cmd, "--random-input-len") == "256"
+    assert _flag(cmd, "--base-url") == "http://127.0.0.1:9000" and _flag(cmd, "--result-filename") == "r.json"
+    args = _ready(e2e, ["--quick", "--mode", "serve", "--dataset", str(dataset), "--serve-prompts", "7"])
+    cmd = e2e.bench_command(args, 9000, tmp_path, "r.json")
+    assert _flag(cmd, "--dataset-name") == "custom" and _flag(cmd, "--dataset-path") == str(dataset)
+    assert _flag(cmd, "--custom-output-len") == "64" and "--skip-chat-template" in cmd
+    assert "--random-input-len" not in cmd and _flag(cmd, "--num-prompts") == "7" and "--ignore-eos" in cmd
+
+
+def test_dataset_prompts_offline(e2e, dataset, tmp_path):
+    encode = lambda text: [1] + [ord(c) for c in text]  # noqa: E731  a BOS plus one id per character
+    ids = e2e.read_dataset_prompts(dataset, encode, 5)
+    assert ids == [[1, 97, 98], [1, 99, 100, 101], [1, 102], [1, 97, 98], [1, 99, 100, 101]]  # cycled
+    args = _ready(e2e, ["--quick", "--mode", "offline", "--dataset", str(dataset)])
+    spec = e2e.offline_spec(args, "vllm", tmp_path / "r.json", ids)
+    assert spec["prompt_token_ids"] == ids and spec["num_prompts"] == 5 and spec["engine"]["max_num_seqs"] == 128
+    assert "prompt_token_ids" not in e2e.offline_spec(args, "vllm", tmp_path / "r.json")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        e2e.read_dataset_prompts(bad, encode, 2)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        e2e.read_dataset_prompts(tmp_path / "empty.jsonl", encode, 2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--enable-eplb", "--mode", "serve"], "tensor-parallel-size"),
+    (["--result", "r.json"], "--mode serve"),
+    (["--result", "r.json", "--mode", "serve", "--arms", "vllm,moekern"], "one arm"),
+    (["--arms", "nope"], "unknown arm"),
+    (["--max-num-seqs", "0"], "max-num-seqs=0"),
+    (["--dataset", "/nonexistent/x.jsonl"], "not a file"),
+])
+def test_bad_arguments(e2e, argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        e2e.parse_args(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_gate_log_dir_and_env(e2e, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    one = _ready(e2e, ["--mode", "serve", "--arms", "vllm", "--gate-log-dir", str(tmp_path / "g")])
+    assert e2e.gate_log_dir(one, "vllm", out) == tmp_path / "g"
+    many = _ready(e2e, ["--mode", "offline", "--gate-log-dir", str(tmp_path / "g")])
+    assert e2e.gate_log_dir(many, "vllm", out) == tmp_path / "g" / "vllm"
+    plain = _ready(e2e, ["--mode", "offline"])
+    assert e2e.gate_log_dir(plain, "vllm", out) is None
+    assert e2e.gate_log_dir(plain, "moekern-routing-log", out) == out / "gate_logs" / "moekern-routing-log"
+    env = e2e.arm_env("moekern", out, tmp_path / "g", base_env={"MOEKERN_KERNELS": "all", "MOEKERN_X": "1",
+                                                                "PATH": "/bin"})
+    assert env["MOEKERN_KERNELS"] == "all" and "MOEKERN_X" not in env and env["PATH"] == "/bin"
+    assert env["MOEKERN_GATE_LOG_DIR"] == str(tmp_path / "g") and env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert "MOEKERN_GATE_LOG_DIR" not in e2e.arm_env("vllm", out, None, base_env={"MOEKERN_GATE_LOG_DIR": "x"})
+
+
+def test_result_metadata_is_what_the_analysis_groups_by(e2e, dataset, tmp_path):
+    from moekern.analysis.serving import GROUP_KEYS, load_runs
+
+    res = tmp_path / "runs" / "p.json"
+    gdir = tmp_path / "gate_logs" / "p"
+    gdir.mkdir(parents=True)
+    (gdir / "gate_log.rank0.jsonl").write_text(json.dumps(
+        {"schema": "moekern.gatelog/1", "step": 0, "layer": 0, "num_tokens": 4, "top_k": 2,
+         "expert_counts": [6, 2, 0, 0]}) + "\n")
+    args = _ready(e2e, ["--mode", "serve", "--arms", "moekern", "--max-num-seqs", "16", "--max-num-batched-tokens",
+                        "8192", "--dataset", str(dataset), "--result", str(res), "--gate-log-dir", str(gdir)])
+    bench = tmp_path / "serve_moekern.bench.json"
+    bench.write_text(json.dumps({"backend": "vllm", "mean_tpot_ms": 12.0, "output_throughput": 900.0,
+                                 "duration": 2.0, "total_input_tokens": 100}))
+    e2e.write_result(args, "moekern", bench, gdir)
+    meta = json.loads(res.read_text())["moekern"]
+    assert meta["gate_log"] == "../gate_logs/p" and meta["dataset"] == dataset.name
+    runs, skipped = load_runs(tmp_path / "runs")
+    assert not skipped and len(runs) == 1
+    r = runs[0]
+    assert {k: getattr(r, k) for k in GROUP_KEYS} == {"moe_backend": "moekern", "max_num_seqs": 16,
+                                                      "max_num_batched_tokens": 8192, "eplb": False}
+    assert r.predicted_score == pytest.approx(0.4125) and r.metrics["mean_tpot_ms"] == 12.0
+    assert r.measured_cv is not None  # the gate log was found through the relative path
+
+
+def test_sweep_example_renders_the_real_command(e2e, dataset, capsys):
+    """Every point of analysis/specs/sweep_example.yaml is a command run_e2e.py accepts, with the point's
+    values in the engine it would start."""
+    from moekern.analysis.sweep import load_spec, plan, run_sweep
+
+    spec = load_spec(REPO / "analysis" / "specs" / "sweep_example.yaml")
+    assert spec.collect is None
+    spec.grid["dataset"] = [str(dataset)]  # the spec's glob points at generated datasets, absent here
+    points = plan(spec)
+    assert len(points) == 2 * 4 * 4 * 2
+    for p in points[::7] + [points[-1]]:
+        script = (spec.base_dir / p.command[1]).resolve()
+        assert script == (E2E / "run_e2e.py").resolve()
+        args = _ready(e2e, p.command[2:])
+        kw = e2e.engine_kwargs(args, p.params["backend"])
+        assert args.arm_plan == {"serve": [p.params["backend"]]}
+        assert kw["max_num_seqs"] == p.params["max_num_seqs"]
+        assert kw["max_num_batched_tokens"] == p.params["max_num_batched_tokens"]
+        assert kw.get("enable_eplb", False) is p.params["eplb"] and kw["tensor_parallel_size"] == 2
+        assert args.result == p.result and args.gate_log_dir == p.gate_log_dir and args.dataset == dataset
+    spec.out_dir = Path("/nonexistent/sweep")  # dry run: prints, touches nothing
+    run_sweep(spec, dry_run=True)
+    out = capsys.readouterr().out
+    assert f"[todo] {points[0].run_id}: python ../../benchmarks/e2e/run_e2e.py" in out
+    assert f"--result /nonexistent/sweep/runs/{points[0].run_id}.json" in out
+    assert out.count("run_e2e.py --model mixtral-8x7b-4l --mode serve --arms") == len(points)
+
+
+def test_sweep_keeps_runner_metadata(tmp_path):
+    """A runner's own 'moekern' block (run_e2e --result) survives the sweep's annotation, which adds only
+    the keys it lacks."""
+    from moekern.analysis.sweep import load_spec, run_sweep
+
+    (tmp_path / "r.py").write_text(
+        "import json, sys, pathlib\n"
+        "pathlib.Path(sys.argv[1]).write_text(json.dumps({'mean_tpot_ms': 5.0, "
+        "'moekern': {'moe_backend': 'moekern', 'max_num_seqs': 99}}))\n")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f'command: "{sys.executable} r.py {{result}}"\ngrid: {{backend: [vllm], max_num_seqs: [8]}}\n')
+    sp = load_spec(spec)
+    assert run_sweep(sp, progress=False)["ran"] == 1
+    meta = json.loads(next((sp.out_dir / "runs").glob("*.json")).read_text())["moekern"]
+    assert meta["moe_backend"] == "moekern" and meta["max_num_seqs"] == 99  # the runner's values win
+    assert meta["run_id"] == "vllm_s8" and meta["sweep"] == "s"
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b-4l", "qwen3-30b-a3b-8l", "olmoe-1b-7b", "deepseek-v2-lite-8l",
+                                  "deepseek-v3-2l"])
+def test_committed_configs_are_current_and_load(e2e, name):
+    """benchmarks/e2e/configs/*/config.json are what make_configs.py writes today (hf_config of the registry
+    for the registry models), and transformers reads them with the registry's shapes."""
+    transformers = pytest.importorskip("transformers")
+    import make_configs  # on sys.path through run_e2e
+
+    from moekern.models import get_model, hf_config
+
+    path = E2E / "configs" / name / "config.json"
+    committed = json.loads(path.read_text())
+    assert committed == json.loads(json.dumps(make_configs.config_for(name))), "re-run make_configs.py"
+    key, layers, _ = make_configs.MODELS[name]
+    hf = transformers.AutoConfig.from_pretrained(str(path.parent))
+    assert hf.num_hidden_layers == layers and hf.num_experts_per_tok == committed["num_experts_per_tok"]
+    if key is not None:
+        spec = get_model(key)
+        ref = hf_config(spec, num_layers=layers)
+        assert {k: v for k, v in committed.items() if k != "_moekern_note"} == \
+            {k: v for k, v in json.loads(json.dumps(ref)).items() if k != "_moekern_note"}
+        assert hf.hidden_size == spec.hidden_size and hf.vocab_size == spec.vocab_size
+        assert hf.num_experts_per_tok == spec.top_k
