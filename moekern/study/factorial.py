@@ -266,12 +266,12 @@ def anova_all(df, factors, responses=RESPONSES, interactions: int = 2) -> dict[s
 def anova_plot(results: dict[str, AnovaResult], path=None):
     """Bar chart of partial eta squared per term and response (* marks p < 0.05); PNG bytes, and
     written to `path` when given."""
-    from moekern.analysis.plotting import fig_png
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from moekern.analysis.plotting import fig_png
 
     n = max(len(results), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)

@@ -37,16 +37,21 @@ DEFAULT_INTER_BW = 50e9
 GPUS_PER_NODE = 8
 
 
-def measured_intra_bw(search_dirs=("benchmarks/results/ep",)) -> tuple[float | None, str]:
-    """(bytes/s, source) of a measured multi-GPU intra-node bandwidth, or (None, why not)."""
+def _result_files(search_dirs):
+    """(path, parsed JSON) of every readable *.json under the existing `search_dirs`, in sorted order."""
     for d in search_dirs:
         for f in sorted(Path(d).rglob("*.json")) if Path(d).is_dir() else []:
             try:
-                obj = json.loads(f.read_text(encoding="utf-8"))
+                yield f, json.loads(f.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 continue
-            if isinstance(obj, dict) and isinstance(obj.get("intra_node_bytes_per_s"), (int, float)):
-                return float(obj["intra_node_bytes_per_s"]), str(f)
+
+
+def measured_intra_bw(search_dirs=("benchmarks/results/ep",)) -> tuple[float | None, str]:
+    """(bytes/s, source) of a measured multi-GPU intra-node bandwidth, or (None, why not)."""
+    for f, obj in _result_files(search_dirs):
+        if isinstance(obj, dict) and isinstance(obj.get("intra_node_bytes_per_s"), (int, float)):
+            return float(obj["intra_node_bytes_per_s"]), str(f)
     return None, "no measured multi-GPU intra-node bandwidth file (intra_node_bytes_per_s) under " \
                  + ", ".join(search_dirs)
 
@@ -205,24 +210,19 @@ def project_from_gate_log(path, model: str, nodes=(1, 2, 3, 4), tokens_per_gpu: 
 def measured_ep_rows(search_dirs=("benchmarks/results/ep",)) -> list[dict]:
     """Measured moekern.ep rows (bench_ep.py JSON) to set beside the projection, with their device."""
     out = []
-    for d in search_dirs:
-        for f in sorted(Path(d).rglob("*.json")) if Path(d).is_dir() else []:
-            try:
-                obj = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-            for r in obj.get("results", []) if isinstance(obj, dict) else []:
-                out.append({"file": str(f), "device": obj.get("device"), "bench": obj.get("bench"), **r})
+    for f, obj in _result_files(search_dirs):
+        for r in obj.get("results", []) if isinstance(obj, dict) else []:
+            out.append({"file": str(f), "device": obj.get("device"), "bench": obj.get("bench"), **r})
     return out
 
 
 def projection_plot(rows: list[Projection], title: str = "", path=None) -> bytes:
-    from moekern.analysis.plotting import fig_png
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from moekern.analysis.plotting import fig_png
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in sorted({r.placement for r in rows}):
