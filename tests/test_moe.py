@@ -436,3 +436,22 @@ def test_model_layer_from_logits_bf16(name):
     out = moekern.fused_moe(x, w13, w2, logits, k, **routing_kw)
     ref = fused_moe_reference(x.float(), w13, w2, w, ids)
     assert _rel_err(out, ref) < LOWP_REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3"])
+@pytest.mark.parametrize("cfg", [
+    BlockConfig(128, 128, 64, 8, 8, 3, fuse_silu=False),
+    BlockConfig(128, 128, 64, 8, 8, 3, fuse_silu=False, persistent=1),
+    BlockConfig(64, 64, 128, 8, 8, 4, tma=True),
+], ids=["unfused", "unfused-persistent", "fused-tma"])
+def test_model_shapes_variants_bf16(name, cfg):
+    """The prefill variants benchmarks/moe_variants.py times, compiled for the GPU at the real shapes."""
+    spec, w13, w2 = _model_weights(name)
+    E, k, M = spec.num_experts, spec.top_k, 1024
+    torch.manual_seed(2)
+    x = torch.randn(M, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    w, ids, _ = moekern.fused_topk(torch.randn(M, E, device="cuda"), k, backend="torch", **spec.routing_kwargs())
+    g2 = BlockConfig(cfg.block_m, 128, 64, 8, 8, 3, persistent=cfg.persistent, tma=cfg.tma)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, block_config=(cfg, g2), check_ids=False)
+    assert _rel_err(out, fused_moe_reference(x.float(), w13, w2, w, ids)) < LOWP_REL_TOL

@@ -41,6 +41,13 @@ inline int num_sms() {
     return 1;
   return n > 0 ? n : 1;
 }
+inline Error current_device(int* dev) { return hipGetDevice(dev); }
+// Resident blocks of `kernel` per multiprocessor at `threads` per block (sizes grid-stride grids); >= 1.
+inline int max_active_blocks(const void* kernel, int threads) {
+  int n = 0;
+  if (hipOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != hipSuccess) return 1;
+  return n > 0 ? n : 1;
+}
 #else
 using Stream = cudaStream_t;
 using Error = cudaError_t;
@@ -54,6 +61,13 @@ inline int num_sms() {
   int dev = 0, n = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return 1;
+  return n > 0 ? n : 1;
+}
+inline Error current_device(int* dev) { return cudaGetDevice(dev); }
+// Resident blocks of `kernel` per multiprocessor at `threads` per block (sizes grid-stride grids); >= 1.
+inline int max_active_blocks(const void* kernel, int threads) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess) return 1;
   return n > 0 ? n : 1;
 }
 #endif

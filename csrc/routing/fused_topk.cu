@@ -1,37 +1,59 @@
-// Fused top-k routing: scores, (grouped) selection, renormalization, scaling and the expert histogram
-// in one kernel launch (plus a memset of the [E] histogram when more than one block runs).
+// Fused top-k routing (v2): scores, (grouped) selection, renormalization, scaling and the expert histogram
+// in ONE kernel launch at every M, with no memset. NOTES.md has the design, the predictions and what to
+// measure; fused_topk_legacy.cu keeps v1 as the fallback.
 //
-// Algorithm. One warp per token. Lane l holds experts e = l + i*W (i < VPT, W = warp size), so the row
-// load is coalesced and a row of E <= 512 experts lives in <= 16 registers per lane (8 on wave64).
-// Each expert gets a 64-bit selection key (allowed << 41 | order-preserving bits of the fp32 score << 9
-// | 511 - e): comparing keys as integers gives "larger score first, ties to the lower index", NaN is
-// mapped to -inf before the bits are taken, -0 to +0 (torch orders them equal), and experts of dropped
-// groups (allowed = 0) sort below every kept one. top_k rounds of a warp butterfly max pick the winners;
-// only the lane that owned a winner rescans its own VPT keys. Grouped selection (DeepSeek-V3) first
-// stages the group scores (probabilities for softmax, sigmoid+bias for sigmoid, NaN -> -inf) in shared
-// memory, one lane per group takes the sum of its two largest, and topk_group rounds of the same
-// butterfly pick the kept groups (ties to the lower group).
+// Teams. A token is handled by a team of L lanes (a power of two chosen from E at compile time); lane j of
+// the team holds the V consecutive experts [jV, jV + V), so its chunk of the row is one or two 16-byte
+// loads. E <= 8 gives L = 1: one thread per token and no shuffles at all. A warp walks W/L tokens at a
+// time and its token loop is warp-uniform (teams past M run masked), so every shuffle has the full warp.
 //
-// Exactness. Softmax selects on the fp32 logit (softmax is monotone), so ids match the reference
-// bit-for-bit; sigmoid is computed as 1 / (1 + expf(-x)) as torch's CUDA kernel does. Weights (softmax
-// sums in a different order) agree to a few ulp; grouped softmax group scores can differ in the last bit
-// from torch's and flip a group at an exact-to-1-ulp tie, which the reference cannot define either.
+// Selection keys are v1's: an integer per expert (allowed bit | order-preserving score bits | 511 - e),
+// compared as integers: larger score first, ties to the lower index, NaN ranked as -inf, -0 == +0, experts
+// of dropped groups below every kept one, padding (key 0) below everything. Softmax on fp16/bf16 logits
+// uses 32-bit keys: a float converted from a 16-bit type has its low 13 bits zero, so `ordered >> 13` (19
+// bits) is exact; fp32 logits and sigmoid scores keep 64-bit keys. k rounds: each lane offers its best key
+// below the previous winner, a log2(L)-step butterfly max picks the winner, one shuffle fetches its weight.
 //
-// Bounds: 1 <= E <= 512 (9 index bits in the key), 1 <= k <= 16 (k lanes hold the results), any M.
-// Histogram: each block counts in shared memory. Several blocks (a persistent grid of 4 per SM, warps
-// striding over tokens) add their non-zero counts to the global [E] after a memset; a single block
-// (M <= 8, the decode case) writes all E counts itself, so no memset runs.
+// Grouped selection (DeepSeek-V3) runs when a group is S = (E/G)/V whole lanes, S a power of two <= L:
+// each lane takes the top-2 (multiset) of its scores, log2(S) shuffle merges give the group's top-2 sum on
+// each of its lanes (the same fp32 a + b as torch), and topk_group rounds of a butterfly over lane masks
+// S..L/2 pick the kept groups. Other geometries use v1.
+//
+// Exactness: softmax selects on the fp32 logit (softmax is monotone), sigmoid is 1 / (1 + expf(-x)) as in
+// torch's CUDA kernel, expf/division are IEEE (no fast math), so ids and counts equal the reference;
+// weights agree to a few ulp (the row sum is accumulated in a different order).
+//
+// Histogram, one launch: each block counts in shared memory. A single block (small M) writes all E counts.
+// A multi-block grid adds each block's non-zero counts to an accumulator slot in device-global memory,
+// fences, and takes a ticket with atomicInc(ticket, gridDim.x - 1), which wraps to 0 on the last ticket;
+// the last block moves the totals out with atomicExch(acc, 0), leaving the slot zeroed for the next launch
+// or graph replay. Slots are __device__ arrays (zero at module load, one copy per device), one per
+// (device, stream): stream order keeps two launches off one slot (see fused_topk.h for the restriction).
+//
+// Bounds: 1 <= E <= 512, 1 <= k <= 16 (kTopkMaxK), any M >= 0.
 
 #include "routing/fused_topk.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <vector>
 
 namespace mk {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kIdxBits = 9;  // E <= 512
+constexpr int kIdxMask = (1 << kIdxBits) - 1;
+constexpr int kMaxThreads = 512;          // launch bound: <= 128 registers per thread
+constexpr int kMultiThreads = 256;        // block size of the multi-block grid
+constexpr int kSingleBlockThreads = 256;  // auto: one block while M * L lanes fit in this many threads
+constexpr int kSlots = 32;                // accumulator slots per device (one per stream)
+
+// Zero at module load; every multi-block launch leaves its slot zeroed again (atomicExch / atomicInc wrap).
+__device__ int g_acc[kSlots][kTopkMaxExperts] = {};
+__device__ unsigned int g_ticket[kSlots] = {};
+
+// ------------------------------------------------------------------------------------------ keys
 
 __device__ __forceinline__ float rank_key(float x) {
   if (isnan(x)) return -INFINITY;
@@ -43,262 +65,403 @@ __device__ __forceinline__ unsigned ordered_bits(float x) {  // x already passed
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ __forceinline__ unsigned long long pack_key(bool allowed, float key, int idx) {
+__device__ __forceinline__ unsigned long long pack_key64(bool allowed, float key, int idx) {
   return (static_cast<unsigned long long>(allowed) << (32 + kIdxBits)) |
          (static_cast<unsigned long long>(ordered_bits(key)) << kIdxBits) |
-         static_cast<unsigned long long>((1 << kIdxBits) - 1 - idx);
+         static_cast<unsigned long long>(kIdxMask - idx);
 }
 
-__device__ __forceinline__ int key_index(unsigned long long k) {
-  return (1 << kIdxBits) - 1 - static_cast<int>(k & ((1u << kIdxBits) - 1));
+__device__ __forceinline__ unsigned long long xor_max64(unsigned long long v, int m) {
+  const unsigned lo = shfl_xor(static_cast<unsigned>(v), m);
+  const unsigned hi = shfl_xor(static_cast<unsigned>(v >> 32), m);
+  const unsigned long long o = (static_cast<unsigned long long>(hi) << 32) | lo;
+  return o > v ? o : v;
 }
 
-__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
-    const unsigned lo = shfl_xor(static_cast<unsigned>(v), m);
-    const unsigned hi = shfl_xor(static_cast<unsigned>(v >> 32), m);
-    const unsigned long long o = (static_cast<unsigned long long>(hi) << 32) | lo;
-    v = o > v ? o : v;
+template <bool kKey32>
+struct Keys;
+
+// 32-bit keys for scores that came from fp16/bf16: 1 allowed bit | 19 score bits | 9 index bits.
+template <>
+struct Keys<true> {
+  using type = unsigned;
+  static __device__ __forceinline__ type pack(bool allowed, float key, int idx) {
+    return (static_cast<unsigned>(allowed) << (19 + kIdxBits)) | ((ordered_bits(key) >> 13) << kIdxBits) |
+           static_cast<unsigned>(kIdxMask - idx);
   }
+  static __device__ __forceinline__ int index(type k) { return kIdxMask - static_cast<int>(k & kIdxMask); }
+  static __device__ __forceinline__ type xor_max(type v, int m) {
+    const type o = shfl_xor(v, m);
+    return o > v ? o : v;
+  }
+};
+
+template <>
+struct Keys<false> {
+  using type = unsigned long long;
+  static __device__ __forceinline__ type pack(bool allowed, float key, int idx) {
+    return pack_key64(allowed, key, idx);
+  }
+  static __device__ __forceinline__ int index(type k) { return kIdxMask - static_cast<int>(k & kIdxMask); }
+  static __device__ __forceinline__ type xor_max(type v, int m) { return xor_max64(v, m); }
+};
+
+// ------------------------------------------------------------------------------------------ team helpers
+
+// Butterflies over masks < L stay inside the aligned team of L lanes; every lane ends with the same value
+// (IEEE addition is commutative, so the sums agree bit for bit across the team).
+template <int L>
+__device__ __forceinline__ float team_max(float v) {
+#pragma unroll
+  for (int m = L / 2; m > 0; m >>= 1) v = fmaxf(v, shfl_xor(v, m));
   return v;
 }
 
-// Index of the largest of this lane's VPT keys (0 if all are 0, i.e. taken or padding).
-template <int VPT>
-__device__ __forceinline__ int local_best(const unsigned long long (&key)[VPT]) {
-  int best = 0;
-  unsigned long long value = key[0];  // tracked by value: key[best] would index the array dynamically
+template <int L>
+__device__ __forceinline__ float team_sum(float v) {
 #pragma unroll
-  for (int i = 1; i < VPT; ++i) {
-    if (key[i] > value) {
-      value = key[i];
-      best = i;
+  for (int m = L / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  return v;
+}
+
+// 16 bytes of logits -> floats, by bit manipulation (no type punning of half/bf16 objects).
+template <typename T>
+struct Unpack;
+
+template <>
+struct Unpack<float> {
+  static constexpr int kPerVec = 4;
+  static __device__ __forceinline__ void run(const uint4& u, float* out) {
+    out[0] = __uint_as_float(u.x);
+    out[1] = __uint_as_float(u.y);
+    out[2] = __uint_as_float(u.z);
+    out[3] = __uint_as_float(u.w);
+  }
+};
+
+template <>
+struct Unpack<bf16_t> {  // bf16 is the upper half of an fp32: the conversion is a shift
+  static constexpr int kPerVec = 8;
+  static __device__ __forceinline__ void run(const uint4& u, float* out) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      out[2 * q] = __uint_as_float(w[q] << 16);
+      out[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
     }
   }
-  return best;
-}
+};
 
-template <int VPT>
-__device__ __forceinline__ unsigned long long select_at(const unsigned long long (&key)[VPT], int i) {
-  unsigned long long v = 0;
+template <>
+struct Unpack<half_t> {
+  static constexpr int kPerVec = 8;
+  static __device__ __forceinline__ void run(const uint4& u, float* out) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) v = (j == i) ? key[j] : v;  // static indexing keeps key in registers
-  return v;
-}
+    for (int q = 0; q < 4; ++q) {
+      out[2 * q] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] & 0xffffu)));
+      out[2 * q + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] >> 16)));
+    }
+  }
+};
 
-template <int VPT>
-__device__ __forceinline__ float select_at(const float (&x)[VPT], int i) {
-  float v = 0.0f;
+// This lane's V logits [base, base + V) of one row as fp32; experts >= E read as -inf (padding).
+template <typename T, int V>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int base, int E, bool vec, float (&x)[V]) {
+  constexpr int kPer = Unpack<T>::kPerVec;
+  static_assert(V % kPer == 0, "a lane's chunk must be whole 16-byte vectors");
+  if (vec && base + V <= E) {
+    const uint4* src = reinterpret_cast<const uint4*>(row + base);
 #pragma unroll
-  for (int j = 0; j < VPT; ++j) v = (j == i) ? x[j] : v;
-  return v;
+    for (int j = 0; j < V / kPer; ++j) {
+      float tmp[kPer];
+      Unpack<T>::run(src[j], tmp);
+#pragma unroll
+      for (int q = 0; q < kPer; ++q) x[j * kPer + q] = tmp[q];
+    }
+  } else {  // row not 16-byte aligned (E * sizeof(T) % 16 != 0) or the last, partial chunk
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = base + i < E ? to_float(row[base + i]) : -INFINITY;
+  }
 }
 
-template <typename T, int VPT>
-__device__ __forceinline__ void route_token(const T* __restrict__ logits, int64_t t, int E, int top_k,
-                                            int scoring, bool renormalize, const float* __restrict__ bias,
-                                            int G, int g, float scale, float* __restrict__ weights,
-                                            int32_t* __restrict__ ids, int32_t* hist, float* s_score,
-                                            unsigned char* s_kept) {
+// ------------------------------------------------------------------------------------------ kernel
+
+struct TeamArgs {
+  const void* logits;
+  const float* bias;  // [E] fp32 or nullptr
+  float* weights;
+  int32_t* ids;
+  int32_t* counts;
+  int64_t M;
+  int E, top_k, scoring, G, g;
+  int group_lanes;  // S: lanes per group when G > 1
+  int renormalize;
+  int vec;   // rows are 16-byte aligned: vector loads allowed
+  int slot;  // accumulator slot of the multi-block path; -1: single block
+  float scale;
+};
+
+template <typename T, int V, int L, bool kKey32>
+__global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a) {
+  using KeyOps = Keys<kKey32>;
+  using Key = typename KeyOps::type;
+  constexpr int kTeams = kWarpSize / L;                   // tokens per warp step
+  constexpr int kRes = (kTopkMaxK + L - 1) / L;           // results kept per lane: result r -> lane r % L
+  static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
+  static_assert((V & (V - 1)) == 0, "chunk size must be a power of two");
+  constexpr int kLogV = V >= 16 ? 4 : V >= 8 ? 3 : V >= 4 ? 2 : V >= 2 ? 1 : 0;
+  static_assert((1 << kLogV) == V, "V must be 1..16");
+
+  __shared__ int s_hist[kTopkMaxExperts];
+  __shared__ int s_last;
+  const int E = a.E, top_k = a.top_k;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_hist[e] = 0;
+
   const int lane = lane_id();
-  const T* row = logits + t * E;
-  float x[VPT];    // fp32 logits
-  float w[VPT];    // the weight each expert would get: softmax prob or sigmoid
-  float key[VPT];  // selection key, NaN -> -inf
+  const int tl = lane & (L - 1);  // lane in team
+  const int team_lane0 = lane - tl;
+  const int base = tl * V;  // first expert of this lane's chunk
+  const bool softmax = a.scoring == 0;
+  const bool grouped = a.G > 1;
+
+  float bias[V];  // the same experts for every token of this lane: loaded once
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int e = lane + i * kWarpSize;
-    x[i] = e < E ? to_float(row[e]) : -INFINITY;
-  }
-  if (scoring == 0) {
-    float mx = -INFINITY;
+  for (int i = 0; i < V; ++i) bias[i] = (a.bias != nullptr && base + i < E) ? a.bias[base + i] : 0.0f;
+
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kTeams;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps * kTeams;
+  __syncthreads();  // s_hist zeroed before any token counts into it
+
+  for (int64_t t0 = first; t0 < a.M; t0 += stride) {  // warp-uniform: shuffles below see the full warp
+    const int64_t t = t0 + lane / L;
+    const bool active = t < a.M;
+    float x[V];
+    if (active) {
+      load_chunk<T, V>(logits + t * E, base, E, a.vec != 0, x);
+    } else {
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) mx = fmaxf(mx, x[i]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      // Padding lanes contribute 0 explicitly: exp(-inf - -inf) would be NaN on an all -inf row.
-      w[i] = (lane + i * kWarpSize) < E ? expf(x[i] - mx) : 0.0f;
-      sum += w[i];
+      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
     }
-    sum = warp_sum(sum);
+
+    float w[V];    // softmax: exp(x - max), divided by `sum` where a probability is needed; sigmoid: sigmoid(x)
+    float sel[V];  // the ranked score: the logit (softmax) or sigmoid + bias
+    float sum = 1.0f;
+    if (softmax) {
+      float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      w[i] = w[i] / sum;
-      key[i] = rank_key(x[i]);
+      for (int i = 0; i < V; ++i) mx = fmaxf(mx, x[i]);
+      mx = team_max<L>(mx);
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        // Padding contributes 0 explicitly: exp(-inf - -inf) is NaN on an all -inf row.
+        w[i] = base + i < E ? expf(x[i] - mx) : 0.0f;
+        s += w[i];
+        sel[i] = x[i];
+      }
+      sum = team_sum<L>(s);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        w[i] = 1.0f / (1.0f + expf(-x[i]));
+        sel[i] = w[i] + bias[i];  // + 0.0f without a bias: exact (sigmoid is never -0)
+      }
     }
-  } else {
+
+    bool allowed = true;
+    if (grouped) {
+      const int S = a.group_lanes;
+      float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int e = lane + i * kWarpSize;
-      w[i] = 1.0f / (1.0f + expf(-x[i]));
-      key[i] = rank_key(bias != nullptr && e < E ? w[i] + bias[e] : w[i]);
+      for (int i = 0; i < V; ++i) {
+        const float v = rank_key(softmax ? w[i] / sum : sel[i]);
+        if (v > top1) {
+          top2 = top1;
+          top1 = v;
+        } else if (v > top2) {
+          top2 = v;
+        }
+      }
+      for (int m = 1; m < S; m <<= 1) {  // merge (max, second) pairs across the S lanes of the group
+        const float o1 = shfl_xor(top1, m);
+        const float o2 = shfl_xor(top2, m);
+        const float lo = fminf(top1, o1);
+        top1 = fmaxf(top1, o1);
+        top2 = fmaxf(lo, fmaxf(top2, o2));
+      }
+      const int grp = tl / S;
+      unsigned long long gkey = (active && grp < a.G) ? pack_key64(true, rank_key(top1 + top2), grp) : 0ull;
+      bool kept = false;
+      for (int r = 0; r < a.g; ++r) {
+        unsigned long long win = gkey;
+        for (int m = S; m < L; m <<= 1) win = xor_max64(win, m);  // across groups; a group's lanes agree
+        if (win != 0ull && kIdxMask - static_cast<int>(win & kIdxMask) == grp) {
+          kept = true;
+          gkey = 0ull;
+        }
+      }
+      allowed = kept;
+    }
+
+    Key key[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      key[i] = (active && base + i < E) ? KeyOps::pack(allowed, rank_key(sel[i]), base + i) : Key(0);
+
+    float res_w[kRes];
+    int res_id[kRes];
+#pragma unroll
+    for (int j = 0; j < kRes; ++j) {
+      res_w[j] = 0.0f;
+      res_id[j] = 0;
+    }
+    float wsum = 0.0f;
+    Key thr = ~Key(0);  // keys are distinct: the remaining ones are exactly those below the last winner
+#pragma unroll
+    for (int r = 0; r < kTopkMaxK; ++r) {
+      if (r < top_k) {  // uniform
+        Key c[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) c[i] = key[i] < thr ? key[i] : Key(0);
+#pragma unroll
+        for (int lvl = 1; lvl <= kLogV; ++lvl) {  // a tree: depth log2(V); constant bounds keep c in registers
+#pragma unroll
+          for (int i = 0; i < (V >> lvl); ++i) c[i] = c[i + (V >> lvl)] > c[i] ? c[i + (V >> lvl)] : c[i];
+        }
+        Key win = c[0];
+#pragma unroll
+        for (int m = 1; m < L; m <<= 1) win = KeyOps::xor_max(win, m);
+        thr = win;
+        const int e = KeyOps::index(win);
+        const int slot = e & (V - 1);
+        float wv = 0.0f;  // every lane reads its own w at `slot`; the owner's value is the winner's
+#pragma unroll
+        for (int i = 0; i < V; ++i) wv = (i == slot) ? w[i] : wv;
+        if (L > 1) wv = shfl(wv, team_lane0 + ((e / V) & (L - 1)));
+        if (softmax) wv = wv / sum;  // the probability, as torch.softmax computes it
+        wsum += wv;
+        if (tl == r % L) {
+          res_w[r / L] = wv;
+          res_id[r / L] = e;
+        }
+      }
+    }
+
+    if (active) {
+      const bool renorm = a.renormalize != 0 && wsum > 0.0f;  // a zero or NaN sum leaves the row as it is
+#pragma unroll
+      for (int j = 0; j < kRes; ++j) {
+        const int r = tl + j * L;
+        if (r < top_k) {
+          float wt = res_w[j];
+          if (renorm) wt = wt / wsum;
+          a.weights[t * top_k + r] = wt * a.scale;
+          a.ids[t * top_k + r] = res_id[j];
+          atomicAdd(&s_hist[res_id[j]], 1);
+        }
+      }
     }
   }
 
-  bool allowed[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) allowed[i] = true;
-  if (G > 1) {
-    const int P = E / G;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int e = lane + i * kWarpSize;
-      if (e < E) s_score[e] = scoring == 0 ? rank_key(w[i]) : key[i];
-    }
-    syncwarp();
-    // Lane owns groups lane + j*W; G <= E so VPT slots suffice.
-    unsigned long long gkey[VPT];
-#pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      const int grp = lane + j * kWarpSize;
-      gkey[j] = 0;
-      if (grp < G) {
-        float a = -INFINITY, b = -INFINITY;
-        for (int p = 0; p < P; ++p) {
-          const float v = s_score[grp * P + p];
-          if (v > a) {
-            b = a;
-            a = v;
-          } else if (v > b) {
-            b = v;
-          }
-        }
-        gkey[j] = pack_key(true, rank_key(P == 1 ? a : a + b), grp);
-      }
-    }
-    bool kept[VPT];
-#pragma unroll
-    for (int j = 0; j < VPT; ++j) kept[j] = false;
-    int best = local_best(gkey);
-    for (int r = 0; r < g; ++r) {
-      const unsigned long long win = warp_max_u64(select_at(gkey, best));
-      const int grp = key_index(win);
-      if (grp % kWarpSize == lane) {
-        const int slot = grp / kWarpSize;
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) {
-          if (j == slot) {
-            kept[j] = true;
-            gkey[j] = 0;
-          }
-        }
-        best = local_best(gkey);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      const int grp = lane + j * kWarpSize;
-      if (grp < G) s_kept[grp] = kept[j];
-    }
-    syncwarp();
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int e = lane + i * kWarpSize;
-      allowed[i] = e < E && s_kept[e / P];
-    }
-    syncwarp();  // s_score/s_kept are reused by this warp's next token
+  __syncthreads();
+  if (a.slot < 0) {  // the only block: every count is its own
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
+    return;
   }
-
-  unsigned long long k64[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int e = lane + i * kWarpSize;
-    k64[i] = e < E ? pack_key(allowed[i], key[i], e) : 0ull;
+  int* acc = g_acc[a.slot];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int c = s_hist[e];
+    if (c != 0) atomicAdd(&acc[e], c);
   }
-  int best = local_best(k64);
-  int my_id = 0;
-  float my_w = 0.0f;
-  for (int r = 0; r < top_k; ++r) {
-    const unsigned long long win = warp_max_u64(select_at(k64, best));
-    const int e = key_index(win);
-    const int owner = e % kWarpSize;
-    const float wv = shfl(select_at(w, best), owner);
-    if (lane == r) {
-      my_id = e;
-      my_w = wv;
-    }
-    if (lane == owner) {
-      const int slot = e / kWarpSize;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) k64[i] = (i == slot) ? 0ull : k64[i];
-      best = local_best(k64);
-    }
+  __threadfence();  // this block's adds are visible before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned last = gridDim.x - 1;
+    s_last = atomicInc(&g_ticket[a.slot], last) == last;  // the last ticket wraps the counter to 0
   }
-  if (renormalize) {
-    const float s = warp_sum(lane < top_k ? my_w : 0.0f);
-    if (s > 0.0f) my_w = my_w / s;  // a zero or NaN sum leaves the row as it is
-  }
-  my_w *= scale;
-  if (lane < top_k) {
-    weights[t * top_k + lane] = my_w;
-    ids[t * top_k + lane] = my_id;
-    atomicAdd(&hist[my_id], 1);
+  __syncthreads();
+  if (s_last) {
+    __threadfence();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
   }
 }
 
-template <typename T, int VPT, bool kSingleBlock>
-__global__ void __launch_bounds__(kThreads)
-fused_topk_kernel(const T* __restrict__ logits, int64_t M, int E, int top_k, int scoring, bool renormalize,
-                  const float* __restrict__ bias, int G, int g, float scale, float* __restrict__ weights,
-                  int32_t* __restrict__ ids, int32_t* __restrict__ counts) {
-  __shared__ float s_score[kWarps][kTopkMaxExperts];
-  __shared__ unsigned char s_kept[kWarps][kTopkMaxExperts];
-  __shared__ int32_t s_hist[kTopkMaxExperts];
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  for (int e = threadIdx.x; e < E; e += kThreads) s_hist[e] = 0;
-  __syncthreads();
-  // Persistent grid: warps stride over tokens, so each block counts many tokens in shared memory and
-  // adds to global memory once per expert (global same-address atomics per slot serialize badly).
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < M; t += stride)
-    route_token<T, VPT>(logits, t, E, top_k, scoring, renormalize, bias, G, g, scale, weights, ids, s_hist,
-                        s_score[warp], s_kept[warp]);
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += kThreads) {
-    if (kSingleBlock) {
-      counts[e] = s_hist[e];  // the only block: writes every count, so no memset is needed
-    } else if (s_hist[e] != 0) {
-      atomicAdd(&counts[e], s_hist[e]);
-    }
-  }
+// ------------------------------------------------------------------------------------------ host side
+
+struct Bucket {
+  int max_e, V, L;
+};
+
+// E -> (V, L); V * L covers E. On wave64 the 512 bucket uses 64 lanes of 8.
+#ifdef MOEKERN_HIP
+#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 8, 64)
+#else
+#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 16, 32)
+#endif
+
+Bucket bucket_for(int E) {
+#define MOEKERN_BUCKET_IF(EB, VV, LL) \
+  if (E <= (EB)) return Bucket{(EB), (VV), (LL)};
+  MOEKERN_TOPK_BUCKETS(MOEKERN_BUCKET_IF)
+#undef MOEKERN_BUCKET_IF
+  return Bucket{0, 0, 0};
 }
 
-template <typename T, int VPT>
-Error launch_vpt(const T* logits, int64_t M, int E, int top_k, int scoring, bool renormalize,
-                 const float* bias, int G, int g, float scale, float* weights, int32_t* ids, int32_t* counts,
-                 Stream stream) {
-  if (M <= kWarps) {
-    fused_topk_kernel<T, VPT, true><<<1, kThreads, 0, stream>>>(logits, M, E, top_k, scoring, renormalize,
-                                                                 bias, G, g, scale, weights, ids, counts);
-  } else {
-    const Error err = memset_async(counts, 0, sizeof(int32_t) * E, stream);
-    if (err != kSuccess) return err;
-    const int64_t blocks = std::min<int64_t>((M + kWarps - 1) / kWarps, static_cast<int64_t>(num_sms()) * 4);
-    fused_topk_kernel<T, VPT, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        logits, M, E, top_k, scoring, renormalize, bias, G, g, scale, weights, ids, counts);
+// The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are
+// all taken (the caller then runs v1, which needs none).
+int stream_slot(Stream stream) {
+  int dev = 0;
+  if (current_device(&dev) != kSuccess) return -1;
+  struct Owner {
+    int dev;
+    Stream stream;
+    int slot;
+  };
+  static std::mutex mu;
+  static std::vector<Owner> owners;
+  const std::lock_guard<std::mutex> lock(mu);
+  int used = 0;
+  for (const Owner& o : owners) {
+    if (o.dev != dev) continue;
+    if (o.stream == stream) return o.slot;
+    ++used;
   }
+  if (used >= kSlots) return -1;
+  owners.push_back(Owner{dev, stream, used});
+  return used;
+}
+
+template <typename T, int V, int L, bool kKey32>
+Error launch_team(const TeamArgs& a, Stream stream) {
+  const auto kernel = team_topk_kernel<T, V, L, kKey32>;
+  const int64_t lanes = a.M * L;
+  int64_t blocks = 1;
+  int threads = kMultiThreads;
+  if (a.slot < 0) {
+    threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (lanes + kWarpSize - 1) / kWarpSize * kWarpSize));
+  } else {
+    static const int occupancy = max_active_blocks(reinterpret_cast<const void*>(kernel), kMultiThreads);
+    blocks = std::max<int64_t>(1, std::min<int64_t>((lanes + kMultiThreads - 1) / kMultiThreads,
+                                                    static_cast<int64_t>(num_sms()) * occupancy));
+  }
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
   return last_error();
 }
 
 template <typename T>
-Error launch_typed(const T* logits, int64_t M, int E, int top_k, int scoring, bool renormalize,
-                   const float* bias, int G, int g, float scale, float* weights, int32_t* ids, int32_t* counts,
-                   Stream stream) {
-#define MOEKERN_TOPK_CASE(V)                                                                                \
-  if (E <= (V) * kWarpSize)                                                                                 \
-    return launch_vpt<T, (V)>(logits, M, E, top_k, scoring, renormalize, bias, G, g, scale, weights, ids, \
-                              counts, stream);
-  MOEKERN_TOPK_CASE(1)
-  MOEKERN_TOPK_CASE(2)
-  MOEKERN_TOPK_CASE(4)
-  MOEKERN_TOPK_CASE(8)
-#if !defined(MOEKERN_HIP)
-  MOEKERN_TOPK_CASE(16)
-#endif
-#undef MOEKERN_TOPK_CASE
+Error launch_team_typed(const TeamArgs& a, bool key32, Stream stream) {
+#define MOEKERN_TEAM_CASE(EB, VV, LL)                                   \
+  if (a.E <= (EB)) {                                                    \
+    if constexpr (sizeof(T) == 2) {                                     \
+      if (key32) return launch_team<T, (VV), (LL), true>(a, stream);    \
+    }                                                                   \
+    return launch_team<T, (VV), (LL), false>(a, stream);                \
+  }
+  MOEKERN_TOPK_BUCKETS(MOEKERN_TEAM_CASE)
+#undef MOEKERN_TEAM_CASE
   return kInvalidValue;
 }
 
@@ -306,16 +469,52 @@ Error launch_typed(const T* logits, int64_t M, int E, int top_k, int scoring, bo
 
 Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,
                         bool renormalize, const float* bias, int num_groups, int topk_group, float scale,
-                        float* weights, int32_t* ids, int32_t* counts, Stream stream) {
+                        float* weights, int32_t* ids, int32_t* counts, Stream stream, int variant) {
   if (E < 1 || E > kTopkMaxExperts || top_k < 1 || top_k > kTopkMaxK || top_k > E || M < 0 ||
-      (scoring != 0 && scoring != 1))
+      (scoring != 0 && scoring != 1) || variant < kTopkAuto || variant > kTopkMultiBlock)
     return kInvalidValue;
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
+  const auto legacy = [&]() {
+    return launch_fused_topk_legacy(logits, dtype, M, E, top_k, scoring, renormalize, bias, num_groups, topk_group,
+                                    scale, weights, ids, counts, stream);
+  };
+  if (variant == kTopkLegacy) return legacy();
   if (M == 0) return memset_async(counts, 0, sizeof(int32_t) * E, stream);
-  MOEKERN_DISPATCH_FLOAT(dtype, T,
-                         return launch_typed<T>(static_cast<const T*>(logits), M, E, top_k, scoring, renormalize,
-                                                bias, G, topk_group, scale, weights, ids, counts, stream));
+
+  const Bucket b = bucket_for(E);
+  int S = 0;
+  if (G > 1) {  // the team kernel needs each group to be a power-of-two run of whole lanes
+    const int P = E / G;
+    S = P % b.V == 0 ? P / b.V : 0;
+    if (S == 0 || (S & (S - 1)) != 0 || S > b.L) return legacy();
+  }
+  const bool single = variant == kTopkSingleBlock || (variant == kTopkAuto && M * b.L <= kSingleBlockThreads);
+  int slot = -1;
+  if (!single) {
+    slot = stream_slot(stream);
+    if (slot < 0) return legacy();
+  }
+  const size_t elem = dtype == DType::kFloat32 ? 4 : 2;
+  TeamArgs a;
+  a.logits = logits;
+  a.bias = bias;
+  a.weights = weights;
+  a.ids = ids;
+  a.counts = counts;
+  a.M = M;
+  a.E = E;
+  a.top_k = top_k;
+  a.scoring = scoring;
+  a.G = G;
+  a.g = G > 1 ? topk_group : 0;
+  a.group_lanes = S;
+  a.renormalize = renormalize ? 1 : 0;
+  a.vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (static_cast<size_t>(E) * elem) % 16 == 0) ? 1 : 0;
+  a.slot = slot;
+  a.scale = scale;
+  const bool key32 = scoring == 0 && dtype != DType::kFloat32;  // softmax ranks 16-bit logits: 19 bits suffice
+  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_team_typed<T>(a, key32, stream));
   return kInvalidValue;
 }
 

@@ -1,4 +1,5 @@
-// Launcher for fused top-k routing (torch-free; see fused_topk.cu for the algorithm).
+// Launcher for fused top-k routing (torch-free; see fused_topk.cu for the algorithm, NOTES.md for the
+// design and its measurements).
 #pragma once
 
 #include "common/portability.cuh"
@@ -8,12 +9,32 @@ namespace mk {
 constexpr int kTopkMaxExperts = 512;
 constexpr int kTopkMaxK = 16;
 
+// Which kernel launch_fused_topk runs. kAuto is what the public op uses; the others exist so one GPU run
+// can compare the paths against the reference and each other (benchmarks/routing_variants.py).
+enum TopkVariant : int {
+  kTopkAuto = 0,         // v2 team kernel; one block for small M, else the multi-block grid; v1 fallback
+  kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
+  kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens)
+  kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction
+};
+
 // logits: [M, E] row-major of `dtype`; bias: [E] fp32 or nullptr (sigmoid only); num_groups = 0 or 1
-// means no grouped selection. Writes weights [M, k] fp32, ids [M, k] int32 and counts [E] int32 (zeroed
-// here, on `stream`, before the kernel adds to it). Requires 1 <= E <= 512, 1 <= k <= min(E, 16),
-// scoring 0 (softmax) or 1 (sigmoid); returns kInvalidValue otherwise.
+// means no grouped selection. Writes weights [M, k] fp32, ids [M, k] int32 and counts [E] int32 (every
+// count written: the caller need not zero it). Requires 1 <= E <= 512, 1 <= k <= min(E, 16), scoring 0
+// (softmax) or 1 (sigmoid); returns kInvalidValue otherwise.
+//
+// One kernel launch, no memset (except the v1 fallback: an irregular group geometry or a 33rd stream on
+// one device). The multi-block path keeps a per-(device, stream) slot of a device-global accumulator and
+// ticket counter, which each launch leaves zeroed. Restriction: launches of this op that can run at the
+// same time must have been issued (or captured into a CUDA graph) on different streams; e.g. two graphs
+// captured on the same stream must not be replayed concurrently.
 Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,
                         bool renormalize, const float* bias, int num_groups, int topk_group, float scale,
-                        float* weights, int32_t* ids, int32_t* counts, Stream stream);
+                        float* weights, int32_t* ids, int32_t* counts, Stream stream, int variant = kTopkAuto);
+
+// The v1 kernel (same contract; zeroes counts with a memset when it runs more than one block).
+Error launch_fused_topk_legacy(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,
+                               bool renormalize, const float* bias, int num_groups, int topk_group, float scale,
+                               float* weights, int32_t* ids, int32_t* counts, Stream stream);
 
 }  // namespace mk

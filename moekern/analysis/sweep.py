@@ -8,7 +8,8 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
     out_dir: results/sweep_example           # relative to the spec file
     command: >-
       python ../../benchmarks/e2e/run_e2e.py --model {model} --mode serve --arms {backend}
-      --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
+      --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs}
+      --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
       --dataset {dataset} --out {run_dir} --result {result} --gate-log-dir {gate_log_dir}
     vars: {model: mixtral-8x7b-4l, tp: 2}    # constants for the template
     eplb_flag: {true: "--enable-eplb", false: ""}
@@ -20,16 +21,16 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
       dataset: ["datasets/*.jsonl"]          # globs expand (relative to the spec file)
     timeout_s: 3600
 
-The command runs in the spec file's folder. Template fields: every grid key and var, plus {result} (out_dir/runs/ID.json), {gate_log_dir}
-(out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder), {run_id}, {out_dir}, {dataset_name}
-(file stem), {eplb_flag}. A runner that writes a folder instead of one result file: set
-`collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes {result}.
-A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner wrote one) gets a "moekern"
-block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log, predicted_score from a
-`NNN_SCORE.jsonl` dataset name), so `moekern report` can group it; keys the runner already wrote there
-(run_e2e.py --result writes its own block) are kept, the sweep adds only the missing ones. Each run's
-output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point does not
-stop the sweep and is retried on the next invocation.
+The command runs in the spec file's folder. Template fields: every grid key and var, plus {result}
+(out_dir/runs/ID.json), {gate_log_dir} (out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder),
+{run_id}, {out_dir}, {dataset_name} (file stem), {eplb_flag}. A runner that writes a folder instead of one
+result file: set `collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes
+{result}. A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner
+wrote one) gets a "moekern" block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log,
+predicted_score from a `NNN_SCORE.jsonl` dataset name), so `moekern report` can group it; keys the runner
+already wrote there (run_e2e.py --result writes its own block) are kept, the sweep adds only the missing ones.
+Each run's output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point
+does not stop the sweep and is retried on the next invocation.
 """
 
 from __future__ import annotations

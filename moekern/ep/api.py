@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moekern._checks import check_topk_pair
 from moekern.ep import layout as L
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -87,17 +88,7 @@ def validate_dispatch_args(hidden_states, topk_ids, topk_weights, num_experts, w
         raise ValueError(f"hidden_states must be a 2-D tensor [M, H]; got {_desc(hidden_states)}")
     if hidden_states.dtype not in HIDDEN_DTYPES:
         raise TypeError(f"hidden_states must be bfloat16, float16 or float32; got {hidden_states.dtype}")
-    M = hidden_states.shape[0]
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != M:
-        raise ValueError(f"topk_ids must be [M={M}, k]; got {_desc(topk_ids)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64; got {topk_ids.dtype}")
-    if topk_ids.shape[1] < 1:
-        raise ValueError(f"topk_ids must have k >= 1 columns; got shape {tuple(topk_ids.shape)}")
-    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}; got {_desc(topk_weights)}")
-    if not topk_weights.is_floating_point():
-        raise TypeError(f"topk_weights must be floating point; got {topk_weights.dtype}")
+    check_topk_pair(topk_ids, topk_weights, hidden_states.shape[0])
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if t.device != hidden_states.device:
             raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")

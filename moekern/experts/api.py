@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from moekern._checks import check_topk_pair
 from moekern._ext import BACKENDS, backend_unavailable_reason, resolve_backend
 from moekern.experts.configs import BlockConfig, get_configs
 
@@ -67,25 +68,11 @@ def _validate_precomputed(topk_weights, topk_ids, M: int, E: int, top_k, check_r
     if topk_weights is None or topk_ids is None:
         raise ValueError("topk_weights and topk_ids go together; got only "
                          + ("topk_ids" if topk_weights is None else "topk_weights"))
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [M, k]; got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] != M:
-            raise ValueError(f"{name} must have shape [M={M}, k]; got {_shape(t)}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"topk_weights and topk_ids must have the same shape; got {_shape(topk_weights)} and {_shape(topk_ids)}")
-    k = topk_ids.shape[1]
-    if k < 1:
-        raise ValueError(f"topk_ids must have at least one column; got shape {_shape(topk_ids)}")
+    k = check_topk_pair(topk_ids, topk_weights, M)
     if k > E:
         raise ValueError(f"top_k={k} (topk_ids.shape[1]) must be <= num_experts={E}")
     if top_k is not None and top_k != k:
         raise ValueError(f"top_k={top_k} disagrees with topk_ids.shape[1]={k}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64; got {topk_ids.dtype}")
-    if not topk_weights.is_floating_point():
-        raise TypeError(f"topk_weights must be a float tensor; got {topk_weights.dtype}")
     if check_range and topk_ids.numel():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
@@ -193,7 +180,8 @@ def _align_backend(stage_backend: str, device: torch.device, num_experts: int) -
 
     in_limits = num_experts <= MAX_EXPERTS
     chosen = resolve_backend(stage_backend, device, cuda_ok=in_limits, triton_ok=in_limits)
-    return chosen if in_limits else "torch"  # out of the kernels' limits: the public align raises or loops
+    # Out of the kernels' limits: the public align (called with this backend) raises as it always did.
+    return chosen if in_limits else f"public:{chosen}"
 
 
 def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1: BlockConfig,
@@ -220,8 +208,8 @@ def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_count
     else:
         from moekern.dispatch import align
 
-        aligned = align(topk_ids, num_experts, cfg1.block_m, expert_counts=expert_counts, backend=align_backend,
-                        check_ids=False)
+        aligned = align(topk_ids, num_experts, cfg1.block_m, expert_counts=expert_counts,
+                        backend=align_backend.removeprefix("public:"), check_ids=False)
     # The kernels read topk_weights as a flat [M*k] fp32 vector: a contiguous [M, k] fp32 tensor is one.
     if topk_weights.dtype != torch.float32:
         topk_weights = topk_weights.to(torch.float32)

@@ -6,6 +6,11 @@ GEMM2 (down, routing weight fused): per program a [block_m, block_n] tile of the
 
 block_m is shared by both GEMMs: it is the padding unit of moekern.align, so one alignment serves both.
 
+A BlockConfig also selects the kernel variant (see triton_gemm.py): fuse_silu (gemm1: fused gate+up+SiLU
+with two accumulators, or one accumulator over 2I columns + a SiLU-and-mul kernel), persistent (programs
+per SM of a persistent grid; 0 = one program per tile), tma (weights through TMA descriptors). So a table
+row can pick a variant per shape, and benchmarks/moe_variants.py A/Bs them without code edits.
+
 A config is picked in this order: the `block_config` argument, then the table below keyed on
 (E, I, H, M bucket) for Hopper (H100/H200: both sm_90 with the same SM count and shared memory, so one table
 serves both; tuned on an H100 only), then `default_configs`, a heuristic on tokens per expert. The table
