@@ -52,6 +52,10 @@ Tensor3 fused_topk_cpu(const Tensor&, int64_t, int64_t, bool, const std::optiona
                        double) {
   no_cpu_kernel("fused_topk");
 }
+Tensor3 fused_topk_variant_cpu(const Tensor&, int64_t, int64_t, bool, const std::optional<Tensor>&, int64_t, int64_t,
+                               double, int64_t) {
+  no_cpu_kernel("fused_topk_variant");
+}
 Tensor3 moe_align_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&) { no_cpu_kernel("moe_align"); }
 Tensor4 permute_cpu(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&) {
   no_cpu_kernel("permute");
@@ -105,8 +109,11 @@ void check_num_experts(int64_t E) {
               mk::kDispatchMaxExperts, "]");
 }
 
-Tensor3 fused_topk_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
-                        const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale) {
+Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
+                                const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group,
+                                double scale, int64_t variant) {
+  TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkMultiBlock, "variant=", variant,
+              " must be 0 (auto), 1 (legacy), 2 (single block) or 3 (multi block)");
   check_cuda(logits_in, "logits");
   TORCH_CHECK(logits_in.dim() == 2, "logits must be 2-D [M, E]; got shape ", logits_in.sizes());
   const mk::DType dtype = to_mk_dtype(logits_in, "logits");
@@ -145,9 +152,15 @@ Tensor3 fused_topk_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring,
                                      static_cast<int>(scoring), renormalize, bias_ptr, static_cast<int>(num_groups),
                                      static_cast<int>(topk_group), static_cast<float>(scale),
                                      weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
-                                     c10::cuda::getCurrentCUDAStream().stream()),
+                                     c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(variant)),
                "fused_topk");
   return {weights, ids, counts};
+}
+
+Tensor3 fused_topk_cuda(const Tensor& logits, int64_t top_k, int64_t scoring, bool renormalize,
+                        const std::optional<Tensor>& bias, int64_t num_groups, int64_t topk_group, double scale) {
+  return fused_topk_variant_cuda(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale,
+                                 mk::kTopkAuto);
 }
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
@@ -250,6 +263,11 @@ TORCH_LIBRARY(moekern, m) {
   m.def(
       "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");
+  // Internal: fused_topk with the kernel path forced (0 auto, 1 v1, 2 single block, 3 multi block), so tests
+  // and benchmarks/routing_variants.py can check and time every path in one run.
+  m.def(
+      "fused_topk_variant(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
+      "int topk_group, float scale, int variant) -> (Tensor weights, Tensor ids, Tensor counts)");
   m.def(
       "moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
       "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
@@ -261,6 +279,7 @@ TORCH_LIBRARY(moekern, m) {
 
 TORCH_LIBRARY_IMPL(moekern, CPU, m) {
   m.impl("fused_topk", &fused_topk_cpu);
+  m.impl("fused_topk_variant", &fused_topk_variant_cpu);
   m.impl("moe_align", &moe_align_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
@@ -269,6 +288,7 @@ TORCH_LIBRARY_IMPL(moekern, CPU, m) {
 #ifdef MOEKERN_WITH_DEVICE
 TORCH_LIBRARY_IMPL(moekern, CUDA, m) {
   m.impl("fused_topk", &fused_topk_cuda);
+  m.impl("fused_topk_variant", &fused_topk_variant_cuda);
   m.impl("moe_align", &moe_align_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);

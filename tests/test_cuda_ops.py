@@ -36,10 +36,10 @@ def _routing_args(model: str):
         spec.routed_scaling_factor, spec.correction_bias
 
 
-def _run_topk(logits, top_k, scoring, renormalize, bias, groups, topk_group, scale):
+def _run_topk(logits, top_k, scoring, renormalize, bias, groups, topk_group, scale, variant="auto"):
     from moekern.routing.cuda_topk import fused_topk_cuda
 
-    got = fused_topk_cuda(logits, top_k, scoring, renormalize, bias, groups, topk_group, scale)
+    got = fused_topk_cuda(logits, top_k, scoring, renormalize, bias, groups, topk_group, scale, variant)
     ref = fused_topk_reference(
         logits, top_k, scoring=scoring, renormalize=renormalize, correction_bias=bias,
         num_expert_group=groups or None, topk_group=topk_group or None, routed_scaling_factor=scale,
@@ -135,6 +135,150 @@ def test_fused_topk_counts_zeroed_every_call():
     a = fused_topk_cuda(logits, 8, "softmax", True, None, 0, 0, 1.0)[2].clone()
     b = fused_topk_cuda(logits, 8, "softmax", True, None, 0, 0, 1.0)[2]
     assert torch.equal(a, b) and int(b.sum()) == 100 * 8
+
+
+# Kernel paths of the cuda backend (csrc/routing/NOTES.md): "auto" is what moekern.fused_topk runs; the others
+# force v1 ("legacy"), one block, or the multi-block grid with its ticket reduction, so all are checked here.
+VARIANTS = ("auto", "legacy", "single_block", "multi_block")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("M", [1, 33, 3000])
+@pytest.mark.parametrize("k", [1, 2, 8, 16])
+@pytest.mark.parametrize("E", [1, 8, 16, 60, 128, 256, 512])
+def test_fused_topk_every_path_every_E(E, k, M, variant):
+    if k > E:
+        pytest.skip("top_k > num_experts")
+    g = torch.Generator(device="cuda").manual_seed(E * 100 + k * 10 + M)
+    dtype = torch.bfloat16 if (E + k) % 2 else torch.float32  # both the 32-bit and the 64-bit key paths
+    logits = torch.randn(M, E, device="cuda", generator=g).to(dtype)
+    _assert_routing_equal(*_run_topk(logits, k, "softmax", True, None, 0, 0, 1.0, variant))
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1
+    _assert_routing_equal(*_run_topk(logits, k, "sigmoid", False, bias, 0, 0, 2.0, variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 8, 9, 64, 4096])
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_paths_standard_shapes(model, M, dtype, variant):
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    g = torch.Generator(device="cuda").manual_seed(M * 7 + E)
+    logits = torch.randn(M, E, device="cuda", generator=g).to(dtype)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_topk_paths_ties_nan_inf(variant):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cases = [(8, 2, torch.bfloat16), (128, 8, torch.float16), (256, 8, torch.float32), (60, 5, torch.bfloat16)]
+    for E, k, dtype in cases:
+        logits = torch.randint(-2, 3, (300, E), device="cuda", generator=g).float()
+        logits[0] = 0.0
+        logits[1] = -0.0
+        logits[2, E // 2] = float("nan")
+        logits[3] = float("-inf")
+        logits[4] = float("nan")
+        logits[5, 0] = float("inf")
+        logits[6, ::2] = float("-inf")
+        logits = logits.to(dtype)
+        for scoring in ("softmax", "sigmoid"):
+            _assert_routing_equal(*_run_topk(logits, k, scoring, True, None, 0, 0, 1.0, variant))
+    logits = torch.randint(-1, 2, (300, 256), device="cuda", generator=g).to(torch.bfloat16)
+    _assert_routing_equal(*_run_topk(logits, 8, "sigmoid", True, torch.zeros(256, device="cuda"), 8, 4, 2.5, variant))
+    _assert_routing_equal(*_run_topk(logits, 8, "softmax", True, None, 8, 4, 1.0, variant))
+
+
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_repeated_calls_reset_the_ticket(model):
+    # The multi-block path leaves its accumulator slot zeroed; grids of different sizes follow each other on
+    # one stream, so a stale counter or accumulator would show up as wrong counts in a later call.
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    for M in (4096, 9, 300, 1, 20000, 4096, 64, 4096):
+        for variant in ("auto", "multi_block"):
+            logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
+            _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant))
+
+
+@pytest.mark.parametrize("variant", ["auto", "multi_block", "single_block"])
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_graph_replays_count_correctly(model, variant):
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    from moekern.routing.cuda_topk import fused_topk_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    M = 2048
+    logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
+    run = lambda: fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for i in range(5):  # every replay must count from zero
+        logits.copy_(torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = fused_topk_reference(logits, k, scoring=scoring, renormalize=renorm, correction_bias=bias,
+                                   num_expert_group=groups or None, topk_group=topk_group or None,
+                                   routed_scaling_factor=scale)
+        _assert_routing_equal([t.clone() for t in out], ref)
+        eager = run()  # an eager call on the same stream between replays
+        _assert_routing_equal(eager, ref)
+
+
+def test_fused_topk_two_streams_at_once():
+    # Launches on different streams get different accumulator slots, so they may overlap.
+    from moekern.routing.cuda_topk import fused_topk_cuda
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    inputs = [torch.randn(50000, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in streams]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(3):
+        for s, x in zip(streams, inputs):
+            with torch.cuda.stream(s):
+                outs.append((x, fused_topk_cuda(x, 8, "softmax", True, None, 0, 0, 1.0)))
+    torch.cuda.synchronize()
+    for x, got in outs:
+        _assert_routing_equal(got, fused_topk_reference(x, 8))
+
+
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_large_M_many_blocks(model):
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    g = torch.Generator(device="cuda").manual_seed(13)
+    M = 131072 + 17  # grid-stride over a grid capped at SMs x occupancy, a partial last warp
+    logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale))
+
+
+def test_fused_topk_unaligned_rows_use_scalar_loads():
+    # A base pointer off 16 bytes (and E * 2 bytes not a multiple of 16) must take the scalar-load path.
+    g = torch.Generator(device="cuda").manual_seed(17)
+    for E in (128, 60):
+        buf = torch.randn(500 * E + 1, device="cuda", generator=g).to(torch.bfloat16)
+        logits = buf[1:].view(500, E)
+        _assert_routing_equal(*_run_topk(logits, 8, "softmax", True, None, 0, 0, 1.0))
+
+
+def test_fused_topk_bad_variant():
+    from moekern.routing.cuda_topk import fused_topk_cuda
+
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(ValueError, match="variant='fast' must be one of"):
+        fused_topk_cuda(x, 2, "softmax", True, None, 0, 0, 1.0, "fast")
+    with pytest.raises(RuntimeError, match="variant=7 must be 0"):
+        torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)
 
 
 # ---------------------------------------------------------------------------------------------- align

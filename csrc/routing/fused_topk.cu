@@ -124,6 +124,24 @@ __device__ __forceinline__ float team_sum(float v) {
   return v;
 }
 
+// c[0] = max(c[0..2H)), a tree of depth log2(2H). A template per level, so every loop bound is a
+// compile-time constant and c stays in registers (a loop over levels left nvcc a dynamic index).
+template <int H>
+struct TreeMax {
+  template <typename K, int N>
+  static __device__ __forceinline__ void run(K (&c)[N]) {
+#pragma unroll
+    for (int i = 0; i < H; ++i) c[i] = c[i + H] > c[i] ? c[i + H] : c[i];
+    TreeMax<H / 2>::run(c);
+  }
+};
+
+template <>
+struct TreeMax<0> {
+  template <typename K, int N>
+  static __device__ __forceinline__ void run(K (&)[N]) {}
+};
+
 // 16 bytes of logits -> floats, by bit manipulation (no type punning of half/bf16 objects).
 template <typename T>
 struct Unpack;
@@ -185,6 +203,27 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int base, 
   }
 }
 
+// ------------------------------------------------------------------------------------------ geometry
+
+struct Bucket {
+  int max_e, V, L;
+};
+
+// E -> (V, L); V * L covers E. On wave64 the 512 bucket uses 64 lanes of 8.
+#ifdef MOEKERN_HIP
+#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 8, 64)
+#else
+#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 16, 32)
+#endif
+
+Bucket bucket_for(int E) {
+#define MOEKERN_BUCKET_IF(EB, VV, LL) \
+  if (E <= (EB)) return Bucket{(EB), (VV), (LL)};
+  MOEKERN_TOPK_BUCKETS(MOEKERN_BUCKET_IF)
+#undef MOEKERN_BUCKET_IF
+  return Bucket{0, 0, 0};
+}
+
 // ------------------------------------------------------------------------------------------ kernel
 
 struct TeamArgs {
@@ -210,8 +249,6 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
   constexpr int kRes = (kTopkMaxK + L - 1) / L;           // results kept per lane: result r -> lane r % L
   static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
   static_assert((V & (V - 1)) == 0, "chunk size must be a power of two");
-  constexpr int kLogV = V >= 16 ? 4 : V >= 8 ? 3 : V >= 4 ? 2 : V >= 2 ? 1 : 0;
-  static_assert((1 << kLogV) == V, "V must be 1..16");
 
   __shared__ int s_hist[kTopkMaxExperts];
   __shared__ int s_last;
@@ -326,11 +363,7 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
         Key c[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) c[i] = key[i] < thr ? key[i] : Key(0);
-#pragma unroll
-        for (int lvl = 1; lvl <= kLogV; ++lvl) {  // a tree: depth log2(V); constant bounds keep c in registers
-#pragma unroll
-          for (int i = 0; i < (V >> lvl); ++i) c[i] = c[i + (V >> lvl)] > c[i] ? c[i + (V >> lvl)] : c[i];
-        }
+        TreeMax<V / 2>::run(c);  // depth log2(V)
         Key win = c[0];
 #pragma unroll
         for (int m = 1; m < L; m <<= 1) win = KeyOps::xor_max(win, m);
@@ -390,25 +423,6 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
 }
 
 // ------------------------------------------------------------------------------------------ host side
-
-struct Bucket {
-  int max_e, V, L;
-};
-
-// E -> (V, L); V * L covers E. On wave64 the 512 bucket uses 64 lanes of 8.
-#ifdef MOEKERN_HIP
-#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 8, 64)
-#else
-#define MOEKERN_TOPK_BUCKETS(X) X(8, 8, 1) X(16, 8, 2) X(32, 8, 4) X(64, 8, 8) X(128, 8, 16) X(256, 8, 32) X(512, 16, 32)
-#endif
-
-Bucket bucket_for(int E) {
-#define MOEKERN_BUCKET_IF(EB, VV, LL) \
-  if (E <= (EB)) return Bucket{(EB), (VV), (LL)};
-  MOEKERN_TOPK_BUCKETS(MOEKERN_BUCKET_IF)
-#undef MOEKERN_BUCKET_IF
-  return Bucket{0, 0, 0};
-}
 
 // The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are
 // all taken (the caller then runs v1, which needs none).
