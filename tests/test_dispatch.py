@@ -145,20 +145,25 @@ def test_align_matches_torch(M, k, E, B, backend):
     check_align_invariants(ids, E, B, got)
 
 
+# the three triton paths, forced at tiny sizes: one launch; chunks (hist + chunks); chunks with the scan launch
+PATHS = {"single": dict(small_n=triton_ops.MAX_SMALL_N), "chunks": dict(small_n=0, chunk=16),
+         "scan": dict(small_n=0, chunk=16, table_reads=0)}
+
+
 @pytest.mark.parametrize("M,k,E,B", [(37, 3, 5, 4), (64, 2, 1, 16), (50, 4, 60, 8), (33, 8, 16, 1)])
 @pytest.mark.parametrize("use_counts", [False, True])
 def test_align_triton_multi_program_path(M, k, E, B, use_counts):
-    """The four-kernel path (count, scan, blocks, scatter) at a chunk of 16, so that tiny inputs span chunks."""
+    """Every path at a chunk of 16, so that tiny inputs span chunks; align and permute."""
     gen = torch.Generator().manual_seed(7 + M + E)
     ids = _random_ids(M, k, E, gen, distinct=(M % 2 == 0)).to(DEV)
     counts = torch.bincount(ids.reshape(-1).long(), minlength=E).to(torch.int32) if use_counts else None
     want = align_reference(ids, E, B)
-    for small_n in (0, 10**9):  # multi-program and single-program, both with chunk 16
-        got = AlignOutput(*triton_ops.align_triton(ids, E, B, counts, chunk=16, small_n=small_n))
+    for path, kw in PATHS.items() if counts is None else [("single", PATHS["single"])]:  # only it reads counts
+        got = AlignOutput(*triton_ops.align_triton(ids, E, B, counts, **kw))
         assert_align_equal(want, got)
         permuted_want, layout_want = permute_reference(torch.zeros(M, 1, device=DEV), ids, E)
         _, sorted_slots, slot_to_row, offsets = triton_ops.permute_triton(
-            torch.zeros(M, 1, device=DEV), ids, E, counts, chunk=16, small_n=small_n)
+            torch.zeros(M, 1, device=DEV), ids, E, counts, **kw)
         assert_layout_equal(layout_want, PermuteLayout(sorted_slots, slot_to_row, offsets, M, k))
 
 
@@ -168,6 +173,97 @@ def test_align_api_multi_program_path():
     M, k, E = triton_ops.SMALL_N // 4 + 5, 4, 12
     ids = _random_ids(M, k, E, gen).to(DEV)
     assert_align_equal(align(ids, E, 16, backend="torch"), align(ids, E, 16, backend="triton"))
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns int32 buffers full of -7777: an output entry no kernel writes shows up as a mismatch."""
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, device=None, **kw):
+        out = real_empty(*size, dtype=dtype, device=device, **kw)
+        if out.dtype == torch.int32:
+            out.fill_(-7777)
+        return out
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _boundary_ids(n, E, skew, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if skew == "equal":
+        return torch.full((n, 1), E - 1 - seed % E, dtype=torch.int32)
+    return torch.randint(0, E, (n, 1), generator=gen, dtype=torch.int32)
+
+
+def _check_triton_align(ids, E, B, counts_too=True, **kw):
+    want = align_reference(ids, E, B)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=E).to(torch.int32)
+    for c in (None, counts) if counts_too else (None,):
+        assert_align_equal(want, AlignOutput(*triton_ops.align_triton(ids.to(DEV), E, B, None if c is None else
+                                                                      c.to(DEV), **kw)))
+
+
+SINGLE = dict(small_n=triton_ops.MAX_SMALL_N)
+# (slots, E, B, skew): 1; the minimum key vector (16); the default chunk C = MIN_CHUNK; the single-launch
+# threshold SMALL_N; its cap MAX_SMALL_N = 16K; each at -1, 0, +1; every E in {1, 8, 60, 128, 256, 512}
+C, S, X = triton_ops.MIN_CHUNK, triton_ops.SMALL_N, triton_ops.MAX_SMALL_N
+BOUNDARY_CASES = [
+    (1, 1, 16, "uniform"), (1, 512, 128, "uniform"), (15, 8, 4, "uniform"), (16, 60, 16, "equal"),
+    (17, 256, 64, "uniform"), (C - 1, 128, 16, "uniform"), (C, 8, 64, "equal"), (C + 1, 512, 16, "uniform"),
+    (S - 1, 60, 128, "uniform"), (S, 256, 16, "uniform"), (S + 1, 128, 64, "equal"), (S + 1, 1, 1, "uniform"),
+    (X - 1, 256, 64, "uniform"), (X, 512, 128, "uniform"), (X, 8, 16, "equal"), (X + 1, 60, 16, "uniform"),
+    (X + 1, 512, 64, "equal"),
+]
+
+
+@pytest.mark.parametrize("n,E,B,skew", BOUNDARY_CASES)
+def test_align_triton_size_boundaries(n, E, B, skew, poisoned_empty):
+    """Default path choice (with and without expert_counts where the path reads them), and above SMALL_N the
+    single-launch path forced up to its 16K cap, its histogram (odd n) or expert_counts (even n) giving counts."""
+    ids = _boundary_ids(n, E, skew, seed=n + E)
+    _check_triton_align(ids, E, B, counts_too=n <= S)  # the chunked path never reads expert_counts
+    if S < n <= X:
+        want = align_reference(ids, E, B)
+        counts = None if n % 2 else torch.bincount(ids.reshape(-1).long(), minlength=E).to(torch.int32).to(DEV)
+        assert_align_equal(want, AlignOutput(*triton_ops.align_triton(ids.to(DEV), E, B, counts, **SINGLE)))
+
+
+@pytest.mark.parametrize("E", [1, 8, 60, 128, 256, 512])
+@pytest.mark.parametrize("n", [16, 17, 33])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_align_triton_chunk_boundaries_every_E(n, E, path, poisoned_empty):
+    """Chunks of 16 on the chunked paths: slots at C, C+1, 2C+1 (1 and C-1 are in BOUNDARY_CASES); all ids
+    equal when n is odd."""
+    ids = _boundary_ids(n, E, "equal" if n % 2 else "uniform", seed=3 * n + E)
+    _check_triton_align(ids, E, 16 if E < 256 else 2, **PATHS[path])
+    M = n
+    _, l_want = permute_reference(torch.zeros(M, 1), ids, E)
+    _, sorted_slots, slot_to_row, offsets = triton_ops.permute_triton(torch.zeros(M, 1, device=DEV), ids.to(DEV), E,
+                                                                      None, **PATHS[path])
+    assert_layout_equal(l_want, PermuteLayout(sorted_slots, slot_to_row, offsets, M, 1))
+
+
+def test_align_triton_launch_counts(monkeypatch):
+    """1 launch up to SMALL_N slots, 2 above (3 when the scan launch is forced), none of them a fill."""
+    launched = []
+    for name in ("_align_single_kernel", "_align_hist_kernel", "_align_scan_kernel", "_align_chunks_kernel"):
+        kernel = getattr(triton_ops, name)
+
+        class Spy:
+            def __init__(self, name, kernel):
+                self.name, self.kernel = name, kernel
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+        monkeypatch.setattr(triton_ops, name, Spy(name, kernel))
+    for n, kw, want in [(8, {}, ["_align_single_kernel"]), (40, dict(small_n=16, chunk=16),
+                                                           ["_align_hist_kernel", "_align_chunks_kernel"]),
+                        (40, PATHS["scan"], ["_align_hist_kernel", "_align_scan_kernel", "_align_chunks_kernel"])]:
+        launched.clear()
+        ids = torch.randint(0, 8, (n, 1), dtype=torch.int32, device=DEV)
+        assert_align_equal(align_reference(ids, 8, 4), AlignOutput(*triton_ops.align_triton(ids, 8, 4, None, **kw)))
+        assert launched == want
 
 
 @pytest.mark.parametrize("M,k,E,H", [(0, 2, 4, 8), (1, 1, 1, 5), (5, 2, 8, 33), (12, 4, 60, 16), (9, 3, 3, 1)])
@@ -458,3 +554,38 @@ def test_gpu_triton_cuda_graph_capture():
     assert torch.equal(p, p_want)
     assert_layout_equal(l_want, layout)
     torch.testing.assert_close(out, unpermute_reference(p_want, l_want, w), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", sorted({1, C - 1, C, C + 1, S - 1, S, S + 1, X - 1, X, X + 1, 32768}))
+@pytest.mark.parametrize("E", [1, 8, 60, 128, 256, 512])
+def test_gpu_triton_align_size_boundaries(n, E):
+    """Every slot-count boundary x every E x B in {1, 16, 64, 128}, uniform and all-equal ids, with and without
+    expert_counts; the single-launch path also forced up to its 16K cap."""
+    for skew in ("uniform", "equal"):
+        ids = _boundary_ids(n, E, skew, seed=n + E).cuda()
+        for B in (1, 16, 64, 128):
+            _check_triton_align(ids, E, B)
+            if S < n <= X:
+                _check_triton_align(ids, E, B, **SINGLE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,k,E", [(1, 8, 256), (64, 8, 256), (4096, 8, 256), (4096, 2, 8), (2048, 8, 128)])
+def test_gpu_triton_align_graph_replay_every_path(M, k, E):
+    """Captured once, replayed on new ids: exact (nothing depends on the ids seen at capture)."""
+    B = 64
+    ids = torch.randint(0, E, (M, k), device="cuda", dtype=torch.int32)
+    for _ in range(2):
+        align(ids, E, B, backend="triton", check_ids=False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = align(ids, E, B, backend="triton", check_ids=False)
+    for skew in ("uniform", "equal"):
+        new = torch.randint(0, E, (M, k), device="cuda", dtype=torch.int32) if skew == "uniform" else \
+            torch.full((M, k), E // 2, device="cuda", dtype=torch.int32)
+        ids.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_align_equal(align_reference(ids, E, B), out)

@@ -5,8 +5,8 @@ multiple of B (B = 1 gives permute's unpadded layout, so permute reuses the same
 was latency-bound (global loads inside serial loops, 4-6 launches); this one keeps each program's work in
 registers, loaded once (see NOTES.md for the diagnosis and the measurements):
 
-  * rank within an expert, order-preserving: sort the unique keys expert << LOG_N | slot (tl.sort, bitonic,
-    O(N log^2 N) per program). In the sorted order, position q holds slot `key & (N-1)` of expert
+  * rank within an expert, order-preserving: sort the unique keys expert << LOG_N | slot (a bitonic network
+    like tl.sort's, O(N log^2 N) per program). In the sorted order, position q holds slot `key & (N-1)` of expert
     `key >> LOG_N`, and its destination is q + shift[expert], shift = padded offset - unpadded offset
     (+ the expert's count in earlier chunks): one tl.gather from an [E_PAD] register vector.
   * counts: tl.histogram (or the caller's exact expert_counts); padded offsets: tl.cumsum over [E_PAD].
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 SMALL_N = 4096  # at or below this many slots one launch does the whole align (one program sorts all keys)
-MAX_SMALL_N = 16384  # the single-launch path sorts next_pow2(N) keys in one program; larger is refused
+MAX_SMALL_N = 16384  # cap of small_n: one program sorts next_pow2(N) keys; above it the chunks run
 MIN_CHUNK = 1024  # slots per chunk of the multi-launch path, at least ...
 MAX_CHUNK = 8192  # ... and at most (a chunk's keys are sorted by one program)
 TARGET_CHUNKS = 64  # the chunk size grows until there are at most this many chunks (or MAX_CHUNK)
@@ -52,6 +52,32 @@ def _padded_layout(counts, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _bit(N_DIMS: tl.constexpr, J: tl.constexpr):
+    """Bit J of the flat index, shaped to broadcast against the [2] * N_DIMS hypercube."""
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - J - 1) + [2] + [1] * J)
+
+
+@triton.jit
+def _bitonic_sort(x, LOG_N: tl.constexpr):
+    """Ascending sort of x [2**LOG_N] int32, values < 2**30 (bitonic network on the [2]*LOG_N hypercube).
+
+    Like tl.sort, but the partner of each element comes from a size-2 tl.sum (partner = pair sum - self)
+    rather than an xor reduction: the same one exchange per step on a GPU, and a numpy sum under
+    TRITON_INTERPRET (where the xor reduction runs element by element in Python, minutes per call)."""
+    h = tl.reshape(x, [2] * LOG_N)
+    for stage in tl.static_range(1, LOG_N + 1):
+        for step in tl.static_range(stage):
+            j: tl.constexpr = stage - 1 - step  # compare-exchange across bit j of the index
+            partner = tl.sum(h, axis=LOG_N - 1 - j, keep_dims=True) - h
+            if stage < LOG_N:  # runs of 2**stage alternate ascending / descending (bit `stage`)
+                take_max = (_bit(LOG_N, j) ^ _bit(LOG_N, stage)) == 1
+            else:  # the final merge is ascending everywhere
+                take_max = _bit(LOG_N, j) == 1
+            h = tl.where(take_max, tl.maximum(h, partner), tl.minimum(h, partner))
+    return tl.reshape(h, [2**LOG_N])
+
+
+@triton.jit
 def _sort_scatter(ids_ptr, start, n, shift, sorted_ptr, inverse_ptr,
                   N_PAD: tl.constexpr, LOG_N: tl.constexpr, E_PAD: tl.constexpr, WRITE_INVERSE: tl.constexpr):
     """Slots start..start+N_PAD (those < n): slot s of expert e with r earlier slots of e in this range goes
@@ -60,7 +86,7 @@ def _sort_scatter(ids_ptr, start, n, shift, sorted_ptr, inverse_ptr,
     valid = start + i < n
     ids = tl.load(ids_ptr + start + i, mask=valid, other=0)
     keys = (tl.where(valid, ids, E_PAD) << LOG_N) | i  # unique; invalid slots sort last
-    keys = tl.sort(keys)
+    keys = _bitonic_sort(keys, LOG_N)
     expert = tl.minimum(keys >> LOG_N, E_PAD - 1)
     slot = start + (keys & (N_PAD - 1))
     dest = i + tl.gather(shift, expert, 0)
@@ -229,7 +255,9 @@ def _chunk_size(n: int) -> int:
 
 
 def _warps(keys: int) -> int:
-    return 4 if keys <= 256 else 8 if keys <= 2048 else 16
+    """Warps for a program holding `keys` slots: never more threads than keys, so no warp holds a replica of
+    another's ids (tl.histogram's cross-warp sum has had bugs with replicated inputs)."""
+    return max(1, min(keys // 32, 4 if keys <= 512 else 8 if keys <= 2048 else 16))
 
 
 def _counting_sort(topk_ids, num_experts, block_size, expert_counts, *, write_inverse, write_blocks,
@@ -258,7 +286,7 @@ def _counting_sort(topk_ids, num_experts, block_size, expert_counts, *, write_in
     common = dict(BLOCK_SIZE=block_size, E_PAD=e_pad, BT=bt, J_TILE=j_tile, WRITE_INVERSE=write_inverse,
                   WRITE_BLOCKS=write_blocks, WRITE_PADS=write_pads)
     if n <= min(small_n, MAX_SMALL_N):
-        n_pad = max(16, _next_pow2(n))
+        n_pad = max(128, _next_pow2(n))  # 4 warps without replicas; tiny sorts cost nothing
         _align_single_kernel[(max(1, n_tiles),)](
             ids, expert_counts if expert_counts is not None else dummy, sorted_ids,
             inverse if write_inverse else dummy, blocks if write_blocks else dummy, offsets, post,
