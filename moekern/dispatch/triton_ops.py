@@ -67,12 +67,13 @@ def _bitonic_sort(x, LOG_N: tl.constexpr):
     h = tl.reshape(x, [2] * LOG_N)
     for stage in tl.static_range(1, LOG_N + 1):
         for step in tl.static_range(stage):
-            j: tl.constexpr = stage - 1 - step  # compare-exchange across bit j of the index
-            partner = tl.sum(h, axis=LOG_N - 1 - j, keep_dims=True) - h
+            # compare-exchange across bit (stage - 1 - step) of the index; written out rather than bound to
+            # a name, because a constexpr cannot be rebound across unrolled iterations when compiled
+            partner = tl.sum(h, axis=LOG_N - stage + step, keep_dims=True) - h
             if stage < LOG_N:  # runs of 2**stage alternate ascending / descending (bit `stage`)
-                take_max = (_bit(LOG_N, j) ^ _bit(LOG_N, stage)) == 1
+                take_max = (_bit(LOG_N, stage - 1 - step) ^ _bit(LOG_N, stage)) == 1
             else:  # the final merge is ascending everywhere
-                take_max = _bit(LOG_N, j) == 1
+                take_max = _bit(LOG_N, stage - 1 - step) == 1
             h = tl.where(take_max, tl.maximum(h, partner), tl.minimum(h, partner))
     return tl.reshape(h, [2**LOG_N])
 
