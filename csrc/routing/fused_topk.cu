@@ -33,6 +33,7 @@
 // Bounds: 1 <= E <= 512, 1 <= k <= 16 (kTopkMaxK), any M >= 0.
 
 #include "routing/fused_topk.h"
+#include "routing/order_keys.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -54,16 +55,6 @@ __device__ int g_acc[kSlots][kTopkMaxExperts] = {};
 __device__ unsigned int g_ticket[kSlots] = {};
 
 // ------------------------------------------------------------------------------------------ keys
-
-__device__ __forceinline__ float rank_key(float x) {
-  if (isnan(x)) return -INFINITY;
-  return x == 0.0f ? 0.0f : x;  // -0 and +0 compare equal in torch: same key
-}
-
-__device__ __forceinline__ unsigned ordered_bits(float x) {  // x already passed through rank_key
-  const unsigned u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 __device__ __forceinline__ unsigned long long pack_key64(bool allowed, float key, int idx) {
   return (static_cast<unsigned long long>(allowed) << (32 + kIdxBits)) |

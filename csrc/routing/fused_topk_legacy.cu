@@ -27,6 +27,7 @@
 // (M <= 8, the decode case) writes all E counts itself, so no memset runs.
 
 #include "routing/fused_topk.h"
+#include "routing/order_keys.cuh"
 
 #include <algorithm>
 
@@ -36,16 +37,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kIdxBits = 9;  // E <= 512
-
-__device__ __forceinline__ float rank_key(float x) {
-  if (isnan(x)) return -INFINITY;
-  return x == 0.0f ? 0.0f : x;  // -0 and +0 compare equal in torch: same key
-}
-
-__device__ __forceinline__ unsigned ordered_bits(float x) {  // x already passed through rank_key
-  const unsigned u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 __device__ __forceinline__ unsigned long long pack_key(bool allowed, float key, int idx) {
   return (static_cast<unsigned long long>(allowed) << (32 + kIdxBits)) |
