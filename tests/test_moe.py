@@ -455,3 +455,58 @@ def test_model_shapes_variants_bf16(name, cfg):
     g2 = BlockConfig(cfg.block_m, 128, 64, 8, 8, 3, persistent=cfg.persistent, tma=cfg.tma)
     out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, block_config=(cfg, g2), check_ids=False)
     assert _rel_err(out, fused_moe_reference(x.float(), w13, w2, w, ids)) < LOWP_REL_TOL
+
+
+# ------------------------------------------------------------------- precomputed expert_counts
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_precomputed_expert_counts_match_recount(check_ids, device):
+    """Routing's histogram handed to fused_moe gives the same result as letting align recount it."""
+    E, k, M = 8, 2, 7
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids, counts = fused_topk_reference(logits, k)
+    with_counts = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts,
+                                    backend="triton", check_ids=check_ids)
+    recounted = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    torch.testing.assert_close(with_counts, recounted, rtol=0, atol=0)
+    torch.testing.assert_close(with_counts, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_precomputed_expert_counts_errors():
+    E, k, M = 8, 2, 5
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids, counts = fused_topk_reference(logits, k)
+    wrong = counts.clone()
+    wrong[0] += 1
+    wrong[1] -= 1
+    with pytest.raises(ValueError, match="histogram of topk_ids"):
+        moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=wrong, backend="torch")
+    with pytest.raises(ValueError, match=r"expert_counts must be int32 of shape \(8,\)"):
+        moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts.long(), backend="torch")
+    with pytest.raises(ValueError, match=r"expert_counts must be int32 of shape \(8,\)"):
+        moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts[:4], backend="torch")
+    with pytest.raises(TypeError, match="expert_counts must be a torch.Tensor"):
+        moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=[1] * E, backend="torch")
+    with pytest.raises(ValueError, match="expert_counts goes with precomputed topk_ids"):
+        moekern.fused_moe(x, w13, w2, logits, k, expert_counts=counts, backend="torch")
+
+
+def test_precomputed_expert_counts_reach_align(monkeypatch, device):
+    """The histogram is handed on to align (which then skips its own count), not dropped."""
+    import moekern.dispatch.triton_ops as triton_ops
+
+    seen = []
+    real = triton_ops.align_triton
+
+    def spy(topk_ids, num_experts, block_size, expert_counts=None, **kw):
+        seen.append(expert_counts)
+        return real(topk_ids, num_experts, block_size, expert_counts, **kw)
+
+    monkeypatch.setattr(triton_ops, "align_triton", spy)
+    E, k, M = 8, 2, 6
+    w13, w2 = _weights(E, device=device)
+    x, logits = _inputs(M, E, device=device)
+    w, ids, counts = fused_topk_reference(logits, k)
+    moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts, backend="triton")
+    assert len(seen) == 1 and seen[0] is counts

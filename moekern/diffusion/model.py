@@ -256,7 +256,7 @@ def _moe_ffn(h: torch.Tensor, lw: LayerWeights, cfg: DiffusionConfig, moe_backen
     # The ids come from the router, in range by construction: skip fused_moe's host-syncing range check.
     backend = "torch" if moe_backend == "torch" else kernels
     return moekern.fused_moe(h, lw.w13, lw.w2, topk_weights=routing.topk_weights, topk_ids=routing.topk_ids,
-                             backend=backend, check_ids=False)
+                             expert_counts=routing.expert_counts, backend=backend, check_ids=False)
 
 
 def _dense_ffn(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:

@@ -89,6 +89,7 @@ def fused_moe(
     *,
     topk_weights: torch.Tensor | None = None,
     topk_ids: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | None = None,
     backend: str = "auto",
     block_config: BlockConfig | tuple[BlockConfig, BlockConfig] | None = None,
     check_ids: bool = True,
@@ -105,6 +106,9 @@ def fused_moe(
       topk_weights: [M, k] float and topk_ids: [M, k] int32|int64 precomputed (benchmarks isolate the
         experts this way); ids must lie in [0, E) (checked on CPU tensors and on the torch backend; on
         the GPU kernel path the check would cost a host sync, so it is the caller's duty).
+      expert_counts: [E] int32, optional with precomputed ids: the histogram of topk_ids (fused_topk's
+        expert_counts), so align skips its histogram pass. Compared with bincount(topk_ids) when
+        check_ids is on; otherwise the caller vouches for it (a wrong histogram misplaces tokens).
     backend: "auto" | "torch" | "triton" | "cuda" (see the module doc; "cuda" runs our Triton experts).
     block_config: a BlockConfig for both GEMMs or a (gemm1, gemm2) pair with equal block_m; default:
       moekern.experts.configs.get_configs.
@@ -140,7 +144,7 @@ def fused_moe(
         if routing_kwargs:
             raise ValueError(f"routing arguments {sorted(routing_kwargs)} have no effect with precomputed topk_ids")
         k = _validate_precomputed(topk_weights, topk_ids, M, E, top_k, check_ids)
-        expert_counts = None
+        _validate_counts(expert_counts, topk_ids, E, dev, check_ids)
         for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
             if t.device != dev:
                 raise ValueError(f"{name} is on {t.device} but hidden_states is on {dev}")
@@ -155,6 +159,8 @@ def fused_moe(
             raise ValueError(f"router_logits must have shape [M={M}, E={E}]; got {_shape(router_logits)}")
         if router_logits.device != dev:
             raise ValueError(f"router_logits is on {router_logits.device} but hidden_states is on {dev}")
+        if expert_counts is not None:
+            raise ValueError("expert_counts goes with precomputed topk_ids; routing from router_logits makes its own")
         from moekern.routing import fused_topk
 
         routing = fused_topk(router_logits, top_k, backend=stage_backend, **routing_kwargs)
@@ -182,6 +188,21 @@ def _align_backend(stage_backend: str, device: torch.device, num_experts: int) -
     chosen = resolve_backend(stage_backend, device, cuda_ok=in_limits, triton_ok=in_limits)
     # Out of the kernels' limits: the public align (called with this backend) raises as it always did.
     return chosen if in_limits else f"public:{chosen}"
+
+
+def _validate_counts(expert_counts, topk_ids, E: int, dev, check: bool) -> None:
+    if expert_counts is None:
+        return
+    if not isinstance(expert_counts, torch.Tensor):
+        raise TypeError(f"expert_counts must be a torch.Tensor [E] int32; got {type(expert_counts).__name__}")
+    if expert_counts.dtype != torch.int32 or _shape(expert_counts) != (E,):
+        raise ValueError(f"expert_counts must be int32 of shape ({E},); got {expert_counts.dtype} "
+                         f"{_shape(expert_counts)}")
+    if expert_counts.device != dev:
+        raise ValueError(f"expert_counts is on {expert_counts.device} but hidden_states is on {dev}")
+    if check and not torch.equal(torch.bincount(topk_ids.reshape(-1).long(), minlength=E).to(torch.int32),
+                                 expert_counts):
+        raise ValueError("expert_counts must equal the histogram of topk_ids (bincount over [0, E))")
 
 
 def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1: BlockConfig,
