@@ -89,6 +89,17 @@ def _check_counts_match(expert_counts, topk_ids, num_experts) -> None:
         )
 
 
+def _check_ids_for(chosen: str, topk_ids, num_experts: int, expert_counts, check_ids: bool) -> None:
+    """The torch path always checks the ids' range and the counts against them (it syncs anyway); the
+    kernel paths check the range only when check_ids asks for the sync, and trust expert_counts."""
+    if chosen == "torch":
+        _check_ids_range(topk_ids, num_experts)
+        if expert_counts is not None:
+            _check_counts_match(expert_counts, topk_ids, num_experts)
+    elif check_ids:
+        _check_ids_range(topk_ids, num_experts)
+
+
 def _choose(backend: str, device: torch.device, num_experts: int) -> str:
     in_limits = num_experts <= MAX_EXPERTS
     chosen = resolve_backend(backend, device, cuda_ok=in_limits, triton_ok=in_limits)
@@ -130,15 +141,9 @@ def align(
     expert_counts = _check_expert_counts(expert_counts, num_experts, topk_ids)
     chosen = _choose(backend, topk_ids.device, num_experts)
     topk_ids = topk_ids.contiguous()
-    if chosen == "torch":
-        _check_ids_range(topk_ids, num_experts)
-        if expert_counts is not None:
-            _check_counts_match(expert_counts, topk_ids, num_experts)
+    _check_ids_for(chosen, topk_ids, num_experts, expert_counts, check_ids)
+    if chosen == "torch" or topk_ids.numel() == 0:  # no slots: fills only, no sync
         return align_reference(topk_ids, num_experts, block_size)
-    if check_ids:
-        _check_ids_range(topk_ids, num_experts)
-    if topk_ids.numel() == 0:
-        return align_reference(topk_ids, num_experts, block_size)  # no slots: fills only, no sync
     if chosen == "triton":
         from moekern.dispatch.triton_ops import align_triton
 
@@ -188,15 +193,9 @@ def permute(
     topk_ids = topk_ids.contiguous()
     hidden_states = hidden_states.contiguous()
     M, k = topk_ids.shape
-    if chosen == "torch":
-        _check_ids_range(topk_ids, num_experts)
-        if expert_counts is not None:
-            _check_counts_match(expert_counts, topk_ids, num_experts)
+    _check_ids_for(chosen, topk_ids, num_experts, expert_counts, check_ids)
+    if chosen == "torch" or M == 0:  # M == 0: no kernel, no sync
         return permute_reference(hidden_states, topk_ids, num_experts)
-    if check_ids:
-        _check_ids_range(topk_ids, num_experts)
-    if M == 0:
-        return permute_reference(hidden_states, topk_ids, num_experts)  # empty: no kernel, no sync
     if chosen == "triton":
         from moekern.dispatch.triton_ops import permute_triton
 

@@ -144,7 +144,7 @@ def fused_moe(
         if routing_kwargs:
             raise ValueError(f"routing arguments {sorted(routing_kwargs)} have no effect with precomputed topk_ids")
         k = _validate_precomputed(topk_weights, topk_ids, M, E, top_k, check_ids)
-        _validate_counts(expert_counts, topk_ids, E, dev, check_ids)
+        expert_counts = _validate_counts(expert_counts, topk_ids, E, check_ids)
         for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
             if t.device != dev:
                 raise ValueError(f"{name} is on {t.device} but hidden_states is on {dev}")
@@ -190,19 +190,14 @@ def _align_backend(stage_backend: str, device: torch.device, num_experts: int) -
     return chosen if in_limits else f"public:{chosen}"
 
 
-def _validate_counts(expert_counts, topk_ids, E: int, dev, check: bool) -> None:
-    if expert_counts is None:
-        return
-    if not isinstance(expert_counts, torch.Tensor):
-        raise TypeError(f"expert_counts must be a torch.Tensor [E] int32; got {type(expert_counts).__name__}")
-    if expert_counts.dtype != torch.int32 or _shape(expert_counts) != (E,):
-        raise ValueError(f"expert_counts must be int32 of shape ({E},); got {expert_counts.dtype} "
-                         f"{_shape(expert_counts)}")
-    if expert_counts.device != dev:
-        raise ValueError(f"expert_counts is on {expert_counts.device} but hidden_states is on {dev}")
-    if check and not torch.equal(torch.bincount(topk_ids.reshape(-1).long(), minlength=E).to(torch.int32),
-                                 expert_counts):
-        raise ValueError("expert_counts must equal the histogram of topk_ids (bincount over [0, E))")
+def _validate_counts(expert_counts, topk_ids, E: int, check: bool):
+    """The same checks moekern.align makes of expert_counts; the histogram comparison only when check."""
+    from moekern.dispatch.api import _check_counts_match, _check_expert_counts
+
+    expert_counts = _check_expert_counts(expert_counts, E, topk_ids)
+    if expert_counts is not None and check:
+        _check_counts_match(expert_counts, topk_ids, E)
+    return expert_counts
 
 
 def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1: BlockConfig,
