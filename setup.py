@@ -48,6 +48,7 @@ def _extensions():
             sources=["csrc/bindings.cpp"] + device_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DMOEKERN_WITH_DEVICE=1"], "nvcc": nvcc_flags},
+            extra_link_args=_cxx_runtime_link_args(),
         )
     else:
         ext = ce.CppExtension(
@@ -55,8 +56,27 @@ def _extensions():
             sources=["csrc/bindings.cpp"],
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=_cxx_runtime_link_args(),
         )
     return [ext], {"build_ext": _tolerant_build_ext(ce.BuildExtension)}
+
+
+def _cxx_runtime_link_args() -> list[str]:
+    """Link the C++ runtime torch itself runs on, by path, ahead of the compiler's own -lstdc++.
+
+    A compiler whose lib/ holds only libstdc++.a (the H100 image's CXX=/opt/gcc/bin/g++) links a private,
+    never-initialized copy of the C++ runtime into the extension; the first C++ error message that formats a
+    number (TORCH_CHECK(..., "variant=", 7, ...)) then crashes in the locale code instead of raising. Naming
+    the libstdc++.so.6 that this process has loaded (torch's) makes the extension use the shared one.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so.6" in line}
+    except OSError:
+        return []
+    return [sorted(paths)[0]] if paths else []
 
 
 def _tolerant_build_ext(base):

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The GPU machine's work, in stages that each fit one device call (< 10 min). From the repo root:
 #   bash benchmarks/gpu_session.sh build-test   # build moekern._C (sm_90a), all GPU tests, compute-sanitizer
-#   bash benchmarks/gpu_session.sh own          # no vLLM needed: EP kernels, diffusion bench, profiler
-#   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM vs FlashInfer (needs the gpuenv staged)
+#   bash benchmarks/gpu_session.sh probe        # a C++ argument check that crashes: native backtrace (cuda-gdb)
+#   bash benchmarks/gpu_session.sh own          # no vLLM needed: ep + diffusion + profile + ncu below
+#   bash benchmarks/gpu_session.sh ep|diffusion|profile|ncu   # one of those
+#   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (minutes of nvcc)
+#   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
+#   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
 #   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate
 #   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve`
+# Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
 # (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}.
 set -uo pipefail
-stage=${1:?stage}
+[ $# -ge 1 ] || { echo "usage: gpu_session.sh STAGE [STAGE...]"; exit 2; }
 OUT=${OUT:-/tmp/moekern-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
@@ -20,6 +25,7 @@ if [ -f .gpuenv/tools/stage.sh ]; then bash .gpuenv/tools/stage.sh || true; fi
 if [ -f /tmp/gpuenv/env.sh ]; then
   # shellcheck disable=SC1091
   source /tmp/gpuenv/env.sh
+  python3 benchmarks/gpuenv_fixups.py  # vLLM imports FlashAttention's missing binaries on every model load
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpuextra .whl/*.whl 2>&1 | tail -2
     export PYTHONPATH=/tmp/gpuextra:$PYTHONPATH
@@ -32,6 +38,24 @@ build() {
   fi
   MOEKERN_REQUIRE_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -30
   python3 -c "import torch, moekern._C; print('device kernels:', torch.ops.moekern.has_device_kernels())"
+}
+
+probe() {
+  # A failing TORCH_CHECK in a device build must raise RuntimeError; if it kills the process instead, print
+  # where (cuda-gdb doubles as a host gdb; plain gdb is not on the image) and the toolchain facts that matter.
+  cat > /tmp/moekern_probe.py <<'PY'
+import torch, moekern._C
+x = torch.randn(4, 8, device="cuda")
+try:
+    torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)
+except RuntimeError as e:
+    print("RAISED:", str(e).splitlines()[0])
+PY
+  python3 /tmp/moekern_probe.py && return 0
+  echo "probe crashed (rc=$?); toolchain:"
+  g++ --version | head -1; python3 -c "import torch; print(torch.__config__.show())" | head -12
+  ldd moekern/_C*.so | grep -E "stdc|gcc_s|c10|torch" || true
+  timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/moekern_probe.py 2>&1 | tail -60
 }
 
 versions() {
@@ -47,25 +71,62 @@ for name in ("vllm", "flashinfer"):
 PY
 }
 
-case "$stage" in
+run_stage() {
+  case "$1" in
   build-test)
     versions
     time build
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 120 tests \
       2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-    timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/memcheck_smoke.py \
+    timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/memcheck_smoke.py \
       2>&1 | tee "$OUT/memcheck.log" | tail -15
     ;;
-  own)
-    versions; build
+  probe) build; probe 2>&1 | tee "$OUT/probe.log" ;;
+  ep)
+    build
     timeout 150 python3 benchmarks/bench_ep.py --out "$OUT/ep" 2>&1 | tail -20
+    ;;
+  diffusion)
+    build
     timeout 240 python3 -m moekern.cli diffusion bench --model llada-moe-7b --backend moekern,torch \
       --gen-lengths 128 --steps 32,128 --batch-sizes 1,8 --tag llada-moe-7b_h100 --out "$OUT/diffusion" 2>&1 | tail -20
-    timeout 120 python3 -m moekern.cli profile torch --model mixtral --tokens 256 --out "$OUT/profile" 2>&1 | tail -20
+    ;;
+  profile)
+    build
+    for model in mixtral qwen3-30b-a3b deepseek-v3 olmoe; do
+      timeout 90 python3 -m moekern.cli profile torch --model "$model" --tokens 256 --out "$OUT/profile/$model" \
+        2>&1 | tail -12
+    done
+    ;;
+  ncu)
+    build
+    for kind in routing fused_moe; do
+      timeout 150 python3 -m moekern.cli profile ncu --kind "$kind" --model mixtral --tokens 4096 \
+        --out "$OUT/ncu/$kind" 2>&1 | tail -25
+    done
+    ;;
+  own) versions; for s in ep diffusion profile ncu; do run_stage "$s"; done ;;
+  fi-warmup)
+    # Detached (setsid): FlashInfer's nvcc builds run on after this call returns, for as long as the machine is
+    # held, so the next call finds them in ~/.cache/flashinfer. Its log: /tmp/fi_warmup.log (bench-fi prints it).
+    setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 < /dev/null &
+    echo "FlashInfer JIT warm-up started (pid $!)"
     ;;
   bench-all)
+    # Everything but FlashInfer (its JIT build would stall the run; bench-fi times it once built).
     versions; build
-    timeout 560 python3 -m moekern.cli bench --no-progress --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -80
+    timeout 560 python3 -m moekern.cli bench --no-progress --budget-s "${BENCH_BUDGET_S:-470}" \
+      --providers moekern-cuda,moekern-triton,vllm,torch --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -80
+    ;;
+  bench-fi)
+    # FlashInfer side by side with vLLM and moekern (routing: DeepSeek-V3 only, FlashInfer's one sm90 router).
+    versions; build
+    cat /tmp/fi_warmup.log 2>/dev/null
+    timeout 120 python3 -m moekern.cli bench --no-progress --ops routing --models deepseek-v3 \
+      --providers flashinfer,vllm,moekern-cuda,moekern-triton --out "$OUT/bench-fi-routing" 2>&1 \
+      | tee "$OUT/bench-fi-routing.log" | tail -25
+    timeout 330 python3 -m moekern.cli bench --no-progress --budget-s "${BENCH_BUDGET_S:-270}" --ops moe \
+      --providers flashinfer,vllm,moekern-triton --out "$OUT/bench-fi-moe" 2>&1 | tee "$OUT/bench-fi-moe.log" | tail -40
     ;;
   e2e-offline)
     versions; build
@@ -77,5 +138,11 @@ case "$stage" in
     timeout 570 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --budget-s 540 --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
     ;;
-  *) echo "unknown stage $stage"; exit 2 ;;
-esac
+  *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+
+for stage in "$@"; do
+  echo "=== stage $stage ($(date +%T))"
+  run_stage "$stage"
+done

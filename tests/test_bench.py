@@ -238,3 +238,26 @@ def test_shapes_cover_the_standard_models_and_tokens():
         bench_shapes(("gemm",))
     with pytest.raises(ValueError, match="dense"):
         resolve_model("llada-8b")
+
+
+def test_runner_budget_skips_later_groups_and_reports_each_row():
+    # A zero budget still measures nothing after the first check: every group is skipped, each row said so,
+    # and on_row saw every row in order (what `moekern bench` streams to rows.partial.jsonl).
+    shapes = bench_shapes(("moe", "routing"), ("olmoe",), (2,), tiny=True)
+    seen = []
+    result = runner.run(shapes, ("torch",), "cpu", progress=False, on_row=seen.append, budget_s=0.0)
+    assert seen == result.rows and len(seen) == len(shapes)
+    assert all(r["status"] == "skipped" and "time budget" in r["reason"] for r in seen)
+    full = runner.run(shapes, ("torch",), "cpu", progress=False, budget_s=3600)
+    assert [r["status"] for r in full.rows] == ["ok"] * len(shapes)
+
+
+def test_cli_streams_partial_rows(tmp_path):
+    from moekern import cli
+
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--ops", "moe", "--models", "olmoe", "--tokens", "2", "--providers", "torch", "--no-plots",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    lines = (out / "rows.partial.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["provider"] for ln in lines] == ["torch"]

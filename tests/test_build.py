@@ -107,3 +107,25 @@ def test_wrappers_reject_bad_scoring():
 
     with pytest.raises(ValueError, match="scoring='tanh' must be one of"):
         fused_topk_cuda(torch.randn(2, 4), 2, "tanh", True, None, 0, 0, 1.0)
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    # A compiler that finds only libstdc++.a (the H100 image's CXX wrapper) links a private, uninitialized
+    # C++ runtime into moekern._C; the first error message formatting a number then segfaults instead of
+    # raising. setup.py links torch's libstdc++.so.6 by path; the built library must need it.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import moekern
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("ELF check: Linux only")
+    libs = sorted(Path(moekern.__file__).parent.glob("_C*.so"))
+    readelf = shutil.which("readelf")
+    if not libs or readelf is None:
+        pytest.skip("needs a built moekern._C and readelf (binutils)")
+    dynamic = subprocess.run([readelf, "-d", str(libs[0])], capture_output=True, text=True, check=True).stdout
+    needed = [ln.split("[")[-1].rstrip("]") for ln in dynamic.splitlines() if "(NEEDED)" in ln]
+    assert "libstdc++.so.6" in needed, f"{libs[0].name} needs {needed}"

@@ -281,6 +281,34 @@ def test_fused_topk_bad_variant():
         torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)
 
 
+# Each C++ op's argument check, run in a fresh interpreter: a check that crashed the process (a signal) instead
+# of raising RuntimeError would otherwise take the whole pytest worker with it.
+_CPP_ERRORS = {
+    "topk_variant": ("torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)", "variant=7"),
+    "topk_k": ("torch.ops.moekern.fused_topk(x, 9, 0, True, None, 0, 0, 1.0)", "top_k=9"),
+    "topk_cpu": ("torch.ops.moekern.fused_topk(x.cpu(), 2, 0, True, None, 0, 0, 1.0)", "CPU tensors"),
+    "align_E": ("torch.ops.moekern.moe_align(ids, 0, 16, None)", "num_experts=0"),
+    "permute_counts": ("torch.ops.moekern.permute(x, ids, 8, ids[0])", "expert_counts must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CPP_ERRORS))
+def test_cpp_check_raises_without_crashing(case):
+    import subprocess
+    import sys
+
+    call, message = _CPP_ERRORS[case]
+    code = (
+        "import torch, moekern._C\n"
+        "x = torch.randn(4, 8, device='cuda')\n"
+        "ids = torch.zeros(4, 2, dtype=torch.int32, device='cuda')\n"
+        f"try:\n    {call}\nexcept RuntimeError as e:\n    print('RAISED', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode} (negative = killed by that signal)\n{proc.stderr[-2000:]}"
+    assert "RAISED" in proc.stdout and message in proc.stdout, proc.stdout[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------- align
 def _ids(kind: str, M: int, k: int, E: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -225,3 +225,23 @@ def test_committed_configs_are_current_and_load(e2e, name):
             {k: v for k, v in json.loads(json.dumps(ref)).items() if k != "_moekern_note"}
         assert hf.hidden_size == spec.hidden_size and hf.vocab_size == spec.vocab_size
         assert hf.num_experts_per_tok == spec.top_k
+
+
+def test_gpuenv_fixup_patches_flash_attn_raise_once(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpuenv_fixups", REPO / "benchmarks" / "gpuenv_fixups.py")
+    fix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fix)
+    pkg = tmp_path / "vllm" / "vllm_flash_attn"
+    pkg.mkdir(parents=True)
+    init = pkg / "__init__.py"
+    init.write_text("FA2_AVAILABLE = FA3_AVAILABLE = False\n" + fix.FA_RAISE + '\n        "no FA"\n    )\nOK = 1\n')
+    with pytest.raises(ImportError):
+        exec(init.read_text(), {})
+    assert fix.patch_flash_attn(tmp_path).startswith("patched")
+    ns: dict = {}
+    exec(init.read_text(), ns)  # imports cleanly now
+    assert ns["OK"] == 1
+    assert fix.patch_flash_attn(tmp_path).startswith("already patched")
+    assert fix.patch_flash_attn(tmp_path / "missing").startswith("skip")

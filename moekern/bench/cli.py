@@ -7,6 +7,7 @@ are recorded but say nothing about kernel speed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -52,6 +53,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new (op, model) group after this many seconds; the rest is reported as "
+                        "skipped (for time-limited GPU calls); every row is also appended to OUT/rows.partial.jsonl "
+                        "as it is measured")
     p.set_defaults(func=run_command)
 
 
@@ -96,10 +101,19 @@ def run_command(args) -> int:
         print(_DEMO_NOTE, flush=True)
     print(f"moekern bench: {len(shapes)} shapes x {len(providers)} providers on "
           f"{torch.cuda.get_device_name() if not demo else 'CPU'}", flush=True)
-    result = runner.run(shapes, providers, device, seed=args.seed, progress=not args.no_progress)
+    out_dir = args.out or report.default_out_dir(runner.environment(device))
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, "rows.partial.jsonl")
+    with open(partial, "w") as f:  # each row as soon as it is measured: survives a killed run
+
+        def on_row(row, f=f):
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+
+        result = runner.run(shapes, providers, device, seed=args.seed, progress=not args.no_progress,
+                            on_row=on_row, budget_s=args.budget_s)
     data = result.to_dict()
     data["environment"]["demo"] = demo
-    out_dir = args.out or report.default_out_dir(data["environment"])
     path = report.write_json(data, out_dir)
     timed, rest = report.tables(data)
     env = data["environment"]

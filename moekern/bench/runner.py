@@ -83,13 +83,17 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:400]
 
 
+def blank_row(shape: Shape, provider: Provider) -> dict:
+    return {**shape.to_dict(), "shape": shape.key, "provider": provider.name, "status": None, "reason": "",
+            "median_us": None, "min_us": None, "max_us": None, "error": None, "timing": None,
+            "roofline_fraction": None, "bound": None, "speedup_vs_vllm": None}
+
+
 def measure_one(shape: Shape, provider: Provider, inp: Inputs, ref, device, *, ceilings: Ceilings | None = None,
                 time_it: bool = True, timing_kwargs: dict | None = None) -> dict:
     """One result row: check provider's output on inp against ref, then (if right) time it."""
     device = torch.device(device)
-    row = {**shape.to_dict(), "shape": shape.key, "provider": provider.name, "status": None, "reason": "",
-           "median_us": None, "min_us": None, "max_us": None, "error": None, "timing": None,
-           "roofline_fraction": None, "bound": None, "speedup_vs_vllm": None}
+    row = blank_row(shape, provider)
     reason = provider.unavailable(shape, device)
     if reason:
         return {**row, "status": "skipped", "reason": reason}
@@ -188,9 +192,17 @@ def plan(shapes: Iterable[Shape], provider_names) -> list[Task]:
 
 def run(shapes: list[Shape], provider_names, device, *, seed: int = 0, progress: bool = True,
         measure_ceilings_first: bool = True, on_row: Callable[[dict], None] | None = None,
-        extra_providers: list[Provider] = ()) -> BenchResult:
-    """Measure every (shape, provider). Shapes should come grouped by (op, model) (bench_shapes does)."""
+        extra_providers: list[Provider] = (), budget_s: float | None = None) -> BenchResult:
+    """Measure every (shape, provider). Shapes should come grouped by (op, model) (bench_shapes does).
+
+    budget_s: once this many seconds have passed, the remaining (op, model) groups are not started; their
+    rows say so (status "skipped"), so a run cut short on a time-limited machine still reports what it did.
+    """
+    import time
+
     from tqdm import tqdm
+
+    t0 = time.monotonic()
 
     device = torch.device(device)
     ceilings = measure_ceilings(device) if measure_ceilings_first else Ceilings()
@@ -204,6 +216,15 @@ def run(shapes: list[Shape], provider_names, device, *, seed: int = 0, progress:
         groups.setdefault((t.shape.op, t.shape.model), []).append(t)
     try:
         for (op, model), group in groups.items():
+            if budget_s is not None and time.monotonic() - t0 > budget_s:
+                for t in group:
+                    row = {**blank_row(t.shape, t.provider), "status": "skipped",
+                           "reason": f"time budget of {budget_s:g} s spent"}
+                    result.rows.append(row)
+                    if on_row:
+                        on_row(row)
+                    bar.update(1)
+                continue
             max_m = max(t.shape.num_tokens for t in group)
             bar.set_description(f"{op} {model}: building inputs")
             full = make_inputs(group[0].shape, max_m, device, seed)

@@ -54,8 +54,10 @@ _RULES = [
 ]
 _COMPILED = [(c, re.compile(r)) for c, r in _RULES]
 
+# DRAM bandwidth, occupancy and L2 hit rate (what the study asks for), plus the kernel's own duration and
+# registers per thread: for latency-bound kernels (routing at small M) those two say more than bandwidth.
 METRICS = ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "sm__warps_active.avg.pct_of_peak_sustained_active",
-           "lts__t_sector_hit_rate.pct")
+           "lts__t_sector_hit_rate.pct", "gpu__time_duration.sum", "launch__registers_per_thread")
 MOEKERN_KERNELS = r"regex:_.*_kernel|moekern|topk|align|moe"
 
 
