@@ -73,6 +73,9 @@ _B = BlockConfig
 #   dsv3      M=1 0.275/0.288  M=64 6.434/6.443  M=1024 7.646/9.239
 #   olmoe     M=1 0.417/0.419  M=64 0.336/0.333  M=1024 0.421/0.438
 # (the heuristic column is the heuristic as it was before it was refit to these rows.)
+# The block between the BEGIN/END lines is rewritten by `python -m moekern.experts.tune apply RESULTS.json`
+# (rows measured by benchmarks/tune_moe_shapes.py); edit by hand or by that command, keep the markers.
+# BEGIN TUNED
 TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {
     (8, 14336, 4096): {  # Mixtral-8x7B
         1: (_B(16, 128, 128, 1, 4, 3), _B(16, 32, 128, 1, 4, 4)),
@@ -95,6 +98,7 @@ TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = 
         1024: (_B(128, 64, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),
     },
 }
+# END TUNED
 
 
 def _pow2_at_most(x: int) -> int:
@@ -184,6 +188,13 @@ def get_configs(
     return _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device)
 
 
+def tuned_bucket(rows, num_tokens: int) -> int:
+    """The M bucket of one TUNED entry that serves num_tokens: nearest in log2; on a tie, the smaller bucket
+    (so M=256 between buckets 64 and 1024 takes the 64 row: see NOTES.md, 'Mixtral M=256')."""
+    log_m = math.log2(max(num_tokens, 1))
+    return min(rows, key=lambda b: (abs(math.log2(b) - log_m), b))
+
+
 @functools.lru_cache(maxsize=4096)
 def _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device) -> tuple[BlockConfig, BlockConfig]:
     """The table, else the heuristic; cached because the lookup (a device-capability query, log2 distances)
@@ -195,8 +206,5 @@ def _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device
         and (num_experts, inter, hidden) in TUNED
         and torch.cuda.get_device_capability(device)[0] == 9
     ):
-        rows = TUNED[(num_experts, inter, hidden)]
-        log_m = math.log2(max(num_tokens, 1))
-        bucket = min(rows, key=lambda b: (abs(math.log2(b) - log_m), b))
-        return rows[bucket]
+        return TUNED[(num_experts, inter, hidden)][tuned_bucket(TUNED[(num_experts, inter, hidden)], num_tokens)]
     return default_configs(num_tokens, num_experts, top_k, inter, hidden, dtype)

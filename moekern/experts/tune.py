@@ -1,6 +1,12 @@
 """Tune the grouped-GEMM tiles of moekern.fused_moe on this GPU and print rows for configs.TUNED.
 
     python -m moekern.experts.tune [--models mixtral,olmoe] [--tokens 1,64,1024] [--json out.json]
+    python -m moekern.experts.tune apply RESULTS.json [--configs PATH] [--min-gain 0.02] [--dry-run]
+
+The second form (CPU, no GPU needed) merges the winners of benchmarks/tune_moe_shapes.py into the TUNED
+table of configs.py (the block between its BEGIN/END TUNED lines): see merge_tuned / apply_results.
+The pure helpers below (vLLM's default rule for comparison, shape candidates, tile arithmetic, table
+merge and rendering) are shared by that benchmark and tested on CPU in tests/test_experts_tune.py.
 
 For each (model, M) it routes random logits with the model's routing, aligns once per candidate block_m,
 times each GEMM's candidates separately with triton.testing.do_bench (the two GEMMs are independent given
@@ -12,15 +18,271 @@ must be read (used experts only) over the time, against the device's copy bandwi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
+import re
+from dataclasses import dataclass
 
 import torch
 
+from moekern.experts.configs import TUNED, BlockConfig, default_configs, tuned_bucket
+
+H100_SMS = 132
+SMEM_PER_SM = 228 * 1024  # bytes an H100 SM shares among resident programs (227 KiB max for one)
+REGS_PER_SM = 65536
+
+# (model, M) where moekern-triton lost to vLLM 0.26 default-config fused_experts, or was within 10 %, on the
+# H100 bench of this session (devres/3/bench/table.txt); the default shape list of tune_moe_shapes.py.
+LOSING_SHAPES: tuple[tuple[str, int], ...] = (
+    ("mixtral", 256), ("mixtral", 4096), ("mixtral", 8192),
+    ("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 8192),
+    ("deepseek-v3", 256), ("deepseek-v3", 1024), ("deepseek-v3", 4096), ("deepseek-v3", 8192),
+    ("olmoe", 256),
+)
+
+
+def vllm_default_bf16(num_tokens: int, num_experts: int) -> dict:
+    """The tile vLLM 0.26's get_default_config picks for bf16/fp16 without a tuned JSON file (the case on an
+    H100 for every shape here), in its own dict keys. Our reading of its rule, for use where vLLM cannot be
+    imported; on a GPU host tune_moe_shapes.py asks vLLM itself and records whether the two agree.
+    Note that it keys on M = tokens, not on tokens per expert, and uses one config for both GEMMs."""
+    M = num_tokens
+    block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
+    return {
+        "BLOCK_SIZE_M": block_m,
+        "BLOCK_SIZE_N": 64 if M <= 64 else 128,
+        "BLOCK_SIZE_K": 128 if M <= 64 else 64,
+        "GROUP_SIZE_M": 16 if M // max(num_experts, 1) > 128 else 1,
+        "num_warps": 4 if M <= 128 else 8,
+        "num_stages": 4 if M <= 32 else 3,
+    }
+
+
+def from_vllm_config(cfg: dict) -> tuple[BlockConfig, BlockConfig]:
+    """vLLM's structure as our (gemm1, gemm2): one accumulator over 2I columns (fuse_silu=False) + SiLU-and-mul,
+    the same tile for the down GEMM. SPLIT_K (always 1 for bf16) has no counterpart."""
+    base = BlockConfig(cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"], cfg.get("GROUP_SIZE_M", 1),
+                       cfg.get("num_warps", 4), cfg.get("num_stages", 3))
+    return dataclasses.replace(base, fuse_silu=False), base
+
+
+def today_pair(num_tokens: int, num_experts: int, top_k: int, inter: int, hidden: int,
+               table=None) -> tuple[str, tuple[BlockConfig, BlockConfig]]:
+    """What fused_moe picks on an H100 in bf16 (the TUNED bucket, else the heuristic), without a device."""
+    table = TUNED if table is None else table
+    rows = table.get((num_experts, inter, hidden))
+    if rows:
+        b = tuned_bucket(rows, num_tokens)
+        return f"tuned[{b}]", rows[b]
+    return "heuristic", default_configs(num_tokens, num_experts, top_k, inter, hidden, torch.bfloat16)
+
+
+def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, hidden: int,
+                     vllm_cfg: dict | None = None, max_candidates: int = 12,
+                     table=None) -> list[tuple[str, tuple[BlockConfig, BlockConfig]]]:
+    """<= max_candidates named (gemm1, gemm2) pairs for one shape, most informative first (a time budget cuts
+    from the end): today's pick, vLLM's default (as its unfused structure, and as our fused kernel at the
+    same shared memory per stage), the heuristic, the TUNED rows of the neighbouring buckets, then one-step
+    neighbours of today's pick (block_m x2 and /2, group_m, warps, stages, fused/unfused)."""
+    table = TUNED if table is None else table
+    vllm_cfg = vllm_cfg or vllm_default_bf16(num_tokens, num_experts)
+    out: list[tuple[str, tuple[BlockConfig, BlockConfig]]] = []
+
+    def add(name, g1, g2):
+        if g1.block_m != g2.block_m:
+            g2 = dataclasses.replace(g2, block_m=g1.block_m)
+        pair = (g1, g2)
+        try:
+            g1.validate(name)
+            g2.validate(name)
+        except ValueError:
+            return
+        if len(out) < max_candidates and all(pair != p for _, p in out):
+            out.append((name, pair))
+
+    today_name, (t1, t2) = today_pair(num_tokens, num_experts, top_k, inter, hidden, table)
+    add(f"today:{today_name}", t1, t2)
+    v1, v2 = from_vllm_config(vllm_cfg)
+    add("vllm-default", v1, v2)
+    add("vllm-tile-fused", dataclasses.replace(v1, fuse_silu=True, block_n=max(16, v1.block_n // 2)), v2)
+    add("heuristic", *default_configs(num_tokens, num_experts, top_k, inter, hidden, torch.bfloat16))
+    rows = table.get((num_experts, inter, hidden), {})
+    if rows:
+        here = tuned_bucket(rows, num_tokens)
+        for b in sorted(rows, key=lambda b: abs(math.log2(b) - math.log2(max(num_tokens, 1)))):
+            if b != here:
+                add(f"tuned[{b}]", *rows[b])
+                break
+    rep = dataclasses.replace
+    up = min(128, t1.block_m * 2)  # 256-row tiles with two fp32 accumulators spill registers
+    add("today-bm-x2", rep(t1, block_m=up, num_warps=max(t1.num_warps, 8 if up >= 128 else 4)),
+        rep(t2, block_m=up, num_warps=max(t2.num_warps, 8 if up >= 128 else 4)))
+    add("today-g8", rep(t1, group_m=8), rep(t2, group_m=8))
+    add("vllm-default-g8", rep(v1, group_m=8), rep(v2, group_m=8))
+    add("today-unfused", rep(t1, fuse_silu=False, block_n=min(256, 2 * t1.block_n)), t2)
+    add("today-bm-div2", rep(t1, block_m=max(16, t1.block_m // 2)), rep(t2, block_m=max(16, t1.block_m // 2)))
+    add("today-warps", rep(t1, num_warps=12 - t1.num_warps if t1.num_warps in (4, 8) else 4),
+        rep(t2, num_warps=12 - t2.num_warps if t2.num_warps in (4, 8) else 4))
+    add("today-stages", rep(t1, num_stages=7 - t1.num_stages if t1.num_stages in (3, 4) else 3),
+        rep(t2, num_stages=7 - t2.num_stages if t2.num_stages in (3, 4) else 3))
+    return out
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """Work of one grouped GEMM under one alignment (what a launch of _grouped_gemm_kernel really does)."""
+
+    used_m_blocks: int  # sum over experts of ceil(count / block_m)
+    padded_rows: int  # used_m_blocks * block_m - slots
+    pad_frac: float  # padded_rows / slots
+    n_tiles: int  # ceil(N_out / block_n); N_out = 2I for an unfused GEMM1
+    tiles: int  # used_m_blocks * n_tiles: programs that do work
+    grid: int  # programs launched (worst-case block count x n_tiles; the rest return at once)
+    waves: float  # tiles / (SMs x programs per SM)
+    weight_reads: float  # M-blocks per used expert: weight bytes read (from L2 or HBM) / weight bytes once
+
+
+def tile_stats(counts, block_m: int, n_out: int, block_n: int, programs_per_sm: int = 1,
+               sms: int = H100_SMS) -> TileStats:
+    """counts: tokens (slots) per expert. Pure arithmetic, no device."""
+    counts = [int(c) for c in counts]
+    slots = sum(counts)
+    used = sum(-(-c // block_m) for c in counts)
+    experts_used = sum(1 for c in counts if c)
+    n_tiles = -(-n_out // block_n)
+    worst_blocks = -(-(slots + len(counts) * (block_m - 1)) // block_m)
+    return TileStats(used, used * block_m - slots, (used * block_m - slots) / max(slots, 1), n_tiles,
+                     used * n_tiles, worst_blocks * n_tiles, used * n_tiles / (sms * programs_per_sm),
+                     used / max(experts_used, 1))
+
+
+def smem_estimate(cfg: BlockConfig, fused: bool, itemsize: int = 2) -> int:
+    """Shared memory bytes of the software pipeline: num_stages buffers of the A tile and the B tile(s).
+    An estimate (Triton may keep num_stages - 1 or num_stages buffers; epilogue scratch is ignored); the
+    AOT compile of benchmarks/moe_variants.py --compile-only reports the exact number for our kernels."""
+    b_tiles = 2 if fused else 1
+    return cfg.num_stages * (cfg.block_m * cfg.block_k + b_tiles * cfg.block_n * cfg.block_k) * itemsize
+
+
+def programs_per_sm(cfg: BlockConfig, fused: bool) -> int:
+    """Resident programs per SM, bounded by shared memory and by the fp32 accumulators' registers (plus an
+    assumed 64 registers of addresses and loop state per thread); an estimate, see smem_estimate."""
+    by_smem = SMEM_PER_SM // max(smem_estimate(cfg, fused), 1)
+    threads = 32 * cfg.num_warps
+    regs = (2 if fused else 1) * cfg.block_m * cfg.block_n // threads + 64
+    by_regs = REGS_PER_SM // (min(regs, 255) * threads)
+    return max(1, min(by_smem, by_regs, 32 // cfg.num_warps))
+
+
+# ------------------------------------------------------------------ applying measured winners to TUNED
+
+
+def merge_tuned(table, rows, min_gain: float = 0.02):
+    """A new TUNED-shaped table: for each measured row whose best correct candidate beats today's pick by more
+    than min_gain (fractional time), the winner becomes the row of bucket M of its (E, I, H) entry.
+
+    rows: the "rows" of tune_moe_shapes.py's JSON: dicts with E, I, H, M, today_us and best = {gemm1: {..},
+    gemm2: {..}, us: float} (BlockConfig fields); rows without a best or a today_us are skipped. Returns
+    (new_table, applied) where applied lists (E, I, H, M) changed. The input table is not modified."""
+    new = {key: dict(per_m) for key, per_m in table.items()}
+    applied = []
+    for r in rows:
+        best, today = r.get("best"), r.get("today_us")
+        if not best or not today or best.get("us") is None:
+            continue
+        if best["us"] > today * (1 - min_gain):
+            continue
+        g1, g2 = BlockConfig(**best["gemm1"]), BlockConfig(**best["gemm2"])
+        g1.validate("best.gemm1")
+        g2.validate("best.gemm2")
+        if g1.block_m != g2.block_m:
+            raise ValueError(f"row M={r['M']}: best.gemm1.block_m={g1.block_m} != best.gemm2.block_m={g2.block_m}")
+        key = (int(r["E"]), int(r["I"]), int(r["H"]))
+        new.setdefault(key, {})[int(r["M"])] = (g1, g2)
+        applied.append(key + (int(r["M"]),))
+    return new, applied
+
+
+def cfg_source(c: BlockConfig) -> str:
+    """configs.py source of one BlockConfig: positional core fields, variant fields only when not default."""
+    extra = "".join(f", {f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)[6:]
+                    if getattr(c, f.name) != f.default)
+    return f"_B({c.block_m}, {c.block_n}, {c.block_k}, {c.group_m}, {c.num_warps}, {c.num_stages}{extra})"
+
+
+def render_tuned(table, comments=None) -> str:
+    """Python source of a TUNED table (the block between configs.py's BEGIN/END TUNED lines, exclusive).
+    comments: optional {(E, I, H): str} for entries and {(E, I, H, M): str} for rows."""
+    from moekern.models.registry import MODELS
+
+    comments = comments or {}
+    names = {}
+    for spec in MODELS.values():
+        if spec.num_experts:
+            names.setdefault((spec.num_experts, spec.intermediate_size, spec.hidden_size), spec.name)
+    lines = ["TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {"]
+    for key in table:
+        note = comments.get(key, names.get(key, ""))
+        lines.append(f"    {key}: {{" + (f"  # {note}" if note else ""))
+        for m in sorted(table[key]):
+            g1, g2 = table[key][m]
+            note = comments.get(key + (m,), "")
+            lines.append(f"        {m}: ({cfg_source(g1)}, {cfg_source(g2)}),"
+                         + (f"  # {note}" if note else ""))
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+_BLOCK = re.compile(r"(# BEGIN TUNED\n)(.*?)(# END TUNED\n)", re.S)
+
+
+def rewrite_tuned_source(source: str, table, comments=None) -> str:
+    """configs.py source with the TUNED block replaced; raises ValueError when the markers are missing."""
+    if len(_BLOCK.findall(source)) != 1:
+        raise ValueError("configs source must hold exactly one '# BEGIN TUNED' ... '# END TUNED' block")
+    body = render_tuned(table, comments)
+    return _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), source)
+
+
+def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, dry_run: bool = False):
+    """Merge tune_moe_shapes.py's JSON into configs.py's TUNED block (in place unless dry_run); returns the
+    list of (E, I, H, M) rows changed. The new table is checked by executing the rewritten block."""
+    with open(results_path) as f:
+        results = json.load(f)
+    rows = results["rows"] if isinstance(results, dict) else results
+    src = open(configs_path).read()
+    table = _exec_tuned(_BLOCK.search(src).group(2)) if _BLOCK.search(src) else None
+    if table is None:
+        raise ValueError(f"{configs_path}: no '# BEGIN TUNED' ... '# END TUNED' block")
+    new, applied = merge_tuned(table, rows, min_gain)
+    comments = {}
+    dev = (results.get("meta") or {}).get("device", "") if isinstance(results, dict) else ""
+    for r in rows:
+        key = (int(r["E"]), int(r["I"]), int(r["H"]), int(r["M"]))
+        if key in applied:
+            v = r.get("vllm_us")
+            comments[key] = (f"{r['best']['name']}: {r['best']['us']:.0f} us, was {r['today_us']:.0f}"
+                             + (f", vLLM {v:.0f}" if v else "") + (f" ({dev})" if dev else ""))
+    # Row comments: only the rows changed now get one (render does not carry older row comments over).
+    out = rewrite_tuned_source(src, new, comments)
+    if _exec_tuned(_BLOCK.search(out).group(2)) != new:
+        raise AssertionError("rendered TUNED block does not read back as the merged table")
+    if not dry_run and applied:
+        with open(configs_path, "w") as f:
+            f.write(out)
+    return applied, out
+
+
+def _exec_tuned(block_source: str):
+    scope = {"BlockConfig": BlockConfig, "_B": BlockConfig}
+    exec(compile(block_source, "<TUNED>", "exec"), scope)  # noqa: S102  (our own configs.py block)
+    return scope["TUNED"]
+
 
 def _candidates(block_m: int, gemm: int):
-    from moekern.experts.configs import BlockConfig
-
     warps = (4, 8) if block_m >= 64 else (4,)
     group = (1, 8) if block_m >= 128 else (1,)
     for bn, bk, stages, nw, gm in itertools.product((32, 64, 128), (64, 128), (3, 4), warps, group):
@@ -34,7 +296,6 @@ def tune_one(name: str, num_tokens: int, w13, w2, spec, rep_ms: int = 20) -> dic
     import triton.testing
 
     import moekern
-    from moekern.experts.configs import default_configs
     from moekern.experts.triton_gemm import _launch
 
     E, k, H, inter = spec.num_experts, spec.top_k, spec.hidden_size, spec.intermediate_size
@@ -85,9 +346,30 @@ def tune_one(name: str, num_tokens: int, w13, w2, spec, rep_ms: int = 20) -> dic
                 tflops_tuned=2 * num_tokens * k * 3 * inter * H / t_tuned / 1e9)
 
 
+def main_apply(argv) -> None:
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m moekern.experts.tune apply",
+                                 description="merge tune_moe_shapes.py winners into configs.py's TUNED table")
+    ap.add_argument("results", help="tune_moe_shapes.json written by benchmarks/tune_moe_shapes.py")
+    ap.add_argument("--configs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.py"))
+    ap.add_argument("--min-gain", type=float, default=0.02, help="apply a winner only if this much faster")
+    ap.add_argument("--dry-run", action="store_true", help="print the new block, write nothing")
+    args = ap.parse_args(argv)
+    applied, out = apply_results(args.results, args.configs, args.min_gain, args.dry_run)
+    if args.dry_run:
+        print(_BLOCK.search(out).group(2))
+    print(f"{'would change' if args.dry_run else 'changed'} {len(applied)} TUNED rows: {applied}")
+
+
 def main(argv=None) -> None:
+    import sys
+
     from moekern.models import get_model
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "apply":
+        return main_apply(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral,qwen3-30b-a3b,deepseek-v3,olmoe")
     ap.add_argument("--tokens", default="1,64,1024")
