@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh probe        # a C++ argument check that crashes: native backtrace (cuda-gdb)
 #   bash benchmarks/gpu_session.sh own          # no vLLM needed: ep + diffusion + profile + ncu below
 #   bash benchmarks/gpu_session.sh ep|diffusion|profile|ncu   # one of those
+#   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
+#   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
 #   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (minutes of nvcc)
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
@@ -106,6 +108,23 @@ run_stage() {
     done
     ;;
   own) versions; for s in ep diffusion profile ncu; do run_stage "$s"; done ;;
+  tune)
+    # fused_moe tiles for the shapes we lose to vLLM, timed side by side with vLLM's fused_experts; --apply
+    # writes the winners into moekern/experts/configs.py here, and the re-bench measures them in the same call
+    # (edits on the device machine do not come back: commit the JSON, then `python -m moekern.experts.tune
+    # apply JSON` on the CPU machine).
+    versions; build
+    timeout 330 python3 benchmarks/tune_moe_shapes.py --out "$OUT/tune" --budget-s "${TUNE_BUDGET_S:-280}" --apply \
+      2>&1 | tee "$OUT/tune.log" | tail -40
+    timeout 240 python3 -m moekern.cli bench --no-progress --ops moe --budget-s 200 \
+      --providers moekern-triton,vllm --out "$OUT/bench-moe-tuned" 2>&1 | tee "$OUT/bench-moe-tuned.log" | tail -35
+    ;;
+  ep-vllm)
+    # moekern.ep's prepare/finalize inside vLLM's modular kernel at W=1 vs vLLM's own path (needs vLLM).
+    build
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_ep_vllm.py tests/test_ep.py -k "vllm" 2>&1 \
+      | tee "$OUT/ep_vllm.log" | tail -15
+    ;;
   fi-warmup)
     # Detached (setsid): FlashInfer's nvcc builds run on after this call returns, for as long as the machine is
     # held, so the next call finds them in ~/.cache/flashinfer. Its log: /tmp/fi_warmup.log (bench-fi prints it).
