@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh ep|diffusion|profile|ncu   # one of those
 #   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
 #   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
+#   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/compact/legacy) vs vLLM
 #   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (minutes of nvcc)
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
@@ -118,6 +119,12 @@ run_stage() {
       2>&1 | tee "$OUT/tune.log" | tail -40
     timeout 240 python3 -m moekern.cli bench --no-progress --ops moe --budget-s 200 \
       --providers moekern-triton,vllm --out "$OUT/bench-moe-tuned" 2>&1 | tee "$OUT/bench-moe-tuned.log" | tail -35
+    ;;
+  routing-variants)
+    # Every CUDA routing path (auto, compact, legacy) side by side with vLLM and the Triton kernel (needs vLLM).
+    build
+    timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
+      --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
     ;;
   ep-vllm)
     # moekern.ep's prepare/finalize inside vLLM's modular kernel at W=1 vs vLLM's own path (needs vLLM).

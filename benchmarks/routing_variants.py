@@ -1,5 +1,5 @@
 """Routing kernel paths side by side on one GPU: moekern cuda (auto / v1 legacy / forced single block / forced
-multi block), moekern triton, and vLLM 0.26's routing ops when importable, on the same inputs.
+multi block / compact body), moekern triton, and vLLM 0.26's routing ops when importable, on the same inputs.
 
     python benchmarks/routing_variants.py
     python benchmarks/routing_variants.py --models deepseek-v3 --ms 1,16,64,256,1024,4096,16384,131072
@@ -22,8 +22,8 @@ import sys
 import torch
 
 ISSUE_MS = (1, 16, 64, 256, 1024, 4096, 16384)
-MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3")
-CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block")
+MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe")
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact")
 SINGLE_BLOCK_MAX_M = 4096  # a forced single block grid-strides over every token: slow and pointless above this
 
 
@@ -147,7 +147,7 @@ _HEADER_DONE = False
 
 def _print_row(row):
     global _HEADER_DONE
-    cols = ["cuda-auto", "cuda-legacy", "cuda-single_block", "cuda-multi_block", "triton", "vllm"]
+    cols = ["cuda-auto", "cuda-legacy", "cuda-single_block", "cuda-multi_block", "cuda-compact", "triton", "vllm"]
     if not _HEADER_DONE:
         print(f"{'model':<15}{'M':>7}  " + "".join(f"{c:>18}" for c in cols) + f"{'auto/vllm':>11}{'<=0.7':>7}")
         _HEADER_DONE = True

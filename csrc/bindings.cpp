@@ -112,8 +112,8 @@ void check_num_experts(int64_t E) {
 Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
                                 const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group,
                                 double scale, int64_t variant) {
-  TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkMultiBlock, "variant=", variant,
-              " must be 0 (auto), 1 (legacy), 2 (single block) or 3 (multi block)");
+  TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkLastVariant, "variant=", variant,
+              " must be 0 (auto), 1 (legacy), 2 (single block), 3 (multi block) or 4 (compact)");
   check_cuda(logits_in, "logits");
   TORCH_CHECK(logits_in.dim() == 2, "logits must be 2-D [M, E]; got shape ", logits_in.sizes());
   const mk::DType dtype = to_mk_dtype(logits_in, "logits");
@@ -263,8 +263,8 @@ TORCH_LIBRARY(moekern, m) {
   m.def(
       "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");
-  // Internal: fused_topk with the kernel path forced (0 auto, 1 v1, 2 single block, 3 multi block), so tests
-  // and benchmarks/routing_variants.py can check and time every path in one run.
+  // Internal: fused_topk with the kernel path forced (0 auto, 1 v1, 2 single block, 3 multi block, 4 compact),
+  // so tests and benchmarks/routing_variants.py can check and time every path in one run.
   m.def(
       "fused_topk_variant(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale, int variant) -> (Tensor weights, Tensor ids, Tensor counts)");

@@ -190,6 +190,64 @@ def test_fused_topk_paths_ties_nan_inf(variant):
     _assert_routing_equal(*_run_topk(logits, 8, "softmax", True, None, 8, 4, 1.0, variant))
 
 
+
+# variant="compact" (csrc/routing/NOTES.md): the v2 geometry and histogram with a compact kernel body (scoring
+# compiled in, a run-time top-k loop). Not in VARIANTS above, so it gets its own tests; they reuse the checks.
+@pytest.mark.parametrize("M", [1, 33, 3000])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("E", [1, 8, 16, 60, 128, 256, 512])
+def test_fused_topk_compact_every_E(E, k, M):
+    test_fused_topk_every_path_every_E(E, k, M, "compact")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 8, 9, 64, 256, 257, 4096])
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_compact_standard_shapes(model, M, dtype):
+    test_fused_topk_paths_standard_shapes(model, M, dtype, "compact")
+
+
+def test_fused_topk_compact_ties_nan_inf():
+    test_fused_topk_paths_ties_nan_inf("compact")
+
+
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_compact_equals_auto_bit_for_bit(model):
+    # Same operations on the same values in the same order: weights equal, not just close.
+    from moekern.routing.cuda_topk import fused_topk_cuda
+
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    g = torch.Generator(device="cuda").manual_seed(21)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    for M in (1, 7, 300, 5000):
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = torch.randn(M, E, device="cuda", generator=g).to(dtype)
+            a = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "auto")
+            c = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "compact")
+            for x, y in zip(a, c):
+                torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("model", STANDARD_MODELS)
+def test_fused_topk_compact_graph_replays_and_ticket(model):
+    test_fused_topk_graph_replays_count_correctly(model, "compact")
+    E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
+    g = torch.Generator(device="cuda").manual_seed(23)
+    bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
+    for M in (4096, 9, 300, 1, 20000, 64):  # grids of different sizes share the stream's accumulator slot
+        for variant in ("compact", "multi_block", "compact"):
+            logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
+            _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant))
+
+
+def test_fused_topk_compact_unaligned_rows():
+    g = torch.Generator(device="cuda").manual_seed(29)
+    for E in (128, 60, 8):
+        buf = torch.randn(500 * E + 1, device="cuda", generator=g).to(torch.bfloat16)
+        logits = buf[1:].view(500, E)
+        _assert_routing_equal(*_run_topk(logits, min(8, E), "softmax", True, None, 0, 0, 1.0, "compact"))
+
+
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_fused_topk_repeated_calls_reset_the_ticket(model):
     # The multi-block path leaves its accumulator slot zeroed; grids of different sizes follow each other on

@@ -1,6 +1,7 @@
 // Fused top-k routing (v2): scores, (grouped) selection, renormalization, scaling and the expert histogram
-// in ONE kernel launch at every M, with no memset. NOTES.md has the design, the predictions and what to
-// measure; fused_topk_legacy.cu keeps v1 as the fallback.
+// in ONE kernel launch at every M, with no memset. NOTES.md has the design, the H100 measurements and the
+// diagnosis of the small-M gap to vLLM; fused_topk_legacy.cu keeps v1 as the fallback. compact_topk_kernel
+// (variant kTopkCompact, below) is the candidate fix: the same algorithm with a compact body.
 //
 // Teams. A token is handled by a team of L lanes (a power of two chosen from E at compile time); lane j of
 // the team holds the V consecutive experts [jV, jV + V), so its chunk of the row is one or two 16-byte
@@ -413,6 +414,210 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
   }
 }
 
+// ------------------------------------------------------------------------------------------ compact variant
+// kTopkCompact: the team kernel's geometry, keys, scores, group selection and histogram, with a compact body.
+// What the GPU run showed (NOTES.md): at small M the team kernel takes 1.1-2.6x vLLM's time because its body
+// is generic over everything at run time: 16 unrolled selection rounds and 16 unrolled output slots, each
+// skipped by its own branch when r >= top_k, each with an inlined IEEE division and a slow-path call, plus the
+// sigmoid/bias and softmax paths both present (2.9k SASS instructions for Mixtral, 5.3k for DeepSeek-V3).
+// A latency-bound launch (one warp at M=1) pays for the instructions it executes and for fetching a large
+// code footprint. Here the scoring is a template parameter (the other path is not compiled), the rounds are a
+// run-time loop (code for one round), the results are kept by static selects (no local memory), and the
+// output slots stop at the first r >= top_k. Results are bit-identical to the team kernel: same operations on
+// the same values in the same order.
+
+// Whether this lane's group is among the topk_group best (DeepSeek-V3 grouped selection); the team kernel's
+// algorithm (see the paragraph atop this file). Every lane of the warp must call it (shuffles).
+template <int L, int V>
+__device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&sel)[V], float sum, bool softmax,
+                                           bool active, int tl, const TeamArgs& a) {
+  const int S = a.group_lanes;
+  float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float v = rank_key(softmax ? w[i] / sum : sel[i]);
+    if (v > top1) {
+      top2 = top1;
+      top1 = v;
+    } else if (v > top2) {
+      top2 = v;
+    }
+  }
+  for (int m = 1; m < S; m <<= 1) {
+    const float o1 = shfl_xor(top1, m);
+    const float o2 = shfl_xor(top2, m);
+    const float lo = fminf(top1, o1);
+    top1 = fmaxf(top1, o1);
+    top2 = fmaxf(lo, fmaxf(top2, o2));
+  }
+  const int grp = tl / S;
+  unsigned long long gkey = (active && grp < a.G) ? pack_key64(true, rank_key(top1 + top2), grp) : 0ull;
+  bool kept = false;
+  for (int r = 0; r < a.g; ++r) {
+    unsigned long long win = gkey;
+    for (int m = S; m < L; m <<= 1) win = xor_max64(win, m);
+    if (win != 0ull && kIdxMask - static_cast<int>(win & kIdxMask) == grp) {
+      kept = true;
+      gkey = 0ull;
+    }
+  }
+  return kept;
+}
+
+template <typename T, int V, int L, bool kKey32, bool kSoftmax>
+__global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArgs a) {
+  using KeyOps = Keys<kKey32>;
+  using Key = typename KeyOps::type;
+  constexpr int kTeams = kWarpSize / L;
+  constexpr int kRes = (kTopkMaxK + L - 1) / L;  // result r -> lane r % L, slot r / L
+  static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
+  static_assert((V & (V - 1)) == 0, "chunk size must be a power of two");
+  static_assert(!(kKey32 && !kSoftmax), "32-bit keys hold 16-bit logits only (softmax ranks the logit)");
+
+  __shared__ int s_hist[kTopkMaxExperts];
+  __shared__ int s_last;
+  const int E = a.E, top_k = a.top_k;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_hist[e] = 0;
+
+  const int lane = lane_id();
+  const int tl = lane & (L - 1);
+  const int team_lane0 = lane - tl;
+  const int base = tl * V;
+  const bool grouped = a.G > 1;
+
+  float bias[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
+  if constexpr (!kSoftmax) {
+    if (a.bias != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) bias[i] = base + i < E ? a.bias[base + i] : 0.0f;
+    }
+  }
+
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kTeams;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps * kTeams;
+  __syncthreads();
+
+  for (int64_t t0 = first; t0 < a.M; t0 += stride) {  // warp-uniform
+    const int64_t t = t0 + lane / L;
+    const bool active = t < a.M;
+    float x[V];
+    if (active) {
+      load_chunk<T, V>(logits + t * E, base, E, a.vec != 0, x);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
+    }
+
+    float w[V];
+    float sel[V];
+    float sum = 1.0f;
+    if constexpr (kSoftmax) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < V; ++i) mx = fmaxf(mx, x[i]);
+      mx = team_max<L>(mx);
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        w[i] = base + i < E ? expf(x[i] - mx) : 0.0f;
+        s += w[i];
+        sel[i] = x[i];
+      }
+      sum = team_sum<L>(s);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        w[i] = 1.0f / (1.0f + expf(-x[i]));
+        sel[i] = w[i] + bias[i];
+      }
+    }
+
+    const bool allowed = grouped ? group_kept<L, V>(w, sel, sum, kSoftmax, active, tl, a) : true;
+
+    Key key[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      key[i] = (active && base + i < E) ? KeyOps::pack(allowed, rank_key(sel[i]), base + i) : Key(0);
+
+    float res_w[kRes];
+    int res_id[kRes];
+#pragma unroll
+    for (int j = 0; j < kRes; ++j) {
+      res_w[j] = 0.0f;
+      res_id[j] = 0;
+    }
+    float wsum = 0.0f;
+    Key thr = ~Key(0);
+#pragma unroll 1
+    for (int r = 0; r < top_k; ++r) {  // top_k is uniform: every lane runs every round
+      Key c[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) c[i] = key[i] < thr ? key[i] : Key(0);
+      TreeMax<V / 2>::run(c);
+      Key win = c[0];
+#pragma unroll
+      for (int m = 1; m < L; m <<= 1) win = KeyOps::xor_max(win, m);
+      thr = win;
+      const int e = KeyOps::index(win);
+      const int slot = e & (V - 1);
+      float wv = 0.0f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) wv = (i == slot) ? w[i] : wv;
+      if (L > 1) wv = shfl(wv, team_lane0 + ((e / V) & (L - 1)));
+      if (kSoftmax) wv = wv / sum;
+      wsum += wv;
+      if (tl == (r & (L - 1))) {
+        const int j = r / L;  // a run-time slot, written by static selects so res_* stay in registers
+#pragma unroll
+        for (int jj = 0; jj < kRes; ++jj) {
+          res_w[jj] = jj == j ? wv : res_w[jj];
+          res_id[jj] = jj == j ? e : res_id[jj];
+        }
+      }
+    }
+
+    if (active) {
+      const bool renorm = a.renormalize != 0 && wsum > 0.0f;
+#pragma unroll
+      for (int j = 0; j < kRes; ++j) {
+        const int r = tl + j * L;
+        if (r >= top_k) break;  // one exit, not one skip per remaining slot
+        float wt = res_w[j];
+        if (renorm) wt = wt / wsum;
+        a.weights[t * top_k + r] = wt * a.scale;
+        a.ids[t * top_k + r] = res_id[j];
+        atomicAdd(&s_hist[res_id[j]], 1);
+      }
+    }
+  }
+
+  __syncthreads();
+  if (a.slot < 0) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
+    return;
+  }
+  int* acc = g_acc[a.slot];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int c = s_hist[e];
+    if (c != 0) atomicAdd(&acc[e], c);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned last = gridDim.x - 1;
+    s_last = atomicInc(&g_ticket[a.slot], last) == last;
+  }
+  __syncthreads();
+  if (s_last) {
+    __threadfence();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ host side
 
 // The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are
@@ -470,13 +675,46 @@ Error launch_team_typed(const TeamArgs& a, bool key32, Stream stream) {
   return kInvalidValue;
 }
 
+// Same grid choice as launch_team (single block or the multi-block grid, decided by a.slot).
+template <typename T, int V, int L, bool kKey32, bool kSoftmax>
+Error launch_compact(const TeamArgs& a, Stream stream) {
+  const auto kernel = compact_topk_kernel<T, V, L, kKey32, kSoftmax>;
+  const int64_t lanes = a.M * L;
+  int64_t blocks = 1;
+  int threads = kMultiThreads;
+  if (a.slot < 0) {
+    threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (lanes + kWarpSize - 1) / kWarpSize * kWarpSize));
+  } else {
+    static const int occupancy = max_active_blocks(reinterpret_cast<const void*>(kernel), kMultiThreads);
+    blocks = std::max<int64_t>(1, std::min<int64_t>((lanes + kMultiThreads - 1) / kMultiThreads,
+                                                    static_cast<int64_t>(num_sms()) * occupancy));
+  }
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  return last_error();
+}
+
+template <typename T>
+Error launch_compact_typed(const TeamArgs& a, bool key32, Stream stream) {
+#define MOEKERN_COMPACT_CASE(EB, VV, LL)                                          \
+  if (a.E <= (EB)) {                                                              \
+    if (a.scoring != 0) return launch_compact<T, (VV), (LL), false, false>(a, stream); \
+    if constexpr (sizeof(T) == 2) {                                               \
+      if (key32) return launch_compact<T, (VV), (LL), true, true>(a, stream);     \
+    }                                                                             \
+    return launch_compact<T, (VV), (LL), false, true>(a, stream);                 \
+  }
+  MOEKERN_TOPK_BUCKETS(MOEKERN_COMPACT_CASE)
+#undef MOEKERN_COMPACT_CASE
+  return kInvalidValue;
+}
+
 }  // namespace
 
 Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,
                         bool renormalize, const float* bias, int num_groups, int topk_group, float scale,
                         float* weights, int32_t* ids, int32_t* counts, Stream stream, int variant) {
   if (E < 1 || E > kTopkMaxExperts || top_k < 1 || top_k > kTopkMaxK || top_k > E || M < 0 ||
-      (scoring != 0 && scoring != 1) || variant < kTopkAuto || variant > kTopkMultiBlock)
+      (scoring != 0 && scoring != 1) || variant < kTopkAuto || variant > kTopkLastVariant)
     return kInvalidValue;
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
@@ -494,7 +732,8 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
     S = P % b.V == 0 ? P / b.V : 0;
     if (S == 0 || (S & (S - 1)) != 0 || S > b.L) return legacy();
   }
-  const bool single = variant == kTopkSingleBlock || (variant == kTopkAuto && M * b.L <= kSingleBlockThreads);
+  const bool single = variant == kTopkSingleBlock ||
+                      ((variant == kTopkAuto || variant == kTopkCompact) && M * b.L <= kSingleBlockThreads);
   int slot = -1;
   if (!single) {
     slot = stream_slot(stream);
@@ -519,6 +758,9 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
   a.slot = slot;
   a.scale = scale;
   const bool key32 = scoring == 0 && dtype != DType::kFloat32;  // softmax ranks 16-bit logits: 19 bits suffice
+  if (variant == kTopkCompact) {
+    MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_compact_typed<T>(a, key32, stream));
+  }
   MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_team_typed<T>(a, key32, stream));
   return kInvalidValue;
 }

@@ -16,6 +16,8 @@ enum TopkVariant : int {
   kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
   kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens)
   kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction
+  kTopkCompact = 4,      // v2 geometry and histogram, compact body (scoring compiled in, run-time k loop); NOTES.md
+  kTopkLastVariant = kTopkCompact,
 };
 
 // logits: [M, E] row-major of `dtype`; bias: [E] fp32 or nullptr (sigmoid only); num_groups = 0 or 1

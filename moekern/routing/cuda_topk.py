@@ -9,7 +9,9 @@ that can run at the same time must be issued (or captured into a CUDA graph) on 
 graphs captured on one stream must not be replayed concurrently.
 
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
-moekern.fused_topk uses), "legacy" (the v1 kernel), "single_block", "multi_block".
+moekern.fused_topk uses), "legacy" (the v1 kernel), "single_block", "multi_block", "compact" (the v2
+geometry and histogram with a compact kernel body: scoring compiled in, a run-time top-k loop; grid chosen
+as auto chooses it; csrc/routing/NOTES.md says why and what the A/B must show before auto uses it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from moekern._ext import extension_error
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
-VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3}
+VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4}
 
 # Checked once at import: the wrappers then read a constant, which torch.compile traces through.
 _EXT_ERROR = extension_error()
