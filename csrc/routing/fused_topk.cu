@@ -644,21 +644,27 @@ int stream_slot(Stream stream) {
   return used;
 }
 
-template <typename T, int V, int L, bool kKey32>
-Error launch_team(const TeamArgs& a, Stream stream) {
-  const auto kernel = team_topk_kernel<T, V, L, kKey32>;
+// Launches a lane-team kernel (L lanes per token): one block sized to the tokens when a.slot < 0, else the
+// multi-block grid that fills the GPU (occupancy is queried once per kernel: the static is per instantiation).
+template <auto kKernel, int L>
+Error launch_lane_teams(const TeamArgs& a, Stream stream) {
   const int64_t lanes = a.M * L;
   int64_t blocks = 1;
   int threads = kMultiThreads;
   if (a.slot < 0) {
     threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (lanes + kWarpSize - 1) / kWarpSize * kWarpSize));
   } else {
-    static const int occupancy = max_active_blocks(reinterpret_cast<const void*>(kernel), kMultiThreads);
+    static const int occupancy = max_active_blocks(reinterpret_cast<const void*>(kKernel), kMultiThreads);
     blocks = std::max<int64_t>(1, std::min<int64_t>((lanes + kMultiThreads - 1) / kMultiThreads,
                                                     static_cast<int64_t>(num_sms()) * occupancy));
   }
-  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
+  kKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
   return last_error();
+}
+
+template <typename T, int V, int L, bool kKey32>
+Error launch_team(const TeamArgs& a, Stream stream) {
+  return launch_lane_teams<team_topk_kernel<T, V, L, kKey32>, L>(a, stream);
 }
 
 template <typename T>
@@ -675,22 +681,9 @@ Error launch_team_typed(const TeamArgs& a, bool key32, Stream stream) {
   return kInvalidValue;
 }
 
-// Same grid choice as launch_team (single block or the multi-block grid, decided by a.slot).
 template <typename T, int V, int L, bool kKey32, bool kSoftmax>
 Error launch_compact(const TeamArgs& a, Stream stream) {
-  const auto kernel = compact_topk_kernel<T, V, L, kKey32, kSoftmax>;
-  const int64_t lanes = a.M * L;
-  int64_t blocks = 1;
-  int threads = kMultiThreads;
-  if (a.slot < 0) {
-    threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (lanes + kWarpSize - 1) / kWarpSize * kWarpSize));
-  } else {
-    static const int occupancy = max_active_blocks(reinterpret_cast<const void*>(kernel), kMultiThreads);
-    blocks = std::max<int64_t>(1, std::min<int64_t>((lanes + kMultiThreads - 1) / kMultiThreads,
-                                                    static_cast<int64_t>(num_sms()) * occupancy));
-  }
-  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a);
-  return last_error();
+  return launch_lane_teams<compact_topk_kernel<T, V, L, kKey32, kSoftmax>, L>(a, stream);
 }
 
 template <typename T>
