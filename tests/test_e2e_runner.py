@@ -245,3 +245,190 @@ def test_gpuenv_fixup_patches_flash_attn_raise_once(tmp_path):
     assert ns["OK"] == 1
     assert fix.patch_flash_attn(tmp_path).startswith("already patched")
     assert fix.patch_flash_attn(tmp_path / "missing").startswith("skip")
+
+
+# ---- preflight (benchmarks/e2e/preflight.py) and the runner's use of it -------------------------------------
+VLLM_REF = Path(__import__("os").environ.get("MOEKERN_VLLM_REF", "/work/ref/vllm"))
+
+
+@pytest.fixture(scope="module")
+def pf():
+    spec = importlib.util.spec_from_file_location("moekern_e2e_preflight", E2E / "preflight.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks its module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def _ref_def(module: str, qualname: str):
+    """(ast node, source text) of `qualname` in the vLLM 0.26 source tree VLLM_REF (the `vllm` package dir)."""
+    import ast
+
+    rel = module.split(".", 1)[1].replace(".", "/") if "." in module else ""
+    path = VLLM_REF / (rel + ".py")
+    if not path.exists():
+        path = VLLM_REF / rel / "__init__.py"
+    text = path.read_text()
+    node = ast.parse(text)
+    for part in qualname.split("."):
+        node = next((n for n in ast.iter_child_nodes(node) if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                     and n.name == part), None)
+        assert node is not None, f"{qualname} not found in {path}"
+    return node, ast.get_source_segment(text, node)
+
+
+@pytest.mark.skipif(not VLLM_REF.is_dir(), reason="vLLM 0.26 source not at MOEKERN_VLLM_REF")
+def test_preflight_expectations_match_vllm_026_source(pf):
+    """The signatures and source facts the preflight asserts on the GPU machine hold in vLLM 0.26's source,
+    so a preflight FAIL there means a different vLLM, not a wrong expectation."""
+    for module, qualname, positional, keyword_only in pf.SIGNATURES:
+        node, _ = _ref_def(module, qualname)
+        a = node.args
+        pos = [x.arg for x in a.posonlyargs + a.args]
+        assert pos[: len(positional)] == positional, (qualname, pos)
+        assert set(keyword_only) <= {x.arg for x in a.kwonlyargs}, (qualname, [x.arg for x in a.kwonlyargs])
+    for module, qualname, needles in pf.SOURCE_FACTS:
+        _, src = _ref_def(module, qualname)
+        assert all(n in src for n in needles), (qualname, [n for n in needles if n not in src])
+    # our own call sites use exactly these shapes
+    from moekern.vllm import hooks
+    import inspect
+
+    assert "def _compute_routing(hidden_states, router_logits, indices_type, *, input_ids=None)" in \
+        inspect.getsource(hooks._on_layer_registered)
+
+
+def test_check_signature_and_resolve(pf):
+    def f(self, a, b, *, c=None):
+        pass
+
+    assert pf.check_signature(f, ["self", "a"], ["c"]).endswith(".f(self, a, b, *, c=None)")
+    with pytest.raises(AssertionError, match=r"expected positional parameters \['self', 'b'\], got \['self', 'a', 'b'\]"):
+        pf.check_signature(f, ["self", "b"])
+    with pytest.raises(AssertionError, match=r"keyword-only \['d'\]"):
+        pf.check_signature(f, ["self"], ["d"])
+    assert pf.check_signature(lambda self, **kw: None, ["self"], ["anything"])  # **kwargs accepts it
+    assert pf.resolve("json", "decoder.JSONDecoder.decode") is json.decoder.JSONDecoder.decode
+    with pytest.raises(AssertionError, match="no attribute 'nope'"):
+        pf.resolve("json", "decoder.nope")
+    pf.source_has(test_check_signature_and_resolve, "pf.resolve(")
+    with pytest.raises(AssertionError, match="lacks"):
+        pf.source_has(test_check_signature_and_resolve, "not" + "-there")
+
+
+def test_run_checks_and_report(pf, capsys):
+    def boom():
+        raise RuntimeError("kaput")
+
+    def skip():
+        raise pf.Skip("no CUDA device")
+
+    res = pf.run_checks([("a", lambda: "fine"), ("b", skip), ("c", boom), ("d", lambda: "x")])
+    assert [(r.name, r.status) for r in res] == [("a", "PASS"), ("b", "SKIP"), ("c", "FAIL"), ("d", "PASS")]
+    assert res[2].detail.startswith("RuntimeError: kaput (at ")
+    assert pf.report(res) == 1
+    out = capsys.readouterr().out
+    assert "FAIL c: RuntimeError: kaput" in out and "preflight: 2 pass, 1 fail, 1 skip" in out
+    assert pf.failures(out) == [res[2].line()]
+    res = pf.run_checks([("root", boom), ("x", lambda: "never")], {"root": "root is down"})
+    assert [(r.status, r.detail) for r in res][1] == ("SKIP", "root is down")
+    assert pf.report(pf.run_checks([("a", lambda: None), ("b", skip)])) == 0
+
+
+def test_preflight_args(pf, capsys):
+    a = pf.parse_args([])
+    assert a.arms == ["vllm", "flashinfer", "moekern-routing", "moekern-routing-log", "moekern"] and a.mode == "offline"
+    with pytest.raises(SystemExit) as e:
+        pf.parse_args(["--arms", "vllm,fast"])
+    assert e.value.code == 2 and "unknown arm(s) ['fast']" in capsys.readouterr().err
+    checks, _ = pf.build_checks(pf.parse_args(["--arms", "vllm", "--mode", "offline"]))
+    names = [n for n, _ in checks]
+    assert names[0] == "vllm imports" and not any("serve" in n or "FlashInfer" in n for n in names)
+    assert "signature BaseRouter._compute_routing" in names and "source MoERunner.__init__" in names
+    checks, _ = pf.build_checks(pf.parse_args(["--arms", "flashinfer,moekern", "--mode", "both"]))
+    names = [n for n, _ in checks]
+    assert {"`vllm serve` command line parses", "`vllm bench serve` command line parses",
+            "FlashInfer CUTLASS MoE available (flashinfer arm)", "moekern.fused_moe on the GPU (MOEKERN_KERNELS=all)"} <= set(names)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_preflight_without_vllm_fails_first_and_skips_the_rest(pf, capsys):
+    assert pf.main(["--arms", "vllm,moekern"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("FAIL vllm imports: ModuleNotFoundError")
+    body = [l for l in lines[1:] if l.startswith(("PASS", "FAIL", "SKIP"))]
+    assert body and all(l.startswith("SKIP ") and l.endswith("vllm is not importable") for l in body)
+
+
+class _Proc:
+    def __init__(self, rc, out):
+        self.returncode, self.stdout, self.stderr = rc, out, ""
+
+
+def test_run_preflight_reports_failures(e2e):
+    args = e2e.parse_args(["--quick", "--mode", "both", "--arms", "vllm,moekern"])
+    cmd = e2e.preflight_command(args)
+    assert cmd[1].endswith("benchmarks/e2e/preflight.py")
+    assert cmd[2:] == ["--arms", "vllm,moekern", "--mode", "both", "--model", "mixtral-8x7b-4l"]
+    seen = {}
+
+    def run(cmd, **kw):
+        seen.update(kw)
+        return _Proc(1, "PASS a\nFAIL b: gone\npreflight: 1 pass, 1 fail, 0 skip\n")
+
+    ok, text = e2e.run_preflight(args, run=run)
+    assert not ok and "FAIL b: gone" in text
+    assert seen["env"]["MOEKERN_KERNELS"] == "off" and seen["timeout"] > 0
+    ok, text = e2e.run_preflight(args, run=lambda cmd, **kw: _Proc(139, "Segmentation fault\n"))
+    assert not ok and text.splitlines()[-1] == "FAIL preflight: exited 139 without a report"
+
+    def slow(cmd, **kw):
+        raise e2e.subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    ok, text = e2e.run_preflight(args, run=slow, timeout=5)
+    assert not ok and text.startswith("FAIL preflight: timed out after 5s")
+    assert e2e.run_preflight(args, run=lambda cmd, **kw: _Proc(0, "PASS a\n")) == (True, "PASS a\n")
+
+
+def test_main_refuses_arms_when_preflight_fails(e2e, tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(e2e, "run_offline_arm", lambda args, arm, out, extra_spec=None: started.append(arm) or
+                        {"arm": arm, "rc": 0, "output_tok_s": 1.0})
+    monkeypatch.setattr(e2e, "run_preflight", lambda args: (False, "PASS a\nFAIL vllm imports: nope\n"))
+    assert e2e.main(["--quick", "--mode", "offline", "--arms", "vllm", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert started == [] and "preflight FAILED (1)" in err and "FAIL vllm imports: nope" in err
+    assert (tmp_path / "preflight.log").read_text().startswith("PASS a")
+
+    def must_not_run(args):
+        raise AssertionError("preflight ran despite --no-preflight")
+
+    monkeypatch.setattr(e2e, "run_preflight", must_not_run)
+    assert e2e.main(["--quick", "--mode", "offline", "--arms", "vllm", "--out", str(tmp_path), "--no-preflight"]) == 0
+    assert started == ["vllm"]
+    monkeypatch.setattr(e2e, "run_preflight", lambda args: (True, "PASS a\n"))
+    assert e2e.main(["--quick", "--mode", "offline", "--arms", "vllm", "--out", str(tmp_path)]) == 0
+    assert started == ["vllm", "vllm"]
+
+
+def test_plugin_check(e2e):
+    layer = {"index": 0, "name": "model.layers.0.block_sparse_moe.experts", "router": "FusedTopKRouter",
+             "moekern_routing": {"8": "FusedTopKRouter: softmax top-2"}, "moekern_experts": None}
+    good = [{"installed": True, "kernels": "routing", "layers": [layer]}]
+    assert e2e.plugin_check("vllm", "unavailable: NotImplementedError()") == {"ok": True, "why": "plugin off"}
+    assert e2e.plugin_check("moekern-routing", good) == {"ok": True, "why": "1 MoE layer(s) on moekern routing"}
+    bad = e2e.plugin_check("moekern-routing", "unavailable: TypeError('Object of type function ...')")
+    assert not bad["ok"] and "no plugin summary" in bad["why"]
+    fell_back = [{"installed": True, "kernels": "routing", "layers": [{**layer, "moekern_routing": {"8": None}}]}]
+    assert "kept vLLM routing" in e2e.plugin_check("moekern-routing", fell_back)["why"]
+    assert "no MoE layer hooked" in e2e.plugin_check("moekern-routing", [{"installed": True, "kernels": "routing",
+                                                                         "layers": []}])["why"]
+    all_mode = [{"installed": True, "kernels": "all", "layers": [layer]}]
+    assert "kept vLLM experts" in e2e.plugin_check("moekern", all_mode)["why"]
+    all_mode[0]["layers"][0] = {**layer, "moekern_experts": True}
+    assert e2e.plugin_check("moekern", all_mode)["ok"]
+    assert "kernels=routing" in e2e.plugin_check("moekern", good)["why"]  # the arm's env did not reach it
+    s = e2e.summarize({"offline": {"vllm": {"output_tok_s": 10.0}, "moekern": {"output_tok_s": 11.0,
+                                                                             "plugin_check": bad}}})
+    assert s["offline.moekern_vs_vllm"] == 1.1 and "no plugin summary" in s["offline.moekern_plugin_check_failed"]

@@ -384,11 +384,126 @@ def test_plugin_off_installs_nothing(fresh_hooks, monkeypatch):
     assert fresh_hooks["installed"] is False
 
 
-# ---- GPU: end to end with vLLM (run by the lead on the GPU machine) ---------------------------------------
+def test_worker_summary_method_for_collective_rpc_by_name(tmp_path, fresh_hooks):
+    """vLLM 0.26's collective_rpc carries a method *name* (a function needs insecure pickling): the plugin
+    adds Worker.moekern_plugin_summary, which vLLM's run_method resolves with getattr(worker, name)."""
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing"})
+    mod = ModuleType("fake_gpu_worker2")
+    mod.Worker = type(worker)
+    hooks._add_worker_rpc(mod)
+    sched = _sched(new=[("a", 3, 0)], num_sched={"a": 3})
+    sched.total_num_scheduled_tokens = 3
+    worker.execute_model(sched)
+    summary = getattr(worker, "moekern_plugin_summary")()  # vllm.v1.serial_utils.run_method, str branch
+    assert json.loads(json.dumps(summary)) == summary  # plain types: msgpack carries it back
+    assert summary["installed"] and summary["kernels"] == "routing" and len(summary["layers"]) == 2
+    assert all(l["moekern_routing"]["8"].startswith("FusedTopKRouter") for l in summary["layers"])
+
+
+class UnquantizedFusedMoEMethod(torch.nn.Module):  # the name is what _experts_ok reads
+    unquantized_backend = SimpleNamespace(name="FLASHINFER_CUTLASS")  # not TRITON: the swap declines
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        return ("vllm", x)
+
+
+def test_experts_swap_declines_cleanly_and_keeps_module_apply(fresh_hooks):
+    """MOEKERN_KERNELS=all shadows the quant method's `apply`; that method object is an nn.Module (vLLM's
+    CustomOp), so nn.Module.apply(fn) from a parent must still walk it."""
+    hooks.install(config_from_env({"MOEKERN_KERNELS": "all"}))
+    qm = UnquantizedFusedMoEMethod()
+    routed = torch.nn.Module()
+    routed.quant_method = qm
+    runner_mod = ModuleType("fake_moe_runner_all")
+    runner_mod.register_layer_for_moe_forward_op = lambda vllm_config, layer: None
+    hooks._patch_moe_runner(runner_mod)
+    runner = SimpleNamespace(layer_name="model.layers.0.mlp.experts", router=FusedTopKRouter(), routed_experts=routed)
+    runner_mod.register_layer_for_moe_forward_op(SimpleNamespace(model_config=None), runner)
+    assert "apply" in vars(qm)  # shadowed per instance
+    x = torch.zeros(2, 4)
+    out = qm.apply(layer=routed, x=x, topk_weights=None, topk_ids=torch.zeros(2, 2, dtype=torch.int32),
+                   shared_experts=None, shared_experts_input=None)
+    assert out[0] == "vllm" and out[1] is x and fresh_hooks["layers"][0].experts_decision is False
+    seen = []
+    parent = torch.nn.Module()
+    parent.routed = routed
+    parent.apply(lambda m: seen.append(type(m).__name__))
+    assert seen == ["UnquantizedFusedMoEMethod", "Module", "Module"]
+
+
 def _have_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+_REAL_VLLM_CPU = r"""
+import json, os, sys, tempfile
+os.environ.update(MOEKERN_KERNELS="routing", MOEKERN_GATE_LOG_DIR=sys.argv[1])
+try:
+    import torch
+    from vllm.plugins import load_general_plugins
+    load_general_plugins()  # vLLM's own loader: entry point -> moekern.vllm.register, before the imports below
+    assert "vllm.model_executor.layers.fused_moe.runner.moe_runner" not in sys.modules
+    import vllm.model_executor.layers.fused_moe.runner.moe_runner as mr
+    import vllm.v1.worker.gpu_worker as gw
+except ImportError as exc:
+    print("IMPORT-SKIP", exc); sys.exit(0)
+from types import SimpleNamespace
+from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
+from moekern.vllm import hooks
+from moekern.routing import fused_topk
+cfg = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context={}, static_all_moe_layers=[]),
+                      model_config=SimpleNamespace(model="dummy"))
+bias = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 0.1
+routers = [FusedTopKRouter(top_k=2, global_num_experts=8, scoring_func="softmax", renormalize=True),
+           GroupedTopKRouter(top_k=8, global_num_experts=256, num_expert_group=8, topk_group=4, scoring_func="sigmoid",
+                             renormalize=True, routed_scaling_factor=2.5, e_score_correction_bias=bias)]
+for i, r in enumerate(routers):
+    mr.register_layer_for_moe_forward_op(cfg, SimpleNamespace(layer_name=f"model.layers.{i}.mlp.experts", router=r))
+rec = hooks._STATE["recorder"]
+rec.ensure_buffer(torch.device("cpu"))
+rec.begin_step()
+g = torch.Generator().manual_seed(1)
+l1, l2 = torch.randn(5, 8, generator=g), torch.randn(5, 256, generator=g)
+w1, i1 = routers[0].select_experts(torch.zeros(5, 4), l1, topk_indices_dtype=torch.int64)
+w2, i2 = routers[1].select_experts(torch.zeros(5, 4), l2)
+r1 = fused_topk(l1, 2, backend="torch")
+r2 = fused_topk(l2, 8, scoring="sigmoid", correction_bias=bias, num_expert_group=8, topk_group=4,
+                routed_scaling_factor=2.5, backend="torch")
+rec.end_step("prefill", 5)
+rec.close()
+print(json.dumps({"patched": getattr(mr.register_layer_for_moe_forward_op, "_moekern", False),
+                  "worker_rpc": hasattr(gw.Worker, "moekern_plugin_summary"),
+                  "execute_patched": getattr(gw.Worker.execute_model, "_moekern", False),
+                  "moe_layers": cfg.compilation_config.static_all_moe_layers,
+                  "ids1": i1.dtype == torch.int64 and torch.equal(i1, r1.topk_ids.long()),
+                  "w1": torch.equal(w1, r1.topk_weights), "ids2": torch.equal(i2, r2.topk_ids),
+                  "w2": torch.equal(w2, r2.topk_weights), "summary": gw.Worker.moekern_plugin_summary(None)}))
+"""
+
+
+@pytest.mark.skipif(not _have_vllm(), reason="vllm is not importable (CPU run: PYTHONPATH with vLLM 0.26's python "
+                                             "package and its pure-Python deps)")
+def test_plugin_on_real_vllm_026_objects_cpu(tmp_path):
+    """Where vLLM 0.26's Python imports (even without CUDA): vLLM's plugin loader calls our entry point, the
+    post-import hooks patch the real moe_runner / gpu_worker modules, and real FusedTopKRouter /
+    GroupedTopKRouter objects route through moekern.fused_topk (exactly the torch reference) into the gate log."""
+    proc = subprocess.run([sys.executable, "-c", _REAL_VLLM_CPU, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))})
+    if "IMPORT-SKIP" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["patched"] and got["worker_rpc"] and got["execute_patched"]
+    assert got["moe_layers"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert got["ids1"] and got["w1"] and got["ids2"] and got["w2"]
+    assert [l["router"] for l in got["summary"]["layers"]] == ["FusedTopKRouter", "GroupedTopKRouter"]
+    records, skipped = read_gate_log(tmp_path)
+    assert not skipped and sorted(sum(r.expert_counts) for r in records) == [10, 40]
+
+
+# ---- GPU: end to end with vLLM (run by the lead on the GPU machine) ---------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not _have_vllm(), reason="vllm is not installed")
 def test_e2e_routing_equals_vllm_greedy(tmp_path):

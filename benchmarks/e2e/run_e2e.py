@@ -18,7 +18,10 @@ The moekern arms need the plugin's entry point, i.e. moekern pip-installed (`pip
 script checks and refuses to report plugin arms that did not load it.
 
     source /tmp/gpuenv/env.sh
+    python benchmarks/e2e/preflight.py                        # ~20-40 s, no model: every vLLM hook target
     python benchmarks/e2e/run_e2e.py --quick --mode offline   # ~5-7 min on one H100
+Every invocation runs preflight.py first (once, in a subprocess) and starts no arm when it reports a FAIL
+(--no-preflight skips it).
     python benchmarks/e2e/run_e2e.py --quick --mode serve     # ~5-7 min
 Real checkpoint: --model-dir /path/to/Mixtral-8x7B-Instruct --load-format auto (the directory holds the
 config, weights and tokenizer; --model then only names the result files).
@@ -220,10 +223,10 @@ def child_offline(spec_path: str) -> int:
                      "total_tok_s": (n_out + n_in) / dt})
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
     try:
-        from moekern.vllm.hooks import plugin_summary  # importable by reference in vLLM's worker processes
-
-        summary = llm.collective_rpc(plugin_summary)
-    except Exception as exc:
+        # By method name: vLLM 0.26 msgpack-encodes collective_rpc's method and refuses a function unless
+        # VLLM_ALLOW_INSECURE_SERIALIZATION=1; the plugin adds Worker.moekern_plugin_summary (hooks.py).
+        summary = llm.collective_rpc("moekern_plugin_summary")
+    except Exception as exc:  # plugin off (the vllm/flashinfer arms): no such method
         summary = f"unavailable: {exc!r}"
     result = {"init_s": init_s, "runs": runs,
               "output_tok_s": sorted(r["output_tok_s"] for r in runs)[len(runs) // 2],
@@ -251,9 +254,37 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -
     r = {"arm": arm, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
     if rc == 0 and res_path.exists():
         r.update(json.loads(res_path.read_text()))
+        r["plugin_check"] = plugin_check(arm, r.get("plugin"))
     else:
         r["error"] = _tail(log)
     return r
+
+
+def plugin_check(arm: str, summary) -> dict:
+    """Whether the plugin did in the arm's workers what the arm is named for, from the workers'
+    moekern_plugin_summary list: installed, MoE layers hooked, every layer routed by moekern (routing arms)
+    and running moekern's experts (the moekern arm). Plugin-off arms need nothing."""
+    kernels = ARMS[arm][0].get("MOEKERN_KERNELS", "off")
+    if kernels == "off":
+        return {"ok": True, "why": "plugin off"}
+    if not isinstance(summary, list) or not summary or not all(isinstance(s, dict) for s in summary):
+        return {"ok": False, "why": f"no plugin summary from the workers: {str(summary)[:300]}"}
+    problems = []
+    for rank, s in enumerate(summary):
+        layers = s.get("layers") or []
+        if not s.get("installed") or s.get("kernels") != kernels:
+            problems.append(f"worker {rank}: installed={s.get('installed')} kernels={s.get('kernels')}")
+        if not layers:
+            problems.append(f"worker {rank}: no MoE layer hooked")
+        fallback = [l["name"] for l in layers if not any(v for v in (l.get("moekern_routing") or {}).values())]
+        if fallback:
+            problems.append(f"worker {rank}: {len(fallback)} layer(s) kept vLLM routing, e.g. {fallback[0]}")
+        if kernels == "all":
+            not_ours = [l["name"] for l in layers if l.get("moekern_experts") is not True]
+            if not_ours:
+                problems.append(f"worker {rank}: {len(not_ours)} layer(s) kept vLLM experts, e.g. {not_ours[0]}")
+    n = sum(len(s.get("layers") or []) for s in summary)
+    return {"ok": not problems, "why": "; ".join(problems) or f"{n} MoE layer(s) on moekern {kernels}"}
 
 
 def _fresh_gate_dir(args, arm: str, out: Path) -> Path | None:
@@ -348,6 +379,30 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     return r
 
 
+# ---- preflight --------------------------------------------------------------------------------------------
+def preflight_command(args) -> list[str]:
+    """benchmarks/e2e/preflight.py for the arms and modes this invocation will run."""
+    arms = list(dict.fromkeys(a for arms in args.arm_plan.values() for a in arms))
+    modes = list(args.arm_plan)
+    mode = "both" if len(modes) > 1 else modes[0]
+    return [sys.executable, str(HERE / "preflight.py"), "--arms", ",".join(arms), "--mode", mode,
+            "--model", args.model]
+
+
+def run_preflight(args, run=subprocess.run, timeout: float = 240) -> tuple[bool, str]:
+    """Run the preflight once in a subprocess (the arms' environment, plugin off). Returns (ok, output);
+    a preflight that cannot run at all (timeout, crash) is a failure too."""
+    env = arm_env("vllm", Path("."))
+    try:
+        proc = run(preflight_command(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return False, f"FAIL preflight: timed out after {timeout}s\n{exc.stdout or ''}"
+    text = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode != 0 and not any(line.startswith("FAIL ") for line in text.splitlines()):
+        text += f"\nFAIL preflight: exited {proc.returncode} without a report"
+    return proc.returncode == 0, text
+
+
 # ---- driver -----------------------------------------------------------------------------------------------
 def prepare_model_dir(args, out: Path) -> None:
     if args.model_dir:
@@ -380,6 +435,10 @@ def summarize(results: dict) -> dict:
             v = thr(mode, arm, key)
             if base and v:
                 s[f"{mode}.{arm}_vs_vllm"] = round(v / base, 4)
+    for arm, r in (results.get("offline") or {}).items():
+        check = (r or {}).get("plugin_check") or {}
+        if not check.get("ok", True):  # its ratio above measures vLLM, not moekern
+            s[f"offline.{arm}_plugin_check_failed"] = check.get("why")
     a, b = thr("offline", "moekern-routing", "output_tok_s"), thr("offline", "moekern-routing-log", "output_tok_s")
     if a and b:
         s["offline.gate_log_overhead"] = round(1 - b / a, 4)
@@ -423,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm-timeout", type=float, default=300)
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--budget-s", type=float, default=560, help="skip arms that would start after this many seconds")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip benchmarks/e2e/preflight.py (run first by default; a FAIL there stops the run)")
     return p
 
 
@@ -503,9 +564,21 @@ def main(argv=None) -> int:
         return child_offline(args.child_offline)
     out = args.out or REPO / "benchmarks" / "results" / "e2e" / _dt.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    if not args.no_preflight:
+        print("preflight:", " ".join(preflight_command(args)[1:]), flush=True)
+        ok, text = run_preflight(args)
+        (out / "preflight.log").write_text(text)
+        print(text.rstrip(), flush=True)
+        if not ok:
+            failed = [line for line in text.splitlines() if line.startswith("FAIL ")]
+            print(f"preflight FAILED ({len(failed)}): no arm started; fix these or pass --no-preflight:",
+                  file=sys.stderr)
+            for line in failed:
+                print("  " + line, file=sys.stderr)
+            return 1
     prepare_model_dir(args, out)
     ep = plugin_entry_point()
-    t_start = time.time()
     meta = {"model": args.model, "model_dir": str(args.model_dir), "load_format": args.load_format,
             "attention_backend": args.attention_backend, "plugin_entry_point": ep, "argv": sys.argv,
             "workload": {k: getattr(args, k) for k in ("num_prompts", "serve_prompts", "concurrency", "input_len",
@@ -550,6 +623,8 @@ def main(argv=None) -> int:
             results[mode][arm] = r
             brief = {k: r.get(k) for k in ("rc", "output_tok_s", "output_throughput", "mean_ttft_ms", "mean_tpot_ms",
                                            "error") if r.get(k) is not None}
+            if not (r.get("plugin_check") or {}).get("ok", True):
+                brief["plugin_check"] = r["plugin_check"]["why"]
             print(f"[{time.time() - t_start:6.0f}s]   -> {json.dumps(brief)[:600]}", flush=True)
             (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
     results["summary"] = summarize(results)

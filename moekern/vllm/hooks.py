@@ -1,6 +1,6 @@
 """The vLLM-touching half of the plugin: where it hooks in, and what each hook does.
 
-Three narrow hooks, each installed when (and only when) vLLM imports the module that owns it, via a
+Narrow hooks, each installed when (and only when) vLLM imports the module that owns it, via a
 post-import hook (`when_imported`), so register() itself imports nothing from vLLM:
 
 1. vllm.model_executor.layers.fused_moe.runner.moe_runner.register_layer_for_moe_forward_op
@@ -15,8 +15,15 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
 3. vllm.v1.worker.gpu_worker.Worker.load_model: allocate the gate-log buffers right after the weights,
    i.e. before profiling and CUDA-graph capture.
 
+4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
+   `llm.collective_rpc("moekern_plugin_summary")`. A method name, not a function: vLLM 0.26's engine-core
+   client serializes collective_rpc's `method` with msgpack, which refuses functions unless
+   VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/serial_utils.py enc_hook).
+
 torch.compile / CUDA graphs: the MoE layer runs inside vLLM's opaque custom op torch.ops.vllm.moe_forward
-(direct_register_custom_op with a fake impl), so Dynamo never traces our Python and needs no fake for
+(torch.ops.vllm.moe_forward_shared for layers with shared experts; both direct_register_custom_op with a
+fake impl in fused_moe/runner/moe_runner.py, chosen by MoERunner._select_forward on CUDA), so Dynamo never
+traces our Python and needs no fake for
 fused_topk; the op's real body runs eagerly, and under CUDA graphs only once, at capture. Everything we
 launch there is capture-safe: fused_topk (no host sync), `counts[layer] += expert_counts`, the optional
 top-k sample's slice copy, the skew bias add, fused_moe(check_ids=False). Nothing on the host side of a step (hook 2) is inside a captured region.
@@ -191,7 +198,11 @@ def _install_experts(hook: LayerHook, runner) -> None:
         return
     orig_apply = qm.apply
 
-    def apply(layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+    def apply(layer, x=None, topk_weights=None, topk_ids=None, shared_experts=None, shared_experts_input=None):
+        if x is None and topk_ids is None and callable(layer) and isinstance(qm, torch.nn.Module):
+            # The quant method is an nn.Module (CustomOp): this instance attribute also shadows
+            # nn.Module.apply(fn), which a parent's model.apply(fn) calls on every child.
+            return torch.nn.Module.apply(qm, layer)
         if hook.experts_decision is None:
             ok, why = _experts_ok(hook, qm, layer)
             (logger.info if ok else logger.warning)(
@@ -330,12 +341,20 @@ def install(cfg: PluginConfig) -> None:
             _STATE["recorder"] = rec
             atexit.register(rec.close)
     when_imported(MOE_RUNNER, _patch_moe_runner)
+    when_imported(GPU_WORKER, _add_worker_rpc)
     if cfg.gate_log:
         when_imported(GPU_WORKER, _patch_worker)
 
 
+def _add_worker_rpc(module) -> None:
+    """Give vLLM's Worker a `moekern_plugin_summary` method, so collective_rpc can name it by string."""
+    if not hasattr(module.Worker, "moekern_plugin_summary"):
+        module.Worker.moekern_plugin_summary = plugin_summary
+
+
 def plugin_summary(worker=None) -> dict:
-    """What the plugin did in this process (for vLLM's collective_rpc: called as fn(worker))."""
+    """What the plugin did in this process: Worker.moekern_plugin_summary, i.e. fn(worker) under vLLM's
+    collective_rpc("moekern_plugin_summary"). Plain JSON types only (msgpack carries it back)."""
     rec = _STATE["recorder"]
     return {
         "installed": _STATE["installed"],
