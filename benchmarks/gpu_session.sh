@@ -96,8 +96,8 @@ run_stage() {
     ;;
   profile)
     build
-    for model in mixtral qwen3-30b-a3b deepseek-v3 olmoe; do
-      timeout 90 python3 -m moekern.cli profile torch --model "$model" --tokens 256 --out "$OUT/profile/$model" \
+    for model in ${PROFILE_MODELS:-mixtral qwen3-30b-a3b deepseek-v3 olmoe}; do
+      timeout 150 python3 -m moekern.cli profile torch --model "$model" --tokens 256 --out "$OUT/profile/$model" \
         2>&1 | tail -12
     done
     ;;
