@@ -233,6 +233,44 @@ struct TeamArgs {
   float scale;
 };
 
+// Loads token t's chunk of V logits (lanes of a team hold consecutive chunks) and scores it. Returns the
+// team's softmax denominator (1 for sigmoid). w: softmax exp(x - max), to be divided by the returned sum where a
+// probability is needed, or sigmoid(x); sel: the ranked score, the logit (softmax) or sigmoid + bias. Inactive
+// tokens (past M) load -inf. Both kernels call this; with `softmax` a compile-time constant the other branch folds.
+template <typename T, int V, int L>
+__device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64_t t, bool active, int base, int E,
+                                             bool vec, bool softmax, const float (&bias)[V], float (&w)[V],
+                                             float (&sel)[V]) {
+  float x[V];
+  if (active) {
+    load_chunk<T, V>(logits + t * E, base, E, vec, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = -INFINITY;
+  }
+  if (!softmax) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      w[i] = 1.0f / (1.0f + expf(-x[i]));
+      sel[i] = w[i] + bias[i];  // + 0.0f without a bias: exact (sigmoid is never -0)
+    }
+    return 1.0f;
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < V; ++i) mx = fmaxf(mx, x[i]);
+  mx = team_max<L>(mx);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    // Padding contributes 0 explicitly: exp(-inf - -inf) is NaN on an all -inf row.
+    w[i] = base + i < E ? expf(x[i] - mx) : 0.0f;
+    s += w[i];
+    sel[i] = x[i];
+  }
+  return team_sum<L>(s);
+}
+
 template <typename T, int V, int L, bool kKey32>
 __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a) {
   using KeyOps = Keys<kKey32>;
@@ -267,38 +305,9 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
   for (int64_t t0 = first; t0 < a.M; t0 += stride) {  // warp-uniform: shuffles below see the full warp
     const int64_t t = t0 + lane / L;
     const bool active = t < a.M;
-    float x[V];
-    if (active) {
-      load_chunk<T, V>(logits + t * E, base, E, a.vec != 0, x);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
-    }
-
     float w[V];    // softmax: exp(x - max), divided by `sum` where a probability is needed; sigmoid: sigmoid(x)
     float sel[V];  // the ranked score: the logit (softmax) or sigmoid + bias
-    float sum = 1.0f;
-    if (softmax) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < V; ++i) mx = fmaxf(mx, x[i]);
-      mx = team_max<L>(mx);
-      float s = 0.0f;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        // Padding contributes 0 explicitly: exp(-inf - -inf) is NaN on an all -inf row.
-        w[i] = base + i < E ? expf(x[i] - mx) : 0.0f;
-        s += w[i];
-        sel[i] = x[i];
-      }
-      sum = team_sum<L>(s);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        w[i] = 1.0f / (1.0f + expf(-x[i]));
-        sel[i] = w[i] + bias[i];  // + 0.0f without a bias: exact (sigmoid is never -0)
-      }
-    }
+    const float sum = score_chunk<T, V, L>(logits, t, active, base, E, a.vec != 0, softmax, bias, w, sel);
 
     bool allowed = true;
     if (grouped) {
@@ -504,37 +513,9 @@ __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArg
   for (int64_t t0 = first; t0 < a.M; t0 += stride) {  // warp-uniform
     const int64_t t = t0 + lane / L;
     const bool active = t < a.M;
-    float x[V];
-    if (active) {
-      load_chunk<T, V>(logits + t * E, base, E, a.vec != 0, x);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
-    }
-
     float w[V];
     float sel[V];
-    float sum = 1.0f;
-    if constexpr (kSoftmax) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < V; ++i) mx = fmaxf(mx, x[i]);
-      mx = team_max<L>(mx);
-      float s = 0.0f;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        w[i] = base + i < E ? expf(x[i] - mx) : 0.0f;
-        s += w[i];
-        sel[i] = x[i];
-      }
-      sum = team_sum<L>(s);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        w[i] = 1.0f / (1.0f + expf(-x[i]));
-        sel[i] = w[i] + bias[i];
-      }
-    }
+    const float sum = score_chunk<T, V, L>(logits, t, active, base, E, a.vec != 0, kSoftmax, bias, w, sel);
 
     const bool allowed = grouped ? group_kept<L, V>(w, sel, sum, kSoftmax, active, tl, a) : true;
 
