@@ -432,3 +432,16 @@ def test_plugin_check(e2e):
     s = e2e.summarize({"offline": {"vllm": {"output_tok_s": 10.0}, "moekern": {"output_tok_s": 11.0,
                                                                              "plugin_check": bad}}})
     assert s["offline.moekern_vs_vllm"] == 1.1 and "no plugin summary" in s["offline.moekern_plugin_check_failed"]
+
+
+def test_summarize_reports_gate_log_overhead_with_its_noise(e2e):
+    def arm(vals):
+        return {"output_tok_s": sorted(vals)[len(vals) // 2], "runs": [{"output_tok_s": v} for v in vals]}
+
+    s = e2e.summarize({"offline": {"moekern-routing": arm([100.0, 101.0, 99.0]),
+                                   "moekern-routing-log": arm([98.0, 98.5, 97.0])}})
+    assert s["offline.gate_log_overhead"] == pytest.approx(1 - 98.0 / 100.0, abs=1e-4)
+    assert s["offline.gate_log_overhead_noise"] == pytest.approx(2.0 / 100.0, abs=1e-4)  # the wider arm
+    assert e2e.rep_spread([{"output_tok_s": 5.0}]) is None
+    single = e2e.summarize({"offline": {"moekern-routing": arm([100.0]), "moekern-routing-log": arm([99.0])}})
+    assert "offline.gate_log_overhead_noise" not in single and "offline.gate_log_overhead" in single
