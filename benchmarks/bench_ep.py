@@ -14,6 +14,22 @@ total / W), with CUDA-event timing after warm-up (triton.testing.do_bench):
 Bytes moved per rank (payload + metadata; combine partials) and the time they need at the measured
 device-to-device copy bandwidth are recorded, so multi-GPU runs can be set against the same model.
 On one GPU the "peer" stores land in local HBM: the times are kernel-side costs, not NVLink times.
+
+Distributed mode (real ranks, one process per GPU; issue 11):
+
+    torchrun --nproc-per-node W benchmarks/bench_ep.py --distributed --out DIR   # DIR/bench_ep_w{W}.json
+    python benchmarks/bench_ep.py --report DIR     # scaling vs W=2 over DIR's bench_ep_w*.json (+ plot)
+
+Each rank runs the same cases (bf16 payload) through moekern.ep.dispatch/combine with backend="nccl"
+(the portable all_to_all_single path) and backend="peer" (Triton stores into PeerWorld.symmetric, torch
+symmetric memory over NVLink). Before timing, the two paths must agree (received rows exactly, combine
+within bf16 rounding). Each timed iteration starts after a device sync and a process-group barrier, is
+bracketed by CUDA events, and the case's time is the max over ranks of the per-rank median. The peer
+bandwidth is measured in the same run: every rank copies a large buffer into rank+1's symmetric buffer at
+once (torch copy_ through the mapped peer pointer). Algorithmic bandwidth = bytes a rank sends to other
+ranks (mean over ranks; payload + metadata rows for dispatch, bf16 partials for combine) / time.
+On CPU (gloo, e.g. `torchrun --nproc-per-node 2 ... --distributed --tiny`) only the portable path runs
+and the peer path is recorded as skipped with its reason: that is the orchestration's CPU proof.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 
 import torch
 
@@ -37,12 +54,14 @@ CASES = [  # (phase, tokens per rank, H, E)
 K = 8
 
 
-def make_routing(M, E, skew, gen, device):
+def make_routing(M, E, skew, gen, device, hot_gen=None):
+    """hot_gen: the generator that places the hot experts (default gen); the distributed mode passes one
+    seeded by the case alone, so every rank sees the same popular experts."""
     if skew == "uniform":
         p = torch.ones(E)
     else:
         p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
-        p = p[torch.randperm(E, generator=gen)]  # hot experts spread over ranks at random
+        p = p[torch.randperm(E, generator=hot_gen or gen)]  # hot experts spread over ranks at random
     ids = torch.multinomial(p.float().expand(M, E), K, replacement=False, generator=gen).to(torch.int32)
     w = torch.rand(M, K, generator=gen)
     return ids.to(device), (w / w.sum(1, keepdim=True)).to(device)
@@ -183,11 +202,381 @@ def run(out_dir, quick=False):
     print("wrote", path)
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------ distributed mode
+
+# tiny shapes for the CPU (gloo) proof of the orchestration; E divisible by W up to 8
+TINY_CASES = [("decode", 8, 64, 8), ("prefill", 32, 64, 8)]
+MULTICAST_OFF = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+
+
+def torchrun_env() -> dict | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK as torchrun sets them, or None outside torchrun."""
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    return dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ["LOCAL_RANK"]))
+
+
+class _Timer:
+    """Per-iteration wall time of fn on every rank, aligned by a sync + barrier before each iteration.
+
+    CUDA: events around fn on the current stream (dispatch's host syncs are inside fn, so the end event is
+    queued after all of its work). CPU: perf_counter. Returns the max over ranks of the per-rank median (us).
+    """
+
+    def __init__(self, device, warmup, reps):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def _sync(self):
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        import torch.distributed as dist
+
+        for _ in range(self.warmup):
+            self._sync()
+            fn()
+        times = []
+        for _ in range(self.reps):
+            self._sync()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e6 * (time.perf_counter() - t0))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            times = [1e3 * s.elapsed_time(e) for s, e in times]
+        med = torch.tensor([float(torch.tensor(times).median())], dtype=torch.float64, device=self.device)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        self._sync()
+        return float(med)
+
+
+def _all_mean(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _all_max(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def enable_symm_mem(group=None):
+    """Older torch (< 2.9) wants enable_symm_mem_for_group before a rendezvous; newer ones deprecate it."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    fn = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if fn is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fn((group or dist.group.WORLD).group_name)
+            except RuntimeError:  # already registered (torch registers groups itself now)
+                pass
+
+
+def peer_bandwidth(device, nbytes=256 << 20, reps=20) -> dict:
+    """Bytes/s one rank writes into a peer's symmetric buffer while every rank does the same to rank+1.
+
+    The copy goes through torch symmetric memory's mapped peer pointer (the path the peer kernels' stores
+    take); the result is the min over ranks of the per-rank median, the bandwidth every rank can count on.
+    """
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    W, rank = dist.get_world_size(), dist.get_rank()
+    enable_symm_mem()
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    hdl = symm_mem.rendezvous(buf, dist.group.WORLD)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(rank)
+    dst = hdl.get_buffer((rank + 1) % W, (nbytes,), torch.uint8)
+    us = _Timer(device, warmup=3, reps=reps)(lambda: dst.copy_(src))  # max over ranks of the median
+    hdl.barrier(channel=0)
+    ok = bool((buf[:: 1 << 20] == (rank - 1) % W).all())  # rank-1's bytes arrived here
+    del dst, hdl, buf, src
+    torch.cuda.empty_cache()
+    return dict(kind="copy_ into rank+1's symmetric buffer, all ranks at once (torch copy_, 256 MiB)",
+                bytes=nbytes, bytes_per_s=nbytes / (us * 1e-6), us=us, data_checked=ok)
+
+
+def _versions(device) -> dict:
+    import datetime
+    import subprocess
+
+    v = dict(torch=torch.__version__, python=platform.python_version(),
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    if device.type == "cuda":
+        v["device"] = torch.cuda.get_device_name(device)
+        v["gpu_count"] = torch.cuda.device_count()
+        v["cuda"] = torch.version.cuda
+        try:
+            v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as exc:  # noqa: BLE001 - a missing version is recorded, not fatal
+            v["nccl"] = f"unknown ({exc})"
+        try:
+            v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            v["driver"] = f"unknown ({exc})"
+    else:
+        v.update(device=f"cpu ({platform.processor() or platform.machine()})", gpu_count=0, driver=None)
+    return v
+
+
+def _check_paths_agree(a, b, ya, yb, W, tag) -> float:
+    """The nccl and peer outputs of one dispatch/combine must agree before their times mean anything:
+    received rows exactly; combine up to the bf16 rounding of each rank's partial (the peer kernel reduces
+    with fused fp32 multiply-adds, so a partial may round one ulp apart: at most W ulps of the largest
+    value). The exact contract is tests/test_ep_multigpu.py's job. Returns the max abs combine difference."""
+    for name in ("recv_x", "recv_topk_ids", "recv_topk_weights", "recv_src_rank", "recv_src_token", "expert_x",
+                 "expert_offsets"):
+        if not torch.equal(getattr(a, name), getattr(b, name)):
+            raise AssertionError(f"{tag}: nccl and peer dispatch disagree on {name}")
+    if ya.numel() == 0:
+        return 0.0
+    diff = float((ya.float() - yb.float()).abs().max())
+    tol = W * 2.0**-7 * max(1.0, float(ya.float().abs().max()))
+    if diff > tol:
+        raise AssertionError(f"{tag}: nccl and peer combine differ by {diff} (> {tol})")
+    return diff
+
+
+def run_distributed(out_dir, quick=False, tiny=False, reps=None, backends=("nccl", "peer")) -> dict | None:
+    """One rank of the distributed bench (torchrun env). Rank 0 writes DIR/bench_ep_w{W}.json; returns its doc."""
+    import torch.distributed as dist
+
+    import moekern.ep as ep
+
+    for k, v in MULTICAST_OFF.items():
+        os.environ.setdefault(k, v)
+    env = torchrun_env()
+    if env is None:
+        raise RuntimeError("--distributed needs torchrun's RANK, WORLD_SIZE and LOCAL_RANK")
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env["local_rank"])
+        device = torch.device("cuda", env["local_rank"])
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    import datetime
+
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=300),
+                            **({"device_id": device} if use_cuda else {}))
+    try:
+        return _run_distributed(ep, dist, device, env, out_dir, quick, tiny, reps, backends)
+    finally:
+        dist.destroy_process_group()
+
+
+def _peer_skip_reason(device, backends) -> str | None:
+    if "peer" not in backends:
+        return "not requested (--backends)"
+    if device.type != "cuda":
+        return f"the peer path needs CUDA GPUs and an NCCL group (device={device.type}, gloo)"
+    return None
+
+
+def rank_inputs(phase, M, H, E, skew, rank, device):
+    """One rank's x [M, H] bf16, topk_ids [M, K] int32, topk_weights [M, K] fp32 for a distributed case.
+
+    Every rank draws its own tokens (seed: case and rank); the hot experts of a Zipf case are placed by
+    the case's seed alone, so all ranks share the same popular experts, as in a served model."""
+    case_seed = zlib.crc32(f"{phase} {M} {H} {E} {skew}".encode())
+    gen = torch.Generator().manual_seed(case_seed + 7919 * (rank + 1))
+    x = torch.randn(M, H, generator=gen).to(torch.bfloat16).to(device)
+    ids, w = make_routing(M, E, skew, gen, device, hot_gen=torch.Generator().manual_seed(case_seed))
+    return x, ids, w
+
+
+def _run_distributed(ep, dist, device, env, out_dir, quick, tiny, reps, backends):
+    rank, W = env["rank"], env["world_size"]
+    cases = TINY_CASES if tiny else (CASES[:2] if quick else CASES)
+    reps = reps or (5 if tiny else (20 if quick else 40))
+    timer = _Timer(device, warmup=2 if tiny else 3, reps=reps)
+    skip = _peer_skip_reason(device, backends)
+    bw = None
+    if skip is None:
+        try:
+            bw = peer_bandwidth(device)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the peer path is then skipped
+            skip = f"symmetric memory unavailable on rank {rank}: {type(exc).__name__}: {exc}"
+        if _all_max(float(skip is not None), device):  # every rank skips alike, or none does
+            skip = skip or "symmetric memory unavailable on another rank"
+            bw = None
+    results = []
+    doc = None
+    if rank == 0:
+        doc = dict(
+            bench="moekern.ep dispatch/combine on real ranks (torchrun), nccl vs peer path",
+            mode="distributed", world_size=W, backend=dist.get_backend(), **_versions(device),
+            env={k: os.environ.get(k) for k in MULTICAST_OFF},
+            peer_bandwidth=bw, peer_skipped=skip,
+            timing=f"per iteration: device sync + barrier, then CUDA events (CPU: perf_counter) around one call; "
+                   f"{timer.warmup} warm-up + {timer.reps} timed iterations; max over ranks of the per-rank median",
+            algbw="bytes a rank sends to other ranks (mean over ranks) / time; dispatch bytes per token = "
+                  "H*2 (bf16) + (2k+1)*4 (metadata row); combine = H*2",
+            targets=dict(peer_speedup_vs_nccl=1.5, peer_fraction_of_peer_bw=0.7),
+            complete=False, results=results,
+        )
+    path = os.path.join(out_dir, f"bench_ep_w{W}.json")
+    for phase, M, H, E in cases:
+        if E % W:
+            continue
+        world = None
+        if skip is None:
+            enable_symm_mem()
+            world = ep.PeerWorld.symmetric(None, M, H, K, dtype=torch.bfloat16)
+        for skew in ("uniform", "zipf"):
+            t0 = time.time()
+            x, ids, w = rank_inputs(phase, M, H, E, skew, rank, device)
+            row = dict(phase=phase, tokens_per_rank=M, hidden=H, num_experts=E, top_k=K, world_size=W, skew=skew,
+                       payload="bf16")
+            out_n, h_n = ep.dispatch(x, ids, w, E, backend="nccl")
+            y_n = ep.combine(out_n.expert_x, h_n)  # identity experts: the cost under test is data movement
+            row["nccl_dispatch_us"] = timer(lambda: ep.dispatch(x, ids, w, E, backend="nccl"))
+            row["nccl_combine_us"] = timer(lambda: ep.combine(out_n.expert_x, h_n))
+            if world is not None:
+                out_p, h_p = ep.dispatch(x, ids, w, E, backend="peer", world=world)
+                y_p = ep.combine(out_p.expert_x, h_p)
+                diff = _check_paths_agree(out_n, out_p, y_n, y_p, W, f"rank {rank} {phase} H={H} E={E} {skew}")
+                row["combine_max_abs_diff_peer_vs_nccl"] = _all_max(diff, device)
+                row["peer_dispatch_us"] = timer(lambda: ep.dispatch(x, ids, w, E, backend="peer", world=world))
+                row["peer_combine_us"] = timer(lambda: ep.combine(out_p.expert_x, h_p))
+                row["paths_agree"] = True
+                del out_p, h_p, y_p
+            else:
+                row.update(peer_dispatch_us=None, peer_combine_us=None, peer_skipped=skip)
+            sent = h_n.send_counts
+            remote = sum(sent) - sent[rank]
+            tok_bytes = H * 2 + (2 * K + 1) * 4
+            row["tokens_remote_per_rank_mean"] = _all_mean(float(remote), device)
+            row["dispatch_bytes_remote_per_rank_mean"] = row["tokens_remote_per_rank_mean"] * tok_bytes
+            row["combine_bytes_remote_per_rank_mean"] = row["tokens_remote_per_rank_mean"] * H * 2
+            _derive(row, bw)
+            row["case_seconds"] = time.time() - t0
+            results.append(row)
+            if rank == 0:
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+                _write_json(path, doc)  # after every case: a crash later still leaves the rows so far
+            del out_n, h_n, y_n, x
+        del world
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank != 0:
+        return None
+    doc["complete"] = True
+    _write_json(path, doc)
+    print(format_table(doc))
+    print("wrote", path, flush=True)
+    return doc
+
+
+def _write_json(path, doc):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _derive(row, bw):
+    """Algorithmic bandwidths, peer/nccl speedups, fractions of the measured peer bandwidth, targets."""
+    for op in ("dispatch", "combine"):
+        nbytes = row[f"{op}_bytes_remote_per_rank_mean"]
+        for be in ("nccl", "peer"):
+            us = row.get(f"{be}_{op}_us")
+            row[f"{be}_{op}_algbw_GBps"] = nbytes / (us * 1e-6) / 1e9 if us else None
+        n, p = row.get(f"nccl_{op}_us"), row.get(f"peer_{op}_us")
+        row[f"peer_{op}_speedup_vs_nccl"] = n / p if (n and p) else None
+        frac = None
+        if bw and row[f"peer_{op}_algbw_GBps"] is not None:
+            frac = row[f"peer_{op}_algbw_GBps"] * 1e9 / bw["bytes_per_s"]
+        row[f"peer_{op}_fraction_of_peer_bw"] = frac
+        sp = row[f"peer_{op}_speedup_vs_nccl"]
+        row[f"peer_{op}_meets_targets"] = None if (sp is None or frac is None) else bool(sp >= 1.5 and frac >= 0.7)
+
+
+def format_table(doc) -> str:
+    """A short fixed-width table of one distributed run."""
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    bw = doc.get("peer_bandwidth")
+    head = (f"W={doc['world_size']} {doc['device']} torch {doc['torch']} triton {doc['triton']} {doc['date']}\n"
+            f"peer bandwidth: {f(bw and bw['bytes_per_s'] / 1e9)} GB/s"
+            + (f" (peer path skipped: {doc['peer_skipped']})" if doc.get("peer_skipped") else ""))
+    cols = ("case", "nccl disp us", "peer disp us", "x", "frac bw", "nccl comb us", "peer comb us", "x", "frac bw")
+    lines = [head, " | ".join(cols)]
+    for r in doc["results"]:
+        case = f"{r['phase']} M={r['tokens_per_rank']} H={r['hidden']} E={r['num_experts']} {r['skew']}"
+        lines.append(" | ".join([
+            case, f(r["nccl_dispatch_us"]), f(r["peer_dispatch_us"]), f(r["peer_dispatch_speedup_vs_nccl"], "{:.2f}"),
+            f(r["peer_dispatch_fraction_of_peer_bw"], "{:.2f}"), f(r["nccl_combine_us"]), f(r["peer_combine_us"]),
+            f(r["peer_combine_speedup_vs_nccl"], "{:.2f}"), f(r["peer_combine_fraction_of_peer_bw"], "{:.2f}")]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="directory for bench_ep.json")
+    ap.add_argument("--out", help="directory for bench_ep.json (emulated) or bench_ep_w{W}.json (distributed)")
     ap.add_argument("--quick", action="store_true", help="decode cases only")
-    args = ap.parse_args()
+    ap.add_argument("--distributed", action="store_true",
+                    help="real ranks under torchrun (also chosen when torchrun's env is present)")
+    ap.add_argument("--tiny", action="store_true", help="distributed: tiny shapes (CPU/gloo proof)")
+    ap.add_argument("--reps", type=int, default=None, help="distributed: timed iterations per measurement")
+    ap.add_argument("--backends", default="nccl,peer", help="distributed: comma list of nccl,peer")
+    ap.add_argument("--report", metavar="DIR", help="scaling report over DIR/bench_ep_w*.json (no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.report:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ep_report import write_report
+
+        write_report(args.report, args.out or args.report)
+        return
+    if not args.out:
+        ap.error("--out is required")
+    if args.distributed or torchrun_env() is not None:
+        backends = tuple(b for b in args.backends.split(",") if b)
+        bad = [b for b in backends if b not in ("nccl", "peer")]
+        if bad:
+            ap.error(f"--backends must name nccl and/or peer; got {bad}")
+        run_distributed(args.out, args.quick, args.tiny, args.reps, backends)
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_ep.py needs a CUDA GPU")
     run(args.out, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh ep|diffusion|profile|ncu   # one of those
 #   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
 #   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
+#   bash benchmarks/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
 #   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/compact/legacy) vs vLLM
 #   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (minutes of nvcc)
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
@@ -125,6 +126,21 @@ run_stage() {
     build
     timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
       --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
+    ;;
+  ep-multi)
+    # Issue 11: real ranks, one process per GPU (nvidia-h200-x2/-x4/-x8; multicast off, exported above): the
+    # NCCL and peer-write paths timed side by side with the peer bandwidth, the scaling report, the exactness tests.
+    build
+    n=$(nvidia-smi -L | wc -l); [ "$n" -gt 8 ] && n=8
+    if [ "$n" -lt 2 ]; then echo "ep-multi: needs >= 2 GPUs, found $n"; return 0; fi
+    mkdir -p "$OUT/ep-multi"
+    for w in 2 4 8; do
+      [ "$w" -le "$n" ] || continue
+      timeout 170 python3 -m torch.distributed.run --standalone --nproc-per-node "$w" \
+        benchmarks/bench_ep.py --distributed --out "$OUT/ep-multi" 2>&1 | tail -22
+    done
+    python3 benchmarks/ep_report.py "$OUT/ep-multi" 2>&1 | tail -45
+    timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_ep_multigpu.py 2>&1 | tail -15
     ;;
   ep-vllm)
     # moekern.ep's prepare/finalize inside vLLM's modular kernel at W=1 vs vLLM's own path (needs vLLM).

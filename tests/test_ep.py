@@ -227,15 +227,20 @@ def assert_combined(got, want, fp8, tag):
         assert torch.equal(got, want), tag
 
 
-def _run_emulated(W, c, device, block_world=None):
+def case_inputs(W, c, device):
+    """A hypothesis/fixed case's sizes and per-rank inputs, plus `seen`: what receivers must see, x after the fp8
+    round trip done on the device the kernels use (CPU and GPU division may round a scale differently)."""
     E = c["E_per_rank"] * W
     k = min(c["k"], E)
     dtype = torch.bfloat16 if c["bf16"] else torch.float32
     Ms = c["Ms"][:W]
     xs, ids, ws = make_inputs(c["seed"], W, E, k, c["H"], Ms, c["skew"], dtype)
-    # the reference starts from what the receivers must see: x after the fp8 round trip, done on the
-    # device the kernels use (CPU and GPU division may round a scale differently)
     seen = [payload_reference(x.to(device), c["fp8"]).cpu() for x in xs]
+    return E, k, dtype, Ms, xs, ids, ws, seen
+
+
+def _run_emulated(W, c, device, block_world=None):
+    E, k, dtype, Ms, xs, ids, ws, seen = case_inputs(W, c, device)
     world = moekern.ep.PeerWorld.emulated(W, max(Ms + [1]), c["H"], k, dtype=dtype, device=device)
     res = moekern.ep.dispatch_emulated(
         world, [x.to(device) for x in xs], [i.to(device) for i in ids], [w.to(device) for w in ws], E, fp8=c["fp8"])
