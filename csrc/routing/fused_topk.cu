@@ -271,6 +271,72 @@ __device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64
   return team_sum<L>(s);
 }
 
+// Whether this lane's group is among the topk_group best (DeepSeek-V3 grouped selection; the algorithm is in
+// the paragraph atop this file). Every lane of the warp must call it (shuffles).
+template <int L, int V>
+__device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&sel)[V], float sum, bool softmax,
+                                           bool active, int tl, const TeamArgs& a) {
+  const int S = a.group_lanes;
+  float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float v = rank_key(softmax ? w[i] / sum : sel[i]);
+    if (v > top1) {
+      top2 = top1;
+      top1 = v;
+    } else if (v > top2) {
+      top2 = v;
+    }
+  }
+  for (int m = 1; m < S; m <<= 1) {  // merge (max, second) pairs across the S lanes of the group
+    const float o1 = shfl_xor(top1, m);
+    const float o2 = shfl_xor(top2, m);
+    const float lo = fminf(top1, o1);
+    top1 = fmaxf(top1, o1);
+    top2 = fmaxf(lo, fmaxf(top2, o2));
+  }
+  const int grp = tl / S;
+  unsigned long long gkey = (active && grp < a.G) ? pack_key64(true, rank_key(top1 + top2), grp) : 0ull;
+  bool kept = false;
+  for (int r = 0; r < a.g; ++r) {
+    unsigned long long win = gkey;
+    for (int m = S; m < L; m <<= 1) win = xor_max64(win, m);  // across groups; a group's lanes agree
+    if (win != 0ull && kIdxMask - static_cast<int>(win & kIdxMask) == grp) {
+      kept = true;
+      gkey = 0ull;
+    }
+  }
+  return kept;
+}
+
+// Writes the launch's per-expert counts once the block's tokens are in s_hist: the only block copies them; with
+// several blocks each adds into its stream's accumulator slot, and the last block to take a ticket moves the
+// totals out and leaves the slot zeroed (the scheme in the paragraph atop this file). Every thread calls it.
+__device__ __forceinline__ void publish_counts(const int* s_hist, int& s_last, const TeamArgs& a) {
+  const int E = a.E;
+  __syncthreads();
+  if (a.slot < 0) {  // the only block: every count is its own
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
+    return;
+  }
+  int* acc = g_acc[a.slot];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int c = s_hist[e];
+    if (c != 0) atomicAdd(&acc[e], c);
+  }
+  __threadfence();  // this block's adds are visible before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned last = gridDim.x - 1;
+    s_last = atomicInc(&g_ticket[a.slot], last) == last;  // the last ticket wraps the counter to 0
+  }
+  __syncthreads();
+  if (s_last) {
+    __threadfence();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
+  }
+}
+
 template <typename T, int V, int L, bool kKey32>
 __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a) {
   using KeyOps = Keys<kKey32>;
@@ -309,40 +375,7 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
     float sel[V];  // the ranked score: the logit (softmax) or sigmoid + bias
     const float sum = score_chunk<T, V, L>(logits, t, active, base, E, a.vec != 0, softmax, bias, w, sel);
 
-    bool allowed = true;
-    if (grouped) {
-      const int S = a.group_lanes;
-      float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float v = rank_key(softmax ? w[i] / sum : sel[i]);
-        if (v > top1) {
-          top2 = top1;
-          top1 = v;
-        } else if (v > top2) {
-          top2 = v;
-        }
-      }
-      for (int m = 1; m < S; m <<= 1) {  // merge (max, second) pairs across the S lanes of the group
-        const float o1 = shfl_xor(top1, m);
-        const float o2 = shfl_xor(top2, m);
-        const float lo = fminf(top1, o1);
-        top1 = fmaxf(top1, o1);
-        top2 = fmaxf(lo, fmaxf(top2, o2));
-      }
-      const int grp = tl / S;
-      unsigned long long gkey = (active && grp < a.G) ? pack_key64(true, rank_key(top1 + top2), grp) : 0ull;
-      bool kept = false;
-      for (int r = 0; r < a.g; ++r) {
-        unsigned long long win = gkey;
-        for (int m = S; m < L; m <<= 1) win = xor_max64(win, m);  // across groups; a group's lanes agree
-        if (win != 0ull && kIdxMask - static_cast<int>(win & kIdxMask) == grp) {
-          kept = true;
-          gkey = 0ull;
-        }
-      }
-      allowed = kept;
-    }
+    const bool allowed = grouped ? group_kept<L, V>(w, sel, sum, softmax, active, tl, a) : true;
 
     Key key[V];
 #pragma unroll
@@ -400,27 +433,7 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
     }
   }
 
-  __syncthreads();
-  if (a.slot < 0) {  // the only block: every count is its own
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
-    return;
-  }
-  int* acc = g_acc[a.slot];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int c = s_hist[e];
-    if (c != 0) atomicAdd(&acc[e], c);
-  }
-  __threadfence();  // this block's adds are visible before its ticket
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned last = gridDim.x - 1;
-    s_last = atomicInc(&g_ticket[a.slot], last) == last;  // the last ticket wraps the counter to 0
-  }
-  __syncthreads();
-  if (s_last) {
-    __threadfence();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
-  }
+  publish_counts(s_hist, s_last, a);
 }
 
 // ------------------------------------------------------------------------------------------ compact variant
@@ -434,44 +447,6 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
 // run-time loop (code for one round), the results are kept by static selects (no local memory), and the
 // output slots stop at the first r >= top_k. Results are bit-identical to the team kernel: same operations on
 // the same values in the same order.
-
-// Whether this lane's group is among the topk_group best (DeepSeek-V3 grouped selection); the team kernel's
-// algorithm (see the paragraph atop this file). Every lane of the warp must call it (shuffles).
-template <int L, int V>
-__device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&sel)[V], float sum, bool softmax,
-                                           bool active, int tl, const TeamArgs& a) {
-  const int S = a.group_lanes;
-  float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float v = rank_key(softmax ? w[i] / sum : sel[i]);
-    if (v > top1) {
-      top2 = top1;
-      top1 = v;
-    } else if (v > top2) {
-      top2 = v;
-    }
-  }
-  for (int m = 1; m < S; m <<= 1) {
-    const float o1 = shfl_xor(top1, m);
-    const float o2 = shfl_xor(top2, m);
-    const float lo = fminf(top1, o1);
-    top1 = fmaxf(top1, o1);
-    top2 = fmaxf(lo, fmaxf(top2, o2));
-  }
-  const int grp = tl / S;
-  unsigned long long gkey = (active && grp < a.G) ? pack_key64(true, rank_key(top1 + top2), grp) : 0ull;
-  bool kept = false;
-  for (int r = 0; r < a.g; ++r) {
-    unsigned long long win = gkey;
-    for (int m = S; m < L; m <<= 1) win = xor_max64(win, m);
-    if (win != 0ull && kIdxMask - static_cast<int>(win & kIdxMask) == grp) {
-      kept = true;
-      gkey = 0ull;
-    }
-  }
-  return kept;
-}
 
 template <typename T, int V, int L, bool kKey32, bool kSoftmax>
 __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArgs a) {
@@ -576,27 +551,7 @@ __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArg
     }
   }
 
-  __syncthreads();
-  if (a.slot < 0) {
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
-    return;
-  }
-  int* acc = g_acc[a.slot];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int c = s_hist[e];
-    if (c != 0) atomicAdd(&acc[e], c);
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned last = gridDim.x - 1;
-    s_last = atomicInc(&g_ticket[a.slot], last) == last;
-  }
-  __syncthreads();
-  if (s_last) {
-    __threadfence();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
-  }
+  publish_counts(s_hist, s_last, a);
 }
 
 // ------------------------------------------------------------------------------------------ host side
