@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from moekern._ext import extension_error
+from moekern.routing.reference import empty_routing_outputs
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4}
@@ -30,12 +31,7 @@ if _EXT_ERROR is None:
 
     @torch.library.register_fake("moekern::fused_topk")
     def _fused_topk_fake(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale):
-        M, E = logits.shape
-        return (
-            logits.new_empty((M, top_k), dtype=torch.float32),
-            logits.new_empty((M, top_k), dtype=torch.int32),
-            logits.new_empty((E,), dtype=torch.int32),
-        )
+        return empty_routing_outputs(logits, top_k)
 
     def _has_op(name: str) -> bool:  # a _C built before the op existed must still import
         try:

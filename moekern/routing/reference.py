@@ -21,6 +21,14 @@ import torch
 SCORINGS = ("softmax", "sigmoid")
 
 
+def empty_routing_outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialized (topk_weights [M, k] fp32, topk_ids [M, k] int32, expert_counts [E] int32) on logits'
+    device: the shapes and dtypes of the routing contract, as the kernels' fake (meta) implementations return."""
+    M, E = logits.shape
+    return (logits.new_empty((M, top_k), dtype=torch.float32), logits.new_empty((M, top_k), dtype=torch.int32),
+            logits.new_empty((E,), dtype=torch.int32))
+
+
 def _rank_key(x: torch.Tensor) -> torch.Tensor:
     """fp32 scores with NaN mapped to -inf: the value that orders them."""
     return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)

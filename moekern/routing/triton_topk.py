@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekern.routing.reference import empty_routing_outputs
+
 _INT32_MIN = tl.constexpr(-2147483648)
 _NEG_INF_KEY = tl.constexpr(-2139095041)  # order key of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
 
@@ -204,12 +206,7 @@ def _fused_topk_triton_op(
 
 @_fused_topk_triton_op.register_fake
 def _(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale):
-    M, E = logits.shape
-    return (
-        logits.new_empty(M, top_k, dtype=torch.float32),
-        logits.new_empty(M, top_k, dtype=torch.int32),
-        logits.new_empty(E, dtype=torch.int32),
-    )
+    return empty_routing_outputs(logits, top_k)
 
 
 def fused_topk_triton(
