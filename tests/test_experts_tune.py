@@ -74,10 +74,12 @@ def test_shape_candidates(name, M):
 
 
 def test_today_pair_matches_get_configs_rule():
-    # The Mixtral M=256 tie: 64 and 1024 are equally far in log2, the smaller bucket wins.
-    spec = get_model("mixtral")
-    name, pair = tune.today_pair(256, 8, 2, spec.intermediate_size, spec.hidden_size)
-    assert name == "tuned[64]" and pair == cfgmod.TUNED[(8, 14336, 4096)][64]
+    # Qwen3 M=256 (no 256 row): 64 and 1024 are equally far in log2, the smaller bucket wins.
+    spec = get_model("qwen3-30b-a3b")
+    rows = cfgmod.TUNED[(128, 768, 2048)]
+    assert 256 not in rows and {64, 1024} <= set(rows), "the tie this test needs is gone from TUNED"
+    name, pair = tune.today_pair(256, 128, 8, spec.intermediate_size, spec.hidden_size)
+    assert name == "tuned[64]" and pair == rows[64]
     assert cfgmod.tuned_bucket({1: 0, 64: 0, 1024: 0}, 4096) == 1024
     assert cfgmod.tuned_bucket({1: 0, 64: 0, 1024: 0}, 8) == 1  # tie 1 vs 64
     name, _ = tune.today_pair(4, 7, 2, 16, 32)
@@ -145,14 +147,15 @@ def test_apply_results_rewrites_configs_copy(tmp_path):
     shutil.copy(os.path.join(ROOT, "moekern", "experts", "configs.py"), path)
     win = (B(64, 128, 64, 1, 8, 3, fuse_silu=False), B(64, 128, 64, 1, 8, 3))
     res = tmp_path / "tune_moe_shapes.json"
-    res.write_text(json.dumps(_synthetic_results([_row(8, 14336, 4096, 256, 1930.0, 1250.0, *win, name="vllm-default")])))
+    res.write_text(json.dumps(_synthetic_results([_row(8, 14336, 4096, 4096, 6000.0, 5000.0, *win, name="vllm-default")])))
     before = path.read_text()
     applied, out = tune.apply_results(str(res), str(path), dry_run=True)
-    assert applied == [(8, 14336, 4096, 256)] and path.read_text() == before
+    assert 4096 not in cfgmod.TUNED[(8, 14336, 4096)], "pick an M the committed table does not hold"
+    assert applied == [(8, 14336, 4096, 4096)] and path.read_text() == before
     applied, _ = tune.apply_results(str(res), str(path))
     text = path.read_text()
     assert text == out and text != before
-    assert "256: (_B(64, 128, 64, 1, 8, 3, fuse_silu=False), _B(64, 128, 64, 1, 8, 3)),  # vllm-default: 1250 us" in text
+    assert "4096: (_B(64, 128, 64, 1, 8, 3, fuse_silu=False), _B(64, 128, 64, 1, 8, 3)),  # vllm-default: 5000 us" in text
     # The rewritten module imports and holds every old row plus the new one.
     spec = importlib.util.spec_from_file_location("moekern_configs_copy", path)
     mod = importlib.util.module_from_spec(spec)
@@ -165,8 +168,8 @@ def test_apply_results_rewrites_configs_copy(tmp_path):
     for key, per_m in cfgmod.TUNED.items():
         for m, pair in per_m.items():
             assert as_t(mod.TUNED[key][m]) == as_t(pair)
-    assert as_t(mod.TUNED[(8, 14336, 4096)][256]) == as_t(win)
-    assert mod.tuned_bucket(mod.TUNED[(8, 14336, 4096)], 256) == 256
+    assert as_t(mod.TUNED[(8, 14336, 4096)][4096]) == as_t(win)
+    assert mod.tuned_bucket(mod.TUNED[(8, 14336, 4096)], 4096) == 4096
     # Idempotent: applying the same result again leaves the same valid file.
     tune.apply_results(str(res), str(path))
     assert path.read_text() == text
@@ -204,10 +207,12 @@ def test_bench_parse_shapes_and_explain(capsys):
         with pytest.raises(ValueError, match="MODEL:M"):
             bench.parse_shapes(bad)
     recs = bench.explain([("mixtral", 256), ("olmoe", 256)])
-    assert len(recs) == 4 and "ours[64]" in capsys.readouterr().out
+    assert len(recs) == 4 and "ours[256]" in capsys.readouterr().out
     ours, vllm = recs[0], recs[1]
-    # Mixtral M=256: 512 slots over 8 experts; block_m 32 needs more M-blocks per expert than vLLM's 64.
-    assert ours["gemm1_stats"]["weight_reads"] > vllm["gemm1_stats"]["weight_reads"] >= 1.0
+    # Mixtral M=256: 512 slots over 8 experts; the tuned block_m 128 needs no more M-blocks per expert than
+    # vLLM's 64 (the M=64 row's block_m 32 needed 2.5 per expert: the measured 1.49x loss).
+    assert ours["gemm1"].startswith("_B(128,")
+    assert 1.0 <= ours["gemm1_stats"]["weight_reads"] <= vllm["gemm1_stats"]["weight_reads"]
 
 
 def test_routing_counts_sum():
