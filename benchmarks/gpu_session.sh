@@ -14,6 +14,9 @@
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
 #   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate
 #   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve`
+#   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
+#   bash benchmarks/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
+#   bash benchmarks/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
 # Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
@@ -181,13 +184,38 @@ run_stage() {
     ;;
   e2e-offline)
     versions; build
-    timeout 570 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --budget-s 540 --out "$OUT/e2e" 2>&1 \
+    # 4 arms, ~7-8.5 min (FlashInfer's arm needs its JIT build first: a separate call after fi-warmup)
+    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern \
+      --budget-s 470 --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
     ;;
   e2e-serve)
     versions; build
-    timeout 570 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --budget-s 540 --out "$OUT/e2e" 2>&1 \
+    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
+      --budget-s 470 --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
+    ;;
+  e2e-olmoe)
+    # The autoregressive gate logs of the LLaDA-MoE-7B-shaped (= OLMoE-1B-7B MoE shape) model, for the
+    # diffusion-vs-AR routing comparison (issue 13): one pass, gate logs only (~3-4 min).
+    versions; build
+    timeout 400 python3 benchmarks/e2e/run_e2e.py --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
+      --warmup-reps 0 --reps 1 --input-len 64 --output-len 128 --max-num-seqs 8 --num-prompts 64 --budget-s 300 \
+      --out "$OUT/e2e-olmoe" 2>&1 | tee "$OUT/e2e_olmoe.log" | tail -25
+    ;;
+  gpu-tests-vllm)
+    # The GPU tests that need vLLM staged: the plugin's greedy token-for-token check (routing vs off), the EP
+    # adapter, the diffusion engine's vLLM backend.
+    build
+    timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 400 -rfEs tests/test_vllm_plugin.py \
+      tests/test_ep_vllm.py tests/test_ep.py tests/test_diffusion.py 2>&1 | tee "$OUT/gpu_tests_vllm.log" | tail -25
+    ;;
+  diffusion-vllm)
+    # The diffusion bench with all three MoE backends (vLLM's fused_experts column; needs vLLM staged).
+    build
+    timeout 300 python3 -m moekern.cli diffusion bench --model llada-moe-7b --backend moekern,vllm,torch \
+      --gen-lengths 128 --steps 32,128 --batch-sizes 1,8 --tag llada-moe-7b_h100_3backends --out "$OUT/diffusion" \
+      2>&1 | tail -20
     ;;
   *) echo "unknown stage $1"; return 2 ;;
   esac

@@ -15,10 +15,12 @@ E2E = REPO / "benchmarks" / "e2e"
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("run_e2e", E2E / "run_e2e.py")
+    spec = importlib.util.spec_from_file_location("moekern_e2e_run_e2e", E2E / "run_e2e.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
-    return mod
+    yield mod
+    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_bench_command_random_and_dataset(e2e, dataset, tmp_path):
     args = _ready(e2e, ["--quick", "--mode", "serve", "--dataset", str(dataset), "--serve-prompts", "7"])
     cmd = e2e.bench_command(args, 9000, tmp_path, "r.json")
     assert _flag(cmd, "--dataset-name") == "custom" and _flag(cmd, "--dataset-path") == str(dataset)
-    assert _flag(cmd, "--custom-output-len") == "64" and "--skip-chat-template" in cmd
+    assert _flag(cmd, "--custom-output-len") == str(e2e.QUICK.output_len) and "--skip-chat-template" in cmd
     assert "--random-input-len" not in cmd and _flag(cmd, "--num-prompts") == "7" and "--ignore-eos" in cmd
 
 
@@ -445,3 +447,308 @@ def test_summarize_reports_gate_log_overhead_with_its_noise(e2e):
     assert e2e.rep_spread([{"output_tok_s": 5.0}]) is None
     single = e2e.summarize({"offline": {"moekern-routing": arm([100.0]), "moekern-routing-log": arm([99.0])}})
     assert "offline.gate_log_overhead_noise" not in single and "offline.gate_log_overhead" in single
+
+
+# ---- steady state (issue 5): prefix caching off, warm-up, JIT counting, sizing -----------------------------
+# Verbatim lines of benchmarks/results/e2e/h100-2026-11-23/offline/offline_vllm.log (vLLM 0.26, default
+# non-verbose monitor) and the verbose form of the same warning (vllm/utils/jit_monitor.py, "(<details>)").
+_JIT_ATTN = ("(EngineCore pid=1963) WARNING 11-23 17:51:58 [jit_monitor.py:135] Triton kernel JIT compilation "
+             "during inference: kernel_unified_attention. This causes a latency spike; consider extending warmup "
+             "to cover this shape/config.")
+_JIT_MOE_VERBOSE = ("(EngineCore pid=1963) WARNING 11-23 17:52:01 [jit_monitor.py:131] Triton kernel JIT compilation "
+                    "during inference: fused_moe_kernel (constexprs={BLOCK_SIZE_M=64, top_k=2}; signature={a_ptr="
+                    "'*bf16'}; extra_compile_info={}; key='x'). This causes a latency spike; consider extending "
+                    "warmup to cover this shape/config.")
+_AUTOTUNE = ("Triton autotuning for function _fused_topk_kernel,\nwith key as (8, 'torch.float32'),\n"
+             "finished after 0.41s,\nbest config selected: BLOCK_M: 16, num_warps: 4;")
+
+
+def _log(*parts):
+    return "\n".join(parts) + "\n"
+
+
+def test_engine_runs_without_prefix_caching_and_logs_every_compile(e2e, tmp_path):
+    args = _ready(e2e, ["--quick", "--mode", "both"])
+    for arm in e2e.ARMS:
+        kw = e2e.engine_kwargs(args, arm)
+        assert kw["enable_prefix_caching"] is False and kw["jit_monitor_verbose"] is True
+    cmd = e2e.serve_command(e2e.engine_kwargs(args, "moekern"), 1)
+    assert "--no-enable-prefix-caching" in cmd and "--enable-prefix-caching" not in cmd
+    at = cmd.index("--jit-monitor-verbose")  # a bare switch
+    assert at == len(cmd) - 1 or cmd[at + 1].startswith("--")
+    # other False flags stay out (vLLM's default is off for them)
+    assert "--no-enable-eplb" not in e2e.serve_command({**e2e.engine_kwargs(args, "vllm"), "enable_eplb": False}, 1)
+    bench = e2e.bench_command(args, 1, tmp_path, "r.json")
+    assert _flag(bench, "--temperature") == "0" and _flag(bench, "--seed") == "0"
+    spec = e2e.offline_spec(args, "vllm", tmp_path / "r.json")
+    assert spec["warmup_reps"] == e2e.QUICK.warmup_reps and spec["engine"]["enable_prefix_caching"] is False
+
+
+@pytest.mark.skipif(not VLLM_REF.is_dir(), reason="vLLM 0.26 source not at MOEKERN_VLLM_REF")
+def test_steady_state_flags_exist_in_vllm_026():
+    """The engine fields and CLI flags the steady-state settings use, in vLLM 0.26's source: EngineArgs fields
+    with bool types (get_kwargs gives bools argparse.BooleanOptionalAction, hence --no-enable-prefix-caching),
+    the monitor's warning text we count, and `vllm bench serve`'s --num-warmups repeating one request only."""
+    args_src = (VLLM_REF / "engine" / "arg_utils.py").read_text()
+    assert "    enable_prefix_caching: bool | None = None\n" in args_src
+    assert "    jit_monitor_verbose: bool = ObservabilityConfig.jit_monitor_verbose\n" in args_src
+    assert '"--enable-prefix-caching",' in args_src and '"--jit-monitor-verbose",' in args_src
+    assert 'kwargs[name]["action"] = argparse.BooleanOptionalAction' in args_src
+    mon = (VLLM_REF / "utils" / "jit_monitor.py").read_text()
+    assert '"%s %s during inference: %s%s. "' in mon and 'event="kernel JIT compilation"' in mon
+    assert "logger.warning_once(message, *args)" in mon  # why verbose: the default logs a kernel once
+    serve = (VLLM_REF / "benchmarks" / "serve.py").read_text()
+    assert "request_func_input=test_input" in serve[serve.index("if num_warmups > 0:"):][:1200]
+
+
+def test_warmup_plan(e2e):
+    assert e2e.warmup_plan(512, 128, 1) == [(16, 8), (512, 128)]
+    assert e2e.warmup_plan(8, 32, 2) == [(8, 8), (8, 32), (8, 32)]  # fewer prompts than the pre-warm takes
+    assert e2e.warmup_plan(512, 128, 0) == []
+    with pytest.raises(ValueError, match="warmup_reps=-1 must be >= 0"):
+        e2e.warmup_plan(4, 4, -1)
+
+
+def test_count_jit_events_after_the_marker(e2e):
+    text = _log("INFO init", _JIT_ATTN, e2e.MEASURE_MARKER, "INFO step", _JIT_MOE_VERBOSE, _JIT_ATTN, _AUTOTUNE)
+    c = e2e.count_jit_events(text)
+    assert c == {"jit": 2, "autotune": 1, "kernels": {"fused_moe_kernel": 1, "kernel_unified_attention": 1}}
+    assert e2e.count_jit_events(text, marker=None)["jit"] == 3  # the warm-up's compile too
+    assert e2e.count_jit_events(_log(_JIT_ATTN, "no marker here")) is None
+    clean = e2e.count_jit_events(_log(_JIT_ATTN, _AUTOTUNE, e2e.MEASURE_MARKER, "INFO step"))
+    assert clean == {"jit": 0, "autotune": 0, "kernels": {}}
+    assert e2e.jit_fields(text)["jit_during_measurement"] == 2
+    unknown = e2e.jit_fields("crashed before the marker")
+    assert unknown["jit_during_measurement"] is None and "no " in unknown["jit_note"]
+
+
+def test_count_jit_events_in_the_first_runs_log(e2e):
+    """The committed first-run log has the warnings (in the untimed-or-not part: that run had no marker)."""
+    log = REPO / "benchmarks" / "results" / "e2e" / "h100-2026-11-23" / "offline" / "offline_vllm.log"
+    if not log.exists():
+        pytest.skip("first-run results not in this checkout")
+    text = log.read_text(errors="replace")
+    assert e2e.count_jit_events(text) is None
+    c = e2e.count_jit_events(text, marker=None)
+    assert c["jit"] >= 2 and {"fused_moe_kernel", "kernel_unified_attention"} <= set(c["kernels"])
+
+
+def test_arm_stats_and_median_run(e2e):
+    st = e2e.arm_stats([4.0, 1.0, 3.0, 2.0])
+    assert st == {"median": 2.5, "min": 1.0, "max": 4.0, "n": 4, "spread": pytest.approx(3.0 / 2.5)}
+    assert e2e.arm_stats([5.0])["spread"] is None and e2e.arm_stats([]) is None
+    runs = [{"output_throughput": v} for v in (30.0, 10.0, 20.0)]
+    assert e2e.median_run(runs) == 2 and e2e.median_run(runs[:2]) == 1  # even count: the lower median
+
+
+def _offline_arm(e2e, vals, jit):
+    st = e2e.arm_stats(vals)
+    return {"rc": 0, "output_tok_s": st["median"], "output_tok_s_stats": st,
+            "runs": [{"output_tok_s": v} for v in vals], "jit_during_measurement": jit,
+            "autotune_during_measurement": 0, "jit_kernels": {"fused_moe_kernel": jit} if jit else {}}
+
+
+def test_summary_ratio_from_medians_with_spread_and_steady_flag(e2e):
+    res = {"offline": {"vllm": _offline_arm(e2e, [10.0, 11.0, 12.0], 0),
+                       "moekern": _offline_arm(e2e, [20.0, 22.0, 21.0], 0),
+                       "flashinfer": {"skipped": "not asked"}}}
+    s = e2e.summarize(res)
+    assert s["offline.moekern_vs_vllm"] == pytest.approx(21.0 / 11.0, abs=1e-4)
+    assert s["offline.moekern_vs_vllm_spread"] == pytest.approx(2.0 / 11.0, abs=1e-4)  # the wider arm
+    assert s["offline.steady_state"] is True and "offline.not_steady" not in s
+    text = e2e.format_summary(res, s)
+    assert "NOT STEADY" not in text and "moekern_vs_vllm = 1.909 (rep spread 18.2%)" in text
+    assert "        21 [20-22] n=3  JIT while timed: 0" in text and "skipped: not asked" in text
+
+    res["offline"]["vllm"] = _offline_arm(e2e, [10.0, 11.0, 12.0], 3)
+    s = e2e.summarize(res)
+    assert s["offline.steady_state"] is False and "fused_moe_kernel x3" in s["offline.not_steady"]["vllm"]
+    assert "moekern" not in s["offline.not_steady"]
+    text = e2e.format_summary(res, s)
+    assert "NOT STEADY STATE: the offline ratios above are not a valid A/B" in text and "    vllm: 3 JIT" in text
+
+    res["offline"]["vllm"] = {**_offline_arm(e2e, [10.0], 0), "jit_during_measurement": None, "jit_note": "gone"}
+    s = e2e.summarize(res)
+    assert s["offline.not_steady"] == {"vllm": "gone"} and "offline.moekern_vs_vllm_spread" not in s
+    res["offline"]["vllm"] = {**_offline_arm(e2e, [10.0], 0), "autotune_during_measurement": 2}
+    assert not e2e.summarize(res)["offline.steady_state"]  # autotuning while timed counts too
+    res["offline"]["vllm"] = {"rc": 1, "error": "boom"}  # a failed arm neither counts nor crashes
+    s = e2e.summarize(res)
+    assert s["offline.steady_state"] is True and "offline.moekern_vs_vllm" not in s
+
+
+def test_summary_serve_ratios(e2e):
+    def arm(vals, tpot, jit):
+        return {"output_throughput": sorted(vals)[(len(vals) - 1) // 2], "median_tpot_ms": tpot,
+                "output_throughput_stats": e2e.arm_stats(vals), "jit_during_measurement": jit,
+                "autotune_during_measurement": 0, "jit_kernels": {}}
+
+    res = {"serve": {"vllm": arm([100.0, 110.0], 5.0, 0), "moekern": arm([120.0, 126.0], 4.5, 1)}}
+    res["serve"]["moekern"]["median_tpot_ms_stats"] = e2e.arm_stats([4.4, 4.6])  # median 4.5, spread 0.2/4.5
+    res["serve"]["vllm"]["median_tpot_ms_stats"] = e2e.arm_stats([5.0, 5.0])
+    s = e2e.summarize(res)
+    # medians of the timed runs (123 and 105), not the lower-median run each arm reports in full
+    assert s["serve.moekern_vs_vllm"] == pytest.approx(123.0 / 105.0, abs=1e-4)
+    assert s["serve.moekern_tpot_vs_vllm"] == pytest.approx(0.9)
+    assert s["serve.moekern_tpot_vs_vllm_spread"] == pytest.approx(0.2 / 4.5, abs=1e-4)
+    assert s["serve.moekern_vs_vllm_spread"] == pytest.approx(10.0 / 105.0, abs=1e-4)
+    assert s["serve.steady_state"] is False and "offline.steady_state" not in s
+    assert "median TPOT 4.50 ms" in e2e.format_summary(res, s)
+
+
+def test_quick_workload_sizing(e2e):
+    """--quick: one timed pass >= MIN_PASS_S at the first run's steady rates, a 4-arm offline call and a
+    2-arm serve call within ~8 minutes, a 3-arm serve call within the 570 s GPU command timeout; and the
+    rates reproduce the first run's fastest offline pass (0.497 s for 128 x (256 + 64))."""
+    q = e2e.QUICK
+    assert 3 <= q.reps <= 5 and q.warmup_reps >= 1 and q.serve_reps >= 1
+    assert e2e.offline_pass_s(q) >= e2e.MIN_PASS_S and e2e.serve_run_s(q, 64) >= e2e.MIN_PASS_S
+    assert e2e.plan_seconds(q, "offline", 4) <= 8.5 * 60
+    assert e2e.plan_seconds(q, "serve", 2) <= 8 * 60 and e2e.plan_seconds(q, "serve", 3) <= 570
+    first = e2e.Workload(num_prompts=128, serve_prompts=128, input_len=256, output_len=64, reps=5, serve_reps=1,
+                         warmup_reps=0)
+    res = REPO / "benchmarks" / "results" / "e2e" / "h100-2026-11-23" / "offline" / "e2e_mixtral-8x7b-4l.json"
+    measured = 0.497
+    if res.exists():
+        measured = min(r["seconds"] for r in json.loads(res.read_text())["offline"]["vllm"]["runs"])
+    assert e2e.offline_pass_s(first) == pytest.approx(measured, rel=0.15)
+    args = e2e.parse_args(["--quick", "--mode", "offline"])
+    assert args.workload == q and (args.num_prompts, args.reps, args.warmup_reps) == (512, 5, 1)
+    args = e2e.parse_args(["--mode", "serve", "--serve-reps", "1", "--warmup-reps", "0", "--input-len", "64"])
+    assert args.workload == e2e.Workload(num_prompts=e2e.FULL.num_prompts, serve_prompts=e2e.FULL.serve_prompts,
+                                         input_len=64, output_len=e2e.FULL.output_len, reps=e2e.FULL.reps,
+                                         serve_reps=1, warmup_reps=0)
+    with pytest.raises(ValueError, match="mode='both'"):
+        e2e.plan_seconds(q, "both", 1)
+
+
+def test_plan_text_warns_over_budget(e2e):
+    args = e2e.parse_args(["--quick", "--mode", "both", "--arms", "vllm,moekern"])
+    text = e2e.plan_text(args)
+    assert text.count("plan ") == 2 and "1 warm-up + 5 timed passes" in text and "1 warm-up + 2 timed runs" in text
+    assert "warning" not in text
+    args = e2e.parse_args(["--mode", "offline", "--budget-s", "100"])
+    assert "exceeds --budget-s 100" in e2e.plan_text(args)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--reps", "0"], "--reps=0 must be >= 1"),
+    (["--serve-reps", "0"], "--serve-reps=0 must be >= 1"),
+    (["--warmup-reps", "-1"], "--warmup-reps=-1 must be >= 0"),
+    (["--num-prompts", "0"], "--num-prompts=0 must be >= 1"),
+    (["--concurrency", "0"], "--concurrency=0 must be >= 1"),
+    (["--input-len", "2000", "--output-len", "100"], "must be <= --max-model-len 2048"),
+])
+def test_bad_workload_arguments(e2e, argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        e2e.parse_args(["--quick"] + argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+class _FakeProc:
+    """A finished child: what it writes to its stdout happened before wait() returns."""
+
+    def __init__(self, rc=0):
+        self.returncode, self.pid = rc, -1
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def test_offline_arm_counts_jit_after_the_childs_marker(e2e, tmp_path, monkeypatch):
+    """run_offline_arm with a fake child that logs one compile in warm-up and one while timed."""
+    seen = {}
+
+    def popen(cmd, stdout, **kw):
+        spec = json.loads(Path(cmd[-1]).read_text())
+        seen["spec"] = spec
+        stdout.write(_log(_JIT_ATTN, e2e.MEASURE_MARKER, _JIT_MOE_VERBOSE))
+        stdout.flush()
+        Path(spec["result"]).write_text(json.dumps({"init_s": 1.0, "runs": [{"output_tok_s": 5.0}],
+                                                    "output_tok_s": 5.0, "plugin": "unavailable: x"}))
+        return _FakeProc()
+
+    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
+    args = _ready(e2e, ["--quick", "--mode", "offline", "--arms", "vllm"])
+    r = e2e.run_offline_arm(args, "vllm", tmp_path)
+    assert r["jit_during_measurement"] == 1 and r["jit_kernels"] == {"fused_moe_kernel": 1}
+    assert seen["spec"]["warmup_reps"] == 1 and seen["spec"]["engine"]["enable_prefix_caching"] is False
+
+
+def test_serve_arm_warms_up_then_times_and_counts_only_the_timed_part(e2e, tmp_path, monkeypatch):
+    """run_serve_arm with a fake server and fake `vllm bench serve`: one warm-up run (its compile not
+    counted), two timed runs (one compile counted), the median run copied to serve_<arm>.bench.json."""
+    state = {"server_log": None, "benches": []}
+    throughput = {"serve_moekern.warmup.json": 50.0, "serve_moekern.rep0.json": 120.0,
+                  "serve_moekern.rep1.json": 100.0}
+
+    def popen(cmd, stdout, **kw):
+        if cmd[:2] == ["vllm", "serve"]:
+            state["server_log"] = stdout
+            stdout.write("INFO server up\n")
+            stdout.flush()
+            return _FakeProc(rc=None)
+        name = _flag(cmd, "--result-filename")
+        state["benches"].append(name)
+        if name != "serve_moekern.rep1.json":  # the server compiles during warm-up and the first timed run
+            state["server_log"].write(_log(_JIT_ATTN if "warmup" in name else _JIT_MOE_VERBOSE))
+            state["server_log"].flush()
+        Path(_flag(cmd, "--result-dir"), name).write_text(json.dumps(
+            {"duration": 3.0, "completed": 320, "output_throughput": throughput[name], "median_tpot_ms": 5.0,
+             "median_ttft_ms": 40.0, "p90_ttft_ms": 60.0}))
+        return _FakeProc()
+
+    class _Health:
+        status = 200
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    stopped = []
+    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
+    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
+    monkeypatch.setattr(e2e, "_kill_group", lambda proc: stopped.append(proc) or setattr(proc, "returncode", -15))
+    args = _ready(e2e, ["--quick", "--mode", "serve", "--arms", "moekern"])
+    r = e2e.run_serve_arm(args, "moekern", tmp_path)
+    assert "error" not in r, r.get("error")
+    assert state["benches"] == ["serve_moekern.warmup.json", "serve_moekern.rep0.json", "serve_moekern.rep1.json"]
+    assert r["jit_during_measurement"] == 1 and r["jit_kernels"] == {"fused_moe_kernel": 1}
+    assert [x["output_throughput"] for x in r["runs"]] == [120.0, 100.0] and r["output_throughput"] == 100.0
+    assert r["output_throughput_stats"]["min"] == 100.0 and r["output_throughput_stats"]["max"] == 120.0
+    assert json.loads((tmp_path / "serve_moekern.bench.json").read_text())["output_throughput"] == 100.0
+    assert stopped and r["server_stopped"] and "--no-enable-prefix-caching" in r["cmd"]
+    log = (tmp_path / "serve_moekern.server.log").read_text()
+    assert log.index(_JIT_ATTN) < log.index(e2e.MEASURE_MARKER) < log.index("fused_moe_kernel")
+
+
+def test_olmoe_gate_log_run_is_planned_right(e2e, pf, tmp_path):
+    """The AR gate-log run of the LLaDA-MoE-shaped model (OLMoE shape: E=64, k=8, H=2048, 16 layers) for the
+    diffusion comparison: one timed pass, no warm-up passes, gate logs of the routing-log arm only."""
+    from moekern.models import get_model
+
+    argv = ["--model", "olmoe-1b-7b", "--mode", "offline", "--arms", "moekern-routing-log", "--quick",
+            "--warmup-reps", "0", "--reps", "1"]
+    args = e2e.parse_args(argv)
+    llada, olmoe = get_model("llada-moe-7b"), get_model("olmoe")
+    for f in ("hidden_size", "num_experts", "top_k", "num_layers"):
+        assert getattr(llada, f) == getattr(olmoe, f), f  # the shape the AR run stands in for
+    assert args.vocab == olmoe.vocab_size and args.attention_backend == "TRITON_ATTN"
+    assert args.arm_plan == {"offline": ["moekern-routing-log"]} and (args.reps, args.warmup_reps) == (1, 0)
+    e2e.prepare_model_dir(args, tmp_path)
+    cfg = json.loads((args.model_dir / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"], cfg["num_hidden_layers"]) == \
+        (64, 8, 2048, 16) and not args.has_tokenizer  # offline needs none (skip_tokenizer_init)
+    assert e2e.gate_log_dir(args, "moekern-routing-log", tmp_path) == tmp_path / "gate_logs" / "moekern-routing-log"
+    spec = e2e.offline_spec(args, "moekern-routing-log", tmp_path / "r.json")
+    assert spec["warmup_reps"] == 0 and e2e.warmup_plan(spec["num_prompts"], spec["output_len"], 0) == []
+    assert e2e.arm_env("moekern-routing-log", tmp_path, tmp_path / "g", base_env={})["MOEKERN_KERNELS"] == "routing"
+    assert e2e.preflight_command(args)[2:] == ["--arms", "moekern-routing-log", "--mode", "offline", "--model",
+                                               "olmoe-1b-7b"]
+    checks, _ = pf.build_checks(pf.parse_args(["--arms", "moekern-routing-log", "--model", "olmoe-1b-7b"]))
+    assert "model config fields vLLM reads" in [n for n, _ in checks]

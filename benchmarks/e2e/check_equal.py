@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                             max_model_len=1024, gpu_mem=0.8, attention_backend=attention_backend(args.model),
                             vocab=json.loads((run_e2e.HERE / "configs" / args.model / "config.json").read_text())[
                                 "vocab_size"], num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, reps=1, arm_timeout=400, has_tokenizer=False,
+                            output_len=args.output_len, reps=1, warmup_reps=0, arm_timeout=400, has_tokenizer=False,
                             max_num_seqs=128, max_num_batched_tokens=None, tensor_parallel_size=1,
                             enable_eplb=False, dataset=None)
     run_e2e.prepare_model_dir(ns, out)

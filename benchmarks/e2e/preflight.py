@@ -388,6 +388,10 @@ def build_checks(args) -> tuple[list, dict]:
                 a = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[2:])
                 if a.model_tag != str(ns.model_dir) or a.max_num_seqs != ns.max_num_seqs:
                     raise AssertionError(f"{arm}: parsed model_tag={a.model_tag!r}, max_num_seqs={a.max_num_seqs}")
+                # the steady-state settings (run_e2e.engine_kwargs) must reach the server as meant
+                if a.enable_prefix_caching is not False or a.jit_monitor_verbose is not True:
+                    raise AssertionError(f"{arm}: parsed enable_prefix_caching={a.enable_prefix_caching!r} "
+                                         f"(want False), jit_monitor_verbose={a.jit_monitor_verbose!r} (want True)")
                 parsed.append(arm)
             return "parsed for " + ", ".join(parsed)
 
@@ -399,8 +403,9 @@ def build_checks(args) -> tuple[list, dict]:
             p = FlexibleArgumentParser()
             add_cli_args(p)
             a = p.parse_args(run_e2e.bench_command(ns, 8000, Path("/tmp"), "x.json")[3:])
-            if a.dataset_name != "random" or a.num_prompts != ns.serve_prompts:
-                raise AssertionError(f"parsed dataset_name={a.dataset_name!r}, num_prompts={a.num_prompts}")
+            if a.dataset_name != "random" or a.num_prompts != ns.serve_prompts or a.temperature != 0:
+                raise AssertionError(f"parsed dataset_name={a.dataset_name!r}, num_prompts={a.num_prompts}, "
+                                     f"temperature={a.temperature!r}")
             return "ok"
 
     if "flashinfer" in arms:

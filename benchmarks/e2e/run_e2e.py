@@ -11,18 +11,29 @@ Arms (plugin env in brackets; all keep VLLM_USE_FLASHINFER_SAMPLER=0 and attenti
   moekern-routing      moekern.fused_topk routing, no gate log                 [routing]
   moekern-routing-log  the same with gate logs                                 [routing + GATE_LOG_DIR]
   moekern              moekern routing + experts, gate logs on                 [all + GATE_LOG_DIR]
-Ratios reported: moekern / vllm output throughput (target >= 1.05), gate-log overhead =
-1 - routing-log / routing (target <= 2%).
+Ratios reported: moekern / vllm output throughput from the arms' medians with the repetitions' spread
+next to them (target >= 1.05), gate-log overhead = 1 - routing-log / routing (target <= 2%).
+
+Steady state (the first H100 run, benchmarks/results/e2e/h100-2026-11-23/, was not): every arm runs with
+prefix caching off (the same prompts every repetition would otherwise skip prefill from the second one on)
+and vLLM's JIT monitor in verbose mode (it logs every Triton compile after warm-up, not only the first per
+kernel). Before anything is timed each arm runs discarded warm-up passes of the very workload it measures
+(offline: a 16-prompt pass, then --warmup-reps full passes; serve: one full `vllm bench serve` run against
+the same server; `vllm bench serve --num-warmups` only repeats the first prompt, so it cannot cover the
+batch shapes). A marker line then splits the arm's log; the JIT compilations logged after it are stored as
+`jit_during_measurement`, and a mode whose arms compiled anything while measured is reported as not steady
+state (its ratios are not a valid A/B).
 
 The moekern arms need the plugin's entry point, i.e. moekern pip-installed (`pip install -e .`); the
 script checks and refuses to report plugin arms that did not load it.
 
     source /tmp/gpuenv/env.sh
     python benchmarks/e2e/preflight.py                        # ~20-40 s, no model: every vLLM hook target
-    python benchmarks/e2e/run_e2e.py --quick --mode offline   # ~5-7 min on one H100
+    python benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern
+                                                              # ~7 min on one H100 (estimate printed first)
 Every invocation runs preflight.py first (once, in a subprocess) and starts no arm when it reports a FAIL
 (--no-preflight skips it).
-    python benchmarks/e2e/run_e2e.py --quick --mode serve     # ~5-7 min
+    python benchmarks/e2e/run_e2e.py --quick --mode serve --arms vllm,moekern   # ~7 min
 Real checkpoint: --model-dir /path/to/Mixtral-8x7B-Instruct --load-format auto (the directory holds the
 config, weights and tokenizer; --model then only names the result files).
 """
@@ -36,10 +47,12 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -59,6 +72,144 @@ ARMS = {
 OFFLINE_ARMS = ["vllm", "flashinfer", "moekern-routing", "moekern-routing-log", "moekern"]
 SERVE_ARMS = ["vllm", "flashinfer", "moekern"]
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]  # the same for every arm; max_num_seqs=128
+
+# What vLLM 0.26 logs for a kernel compiled after its warm-up (vllm/utils/jit_monitor.py, "<backend> <event>
+# during inference: <kernel>[ (<details>)]. This causes a latency spike; ..."; Triton, CuTeDSL, TileLang),
+# and what Triton prints for an autotune run (knobs.autotuning.print, which the monitor switches on).
+JIT_WARNING = "JIT compilation during inference"
+AUTOTUNE_PRINT = "Triton autotuning for function"
+# Written into an arm's log between its warm-up and its measured part (offline: by the child; serve: by us,
+# into the server's log): the JIT events after it happened while we measured.
+MEASURE_MARKER = "moekern-e2e: warm-up done, measured part starts"
+
+
+# ---- workload sizing --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """What each arm runs. Offline: reps timed passes of num_prompts prompts (input_len random tokens,
+    output_len generated, EOS ignored) after warmup_reps discarded full passes. Serve: serve_reps timed
+    `vllm bench serve` runs of serve_prompts at --concurrency after one discarded run."""
+
+    num_prompts: int
+    serve_prompts: int
+    input_len: int
+    output_len: int
+    reps: int
+    serve_reps: int
+    warmup_reps: int
+
+
+# --quick sizes one timed pass at >= ~3 s on an H100 for mixtral-8x7b-4l (STEADY_* below) and a 4-arm offline
+# or 2-arm serve call at ~7 min; the full workload is ~2.5x that per pass.
+QUICK = Workload(num_prompts=512, serve_prompts=320, input_len=256, output_len=128, reps=5, serve_reps=2,
+                 warmup_reps=1)
+FULL = Workload(num_prompts=1024, serve_prompts=1024, input_len=512, output_len=128, reps=5, serve_reps=3,
+                warmup_reps=1)
+
+# Steady-state rates of mixtral-8x7b-4l (dummy weights, bf16, vLLM 0.26, H100 80GB HBM3) from the first run
+# (benchmarks/results/e2e/h100-2026-11-23): the fastest offline passes took 0.50 s for 128 prompts x (256 in
+# + 64 out) in one batch, and the served median TPOT was 5.0 ms at 64 concurrent requests. A decode step of
+# 5.5 ms at batch 64-128 leaves 0.15 s for the 32768 prompt tokens: ~220k prefill tokens/s. Good to ~30%;
+# other models differ (the printed plan says which model the rates are for).
+STEADY_DECODE_STEP_S = 0.0055
+STEADY_PREFILL_TOK_S = 220_000.0
+# Fixed costs, same run: an offline arm's wall time beyond init and its timed passes (process start, vLLM
+# import, pre-warm, plugin summary, shutdown) was 29-37 s; engine init 87 s for the first arm (cold
+# torch.compile cache) and 15-42 s later; a serve arm's server became healthy after 106 s (first) / 66 s,
+# and each `vllm bench serve` plus the server's shutdown added ~30 s beyond the timed run.
+ARM_OVERHEAD_S = 35.0
+INIT_S_FIRST, INIT_S_LATER = 90.0, 45.0
+SERVER_START_S_FIRST, SERVER_START_S_LATER = 106.0, 66.0
+BENCH_OVERHEAD_S, SERVER_STOP_S = 20.0, 10.0
+PREFLIGHT_S = 50.0  # preflight plus the runner's own imports before the first arm
+MIN_PASS_S = 3.0  # shorter timed passes let start-up noise and timer granularity into the ratio
+
+
+def offline_pass_s(w: Workload, max_num_seqs: int = 128) -> float:
+    """Estimated seconds of one offline pass at steady state: the prompts decode in waves of max_num_seqs
+    sequences, output_len steps each, plus all prompt tokens at the prefill rate."""
+    waves = -(-w.num_prompts // max_num_seqs)
+    return waves * w.output_len * STEADY_DECODE_STEP_S + w.num_prompts * w.input_len / STEADY_PREFILL_TOK_S
+
+
+def serve_run_s(w: Workload, concurrency: int, max_num_seqs: int = 128) -> float:
+    """Estimated seconds of one `vllm bench serve` run: min(concurrency, max_num_seqs) requests decode side
+    by side, plus all prompt tokens at the prefill rate."""
+    batch = max(1, min(concurrency, max_num_seqs))
+    return (w.serve_prompts * w.output_len * STEADY_DECODE_STEP_S / batch
+            + w.serve_prompts * w.input_len / STEADY_PREFILL_TOK_S)
+
+
+def plan_seconds(w: Workload, mode: str, num_arms: int, concurrency: int = 64, max_num_seqs: int = 128) -> float:
+    """Estimated wall seconds of one invocation running `num_arms` arms of `mode` ('offline' | 'serve'),
+    preflight included: the first arm pays the cold compile cache, every arm its warm-up and timed passes."""
+    if mode == "offline":
+        per_pass = offline_pass_s(w, max_num_seqs)
+        arms = [ARM_OVERHEAD_S + (INIT_S_FIRST if i == 0 else INIT_S_LATER) + (w.warmup_reps + w.reps) * per_pass
+                for i in range(num_arms)]
+    elif mode == "serve":
+        run = serve_run_s(w, concurrency, max_num_seqs)
+        arms = [(SERVER_START_S_FIRST if i == 0 else SERVER_START_S_LATER) + SERVER_STOP_S
+                + (1 + w.serve_reps) * (BENCH_OVERHEAD_S + run) for i in range(num_arms)]
+    else:
+        raise ValueError(f"mode={mode!r} must be 'offline' or 'serve'")
+    return PREFLIGHT_S + sum(arms)
+
+
+# ---- steady state -----------------------------------------------------------------------------------------
+def warmup_plan(num_prompts: int, output_len: int, warmup_reps: int) -> list[tuple[int, int]]:
+    """The offline child's discarded passes before its timed ones, as (prompts, max_tokens): a 16-prompt
+    8-token pass (small batches, the first decode shapes), then warmup_reps passes of the measured workload
+    itself, which the scheduler splits into the same chunked-prefill, mixed and decode batches as every timed
+    pass (same prompts, prefix caching off). warmup_reps=0: no warm-up at all (a gate-log run that must
+    hold exactly the timed passes)."""
+    if warmup_reps < 0:
+        raise ValueError(f"warmup_reps={warmup_reps} must be >= 0")
+    if warmup_reps == 0:
+        return []
+    return [(min(16, num_prompts), 8)] + [(num_prompts, output_len)] * warmup_reps
+
+
+def count_jit_events(log_text: str, marker: str | None = MEASURE_MARKER) -> dict | None:
+    """JIT events in an arm's log after `marker` (the whole text for marker=None): `jit` vLLM monitor
+    warnings (one per compile in verbose mode), `autotune` Triton autotune runs, `kernels` {name: count}.
+    None when the marker is missing (the arm never reached its measured part, or an older log)."""
+    if marker is not None:
+        at = log_text.find(marker)
+        if at < 0:
+            return None
+        log_text = log_text[at + len(marker):]
+    kernels: dict[str, int] = {}
+    jit = autotune = 0
+    for line in log_text.splitlines():
+        if JIT_WARNING in line:
+            jit += 1
+            name = line.split(JIT_WARNING, 1)[1].lstrip(": ").split(" ", 1)[0].split("(", 1)[0].rstrip(".")
+            kernels[name or "?"] = kernels.get(name or "?", 0) + 1
+        elif AUTOTUNE_PRINT in line:
+            autotune += 1
+    return {"jit": jit, "autotune": autotune, "kernels": kernels}
+
+
+def jit_fields(log_text: str) -> dict:
+    """The result fields an arm gets from its log: jit_during_measurement (None: unknown), the autotune
+    count and the kernels compiled."""
+    c = count_jit_events(log_text)
+    if c is None:
+        return {"jit_during_measurement": None, "jit_note": f"no {MEASURE_MARKER!r} line in the log"}
+    return {"jit_during_measurement": c["jit"], "autotune_during_measurement": c["autotune"],
+            "jit_kernels": c["kernels"]}
+
+
+def arm_stats(values) -> dict | None:
+    """median, min, max, n and spread = (max - min) / median of one arm's timed repetitions (spread None
+    for one repetition); None for no values."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    med = statistics.median(vals)
+    spread = (vals[-1] - vals[0]) / med if len(vals) > 1 and med else None
+    return {"median": med, "min": vals[0], "max": vals[-1], "n": len(vals), "spread": spread}
 
 
 def plugin_entry_point() -> str | None:
@@ -92,6 +243,9 @@ def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | 
     env = {k: v for k, v in src.items() if not k.startswith("MOEKERN_")}
     env.update(ARMS[arm][0])
     env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    # Unbuffered prints (Triton's autotune report among them) land in the log in the order they happen, so
+    # the measurement marker splits the log at the right place.
+    env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if gate_dir is not None:
         env["MOEKERN_GATE_LOG_DIR"] = str(gate_dir)
@@ -103,7 +257,10 @@ def engine_kwargs(args, arm: str) -> dict:
     kw = dict(model=str(args.model_dir), load_format=args.load_format, dtype="bfloat16", seed=0,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_mem,
               max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
-              compilation_config={"cudagraph_capture_sizes": capture_sizes(args.max_num_seqs)})
+              compilation_config={"cudagraph_capture_sizes": capture_sizes(args.max_num_seqs)},
+              # Steady state: identical prompts every pass must be prefilled every pass, and every post-warm-up
+              # compile must be logged (the monitor's default logs only the first per kernel).
+              enable_prefix_caching=False, jit_monitor_verbose=True)
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
@@ -114,10 +271,13 @@ def engine_kwargs(args, arm: str) -> dict:
     return kw
 
 
-# engine kwarg -> `vllm serve` flag; booleans become bare flags, dicts JSON
+# engine kwarg -> `vllm serve` flag; True becomes a bare flag, dicts JSON, False is left out except for the
+# flags in _NEGATED_WHEN_FALSE, whose vLLM default is on (argparse.BooleanOptionalAction: --no-<flag>)
 _SERVE_FLAGS = ("load_format", "dtype", "seed", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
                 "max_num_batched_tokens", "tensor_parallel_size", "enable_expert_parallel", "enable_eplb",
-                "attention_backend", "compilation_config", "moe_backend")
+                "attention_backend", "compilation_config", "moe_backend", "enable_prefix_caching",
+                "jit_monitor_verbose")
+_NEGATED_WHEN_FALSE = ("enable_prefix_caching",)
 
 
 def serve_command(kw: dict, port: int) -> list[str]:
@@ -127,10 +287,14 @@ def serve_command(kw: dict, port: int) -> list[str]:
         raise ValueError(f"engine kwargs {unknown} have no vllm serve flag mapping; known {_SERVE_FLAGS}")
     cmd = ["vllm", "serve", str(kw["model"]), "--host", "127.0.0.1", "--port", str(port)]
     for key in _SERVE_FLAGS:
-        if key not in kw or kw[key] is None or kw[key] is False:
+        if key not in kw or kw[key] is None:
             continue
         flag = "--" + key.replace("_", "-")
         v = kw[key]
+        if v is False:
+            if key in _NEGATED_WHEN_FALSE:
+                cmd.append("--no-" + key.replace("_", "-"))
+            continue
         cmd += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
     return cmd
 
@@ -138,7 +302,8 @@ def serve_command(kw: dict, port: int) -> list[str]:
 def bench_command(args, port: int, result_dir: Path, result_file: str) -> list[str]:
     """`vllm bench serve` argv: random token prompts, or --dataset's prompts as vLLM's custom dataset
     (JSONL with a "prompt" per line; no chat template, so the server sees the same text as offline mode;
-    every request generates exactly output_len tokens)."""
+    every request generates exactly output_len tokens, greedily as offline). The warm-up run and the timed
+    runs use this same command (same seed, so the same prompts; prefix caching is off on the server)."""
     cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
            "--model", str(args.model_dir), "--tokenizer", str(args.model_dir)]
     if args.dataset:
@@ -148,7 +313,7 @@ def bench_command(args, port: int, result_dir: Path, result_file: str) -> list[s
         cmd += ["--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
                 str(args.output_len)]
     return cmd + ["--num-prompts", str(args.serve_prompts), "--max-concurrency", str(args.concurrency),
-                  "--request-rate", "inf", "--ignore-eos", "--seed", "0", "--num-warmups", "4",
+                  "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", "0", "--num-warmups", "4",
                   "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
                   "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file,
                   "--disable-tqdm"]
@@ -186,7 +351,7 @@ def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int
     `seed`, or the given prompt token ids)."""
     spec = {"engine": engine_kwargs(args, arm), "seed": 0, "vocab": args.vocab, "input_len": args.input_len,
             "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
-            "ignore_eos": True, "result": str(res_path)}
+            "warmup_reps": getattr(args, "warmup_reps", 1), "ignore_eos": True, "result": str(res_path)}
     if prompt_token_ids is not None:
         spec["prompt_token_ids"] = prompt_token_ids
         spec["num_prompts"] = len(prompt_token_ids)
@@ -211,8 +376,13 @@ def child_offline(spec_path: str) -> int:
     n_in = sum(len(p) for p in ids)
     sp = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=spec["ignore_eos"],
                         detokenize=False)
-    llm.generate(prompts[: min(16, len(prompts))], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                                   detokenize=False), use_tqdm=False)
+    warmup = []
+    for n, max_tokens in warmup_plan(len(prompts), spec["output_len"], spec.get("warmup_reps", 1)):
+        t0 = time.perf_counter()
+        llm.generate(prompts[:n], SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                                 detokenize=False), use_tqdm=False)
+        warmup.append({"prompts": n, "max_tokens": max_tokens, "seconds": time.perf_counter() - t0})
+    print(MEASURE_MARKER, flush=True)  # the engine's own logs share this file: later JIT warnings are ours
     runs, token_ids = [], None
     for _ in range(spec["reps"]):
         t0 = time.perf_counter()
@@ -228,8 +398,9 @@ def child_offline(spec_path: str) -> int:
         summary = llm.collective_rpc("moekern_plugin_summary")
     except Exception as exc:  # plugin off (the vllm/flashinfer arms): no such method
         summary = f"unavailable: {exc!r}"
-    result = {"init_s": init_s, "runs": runs,
-              "output_tok_s": sorted(r["output_tok_s"] for r in runs)[len(runs) // 2],
+    stats = arm_stats([r["output_tok_s"] for r in runs])
+    result = {"init_s": init_s, "warmup": warmup, "runs": runs, "output_tok_s": stats["median"],
+              "output_tok_s_stats": stats, "seconds_stats": arm_stats([r["seconds"] for r in runs]),
               "plugin": summary}
     if spec.get("save_tokens"):
         result["token_ids"] = token_ids
@@ -255,6 +426,7 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -
     if rc == 0 and res_path.exists():
         r.update(json.loads(res_path.read_text()))
         r["plugin_check"] = plugin_check(arm, r.get("plugin"))
+        r.update(jit_fields(log.read_text(errors="replace")))
     else:
         r["error"] = _tail(log)
     return r
@@ -332,13 +504,37 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
+SERVE_KEYS_PER_RUN = ("duration", "completed", "output_throughput", "request_throughput", "median_ttft_ms",
+                      "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms", "median_itl_ms")
+
+
+def _bench(args, port: int, out: Path, env: dict, name: str) -> tuple[dict | None, str]:
+    """One `vllm bench serve` run writing out/<name>.json and its log out/<name>.log: (result, error)."""
+    (out / f"{name}.json").unlink(missing_ok=True)
+    cmd = bench_command(args, port, out, f"{name}.json")
+    with open(out / f"{name}.log", "w") as fh:
+        b = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        rc = _wait_group(b, args.arm_timeout)
+    if rc == 0 and (out / f"{name}.json").exists():
+        return json.loads((out / f"{name}.json").read_text()), ""
+    return None, f"bench {name} exited {rc}: " + _tail(out / f"{name}.log")
+
+
+def median_run(runs: list[dict], key: str = "output_throughput") -> int:
+    """Index of the run holding the (lower) median of `key`: the run an arm reports in full."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i][key])
+    return order[(len(order) - 1) // 2]
+
+
 def run_serve_arm(args, arm: str, out: Path) -> dict:
+    """Start `vllm serve` for `arm`, wait for /health, run one discarded warm-up bench and serve_reps timed
+    ones (serve_<arm>.warmup.json, serve_<arm>.rep<i>.json; the median run copied to serve_<arm>.bench.json),
+    mark the server log between them, stop the server, count the JIT events logged while timed."""
     port = _free_port()
     cmd = serve_command(engine_kwargs(args, arm), port)
     env = arm_env(arm, out, _fresh_gate_dir(args, arm, out))
     log = out / f"serve_{arm}.server.log"
-    result_file = f"serve_{arm}.bench.json"
-    (out / result_file).unlink(missing_ok=True)
+    (out / f"serve_{arm}.bench.json").unlink(missing_ok=True)
     r = {"arm": arm, "cmd": " ".join(cmd)}
     t0 = time.time()
     with open(log, "w") as fh:
@@ -360,22 +556,37 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
             if not ready:
                 r["error"] = "server did not become healthy: " + _tail(log)
                 return r
-            bench = bench_command(args, port, out, result_file)
-            r["bench_cmd"] = " ".join(bench)
-            blog = out / f"serve_{arm}.bench.log"
-            with open(blog, "w") as bfh:
-                b = subprocess.Popen(bench, env=env, stdout=bfh, stderr=subprocess.STDOUT, start_new_session=True)
-                rc = _wait_group(b, args.arm_timeout)
-            r["bench_rc"] = rc
-            if rc == 0 and (out / result_file).exists():
-                res = json.loads((out / result_file).read_text())
-                keys = [k for k in res if k.endswith("_ms") or "throughput" in k or k in ("completed", "duration")]
-                r.update({k: res[k] for k in keys})
-            else:
-                r["error"] = "bench failed: " + _tail(blog)
+            r["bench_cmd"] = " ".join(bench_command(args, port, out, f"serve_{arm}.rep0.json"))
+            t1 = time.time()
+            warm, err = _bench(args, port, out, env, f"serve_{arm}.warmup")
+            r["warmup_s"] = round(time.time() - t1, 1)
+            if warm is None:
+                r["error"] = "warm-up " + err
+                return r
+            r["warmup_duration"] = warm.get("duration")
+            # Same open file as the server's stdout (shared offset): the marker lands between its log lines.
+            fh.write(f"\n{MEASURE_MARKER}\n")
+            fh.flush()
+            runs = []
+            for i in range(args.serve_reps):
+                res, err = _bench(args, port, out, env, f"serve_{arm}.rep{i}")
+                if res is None:
+                    r["error"] = err
+                    return r
+                runs.append({k: res.get(k) for k in SERVE_KEYS_PER_RUN} | {"file": f"serve_{arm}.rep{i}.json"})
+            best = median_run(runs)
+            shutil.copy(out / runs[best]["file"], out / f"serve_{arm}.bench.json")
+            res = json.loads((out / f"serve_{arm}.bench.json").read_text())
+            keys = [k for k in res if k.endswith("_ms") or "throughput" in k or k in ("completed", "duration")]
+            r.update({k: res[k] for k in keys})
+            r["runs"] = runs
+            r["output_throughput_stats"] = arm_stats([x["output_throughput"] for x in runs])
+            r["median_tpot_ms_stats"] = arm_stats([x["median_tpot_ms"] for x in runs])
+            r["bench_rc"] = 0
         finally:
             _kill_group(server)
             r["server_stopped"] = server.poll() is not None
+    r.update(jit_fields(log.read_text(errors="replace")))
     return r
 
 
@@ -423,18 +634,64 @@ def prepare_model_dir(args, out: Path) -> None:
     args.model_dir = d
 
 
+# the number each mode compares arms by (higher is better), and where the arm keeps its repetitions' stats
+MODE_METRIC = {"offline": ("output_tok_s", "output_tok_s_stats"), "serve": ("output_throughput",
+                                                                          "output_throughput_stats")}
+
+
+def steady_state(results: dict, mode: str) -> tuple[bool, dict]:
+    """(steady, why per arm): a mode is steady state when every arm that ran logged zero JIT compilations
+    and zero Triton autotune runs in its timed part. An arm with an unknown count (no marker: older run,
+    crash) makes the mode not steady too; skipped and failed arms are left out."""
+    why = {}
+    for arm, r in (results.get(mode) or {}).items():
+        if not r or "skipped" in r or "error" in r:
+            continue
+        jit = r.get("jit_during_measurement")
+        if jit is None:
+            why[arm] = r.get("jit_note") or "JIT count unknown"
+        elif jit or r.get("autotune_during_measurement"):
+            kernels = ", ".join(f"{k} x{n}" for k, n in sorted((r.get("jit_kernels") or {}).items()))
+            why[arm] = (f"{jit} JIT compilation(s) and {r.get('autotune_during_measurement', 0)} autotune run(s) "
+                        f"while timed" + (f": {kernels}" if kernels else ""))
+    return not why, why
+
+
 def summarize(results: dict) -> dict:
     def thr(mode, arm, key):
         r = results.get(mode, {}).get(arm) or {}
         return r.get(key)
 
     s = {}
-    for mode, key in (("offline", "output_tok_s"), ("serve", "output_throughput")):
-        base = thr(mode, "vllm", key)
+    for mode, (key, stats_key) in MODE_METRIC.items():
+        if not any(r and "skipped" not in r for r in (results.get(mode) or {}).values()):
+            continue
+        def median(arm):  # over the timed repetitions; a single value for results without stats
+            return (thr(mode, arm, stats_key) or {}).get("median") or thr(mode, arm, key)
+
+        base = median("vllm")
+        base_spread = (thr(mode, "vllm", stats_key) or {}).get("spread")
         for arm in ("flashinfer", "moekern", "moekern-routing"):
-            v = thr(mode, arm, key)
+            v = median(arm)
             if base and v:
-                s[f"{mode}.{arm}_vs_vllm"] = round(v / base, 4)
+                s[f"{mode}.{arm}_vs_vllm"] = round(v / base, 4)  # from the arms' medians
+                spread = (thr(mode, arm, stats_key) or {}).get("spread")
+                if spread is not None and base_spread is not None:
+                    # the wider of the two arms' (max - min) / median: a ratio closer to 1 than this is noise
+                    s[f"{mode}.{arm}_vs_vllm_spread"] = round(max(spread, base_spread), 4)
+            if mode == "serve" and v and base:
+                # the median over timed runs of each run's median TPOT; < 1: the arm decodes faster than vllm
+                st, stb = thr(mode, arm, "median_tpot_ms_stats") or {}, thr(mode, "vllm", "median_tpot_ms_stats") or {}
+                t = st.get("median") or thr(mode, arm, "median_tpot_ms")
+                tb = stb.get("median") or thr(mode, "vllm", "median_tpot_ms")
+                if t and tb:
+                    s[f"serve.{arm}_tpot_vs_vllm"] = round(t / tb, 4)
+                    if st.get("spread") is not None and stb.get("spread") is not None:
+                        s[f"serve.{arm}_tpot_vs_vllm_spread"] = round(max(st["spread"], stb["spread"]), 4)
+        steady, why = steady_state(results, mode)
+        s[f"{mode}.steady_state"] = steady
+        if why:
+            s[f"{mode}.not_steady"] = why
     for arm, r in (results.get("offline") or {}).items():
         check = (r or {}).get("plugin_check") or {}
         if not check.get("ok", True):  # its ratio above measures vLLM, not moekern
@@ -448,6 +705,41 @@ def summarize(results: dict) -> dict:
         if all(x is not None for x in spreads):
             s["offline.gate_log_overhead_noise"] = round(max(spreads), 4)
     return s
+
+
+def format_summary(results: dict, summary: dict) -> str:
+    """The printed summary: per mode one line per arm (median, min-max, n, JIT while timed), the ratios
+    with their spread, and a NOT STEADY STATE line naming the arms when the mode's ratios are no valid A/B."""
+    lines = []
+    for mode, (key, stats_key) in MODE_METRIC.items():
+        arms = results.get(mode) or {}
+        if not arms:
+            continue
+        unit = "output tok/s" if mode == "offline" else "output tok/s (served)"
+        lines.append(f"{mode}: {unit}, median [min-max] over n timed repetitions")
+        for arm, r in arms.items():
+            r = r or {}
+            if "skipped" in r or "error" in r:
+                lines.append(f"  {arm:20s} {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED'}")
+                continue
+            st = r.get(stats_key) or ({"median": r[key], "min": r[key], "max": r[key], "n": 1}
+                                      if r.get(key) else None)
+            if st is None:
+                lines.append(f"  {arm:20s} no result")
+                continue
+            extra = f"  median TPOT {r['median_tpot_ms']:.2f} ms" if r.get("median_tpot_ms") else ""
+            jit = r.get("jit_during_measurement")
+            lines.append(f"  {arm:20s} {st['median']:10.0f} [{st['min']:.0f}-{st['max']:.0f}] n={st['n']}"
+                         f"  JIT while timed: {'?' if jit is None else jit}{extra}")
+        for k, v in summary.items():
+            if k.startswith(mode + ".") and k.endswith("_vs_vllm"):
+                sp = summary.get(k + "_spread")
+                lines.append(f"  {k.split('.', 1)[1]} = {v:.3f}" + (f" (rep spread {sp:.1%})" if sp is not None else
+                                                                    " (spread unknown: one repetition)"))
+        if summary.get(f"{mode}.steady_state") is False:
+            lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")
+            lines += [f"    {arm}: {why}" for arm, why in summary.get(f"{mode}.not_steady", {}).items()]
+    return "\n".join(lines)
 
 
 def rep_spread(runs) -> float | None:
@@ -467,14 +759,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory for serve mode (default: $GPUENV_MIXTRAL_TOKENIZER)")
     p.add_argument("--mode", default="both", choices=("offline", "serve", "both"))
     p.add_argument("--arms", help=f"comma list (default offline {OFFLINE_ARMS}, serve {SERVE_ARMS})")
-    p.add_argument("--quick", action="store_true", help="smaller workload for a short GPU call")
+    p.add_argument("--quick", action="store_true",
+                   help=f"the workload sized for one ~8-minute GPU call: {QUICK} (default {FULL})")
     p.add_argument("--out", type=Path)
     p.add_argument("--num-prompts", type=int)
     p.add_argument("--serve-prompts", type=int)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--input-len", type=int)
     p.add_argument("--output-len", type=int)
-    p.add_argument("--reps", type=int)
+    p.add_argument("--reps", type=int, help="timed offline passes per arm")
+    p.add_argument("--warmup-reps", type=int,
+                   help="discarded full offline passes before the timed ones (0: none, not even the 16-prompt one)")
+    p.add_argument("--serve-reps", type=int, help="timed `vllm bench serve` runs per arm (after one warm-up run)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-mem", type=float, default=0.85)
     p.add_argument("--max-num-seqs", type=int, default=128,
@@ -507,12 +803,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.child_offline:
         return args
-    q = args.quick
-    args.num_prompts = args.num_prompts or (128 if q else 256)
-    args.serve_prompts = args.serve_prompts or (128 if q else 256)
-    args.input_len = args.input_len or (256 if q else 512)
-    args.output_len = args.output_len or (64 if q else 128)
-    args.reps = args.reps or 5  # repetitions are cheap next to an arm's start-up (~1 min)
+    base = QUICK if args.quick else FULL
+    for field in ("num_prompts", "serve_prompts", "input_len", "output_len", "reps", "serve_reps", "warmup_reps"):
+        v = getattr(args, field)
+        if v is None:
+            setattr(args, field, getattr(base, field))
+        elif v < (0 if field == "warmup_reps" else 1):
+            p.error(f"--{field.replace('_', '-')}={v} must be >= {0 if field == 'warmup_reps' else 1}")
+    args.workload = Workload(**{f: getattr(args, f) for f in Workload.__dataclass_fields__})
     args.attention_backend = attention_backend(args.model)
     args.vocab = json.loads((HERE / "configs" / args.model / "config.json").read_text())["vocab_size"]
     args.has_tokenizer = False
@@ -524,7 +822,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             if arm not in ARMS:
                 p.error(f"--arms: unknown arm {arm!r}; known {sorted(ARMS)}")
     args.num_arms = len({a for arms in args.arm_plan.values() for a in arms})
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "concurrency"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')}={v} must be >= 1")
@@ -536,7 +834,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.result is not None and (modes != ["serve"] or len(args.arm_plan["serve"]) != 1):
         p.error(f"--result holds one serve run: it needs --mode serve and one arm in --arms; got --mode "
                 f"{args.mode} and arms {args.arm_plan}")
+    if args.input_len + args.output_len > args.max_model_len:
+        p.error(f"--input-len {args.input_len} + --output-len {args.output_len} must be <= --max-model-len "
+                f"{args.max_model_len}")
     return args
+
+
+def plan_text(args) -> str:
+    """One line per mode: the workload and the estimated wall time of this invocation (rates of
+    mixtral-8x7b-4l on an H100), with a warning when it exceeds --budget-s."""
+    lines = []
+    for mode, arms in args.arm_plan.items():
+        est = plan_seconds(args.workload, mode, len(arms), args.concurrency, args.max_num_seqs)
+        per = (offline_pass_s(args.workload, args.max_num_seqs) if mode == "offline"
+               else serve_run_s(args.workload, args.concurrency, args.max_num_seqs))
+        w = args.workload
+        what = (f"{w.num_prompts} prompts x ({w.input_len} in + {w.output_len} out), {w.warmup_reps} warm-up + "
+                f"{w.reps} timed passes" if mode == "offline" else
+                f"{w.serve_prompts} prompts x ({w.input_len} in + {w.output_len} out) at concurrency "
+                f"{args.concurrency}, 1 warm-up + {w.serve_reps} timed runs")
+        lines.append(f"plan {mode}: {len(arms)} arm(s), {what}; ~{per:.1f} s per timed "
+                     f"{'pass' if mode == 'offline' else 'run'}, ~{est / 60:.1f} min "
+                     f"in all (estimate from mixtral-8x7b-4l on an H100)")
+        if est > args.budget_s:
+            lines.append(f"  warning: the estimate exceeds --budget-s {args.budget_s:.0f}: later arms may be skipped")
+    return "\n".join(lines)
 
 
 def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
@@ -578,6 +900,7 @@ def main(argv=None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / "e2e" / _dt.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    print(plan_text(args), flush=True)
     if not args.no_preflight:
         print("preflight:", " ".join(preflight_command(args)[1:]), flush=True)
         ok, text = run_preflight(args)
@@ -594,8 +917,12 @@ def main(argv=None) -> int:
     ep = plugin_entry_point()
     meta = {"model": args.model, "model_dir": str(args.model_dir), "load_format": args.load_format,
             "attention_backend": args.attention_backend, "plugin_entry_point": ep, "argv": sys.argv,
-            "workload": {k: getattr(args, k) for k in ("num_prompts", "serve_prompts", "concurrency", "input_len",
-                                                       "output_len", "reps", "max_model_len")},
+            "workload": {**asdict(args.workload), "concurrency": args.concurrency,
+                         "max_model_len": args.max_model_len},
+            "steady_state_measures": {"enable_prefix_caching": False, "jit_monitor_verbose": True,
+                                      "offline_warmup": warmup_plan(args.num_prompts, args.output_len,
+                                                                    args.warmup_reps),
+                                      "serve_warmup_runs": 1},
             "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
             "dataset": str(args.dataset) if args.dataset else None,
@@ -634,8 +961,8 @@ def main(argv=None) -> int:
             if mode == "serve" and args.result is not None and "error" not in r:
                 r["result"] = str(write_result(args, arm, out / f"serve_{arm}.bench.json", gdir))
             results[mode][arm] = r
-            brief = {k: r.get(k) for k in ("rc", "output_tok_s", "output_throughput", "mean_ttft_ms", "mean_tpot_ms",
-                                           "error") if r.get(k) is not None}
+            brief = {k: r.get(k) for k in ("rc", "output_tok_s", "output_throughput", "median_ttft_ms",
+                                           "median_tpot_ms", "jit_during_measurement", "error") if r.get(k) is not None}
             if not (r.get("plugin_check") or {}).get("ok", True):
                 brief["plugin_check"] = r["plugin_check"]["why"]
             print(f"[{time.time() - t_start:6.0f}s]   -> {json.dumps(brief)[:600]}", flush=True)
@@ -643,6 +970,7 @@ def main(argv=None) -> int:
     results["summary"] = summarize(results)
     (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["summary"], indent=1))
+    print(format_summary(results, results["summary"]))
     print("results:", out / f"e2e_{args.model}.json")
     if args.result is not None and not args.result.exists():
         print(f"--result {args.result} was not written (the serve arm failed or was skipped)", file=sys.stderr)
