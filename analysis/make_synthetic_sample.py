@@ -1,11 +1,13 @@
-"""Generate the SYNTHETIC sample under moekern/data/sample_results/ (so `moekern report` works anywhere).
+"""Generate the SYNTHETIC sample under moekern/data/synthetic_results/ (tests with known effects).
 
 Nothing here is measured: gate logs are drawn by moekern.analysis.synthetic with a skew tied to each
 dataset's predicted score, and serving numbers come from a made-up model (TPOT grows with batch size and
 with imbalance, EPLB trims it, lognormal noise, a few injected outliers). Every file is marked
-"synthetic": true. The lead replaces this with a real GPU sweep (see analysis/README.md).
+"synthetic": true. It is kept because some tests need KNOWN effects (the learned serving predictor must
+find the throughput trend; the report's trend plots, IQR filter and CIs need a grid of runs): the
+shipped real sample (moekern/data/sample_results, one H100 run) has two runs and no grid.
 
-    python analysis/make_synthetic_sample.py [--out moekern/data/sample_results] [--seed 0]
+    python analysis/make_synthetic_sample.py [--out moekern/data/synthetic_results] [--seed 0]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "moekern/data/sample_results"))
+    ap.add_argument("--out", default=str(ROOT / "moekern/data/synthetic_results"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -78,12 +80,13 @@ def main(argv=None) -> int:
     (out / "metadata.json").write_text(json.dumps({
         "synthetic": True, "title": "moekern sample report (SYNTHETIC data)", "ep_size": 4,
         "description": "SYNTHETIC sample made by analysis/make_synthetic_sample.py: not measured. "
-                       "It exists so `moekern report` runs on a fresh machine; a real GPU sweep replaces it.",
+                       "It exists for tests that need known effects; the real sample is moekern/data/sample_results.",
         "generator": "analysis/make_synthetic_sample.py", "seed": args.seed}, indent=1), encoding="utf-8")
     (out / "README.md").write_text(
         "# SYNTHETIC sample results\n\nThese files are **synthetic**: made by `analysis/make_synthetic_sample.py` "
-        "(seed %d), not measured on any GPU. They let `moekern report moekern/data/sample_results` and the tests "
-        "run anywhere. Replace them with a real sweep's results (see analysis/README.md).\n\n"
+        "(seed %d), not measured on any GPU. They exist for tests that need known effects "
+        "(a grid of runs with a built-in imbalance -> latency link). The real sample is moekern/data/sample_results "
+        "(one H100 run).\n\n"
         "- runs/*.json: bench-result-shaped JSON (vLLM `--save-result` keys + a `moekern` metadata block)\n"
         "- gate_logs/ds*/gate_log.rank0.jsonl: moekern.gatelog/1 logs (16 experts, 6 layers, 24 steps + 1 "
         "warm-up step of 4096 tokens that the default filter drops)\n" % args.seed, encoding="utf-8")

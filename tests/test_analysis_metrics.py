@@ -204,3 +204,21 @@ def test_stats_helpers():
     assert est.value == 3.0 and est.low <= 3.0 <= est.high and est.n == 5
     d = stats.bootstrap_diff([10, 11, 12], [1, 2, 3], n_boot=200)
     assert d.value == pytest.approx(9.0) and d.low > 0
+
+
+def test_uniform_routing_cv_hand_values_and_simulation():
+    # sqrt((E - k) / (n k)): E=8, k=2, n=128 -> sqrt(6/256); E=64, k=8, n=192 -> sqrt(56/1536)
+    assert M.uniform_routing_cv(128, 8, 2) == pytest.approx(math.sqrt(6 / 256))
+    assert M.uniform_routing_cv(192, 64, 8) == pytest.approx(math.sqrt(56 / 1536))
+    assert M.uniform_routing_cv(5, 4, 4) == 0.0  # every token picks every expert: no spread possible
+    assert np.isnan(M.uniform_routing_cv(0, 8, 2))
+    np.testing.assert_allclose(M.uniform_routing_cv([4, 64], 8, 2), [math.sqrt(6 / 8), math.sqrt(6 / 128)])
+    with pytest.raises(ValueError, match="top_k"):
+        M.uniform_routing_cv(4, 8, 9)
+    # it is the root-mean-square CV of a fair router: simulate k distinct uniform picks per token
+    rng = np.random.default_rng(0)
+    e, k, n, reps = 8, 2, 16, 4000
+    picks = np.argsort(rng.random((reps, n, e)), axis=-1)[..., :k]  # [reps, n, k] distinct per token
+    counts = np.stack([np.bincount(p.reshape(-1), minlength=e) for p in picks])
+    rms = math.sqrt(float(np.mean(M.cv(counts) ** 2)))
+    assert rms == pytest.approx(M.uniform_routing_cv(n, e, k), rel=0.03)

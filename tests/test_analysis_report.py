@@ -1,5 +1,7 @@
-"""Sweep (plan, dry run, resume, failures, annotation) and the report (HTML with embedded PNGs and the
-SYNTHETIC banner, Markdown) on the shipped sample and on a sweep's own output."""
+"""Sweep (plan, dry run, resume, failures, annotation) and the report (HTML with embedded PNGs, the
+SYNTHETIC banner or the caveats box, Markdown) on the shipped REAL sample (one H100 run: two runs, n=1 each,
+so the report must degrade), on the SYNTHETIC grid (known effects: trends and intervals must appear) and on
+a sweep's own output."""
 
 import base64
 import json
@@ -12,7 +14,8 @@ import pytest
 
 from moekern.analysis.sweep import load_spec, plan, run_sweep
 
-SAMPLE = Path(__file__).resolve().parents[1] / "moekern" / "data" / "sample_results"
+SAMPLE = Path(__file__).resolve().parents[1] / "moekern" / "data" / "sample_results"  # real, one H100 run
+SYNTHETIC = Path(__file__).resolve().parents[1] / "moekern" / "data" / "synthetic_results"  # known effects
 
 FAKE_RUNNER = textwrap.dedent('''
     import json, sys
@@ -98,25 +101,121 @@ def test_example_spec_parses():
     assert spec.grid["max_num_batched_tokens"] == [2048, 4096, 8192, 16384]
 
 
-def test_sample_is_labelled_synthetic():
-    meta = json.loads((SAMPLE / "metadata.json").read_text())
+def test_synthetic_grid_is_labelled_synthetic():
+    meta = json.loads((SYNTHETIC / "metadata.json").read_text())
     assert meta["synthetic"] is True
-    assert "SYNTHETIC" in (SAMPLE / "README.md").read_text()
-    assert all(json.loads(f.read_text())["synthetic"] is True for f in (SAMPLE / "runs").glob("*.json"))
+    assert "SYNTHETIC" in (SYNTHETIC / "README.md").read_text()
+    assert all(json.loads(f.read_text())["synthetic"] is True for f in (SYNTHETIC / "runs").glob("*.json"))
 
 
-def test_report_html_from_sample(tmp_path):
+def test_real_sample_is_real_and_consistent():
+    """The shipped sample is the H100 run's files, byte for byte (README sha256), small, and its gate log
+    obeys the schema's invariant sum(counts) == num_tokens * top_k in every record."""
+    import hashlib
+
+    from moekern import gatelog
+
+    meta = json.loads((SAMPLE / "metadata.json").read_text())
+    assert meta["synthetic"] is False and meta["caveats"]
+    readme = (SAMPLE / "README.md").read_text()
+    assert "H100" in readme and "dummy" in readme.lower() and "not steady state" in readme.lower()
+    sums = dict(re.findall(r"^\s+([0-9a-f]{64})\s+(\S+)$", readme, flags=re.M))
+    assert len(sums) == 6
+    for digest, name in sums.items():
+        assert hashlib.sha256((SAMPLE / name).read_bytes()).hexdigest() == digest, name
+    assert sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file()) < 300_000
+    recs, skipped = gatelog.read_gate_log(SAMPLE / "gate_logs")
+    assert not skipped and len(recs) == 844
+    assert all(sum(r.expert_counts) == r.num_tokens * r.top_k for r in recs)
+
+
+def test_report_html_from_real_sample(tmp_path):
+    """The default `moekern report` (no RESULTS_DIR) renders the real sample: caveats on top, no SYNTHETIC
+    banner, the run table, per-phase imbalance, placement for EP 2/4/8, and no fake intervals (n=1)."""
     from moekern.cli import main
 
     out = tmp_path / "r.html"
-    assert main(["report", str(SAMPLE), "--out", str(out), "--n-boot", "100"]) == 0
+    assert main(["report", "--out", str(out), "--n-boot", "50"]) == 0
+    html = out.read_text()
+    assert "SYNTHETIC DATA" not in html and "CAVEATS" in html and "dummy" in html.lower()
+    imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(imgs) >= 3  # per-step CV, heatmap, rank bars
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
+    assert "serve_moekern" in html and "serve_vllm" in html
+    assert "phase decode" in html and "phase prefill" in html and "identical expert counts" in html
+    assert "no plot vs max-num-seqs: every run has max-num-seqs = 128" in html
+    for ep in (2, 4, 8):
+        assert f"EP={ep}: recommended" in html
+    findings = html[html.index("<h2>Findings"):]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", findings)
+    assert rows and all(ci == "n/a" for _, _, ci in rows)  # one run per backend: no interval anywhere
+    assert any("moekern / vllm: median TPOT (one run each)" == f for f, _, _ in rows)
+    ratio = [float(v) for f, v, _ in rows if f.startswith("moekern / vllm: median TPOT")][0]
+    assert ratio == pytest.approx(5.2347538650778125 / 5.017898539682349, rel=1e-3)
+
+
+def test_report_html_from_synthetic_grid(tmp_path):
+    """The synthetic grid has known effects (TPOT rises with max-num-seqs and CV): every trend plot and
+    bootstrap interval is drawn."""
+    from moekern.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["report", str(SYNTHETIC), "--out", str(out), "--n-boot", "100", "--ep-size", "4"]) == 0
     html = out.read_text()
     assert "SYNTHETIC DATA" in html
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
-    assert len(imgs) >= 6  # seqs, batch tokens, vs CV, vs score, 2 heatmaps, rank bars
-    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
-    assert "Findings (95% bootstrap CI)" in html and "moekern: median TPOT" in html
+    assert len(imgs) >= 6  # seqs, batch tokens, vs CV, vs score, heatmaps, rank bars, per-step CV
+    assert "Findings (95% bootstrap CI" in html and re.search(r"moekern: TPOT mean \(ms\), median of 4\d runs", html)
     assert "IQR outlier" in html and "Per-rank load" in html
+    findings = html[html.index("<h2>Findings"):]
+    cis = re.findall(r"<td>\[([-0-9.e+]+), ([-0-9.e+]+)\]</td>", findings)
+    assert len(cis) >= 6 and all(float(lo) <= float(hi) for lo, hi in cis)
+
+
+def test_report_degrades_on_thin_data(tmp_path):
+    """Two runs of one backend with one max-num-seqs value and no gate logs: no trend plot, no interval,
+    each absence said in words."""
+    from moekern.analysis.report import build_report, render_markdown
+
+    for i, tpot in enumerate((5.0, 6.0)):
+        (tmp_path / f"r{i}.json").write_text(json.dumps({"mean_tpot_ms": tpot, "mean_ttft_ms": 50.0,
+                                                         "output_throughput": 100.0, "duration": 1.0,
+                                                         "moekern": {"moe_backend": "x", "max_num_seqs": 8}}))
+    rep = build_report(tmp_path, n_boot=20)
+    assert not any(kind == "img" for _, items in rep.sections for kind, _ in items)
+    assert any("every run has max-num-seqs = 8" in n for n in rep.notes)
+    f = [x for x in rep.findings if x["finding"].startswith("x: TPOT mean")][0]
+    assert f["estimate"].n == 2 and f["estimate"].value == pytest.approx(5.5)
+    assert "no interval" in f["note"]
+    md = render_markdown(rep, tmp_path / "img", "img")
+    assert "| x: TPOT mean (ms), median of 2 runs | 5.5 | n/a | 2 |" in md
+
+
+def test_report_reads_run_e2e_layout(tmp_path):
+    """serve_<arm>.bench.json without a moekern block: backend from the name, engine from e2e_*.json,
+    gate logs from gate_logs/<arm>/ (CV attached)."""
+    from moekern.analysis.metrics import cv
+    from moekern.analysis.serving import load_runs
+
+    (tmp_path / "serve_moekern.bench.json").write_text(json.dumps({"backend": "vllm", "mean_tpot_ms": 5.0, "duration": 1.0}))
+    (tmp_path / "serve_vllm.bench.json").write_text(json.dumps({"backend": "vllm", "mean_tpot_ms": 6.0, "duration": 1.0}))
+    (tmp_path / "e2e_m.json").write_text(json.dumps({"meta": {"engine": {"max_num_seqs": 32, "eplb": False,
+                                                                          "max_num_batched_tokens": None}}}))
+    g = tmp_path / "gate_logs" / "moekern"
+    g.mkdir(parents=True)
+    (g / "gate_log.rank0.jsonl").write_text(json.dumps({"schema": "moekern.gatelog/1", "step": 0, "layer": 0,
+                                                        "num_tokens": 4, "top_k": 2,
+                                                        "expert_counts": [6, 2, 0, 0]}) + "\n")
+    runs = {r.moe_backend: r for r in load_runs(tmp_path)[0]}
+    assert set(runs) == {"moekern", "vllm"}
+    assert runs["moekern"].max_num_seqs == 32 and runs["moekern"].eplb is False
+    assert runs["moekern"].measured_cv == pytest.approx(cv([6, 2, 0, 0]))
+    assert runs["vllm"].gate_log is None and runs["vllm"].measured_cv is None
+    assert "file name" in runs["vllm"].extra["inferred_from"]
+    # an explicit moekern block wins over the layout
+    (tmp_path / "serve_vllm.bench.json").write_text(json.dumps({"mean_tpot_ms": 6.0, "duration": 1.0,
+                                                                "moekern": {"moe_backend": "flashinfer"}}))
+    assert {r.moe_backend for r in load_runs(tmp_path)[0]} == {"moekern", "flashinfer"}
 
 
 def test_report_markdown_from_sweep_output(tmp_path):

@@ -471,3 +471,90 @@ def test_gpu_bench_smoke(tmp_path):
     assert {r["backend"] for r in res["diffusion"]} >= {"moekern", "torch"}
     assert all(r["tokens_per_s"] > 0 for r in res["diffusion"] + res["ar"])
     assert len(write_results(res, tmp_path, "gpu")) == 4
+
+
+# ------------------------------------------------------------------ AR vs diffusion routing comparison
+def _write_log(path, rows, phase, top_k, model="m"):
+    """rows: list of (step, [counts per layer]) -> a moekern.gatelog/1 file; num_tokens = sum / top_k."""
+    from moekern.gatelog import GateRecord, write_records
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recs = [GateRecord(step=s, layer=l, expert_counts=c, num_tokens=sum(c) // top_k, phase=phase, top_k=top_k,
+                       model=model) for s, layers in rows for l, c in enumerate(layers)]
+    write_records(path, recs)
+    return path
+
+
+def test_compare_routing_known_values(tmp_path):
+    import math
+
+    from moekern.analysis.metrics import cv
+    from moekern.diffusion.compare import compare_routing, write_comparison
+
+    # AR log: a prefill step (dropped: only decode is kept) and two decode steps, E=4, k=2, 2 layers
+    ar = _write_log(tmp_path / "ar" / "gate_log.rank0.jsonl", [(0, [[8, 8, 8, 8], [8, 8, 8, 8]])], "prefill", 2,
+                    model="ar-model")
+    _write_log(ar, [(1, [[4, 0, 0, 0], [2, 2, 0, 0]]), (2, [[1, 1, 1, 1], [1, 1, 1, 1]])], "decode", 2,
+               model="ar-model")  # appends
+    dif = _write_log(tmp_path / "dif" / "gate_log.rank0.jsonl",
+                     [(0, [[6, 2, 0, 0]]), (1, [[2, 2, 2, 2]])], "diffusion", 2, model="dif-model")
+    comp = compare_routing(ar, dif)
+    assert comp.shape_match and comp.ar.num_steps == 2 and comp.diffusion.num_steps == 2
+    assert comp.ar.top_k == 2 and comp.ar.num_experts == 4 and comp.ar.num_layers == 2
+    assert comp.ar.cv_per_step == pytest.approx([(cv([4, 0, 0, 0]) + cv([2, 2, 0, 0])) / 2, 0.0])
+    assert comp.diffusion.cv_per_step == pytest.approx([cv([6, 2, 0, 0]), 0.0])
+    assert comp.ar.tokens_per_step == [2.0, 2.0] and comp.diffusion.tokens_per_step == [4.0, 4.0]
+    assert comp.diffusion.uniform_cv_per_step == pytest.approx([math.sqrt(2 / 8)] * 2)  # (E-k)/(n k)
+    st_ = comp.diffusion.stats()
+    assert st_["step_cv_mean"] == pytest.approx(cv([6, 2, 0, 0]) / 2)
+    assert st_["agg_cv"] == pytest.approx(cv([8, 4, 2, 2]))
+    assert any("different depth" in lab for lab in comp.labels)  # 2 vs 1 layers: labelled, not refused
+    paths = write_comparison(comp, tmp_path / "out", "cmp")
+    assert [p.name for p in paths] == ["cmp.json", "cmp.md", "cmp.png"]
+    obj = json.loads(paths[0].read_text())
+    assert obj["shape_match"] is True and obj["ar"]["model"] == "ar-model"
+    assert "| per-step CV, mean |" in paths[1].read_text()
+
+
+def test_compare_routing_refuses_shape_mismatch(tmp_path):
+    from moekern.cli import main
+    from moekern.diffusion.compare import compare_routing
+
+    ar = _write_log(tmp_path / "ar.jsonl", [(0, [[1, 1, 1, 1, 0, 0, 0, 0]])], "decode", 2, model="mixtral-4l")
+    dif = _write_log(tmp_path / "dif.jsonl", [(0, [[2] * 16])], "diffusion", 4, model="llada")
+    with pytest.raises(ValueError, match=r"SHAPE MISMATCH: autoregressive E=8 top_k=2 .* diffusion E=16 top_k=4"):
+        compare_routing(ar, dif)
+    comp = compare_routing(ar, dif, allow_shape_mismatch=True)
+    assert not comp.shape_match and comp.labels[0].startswith("SHAPE MISMATCH")
+    assert "SHAPE MISMATCH" in comp.table_markdown()
+    out = tmp_path / "o"
+    assert main(["diffusion", "compare", "--ar", str(ar), "--diffusion", str(dif), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["diffusion", "compare", "--ar", str(ar), "--diffusion", str(dif), "--out", str(out),
+                 "--allow-shape-mismatch"]) == 0
+    assert json.loads((out / "ar_vs_diffusion.json").read_text())["shape_match"] is False
+    # a side without the phase asked for names what it has
+    with pytest.raises(ValueError, match=r"no 'decode' records .*'diffusion'"):
+        compare_routing(dif, dif)
+
+
+def test_bench_writes_gate_logs_and_compares(tmp_path):
+    """`moekern diffusion bench --ar-gate-log`: the timed run's gate log is written (phase diffusion,
+    sum = tokens * k) and put next to an AR log of the same (E, k)."""
+    from moekern import gatelog
+    from moekern.cli import main
+
+    ar = _write_log(tmp_path / "ar.jsonl", [(0, [[1, 1, 0, 0]] * 2), (1, [[0, 1, 1, 0]] * 2)], "decode", 2)
+    out = tmp_path / "b"
+    rc = main(["diffusion", "bench", "--model", "llada-moe-7b", "--layers", "2", "--hidden-size", "32",
+               "--num-heads", "2", "--num-experts", "4", "--top-k", "2", "--intermediate-size", "16",
+               "--vocab-size", "64", "--device", "cpu", "--backend", "torch", "--gen-lengths", "4",
+               "--block-lengths", "4", "--steps", "2", "--batch-sizes", "1", "--prompt-length", "3", "--no-ar",
+               "--out", str(out), "--tag", "t", "--ar-gate-log", str(ar)])
+    assert rc == 0
+    recs, skipped = gatelog.read_gate_log(out / "t_gate_logs")
+    assert not skipped and len(recs) == 2 * 2 and {r.phase for r in recs} == {"diffusion"}
+    assert all(sum(r.expert_counts) == r.num_tokens * 2 == 7 * 2 for r in recs)
+    res = json.loads((out / "t.json").read_text())
+    assert res["ar_vs_diffusion"]["shape_match"] is True and res["ar_vs_diffusion"]["diffusion"]["num_steps"] == 2
+    assert (out / "t_ar_vs_diffusion.png").is_file()

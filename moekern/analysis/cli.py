@@ -68,10 +68,13 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("report", help="HTML/Markdown report of a results directory")
     p.add_argument("results_dir", nargs="?", default=None,
-                   help="default: the shipped SYNTHETIC sample (moekern/data/sample_results)")
+                   help="default: the shipped real sample (moekern/data/sample_results: one H100 run, dummy "
+                        "weights; see its README)")
     p.add_argument("--out", default="report.html", help="report path; .md gives Markdown")
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--ep-size", type=int, default=None)
+    p.add_argument("--ep-size", default=None, help="EP size(s) for the per-rank sections, e.g. 4 or 2,4,8 "
+                                                   "(default: metadata, else 2, 4, 8 where they divide E)")
+    p.add_argument("--metadata", default=None, help="metadata.json to use instead of RESULTS_DIR/metadata.json")
     p.set_defaults(func=_report)
 
 
@@ -258,7 +261,13 @@ def _report(args) -> int:
     src = args.results_dir
     if src is None:
         src = str(Path(__file__).resolve().parents[1] / "data" / "sample_results")
-        print(f"no RESULTS_DIR given: using the shipped SYNTHETIC sample {src}", file=sys.stderr)
-    out = write_report(src, args.out, n_boot=args.n_boot, ep_size=args.ep_size)
+        print(f"no RESULTS_DIR given: using the shipped real sample {src} (one H100 run, dummy weights)",
+              file=sys.stderr)
+    try:
+        eps = [int(x) for x in args.ep_size.split(",")] if args.ep_size else None
+    except ValueError:
+        print(f"error: --ep-size={args.ep_size!r} must be an int or a comma list of ints", file=sys.stderr)
+        return 2
+    out = write_report(src, args.out, n_boot=args.n_boot, ep_size=eps, metadata=args.metadata)
     print(f"report written to {out}")
     return 0

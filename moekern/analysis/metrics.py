@@ -119,6 +119,26 @@ def gini(c) -> np.ndarray | float:
     return _scalar(out)
 
 
+def uniform_routing_cv(num_tokens, num_experts: int, top_k) -> np.ndarray | float:
+    """The noise floor of the CV: its root-mean-square value when each of `num_tokens` tokens picks `top_k`
+    distinct experts of `num_experts` uniformly at random, sqrt((E - k) / (n * k)).
+
+    Why: with few tokens per step, even a perfectly fair router shows a large per-step CV (sampling noise),
+    so per-step CVs of runs with different step sizes (a 4-token decode step vs a 192-token denoising step)
+    are compared through their ratio to this floor. Derivation: each expert's count is Binomial(n, k/E)
+    (a token includes expert e with probability k/E), the mean n*k/E is fixed, so
+    E[CV^2] = n (k/E)(1 - k/E) / (n k / E)^2 = (E - k) / (n k). E[CV] is slightly below this (Jensen).
+    `num_tokens: [...]` (0 gives NaN), `top_k`: int or `[...]`; returns float64 `[...]`.
+    """
+    n = np.asarray(num_tokens, dtype=np.float64)
+    k = np.asarray(top_k, dtype=np.float64)
+    if num_experts < 1 or np.any(k < 1) or np.any(k > num_experts):
+        raise ValueError(f"need 1 <= top_k <= num_experts={num_experts}; got top_k={top_k}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(n > 0, np.sqrt((num_experts - k) / np.where(n > 0, n * k, 1.0)), np.nan)
+    return _scalar(out)
+
+
 METRIC_FUNCS = {"cv": cv, "max_min": max_min, "max_mean": max_mean, "entropy": normalized_entropy, "gini": gini}
 
 

@@ -11,6 +11,11 @@ Our runs add metadata (as --metadata or merged by the runner): moe_backend (kern
 "vllm", "flashinfer", ...; falls back to "backend"), max_num_seqs, max_num_batched_tokens, eplb
 (true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic.
 Strings such as "16" or "true" are converted. A missing metric is NaN, never an error.
+
+benchmarks/e2e/run_e2e.py output folders are read as they are: a `serve_{arm}.bench.json` without a
+moe_backend gets moe_backend = arm, the engine settings (max_num_seqs, max_num_batched_tokens, eplb) of the
+`e2e_*.json` beside it (its "meta.engine"), and the gate logs in `gate_logs/{arm}/` beside it when they exist;
+the run's `extra["inferred_from"]` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,6 +149,7 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
         if not isinstance(obj, dict) or not any(k in obj for k in THROUGHPUT_KEYS + ("mean_ttft_ms", "duration")):
             continue
         run = parse_bench_result(obj, run_id=f.stem, path=str(f))
+        _infer_e2e_layout(run, obj, f)
         if attach_cv and run.measured_cv is None and run.gate_log:
             for base in (f.parent, root):
                 g = base / run.gate_log
@@ -157,6 +164,37 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
                     break
         runs.append(run)
     return runs, skipped
+
+
+def _infer_e2e_layout(run: RunResult, obj: dict, f: Path) -> None:
+    """Fill what run_e2e.py's serve_{arm}.bench.json leaves out (module docstring); no-op for other files."""
+    m = re.fullmatch(r"serve_(.+)\.bench\.json", f.name)
+    if not m or _get(obj, "moe_backend", "kernel_backend") is not None:
+        return
+    arm = m.group(1)
+    run.moe_backend = arm
+    run.run_id = f"serve_{arm}"
+    src = [f"moe_backend from the file name {f.name}"]
+    for e2e in sorted(f.parent.glob("e2e_*.json")):
+        try:
+            meta = json.loads(e2e.read_text(encoding="utf-8")).get("meta", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+            continue
+        eng = meta.get("engine") or {}
+        run.max_num_seqs = run.max_num_seqs if run.max_num_seqs is not None else _int(eng.get("max_num_seqs"))
+        if run.max_num_batched_tokens is None:
+            run.max_num_batched_tokens = _int(eng.get("max_num_batched_tokens"))
+        if run.eplb is None:
+            run.eplb = _bool(eng.get("eplb"))
+        for k in ("model", "load_format", "gpu", "vllm", "torch"):
+            if meta.get(k) is not None:
+                run.extra.setdefault(k, meta[k])
+        src.append(f"engine settings from {e2e.name}")
+        break
+    if run.gate_log is None and (f.parent / "gate_logs" / arm).is_dir():
+        run.gate_log = f"gate_logs/{arm}"
+        src.append(f"gate logs from gate_logs/{arm}")
+    run.extra["inferred_from"] = "; ".join(src)
 
 
 def runs_dataframe(runs: list[RunResult]):

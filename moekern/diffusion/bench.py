@@ -110,9 +110,11 @@ def _env_info(device: torch.device) -> dict:
 
 def run_bench(model: DiffusionModel, cases: list[BenchCase], *, backends=("moekern", "vllm", "torch"),
               kernels: str = "auto", prompt_length: int = 64, ar: bool = True, seed: int = 0,
-              temperature: float = 0.0, log=print) -> dict:
+              temperature: float = 0.0, log=print, gate_log_dir=None) -> dict:
     """Time every case on every available backend (unavailable ones are recorded as skipped with the
-    reason). Returns the JSON-able result dict (see the module docstring)."""
+    reason). Returns the JSON-able result dict (see the module docstring). With `gate_log_dir`, each timed
+    diffusion run's gate records go to gate_log_dir/<backend>_<label>/gate_log.rank0.jsonl (phase
+    "diffusion"), the input of moekern.diffusion.compare."""
     dev = model.device
     cfg = model.config
     out = {"note": RANDOM_WEIGHTS_NOTE, "env": _env_info(dev), "config": asdict(cfg),
@@ -138,6 +140,14 @@ def run_bench(model: DiffusionModel, cases: list[BenchCase], *, backends=("moeke
             res = generate(model, prompts, steps=case.steps, time_steps=True, **kw)
             row = {"backend": backend, **asdict(case), "label": case.label, **_step_stats(res, case.batch,
                                                                                           case.gen_length)}
+            if gate_log_dir is not None and cfg.is_moe:
+                from moekern.diffusion.generate import write_gate_log
+
+                gpath = Path(gate_log_dir) / f"{backend}_{case.label}" / "gate_log.rank0.jsonl"
+                gpath.parent.mkdir(parents=True, exist_ok=True)
+                gpath.unlink(missing_ok=True)
+                write_gate_log(res, gpath, cfg.top_k, model=cfg.name)
+                row["gate_log"] = str(gpath)
             out["diffusion"].append(row)
             log(f"[diffusion bench] {backend:8s} {case.label:24s} {row['tokens_per_s']:10.1f} tok/s  "
                 f"step {row['step_ms_median']:8.2f} ms  ffn share {row['ffn_share']:.2f}")

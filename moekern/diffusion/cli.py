@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -60,7 +61,25 @@ def add_parser(sub) -> None:
     b.add_argument("--no-ar", action="store_true", help="skip the autoregressive baseline")
     b.add_argument("--out", default="benchmarks/results/diffusion", help="output directory (JSON + PNG)")
     b.add_argument("--tag", default=None, help="file name stem (default diffusion_<model>_<device>)")
+    b.add_argument("--gate-logs", action="store_true",
+                   help="write each timed diffusion run's gate log under OUT/<tag>_gate_logs/<backend>_<case>/")
+    b.add_argument("--ar-gate-log", default=None, metavar="PATH",
+                   help="an end-to-end (vLLM) gate log of the same-shape model: its decode steps are put next to "
+                        "the first diffusion case's denoising steps (implies --gate-logs; refuses an E/top-k "
+                        "mismatch unless --allow-shape-mismatch)")
+    b.add_argument("--allow-shape-mismatch", action="store_true",
+                   help="compare anyway when E or top-k differ (every output is labelled SHAPE MISMATCH)")
     b.set_defaults(func=_bench)
+    c = dsub.add_parser("compare", help="routing imbalance: AR decode (e2e gate log) vs diffusion denoising steps")
+    c.add_argument("--ar", required=True, metavar="PATH", help="AR gate log (file or folder), e.g. run_e2e.py's")
+    c.add_argument("--diffusion", required=True, metavar="PATH", help="diffusion gate log (file or folder)")
+    c.add_argument("--ar-phase", default="decode", help="phase kept from the AR log (default decode)")
+    c.add_argument("--max-tokens", type=int, default=None, help="drop steps above N tokens (both sides)")
+    c.add_argument("--allow-shape-mismatch", action="store_true",
+                   help="compare anyway when E or top-k differ (every output is labelled SHAPE MISMATCH)")
+    c.add_argument("--out", default="benchmarks/results/diffusion", help="output directory")
+    c.add_argument("--tag", default="ar_vs_diffusion", help="file name stem")
+    c.set_defaults(func=_compare)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -132,8 +151,9 @@ def _bench(args) -> int:
     result = None
     # One backend at a time, results rewritten after each: a run cut short (a time limit) keeps what it did.
     for backend in backends:
+        gdir = Path(args.out) / f"{tag}_gate_logs" if (args.gate_logs or args.ar_gate_log) else None
         part = run_bench(model, cases, backends=(backend,), kernels=args.kernels, prompt_length=args.prompt_length,
-                         ar=not args.no_ar, seed=args.seed, temperature=args.temperature)
+                         ar=not args.no_ar, seed=args.seed, temperature=args.temperature, gate_log_dir=gdir)
         if result is None:
             result = part
             result["skipped"] = [f"case {s}" for s in skipped] + part["skipped"]
@@ -144,6 +164,42 @@ def _bench(args) -> int:
         paths = write_results(result, args.out, tag)
         if not model.config.is_moe:
             break  # a dense model has one FFN, whatever the MoE backend
+    if args.ar_gate_log:
+        from moekern.diffusion.compare import compare_routing, write_comparison
+
+        logged = [r for r in result["diffusion"] if r.get("gate_log")]
+        if not logged:
+            print("error: --ar-gate-log: no diffusion gate log was written (dense model or no backend ran)",
+                  file=sys.stderr)
+            return 2
+        try:
+            comp = compare_routing(args.ar_gate_log, logged[0]["gate_log"],
+                                   allow_shape_mismatch=args.allow_shape_mismatch)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: --ar-gate-log: {exc}", file=sys.stderr)
+            return 2
+        result["ar_vs_diffusion"] = {"diffusion_case": logged[0]["label"], **comp.to_json()}
+        paths = write_results(result, args.out, tag)
+        paths += write_comparison(comp, args.out, f"{tag}_ar_vs_diffusion")
+        for lab in comp.labels:
+            print(f"[diffusion bench] {lab}", file=sys.stderr)
     for p in paths:
+        print(p)
+    return 0
+
+
+def _compare(args) -> int:
+    from moekern.diffusion.compare import compare_routing, write_comparison
+
+    try:
+        comp = compare_routing(args.ar, args.diffusion, ar_phase=args.ar_phase, max_tokens=args.max_tokens,
+                               allow_shape_mismatch=args.allow_shape_mismatch)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for lab in comp.labels:
+        print(lab, file=sys.stderr)
+    print(comp.table_markdown())
+    for p in write_comparison(comp, args.out, args.tag):
         print(p)
     return 0

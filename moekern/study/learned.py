@@ -13,7 +13,7 @@ Missing values: a run without model fields gets the registry model whose hf_id m
 (else mixtral); no layout means tp = ep = gpus = 1; missing CV or score gets the training median.
 
 The shipped model (moekern/data/predictor/serving_predictor.joblib) is trained on the SYNTHETIC sample in
-moekern/data/sample_results: it shows the pipeline works, not how real serving behaves. Its features there
+moekern/data/synthetic_results: it shows the pipeline works, not how real serving behaves. Its features there
 vary only in backend, queue depth, batch tokens, EPLB and imbalance (one model, one GPU), so its answers
 for other models or layouts are extrapolation, and `recommend` says so. Retrain on real sweeps with
 `moekern recommend --retrain RESULTS_DIR`.
@@ -197,7 +197,9 @@ def save(pred: ServingPredictor, path) -> Path:
 
 
 def sample_results_dir() -> Path:
-    return Path(str(resources.files("moekern").joinpath("data/sample_results")))
+    """The SYNTHETIC sample (a grid of 96 runs): the real shipped sample (data/sample_results, two runs of
+    one H100 session) is too small to train on."""
+    return Path(str(resources.files("moekern").joinpath("data/synthetic_results")))
 
 
 def load(path=None) -> tuple[ServingPredictor, str]:
