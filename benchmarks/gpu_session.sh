@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
 #   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
 #   bash benchmarks/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
-#   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/compact/legacy) vs vLLM
+#   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
 #   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (minutes of nvcc)
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
@@ -136,7 +136,7 @@ run_stage() {
   routing-variants)
     # Every CUDA routing path (auto, compact, legacy) side by side with vLLM and the Triton kernel (needs vLLM).
     build
-    timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
+    timeout 240 python3 benchmarks/routing_variants.py --variants auto,legacy,single_block,multi_block \
       --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
     ;;
   ep-multi)

@@ -1,7 +1,7 @@
 // Fused top-k routing (v2): scores, (grouped) selection, renormalization, scaling and the expert histogram
 // in ONE kernel launch at every M, with no memset. NOTES.md has the design, the H100 measurements and the
-// diagnosis of the small-M gap to vLLM; fused_topk_legacy.cu keeps v1 as the fallback. compact_topk_kernel
-// (variant kTopkCompact, below) is the candidate fix: the same algorithm with a compact body.
+// diagnosis of the small-M gap to vLLM; fused_topk_legacy.cu keeps v1 as the fallback. One kernel,
+// compact_topk_kernel, serves every non-legacy variant; the variants only choose its grid.
 //
 // Teams. A token is handled by a team of L lanes (a power of two chosen from E at compile time); lane j of
 // the team holds the V consecutive experts [jV, jV + V), so its chunk of the row is one or two 16-byte
@@ -14,6 +14,14 @@
 // uses 32-bit keys: a float converted from a 16-bit type has its low 13 bits zero, so `ordered >> 13` (19
 // bits) is exact; fp32 logits and sigmoid scores keep 64-bit keys. k rounds: each lane offers its best key
 // below the previous winner, a log2(L)-step butterfly max picks the winner, one shuffle fetches its weight.
+//
+// Compact body (why: NOTES.md, "Diagnosis"). A small-M launch is one pass of a few warps, so its time is the
+// latency of the instructions it executes and of fetching its code. So the scoring (softmax / sigmoid) and the
+// key width are template parameters (no dead path is compiled in), the k rounds are a run-time loop (code for
+// one round, no branch per skipped round), results go to per-lane slots by static selects (registers, no local
+// memory) and the output loop stops at the first slot >= top_k. On the H100 this body was faster than the
+// earlier fully unrolled one (removed) at every M <= 1024 (Mixtral: at every M) and within 2 % of it above,
+// with bit-identical results.
 //
 // Grouped selection (DeepSeek-V3) runs when a group is S = (E/G)/V whole lanes, S a power of two <= L:
 // each lane takes the top-2 (multiset) of its scores, log2(S) shuffle merges give the group's top-2 sum on
@@ -216,7 +224,7 @@ Bucket bucket_for(int E) {
   return Bucket{0, 0, 0};
 }
 
-// ------------------------------------------------------------------------------------------ kernel
+// ------------------------------------------------------------------------------------------ kernel parts
 
 struct TeamArgs {
   const void* logits;
@@ -225,7 +233,7 @@ struct TeamArgs {
   int32_t* ids;
   int32_t* counts;
   int64_t M;
-  int E, top_k, scoring, G, g;
+  int E, top_k, G, g;
   int group_lanes;  // S: lanes per group when G > 1
   int renormalize;
   int vec;   // rows are 16-byte aligned: vector loads allowed
@@ -236,11 +244,10 @@ struct TeamArgs {
 // Loads token t's chunk of V logits (lanes of a team hold consecutive chunks) and scores it. Returns the
 // team's softmax denominator (1 for sigmoid). w: softmax exp(x - max), to be divided by the returned sum where a
 // probability is needed, or sigmoid(x); sel: the ranked score, the logit (softmax) or sigmoid + bias. Inactive
-// tokens (past M) load -inf. Both kernels call this; with `softmax` a compile-time constant the other branch folds.
-template <typename T, int V, int L>
+// tokens (past M) load -inf.
+template <typename T, int V, int L, bool kSoftmax>
 __device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64_t t, bool active, int base, int E,
-                                             bool vec, bool softmax, const float (&bias)[V], float (&w)[V],
-                                             float (&sel)[V]) {
+                                             bool vec, const float (&bias)[V], float (&w)[V], float (&sel)[V]) {
   float x[V];
   if (active) {
     load_chunk<T, V>(logits + t * E, base, E, vec, x);
@@ -248,7 +255,7 @@ __device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64
 #pragma unroll
     for (int i = 0; i < V; ++i) x[i] = -INFINITY;
   }
-  if (!softmax) {
+  if constexpr (!kSoftmax) {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       w[i] = 1.0f / (1.0f + expf(-x[i]));
@@ -273,14 +280,14 @@ __device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64
 
 // Whether this lane's group is among the topk_group best (DeepSeek-V3 grouped selection; the algorithm is in
 // the paragraph atop this file). Every lane of the warp must call it (shuffles).
-template <int L, int V>
-__device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&sel)[V], float sum, bool softmax,
-                                           bool active, int tl, const TeamArgs& a) {
+template <int L, int V, bool kSoftmax>
+__device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&sel)[V], float sum, bool active, int tl,
+                                           const TeamArgs& a) {
   const int S = a.group_lanes;
   float top1 = -INFINITY, top2 = -INFINITY;  // multiset top-2 of the lane's group scores
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float v = rank_key(softmax ? w[i] / sum : sel[i]);
+    const float v = rank_key(kSoftmax ? w[i] / sum : sel[i]);
     if (v > top1) {
       top2 = top1;
       top1 = v;
@@ -337,12 +344,17 @@ __device__ __forceinline__ void publish_counts(const int* s_hist, int& s_last, c
   }
 }
 
-template <typename T, int V, int L, bool kKey32>
-__global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a) {
+// ------------------------------------------------------------------------------------------ kernel
+
+// One instantiation per (logit type, bucket, scoring). Softmax on 16-bit logits ranks with 32-bit keys; fp32
+// logits and sigmoid scores (not 16-bit values) with 64-bit keys.
+template <typename T, int V, int L, bool kSoftmax>
+__global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArgs a) {
+  constexpr bool kKey32 = kSoftmax && sizeof(T) == 2;
   using KeyOps = Keys<kKey32>;
   using Key = typename KeyOps::type;
-  constexpr int kTeams = kWarpSize / L;                   // tokens per warp step
-  constexpr int kRes = (kTopkMaxK + L - 1) / L;           // results kept per lane: result r -> lane r % L
+  constexpr int kTeams = kWarpSize / L;
+  constexpr int kRes = (kTopkMaxK + L - 1) / L;  // result r -> lane r % L, slot r / L
   static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
   static_assert((V & (V - 1)) == 0, "chunk size must be a power of two");
 
@@ -352,15 +364,20 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
   for (int e = threadIdx.x; e < E; e += blockDim.x) s_hist[e] = 0;
 
   const int lane = lane_id();
-  const int tl = lane & (L - 1);  // lane in team
+  const int tl = lane & (L - 1);
   const int team_lane0 = lane - tl;
-  const int base = tl * V;  // first expert of this lane's chunk
-  const bool softmax = a.scoring == 0;
+  const int base = tl * V;
   const bool grouped = a.G > 1;
 
-  float bias[V];  // the same experts for every token of this lane: loaded once
+  float bias[V];  // the same experts for every token of this lane: loaded once (sigmoid only)
 #pragma unroll
-  for (int i = 0; i < V; ++i) bias[i] = (a.bias != nullptr && base + i < E) ? a.bias[base + i] : 0.0f;
+  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
+  if constexpr (!kSoftmax) {
+    if (a.bias != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) bias[i] = base + i < E ? a.bias[base + i] : 0.0f;
+    }
+  }
 
   const T* __restrict__ logits = static_cast<const T*>(a.logits);
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
@@ -373,9 +390,9 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
     const bool active = t < a.M;
     float w[V];    // softmax: exp(x - max), divided by `sum` where a probability is needed; sigmoid: sigmoid(x)
     float sel[V];  // the ranked score: the logit (softmax) or sigmoid + bias
-    const float sum = score_chunk<T, V, L>(logits, t, active, base, E, a.vec != 0, softmax, bias, w, sel);
+    const float sum = score_chunk<T, V, L, kSoftmax>(logits, t, active, base, E, a.vec != 0, bias, w, sel);
 
-    const bool allowed = grouped ? group_kept<L, V>(w, sel, sum, softmax, active, tl, a) : true;
+    const bool allowed = grouped ? group_kept<L, V, kSoftmax>(w, sel, sum, active, tl, a) : true;
 
     Key key[V];
 #pragma unroll
@@ -391,123 +408,6 @@ __global__ void __launch_bounds__(kMaxThreads) team_topk_kernel(const TeamArgs a
     }
     float wsum = 0.0f;
     Key thr = ~Key(0);  // keys are distinct: the remaining ones are exactly those below the last winner
-#pragma unroll
-    for (int r = 0; r < kTopkMaxK; ++r) {
-      if (r < top_k) {  // uniform
-        Key c[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) c[i] = key[i] < thr ? key[i] : Key(0);
-        TreeMax<V / 2>::run(c);  // depth log2(V)
-        Key win = c[0];
-#pragma unroll
-        for (int m = 1; m < L; m <<= 1) win = KeyOps::xor_max(win, m);
-        thr = win;
-        const int e = KeyOps::index(win);
-        const int slot = e & (V - 1);
-        float wv = 0.0f;  // every lane reads its own w at `slot`; the owner's value is the winner's
-#pragma unroll
-        for (int i = 0; i < V; ++i) wv = (i == slot) ? w[i] : wv;
-        if (L > 1) wv = shfl(wv, team_lane0 + ((e / V) & (L - 1)));
-        if (softmax) wv = wv / sum;  // the probability, as torch.softmax computes it
-        wsum += wv;
-        if (tl == r % L) {
-          res_w[r / L] = wv;
-          res_id[r / L] = e;
-        }
-      }
-    }
-
-    if (active) {
-      const bool renorm = a.renormalize != 0 && wsum > 0.0f;  // a zero or NaN sum leaves the row as it is
-#pragma unroll
-      for (int j = 0; j < kRes; ++j) {
-        const int r = tl + j * L;
-        if (r < top_k) {
-          float wt = res_w[j];
-          if (renorm) wt = wt / wsum;
-          a.weights[t * top_k + r] = wt * a.scale;
-          a.ids[t * top_k + r] = res_id[j];
-          atomicAdd(&s_hist[res_id[j]], 1);
-        }
-      }
-    }
-  }
-
-  publish_counts(s_hist, s_last, a);
-}
-
-// ------------------------------------------------------------------------------------------ compact variant
-// kTopkCompact: the team kernel's geometry, keys, scores, group selection and histogram, with a compact body.
-// What the GPU run showed (NOTES.md): at small M the team kernel takes 1.1-2.6x vLLM's time because its body
-// is generic over everything at run time: 16 unrolled selection rounds and 16 unrolled output slots, each
-// skipped by its own branch when r >= top_k, each with an inlined IEEE division and a slow-path call, plus the
-// sigmoid/bias and softmax paths both present (2.9k SASS instructions for Mixtral, 5.3k for DeepSeek-V3).
-// A latency-bound launch (one warp at M=1) pays for the instructions it executes and for fetching a large
-// code footprint. Here the scoring is a template parameter (the other path is not compiled), the rounds are a
-// run-time loop (code for one round), the results are kept by static selects (no local memory), and the
-// output slots stop at the first r >= top_k. Results are bit-identical to the team kernel: same operations on
-// the same values in the same order.
-
-template <typename T, int V, int L, bool kKey32, bool kSoftmax>
-__global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArgs a) {
-  using KeyOps = Keys<kKey32>;
-  using Key = typename KeyOps::type;
-  constexpr int kTeams = kWarpSize / L;
-  constexpr int kRes = (kTopkMaxK + L - 1) / L;  // result r -> lane r % L, slot r / L
-  static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
-  static_assert((V & (V - 1)) == 0, "chunk size must be a power of two");
-  static_assert(!(kKey32 && !kSoftmax), "32-bit keys hold 16-bit logits only (softmax ranks the logit)");
-
-  __shared__ int s_hist[kTopkMaxExperts];
-  __shared__ int s_last;
-  const int E = a.E, top_k = a.top_k;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) s_hist[e] = 0;
-
-  const int lane = lane_id();
-  const int tl = lane & (L - 1);
-  const int team_lane0 = lane - tl;
-  const int base = tl * V;
-  const bool grouped = a.G > 1;
-
-  float bias[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
-  if constexpr (!kSoftmax) {
-    if (a.bias != nullptr) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) bias[i] = base + i < E ? a.bias[base + i] : 0.0f;
-    }
-  }
-
-  const T* __restrict__ logits = static_cast<const T*>(a.logits);
-  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kTeams;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps * kTeams;
-  __syncthreads();
-
-  for (int64_t t0 = first; t0 < a.M; t0 += stride) {  // warp-uniform
-    const int64_t t = t0 + lane / L;
-    const bool active = t < a.M;
-    float w[V];
-    float sel[V];
-    const float sum = score_chunk<T, V, L>(logits, t, active, base, E, a.vec != 0, kSoftmax, bias, w, sel);
-
-    const bool allowed = grouped ? group_kept<L, V>(w, sel, sum, kSoftmax, active, tl, a) : true;
-
-    Key key[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i)
-      key[i] = (active && base + i < E) ? KeyOps::pack(allowed, rank_key(sel[i]), base + i) : Key(0);
-
-    float res_w[kRes];
-    int res_id[kRes];
-#pragma unroll
-    for (int j = 0; j < kRes; ++j) {
-      res_w[j] = 0.0f;
-      res_id[j] = 0;
-    }
-    float wsum = 0.0f;
-    Key thr = ~Key(0);
 #pragma unroll 1
     for (int r = 0; r < top_k; ++r) {  // top_k is uniform: every lane runs every round
       Key c[V];
@@ -520,11 +420,11 @@ __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArg
       thr = win;
       const int e = KeyOps::index(win);
       const int slot = e & (V - 1);
-      float wv = 0.0f;
+      float wv = 0.0f;  // every lane reads its own w at `slot`; the owner's value is the winner's
 #pragma unroll
       for (int i = 0; i < V; ++i) wv = (i == slot) ? w[i] : wv;
       if (L > 1) wv = shfl(wv, team_lane0 + ((e / V) & (L - 1)));
-      if (kSoftmax) wv = wv / sum;
+      if (kSoftmax) wv = wv / sum;  // the probability, as torch.softmax computes it
       wsum += wv;
       if (tl == (r & (L - 1))) {
         const int j = r / L;  // a run-time slot, written by static selects so res_* stay in registers
@@ -537,7 +437,7 @@ __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArg
     }
 
     if (active) {
-      const bool renorm = a.renormalize != 0 && wsum > 0.0f;
+      const bool renorm = a.renormalize != 0 && wsum > 0.0f;  // a zero or NaN sum leaves the row as it is
 #pragma unroll
       for (int j = 0; j < kRes; ++j) {
         const int r = tl + j * L;
@@ -598,42 +498,15 @@ Error launch_lane_teams(const TeamArgs& a, Stream stream) {
   return last_error();
 }
 
-template <typename T, int V, int L, bool kKey32>
-Error launch_team(const TeamArgs& a, Stream stream) {
-  return launch_lane_teams<team_topk_kernel<T, V, L, kKey32>, L>(a, stream);
-}
-
 template <typename T>
-Error launch_team_typed(const TeamArgs& a, bool key32, Stream stream) {
-#define MOEKERN_TEAM_CASE(EB, VV, LL)                                   \
-  if (a.E <= (EB)) {                                                    \
-    if constexpr (sizeof(T) == 2) {                                     \
-      if (key32) return launch_team<T, (VV), (LL), true>(a, stream);    \
-    }                                                                   \
-    return launch_team<T, (VV), (LL), false>(a, stream);                \
+Error launch_typed(const TeamArgs& a, bool softmax, Stream stream) {
+#define MOEKERN_TOPK_CASE(EB, VV, LL)                                                                  \
+  if (a.E <= (EB)) {                                                                                   \
+    if (softmax) return launch_lane_teams<compact_topk_kernel<T, (VV), (LL), true>, (LL)>(a, stream);  \
+    return launch_lane_teams<compact_topk_kernel<T, (VV), (LL), false>, (LL)>(a, stream);              \
   }
-  MOEKERN_TOPK_BUCKETS(MOEKERN_TEAM_CASE)
-#undef MOEKERN_TEAM_CASE
-  return kInvalidValue;
-}
-
-template <typename T, int V, int L, bool kKey32, bool kSoftmax>
-Error launch_compact(const TeamArgs& a, Stream stream) {
-  return launch_lane_teams<compact_topk_kernel<T, V, L, kKey32, kSoftmax>, L>(a, stream);
-}
-
-template <typename T>
-Error launch_compact_typed(const TeamArgs& a, bool key32, Stream stream) {
-#define MOEKERN_COMPACT_CASE(EB, VV, LL)                                          \
-  if (a.E <= (EB)) {                                                              \
-    if (a.scoring != 0) return launch_compact<T, (VV), (LL), false, false>(a, stream); \
-    if constexpr (sizeof(T) == 2) {                                               \
-      if (key32) return launch_compact<T, (VV), (LL), true, true>(a, stream);     \
-    }                                                                             \
-    return launch_compact<T, (VV), (LL), false, true>(a, stream);                 \
-  }
-  MOEKERN_TOPK_BUCKETS(MOEKERN_COMPACT_CASE)
-#undef MOEKERN_COMPACT_CASE
+  MOEKERN_TOPK_BUCKETS(MOEKERN_TOPK_CASE)
+#undef MOEKERN_TOPK_CASE
   return kInvalidValue;
 }
 
@@ -656,11 +529,12 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
 
   const Bucket b = bucket_for(E);
   int S = 0;
-  if (G > 1) {  // the team kernel needs each group to be a power-of-two run of whole lanes
+  if (G > 1) {  // the kernel needs each group to be a power-of-two run of whole lanes
     const int P = E / G;
     S = P % b.V == 0 ? P / b.V : 0;
     if (S == 0 || (S & (S - 1)) != 0 || S > b.L) return legacy();
   }
+  // kTopkCompact is kept as a name for kTopkAuto (the compact body is the only one now).
   const bool single = variant == kTopkSingleBlock ||
                       ((variant == kTopkAuto || variant == kTopkCompact) && M * b.L <= kSingleBlockThreads);
   int slot = -1;
@@ -678,7 +552,6 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
   a.M = M;
   a.E = E;
   a.top_k = top_k;
-  a.scoring = scoring;
   a.G = G;
   a.g = G > 1 ? topk_group : 0;
   a.group_lanes = S;
@@ -686,11 +559,7 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
   a.vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (static_cast<size_t>(E) * elem) % 16 == 0) ? 1 : 0;
   a.slot = slot;
   a.scale = scale;
-  const bool key32 = scoring == 0 && dtype != DType::kFloat32;  // softmax ranks 16-bit logits: 19 bits suffice
-  if (variant == kTopkCompact) {
-    MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_compact_typed<T>(a, key32, stream));
-  }
-  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_team_typed<T>(a, key32, stream));
+  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, scoring == 0, stream));
   return kInvalidValue;
 }
 

@@ -12,11 +12,12 @@ constexpr int kTopkMaxK = 16;
 // Which kernel launch_fused_topk runs. kAuto is what the public op uses; the others exist so one GPU run
 // can compare the paths against the reference and each other (benchmarks/routing_variants.py).
 enum TopkVariant : int {
-  kTopkAuto = 0,         // v2 team kernel; one block for small M, else the multi-block grid; v1 fallback
+  kTopkAuto = 0,         // v2 kernel; one block while M * L <= 256 lanes, else the multi-block grid; v1 fallback
   kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
-  kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens)
-  kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction
-  kTopkCompact = 4,      // v2 geometry and histogram, compact body (scoring compiled in, run-time k loop); NOTES.md
+  kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens): tunes the crossover
+  kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction: tunes the crossover
+  kTopkCompact = 4,      // = kTopkAuto. The name of the compact body while it was on trial (NOTES.md); kept so
+                         // scripts that pass it still run
   kTopkLastVariant = kTopkCompact,
 };
 

@@ -1,5 +1,5 @@
 // Fused top-k routing, v1 (the first kernel): kept as the fallback of fused_topk.cu for group geometries
-// the v2 team kernel does not cover (E/G not a multiple of the lane chunk), for a 33rd concurrent stream,
+// the v2 kernel does not cover (E/G not a multiple of the lane chunk), for a 33rd concurrent stream,
 // and as `variant=legacy` so one GPU run can A/B both against the reference.
 //
 // Scores, (grouped) selection, renormalization, scaling and the expert histogram

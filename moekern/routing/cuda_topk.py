@@ -9,9 +9,10 @@ that can run at the same time must be issued (or captured into a CUDA graph) on 
 graphs captured on one stream must not be replayed concurrently.
 
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
-moekern.fused_topk uses), "legacy" (the v1 kernel), "single_block", "multi_block", "compact" (the v2
-geometry and histogram with a compact kernel body: scoring compiled in, a run-time top-k loop; grid chosen
-as auto chooses it; csrc/routing/NOTES.md says why and what the A/B must show before auto uses it).
+moekern.fused_topk uses: one block while M x team lanes <= 256, else the multi-block grid), "legacy" (the
+v1 kernel), "single_block" / "multi_block" (the auto kernel forced to one grid; the knobs for tuning the
+crossover). "compact" is accepted and runs exactly what "auto" runs: it named the compact kernel body while
+it was on trial, and auto has run it since it measured faster (csrc/routing/NOTES.md).
 """
 
 from __future__ import annotations
