@@ -139,8 +139,13 @@ def training_frame(results_dir):
     cv = {Path(r.path).stem: r.measured_cv for r in runs}
     df["measured_cv"] = [cv.get(rid, m) for rid, m in zip(df["run_id"], df.get("measured_cv", [None] * len(df)))]
     rows = df.to_dict("records")
-    medians = {k: float(np.nanmedian(pd.to_numeric(df[k], errors="coerce")))
-               for k in ("max_num_seqs", "max_num_batched_tokens", "predicted_score", "measured_cv") if k in df}
+    # Median fill values for missing features; a column with no value at all (a real serve run has no
+    # predicted_score) fills with NaN rather than warning through np.nanmedian of an all-NaN slice.
+    medians = {}
+    for k in ("max_num_seqs", "max_num_batched_tokens", "predicted_score", "measured_cv"):
+        if k in df:
+            col = pd.to_numeric(df[k], errors="coerce").dropna()
+            medians[k] = float(col.median()) if len(col) else float("nan")
     x = pd.DataFrame([featurize(r, medians) for r in rows])[list(FEATURES)]
     return x, df, medians
 
