@@ -201,6 +201,7 @@ run_stage() {
     versions; build
     timeout 400 python3 benchmarks/e2e/run_e2e.py --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
       --warmup-reps 0 --reps 1 --input-len 64 --output-len 128 --max-num-seqs 8 --num-prompts 64 --budget-s 300 \
+      --dummy-router-seed 0 \
       --out "$OUT/e2e-olmoe" 2>&1 | tee "$OUT/e2e_olmoe.log" | tail -25
     ;;
   gpu-tests-vllm)

@@ -752,3 +752,14 @@ def test_olmoe_gate_log_run_is_planned_right(e2e, pf, tmp_path):
                                                "olmoe-1b-7b"]
     checks, _ = pf.build_checks(pf.parse_args(["--arms", "moekern-routing-log", "--model", "olmoe-1b-7b"]))
     assert "model config fields vLLM reads" in [n for n, _ in checks]
+
+
+def test_dummy_router_seed_reaches_every_arm(e2e, tmp_path):
+    for arm in ("vllm", "moekern"):
+        env = e2e.arm_env(arm, tmp_path, None, base_env={}, router_seed=5)
+        assert env["MOEKERN_DUMMY_ROUTER_SEED"] == "5"
+    assert "MOEKERN_DUMMY_ROUTER_SEED" not in e2e.arm_env("vllm", tmp_path, None, base_env={})
+    args = e2e.parse_args(["--quick", "--dummy-router-seed", "3", "--out", str(tmp_path)])
+    assert args.dummy_router_seed == 3
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--dummy-router-seed", "-1", "--out", str(tmp_path)])

@@ -64,6 +64,72 @@ def test_gate_log_alone_enables():
     assert cfg.enabled and cfg.gate_log and cfg.kernels == "off" and cfg.flush_seconds == 0.5
 
 
+def test_env_dummy_router_seed():
+    assert config_from_env({}).dummy_router_seed is None
+    cfg = config_from_env({"MOEKERN_DUMMY_ROUTER_SEED": "7"})
+    assert cfg.dummy_router_seed == 7 and cfg.enabled and cfg.kernels == "off" and not cfg.gate_log
+    for bad in ("-1", "x"):
+        with pytest.raises(ValueError, match="MOEKERN_DUMMY_ROUTER_SEED"):
+            config_from_env({"MOEKERN_DUMMY_ROUTER_SEED": bad})
+
+
+def _dummy_moe_model(num_layers=3, E=8, H=16, parent="block_sparse_moe"):
+    """A module tree named like vLLM's Mixtral: model.layers.{i}.<parent>.{gate, experts}, every gate filled
+    with the same values, as vLLM's dummy loader does for same-shaped parameters."""
+    layers = torch.nn.ModuleList()
+    for _ in range(num_layers):
+        block = torch.nn.Module()
+        setattr(block, parent, torch.nn.Module())
+        moe = getattr(block, parent)
+        moe.gate = torch.nn.Linear(H, E, bias=False).to(torch.bfloat16)
+        moe.experts = torch.nn.Linear(H, H, bias=False)
+        with torch.no_grad():
+            moe.gate.weight.copy_(torch.linspace(-1e-3, 1e-3, E * H).view(E, H))
+        layers.append(block)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = layers
+    names = [f"model.layers.{i}.{parent}.experts" for i in range(num_layers)]
+    return model, names
+
+
+def test_reseed_dummy_routers_gives_layers_their_own_router():
+    model, names = _dummy_moe_model()
+    experts_before = [model.get_submodule(n).weight.clone() for n in names]
+    done = hooks.reseed_dummy_routers(model, names, seed=3)
+    assert done == [f"model.layers.{i}.block_sparse_moe.gate" for i in range(3)]
+    gates = [model.get_submodule(g).weight for g in done]
+    assert all(g.dtype == torch.bfloat16 for g in gates)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not torch.equal(gates[i], gates[j])  # independent per layer
+    for g in gates:
+        assert g.float().abs().max() <= hooks.DUMMY_HIGH and g.float().std() > 1e-4  # vLLM's dummy range
+    for n, before in zip(names, experts_before):
+        assert torch.equal(model.get_submodule(n).weight, before)  # only routers change
+    # Deterministic in (seed, layer index); another seed gives other routers.
+    again, _ = _dummy_moe_model()
+    hooks.reseed_dummy_routers(again, names, seed=3)
+    assert all(torch.equal(a.weight, b.weight) for a, b in
+               zip((again.get_submodule(g) for g in done), (model.get_submodule(g) for g in done)))
+    other, _ = _dummy_moe_model()
+    hooks.reseed_dummy_routers(other, names, seed=4)
+    assert not torch.equal(other.get_submodule(done[0]).weight, gates[0])
+    # Routing now differs between layers for the same hidden states (it was identical before).
+    x = torch.randn(64, 16, dtype=torch.bfloat16)
+    ids = [fused_topk(model.get_submodule(g)(x).float(), 2, backend="torch").topk_ids for g in done]
+    assert not torch.equal(ids[0], ids[1])
+
+
+def test_reseed_dummy_routers_skips_layers_without_gate(caplog):
+    model, names = _dummy_moe_model(num_layers=2, parent="mlp")
+    del model.model.layers[1].mlp.gate
+    with caplog.at_level("WARNING"):
+        done = hooks.reseed_dummy_routers(model, names, seed=0)
+    assert done == ["model.layers.0.mlp.gate"]
+    assert "model.layers.1.mlp.gate" in caplog.text
+
+
 def test_register_off_touches_nothing():
     # A fresh interpreter: register() with no MOEKERN_* set must not import the hooks (nor vLLM).
     code = ("import sys, moekern.vllm as m; assert m.register() is None; "

@@ -237,8 +237,10 @@ def gate_log_dir(args, arm: str, out: Path) -> Path | None:
     return out / "gate_logs" / arm if ARMS[arm][2] else None
 
 
-def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | None = None) -> dict:
-    """The arm's subprocess environment: ours without MOEKERN_*, plus the arm's plugin settings."""
+def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | None = None,
+            router_seed: int | None = None) -> dict:
+    """The arm's subprocess environment: ours without MOEKERN_*, plus the arm's plugin settings (and
+    MOEKERN_DUMMY_ROUTER_SEED when router_seed is given: every arm, so all of them run the same weights)."""
     src = os.environ if base_env is None else base_env
     env = {k: v for k, v in src.items() if not k.startswith("MOEKERN_")}
     env.update(ARMS[arm][0])
@@ -249,6 +251,8 @@ def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | 
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if gate_dir is not None:
         env["MOEKERN_GATE_LOG_DIR"] = str(gate_dir)
+    if router_seed is not None:
+        env["MOEKERN_DUMMY_ROUTER_SEED"] = str(router_seed)
     return env
 
 
@@ -419,7 +423,8 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
-                                env=arm_env(arm, out, _fresh_gate_dir(args, arm, out)),
+                                env=arm_env(arm, out, _fresh_gate_dir(args, arm, out),
+                                            router_seed=args.dummy_router_seed),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         rc = _wait_group(proc, args.arm_timeout)
     r = {"arm": arm, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
@@ -532,7 +537,7 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     mark the server log between them, stop the server, count the JIT events logged while timed."""
     port = _free_port()
     cmd = serve_command(engine_kwargs(args, arm), port)
-    env = arm_env(arm, out, _fresh_gate_dir(args, arm, out))
+    env = arm_env(arm, out, _fresh_gate_dir(args, arm, out), router_seed=args.dummy_router_seed)
     log = out / f"serve_{arm}.server.log"
     (out / f"serve_{arm}.bench.json").unlink(missing_ok=True)
     r = {"arm": arm, "cmd": " ".join(cmd)}
@@ -783,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path,
                    help="JSONL of prompts from `moekern datasets generate` instead of random tokens: tokenized "
                         "with the model's tokenizer offline, vLLM's custom dataset in serve mode")
+    p.add_argument("--dummy-router-seed", type=int, default=None, metavar="SEED",
+                   help="study tool for dummy weights: re-draw each MoE layer's router from its own seed in every "
+                        "arm (MOEKERN_DUMMY_ROUTER_SEED; vLLM's dummy loader gives all layers the same router)")
     p.add_argument("--gate-log-dir", type=Path,
                    help="gate logs of every arm go here (one arm) or to DIR/<arm> (several)")
     p.add_argument("--result", type=Path,
@@ -803,6 +811,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.child_offline:
         return args
+    if args.dummy_router_seed is not None and args.dummy_router_seed < 0:
+        p.error(f"--dummy-router-seed must be >= 0; got {args.dummy_router_seed}")
     base = QUICK if args.quick else FULL
     for field in ("num_prompts", "serve_prompts", "input_len", "output_len", "reps", "serve_reps", "warmup_reps"):
         v = getattr(args, field)
@@ -927,6 +937,7 @@ def main(argv=None) -> int:
                        "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
             "dataset": str(args.dataset) if args.dataset else None,
             "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
+            "dummy_router_seed": args.dummy_router_seed,
             "result": str(args.result) if args.result else None}
     try:
         import torch

@@ -11,6 +11,8 @@
     MOEKERN_GATE_LOG_TOPK_EVERY    sample every N-th step (default 1)
     MOEKERN_ROUTING_SKEW   uniform | zipf:<s>[@<beta>] | hot:<expert>:<fraction>[@<beta>]   (study tool)
     MOEKERN_ROUTING_SKEW_SEED      seed of the zipf rank permutation (default 0)
+    MOEKERN_DUMMY_ROUTER_SEED      re-draw each MoE layer's router (gate) weight after loading, from a generator
+                                   seeded with (seed, layer index) (study tool for load_format=dummy runs)
 
 This module is torch-free except `skew_bias`, so tests and the analysis can import it anywhere.
 
@@ -69,11 +71,13 @@ class PluginConfig:
     skew: RoutingSkew | None = None
     topk_sample: int = 0  # tokens per layer per sampled step; 0 = off
     topk_every: int = 1
+    dummy_router_seed: int | None = None
 
     @property
     def enabled(self) -> bool:
         """False means register() must leave vLLM untouched."""
-        return self.kernels != "off" or self.gate_log_dir is not None or self.skew is not None
+        return (self.kernels != "off" or self.gate_log_dir is not None or self.skew is not None
+                or self.dummy_router_seed is not None)
 
     @property
     def gate_log(self) -> bool:
@@ -173,6 +177,8 @@ def config_from_env(env: dict | None = None) -> PluginConfig:
         topk_sample=_int_env(env, "MOEKERN_GATE_LOG_TOPK_SAMPLE", 0, 0),
         topk_every=_int_env(env, "MOEKERN_GATE_LOG_TOPK_EVERY", 1, 1),
         skew=parse_skew(env.get("MOEKERN_ROUTING_SKEW"), seed=seed),
+        dummy_router_seed=(_int_env(env, "MOEKERN_DUMMY_ROUTER_SEED", 0, 0)
+                           if env.get("MOEKERN_DUMMY_ROUTER_SEED") not in (None, "") else None),
     )
 
 

@@ -13,7 +13,8 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
 2. vllm.v1.worker.gpu_worker.Worker.execute_model (class method; both model runners, V1 and V2, are
    driven through it): step boundaries for the gate log (begin_step / end_step) and the step's phase.
 3. vllm.v1.worker.gpu_worker.Worker.load_model: allocate the gate-log buffers right after the weights,
-   i.e. before profiling and CUDA-graph capture.
+   i.e. before profiling and CUDA-graph capture; with MOEKERN_DUMMY_ROUTER_SEED, first re-draw each MoE
+   layer's router weight (`reseed_dummy_routers`: dummy weights otherwise give every layer the same router).
 
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`. A method name, not a function: vLLM 0.26's engine-core
@@ -310,6 +311,12 @@ def _patch_worker(module) -> None:
 
     def load_model(self, *args, **kwargs):
         out = orig_load(self, *args, **kwargs)
+        seed = getattr(_STATE["config"], "dummy_router_seed", None)
+        if seed is not None:
+            names = [h.name for h in _STATE["layers"]]
+            done = reseed_dummy_routers(self.get_model(), names, seed)
+            logger.info("moekern: MOEKERN_DUMMY_ROUTER_SEED=%d re-drew the router weight of %d of %d MoE layers",
+                        seed, len(done), len(names))
         rec = _STATE["recorder"]
         if rec is not None and rec.layers and rec.counts is None:
             rec.extra.update(_parallel_extra())
@@ -320,6 +327,43 @@ def _patch_worker(module) -> None:
     execute_model._moekern = True
     Worker.execute_model = execute_model
     Worker.load_model = load_model
+
+
+# vLLM's dummy loader seeds every parameter alike, so same-shaped parameters get the same values: every MoE
+# layer of a dummy-weight model has the same router, and its layers route identically (seen in the first H100
+# gate logs). Re-drawing each router from its own generator gives the layers independent random routers.
+DUMMY_LOW, DUMMY_HIGH = -1e-3, 1e-3  # vLLM's initialize_dummy_weights range
+
+
+@torch.no_grad()
+def reseed_dummy_routers(model: torch.nn.Module, layer_names, seed: int) -> list[str]:
+    """Re-draw the router weight of each MoE layer uniformly in [DUMMY_LOW, DUMMY_HIGH) from a generator
+    seeded with seed * 1_000_003 + layer index (identical on every TP/EP rank: routers are replicated).
+
+    layer_names: the experts modules' names as vLLM registers them ("model.layers.3.mlp.experts"); the router
+    is the sibling module `gate` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3). Returns the gate modules
+    re-drawn; layers without such a sibling are logged and left alone."""
+    done = []
+    for index, name in enumerate(layer_names):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        gate_name = f"{parent}.gate" if parent else "gate"
+        try:
+            gate = model.get_submodule(gate_name)
+        except AttributeError:
+            logger.warning("moekern: no router module %s for MoE layer %s; its router is left as loaded",
+                           gate_name, name)
+            continue
+        w = getattr(gate, "weight", None)
+        if not isinstance(w, torch.Tensor) or not torch.is_floating_point(w):
+            logger.warning("moekern: %s has no floating-point weight; left as loaded", gate_name)
+            continue
+        g = torch.Generator(device=w.device).manual_seed(seed * 1_000_003 + index)
+        # draw in fp32 then cast, so the values do not depend on the weight's dtype
+        fresh = torch.empty(w.shape, dtype=torch.float32, device=w.device).uniform_(DUMMY_LOW, DUMMY_HIGH,
+                                                                                    generator=g)
+        w.copy_(fresh)
+        done.append(gate_name)
+    return done
 
 
 def install(cfg: PluginConfig) -> None:
@@ -337,12 +381,13 @@ def install(cfg: PluginConfig) -> None:
             rec = GateLogRecorder(cfg.gate_log_dir, flush_steps=cfg.flush_steps, flush_seconds=cfg.flush_seconds,
                                   queue_slots=cfg.queue_slots, topk_sample=cfg.topk_sample,
                                   topk_every=cfg.topk_every,
-                                  meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None})
+                                  meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None,
+                                        "dummy_router_seed": cfg.dummy_router_seed})
             _STATE["recorder"] = rec
             atexit.register(rec.close)
     when_imported(MOE_RUNNER, _patch_moe_runner)
     when_imported(GPU_WORKER, _add_worker_rpc)
-    if cfg.gate_log:
+    if cfg.gate_log or cfg.dummy_router_seed is not None:
         when_imported(GPU_WORKER, _patch_worker)
 
 
@@ -359,6 +404,7 @@ def plugin_summary(worker=None) -> dict:
     return {
         "installed": _STATE["installed"],
         "kernels": getattr(_STATE["config"], "kernels", None),
+        "dummy_router_seed": getattr(_STATE["config"], "dummy_router_seed", None),
         "layers": [{"index": h.index, "name": h.name, "router": type(h.router).__name__,
                     "moekern_routing": {str(E): (p.why if p else None) for E, p in h.plans.items()},
                     "moekern_experts": h.experts_decision} for h in _STATE["layers"]],
