@@ -56,6 +56,7 @@ SIGNATURES = [
      ["self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input"], []),
     (GPU_WORKER, "Worker.execute_model", ["self", "scheduler_output"], []),
     (GPU_WORKER, "Worker.load_model", ["self"], ["load_dummy_weights"]),
+    (GPU_WORKER, "Worker.get_model", ["self"], []),  # MOEKERN_DUMMY_ROUTER_SEED reaches the model through it
     (LLM_MOD, "LLM.generate", ["self", "prompts", "sampling_params"], ["use_tqdm"]),
     (LLM_MOD, "LLM.collective_rpc", ["self", "method"], []),
     ("vllm.plugins", "load_general_plugins", [], []),
