@@ -128,7 +128,9 @@ run_stage() {
     # (edits on the device machine do not come back: commit the JSON, then `python -m moekern.experts.tune
     # apply JSON` on the CPU machine).
     versions; build
+    # TUNE_SHAPES=MODEL:M,... picks the shapes (default: the 10 that lost in session 2's bench)
     timeout 330 python3 benchmarks/tune_moe_shapes.py --out "$OUT/tune" --budget-s "${TUNE_BUDGET_S:-280}" --apply \
+      ${TUNE_SHAPES:+--shapes "$TUNE_SHAPES"} \
       2>&1 | tee "$OUT/tune.log" | tail -40
     timeout 240 python3 -m moekern.cli bench --no-progress --ops moe --budget-s 200 \
       --providers moekern-triton,vllm --out "$OUT/bench-moe-tuned" 2>&1 | tee "$OUT/bench-moe-tuned.log" | tail -35
