@@ -261,3 +261,270 @@ def test_cli_streams_partial_rows(tmp_path):
     assert rc == 0
     lines = (out / "rows.partial.jsonl").read_text().splitlines()
     assert [json.loads(ln)["provider"] for ln in lines] == ["torch"]
+
+
+# ---------------------------------------------------------------- FlashInfer providers against a fake flashinfer
+#
+# The fake enforces FlashInfer 0.6.14's contract as its sources state it (argument order and names, dtypes,
+# shapes, in-place outputs, return types) and computes the result its own way from that contract, so a wrong
+# mapping in moekern.bench.providers fails here on CPU, before any GPU call:
+#   cutlass_fused_moe  fused_moe/core.py:814-845 (signature), :1008-1017 (output check), :633-642 (returns a
+#                      list), flashinfer_cutlass_fused_moe_binding.cu:260-318 (dtypes/shapes), Swiglu with fc1 =
+#                      [up; gate] (cutlass_fused_moe_kernels.cuh:2164, 2250-2265), routing weights applied.
+#   fused_topk_deepseek fused_moe/fused_routing_dsv3.py:142-153 (signature), :63-96 (limits),
+#                      noAuxTcKernels.cu:314-351 (dtypes/shapes), :26 and :252-270 (fp32 math, tanh sigmoid,
+#                      renormalize x scale, ids by score).
+
+import contextlib
+import importlib.machinery
+import inspect
+import sys
+import types
+
+_FI_MOE_CALLS: list = []
+_FI_ROUTING_CALLS: list = []
+_FI_AUTOTUNE: list = []
+
+
+def _fi_require(cond, msg):
+    if not cond:
+        raise RuntimeError(f"fake flashinfer: {msg}")
+
+
+def _fake_cutlass_fused_moe(
+    input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights, output_dtype,
+    quant_scales, fc1_expert_biases=None, fc2_expert_biases=None, input_sf=None, swiglu_alpha=None,
+    swiglu_beta=None, swiglu_limit=None, tp_size=1, tp_rank=0, ep_size=1, ep_rank=0, cluster_size=1,
+    cluster_rank=0, output=None, enable_alltoall=False, use_deepseek_fp8_block_scale=False,
+    use_w4_group_scaling=False, use_mxfp8_act_scaling=False, min_latency_mode=False, use_packed_weights=False,
+    tune_max_num_tokens=8192, enable_pdl=None, activation_type=3, swizzled_input_sf=True,
+):
+    x, ids, scales = input, token_selected_experts, token_final_scales
+    w31, w2 = fc1_expert_weights, fc2_expert_weights
+    _fi_require(x.dtype in (torch.float16, torch.bfloat16), f"input dtype {x.dtype}: fp16/bf16 runners only")
+    _fi_require(w31.dtype == x.dtype and w2.dtype == x.dtype, "weights must have the input's dtype")
+    _fi_require(output_dtype == x.dtype, f"output_dtype {output_dtype} != input dtype {x.dtype}")
+    _fi_require(ids.dtype == torch.int32, f"token_selected_experts dtype {ids.dtype}, expected int32")
+    _fi_require(scales.dtype == torch.float32, f"token_final_scales dtype {scales.dtype}, expected float32")
+    _fi_require(x.dim() == 2 and ids.dim() == 2 and scales.dim() == 2, "input/experts/scales must be 2-D")
+    _fi_require(w31.dim() == 3 and w2.dim() == 3, "weights must be 3-D")
+    _fi_require(ids.shape == scales.shape and ids.shape[0] == x.shape[0], "token counts / top_k disagree")
+    E, two_i, H = w31.shape
+    _fi_require(w2.shape[0] == E and w2.shape[1] == H and two_i == 2 * w2.shape[2],
+                f"fc1 {tuple(w31.shape)} / fc2 {tuple(w2.shape)} are not [E, 2I, H] / [E, H, I]")
+    _fi_require(x.shape[1] == H, f"input width {x.shape[1]} != hidden {H}")
+    _fi_require(H % 8 == 0 and w2.shape[2] % 8 == 0, "hidden and inter must be multiples of 8 (TMA alignment)")
+    _fi_require(quant_scales is not None and len(quant_scales) == 0, "unquantized: quant_scales must be []")
+    _fi_require(activation_type == 3, "activation must stay Swiglu")
+    _fi_require(not min_latency_mode and fc1_expert_biases is None and input_sf is None, "unexpected option")
+    _fi_require(bool((ids >= 0).all() and (ids < E).all()), "expert id out of range")
+    M = x.shape[0]
+    if output is None:
+        output = torch.empty(M, H, dtype=output_dtype, device=x.device)
+    _fi_require(tuple(output.shape) == (M, H) and output.dtype == output_dtype, "output buffer shape/dtype")
+    inter = two_i // 2
+    acc = torch.zeros(M, H, dtype=torch.float32)
+    xf = x.float()
+    for t in range(M):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w31[e].float() @ xf[t]
+            a = torch.nn.functional.silu(h[inter:]) * h[:inter]  # linear (up) first, gate second
+            acc[t] += float(scales[t, j]) * (w2[e].float() @ a)
+    output.copy_(acc.to(output_dtype))
+    _FI_MOE_CALLS.append(dict(M=M, tuning=bool(_FI_AUTOTUNE and _FI_AUTOTUNE[-1] == "open")))
+    return [output, torch.empty(1, dtype=torch.int32), torch.empty(E, M), torch.empty(E, dtype=torch.int32)]
+
+
+def _fake_fused_topk_deepseek(scores, bias, n_group, topk_group, topk, routed_scaling_factor, topk_values,
+                              topk_indices, launch_with_pdl=True, routing_replay_out=None, *, skip_check=False):
+    for name, v in (("n_group", n_group), ("topk_group", topk_group), ("topk", topk)):
+        _fi_require(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an int, got {v!r}")
+    _fi_require(isinstance(routed_scaling_factor, float), "routed_scaling_factor must be a float")
+    _fi_require(scores.dim() == 2, "scores must be 2-D")
+    M, E = scores.shape
+    _fi_require(scores.dtype in (torch.float32, torch.float16, torch.bfloat16), f"scores dtype {scores.dtype}")
+    _fi_require(bias.dim() == 1 and bias.numel() == E, f"bias must be [E={E}], got {tuple(bias.shape)}")
+    _fi_require(bias.dtype == scores.dtype, f"bias dtype {bias.dtype} != scores dtype {scores.dtype} (doc)")
+    _fi_require(topk_values.dtype == scores.dtype, "topk_values must have the scores' dtype")
+    _fi_require(topk_indices.dtype == torch.int32, "topk_indices must be int32")
+    _fi_require(tuple(topk_values.shape) == (M, topk) and tuple(topk_indices.shape) == (M, topk),
+                "outputs must be [num_tokens, topk]")
+    _fi_require(E % n_group == 0 and topk_group <= n_group and topk_group * n_group >= topk, "group config")
+    _fi_require(topk <= 8 and E // n_group <= 32 and E // n_group * topk_group <= 128 and E <= 256, "limits")
+    s = 0.5 * torch.tanh(0.5 * scores.float()) + 0.5  # sigmoid_accurate, fp32
+    sb = s + bias.float()
+    per = E // n_group
+    group_score = sb.view(M, n_group, per).topk(2, dim=-1).values.sum(-1)
+    kept = group_score.topk(topk_group, dim=-1).indices
+    mask = torch.zeros(M, n_group, dtype=torch.bool).scatter_(1, kept, True).repeat_interleave(per, 1)
+    ids = torch.where(mask, sb, torch.full_like(sb, float("-inf"))).topk(topk, dim=-1).indices  # by score
+    w = s.gather(1, ids)
+    w = w * routed_scaling_factor / (w.sum(-1, keepdim=True) + 1e-20)
+    topk_values.copy_(w.to(topk_values.dtype))
+    topk_indices.copy_(ids.to(torch.int32))
+    _FI_ROUTING_CALLS.append(dict(M=M, skip_check=skip_check))
+    return None
+
+
+@contextlib.contextmanager
+def _fake_autotune(tune_mode=True, cache=None, tuning_buckets=None, round_up=None, skip_ops=None):
+    ok = tuning_buckets is None or (len(tuning_buckets) >= 1 and all(isinstance(b, int) for b in tuning_buckets))
+    _fi_require(ok, f"tuning_buckets {tuning_buckets!r}")
+    _FI_AUTOTUNE.append("open")
+    try:
+        yield
+    finally:
+        _FI_AUTOTUNE.append(("closed", tune_mode, tuning_buckets))
+
+
+def _fake_module(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+    mod.__dict__.update(attrs)
+    return mod
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    fi = _fake_module("flashinfer", __version__="0.6.14")
+    fi.__path__ = []
+    fm = _fake_module("flashinfer.fused_moe", cutlass_fused_moe=_fake_cutlass_fused_moe,
+                      fused_topk_deepseek=_fake_fused_topk_deepseek)
+    at = _fake_module("flashinfer.autotuner", autotune=_fake_autotune)
+    fi.fused_moe, fi.autotuner = fm, at
+    for m in (fi, fm, at):
+        monkeypatch.setitem(sys.modules, m.__name__, m)
+    for calls in (_FI_MOE_CALLS, _FI_ROUTING_CALLS, _FI_AUTOTUNE):
+        calls.clear()
+    P._import_error.cache_clear()
+    yield fi
+    P._import_error.cache_clear()
+
+
+def test_fake_flashinfer_signatures_match_flashinfer_0_6_14():
+    # The parameter lists of FlashInfer 0.6.14 (fused_moe/core.py:814-845, fused_routing_dsv3.py:142-153):
+    # a provider that passes a keyword the real function lacks, or positions that moved, must fail here too.
+    moe = ["input", "token_selected_experts", "token_final_scales", "fc1_expert_weights", "fc2_expert_weights",
+           "output_dtype", "quant_scales", "fc1_expert_biases", "fc2_expert_biases", "input_sf", "swiglu_alpha",
+           "swiglu_beta", "swiglu_limit", "tp_size", "tp_rank", "ep_size", "ep_rank", "cluster_size",
+           "cluster_rank", "output", "enable_alltoall", "use_deepseek_fp8_block_scale", "use_w4_group_scaling",
+           "use_mxfp8_act_scaling", "min_latency_mode", "use_packed_weights", "tune_max_num_tokens", "enable_pdl",
+           "activation_type", "swizzled_input_sf"]
+    assert list(inspect.signature(_fake_cutlass_fused_moe).parameters) == moe
+    routing = ["scores", "bias", "n_group", "topk_group", "topk", "routed_scaling_factor", "topk_values",
+               "topk_indices", "launch_with_pdl", "routing_replay_out", "skip_check"]  # skip_check: utils.py wrapper
+    assert list(inspect.signature(_fake_fused_topk_deepseek).parameters) == routing
+    ref = "/work/ref/flashinfer/fused_moe/core.py"
+    if os.path.exists(ref):  # the reference sources, where this machine has them
+        src = open(ref).read()
+        outer = src[src.index("def cutlass_fused_moe(\n    input: torch.Tensor,"):]
+        outer = outer[: outer.index(") -> torch.Tensor:")]
+        names = [ln.strip().split(":")[0] for ln in outer.splitlines()[1:] if ":" in ln]
+        assert names == moe
+
+
+def _fi_moe_setup(model="mixtral", m=5):
+    shape = make_shape("moe", resolve_model(model, tiny=True), m)
+    inp = make_inputs(shape, m, "cpu", seed=3)
+    # FlashInfer runs fp16/bf16 only (the CPU demo's inputs are fp32): the same tensors in bf16.
+    inp.hidden, inp.w13, inp.w2 = (t.to(torch.bfloat16) for t in (inp.hidden, inp.w13, inp.w2))
+    return shape, inp, P.reference_output(shape, inp)
+
+
+def test_flashinfer_moe_provider_matches_reference_through_fake(fake_flashinfer):
+    shape, inp, ref = _fi_moe_setup()
+    prov = P.get_providers("moe", ("flashinfer",))[0]
+    assert prov.unavailable(shape, torch.device("cuda")) is None  # installed (fake); a GPU is claimed
+    assert prov.unavailable(shape, torch.device("cpu")) == "needs a CUDA GPU"
+    fn = prov.prepare(shape, inp)
+    # prepare tuned once, for exactly this token count, inside FlashInfer's autotune context
+    assert _FI_AUTOTUNE == ["open", ("closed", True, (shape.num_tokens,))]
+    assert [c["tuning"] for c in _FI_MOE_CALLS] == [True]
+    got = prov.normalize(fn(), shape)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16  # not FlashInfer's list
+    res = P.check_output(shape, inp, ref, got)
+    assert res.ok, res.detail
+    assert res.error < 1e-2
+    assert _FI_MOE_CALLS[-1]["tuning"] is False
+    # the re-laid-out weights are built once per model and shared by every token count
+    w31 = inp.cache["flashinfer_w31"]
+    inter = shape.intermediate_size
+    assert torch.equal(w31[:, :inter], inp.w13[:, inter:]) and torch.equal(w31[:, inter:], inp.w13[:, :inter])
+    prov.prepare(shape, inp.first(2))
+    assert inp.cache["flashinfer_w31"] is w31
+
+
+def test_flashinfer_moe_fake_catches_the_gate_up_swap(fake_flashinfer, monkeypatch):
+    # Without the [gate; up] -> [up; gate] swap the fake (FlashInfer's semantics) computes silu(up) * gate:
+    # the checker must call that wrong, so the real swap is what makes the provider pass.
+    monkeypatch.setattr(P, "flashinfer_w31", lambda w13: w13.contiguous())
+    shape, inp, ref = _fi_moe_setup()
+    row = runner.measure_one(shape, dataclasses_replace(P.get_providers("moe", ("flashinfer",))[0]), inp, ref,
+                             "cpu", time_it=False)
+    assert row["status"] == "wrong" and "relative error" in row["reason"]
+
+
+def dataclasses_replace(prov):
+    """The provider with its availability check dropped (CPU runs the fake as if on a GPU)."""
+    import dataclasses
+
+    return dataclasses.replace(prov, unavailable=lambda s, d: None, graph_ok=False)
+
+
+def test_flashinfer_moe_row_is_ok_through_runner(fake_flashinfer):
+    shape, inp, ref = _fi_moe_setup("qwen3-30b-a3b", 3)
+    row = runner.measure_one(shape, dataclasses_replace(P.get_providers("moe", ("flashinfer",))[0]), inp, ref,
+                             "cpu")
+    assert row["status"] == "ok" and row["median_us"] > 0, row
+
+
+def test_flashinfer_routing_provider_matches_reference_through_fake(fake_flashinfer):
+    shape = make_shape("routing", resolve_model("deepseek-v3", tiny=True), 48)
+    inp = make_inputs(shape, 48, "cpu", seed=2)
+    ref = P.reference_output(shape, inp)
+    prov = P.get_providers("routing", ("flashinfer",))[0]
+    assert prov.unavailable(shape, torch.device("cuda")) is None
+    fn = prov.prepare(shape, inp)
+    assert _FI_ROUTING_CALLS == [dict(M=48, skip_check=False)]  # validated once in prepare
+    out = fn()
+    assert _FI_ROUTING_CALLS[-1] == dict(M=48, skip_check=True)  # timed calls skip the Python checks
+    got = prov.normalize(out, shape)
+    assert got.weights.dtype == torch.float32 and got.ids.dtype == torch.int64
+    res = P.check_output(shape, inp, ref, got)
+    assert res.ok, res.detail
+    # FlashInfer orders each row by score, the reference by score too but with bf16 weights: same sets
+    assert torch.equal(got.ids.sort(dim=1).values, ref.ids.long().sort(dim=1).values)
+    # the scale is applied once: the weights of a row sum to routed_scaling_factor (bf16 rounding)
+    assert torch.allclose(got.weights.sum(1), torch.full((48,), shape.routed_scaling_factor), rtol=1e-2)
+    row = runner.measure_one(shape, dataclasses_replace(prov), inp, ref, "cpu")
+    assert row["status"] == "ok" and row["median_us"] > 0, row
+
+
+def test_flashinfer_routing_checker_rejects_unscaled_or_unrenormalized_weights(fake_flashinfer):
+    # Like with like: a provider returning FlashInfer's weights without the scale (or without renormalizing)
+    # must be called wrong, so passing the test above means the semantics agree, not just the ids.
+    shape = make_shape("routing", resolve_model("deepseek-v3", tiny=True), 16)
+    inp = make_inputs(shape, 16, "cpu", seed=5)
+    ref = P.reference_output(shape, inp)
+    w, ids, _ = _ref_tuple(shape, inp)
+    unscaled = P.RoutingResult(w.float() / shape.routed_scaling_factor, ids.long(), None)
+    assert not P.check_output(shape, inp, ref, unscaled).ok
+    raw = torch.sigmoid(inp.logits.float()).gather(1, ids.long())
+    assert not P.check_output(shape, inp, ref, P.RoutingResult(raw * shape.routed_scaling_factor, ids.long(),
+                                                               None)).ok
+
+
+def test_flashinfer_routing_reasons_for_uncovered_models(fake_flashinfer):
+    import dataclasses
+
+    cuda = torch.device("cuda")
+    prov = P.get_providers("routing", ("flashinfer",))[0]
+    ds = resolve_model("deepseek-v3")
+    assert prov.unavailable(make_shape("routing", ds, 4), cuda) is None
+    no_renorm = make_shape("routing", dataclasses.replace(ds, renormalize=False), 4)
+    assert "renormalizes" in prov.unavailable(no_renorm, cuda)
+    wide = make_shape("routing", dataclasses.replace(ds, num_experts=512), 4)  # 64 experts per group
+    assert "does not cover" in prov.unavailable(wide, cuda)
+    for model in ("mixtral", "qwen3-30b-a3b", "olmoe"):
+        assert "softmax" in prov.unavailable(make_shape("routing", resolve_model(model), 4), cuda)

@@ -64,6 +64,14 @@ from make_configs import MODELS, attention_backend  # noqa: E402
 
 ARMS = {
     "vllm": ({"MOEKERN_KERNELS": "off"}, {}, False),
+    # vLLM 0.26, checked against its sources: moe_backend is a KernelConfig field (config/kernel.py:122-139,
+    # :184), mapped for unquantized layers to FLASHINFER_CUTLASS (fused_moe/oracle/unquantized.py:155), i.e.
+    # FlashInferExperts, which takes sm90 with no quantization (experts/flashinfer_cutlass_moe.py:131-165) and
+    # calls FlashInfer's cutlass_fused_moe with quant_scales=[] (:371); the w13 halves are swapped to
+    # FlashInfer's [up; gate] at load (unquantized.py:325). No VLLM_USE_FLASHINFER_MOE_* variable gates the bf16
+    # path. Needs nvcc on PATH (utils/flashinfer.py has_flashinfer) and FlashInfer's fused-MoE JIT build in
+    # ~/.cache/flashinfer (benchmarks/flashinfer_warmup.py; built inside the arm it would outlast --arm-timeout);
+    # vLLM then autotunes FlashInfer's tactics at warm-up (kernel_warmup.flashinfer_autotune; on at -O2).
     "flashinfer": ({"MOEKERN_KERNELS": "off"}, {"moe_backend": "flashinfer_cutlass"}, False),
     "moekern-routing": ({"MOEKERN_KERNELS": "routing"}, {}, False),
     "moekern-routing-log": ({"MOEKERN_KERNELS": "routing"}, {}, True),

@@ -263,6 +263,15 @@ def vllm_block_size(shape: Shape, num_tokens: int) -> int | None:
 
 
 # ---------------------------------------------------------------- FlashInfer 0.6.14
+#
+# Every argument below is mapped from the FlashInfer 0.6.14 sources (wheel: flashinfer/fused_moe/*.py, JIT
+# sources under flashinfer/data/csrc); the file:line cited is where the contract is stated or enforced.
+# tests/test_bench.py runs these providers against a fake `flashinfer` that enforces the same contract.
+
+# fused_moe/fused_routing_dsv3.py:63-96 (_check_dsv3_fused_routing_supported) and
+# data/csrc/fused_moe/noAuxTcKernels.cu:237-242 (invokeNoAuxTc): the grouped kernel takes E <= 256,
+# E / n_group <= 32, E / n_group * topk_group <= 128, topk <= 8; anything else raises.
+_FI_DSV3_MAX_EXPERTS, _FI_DSV3_MAX_PER_GROUP, _FI_DSV3_MAX_SELECTED, _FI_DSV3_MAX_TOPK = 256, 32, 128, 8
 
 
 def _flashinfer_routing_unavailable(shape: Shape, device: torch.device) -> str | None:
@@ -270,6 +279,15 @@ def _flashinfer_routing_unavailable(shape: Shape, device: torch.device) -> str |
         return ("FlashInfer 0.6.14 has no standalone softmax top-k routing op for sm90 (its softmax routing "
                 "runs inside the trtllm-gen MoE kernels, sm100+); only DeepSeek-V3 routing "
                 "(fused_topk_deepseek) is benchmarked")
+    # fused_routing_dsv3.py:167-168 (step 5): weights are always sigmoid / sum(sigmoid) * scale.
+    if not shape.renormalize:
+        return "fused_topk_deepseek always renormalizes the top-k weights; this model does not"
+    E, G, g, k = shape.num_experts, shape.num_expert_group, shape.topk_group, shape.top_k
+    per_group = E // G
+    if (E % G or E > _FI_DSV3_MAX_EXPERTS or per_group > _FI_DSV3_MAX_PER_GROUP
+            or per_group * g > _FI_DSV3_MAX_SELECTED or k > _FI_DSV3_MAX_TOPK or g > G or g * G < k):
+        return (f"fused_topk_deepseek does not cover num_experts={E}, n_group={G}, topk_group={g}, top_k={k} "
+                f"(needs E % n_group == 0, E <= 256, E/n_group <= 32, E/n_group*topk_group <= 128, top_k <= 8)")
     return _needs_gpu(device) or _import_error("flashinfer.fused_moe")
 
 
@@ -277,29 +295,91 @@ def _flashinfer_routing_prepare(shape: Shape, inp: Inputs):
     from flashinfer.fused_moe import fused_topk_deepseek
 
     logits, M, k = inp.logits, inp.num_tokens, shape.top_k
-    bias = inp.correction_bias.to(logits.dtype)  # FlashInfer wants the bias in the scores' dtype (bf16-exact)
+    # fused_routing_dsv3.py:175-177: bias [E], "same dtype as scores" (the kernel, noAuxTcKernels.cu:375-440,
+    # also takes fp32/fp16); ours is fp32 holding bf16-exact values, so the bf16 copy is the same numbers.
+    bias = inp.correction_bias.to(logits.dtype).contiguous()
+    # noAuxTcKernels.cu:348-351: topk_values has the scores' dtype, topk_indices int32; both [M, topk].
     values = torch.empty(M, k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(M, k, dtype=torch.int32, device=logits.device)
-    G, g, scale = shape.num_expert_group, shape.topk_group, shape.routed_scaling_factor
+    G, g, scale = shape.num_expert_group, shape.topk_group, float(shape.routed_scaling_factor)
+    # fused_routing_dsv3.py:142-153, positional order: scores, bias, n_group, topk_group, topk,
+    # routed_scaling_factor, topk_values, topk_indices (launch_with_pdl keeps its default True: FlashInfer's own
+    # choice on sm90). Results are written in place; the function returns None.
+    # The first call runs FlashInfer's argument checks (utils.py backend_requirement); the timed calls skip
+    # them (skip_check=True, popped by the same wrapper), as an engine that validated once would.
+    fused_topk_deepseek(logits, bias, G, g, k, scale, values, ids)
 
     def call():
-        fused_topk_deepseek(logits, bias, G, g, k, scale, values, ids)
+        fused_topk_deepseek(logits, bias, G, g, k, scale, values, ids, skip_check=True)
         return values, ids
 
     return call
 
 
+def _flashinfer_routing_norm(out, shape: Shape) -> RoutingResult:
+    # values: renormalized sigmoid weights x routed_scaling_factor (bf16), the reference's semantics exactly
+    # (fused_topk_reference with renormalize=True); ids come sorted by score, not by index, and the checker
+    # compares id sets per row, so the order does not matter.
+    return RoutingResult(out[0].float(), out[1].long(), None)
+
+
+def flashinfer_w31(w13: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, H] -> [E, 2I, H] with the halves swapped: ours is [gate; up], FlashInfer's CUTLASS MoE reads
+    [up; gate]: data/csrc/fused_moe/cutlass_backend/cutlass_fused_moe_kernels.cuh:2164,2250-2265 take the
+    gate at column offset inter_size and the linear (up) part at offset 0 (vLLM swaps likewise:
+    oracle/unquantized.py, swap_w13_to_w31)."""
+    inter = w13.shape[1] // 2
+    return torch.cat([w13[:, inter:], w13[:, :inter]], dim=1).contiguous()
+
+
 def _flashinfer_moe_prepare(shape: Shape, inp: Inputs):
     from flashinfer.fused_moe import cutlass_fused_moe
 
-    inter = shape.intermediate_size
     if "flashinfer_w31" not in inp.cache:
-        # FlashInfer's fc1 is [E, 2I, H] with the up rows first ([up; gate]); ours is [gate; up].
-        inp.cache["flashinfer_w31"] = torch.cat([inp.w13[:, inter:], inp.w13[:, :inter]], dim=1).contiguous()
+        inp.cache["flashinfer_w31"] = flashinfer_w31(inp.w13)
     w31 = inp.cache["flashinfer_w31"]
     x, w2, tw, ti = inp.hidden, inp.w2, inp.topk_weights, inp.topk_ids
-    out = torch.empty_like(x)
-    return lambda: cutlass_fused_moe(x, ti, tw, w31, w2, x.dtype, quant_scales=[], output=out)
+    # flashinfer_cutlass_fused_moe_binding.cu:260-271: input in the runner's activation dtype (bf16), experts
+    # int32, scales fp32, both weights in the input's dtype; :296-318: fc1 [E, 2I, H], fc2 [E, H, I].
+    ti = ti if ti.dtype == torch.int32 else ti.to(torch.int32)
+    tw = tw if tw.dtype == torch.float32 else tw.float()
+    # core.py:1008-1017: an output buffer must be exactly [M, H] of output_dtype on the input's device.
+    out = torch.empty(x.shape[0], w2.shape[1], dtype=x.dtype, device=x.device)
+
+    def call():
+        # core.py:814-822, positional: input, token_selected_experts, token_final_scales, fc1_expert_weights,
+        # fc2_expert_weights, output_dtype, quant_scales ([] = unquantized, as vLLM's bf16 path passes).
+        # activation_type keeps its default ActivationType.Swiglu (silu(gate) * up); routing weights are
+        # applied inside (token_final_scales), like the reference. It returns a Python list
+        # [output, ...] (core.py:633-642; its docstring says Tensor), so the provider returns `out` itself.
+        cutlass_fused_moe(x, ti, tw, w31, w2, x.dtype, [], output=out)
+        return out
+
+    _flashinfer_autotune(call, x)
+    return call
+
+
+def _flashinfer_autotune(call, x: torch.Tensor) -> None:
+    """Pick FlashInfer's GEMM tactics for this token count before timing, as vLLM does at start-up
+    (kernel_warmup.flashinfer_autotune). Untuned, core.py:547-575 fall back to tactic -1, which the binding
+    maps to the first profile in its list (flashinfer_cutlass_fused_moe_binding.cu:826-831), not a tuned one.
+    Only this token count is profiled (tuning_buckets=(M,), autotuner.py:465-500); outside the context the
+    op maps M to its hybrid bucket (fused_moe/utils.py map_to_hybrid_bucket), which is M itself for the
+    bench's token counts (powers of two <= 8192), so the timed calls find the tuned tactic. A failure leaves
+    FlashInfer on its default tactic: it is printed, never fatal."""
+    try:
+        from flashinfer.autotuner import autotune
+    except Exception as exc:  # pragma: no cover - only with a broken install
+        print(f"flashinfer autotune unavailable ({type(exc).__name__}: {exc}); default tactic", flush=True)
+        return
+    try:
+        with autotune(True, tuning_buckets=(int(x.shape[0]),)):
+            call()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    except Exception as exc:
+        print(f"flashinfer autotune failed at M={x.shape[0]} ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); default tactic", flush=True)
 
 
 def _flashinfer_unavailable_for(op: str, why: str):
@@ -335,7 +415,7 @@ def _registry() -> list[Provider]:
         Provider("vllm", "moe", _vllm_unavailable("vllm.model_executor.layers.fused_moe"),
                  _vllm_moe_prepare, _moe_norm),
         Provider("flashinfer", "routing", _flashinfer_routing_unavailable, _flashinfer_routing_prepare,
-                 _vllm_routing_norm),
+                 _flashinfer_routing_norm),
         Provider("flashinfer", "align", _flashinfer_unavailable_for("align", _FI_NO_ALIGN), None, None),
         Provider("flashinfer", "moe",
                  lambda shape, device: _needs_gpu(device) or _import_error("flashinfer.fused_moe"),
