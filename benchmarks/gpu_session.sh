@@ -84,12 +84,13 @@ run_stage() {
   build-test)
     # Every GPU test in two runs: the ~180 tests outside test_cuda_ops.py first (dispatch, EP, moe, routing,
     # diffusion, study, and the vLLM ones when the gpuenv is staged), then test_cuda_ops.py's ~1150
-    # parametrizations (~250 s on an H100). Session 3's single 300 s run stopped in test_dispatch.py.
+    # parametrizations (~250 s in one process on an H100; 8 xdist workers here). Session 3's single 300 s run
+    # stopped in test_dispatch.py.
     versions
     time build
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 150 -rfE \
       --ignore tests/test_cuda_ops.py tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-    timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rfE tests/test_cuda_ops.py \
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 -rfE -n 8 tests/test_cuda_ops.py \
       2>&1 | tee "$OUT/gpu_tests_cuda_ops.log" | tail -15
     ;;
   memcheck)
