@@ -539,6 +539,21 @@ def median_run(runs: list[dict], key: str = "output_throughput") -> int:
     return order[(len(order) - 1) // 2]
 
 
+def _wait_healthy(server: subprocess.Popen, port: int, t0: float, timeout: float) -> bool:
+    """Poll the server's /health every 2 s until it answers 200 (True), exits or `timeout` s pass since t0."""
+    while time.time() - t0 < timeout:
+        if server.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except Exception:
+            pass
+        time.sleep(2)
+    return False
+
+
 def run_serve_arm(args, arm: str, out: Path) -> dict:
     """Start `vllm serve` for `arm`, wait for /health, run one discarded warm-up bench and serve_reps timed
     ones (serve_<arm>.warmup.json, serve_<arm>.rep<i>.json; the median run copied to serve_<arm>.bench.json),
@@ -553,18 +568,7 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     with open(log, "w") as fh:
         server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
-            ready = False
-            while time.time() - t0 < args.server_timeout:
-                if server.poll() is not None:
-                    break
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            ready = True
-                            break
-                except Exception:
-                    pass
-                time.sleep(2)
+            ready = _wait_healthy(server, port, t0, args.server_timeout)
             r["startup_s"] = round(time.time() - t0, 1)
             if not ready:
                 r["error"] = "server did not become healthy: " + _tail(log)
@@ -600,6 +604,292 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
             _kill_group(server)
             r["server_stopped"] = server.poll() is not None
     r.update(jit_fields(log.read_text(errors="replace")))
+    return r
+
+
+# ---- serve grid: many benches against one server ----------------------------------------------------------
+# A server start costs 60-110 s (torch.compile, CUDA graphs), a quick bench 1-10 s: with --concurrency-grid
+# each serve arm starts its server once, runs one discarded warm-up bench (the largest concurrency, first
+# dataset), then every grid point (rep outermost, then dataset, then concurrency: drift spreads over reps).
+# The points run in ONE bench process per server (--child-bench-grid) that imports vLLM's bench once and calls
+# its main() per point (a `vllm bench serve` process per point would add ~15-20 s of imports each); when that
+# import fails it falls back to one `vllm bench serve` subprocess per point. The child writes a start and an
+# end marker per point into the server's log through the server's own stdout descriptor (shared offset, so
+# the lines interleave, never overwrite), so the JIT events of each point are counted apart; it records the
+# wall-clock window [time.time() before, after] of each point for the gate-log CV (moekern.analysis.serving).
+# The per-point result files are written by this process after the server stopped (temp file + rename: a
+# point is either complete or absent); a point whose result file exists is skipped (resume).
+GRID_POINT_START = "moekern-e2e: grid point starts:"
+GRID_POINT_END = "moekern-e2e: grid point ends:"
+
+
+def grid_points(args, arm: str) -> list[dict]:
+    """The arm's bench grid: dicts name, concurrency, dataset (Path | None), rep, result (Path)."""
+    from moekern.analysis.sweep import grid_point_name
+
+    prefix = args.grid_prefix or grid_prefix(args, arm)
+    datasets = args.datasets or [None]
+    return [{"name": grid_point_name(prefix, c, d, r), "concurrency": c, "dataset": d, "rep": r,
+             "result": Path(args.result_dir) / f"{grid_point_name(prefix, c, d, r)}.json"}
+            for r in range(args.grid_reps) for d in datasets for c in args.concurrency_grid]
+
+
+def grid_prefix(args, arm: str) -> str:
+    """Default result-name prefix of an arm's grid: the arm and the server-level settings."""
+    p = f"{arm}_s{args.max_num_seqs}"
+    if args.max_num_batched_tokens:
+        p += f"_b{args.max_num_batched_tokens}"
+    if args.tensor_parallel_size > 1:
+        p += f"_tp{args.tensor_parallel_size}"
+    if args.enable_eplb:
+        p += "_eplb1"
+    return p
+
+
+def _point_args(args, concurrency: int, dataset) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "concurrency": concurrency, "dataset": dataset})
+
+
+def dataset_input_len(path) -> float | None:
+    """Mean "prompt_len" of a `moekern datasets generate` file (the predictor's tokens; the estimate's input
+    length), None when the lines carry none."""
+    lens = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            v = json.loads(line).get("prompt_len")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(v, (int, float)):
+            lens.append(float(v))
+    return sum(lens) / len(lens) if lens else None
+
+
+def grid_timing():
+    """sweep.GridTiming with this runner's measured constants (the same numbers; a test keeps them equal)."""
+    from moekern.analysis.sweep import GridTiming
+
+    return GridTiming(server_start_first_s=SERVER_START_S_FIRST, server_start_later_s=SERVER_START_S_LATER,
+                      server_stop_s=SERVER_STOP_S, decode_step_s=STEADY_DECODE_STEP_S,
+                      prefill_tok_s=STEADY_PREFILL_TOK_S, preflight_s=PREFLIGHT_S)
+
+
+def grid_plan_estimate(args, num_arms: int) -> float:
+    """Estimated wall seconds of this invocation's serve grid (sweep.grid_plan_seconds)."""
+    from moekern.analysis.sweep import grid_plan_seconds
+
+    lens = [dataset_input_len(d) for d in args.datasets or []]
+    lens = [x for x in lens if x is not None]
+    in_len = sum(lens) / len(lens) if lens else args.input_len
+    return grid_plan_seconds(num_arms, args.concurrency_grid, len(args.datasets or [None]), args.grid_reps,
+                             args.serve_prompts, in_len, args.output_len, args.max_num_seqs, grid_timing(),
+                             preflight=not args.no_preflight)
+
+
+def count_jit_between(log_text: str, start: str, end: str) -> dict | None:
+    """count_jit_events of the text between the first `start` line and the next `end` line after it; None
+    when `start` is missing (an unterminated segment runs to the end of the log)."""
+    at = log_text.find(start)
+    if at < 0:
+        return None
+    seg = log_text[at + len(start):]
+    stop = seg.find(end)
+    return count_jit_events(seg if stop < 0 else seg[:stop], marker=None)
+
+
+def child_bench_grid(spec_path: str, bench=None) -> int:
+    """The bench process of one server's grid (spec: points [{name, argv}], marker_fd, deadline, progress,
+    in_process). Per point: a start marker into the server log, the bench, an end marker, one progress line
+    {name, start, end, rc, error}. A point that would end after `deadline` (now + its estimate) and all after
+    it are recorded as skipped. `bench(argv) -> rc` replaces the real bench (tests). Exit 3: in-process
+    requested but vLLM's bench could not be imported (nothing ran; the parent falls back to subprocesses)."""
+    spec = json.loads(Path(spec_path).read_text())
+    if bench is None:
+        bench = _bench_in_process() if spec.get("in_process", True) else _bench_subprocess
+        if bench is None:
+            return 3
+    fd = spec.get("marker_fd")
+
+    def mark(text: str) -> None:
+        if fd is not None:
+            os.write(fd, f"\n{text}\n".encode())
+
+    with open(spec["progress"], "a", encoding="utf-8") as prog:
+        for i, pt in enumerate(spec["points"]):
+            if time.time() + pt.get("estimate_s", 0.0) > spec["deadline"]:
+                for rest in spec["points"][i:]:
+                    prog.write(json.dumps({"name": rest["name"], "skipped": f"time budget: would end after the "
+                                                                           f"deadline"}) + "\n")
+                break
+            mark(f"{GRID_POINT_START} {pt['name']}")
+            t0 = time.time()
+            try:
+                rc, err = int(bench(pt["argv"]) or 0), ""
+            except BaseException as exc:  # SystemExit from argparse too: record it, go on with the next point
+                rc, err = 1, f"{type(exc).__name__}: {exc}"[:2000]
+            t1 = time.time()
+            mark(f"{GRID_POINT_END} {pt['name']}")
+            prog.write(json.dumps({"name": pt["name"], "start": t0, "end": t1, "rc": rc, "error": err}) + "\n")
+            prog.flush()
+    return 0
+
+
+def _bench_in_process():
+    """A bench(argv) calling vLLM's `vllm bench serve` main() in this process, or None when it cannot be
+    imported (vLLM 0.26: vllm.benchmarks.serve.add_cli_args/main, the `vllm bench serve` entry point's own)."""
+    try:
+        from vllm.benchmarks.serve import add_cli_args, main as bench_main
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except Exception as exc:
+        print(f"in-process bench unavailable: {exc!r}", file=sys.stderr, flush=True)
+        return None
+
+    def run(argv):
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        bench_main(parser.parse_args(argv))
+        return 0
+
+    return run
+
+
+def _bench_subprocess(argv) -> int:
+    return subprocess.run(["vllm", "bench", "serve", *argv]).returncode
+
+
+def _read_progress(path: Path) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[row["name"]] = row
+    return out
+
+
+def grid_result_metadata(args, arm: str, pt: dict, prog: dict, gate_dir: Path | None, jit: dict | None,
+                         server_id: str) -> dict:
+    """The "moekern" block of one grid point's result file: result_metadata's keys plus max_concurrency
+    (client queue depth), dataset_path, rep, the bench's wall-clock window (bench_start/bench_end, also
+    gate_log_window for the CV) and the point's JIT counts (steady_state False when anything compiled)."""
+    pargs = _point_args(args, pt["concurrency"], pt["dataset"])
+    pargs.result = pt["result"]
+    meta = result_metadata(pargs, arm, gate_dir)
+    meta.update(arm=arm, max_concurrency=pt["concurrency"], queue_depth="client --max-concurrency; server "
+                f"max_num_seqs={args.max_num_seqs}", rep=pt["rep"], run_id=pt["name"], server_id=server_id,
+                bench_start=prog["start"], bench_end=prog["end"], grid_point=True)
+    if pt["dataset"] is not None:
+        meta["dataset_path"] = str(pt["dataset"])
+    if "gate_log" in meta:
+        meta["gate_log_window"] = [prog["start"], prog["end"]]
+    if jit is None:
+        meta.update(jit_during_measurement=None, steady_state=False)
+    else:
+        meta.update(jit_during_measurement=jit["jit"], autotune_during_measurement=jit["autotune"],
+                    jit_kernels=jit["kernels"], steady_state=not jit["jit"] and not jit["autotune"])
+    return meta
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
+    """One server for `arm`, one warm-up bench, then every grid point not yet written (module comment above);
+    result files to --result-dir. Returns the arm's summary: points written/skipped/failed, JIT per point."""
+    work = out / f"grid_{arm}"
+    work.mkdir(parents=True, exist_ok=True)
+    todo = [pt for pt in grid_points(args, arm) if not pt["result"].exists()]
+    r = {"arm": arm, "grid": True, "points": len(grid_points(args, arm)), "already_done": 0, "points_written": [],
+         "points_skipped": [], "points_failed": {}}
+    r["already_done"] = r["points"] - len(todo)
+    if not todo:
+        return r
+    port = _free_port()
+    cmd = serve_command(engine_kwargs(args, arm), port)
+    t0 = time.time()
+    server_id = f"{arm}@{t0:.0f}"
+    # One gate-log folder per server start, never cleared: result files of an earlier (resumed) invocation
+    # point into theirs, by window.
+    base = gate_log_dir(args, arm, out)
+    gdir = None if base is None else base / f"server_{t0:.0f}"
+    env = arm_env(arm, out, gdir, router_seed=args.dummy_router_seed)
+    log = out / f"serve_{arm}.server.log"
+    r["cmd"] = " ".join(cmd)
+    progress = work / "progress.jsonl"
+    progress.unlink(missing_ok=True)
+    with open(log, "w") as fh:
+        server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            ready = _wait_healthy(server, port, t0, args.server_timeout)
+            r["startup_s"] = round(time.time() - t0, 1)
+            if not ready:
+                r["error"] = "server did not become healthy: " + _tail(log)
+                return r
+            warm_args = _point_args(args, max(args.concurrency_grid), (args.datasets or [None])[0])
+            t1 = time.time()
+            warm, err = _bench(warm_args, port, work, env, "warmup")
+            r["warmup_s"] = round(time.time() - t1, 1)
+            if warm is None:
+                r["error"] = "warm-up " + err
+                return r
+            fh.write(f"\n{MEASURE_MARKER}\n")
+            fh.flush()
+            from moekern.analysis.sweep import bench_run_seconds
+
+            timing = grid_timing()
+            points = []
+            for pt in todo:
+                pa = _point_args(args, pt["concurrency"], pt["dataset"])
+                in_len = dataset_input_len(pt["dataset"]) if pt["dataset"] else args.input_len
+                est = bench_run_seconds(args.serve_prompts, in_len or args.input_len, args.output_len,
+                                        pt["concurrency"], args.max_num_seqs, timing) + timing.point_overhead_s
+                points.append({"name": pt["name"], "estimate_s": est,
+                               "argv": bench_command(pa, port, work, f"{pt['name']}.bench.json")[3:]})
+            # the server's stop comes after the deadline check of the last point
+            spec = {"points": points, "marker_fd": fh.fileno(), "deadline": deadline - SERVER_STOP_S,
+                    "progress": str(progress), "in_process": True}
+            for in_process in (True, False):
+                spec["in_process"] = in_process
+                spec_path = work / "grid.spec.json"
+                spec_path.write_text(json.dumps(spec))
+                with open(work / "bench_child.log", "a") as ch:
+                    child = subprocess.Popen([sys.executable, __file__, "--child-bench-grid", str(spec_path)],
+                                             env=env, stdout=ch, stderr=subprocess.STDOUT, start_new_session=True,
+                                             cwd=REPO, pass_fds=(fh.fileno(),))
+                    rc = _wait_group(child, max(1.0, deadline - time.time()) + 60)
+                r["bench_child_rc"] = rc
+                r["bench_in_process"] = in_process
+                if rc != 3:
+                    break
+        finally:
+            _kill_group(server)
+            r["server_stopped"] = server.poll() is not None
+    text = log.read_text(errors="replace")
+    prog = _read_progress(progress)
+    r["jit_during_measurement"] = (count_jit_events(text) or {}).get("jit")
+    r["gate_log_dir"] = str(gdir) if gdir is not None else None
+    for pt in todo:
+        row = prog.get(pt["name"])
+        raw = work / f"{pt['name']}.bench.json"
+        if row is None or "skipped" in row:
+            r["points_skipped"].append(pt["name"])
+            continue
+        if row.get("rc") or not raw.exists():
+            r["points_failed"][pt["name"]] = row.get("error") or f"bench rc {row.get('rc')}, no {raw.name}"
+            continue
+        jit = count_jit_between(text, f"{GRID_POINT_START} {pt['name']}\n", f"{GRID_POINT_END} {pt['name']}\n")
+        obj = json.loads(raw.read_text())
+        obj["moekern"] = {**obj.get("moekern", {}),
+                          **grid_result_metadata(args, arm, pt, row, gdir, jit, server_id)}
+        _write_json_atomic(pt["result"], obj)
+        r["points_written"].append(str(pt["result"]))
+    r["not_steady_points"] = [Path(f).stem for f in r["points_written"]
+                              if not json.loads(Path(f).read_text())["moekern"]["steady_state"]]
     return r
 
 
@@ -763,6 +1053,23 @@ def rep_spread(runs) -> float | None:
     return (vals[-1] - vals[0]) / vals[len(vals) // 2]
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints; got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1; got {text!r}")
+    return list(dict.fromkeys(vals))
+
+
+def _path_list(text: str) -> list[Path]:
+    vals = [Path(x.strip()) for x in text.split(",") if x.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated files; got {text!r}")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child-offline", help=argparse.SUPPRESS)
@@ -804,6 +1111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result", type=Path,
                    help="copy the serve bench JSON here with a 'moekern' block describing the run "
                         "(needs --mode serve and one arm; what `moekern sweep` and `moekern report` read)")
+    p.add_argument("--concurrency-grid", type=_int_list, metavar="C1,C2,...",
+                   help="serve grid: per arm, ONE server, one warm-up bench, then a bench per (rep, dataset, "
+                        "concurrency); the concurrency is the client's --max-concurrency (client-side queue depth; "
+                        "the server keeps --max-num-seqs); one result JSON per bench in --result-dir")
+    p.add_argument("--datasets", type=_path_list, metavar="A.jsonl,B.jsonl",
+                   help="serve grid: the datasets (`moekern datasets generate` files); default random tokens")
+    p.add_argument("--grid-reps", type=int, default=1, help="serve grid: repetitions of every point (default 1)")
+    p.add_argument("--grid-prefix", help="serve grid: result-name prefix (default ARM_sMAXNUMSEQS[...]; one arm only)")
+    p.add_argument("--result-dir", type=Path, help="serve grid: where the per-bench result JSON files go")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate; run nothing")
+    p.add_argument("--child-bench-grid", help=argparse.SUPPRESS)
     p.add_argument("--arm-timeout", type=float, default=300)
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--budget-s", type=float, default=560, help="skip arms that would start after this many seconds")
@@ -817,7 +1135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     files except reading the model's committed config.json for its vocab size."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.child_offline:
+    if args.child_offline or args.child_bench_grid:
         return args
     if args.dummy_router_seed is not None and args.dummy_router_seed < 0:
         p.error(f"--dummy-router-seed must be >= 0; got {args.dummy_router_seed}")
@@ -852,16 +1170,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.result is not None and (modes != ["serve"] or len(args.arm_plan["serve"]) != 1):
         p.error(f"--result holds one serve run: it needs --mode serve and one arm in --arms; got --mode "
                 f"{args.mode} and arms {args.arm_plan}")
+    _check_grid_args(p, args, modes)
     if args.input_len + args.output_len > args.max_model_len:
         p.error(f"--input-len {args.input_len} + --output-len {args.output_len} must be <= --max-model-len "
                 f"{args.max_model_len}")
     return args
 
 
+def _check_grid_args(p, args, modes) -> None:
+    grid_only = [f for f in ("datasets", "grid_prefix", "result_dir") if getattr(args, f) is not None]
+    if args.concurrency_grid is None:
+        if grid_only or args.grid_reps != 1:
+            p.error(f"--{(grid_only or ['grid_reps'])[0].replace('_', '-')} belongs to a serve grid: it needs "
+                    f"--concurrency-grid")
+        return
+    if modes != ["serve"]:
+        p.error(f"--concurrency-grid needs --mode serve; got --mode {args.mode}")
+    if args.result is not None or args.dataset is not None:
+        p.error("--concurrency-grid writes one result per bench to --result-dir and takes --datasets: drop "
+                f"{'--result' if args.result is not None else '--dataset'}")
+    if args.result_dir is None:
+        p.error("--concurrency-grid needs --result-dir (one result JSON per bench goes there)")
+    if args.grid_reps < 1:
+        p.error(f"--grid-reps={args.grid_reps} must be >= 1")
+    if args.grid_prefix is not None and len(args.arm_plan["serve"]) != 1:
+        p.error(f"--grid-prefix names one arm's results: it needs one arm in --arms; got {args.arm_plan['serve']}")
+    for d in args.datasets or []:
+        if not d.is_file():
+            p.error(f"--datasets: {str(d)!r} is not a file")
+    if len({d.stem for d in args.datasets or []}) != len(args.datasets or []):
+        p.error("--datasets: two files share a name stem (the result names would collide)")
+
+
 def plan_text(args) -> str:
     """One line per mode: the workload and the estimated wall time of this invocation (rates of
     mixtral-8x7b-4l on an H100), with a warning when it exceeds --budget-s."""
     lines = []
+    if getattr(args, "concurrency_grid", None):
+        arms = args.arm_plan["serve"]
+        est = grid_plan_estimate(args, len(arms))
+        n = len(args.concurrency_grid) * len(args.datasets or [None]) * args.grid_reps
+        lines.append(f"plan serve grid: {len(arms)} arm(s) x one server each, 1 warm-up + {n} benches per server "
+                     f"(concurrency {args.concurrency_grid} x {len(args.datasets or [None])} dataset(s) x "
+                     f"{args.grid_reps} rep(s)), {args.serve_prompts} prompts x {args.output_len} out each; "
+                     f"~{est / 60:.1f} min in all{'' if args.no_preflight else ' with preflight'} (estimate "
+                     f"from mixtral-8x7b-4l on an H100)")
+        if est > args.budget_s:
+            lines.append(f"  warning: the estimate exceeds --budget-s {args.budget_s:.0f}: the last points may be skipped")
+        return "\n".join(lines)
     for mode, arms in args.arm_plan.items():
         est = plan_seconds(args.workload, mode, len(arms), args.concurrency, args.max_num_seqs)
         per = (offline_pass_s(args.workload, args.max_num_seqs) if mode == "offline"
@@ -915,10 +1271,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_offline:
         return child_offline(args.child_offline)
-    out = args.out or REPO / "benchmarks" / "results" / "e2e" / _dt.date.today().isoformat()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.child_bench_grid:
+        return child_bench_grid(args.child_bench_grid)
     t_start = time.time()
     print(plan_text(args), flush=True)
+    if args.plan_only:
+        return 0
+    out = args.out or REPO / "benchmarks" / "results" / "e2e" / _dt.date.today().isoformat()
+    out.mkdir(parents=True, exist_ok=True)
     if not args.no_preflight:
         print("preflight:", " ".join(preflight_command(args)[1:]), flush=True)
         ok, text = run_preflight(args)
@@ -946,7 +1306,11 @@ def main(argv=None) -> int:
             "dataset": str(args.dataset) if args.dataset else None,
             "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
             "dummy_router_seed": args.dummy_router_seed,
-            "result": str(args.result) if args.result else None}
+            "result": str(args.result) if args.result else None,
+            "serve_grid": ({"concurrency": args.concurrency_grid, "datasets": [str(d) for d in args.datasets or []],
+                            "reps": args.grid_reps, "result_dir": str(args.result_dir),
+                            "queue_depth": "client --max-concurrency; server max_num_seqs fixed per server"}
+                           if args.concurrency_grid else None)}
     try:
         import torch
         import vllm
@@ -973,6 +1337,18 @@ def main(argv=None) -> int:
                 results[mode][arm] = {"skipped": f"time budget {args.budget_s}s spent"}
                 continue
             print(f"[{time.time() - t_start:6.0f}s] {mode} {arm} ...", flush=True)
+            if mode == "serve" and args.concurrency_grid:
+                r = run_serve_grid_arm(args, arm, out, t_start + args.budget_s)
+                if r.get("gate_log_dir") and "error" not in r and r["points_written"]:
+                    r["gate_log"] = check_gate_logs(Path(r["gate_log_dir"]))
+                results[mode][arm] = r
+                print(f"[{time.time() - t_start:6.0f}s]   -> grid: {len(r['points_written'])} written, "
+                      f"{r['already_done']} already there, {len(r['points_skipped'])} skipped (budget), "
+                      f"{len(r['points_failed'])} failed, "
+                      f"not steady: {r.get('not_steady_points')}" + (f"; error {r['error'][:400]}"
+                                                                     if r.get("error") else ""), flush=True)
+                (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
+                continue
             r = run_offline_arm(args, arm, out) if mode == "offline" else run_serve_arm(args, arm, out)
             gdir = gate_log_dir(args, arm, out)
             if gdir is not None and "error" not in r:
@@ -994,6 +1370,12 @@ def main(argv=None) -> int:
     if args.result is not None and not args.result.exists():
         print(f"--result {args.result} was not written (the serve arm failed or was skipped)", file=sys.stderr)
         return 1
+    if args.concurrency_grid:
+        missing = [pt["name"] for arm in args.arm_plan["serve"] for pt in grid_points(args, arm)
+                   if not pt["result"].exists()]
+        if missing:  # a sweep re-runs this invocation; the written points are skipped then
+            print(f"serve grid incomplete: {len(missing)} result(s) missing, e.g. {missing[0]}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -260,13 +260,16 @@ def table_from_counts(counts, num_tokens=None, steps=None) -> LoadTable:
     return LoadTable(a, np.ones(a.shape[:2], dtype=bool), st, nt, ["unknown"] * s)
 
 
-def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str | None = None) -> LoadTable:
+def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str | None = None,
+               time_window: tuple[float, float] | None = None) -> LoadTable:
     """Read expert loads from gate logs (JSONL file or directory of gate_log*.jsonl) or a directory of
     per-step JSON files (see module docstring). Corrupt lines/files are skipped and listed in `.skipped`.
 
     combine_ranks (several ranks logging the same (step, layer)): "auto" takes one copy when all copies are
     identical (TP ranks see the same routing) and sums them otherwise (DP ranks route different batches);
     "sum" always sums; "first" keeps the lowest rank. `phase` keeps only records of that phase.
+    `time_window=(start, end)` (unix seconds, inclusive) keeps only gate-log records whose `time` lies in it
+    (records without a time are dropped): one bench's steps out of a log a server wrote over many benches.
     """
     from moekern import gatelog
 
@@ -276,6 +279,9 @@ def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str 
     records, skipped = gatelog.read_gate_log(p)
     if phase is not None:
         records = [r for r in records if r.phase == phase]
+    if time_window is not None:
+        lo, hi = float(time_window[0]), float(time_window[1])
+        records = [r for r in records if r.time is not None and lo <= r.time <= hi]
     if not records:
         raise ValueError(f"no valid gate-log records under {str(p)!r} ({len(skipped)} lines skipped)")
     if combine_ranks not in ("auto", "sum", "first"):

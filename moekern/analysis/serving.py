@@ -16,6 +16,14 @@ benchmarks/e2e/run_e2e.py output folders are read as they are: a `serve_{arm}.be
 moe_backend gets moe_backend = arm, the engine settings (max_num_seqs, max_num_batched_tokens, eplb) of the
 `e2e_*.json` beside it (its "meta.engine"), and the gate logs in `gate_logs/{arm}/` beside it when they exist;
 the run's `extra["inferred_from"]` says so.
+
+Bench grids (run_e2e.py --concurrency-grid: many benches against one server) share one gate log per server.
+Each bench's result carries `moekern.gate_log_window = [start, end]`: the runner's time.time() just before the
+bench starts and just after it returns. Its measured_cv comes from the gate-log records whose `time` lies in
+that window. Both clocks are the host's wall clock (time.time(): the plugin stamps a record when the engine
+core queues the step's counts, the runner times the bench in another process on the same host), so no offset
+applies; only this bench's requests reach the server inside its window (benches run one after another), its
+4 `--num-warmups` requests of the first prompt included.
 """
 
 from __future__ import annotations
@@ -157,13 +165,28 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
                     try:
                         from moekern.analysis.metrics import load_table, summarize
 
-                        run.measured_cv = summarize(load_table(g), max_tokens).overall["step_cv"]
+                        window = _window(obj)
+                        table = load_table(g, time_window=window)
+                        run.measured_cv = summarize(table, max_tokens).overall["step_cv"]
                         run.gate_log = str(g)
+                        if window is not None:
+                            run.extra["gate_log_window"] = list(window)
+                            run.extra["gate_log_steps"] = table.num_steps
                     except (ValueError, FileNotFoundError) as exc:
                         skipped.append((str(g), f"gate log unusable: {exc}"))
                     break
         runs.append(run)
     return runs, skipped
+
+
+def _window(obj: dict) -> tuple[float, float] | None:
+    """The bench's [start, end] unix-seconds window from its "moekern" block, or None (whole log)."""
+    w = (obj.get("moekern") or {}).get("gate_log_window") if isinstance(obj.get("moekern"), dict) else None
+    if isinstance(w, (list, tuple)) and len(w) == 2:
+        lo, hi = _num(w[0]), _num(w[1])
+        if math.isfinite(lo) and math.isfinite(hi) and lo <= hi:
+            return lo, hi
+    return None
 
 
 def _infer_e2e_layout(run: RunResult, obj: dict, f: Path) -> None:

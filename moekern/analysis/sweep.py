@@ -31,6 +31,22 @@ predicted_score from a `NNN_SCORE.jsonl` dataset name), so `moekern report` can 
 already wrote there (run_e2e.py --result writes its own block) are kept, the sweep adds only the missing ones.
 Each run's output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point
 does not stop the sweep and is retried on the next invocation.
+
+Bench grids (one server, many benches). Starting `vllm serve` costs 60-110 s on an H100 (torch.compile + CUDA
+graphs) against 1-10 s per bench, so client-side factors run against one server: a spec with
+
+    bench_grid:
+      concurrency: [8, 32, 128]     # the client's `vllm bench serve --max-concurrency` (client queue depth;
+                                    # the server's max_num_seqs is a server-level grid key, unchanged per server)
+      dataset: ["datasets/*.jsonl"] # globs expand as in grid
+      reps: 2
+
+plans one sweep point per server-level grid combination (`grid` must then not hold concurrency or dataset)
+and renders {bench_grid} as run_e2e.py's flags (`--concurrency-grid 8,32,128 --datasets A,B --grid-reps 2
+--grid-prefix ID --result-dir OUT/runs`); {result_dir} is out_dir/runs. The runner writes one result JSON per
+bench, named by `grid_point_name` (ID_c{concurrency}_d{dataset stem}_r{rep}.json), with its own "moekern"
+block; a point is done when all its files exist, and the runner skips files that exist (resume per bench).
+`GridTiming`/`grid_plan_seconds` estimate such a plan (run_e2e.py prints the same estimate).
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ class SweepPoint:
     result: Path
     gate_log_dir: Path
     done: bool = False
+    expected: list[Path] = field(default_factory=list)  # bench-grid points: every per-bench result file
 
 
 @dataclass
@@ -70,6 +87,7 @@ class SweepSpec:
     timeout_s: float | None = None
     base_dir: Path = Path(".")
     collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
+    bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n}: client-side factors
 
 
 def load_spec(path) -> SweepSpec:
@@ -92,7 +110,84 @@ def load_spec(path) -> SweepSpec:
     flag = {(_truthy(k)): (v or "") for k, v in flag.items()}
     return SweepSpec(name=str(raw.get("name", p.stem)), out_dir=out if out.is_absolute() else base / out,
                      command=str(raw["command"]), grid=grid, vars=dict(raw.get("vars") or {}), eplb_flag=flag,
-                     timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"))
+                     timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"),
+                     bench_grid=check_bench_grid(raw.get("bench_grid"), grid))
+
+
+CLIENT_FACTORS = ("concurrency", "dataset")  # vary per bench against one server
+
+
+def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
+    """A checked copy of a spec's `bench_grid` mapping (module docstring), or None when absent. Raises
+    ValueError naming the key for a wrong one."""
+    if bench_grid is None:
+        return None
+    if not isinstance(bench_grid, dict):
+        raise ValueError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
+    unknown = sorted(set(bench_grid) - set(CLIENT_FACTORS) - {"reps"})
+    if unknown:
+        raise ValueError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
+    conc = bench_grid.get("concurrency")
+    if not isinstance(conc, list) or not conc or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                                         for c in conc):
+        raise ValueError(f"bench_grid.concurrency must be a non-empty list of ints >= 1; got {conc!r}")
+    ds = bench_grid.get("dataset")
+    if ds is not None and (not isinstance(ds, list) or not ds):
+        raise ValueError(f"bench_grid.dataset must be a non-empty list of files/globs; got {ds!r}")
+    reps = bench_grid.get("reps", 1)
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise ValueError(f"bench_grid.reps must be an int >= 1; got {reps!r}")
+    clash = sorted(set(grid or {}) & set(CLIENT_FACTORS))
+    if clash:
+        raise ValueError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
+    return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps}
+
+
+def grid_point_name(prefix: str, concurrency: int, dataset, rep: int) -> str:
+    """The file stem of one bench of a bench grid: `{prefix}_c{concurrency}_d{dataset stem|random}_r{rep}`
+    (run_e2e.py writes it, the sweep expects it)."""
+    d = _slug(dataset) if dataset else "random"
+    return f"{prefix}_c{int(concurrency)}_d{d}_r{int(rep)}"
+
+
+@dataclass(frozen=True)
+class GridTiming:
+    """Wall-clock costs of a bench grid on one H100 for mixtral-8x7b-4l (dummy weights, vLLM 0.26), from
+    benchmarks/results/e2e/h100-2026-11-23: a server healthy after 106 s (first, cold compile cache) / 66 s,
+    a decode step of ~5.5 ms at batch 64-128, ~220k prefill tok/s. bench_child_start_s: the bench process
+    importing vLLM once per server; point_overhead_s: per in-process bench (tokenizer, dataset, its 4
+    --num-warmups requests, metrics, save), an estimate. Good to ~30%; other models differ."""
+
+    server_start_first_s: float = 106.0
+    server_start_later_s: float = 66.0
+    server_stop_s: float = 10.0
+    bench_child_start_s: float = 15.0
+    point_overhead_s: float = 3.0
+    decode_step_s: float = 0.0055
+    prefill_tok_s: float = 220_000.0
+    preflight_s: float = 50.0
+
+
+def bench_run_seconds(num_prompts: int, input_len: float, output_len: int, concurrency: int, max_num_seqs: int,
+                      timing: GridTiming = GridTiming()) -> float:
+    """Seconds of work of one bench: min(concurrency, max_num_seqs) requests decode side by side, plus all
+    prompt tokens at the prefill rate (no overhead)."""
+    batch = max(1, min(int(concurrency), int(max_num_seqs)))
+    return num_prompts * output_len * timing.decode_step_s / batch + num_prompts * input_len / timing.prefill_tok_s
+
+
+def grid_plan_seconds(num_servers: int, concurrencies, num_datasets: int, reps: int, num_prompts: int,
+                      input_len: float, output_len: int, max_num_seqs: int, timing: GridTiming = GridTiming(),
+                      preflight: bool = True) -> float:
+    """Estimated wall seconds of `num_servers` servers each running one warm-up bench (at the largest
+    concurrency) and the grid concurrencies x num_datasets x reps, preflight included when `preflight`."""
+    per_round = sum(bench_run_seconds(num_prompts, input_len, output_len, c, max_num_seqs, timing)
+                    + timing.point_overhead_s for c in concurrencies)
+    warm = bench_run_seconds(num_prompts, input_len, output_len, max(concurrencies), max_num_seqs, timing) \
+        + timing.point_overhead_s
+    per_server = timing.bench_child_start_s + warm + per_round * max(1, num_datasets) * reps + timing.server_stop_s
+    starts = sum(timing.server_start_first_s if i == 0 else timing.server_start_later_s for i in range(num_servers))
+    return (timing.preflight_s if preflight else 0.0) + starts + num_servers * per_server
 
 
 def _truthy(v) -> bool:
@@ -140,12 +235,30 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
                   "eplb_flag": spec.eplb_flag.get(_truthy(params.get("eplb", False)), "")}
         if "dataset" in params:
             fields["dataset_name"] = Path(str(params["dataset"])).stem
+        expected: list[Path] = []
+        if spec.bench_grid is not None:
+            bg = spec.bench_grid
+            datasets = _expand(bg["dataset"], spec.base_dir, True) if bg["dataset"] else [None]
+            if not datasets:
+                raise ValueError("bench_grid.dataset expanded to nothing (a glob that matches no file?)")
+            result_dir = spec.out_dir / "runs"
+            flags = ["--concurrency-grid", ",".join(str(c) for c in bg["concurrency"]), "--grid-reps",
+                     str(bg["reps"]), "--grid-prefix", run_id, "--result-dir", str(result_dir)]
+            if datasets != [None]:
+                flags[2:2] = ["--datasets", ",".join(datasets)]
+            fields.update(bench_grid=shlex.join(flags), result_dir=str(result_dir))
+            expected = [result_dir / f"{grid_point_name(run_id, c, d, r)}.json"
+                        for r in range(bg["reps"]) for d in datasets for c in bg["concurrency"]]
         try:
             cmd = shlex.split(spec.command.format(**fields))
         except KeyError as exc:
             raise ValueError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
-                             "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag") from exc
-        points.append(SweepPoint(run_id, params, cmd, result, gate, result.exists()))
+                             "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag"
+                             + (", bench_grid, result_dir" if spec.bench_grid is not None else "")) from exc
+        if spec.bench_grid is not None and "--result-dir" not in cmd:
+            raise ValueError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
+        done = all(f.exists() for f in expected) if expected else result.exists()
+        points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
     return points
 
 
@@ -155,14 +268,17 @@ def predicted_score_from_name(path) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _annotate(point: SweepPoint, spec: SweepSpec) -> None:
+def _annotate(point: SweepPoint, spec: SweepSpec, path: Path | None = None) -> None:
+    path = path or point.result
     try:
-        obj = json.loads(point.result.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return
     if not isinstance(obj, dict):
         return
-    meta = {"run_id": point.run_id, "sweep": spec.name}
+    meta = {"run_id": path.stem, "sweep": spec.name}
+    if point.expected:
+        meta["server_run_id"] = point.run_id
     for k, v in point.params.items():
         meta["moe_backend" if k == "backend" else k] = v
     if "dataset" in point.params:
@@ -174,7 +290,9 @@ def _annotate(point: SweepPoint, spec: SweepSpec) -> None:
         meta["gate_log"] = str(Path("..") / "gate_logs" / point.run_id)  # relative to runs/ID.json
     own = obj.get("moekern")
     obj["moekern"] = {**meta, **own} if isinstance(own, dict) else meta  # the runner's own keys win
-    point.result.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)  # never a half-written result
 
 
 def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None) -> dict:
@@ -187,7 +305,8 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out
         print(f"sweep {spec.name!r}: {len(points)} points, {summary['skipped']} done (skipped), "
               f"{len(todo)} to run; results -> {spec.out_dir / 'runs'}", file=out)
         for p in points:
-            print(f"[{'done' if p.done else 'todo'}] {p.run_id}: {shlex.join(p.command)}", file=out)
+            extra = f" ({len(p.expected)} benches on one server)" if p.expected else ""
+            print(f"[{'done' if p.done else 'todo'}] {p.run_id}{extra}: {shlex.join(p.command)}", file=out)
         return summary
     for sub in ("runs", "logs", "gate_logs"):
         (spec.out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -215,6 +334,20 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out
             rc, reason = -1, f"timed out after {spec.timeout_s} s"
         except OSError as exc:
             rc, reason = -1, f"could not start: {exc}"
+        if p.expected:
+            have = [f for f in p.expected if f.exists()]
+            ok = rc == 0 and len(have) == len(p.expected)
+            if not ok and not reason:
+                reason = f"{len(p.expected) - len(have)} of {len(p.expected)} bench results missing"
+            for f in have:  # finished benches stay: the runner skips them on the next invocation
+                _annotate(p, spec, f)
+            summary["ran" if ok else "failed"] += 1
+            with open(status_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"run_id": p.run_id, "ok": ok, "reason": reason, "seconds": time.time() - t0,
+                                     "log": str(log), "benches": len(have), "expected": len(p.expected)}) + "\n")
+            if bar is not None:
+                bar.update(1)
+            continue
         if rc == 0 and spec.collect and not p.result.exists():
             hits = sorted(run_dir.glob(spec.collect))
             if hits:

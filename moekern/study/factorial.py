@@ -30,6 +30,16 @@ generated ones; generated factor j is the product (in -1/+1 coding) of all base 
 fully crossed with that fraction. Aliased terms make the ANOVA matrix singular, so `fit_anova` keeps a
 two-factor interaction only when the model still has residual degrees of freedom and full rank.
 
+Client-side factors (one server, many benches): when `factors` holds `concurrency` (the client's `vllm bench
+serve --max-concurrency`, i.e. client-side queue depth; the server's max_num_seqs stays a separate,
+server-level factor), `concurrency` and `dataset` vary per bench against one server: the design (full or
+fractional) runs over the other, server-level factors, each server point is one runner invocation with the
+sweep's `bench_grid` ({bench_grid} in the command: run_e2e.py --concurrency-grid ... --datasets ...
+--grid-reps REPS --result-dir OUT/runs), and the client factors are fully crossed inside it, `reps: N`
+times. The dry run prints the plan and its estimated time (sweep.grid_plan_seconds; `estimate:` in the spec
+may set num_prompts, input_len, output_len, max_num_seqs, preflight; otherwise vars, then run_e2e's quick
+defaults). Example: analysis/specs/factorial_h100_small.yaml.
+
 ANOVA: statsmodels `ols(response ~ C(a) + C(b) + C(a):C(b) ...)` and `anova_lm(typ=2)`; every factor is
 categorical. Partial eta squared = SS_term / (SS_term + SS_residual). Factors with one observed level are
 dropped (listed in `dropped`).
@@ -45,7 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
-FACTORS = ("model", "moe_backend", "layout", "gpus", "max_num_seqs", "max_num_batched_tokens", "dataset", "eplb")
+FACTORS = ("model", "moe_backend", "layout", "gpus", "max_num_seqs", "max_num_batched_tokens", "dataset", "eplb",
+           "concurrency")
+CLIENT_FACTORS = ("concurrency", "dataset")  # per bench, against one server (module docstring)
 RESPONSES = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")
 
 
@@ -63,6 +75,23 @@ class FactorialSpec:
     vars: dict = field(default_factory=dict)
     base_dir: Path = Path(".")
     timeout_s: float | None = None
+    reps: int = 1
+    estimate: dict = field(default_factory=dict)
+
+    @property
+    def bench_grid(self) -> dict | None:
+        """The sweep bench_grid of the client factors, or None when `concurrency` is not a factor."""
+        if "concurrency" not in self.factors:
+            return None
+        return {"concurrency": list(self.factors["concurrency"]), "dataset": self.factors.get("dataset"),
+                "reps": self.reps}
+
+    @property
+    def server_factors(self) -> dict[str, list]:
+        """The factors that need a server of their own (all of them without client factors)."""
+        if self.bench_grid is None:
+            return dict(self.factors)
+        return {k: v for k, v in self.factors.items() if k not in CLIENT_FACTORS}
 
 
 def load_factorial_spec(path) -> FactorialSpec:
@@ -79,6 +108,16 @@ def load_factorial_spec(path) -> FactorialSpec:
         bad = [q for q in raw["factors"]["max_num_seqs"] if not (isinstance(q, int) and 4 <= q <= 256)]
         if bad:
             raise ValueError(f"max_num_seqs levels must be ints in 4..256 (queue depth); got {bad}")
+    if "concurrency" in raw["factors"]:
+        bad = [c for c in raw["factors"]["concurrency"] if not (isinstance(c, int) and not isinstance(c, bool)
+                                                               and c >= 1)]
+        if bad:
+            raise ValueError(f"concurrency levels must be ints >= 1 (client --max-concurrency); got {bad}")
+    reps = raw.get("reps", 1)
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1; got {reps!r}")
+    if reps > 1 and "concurrency" not in raw["factors"]:
+        raise ValueError("reps repeats benches against one server: it needs a 'concurrency' factor")
     design = raw.get("design", "full")
     if design not in ("full", "fractional"):
         raise ValueError(f"design={design!r} must be 'full' or 'fractional'")
@@ -88,7 +127,8 @@ def load_factorial_spec(path) -> FactorialSpec:
                          factors=raw["factors"], command=raw.get("command"), design=design,
                          fraction_p=int(raw.get("fraction_p", 1)), machine_gpus=int(raw.get("machine_gpus", 1)),
                          responses=tuple(raw.get("responses", RESPONSES)), interactions=int(raw.get("interactions", 2)),
-                         vars=dict(raw.get("vars") or {}), base_dir=base, timeout_s=raw.get("timeout_s"))
+                         vars=dict(raw.get("vars") or {}), base_dir=base, timeout_s=raw.get("timeout_s"), reps=reps,
+                         estimate=dict(raw.get("estimate") or {}))
 
 
 def design_points(factors: dict[str, list], design: str = "full", fraction_p: int = 1) -> list[dict]:
@@ -133,7 +173,7 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
     from moekern.analysis.sweep import SweepSpec, run_sweep
 
     out = out or sys.stdout
-    pts = design_points(spec.factors, spec.design, spec.fraction_p)
+    pts = design_points(spec.server_factors, spec.design, spec.fraction_p)
     runnable = [p for p in pts if needs_gpus(p) <= spec.machine_gpus]
     later = [p for p in pts if needs_gpus(p) > spec.machine_gpus]
     summary = {"points": len(pts), "runnable": len(runnable), "planned_only": len(later), "ran": 0, "failed": 0,
@@ -141,20 +181,66 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     (spec.out_dir / "plan.json").write_text(json.dumps(
         {"name": spec.name, "design": spec.design, "fraction_p": spec.fraction_p, "machine_gpus": spec.machine_gpus,
-         "runnable": runnable, "needs_larger_machine": later}, indent=1, default=str), encoding="utf-8")
+         "runnable": runnable, "needs_larger_machine": later, "bench_grid_per_server": spec.bench_grid},
+        indent=1, default=str), encoding="utf-8")
     print(f"factorial {spec.name!r}: {len(pts)} points ({spec.design}); {len(runnable)} fit this machine "
           f"({spec.machine_gpus} GPU(s)), {len(later)} planned only -> {spec.out_dir / 'plan.json'}", file=out)
+    bg = spec.bench_grid
+    if bg is not None:
+        est = estimate_seconds(spec, len(runnable))
+        summary["benches"] = len(runnable) * len(bg["concurrency"]) * len(_datasets(spec) or [None]) * spec.reps
+        summary["estimate_s"] = round(est, 1)
+        print(f"  client factors per server: concurrency {bg['concurrency']} x {len(_datasets(spec) or [None])} "
+              f"dataset(s) x {spec.reps} rep(s) = {summary['benches']} benches on {len(runnable)} server(s); "
+              f"estimated ~{est / 60:.1f} min (sweep.grid_plan_seconds, H100 rates of mixtral-8x7b-4l)", file=out)
     if not spec.command:
         print("no 'command' in the spec: nothing to run (plan only)", file=out)
         return summary
+    if bg is not None and "{bench_grid}" not in spec.command:
+        raise ValueError("a spec with a 'concurrency' factor runs benches against one server: its command must "
+                         "pass {bench_grid}")
     for p in runnable:
         grid = {("backend" if k == "moe_backend" else k): [v] for k, v in p.items()}
         sw = SweepSpec(name=spec.name, out_dir=spec.out_dir, command=spec.command.replace("{moe_backend}", "{backend}"),
-                       grid=grid, vars=spec.vars, timeout_s=spec.timeout_s, base_dir=spec.base_dir)
+                       grid=grid, vars=spec.vars, timeout_s=spec.timeout_s, base_dir=spec.base_dir,
+                       bench_grid=bg)
         res = run_sweep(sw, dry_run=dry_run, progress=False, out=out)
         for key in ("ran", "failed", "skipped"):
             summary[key] += res[key]
     return summary
+
+
+def _datasets(spec: FactorialSpec) -> list[str]:
+    from moekern.analysis.sweep import _expand
+
+    return _expand(spec.factors["dataset"], spec.base_dir, True) if "dataset" in spec.factors else []
+
+
+def estimate_seconds(spec: FactorialSpec, num_servers: int) -> float:
+    """Estimated wall seconds of a client-factor spec's runnable part (module docstring)."""
+    from moekern.analysis.sweep import grid_plan_seconds
+
+    e, v = spec.estimate, spec.vars
+
+    def pick(key, default):
+        return e.get(key, v.get(key, default))
+
+    in_len = e.get("input_len")
+    if in_len is None:
+        lens = []
+        for f in _datasets(spec):
+            try:
+                lens += [json.loads(line).get("prompt_len") for line in Path(f).read_text(encoding="utf-8").splitlines()
+                         if line.strip()]
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+        lens = [x for x in lens if isinstance(x, (int, float))]
+        in_len = sum(lens) / len(lens) if lens else v.get("input_len", 256)
+    mns = max(spec.factors.get("max_num_seqs", [pick("max_num_seqs", 128)]))
+    preflight = e.get("preflight", "--no-preflight" not in (spec.command or ""))
+    return grid_plan_seconds(num_servers, spec.bench_grid["concurrency"], len(_datasets(spec) or [None]), spec.reps,
+                             int(pick("num_prompts", 320)), float(in_len), int(pick("output_len", 128)), int(mns),
+                             preflight=bool(preflight))
 
 
 def collect_results(results_dir) -> "pd.DataFrame":  # noqa: F821
