@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
 #   bash benchmarks/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
 #   bash benchmarks/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
+#   bash benchmarks/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
 # Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
@@ -220,6 +221,15 @@ run_stage() {
     timeout 300 python3 -m moekern.cli diffusion bench --model llada-moe-7b --backend moekern,vllm,torch \
       --gen-lengths 128 --steps 32,128 --batch-sizes 1,8 --tag llada-moe-7b_h100_3backends --out "$OUT/diffusion" \
       2>&1 | tail -20
+    ;;
+  factorial)
+    # Issue 12's small real factorial (analysis/specs/factorial_h100_small.yaml): 2 servers (vllm, moekern), each
+    # serving a grid of 3 concurrencies x 3 datasets x 2 reps; ~7-8 min. Resumable: rerun to fill skipped points.
+    versions; build
+    timeout 80 python3 benchmarks/e2e/preflight.py --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
+    timeout 500 python3 -m moekern.cli factorial analysis/specs/factorial_h100_small.yaml 2>&1 \
+      | tee "$OUT/factorial.log" | tail -30
+    cp -r results/factorial_h100_small "$OUT/factorial" 2>/dev/null || true
     ;;
   *) echo "unknown stage $1"; return 2 ;;
   esac
