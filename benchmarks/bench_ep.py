@@ -15,6 +15,12 @@ Bytes moved per rank (payload + metadata; combine partials) and the time they ne
 device-to-device copy bandwidth are recorded, so multi-GPU runs can be set against the same model.
 On one GPU the "peer" stores land in local HBM: the times are kernel-side costs, not NVLink times.
 
+Low-latency rows (doc["ll_results"], decode cases only; moekern.ep.lowlat, fixed receive layout, no host
+sync): the same W emulated ranks and routing, dispatch_ll_emulated / combine_ll_emulated captured in CUDA
+graphs and replayed (ll_dispatch_graph_us, ll_combine_graph_us, ll_roundtrip_graph_us: one graph holding
+both), plus the eager call (ll_dispatch_eager_us: host launch cost included). Before timing, LL must agree
+with the peer path (each expert's rows exactly; combine within bf16 rounding). `--ll-only` skips the rest.
+
 Distributed mode (real ranks, one process per GPU; issue 11):
 
     torchrun --nproc-per-node W benchmarks/bench_ep.py --distributed --out DIR   # DIR/bench_ep_w{W}.json
@@ -120,7 +126,7 @@ def copy_bandwidth(device):
     return n / (ms * 1e-3), ms
 
 
-def run(out_dir, quick=False):
+def run(out_dir, quick=False, ll_only=False):
     import triton
     from triton.testing import do_bench
 
@@ -133,7 +139,7 @@ def run(out_dir, quick=False):
     results = []
     cases = CASES[:2] if quick else CASES
     rep = 30 if quick else 60
-    for phase, M, H, E in cases:
+    for phase, M, H, E in ([] if ll_only else cases):
         for skew in ("uniform", "zipf"):
             for fp8 in ((False, True) if (skew == "uniform" and H == 7168) else (False,)):
                 t0 = time.time()
@@ -185,6 +191,9 @@ def run(out_dir, quick=False):
                 results.append(row)
                 del world, res, ys, handles, plans, xs
                 torch.cuda.empty_cache()
+    ll_results = [run_ll_case(M, H, E, skew, torch.Generator().manual_seed(1000 + i), bw, rep)
+                  for i, (phase, M, H, E) in enumerate(c for c in cases if c[0] == "decode")
+                  for skew in ("uniform", "zipf")]
     doc = dict(
         bench="moekern.ep dispatch/combine, W=8 ranks emulated on one GPU",
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -194,12 +203,93 @@ def run(out_dir, quick=False):
         timing="triton.testing.do_bench (CUDA events, after warm-up), all W emulated ranks' work / W; "
                "includes the host syncs that the counts force",
         results=results,
+        ll_timing="CUDA graph replay timed with triton.testing.do_bench, all W emulated ranks' work / W",
+        ll_results=ll_results,
     )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "bench_ep.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print("wrote", path)
+
+
+def _cuda_graph(fn):
+    """fn captured in a CUDA graph after two warm-up calls on a side stream (compiles the kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def run_ll_case(M, H, E, skew, gen, bw, rep):
+    """One low-latency row: W emulated ranks, bf16, identity experts, checked against the peer path."""
+    from triton.testing import do_bench
+
+    import moekern.ep as ep
+
+    device = "cuda"
+    t0 = time.time()
+    xs = [torch.randn(M, H, generator=gen).to(torch.bfloat16).to(device) for _ in range(W)]
+    routed = [make_routing(M, E, skew, gen, device) for _ in range(W)]
+    ids = [r[0] for r in routed]
+    ws = [r[1] for r in routed]
+    # the peer path's answer first (host-synced), then the LL path must agree with it
+    pworld = ep.PeerWorld.emulated(W, M, H, K, dtype=torch.bfloat16, device=device)
+    pres = ep.dispatch_emulated(pworld, xs, ids, ws, E)
+    pout = ep.combine_emulated([o.expert_x for o, _ in pres], [h for _, h in pres])
+    world = ep.LLWorld.emulated(W, M, H, K, E, dtype=torch.bfloat16, device=device)
+    res = ep.dispatch_ll_emulated(world, xs, ids, ws, E)
+    lout = ep.combine_ll_emulated([o.recv_x for o, _ in res], [h for _, h in res])
+    for d, ((o, h), (po, _)) in enumerate(zip(res, pres)):
+        h.check()
+        offs = po.expert_offsets.tolist()
+        counts = o.recv_counts.tolist()
+        for e in range(E // W):
+            if counts[e] != offs[e + 1] - offs[e] or not torch.equal(o.recv_x[e, :counts[e]],
+                                                                     po.expert_x[offs[e]:offs[e + 1]]):
+                raise AssertionError(f"LL and peer dispatch disagree on rank {d} expert {e}")
+        diff = float((lout[d].float() - pout[d].float()).abs().max()) if M else 0.0
+        tol = W * 2.0**-7 * max(1.0, float(pout[d].float().abs().max())) if M else 0.0
+        if diff > tol:
+            raise AssertionError(f"LL and peer combine differ on rank {d} by {diff} (> {tol})")
+    del pworld, pres, pout
+    t_eager = do_bench(lambda: ep.dispatch_ll_emulated(world, xs, ids, ws, E), warmup=5, rep=rep)
+    g_disp, res_g = _cuda_graph(lambda: ep.dispatch_ll_emulated(world, xs, ids, ws, E))
+    ys = [o.recv_x for o, _ in res_g]  # identity experts, read from the graph's own output buffers
+    hs = [h for _, h in res_g]
+    g_comb, _ = _cuda_graph(lambda: ep.combine_ll_emulated(ys, hs))
+    g_both, _ = _cuda_graph(lambda: _ll_roundtrip(ep, world, xs, ids, ws, E))
+    t_disp = do_bench(g_disp.replay, warmup=5, rep=rep)
+    t_comb = do_bench(g_comb.replay, warmup=5, rep=rep)
+    t_both = do_bench(g_both.replay, warmup=5, rep=rep)
+    pairs = M * K  # (token, expert) pairs each rank sends: one row each in this mode
+    row = dict(phase="decode", path="lowlat", tokens_per_rank=M, hidden=H, num_experts=E, top_k=K, world_size=W,
+               skew=skew, payload="bf16", ll_dispatch_graph_us=1e3 * t_disp / W,
+               ll_combine_graph_us=1e3 * t_comb / W, ll_roundtrip_graph_us=1e3 * t_both / W,
+               ll_dispatch_eager_us=1e3 * t_eager / W, agrees_with_peer_path=True,
+               ll_dispatch_bytes_per_rank=pairs * (H * 2 + 12), ll_combine_bytes_per_rank=pairs * H * 2,
+               ll_buffer_bytes_per_rank=world.regions[0].numel())
+    row["ll_dispatch_model_us_at_copy_bw"] = 1e6 * row["ll_dispatch_bytes_per_rank"] / bw
+    row["ll_combine_model_us_at_copy_bw"] = 1e6 * row["ll_combine_bytes_per_rank"] / bw
+    row["ll_dispatch_fraction_of_copy_bw"] = row["ll_dispatch_model_us_at_copy_bw"] / row["ll_dispatch_graph_us"]
+    row["ll_combine_fraction_of_copy_bw"] = row["ll_combine_model_us_at_copy_bw"] / row["ll_combine_graph_us"]
+    row["case_seconds"] = time.time() - t0
+    print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    del g_disp, g_comb, g_both, res_g, ys, hs, world, res, lout, xs
+    torch.cuda.empty_cache()
+    return row
+
+
+def _ll_roundtrip(ep, world, xs, ids, ws, E):
+    res = ep.dispatch_ll_emulated(world, xs, ids, ws, E)
+    return ep.combine_ll_emulated([o.recv_x for o, _ in res], [h for _, h in res])
 
 
 # ------------------------------------------------------------------------------------ distributed mode
@@ -551,6 +641,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="directory for bench_ep.json (emulated) or bench_ep_w{W}.json (distributed)")
     ap.add_argument("--quick", action="store_true", help="decode cases only")
+    ap.add_argument("--ll-only", action="store_true", help="emulated: only the low-latency (decode) rows")
     ap.add_argument("--distributed", action="store_true",
                     help="real ranks under torchrun (also chosen when torchrun's env is present)")
     ap.add_argument("--tiny", action="store_true", help="distributed: tiny shapes (CPU/gloo proof)")
@@ -575,7 +666,7 @@ def main(argv=None):
         return
     if not torch.cuda.is_available():
         sys.exit("bench_ep.py needs a CUDA GPU")
-    run(args.out, args.quick)
+    run(args.out, args.quick, args.ll_only)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,17 @@ Two backends behind one interface: "nccl" (torch.distributed all_to_all_single; 
 and "peer" (Triton kernels storing into peers' receive buffers through a table of base addresses; torch
 symmetric memory on a node, PeerWorld.emulated + dispatch_emulated/combine_emulated on one device).
 The received layout and the combine rounding are stated in DispatchOutput, combine and ep.reference.
+Decode: dispatch_ll/combine_ll (+ _emulated) on an LLWorld use a fixed receive layout [El, W*cap, H] with
+in-band device counts: no host sync, CUDA-graph capturable (moekern/ep/lowlat.py).
 """
 
 from moekern.ep.api import DispatchOutput, EpHandle, combine, dispatch
 from moekern.ep.reference import combine_reference, dispatch_reference
+
+
+# The low-latency (decode) mode: fixed receive layout, no host sync, CUDA-graph capturable (ep/lowlat.py).
+_LOWLAT = ("LLWorld", "LLDispatchOutput", "LLHandle", "dispatch_ll", "combine_ll", "dispatch_ll_emulated",
+           "combine_ll_emulated")
 
 
 def __getattr__(name):
@@ -20,8 +27,12 @@ def __getattr__(name):
         from moekern.ep import peer
 
         return getattr(peer, name)
+    if name in _LOWLAT:
+        from moekern.ep import lowlat
+
+        return getattr(lowlat, name)
     raise AttributeError(f"module 'moekern.ep' has no attribute {name!r}")
 
 
 __all__ = ["DispatchOutput", "EpHandle", "combine", "dispatch", "combine_reference", "dispatch_reference",
-           "PeerWorld", "dispatch_emulated", "combine_emulated"]
+           "PeerWorld", "dispatch_emulated", "combine_emulated", *_LOWLAT]
