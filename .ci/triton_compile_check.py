@@ -275,6 +275,10 @@ def drive_ep(cap: Capture):
         handles = [h for _, h in res]
         moekern.ep.combine_emulated([out.expert_x for out, _ in res], handles)
         moekern.ep.combine_emulated([out.recv_x for out, _ in res], handles, layout="token")
+        # the low-latency (decode) mode: count, write, receive, combine send and reduce kernels
+        llw = moekern.ep.LLWorld.emulated(W, max(Ms), H, k, E, dtype=dtype, device="cpu")
+        ll = moekern.ep.dispatch_ll_emulated(llw, xs, ids, ws, E)
+        moekern.ep.combine_ll_emulated([out.recv_x for out, _ in ll], [h for _, h in ll])
 
 
 DRIVERS = {"topk": drive_topk, "dispatch": drive_dispatch, "moe": drive_moe, "ep": drive_ep}
