@@ -44,6 +44,26 @@ def _flag(cmd, name):
     return cmd[cmd.index(name) + 1]
 
 
+
+class _Health:
+    """A healthy /health response for the fake `vllm serve`."""
+    status = 200
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _fake_server(monkeypatch, e2e, popen, stopped=None):
+    """Route the runner's subprocesses through `popen`, answer its health checks, record server stops."""
+    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
+    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
+    monkeypatch.setattr(e2e, "_kill_group",
+                        lambda proc: (stopped.append(proc) if stopped is not None else None)
+                        or setattr(proc, "returncode", -15))
+
 def test_defaults_keep_the_legacy_engine(e2e):
     args = _ready(e2e, ["--quick", "--mode", "serve"])
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.tensor_parallel_size) == (128, None, 1)
@@ -704,19 +724,8 @@ def test_serve_arm_warms_up_then_times_and_counts_only_the_timed_part(e2e, tmp_p
              "median_ttft_ms": 40.0, "p90_ttft_ms": 60.0}))
         return _FakeProc()
 
-    class _Health:
-        status = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
     stopped = []
-    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
-    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
-    monkeypatch.setattr(e2e, "_kill_group", lambda proc: stopped.append(proc) or setattr(proc, "returncode", -15))
+    _fake_server(monkeypatch, e2e, popen, stopped)
     args = _ready(e2e, ["--quick", "--mode", "serve", "--arms", "moekern"])
     r = e2e.run_serve_arm(args, "moekern", tmp_path)
     assert "error" not in r, r.get("error")
@@ -941,18 +950,7 @@ def test_serve_grid_whole_path_with_fake_server_and_bench(e2e, tmp_path, monkeyp
             {"duration": 1.0, "output_throughput": 1.0}))
         return _FakeProc()
 
-    class _Health:
-        status = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
-    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
-    monkeypatch.setattr(e2e, "_kill_group", lambda proc: setattr(proc, "returncode", -15))
+    _fake_server(monkeypatch, e2e, popen)
     out = tmp_path / "out"
     out.mkdir()
     r = e2e.run_serve_grid_arm(args, "moekern", out, deadline=time.time() + 3600)
@@ -997,18 +995,7 @@ def test_serve_grid_budget_skips_points_without_half_writing(e2e, tmp_path, monk
         Path(_flag(cmd, "--result-dir"), _flag(cmd, "--result-filename")).write_text("{}")
         return _FakeProc()
 
-    class _Health:
-        status = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
-    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
-    monkeypatch.setattr(e2e, "_kill_group", lambda proc: setattr(proc, "returncode", -15))
+    _fake_server(monkeypatch, e2e, popen)
     r = e2e.run_serve_grid_arm(args, "moekern", tmp_path / "out", deadline=time.time() + 5)
     # every point's estimate (>= 3 s overhead) would end after deadline - server stop: all skipped, none written
     assert len(r["points_skipped"]) == 8 and not r["points_written"]
@@ -1031,18 +1018,7 @@ def test_serve_grid_falls_back_to_bench_subprocesses(e2e, tmp_path, monkeypatch)
         Path(_flag(cmd, "--result-dir"), _flag(cmd, "--result-filename")).write_text("{}")
         return _FakeProc()
 
-    class _Health:
-        status = 200
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    monkeypatch.setattr(e2e.subprocess, "Popen", popen)
-    monkeypatch.setattr(e2e.urllib.request, "urlopen", lambda url, timeout: _Health())
-    monkeypatch.setattr(e2e, "_kill_group", lambda proc: setattr(proc, "returncode", -15))
+    _fake_server(monkeypatch, e2e, popen)
     r = e2e.run_serve_grid_arm(args, "moekern", tmp_path / "out", deadline=time.time() + 3600)
     assert seen == [True, False] and r["bench_in_process"] is False
     # the child with in_process false and no vLLM on this machine: vllm bench serve argv per point

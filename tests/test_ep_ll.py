@@ -22,35 +22,7 @@ import moekern.ep as ep
 from moekern.ep.lowlat import BAD_IDS, OVERFLOW_RECV, OVERFLOW_SEND
 from moekern.ep.reference import combine_reference, dispatch_reference
 
-SKEWS = ("uniform", "zipf", "one_rank", "empty_rank")
-
-
-def expert_fn(x, e):
-    return x * (e + 1)
-
-
-def make_inputs(seed, W, E, k, H, Ms, skew, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    El = E // W
-    xs, ids, ws = [], [], []
-    for M in Ms:
-        if skew == "uniform":
-            p = torch.ones(E)
-        elif skew == "zipf":
-            p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
-        elif skew == "one_rank":  # everything on rank 0 when k fits there, else spill to the next experts
-            p = torch.zeros(E)
-            p[: max(El, k)] = 1.0
-        else:  # "empty_rank": the last rank owns no chosen expert (when k allows)
-            p = torch.ones(E)
-            p[E - El:] = 0.0
-            if int((p > 0).sum()) < k:
-                p[:] = 1.0
-        rows = [torch.multinomial(p.float(), k, replacement=False, generator=g) for _ in range(M)]
-        ids.append(torch.stack(rows).to(torch.int32) if M else torch.empty(0, k, dtype=torch.int32))
-        ws.append(torch.randint(1, 5, (M, k), generator=g).float() / 4)
-        xs.append(torch.randint(-4, 5, (M, H), generator=g).to(dtype))
-    return xs, ids, ws
+from test_ep import SKEWS, expert_fn, make_inputs  # noqa: E402 - the single-node EP tests' inputs
 
 
 def places(ids: torch.Tensor, E: int) -> torch.Tensor:

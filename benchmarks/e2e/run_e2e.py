@@ -554,6 +554,26 @@ def _wait_healthy(server: subprocess.Popen, port: int, t0: float, timeout: float
     return False
 
 
+def _healthy_then_warm(server, port, t0, args, r, fh, log, bench_args, out, env, name):
+    """Wait for the started server, run the discarded warm-up bench, then mark the server log: returns the
+    warm-up's result, or None with r["error"] set. The marker goes through the server's own open log file
+    (shared offset), so it lands between its lines and splits warm-up from measurement for the JIT count."""
+    ready = _wait_healthy(server, port, t0, args.server_timeout)
+    r["startup_s"] = round(time.time() - t0, 1)
+    if not ready:
+        r["error"] = "server did not become healthy: " + _tail(log)
+        return None
+    t1 = time.time()
+    warm, err = _bench(bench_args, port, out, env, name)
+    r["warmup_s"] = round(time.time() - t1, 1)
+    if warm is None:
+        r["error"] = "warm-up " + err
+        return None
+    fh.write(f"\n{MEASURE_MARKER}\n")
+    fh.flush()
+    return warm
+
+
 def run_serve_arm(args, arm: str, out: Path) -> dict:
     """Start `vllm serve` for `arm`, wait for /health, run one discarded warm-up bench and serve_reps timed
     ones (serve_<arm>.warmup.json, serve_<arm>.rep<i>.json; the median run copied to serve_<arm>.bench.json),
@@ -568,22 +588,11 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     with open(log, "w") as fh:
         server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
-            ready = _wait_healthy(server, port, t0, args.server_timeout)
-            r["startup_s"] = round(time.time() - t0, 1)
-            if not ready:
-                r["error"] = "server did not become healthy: " + _tail(log)
-                return r
             r["bench_cmd"] = " ".join(bench_command(args, port, out, f"serve_{arm}.rep0.json"))
-            t1 = time.time()
-            warm, err = _bench(args, port, out, env, f"serve_{arm}.warmup")
-            r["warmup_s"] = round(time.time() - t1, 1)
+            warm = _healthy_then_warm(server, port, t0, args, r, fh, log, args, out, env, f"serve_{arm}.warmup")
             if warm is None:
-                r["error"] = "warm-up " + err
                 return r
             r["warmup_duration"] = warm.get("duration")
-            # Same open file as the server's stdout (shared offset): the marker lands between its log lines.
-            fh.write(f"\n{MEASURE_MARKER}\n")
-            fh.flush()
             runs = []
             for i in range(args.serve_reps):
                 res, err = _bench(args, port, out, env, f"serve_{arm}.rep{i}")
@@ -825,20 +834,9 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     with open(log, "w") as fh:
         server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
-            ready = _wait_healthy(server, port, t0, args.server_timeout)
-            r["startup_s"] = round(time.time() - t0, 1)
-            if not ready:
-                r["error"] = "server did not become healthy: " + _tail(log)
-                return r
             warm_args = _point_args(args, max(args.concurrency_grid), (args.datasets or [None])[0])
-            t1 = time.time()
-            warm, err = _bench(warm_args, port, work, env, "warmup")
-            r["warmup_s"] = round(time.time() - t1, 1)
-            if warm is None:
-                r["error"] = "warm-up " + err
+            if _healthy_then_warm(server, port, t0, args, r, fh, log, warm_args, work, env, "warmup") is None:
                 return r
-            fh.write(f"\n{MEASURE_MARKER}\n")
-            fh.flush()
             from moekern.analysis.sweep import bench_run_seconds
 
             timing = grid_timing()

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from moekern.ep.api import validate_dispatch_args
-from moekern.ep.peer import _block_h, _peer_ptr
+from moekern.ep.peer import _block_h, _peer_ptr, aligned_regions
 
 OVERFLOW_SEND = 1  # this rank had more than capacity tokens for one expert: the excess was dropped
 OVERFLOW_RECV = 2  # a source sent more than capacity tokens to one of this rank's experts
@@ -238,11 +238,7 @@ class LLWorld:
         El = E // W
         sizes = {"x": El * W * cap * H * es, "meta": El * W * cap * 3 * 4, "counts": El * W * 4,
                  "comb": M * k * H * es}
-        offsets, total = {}, 0
-        for name, n in sizes.items():
-            offsets[name] = total
-            total += -(-n // 256) * 256  # 256-byte aligned regions
-        return offsets, max(total, 256)
+        return aligned_regions(sizes)
 
     @staticmethod
     def _check(world_size, max_tokens_per_rank, hidden, top_k, num_experts, dtype, capacity):

@@ -156,11 +156,7 @@ class PeerWorld:
         es = torch.empty(0, dtype=dtype).element_size()
         sizes = {"x": capacity * hidden * es, "meta": capacity * (2 * top_k + 1) * 4,
                  "scale": capacity * 4, "comb": capacity * hidden * es}
-        offsets, total = {}, 0
-        for name, n in sizes.items():
-            offsets[name] = total
-            total += -(-n // 256) * 256  # 256-byte aligned regions
-        return offsets, max(total, 256)
+        return aligned_regions(sizes)
 
     @classmethod
     def emulated(cls, world_size, max_tokens_per_rank, hidden, top_k, dtype=torch.bfloat16, device="cuda",
@@ -202,6 +198,16 @@ class PeerWorld:
     def barrier(self):
         if self.symm_handle is not None:
             self.symm_handle.barrier(channel=0)
+
+
+def aligned_regions(sizes: dict) -> tuple[dict, int]:
+    """Byte offsets of named regions laid out in order in one buffer, each 256-byte aligned (vector stores and
+    peer writes stay aligned), and the buffer's total size (>= 256)."""
+    offsets, total = {}, 0
+    for name, n in sizes.items():
+        offsets[name] = total
+        total += -(-n // 256) * 256
+    return offsets, max(total, 256)
 
 
 def _tables(ptrs, offsets, device):
