@@ -12,6 +12,7 @@ Sections (each prints its wall time; the whole script is meant to stay well unde
   2. routing, align, permute, unpermute and a small fused_moe, triton and cuda backends;
   3. expert parallel, the peer-write path (Triton kernels that store into other ranks' receive buffers),
      W = 4 ranks emulated on this GPU: dispatch and combine (both layouts) against moekern/ep/reference.py.
+  4. the EP low-latency mode, same ranks: exact combine, and an overflowing capacity (drops must stay in bounds).
 No vLLM needed. The caching allocator is off unless the caller set PYTORCH_NO_CUDA_MEMORY_CACHING: each tensor
 is then its own allocation, so memcheck sees a write past one buffer (e.g. a peer region) instead of it
 landing silently in a neighbour carved from the same segment.
@@ -189,6 +190,34 @@ def ep_peer_emulated():
                     _equal(got[d], want[d], tag)
 
 
+def ep_lowlat_emulated():
+    """The low-latency mode (moekern.ep.lowlat): fixed slots, in-band counts. Exact combine at the default
+    capacity; then a capacity of 1 so most pairs overflow: the kernels must drop them in bounds and flag them."""
+    from moekern.ep.lowlat import OVERFLOW_RECV, OVERFLOW_SEND
+    from moekern.ep.reference import combine_reference
+
+    W, El, H = 4, 2, 40
+    E = W * El
+    for seed, k, Ms, one_rank, dtype in ((4, 3, [5, 0, 1, 7], False, torch.bfloat16),
+                                         (5, 2, [6, 3, 4, 2], True, torch.float32)):
+        xs, ids, ws = _ep_inputs(seed, W, E, k, H, Ms, one_rank, dtype)
+        for cap in (None, 1):
+            world = moekern.ep.LLWorld.emulated(W, max(Ms + [1]), H, k, E, dtype=dtype, device=DEV, capacity=cap)
+            res = moekern.ep.dispatch_ll_emulated(world, [x.to(DEV) for x in xs], [i.to(DEV) for i in ids],
+                                                  [w.to(DEV) for w in ws], E)
+            # expert e of rank d multiplies by d*El + e + 1: _expert_fn on global ids
+            ys = [out.recv_x * (torch.arange(El, device=DEV) + d * El + 1).to(dtype)[:, None, None]
+                  for d, (out, _) in enumerate(res)]
+            got = moekern.ep.combine_ll_emulated(ys, [h for _, h in res])
+            flags = [int(h.error_flag.item()) for _, h in res]
+            if cap is None:
+                assert not any(flags), f"ll seed={seed}: unexpected error flags {flags}"
+                for d, want in enumerate(combine_reference(xs, ids, ws, E, _expert_fn)):
+                    _equal(got[d], want, f"ll combine seed={seed} rank {d}")
+            else:
+                assert any(f & (OVERFLOW_SEND | OVERFLOW_RECV) for f in flags), f"ll cap=1: no overflow flag {flags}"
+
+
 def main():
     t_all = time.perf_counter()
     backends = ["triton"] + (["cuda"] if cuda_kernels_available() else [])
@@ -200,6 +229,7 @@ def main():
     for be in backends:
         sections.append((f"{be}: routing, align, permute, unpermute, fused_moe", lambda be=be: routing_dispatch_moe(be)))
     sections.append(("ep peer-write dispatch/combine, W=4 emulated", ep_peer_emulated))
+    sections.append(("ep low-latency dispatch/combine, W=4 emulated (incl. overflow)", ep_lowlat_emulated))
     for name, fn in sections:
         t0 = time.perf_counter()
         fn()
