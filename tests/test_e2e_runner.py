@@ -16,14 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 E2E = REPO / "benchmarks" / "e2e"
 
 
-@pytest.fixture(scope="module")
-def e2e():
-    spec = importlib.util.spec_from_file_location("moekern_e2e_run_e2e", E2E / "run_e2e.py")
+def _script_module(name: str, path: Path):
+    """Import a benchmarks/e2e script as module `name` for one test module's lifetime (a generator for a
+    fixture). Registered in sys.modules while in use: its dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     yield mod
     sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    yield from _script_module("moekern_e2e_run_e2e", E2E / "run_e2e.py")
 
 
 @pytest.fixture
@@ -278,12 +284,7 @@ VLLM_REF = Path(__import__("os").environ.get("MOEKERN_VLLM_REF", "/work/ref/vllm
 
 @pytest.fixture(scope="module")
 def pf():
-    spec = importlib.util.spec_from_file_location("moekern_e2e_preflight", E2E / "preflight.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass looks its module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from _script_module("moekern_e2e_preflight", E2E / "preflight.py")
 
 
 def _ref_def(module: str, qualname: str):

@@ -812,10 +812,10 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     result files to --result-dir. Returns the arm's summary: points written/skipped/failed, JIT per point."""
     work = out / f"grid_{arm}"
     work.mkdir(parents=True, exist_ok=True)
-    todo = [pt for pt in grid_points(args, arm) if not pt["result"].exists()]
-    r = {"arm": arm, "grid": True, "points": len(grid_points(args, arm)), "already_done": 0, "points_written": [],
-         "points_skipped": [], "points_failed": {}}
-    r["already_done"] = r["points"] - len(todo)
+    every = grid_points(args, arm)
+    todo = [pt for pt in every if not pt["result"].exists()]
+    r = {"arm": arm, "grid": True, "points": len(every), "already_done": len(every) - len(todo),
+         "points_written": [], "points_skipped": [], "points_failed": {}, "not_steady_points": []}
     if not todo:
         return r
     port = _free_port()
@@ -886,8 +886,8 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
                           **grid_result_metadata(args, arm, pt, row, gdir, jit, server_id)}
         _write_json_atomic(pt["result"], obj)
         r["points_written"].append(str(pt["result"]))
-    r["not_steady_points"] = [Path(f).stem for f in r["points_written"]
-                              if not json.loads(Path(f).read_text())["moekern"]["steady_state"]]
+        if not obj["moekern"]["steady_state"]:
+            r["not_steady_points"].append(pt["result"].stem)
     return r
 
 
@@ -1044,11 +1044,9 @@ def format_summary(results: dict, summary: dict) -> str:
 
 
 def rep_spread(runs) -> float | None:
-    """(max - min) / median of the repetitions' output tok/s; None for fewer than two repetitions."""
-    vals = sorted(r["output_tok_s"] for r in runs or [] if r.get("output_tok_s"))
-    if len(vals) < 2:
-        return None
-    return (vals[-1] - vals[0]) / vals[len(vals) // 2]
+    """(max - min) / median of the repetitions' output tok/s (arm_stats' spread); None for fewer than two."""
+    stats = arm_stats(r.get("output_tok_s") for r in runs or [])
+    return stats["spread"] if stats else None
 
 
 def _int_list(text: str) -> list[int]:
