@@ -73,7 +73,7 @@ def make_routing(M, E, skew, gen, device, hot_gen=None):
     return ids.to(device), (w / w.sum(1, keepdim=True)).to(device)
 
 
-def rank_inputs(W, M, H, E, skew, gen, device):
+def emulated_inputs(W, M, H, E, skew, gen, device):
     """Every emulated rank's bf16 tokens [M, H] and routing (ids [M, k], weights [M, k]): three lists of W."""
     xs = [torch.randn(M, H, generator=gen).to(torch.bfloat16).to(device) for _ in range(W)]
     routed = [make_routing(M, E, skew, gen, device) for _ in range(W)]
@@ -150,7 +150,7 @@ def run(out_dir, quick=False, ll_only=False):
         for skew in ("uniform", "zipf"):
             for fp8 in ((False, True) if (skew == "uniform" and H == 7168) else (False,)):
                 t0 = time.time()
-                xs, ids, ws = rank_inputs(W, M, H, E, skew, gen, device)
+                xs, ids, ws = emulated_inputs(W, M, H, E, skew, gen, device)
                 world = ep.PeerWorld.emulated(W, M, H, K, dtype=torch.bfloat16, device=device)
                 res = ep.dispatch_emulated(world, xs, ids, ws, E, fp8=fp8)
                 ys = [o.expert_x for o, _ in res]  # identity experts: the cost under test is data movement
@@ -240,7 +240,7 @@ def run_ll_case(M, H, E, skew, gen, bw, rep):
 
     device = "cuda"
     t0 = time.time()
-    xs, ids, ws = rank_inputs(W, M, H, E, skew, gen, device)
+    xs, ids, ws = emulated_inputs(W, M, H, E, skew, gen, device)
     # the peer path's answer first (host-synced), then the LL path must agree with it
     pworld = ep.PeerWorld.emulated(W, M, H, K, dtype=torch.bfloat16, device=device)
     pres = ep.dispatch_emulated(pworld, xs, ids, ws, E)

@@ -17,7 +17,8 @@ path's ratio to vLLM (the issue's target is <= 0.70). See csrc/routing/NOTES.md 
 tensor (one fill kernel per call; rotated over as many copies as the logits). Any routing op costs at least
 this much per call on this GPU, so where 0.7 x vLLM is below the floor (column `0.7v<floor`: yes), the target
 cannot be met by a faster kernel body, only by doing the work in fewer nodes (e.g. fused into a neighbour).
-"cuda-compact" (--variants compact) still runs: it is auto's other name since auto runs the compact kernel.
+"cuda-compact" (--variants compact): the compact kernel with auto's grid choice but without auto's v1 shortcut for
+one ungrouped token; beside "auto" it shows what that shortcut gains at M = 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 ISSUE_MS = (1, 16, 64, 256, 1024, 4096, 16384)
 MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe")
-CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block")  # "compact" is accepted too (= auto)
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact")
 SINGLE_BLOCK_MAX_M = 4096  # a forced single block grid-strides over every token: slow and pointless above this
 
 

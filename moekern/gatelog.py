@@ -19,8 +19,10 @@ This module is stdlib + numpy only: the analysis reads it without torch, vLLM or
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -84,27 +86,40 @@ def parse_record(text: str) -> GateRecord:
 
 
 def gate_log_files(path: str | os.PathLike) -> list[Path]:
-    """The JSONL gate-log files under `path` (a file, or a directory searched for gate_log*.jsonl)."""
+    """The JSONL gate-log files under `path` (a file, or a directory searched for gate_log*.jsonl and, for
+    archived logs, gate_log*.jsonl.gz)."""
     p = Path(path)
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(p.rglob("gate_log*.jsonl"))
+        return sorted([*p.rglob("gate_log*.jsonl"), *p.rglob("gate_log*.jsonl.gz")])
     raise FileNotFoundError(f"gate log path {str(p)!r} does not exist")
 
 
+def _open_text(f: Path):
+    if f.suffix == ".gz":
+        return gzip.open(f, "rt", encoding="utf-8", errors="replace")
+    return open(f, encoding="utf-8", errors="replace")
+
+
 def iter_records(path: str | os.PathLike, skipped: list[SkippedLine] | None = None) -> Iterator[GateRecord]:
-    """Yield the records of every gate-log file under `path`; bad lines go to `skipped` (if given)."""
+    """Yield the records of every gate-log file under `path` (plain or gzip'd); bad lines go to `skipped` (if
+    given), and so does the cut-off end of a truncated .gz file."""
     for f in gate_log_files(path):
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield parse_record(line)
-                except (ValueError, json.JSONDecodeError) as exc:
-                    if skipped is not None:
-                        skipped.append(SkippedLine(str(f), i, str(exc)))
+        i = 0
+        with _open_text(f) as fh:
+            try:
+                for i, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield parse_record(line)
+                    except (ValueError, json.JSONDecodeError) as exc:
+                        if skipped is not None:
+                            skipped.append(SkippedLine(str(f), i, str(exc)))
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a .gz cut off or damaged mid-stream
+                if skipped is not None:
+                    skipped.append(SkippedLine(str(f), i + 1, f"unreadable from here on: {exc}"))
 
 
 def read_gate_log(path: str | os.PathLike) -> tuple[list[GateRecord], list[SkippedLine]]:

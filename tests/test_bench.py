@@ -528,3 +528,35 @@ def test_flashinfer_routing_reasons_for_uncovered_models(fake_flashinfer):
     assert "does not cover" in prov.unavailable(wide, cuda)
     for model in ("mixtral", "qwen3-30b-a3b", "olmoe"):
         assert "softmax" in prov.unavailable(make_shape("routing", resolve_model(model), 4), cuda)
+
+
+def test_flashinfer_moe_skips_an_unbuilt_jit_module_with_the_way_out(fake_flashinfer, monkeypatch, tmp_path):
+    """Without its compiled CUTLASS MoE module the FlashInfer MoE provider is skipped (a first call would sit in
+    a JIT build for tens of minutes), naming the module and the two ways to build it; a built .so (JIT or AOT
+    cache) or MOEKERN_FLASHINFER_JIT=build makes it available."""
+    jit = _fake_module("flashinfer.jit")
+    jit.__path__ = []
+    env = _fake_module("flashinfer.jit.env", FLASHINFER_JIT_DIR=tmp_path / "cached_ops",
+                       FLASHINFER_AOT_DIR=tmp_path / "aot")
+    jit.env = env
+    fake_flashinfer.jit = jit
+    monkeypatch.setitem(sys.modules, "flashinfer.jit", jit)
+    monkeypatch.setitem(sys.modules, "flashinfer.jit.env", env)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("MOEKERN_FLASHINFER_JIT", raising=False)
+    shape, _, _ = _fi_moe_setup()
+    prov = P.get_providers("moe", ("flashinfer",))[0]
+    cuda = torch.device("cuda")
+    reason = prov.unavailable(shape, cuda)
+    assert "fused_moe_90 is not compiled yet" in reason and "flashinfer_warmup.py" in reason
+    assert "MOEKERN_FLASHINFER_JIT=build" in reason
+    monkeypatch.setenv("MOEKERN_FLASHINFER_JIT", "build")
+    assert prov.unavailable(shape, cuda) is None
+    monkeypatch.delenv("MOEKERN_FLASHINFER_JIT")
+    so = tmp_path / "aot" / "fused_moe_90" / "fused_moe_90.so"
+    so.parent.mkdir(parents=True)
+    so.write_bytes(b"")
+    assert prov.unavailable(shape, cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert "fused_moe_100" in prov.unavailable(shape, cuda)
+    assert prov.unavailable(shape, torch.device("cpu")) == "needs a CUDA GPU"

@@ -212,3 +212,27 @@ def test_topk_sample_off_by_default_and_feeds_the_study(tmp_path):
         GateLogRecorder(tmp_path, topk_sample=-1)
     with pytest.raises(ValueError, match="topk_every=0"):
         GateLogRecorder(tmp_path, topk_sample=4, topk_every=0)
+
+
+def test_reader_reads_gzipped_logs_and_reports_a_truncated_one(tmp_path):
+    """Archived logs (gate_log*.jsonl.gz, how committed results keep them small) read like the plain ones;
+    a .gz cut off mid-stream keeps its readable records and reports the rest as skipped."""
+    import gzip
+
+    rec = _recorder(tmp_path / "plain")
+    for step in range(40):
+        rec.begin_step(); rec.add_counts(0, torch.tensor([step, 1, 0, 2], dtype=torch.int32))
+        rec.add_counts(1, torch.tensor([1, step, 0], dtype=torch.int32)); rec.end_step("decode", step + 3)
+    rec.close()
+    plain, _ = read_gate_log(tmp_path / "plain")
+    data = rec.path.read_bytes()
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "gate_log.rank3.jsonl.gz").write_bytes(gzip.compress(data))
+    got, skipped = read_gate_log(tmp_path / "gz")
+    assert [r.to_json() for r in got] == [r.to_json() for r in plain] and not skipped
+    (tmp_path / "cut").mkdir()
+    whole = gzip.compress(data)
+    (tmp_path / "cut" / "gate_log.rank3.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    got, skipped = read_gate_log(tmp_path / "cut")
+    assert 0 < len(got) < len(plain) and [r.to_json() for r in got] == [r.to_json() for r in plain[: len(got)]]
+    assert len(skipped) >= 1 and "unreadable from here on" in skipped[-1].reason

@@ -267,7 +267,17 @@ def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path):
                 "gate_log_window": [lo, hi], "bench_start": lo, "bench_end": hi, "rep": 0}
         (runs / f"{name}.json").write_text(json.dumps({"output_throughput": 100.0 * c, "mean_ttft_ms": 10.0,
                                                        "mean_tpot_ms": 5.0, "moekern": meta}))
-    x, df, _ = learned.training_frame(runs)
+    from moekern import gatelog
+
+    reads = []
+    real_read = gatelog.read_gate_log
+    gatelog.read_gate_log = lambda p: reads.append(p) or real_read(p)
+    try:
+        x, df, _ = learned.training_frame(runs)
+    finally:
+        gatelog.read_gate_log = real_read
+    assert len(reads) == 1  # the shared server log is parsed once for both benches
+    assert sorted(x["concurrency"]) == [8, 32]
     cv = dict(zip(df["run_id"], x["measured_cv"]))
     assert cv["moekern_s128_c8_d000_0.2000_r0"] == pytest.approx(0.0, abs=1e-12)
     assert cv["moekern_s128_c32_d001_0.8000_r0"] == pytest.approx(math.sqrt(3.0))

@@ -26,6 +26,27 @@ def test_featurize():
     assert g["num_experts"] == 60 and g["backend_other"] == 1.0
 
 
+def test_concurrency_is_what_can_decode_side_by_side():
+    """The client's --max-concurrency (the factorial's queue-depth factor) capped by the server's max_num_seqs;
+    the server's queue depth alone when the client set none."""
+    f = learned.featurize
+    assert f({"max_num_seqs": 64, "max_concurrency": 16})["concurrency"] == 16
+    assert f({"max_num_seqs": 64, "max_concurrency": 256})["concurrency"] == 64
+    assert f({"max_num_seqs": 32})["concurrency"] == 32
+    assert f({}, {"max_num_seqs": 48.0})["concurrency"] == 48
+
+
+def test_collect_results_reads_the_clients_concurrency(tmp_path):
+    from moekern.study.factorial import collect_results
+
+    base = {"output_throughput": 100.0, "mean_ttft_ms": 10.0, "mean_tpot_ms": 5.0}
+    (tmp_path / "a.json").write_text(json.dumps({**base, "max_concurrency": 8, "moekern": {"max_num_seqs": 64}}))
+    (tmp_path / "b.json").write_text(json.dumps({**base, "max_concurrency": 8,
+                                                 "moekern": {"max_num_seqs": 64, "max_concurrency": 32}}))
+    df = collect_results(tmp_path).set_index("run_id")
+    assert df.loc["a", "max_concurrency"] == 8 and df.loc["b", "max_concurrency"] == 32
+
+
 def test_train_reports_holdout_and_is_synthetic(small_predictor):
     p = small_predictor
     assert p.synthetic and p.n_rows == 96
@@ -56,6 +77,11 @@ def test_save_load_roundtrip_and_version_fallback(small_predictor, tmp_path, mon
     joblib.dump(obj, tmp_path / "old.joblib")
     _, note = learned.load(tmp_path / "old.joblib")
     assert "retrained on the SYNTHETIC sample" in note
+    obj = joblib.load(path)  # fitted on another feature list (a shipped file older than a new feature)
+    obj["predictor"].features = tuple(f for f in learned.FEATURES if f != "concurrency")
+    joblib.dump(obj, tmp_path / "old_features.joblib")
+    _, note = learned.load(tmp_path / "old_features.joblib")
+    assert "fitted on other features (missing ['concurrency']" in note and "retrained" in note
 
 
 def test_shipped_predictor_loads():

@@ -18,7 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_e2e  # noqa: E402
-from make_configs import MODELS, attention_backend  # noqa: E402
+from make_configs import MODELS  # noqa: E402
+
+
+def engine_args(args) -> argparse.Namespace:
+    """run_e2e's own parsed arguments for the offline runs of this check (so every field run_offline_arm
+    reads is there, defaulted as in run_e2e): one greedy pass per arm, no warm-up, no router reseed."""
+    return run_e2e.parse_args(["--model", args.model, "--mode", "offline", "--arms", "vllm,moekern-routing-log",
+                               "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+                               "--output-len", str(args.output_len), "--reps", "1", "--warmup-reps", "0",
+                               "--max-model-len", "1024", "--gpu-mem", "0.8", "--arm-timeout", "400",
+                               "--no-preflight"])
 
 
 def main(argv=None) -> int:
@@ -38,13 +48,7 @@ def main(argv=None) -> int:
         raise SystemExit("moekern's vllm.general_plugins entry point is not installed (pip install -e .)")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    ns = argparse.Namespace(model=args.model, model_dir=None, load_format="dummy", tokenizer=None,
-                            max_model_len=1024, gpu_mem=0.8, attention_backend=attention_backend(args.model),
-                            vocab=json.loads((run_e2e.HERE / "configs" / args.model / "config.json").read_text())[
-                                "vocab_size"], num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, reps=1, warmup_reps=0, arm_timeout=400, has_tokenizer=False,
-                            max_num_seqs=128, max_num_batched_tokens=None, tensor_parallel_size=1,
-                            enable_eplb=False, dataset=None)
+    ns = engine_args(args)
     run_e2e.prepare_model_dir(ns, out)
     arms = ["vllm"] + ([] if args.no_baseline else ["vllm"]) + ["moekern-routing-log"]
     tokens, results = [], []

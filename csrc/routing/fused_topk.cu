@@ -525,6 +525,10 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
                                     scale, weights, ids, counts, stream);
   };
   if (variant == kTopkLegacy) return legacy();
+  // One ungrouped token: v1 (memset + one warp) measured 0.4-1.2 us faster than the compact single block for
+  // E = 8, 64 and 128 on both an H100 (session 3) and an H200 (session 4), side by side in CUDA graphs
+  // (benchmarks/results/routing-variants/); at M = 16 and for grouped routing v1 is slower, so only M == 1.
+  if (variant == kTopkAuto && M == 1 && G == 0) return legacy();
   if (M == 0) return memset_async(counts, 0, sizeof(int32_t) * E, stream);
 
   const Bucket b = bucket_for(E);
@@ -534,7 +538,7 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
     S = P % b.V == 0 ? P / b.V : 0;
     if (S == 0 || (S & (S - 1)) != 0 || S > b.L) return legacy();
   }
-  // kTopkCompact is kept as a name for kTopkAuto (the compact body is the only one now).
+  // kTopkCompact: auto's grid choice without the one-token shortcut above.
   const bool single = variant == kTopkSingleBlock ||
                       ((variant == kTopkAuto || variant == kTopkCompact) && M * b.L <= kSingleBlockThreads);
   int slot = -1;

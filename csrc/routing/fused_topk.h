@@ -13,11 +13,11 @@ constexpr int kTopkMaxK = 16;
 // can compare the paths against the reference and each other (benchmarks/routing_variants.py).
 enum TopkVariant : int {
   kTopkAuto = 0,         // v2 kernel; one block while M * L <= 256 lanes, else the multi-block grid; v1 fallback
+                         // (and v1 for one ungrouped token: measured faster there, fused_topk.cu)
   kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
   kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens): tunes the crossover
   kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction: tunes the crossover
-  kTopkCompact = 4,      // = kTopkAuto. The name of the compact body while it was on trial (NOTES.md); kept so
-                         // scripts that pass it still run
+  kTopkCompact = 4,      // the v2 kernel with auto's grid choice but never v1's one-token shortcut (NOTES.md)
   kTopkLastVariant = kTopkCompact,
 };
 

@@ -261,7 +261,7 @@ def table_from_counts(counts, num_tokens=None, steps=None) -> LoadTable:
 
 
 def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str | None = None,
-               time_window: tuple[float, float] | None = None) -> LoadTable:
+               time_window: tuple[float, float] | None = None, *, cache: dict | None = None) -> LoadTable:
     """Read expert loads from gate logs (JSONL file or directory of gate_log*.jsonl) or a directory of
     per-step JSON files (see module docstring). Corrupt lines/files are skipped and listed in `.skipped`.
 
@@ -270,13 +270,21 @@ def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str 
     "sum" always sums; "first" keeps the lowest rank. `phase` keeps only records of that phase.
     `time_window=(start, end)` (unix seconds, inclusive) keeps only gate-log records whose `time` lies in it
     (records without a time are dropped): one bench's steps out of a log a server wrote over many benches.
+    `cache` (a dict the caller keeps): the parsed log of each path is read once and reused, e.g. by the many
+    benches of one server's grid that window the same log.
     """
     from moekern import gatelog
 
     p = Path(path)
     if p.is_dir() and not gatelog.gate_log_files(p) and sorted(p.glob("*.json")):
         return _load_step_json_dir(p)
-    records, skipped = gatelog.read_gate_log(p)
+    if cache is None:
+        records, skipped = gatelog.read_gate_log(p)
+    else:
+        key = str(p.resolve())
+        if key not in cache:
+            cache[key] = gatelog.read_gate_log(p)
+        records, skipped = cache[key][0], list(cache[key][1])
     if phase is not None:
         records = [r for r in records if r.phase == phase]
     if time_window is not None:

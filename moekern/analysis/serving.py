@@ -146,6 +146,7 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
     if not root.is_dir():
         raise FileNotFoundError(f"results_dir={str(root)!r} is not a directory")
     runs, skipped = [], []
+    logs: dict = {}  # each gate log parsed once: a server's grid shares one log among all its benches
     for f in sorted(root.rglob("*.json")):
         if "gate_logs" in f.parts or f.name.endswith(".failed.json"):
             continue
@@ -166,7 +167,7 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
                         from moekern.analysis.metrics import load_table, summarize
 
                         window = _window(obj)
-                        table = load_table(g, time_window=window)
+                        table = load_table(g, time_window=window, cache=logs)
                         run.measured_cv = summarize(table, max_tokens).overall["step_cv"]
                         run.gate_log = str(g)
                         if window is not None:

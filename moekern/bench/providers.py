@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -382,6 +383,33 @@ def _flashinfer_autotune(call, x: torch.Tensor) -> None:
               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); default tactic", flush=True)
 
 
+FLASHINFER_JIT_ENV = "MOEKERN_FLASHINFER_JIT"  # "build": let a FlashInfer provider JIT-compile on first use
+
+
+def _flashinfer_moe_unavailable(shape: Shape, device: torch.device) -> str | None:
+    """Installed and on a GPU, and its CUTLASS MoE module already compiled: the first call of cutlass_fused_moe
+    JIT-builds that module with nvcc, which took over 15 minutes on a 16-core H200 host (session 4), so a bench
+    would sit in the build instead of timing. Skipped with the way out unless MOEKERN_FLASHINFER_JIT=build."""
+    reason = _needs_gpu(device) or _import_error("flashinfer.fused_moe")
+    if reason or os.environ.get(FLASHINFER_JIT_ENV, "") == "build":
+        return reason
+    try:
+        from flashinfer.jit import env as jit_env
+
+        major, minor = torch.cuda.get_device_capability(device)
+    except Exception:  # another layout of FlashInfer, or no CUDA runtime: cannot tell, let the call decide
+        return None
+    arch = {"121": "120", "110": "100"}.get(f"{major * 10 + minor}", f"{major * 10 + minor}")
+    name = f"fused_moe_{arch}"
+    built = [Path(d) / name / f"{name}.so" for d in (getattr(jit_env, "FLASHINFER_JIT_DIR", None),
+                                                     getattr(jit_env, "FLASHINFER_AOT_DIR", None)) if d]
+    if any(p.exists() for p in built):
+        return None
+    return (f"FlashInfer's CUTLASS MoE module {name} is not compiled yet (its first call builds it with nvcc for "
+            f"tens of minutes); build it once with `python benchmarks/flashinfer_warmup.py`, or set "
+            f"{FLASHINFER_JIT_ENV}=build to let this run build it")
+
+
 def _flashinfer_unavailable_for(op: str, why: str):
     def check(shape, device):
         return why
@@ -417,9 +445,7 @@ def _registry() -> list[Provider]:
         Provider("flashinfer", "routing", _flashinfer_routing_unavailable, _flashinfer_routing_prepare,
                  _flashinfer_routing_norm),
         Provider("flashinfer", "align", _flashinfer_unavailable_for("align", _FI_NO_ALIGN), None, None),
-        Provider("flashinfer", "moe",
-                 lambda shape, device: _needs_gpu(device) or _import_error("flashinfer.fused_moe"),
-                 _flashinfer_moe_prepare, _moe_norm),
+        Provider("flashinfer", "moe", _flashinfer_moe_unavailable, _flashinfer_moe_prepare, _moe_norm),
     ]
     return ps
 

@@ -9,10 +9,10 @@ that can run at the same time must be issued (or captured into a CUDA graph) on 
 graphs captured on one stream must not be replayed concurrently.
 
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
-moekern.fused_topk uses: one block while M x team lanes <= 256, else the multi-block grid), "legacy" (the
-v1 kernel), "single_block" / "multi_block" (the auto kernel forced to one grid; the knobs for tuning the
-crossover). "compact" is accepted and runs exactly what "auto" runs: it named the compact kernel body while
-it was on trial, and auto has run it since it measured faster (csrc/routing/NOTES.md).
+moekern.fused_topk uses: the compact kernel on one block while M x team lanes <= 256, else on the multi-block
+grid; the v1 kernel for one ungrouped token, where it measured faster), "legacy" (the v1 kernel),
+"single_block" / "multi_block" (the compact kernel forced to one grid; the knobs for tuning the crossover),
+"compact" (the compact kernel with auto's grid choice and no v1 shortcut) (csrc/routing/NOTES.md).
 """
 
 from __future__ import annotations

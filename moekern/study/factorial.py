@@ -262,6 +262,8 @@ def collect_results(results_dir) -> "pd.DataFrame":  # noqa: F821
             continue
         run = parse_bench_result(obj, run_id=f.stem, path=str(f))
         row = {k: v for k, v in (obj.get("moekern") or {}).items() if not isinstance(v, (dict, list))}
+        if "max_concurrency" not in row and obj.get("max_concurrency") is not None:  # `vllm bench serve`'s own key
+            row["max_concurrency"] = obj["max_concurrency"]
         row.update(run.row())
         if "backend" in (obj.get("moekern") or {}):
             row["moe_backend"] = obj["moekern"]["backend"]

@@ -1,8 +1,9 @@
 """A small learned serving predictor: throughput and latency of a configuration, on CPU.
 
 Features (FEATURES): model shape from the registry (hidden, expert FFN width, experts, top-k, layers,
-total and active parameters), layout (tp, ep, gpus), queue depth (max_num_seqs), batch tokens
-(max_num_batched_tokens), eplb, the MoE backend (one-hot over BACKENDS), the workload's predicted
+total and active parameters), layout (tp, ep, gpus), queue depth (max_num_seqs), the effective client
+concurrency (min(the client's --max-concurrency, max_num_seqs); max_num_seqs when the client set none: the
+requests that can decode side by side), batch tokens (max_num_batched_tokens), eplb, the MoE backend (one-hot over BACKENDS), the workload's predicted
 imbalance score (text-only, moekern.analysis.predictor) and the measured imbalance (per-step CV of the
 run's gate log). Targets: output_throughput, mean_ttft_ms, mean_tpot_ms, each modelled in log space.
 
@@ -31,7 +32,7 @@ import numpy as np
 TARGETS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")
 BACKENDS = ("moekern", "vllm", "flashinfer")
 FEATURES = ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_layers", "total_params_b",
-            "active_params_b", "tp", "ep", "gpus", "max_num_seqs", "max_num_batched_tokens", "eplb",
+            "active_params_b", "tp", "ep", "gpus", "max_num_seqs", "concurrency", "max_num_batched_tokens", "eplb",
             *(f"backend_{b}" for b in BACKENDS), "backend_other", "predicted_score", "measured_cv")
 SHIPPED = "data/predictor/serving_predictor.joblib"
 
@@ -79,6 +80,7 @@ def featurize(row: dict, medians: dict | None = None) -> dict:
          "num_experts": spec.num_experts, "top_k": spec.top_k, "num_layers": spec.num_layers,
          "total_params_b": pc.total / 1e9, "active_params_b": pc.active / 1e9, "tp": tp, "ep": ep, "gpus": gpus,
          "max_num_seqs": num("max_num_seqs", med.get("max_num_seqs", 64.0)),
+         "concurrency": min(num("max_concurrency", math.inf), num("max_num_seqs", med.get("max_num_seqs", 64.0))),
          "max_num_batched_tokens": num("max_num_batched_tokens", med.get("max_num_batched_tokens", 8192.0)),
          "eplb": 1.0 if eplb in (True, 1, "true", "True", "1") else 0.0,
          "predicted_score": num("predicted_score", med.get("predicted_score", 0.5)),
@@ -106,6 +108,7 @@ class ServingPredictor:
     synthetic: bool
     n_rows: int
     feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    features: tuple[str, ...] = FEATURES  # the columns the estimators were fitted on, in order
 
     def predict(self, configs: list[dict]) -> "pd.DataFrame":  # noqa: F821
         import pandas as pd
@@ -217,9 +220,14 @@ def load(path=None) -> tuple[ServingPredictor, str]:
     if p.is_file():
         try:
             obj = joblib.load(p)
-            if obj.get("sklearn") == sklearn.__version__:
+            fitted_on = tuple(getattr(obj.get("predictor"), "features", ()))
+            if obj.get("sklearn") != sklearn.__version__:
+                why = f"{p} was written by scikit-learn {obj.get('sklearn')}, this is {sklearn.__version__}"
+            elif fitted_on != FEATURES:
+                why = (f"{p} was fitted on other features (missing {sorted(set(FEATURES) - set(fitted_on))}, "
+                       f"extra {sorted(set(fitted_on) - set(FEATURES))})")
+            else:
                 return obj["predictor"], f"loaded {p}"
-            why = f"{p} was written by scikit-learn {obj.get('sklearn')}, this is {sklearn.__version__}"
         except Exception as exc:  # a pickle from another version can fail in many ways
             why = f"{p} could not be loaded ({type(exc).__name__}: {exc})"
     else:
