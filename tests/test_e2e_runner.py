@@ -1037,35 +1037,35 @@ def test_main_plan_only_prints_the_grid_estimate(e2e, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def check_equal():
+    yield from _script_module("moekern_e2e_check_equal", E2E / "check_equal.py")
+
+
+def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(check_equal, tmp_path, monkeypatch):
     """check_equal.py through run_e2e's real offline path, the child faked: every field run_offline_arm reads
     is in its arguments (a hand-built namespace once lacked dummy_router_seed and failed only on the GPU),
     the three arms run in order, equal tokens give equal=True and exit 0, a differing token exit 1."""
-    gen = _script_module("moekern_e2e_check_equal", E2E / "check_equal.py")
-    ce = next(gen)
-    try:
-        env_seen, tokens = [], {"moekern-routing-log": [[1, 2, 3], [4, 5, 6]]}
+    env_seen, tokens = [], {"moekern-routing-log": [[1, 2, 3], [4, 5, 6]]}
 
-        def popen(cmd, stdout, env=None, **kw):
-            spec = json.loads(Path(cmd[-1]).read_text())
-            env_seen.append(env.get("MOEKERN_KERNELS"))
-            arm = Path(spec["result"]).stem.removeprefix("offline_")
-            Path(spec["result"]).write_text(json.dumps({
-                "init_s": 1.0, "runs": [{"output_tok_s": 5.0}], "output_tok_s": 5.0, "plugin": "unavailable: x",
-                "token_ids": tokens.get(arm, [[1, 2, 3], [4, 5, 6]])}))
-            assert spec["save_tokens"] is True and spec["warmup_reps"] == 0
-            return _FakeProc()
+    def popen(cmd, stdout, env=None, **kw):
+        spec = json.loads(Path(cmd[-1]).read_text())
+        env_seen.append(env.get("MOEKERN_KERNELS"))
+        arm = Path(spec["result"]).stem.removeprefix("offline_")
+        Path(spec["result"]).write_text(json.dumps({
+            "init_s": 1.0, "runs": [{"output_tok_s": 5.0}], "output_tok_s": 5.0, "plugin": "unavailable: x",
+            "token_ids": tokens.get(arm, [[1, 2, 3], [4, 5, 6]])}))
+        assert spec["save_tokens"] is True and spec["warmup_reps"] == 0
+        return _FakeProc()
 
-        monkeypatch.setattr(ce.run_e2e.subprocess, "Popen", popen)
-        monkeypatch.setattr(ce.run_e2e, "plugin_entry_point", lambda: "moekern.vllm:register")
-        assert ce.main(["--model", "mixtral", "--out", str(tmp_path / "a")]) == 0
-        report = json.loads((tmp_path / "a" / "check_equal.json").read_text())
-        assert report["equal"] and report["off_vs_off"]["prompts_differing"] == 0
-        assert env_seen == ["off", "off", "routing"]
-        tokens["moekern-routing-log"] = [[1, 2, 3], [4, 9, 6]]
-        assert ce.main(["--model", "mixtral", "--no-baseline", "--out", str(tmp_path / "b")]) == 1
-        report = json.loads((tmp_path / "b" / "check_equal.json").read_text())
-        assert report["routing_vs_off"] == {"prompts_differing": 1, "of": 2,
-                                            "first_difference": {"prompt": 1, "position": 1}}
-    finally:
-        next(gen, None)
+    monkeypatch.setattr(check_equal.run_e2e.subprocess, "Popen", popen)
+    monkeypatch.setattr(check_equal.run_e2e, "plugin_entry_point", lambda: "moekern.vllm:register")
+    assert check_equal.main(["--model", "mixtral", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "check_equal.json").read_text())
+    assert report["equal"] and report["off_vs_off"]["prompts_differing"] == 0
+    assert env_seen == ["off", "off", "routing"]
+    tokens["moekern-routing-log"] = [[1, 2, 3], [4, 9, 6]]
+    assert check_equal.main(["--model", "mixtral", "--no-baseline", "--out", str(tmp_path / "b")]) == 1
+    report = json.loads((tmp_path / "b" / "check_equal.json").read_text())
+    assert report["routing_vs_off"] == {"prompts_differing": 1, "of": 2,
+                                        "first_difference": {"prompt": 1, "position": 1}}

@@ -242,7 +242,7 @@ def test_sweep_bench_grid_checks(tmp_path):
         check_bench_grid({"concurrency": [True]})
 
 
-def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path):
+def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path, monkeypatch):
     """A fake run directory in run_e2e's grid layout: two benches of one server sharing one gate log; the
     learned predictor's training frame gets each bench's CV from its own window (0 and sqrt(3) by design)."""
     import math
@@ -271,11 +271,8 @@ def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path):
 
     reads = []
     real_read = gatelog.read_gate_log
-    gatelog.read_gate_log = lambda p: reads.append(p) or real_read(p)
-    try:
-        x, df, _ = learned.training_frame(runs)
-    finally:
-        gatelog.read_gate_log = real_read
+    monkeypatch.setattr(gatelog, "read_gate_log", lambda p: reads.append(p) or real_read(p))
+    x, df, _ = learned.training_frame(runs)
     assert len(reads) == 1  # the shared server log is parsed once for both benches
     assert sorted(x["concurrency"]) == [8, 32]
     cv = dict(zip(df["run_id"], x["measured_cv"]))

@@ -3,8 +3,8 @@
 Features (FEATURES): model shape from the registry (hidden, expert FFN width, experts, top-k, layers,
 total and active parameters), layout (tp, ep, gpus), queue depth (max_num_seqs), the effective client
 concurrency (min(the client's --max-concurrency, max_num_seqs); max_num_seqs when the client set none: the
-requests that can decode side by side), batch tokens (max_num_batched_tokens), eplb, the MoE backend (one-hot over BACKENDS), the workload's predicted
-imbalance score (text-only, moekern.analysis.predictor) and the measured imbalance (per-step CV of the
+requests that can decode side by side), batch tokens (max_num_batched_tokens), eplb, the MoE backend
+(one-hot over BACKENDS), the workload's predicted imbalance score (text-only, moekern.analysis.predictor) and the measured imbalance (per-step CV of the
 run's gate log). Targets: output_throughput, mean_ttft_ms, mean_tpot_ms, each modelled in log space.
 
 Per target, a RandomForestRegressor and a GradientBoostingRegressor are compared by 5-fold
