@@ -20,9 +20,10 @@
 #   bash benchmarks/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
 #   bash benchmarks/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
 # Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
-# FlashInfer's CUTLASS MoE build outlasts a call (> 15 min of nvcc): pack smaller parts so FlashInfer alone fits
-# the first call (GPUENV_PART_MB=30 bash ../shared/gpu-env/pack.sh .gpuenv; bash benchmarks/gpuenv_extra.sh),
-# carry [.gpuenv/tools, .gpuenv/1, .fiwhl] and run `fi-warmup build-test` first; then the other parts back to back.
+# FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
+# cores): build it on the CPU machine instead (bash benchmarks/flashinfer_aot.sh, hours on 2 cores, resumable)
+# and carry .fiaot/ (manifest + parts, one part per call beside a gpuenv part); every stage installs it
+# (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` then checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
 # (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}.
@@ -50,6 +51,9 @@ if [ -f /tmp/gpuenv/env.sh ]; then
   fi
 fi
 if [ -d /tmp/fiearly/flashinfer ]; then export PYTHONPATH=/tmp/fiearly${PYTHONPATH:+:$PYTHONPATH}; fi
+# FlashInfer's CUTLASS MoE module built ahead of time on a CPU machine (benchmarks/flashinfer_aot.sh), carried as
+# .fiaot/: installed into every FlashInfer here once all its parts have arrived (benchmarks/fiaot.sh).
+bash benchmarks/fiaot.sh install || true
 
 build() {
   if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels()" 2>/dev/null; then
@@ -152,7 +156,7 @@ run_stage() {
   routing-variants)
     # Every CUDA routing path (auto, compact, legacy) side by side with vLLM and the Triton kernel (needs vLLM).
     build
-    timeout 240 python3 benchmarks/routing_variants.py --variants auto,legacy,single_block,multi_block \
+    timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy,single_block,multi_block \
       --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
     ;;
   ep-multi)
