@@ -18,6 +18,8 @@ pack() {
   local so=$1
   [ -f "$so" ] || { echo "fiaot: no $so" >&2; exit 1; }
   mkdir -p "$src" && rm -f "$src"/part.* "$src/manifest"
+  # git-ignored, or the parts would travel in every device call
+  if [ -d .git/info ]; then grep -qx "/$src/" .git/info/exclude 2>/dev/null || echo "/$src/" >> .git/info/exclude; fi
   gzip -c "$so" | split -b "${FIAOT_PART_MB:-24}M" -d -a 1 - "$src/part."
   {
     echo "name $name"

@@ -104,6 +104,10 @@ need_vllm() {
 }
 
 run_stage() {
+  case "$1" in  # the stages that compare against (or run inside) vLLM
+  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial)
+    need_vllm "$1" || return 0 ;;
+  esac
   case "$1" in
   build-test)
     # Every GPU test in two runs: the ~190 tests outside test_cuda_ops.py first (dispatch, EP, moe, routing,
@@ -150,7 +154,6 @@ run_stage() {
     ;;
   own) versions; for s in ep diffusion profile ncu; do run_stage "$s"; done ;;
   tune)
-    need_vllm tune || return 0
     # fused_moe tiles for the shapes we lose to vLLM, timed side by side with vLLM's fused_experts; --apply
     # writes the winners into moekern/experts/configs.py here, and the re-bench measures them in the same call
     # (edits on the device machine do not come back: commit the JSON, then `python -m moekern.experts.tune
@@ -164,7 +167,6 @@ run_stage() {
       --providers moekern-triton,vllm --out "$OUT/bench-moe-tuned" 2>&1 | tee "$OUT/bench-moe-tuned.log" | tail -35
     ;;
   routing-variants)
-    need_vllm routing-variants || return 0
     # Every CUDA routing path (auto, compact, legacy) side by side with vLLM and the Triton kernel (needs vLLM).
     build
     timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy,single_block,multi_block \
@@ -186,7 +188,6 @@ run_stage() {
     timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_ep_multigpu.py 2>&1 | tail -15
     ;;
   ep-vllm)
-    need_vllm ep-vllm || return 0
     # moekern.ep's prepare/finalize inside vLLM's modular kernel at W=1 vs vLLM's own path (needs vLLM).
     build
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_ep_vllm.py tests/test_ep.py -k "vllm" 2>&1 \
@@ -213,7 +214,6 @@ run_stage() {
     cp /tmp/fi_warmup.log "$OUT/fi_warmup.log" 2>/dev/null || true
     ;;
   bench-all)
-    need_vllm bench-all || return 0
     # Everything but FlashInfer (its JIT build would stall the run; bench-fi times it once built).
     versions; build
     timeout 560 python3 -m moekern.cli bench --no-progress --budget-s "${BENCH_BUDGET_S:-470}" \
@@ -240,7 +240,6 @@ run_stage() {
     fi
     ;;
   e2e-offline)
-    need_vllm e2e-offline || return 0
     versions; build
     # 4 arms, ~7-8.5 min (FlashInfer's arm needs its JIT build first: a separate call after fi-warmup)
     timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern \
@@ -248,14 +247,12 @@ run_stage() {
       | tee "$OUT/e2e_offline.log" | tail -40
     ;;
   e2e-serve)
-    need_vllm e2e-serve || return 0
     versions; build
     timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
       --budget-s 470 --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
     ;;
   e2e-olmoe)
-    need_vllm e2e-olmoe || return 0
     # The autoregressive gate logs of the LLaDA-MoE-7B-shaped (= OLMoE-1B-7B MoE shape) model, for the
     # diffusion-vs-AR routing comparison (issue 13): one pass, gate logs only (~3-4 min).
     versions; build
@@ -265,7 +262,6 @@ run_stage() {
       --out "$OUT/e2e-olmoe" 2>&1 | tee "$OUT/e2e_olmoe.log" | tail -25
     ;;
   gpu-tests-vllm)
-    need_vllm gpu-tests-vllm || return 0
     # The GPU tests that need vLLM staged: the plugin's greedy token-for-token check (routing vs off), the EP
     # adapter, the diffusion engine's vLLM backend.
     build
@@ -273,7 +269,6 @@ run_stage() {
       tests/test_ep_vllm.py tests/test_ep.py tests/test_diffusion.py 2>&1 | tee "$OUT/gpu_tests_vllm.log" | tail -25
     ;;
   diffusion-vllm)
-    need_vllm diffusion-vllm || return 0
     # The diffusion bench with all three MoE backends (vLLM's fused_experts column; needs vLLM staged).
     build
     timeout 300 python3 -m moekern.cli diffusion bench --model llada-moe-7b --backend moekern,vllm,torch \
@@ -281,7 +276,6 @@ run_stage() {
       --ar-gate-log benchmarks/results/e2e/h200-2026-12-05-olmoe-ar/gate_logs 2>&1 | tail -20
     ;;
   factorial)
-    need_vllm factorial || return 0
     # Issue 12's small real factorial (analysis/specs/factorial_h100_small.yaml): 2 servers (vllm, moekern), each
     # serving a grid of 3 concurrencies x 3 datasets x 2 reps; ~7-8 min. Resumable: rerun to fill skipped points.
     versions; build

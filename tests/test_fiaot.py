@@ -105,3 +105,13 @@ def test_usage_errors(tmp_path):
     assert _run(tmp_path, "pack", env={}).returncode == 2
     r = _run(tmp_path, "pack", str(tmp_path / "missing.so"), env={})
     assert r.returncode == 1 and "no " in r.stderr
+
+
+def test_pack_git_ignores_the_parts(tmp_path):
+    """In a checkout, pack adds .fiaot/ to .git/info/exclude once: untracked parts would travel in every call."""
+    (tmp_path / ".git" / "info").mkdir(parents=True)
+    so = tmp_path / "m.so"
+    so.write_bytes(b"x" * 1000)
+    for _ in range(2):
+        assert _run(tmp_path, "pack", str(so), env={}).returncode == 0
+    assert (tmp_path / ".git" / "info" / "exclude").read_text().splitlines().count("/.fiaot/") == 1
