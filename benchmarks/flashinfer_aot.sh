@@ -37,6 +37,13 @@ if [ ! -f "$cx/nvidia/cu13/include/cublasLt.h" ] || [ ! -f "$cx/nvidia/cu13/incl
   ln -sf libnvrtc.so.13 "$cx/nvidia/cu13/lib/libnvrtc.so"
 fi
 
+# The link step takes -lcuda; a CPU machine has no driver library. An empty libcuda.so with the driver's soname
+# satisfies the linker (the .so then names libcuda.so.1, which the GPU machine's driver provides at load time).
+if ! ls "$CUDA_HOME"/lib64/stubs/libcuda.so "$CUDA_HOME"/lib64/libcuda.so >/dev/null 2>&1 \
+    && [ ! -f "$cx/nvidia/cu13/lib/libcuda.so" ]; then
+  echo | cc -x c -shared -Wl,-soname,libcuda.so.1 -o "$cx/nvidia/cu13/lib/libcuda.so" -
+fi
+
 # 3. FlashInfer's own build.ninja for the module, then ninja
 export FLASHINFER_WORKSPACE_BASE=$work/ws
 export FLASHINFER_EXTRA_CUDAFLAGS="-isystem $cx/nvidia/cu13/include"
@@ -51,5 +58,5 @@ so=$build_dir/fused_moe_90.so
 [ -f "$so" ] || { echo "flashinfer_aot: no $so (see $work/build.log)" >&2; exit 1; }
 
 # 4. .fiaot/: gzip'd .so in parts that fit next to a gpuenv part in one device call
-FIAOT_BUILT="$(date -u +%F) nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'V[0-9.]*') flashinfer 0.6.14 sm_90a" \
+FIAOT_BUILT="$(date -u +%F) nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'V[0-9][0-9.]*' | tail -1) flashinfer 0.6.14 sm_90a" \
   bash "$repo/benchmarks/fiaot.sh" pack "$so"

@@ -32,7 +32,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/moekern-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-export FLASHINFER_CUDA_ARCH_LIST=9.0a VLLM_USE_FLASHINFER_SAMPLER=0
+export FLASHINFER_CUDA_ARCH_LIST=9.0a FLASHINFER_JIT_DEBUG=0 VLLM_USE_FLASHINFER_SAMPLER=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 if [ -f .gpuenv/tools/stage.sh ]; then bash .gpuenv/tools/stage.sh || true; fi
@@ -197,12 +197,14 @@ run_stage() {
     # Detached (setsid): FlashInfer's nvcc builds run on after this call returns, for as long as the machine is
     # held, so the next call finds them in ~/.cache/flashinfer. Its log: /tmp/fi_warmup.log (bench-fi prints it).
     # Carry .fiwhl/ in the first call (gpuenv_extra.sh) and run this stage first: the CUTLASS MoE build takes
-    # longer than one call. Ninja's [k/N] progress lines go to the log (FLASHINFER_JIT_VERBOSE=1).
+    # longer than one call. Ninja's [k/N] progress lines go to the log (FLASHINFER_JIT_VERBOSE=1). FlashInfer
+    # 0.6.14 also reads VERBOSE as "debug build" (-O0 --device-debug) unless FLASHINFER_JIT_DEBUG says otherwise:
+    # session 6 found its routing kernel timed from such a build; FLASHINFER_JIT_DEBUG=0 keeps builds optimized.
     if pgrep -f flashinfer_warmup.py >/dev/null; then echo "FlashInfer JIT warm-up already running"; return 0; fi
     if ! python3 -c "import flashinfer" 2>/dev/null; then
       echo "fi-warmup: flashinfer not importable (carry .fiwhl or the full gpuenv)"; return 0
     fi
-    FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
+    FLASHINFER_JIT_DEBUG=0 FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
       < /dev/null &
     echo "FlashInfer JIT warm-up started (pid $!) at $(date +%T)"
     ;;

@@ -21,3 +21,16 @@ def test_no_module_defines_a_top_level_name_twice():
                                        f"{seen[node.name]})")
                     seen.setdefault(node.name, node.lineno)
     assert not clashes, "top-level names defined twice:\n" + "\n".join(clashes)
+
+
+def test_flashinfer_verbose_builds_stay_optimized():
+    """FlashInfer 0.6.14 reads FLASHINFER_JIT_VERBOSE=1 as a debug build (-O0 --device-debug) unless
+    FLASHINFER_JIT_DEBUG is set: every repo script asking for verbose JIT logs must pin FLASHINFER_JIT_DEBUG=0,
+    or the kernels it builds for timing are debug builds (session 6 timed FlashInfer's router from one)."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = [p for d in ("benchmarks", "moekern", "analysis") for p in (root / d).rglob("*")
+               if p.suffix in {".sh", ".py"} and p.is_file()]
+    offenders = [str(p.relative_to(root)) for p in scripts
+                 if "FLASHINFER_JIT_VERBOSE=1" in (text := p.read_text(errors="replace"))
+                 and "FLASHINFER_JIT_DEBUG=0" not in text]
+    assert not offenders, f"verbose FlashInfer JIT without FLASHINFER_JIT_DEBUG=0 (a debug build): {offenders}"
