@@ -15,6 +15,7 @@ import sys
 # command-module paths, in the order `moekern --help` lists them
 COMMAND_MODULES = (
     "moekern.bench.cli",  # bench
+    "moekern.bench.history",  # bench-history
     "moekern.models.cli",  # models
     "moekern.analysis.cli",  # metrics, datasets, predict, validate, placement, sweep, report
     "moekern.study.cli",  # profile, coactivation, factorial, recommend, project

@@ -1,0 +1,169 @@
+"""`moekern bench-history`: every committed `moekern bench` run, side by side over time.
+
+Each `moekern bench` run leaves a `results.json` (rows + environment: GPU, versions, date). This command
+finds them under one or more folders, and for every run and (op, provider) gives the geometric mean over
+shapes of the provider's time divided by the baseline provider's time (vLLM by default) in the *same* run
+— ratios are only ever formed within one run, never across runs — with the number of shapes it covers.
+A table (runs oldest first) and, with --plot, a PNG of those ratios by run.
+
+    moekern bench-history                                   # everything under benchmarks/results
+    moekern bench-history benchmarks/results --baseline flashinfer --plot history.png
+
+CPU demo runs are left out unless --include-demo (their times are the Triton interpreter's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+DEFAULT_ROOT = "benchmarks/results"
+
+
+def find_runs(roots: list[str], include_demo: bool = False) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """(path, data) of every results.json under roots that `moekern bench` wrote, oldest first, and a note
+    per file that was skipped (unreadable, not a bench result, a demo)."""
+    runs, skipped = [], []
+    for root in roots:
+        for path in sorted(Path(root).rglob("results.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                skipped.append(f"{path}: unreadable ({exc})")
+                continue
+            if not isinstance(data, dict) or not isinstance(data.get("rows"), list) \
+                    or not isinstance(data.get("environment"), dict):
+                skipped.append(f"{path}: not a moekern bench result")
+                continue
+            if data["environment"].get("demo") and not include_demo:
+                skipped.append(f"{path}: CPU demo (--include-demo to show)")
+                continue
+            runs.append((path, data))
+    runs.sort(key=lambda pd: (str(pd[1]["environment"].get("date", "")), str(pd[0])))
+    return runs, skipped
+
+
+def _key(row: dict) -> tuple:
+    return row.get("shape"), row.get("block_size")
+
+
+def summarize(runs: list[tuple[Path, dict]], baseline: str = "vllm") -> list[dict]:
+    """One record per (run, op, provider other than the baseline) with both timed on at least one shape:
+    geomean of provider time / baseline time over the shapes both timed correctly, and the counts."""
+    out = []
+    for path, data in runs:
+        env = data["environment"]
+        base = {_key(r): r["median_us"] for r in data["rows"]
+                if r.get("provider") == baseline and r.get("status") == "ok" and r.get("median_us")}
+        groups: dict[tuple[str, str], list[float]] = {}
+        not_ok: dict[tuple[str, str], int] = {}
+        for r in data["rows"]:
+            prov = r.get("provider")
+            if prov == baseline:
+                continue
+            g = (r.get("op", "?"), prov)
+            if r.get("status") != "ok":
+                if r.get("status") in ("wrong", "error"):
+                    not_ok[g] = not_ok.get(g, 0) + 1
+                continue
+            b = base.get(_key(r))
+            if b and r.get("median_us"):
+                groups.setdefault(g, []).append(r["median_us"] / b)
+        for (op, prov), ratios in sorted(groups.items()):
+            out.append({
+                "run": str(path.parent), "date": str(env.get("date", ""))[:10], "gpu": env.get("gpu") or "?",
+                "op": op, "provider": prov, "baseline": baseline,
+                "geomean_ratio": math.exp(sum(math.log(x) for x in ratios) / len(ratios)),
+                "min_ratio": min(ratios), "max_ratio": max(ratios), "shapes": len(ratios),
+                "wrong_or_failed": not_ok.get((op, prov), 0),
+            })
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """One line per (run, op, provider), runs oldest first: geomean ratio, its range over shapes, shapes."""
+    import pandas as pd
+
+    if not summary:
+        return "(no ratios)"
+    df = pd.DataFrame(summary)
+    return pd.DataFrame({
+        "run": df.run, "date": df.date, "gpu": df.gpu, "op": df.op, "provider": df.provider,
+        "geomean": [f"{g:.3f}x" for g in df.geomean_ratio],
+        "range": [f"{lo:.2f}-{hi:.2f}x" for lo, hi in zip(df.min_ratio, df.max_ratio)],
+        "shapes": df.shapes, "wrong/failed": df.wrong_or_failed,
+    }).to_string(index=False)
+
+
+def plot(summary: list[dict], path: str) -> str:
+    """Geomean ratio per run (x: runs oldest first), one line per op/provider, log y, 1.0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    runs = list(dict.fromkeys(s["run"] for s in summary))
+    labels = [f"{'/'.join(Path(r).parts[-2:])}\n{next(s['date'] for s in summary if s['run'] == r)}" for r in runs]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs)), 4.5))
+    styles = ["-", "--", ":", "-."]
+    for i, col in enumerate(sorted({(s["op"], s["provider"]) for s in summary})):
+        pts = [(runs.index(s["run"]), s["geomean_ratio"]) for s in summary if (s["op"], s["provider"]) == col]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[i // 10 % 4],
+                ls=styles[i // 10 % 4], label=f"{col[0]} / {col[1]}")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=15)
+    base = summary[0]["baseline"] if summary else "baseline"
+    ax.set_ylabel(f"time / {base} time (geomean over shapes; < 1 is faster)")
+    ax.set_title(f"moekern bench runs vs {base}, each ratio within one run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench-history", help="every committed bench run's ratios vs a baseline, over time",
+                              description=__doc__)
+    p.add_argument("roots", nargs="*", default=[DEFAULT_ROOT], help=f"folders to search (default {DEFAULT_ROOT})")
+    p.add_argument("--baseline", default="vllm", help="provider the ratios divide by (default vllm)")
+    p.add_argument("--plot", default=None, help="write a PNG of the ratios by run here")
+    p.add_argument("--json", default=None, help="write the per-run summary records here")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to show (default: all but torch, the reference loop)")
+    p.add_argument("--include-demo", action="store_true", help="also CPU demo runs (interpreter wall clock)")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args) -> int:
+    missing = [r for r in args.roots if not Path(r).is_dir()]
+    if missing:
+        print(f"moekern bench-history: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs, skipped = find_runs(args.roots, include_demo=args.include_demo)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    summary = summarize(runs, args.baseline)
+    keep = {x.strip() for x in args.providers.split(",") if x.strip()} if args.providers else None
+    summary = [x for x in summary if (x["provider"] in keep if keep else x["provider"] != "torch")]
+    if not summary:
+        print(f"moekern bench-history: no run under {', '.join(args.roots)} timed '{args.baseline}' beside "
+              f"another provider ({len(runs)} bench result(s) found)", file=sys.stderr)
+        return 1
+    print(f"{len(runs)} run(s); cells: geomean over shapes of time / {args.baseline} time in the same run "
+          f"(shapes compared)\n")
+    print(table(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(summary, args.plot)}")
+    return 0
