@@ -158,8 +158,8 @@ def run_command(args) -> int:
         print(f"moekern bench-history: no run under {', '.join(args.roots)} timed '{args.baseline}' beside "
               f"another provider ({len(runs)} bench result(s) found)", file=sys.stderr)
         return 1
-    print(f"{len(runs)} run(s); cells: geomean over shapes of time / {args.baseline} time in the same run "
-          f"(shapes compared)\n")
+    print(f"{len(runs)} run(s); geomean: over shapes, time / {args.baseline} time in the same run "
+          f"(range: over shapes)\n")
     print(table(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
