@@ -22,7 +22,7 @@
 # Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash benchmarks/flashinfer_aot.sh, hours on 2 cores, resumable)
-# and carry .fiaot/ (manifest + parts, one part per call beside a gpuenv part); every stage installs it
+# and carry .fiaot/ (manifest + parts; 34 MB in one part fits beside .fiwhl in a first call); every stage installs it
 # (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` then checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
