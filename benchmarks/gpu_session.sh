@@ -199,12 +199,13 @@ run_stage() {
     # Carry .fiwhl/ in the first call (gpuenv_extra.sh) and run this stage first: the CUTLASS MoE build takes
     # longer than one call. Ninja's [k/N] progress lines go to the log (FLASHINFER_JIT_VERBOSE=1). FlashInfer
     # 0.6.14 also reads VERBOSE as "debug build" (-O0 --device-debug) unless FLASHINFER_JIT_DEBUG says otherwise:
-    # session 6's warm-up built FlashInfer's router that way; FLASHINFER_JIT_DEBUG=0 keeps builds optimized.
+    # session 6's warm-up built FlashInfer's router that way; the FLASHINFER_JIT_DEBUG=0 exported above keeps
+    # builds optimized.
     if pgrep -f flashinfer_warmup.py >/dev/null; then echo "FlashInfer JIT warm-up already running"; return 0; fi
     if ! python3 -c "import flashinfer" 2>/dev/null; then
       echo "fi-warmup: flashinfer not importable (carry .fiwhl or the full gpuenv)"; return 0
     fi
-    FLASHINFER_JIT_DEBUG=0 FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
+    FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
       < /dev/null &
     echo "FlashInfer JIT warm-up started (pid $!) at $(date +%T)"
     ;;

@@ -26,7 +26,7 @@ def test_no_module_defines_a_top_level_name_twice():
 def test_flashinfer_verbose_builds_stay_optimized():
     """FlashInfer 0.6.14 reads FLASHINFER_JIT_VERBOSE=1 as a debug build (-O0 --device-debug) unless
     FLASHINFER_JIT_DEBUG is set: every repo script asking for verbose JIT logs must pin FLASHINFER_JIT_DEBUG=0,
-    or the kernels it builds for timing are debug builds (session 6 timed FlashInfer's router from one)."""
+    or the kernels it builds for timing are debug builds (session 6's warm-up built FlashInfer's router so)."""
     root = Path(__file__).resolve().parents[1]
     scripts = [p for d in ("benchmarks", "moekern", "analysis") for p in (root / d).rglob("*")
                if p.suffix in {".sh", ".py"} and p.is_file()]

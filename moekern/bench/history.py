@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from moekern.bench import report
+
 DEFAULT_ROOT = "benchmarks/results"
 
 
@@ -27,9 +29,9 @@ def find_runs(roots: list[str], include_demo: bool = False) -> tuple[list[tuple[
     per file that was skipped (unreadable, not a bench result, a demo)."""
     runs, skipped = [], []
     for root in roots:
-        for path in sorted(Path(root).rglob("results.json")):
+        for path in sorted(Path(root).rglob(report.RESULTS_FILE)):
             try:
-                data = json.loads(path.read_text())
+                data = report.load(str(path))
             except (OSError, ValueError) as exc:
                 skipped.append(f"{path}: unreadable ({exc})")
                 continue
