@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_session.sh fi-status    # how far that build is
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
-#   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate
+#   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate (E2E_ARMS, E2E_ARGS)
 #   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve`
 #   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
 #   bash benchmarks/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
@@ -244,8 +244,16 @@ run_stage() {
     ;;
   e2e-offline)
     versions; build
-    # 4 arms, ~7-8.5 min (FlashInfer's arm needs its JIT build first: a separate call after fi-warmup)
-    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern \
+    # 4 arms, ~7-8.5 min; a fifth does not fit one call. E2E_ARMS picks others (e.g. vllm,flashinfer,moekern with
+    # E2E_ARGS="--reps 3"). FlashInfer's arm needs its CUTLASS MoE module ahead of time (.fiaot carried): built
+    # inside the arm, nvcc would outlast --arm-timeout, so without it the arm is dropped here, saying so.
+    local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
+    if [[ ",$arms," == *,flashinfer,* ]] && ! ls /tmp/gpuenv/site/flashinfer/data/aot/fused_moe_90/*.so >/dev/null 2>&1; then
+      echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
+      arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
+    fi
+    # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
+    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms "$arms" ${E2E_ARGS:-} \
       --budget-s 470 --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
     ;;
