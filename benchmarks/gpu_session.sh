@@ -245,7 +245,7 @@ run_stage() {
   e2e-offline)
     versions; build
     # 4 arms, ~7-8.5 min; a fifth does not fit one call. E2E_ARMS picks others (e.g. vllm,flashinfer,moekern with
-    # E2E_ARGS="--reps 3"). FlashInfer's arm needs its CUTLASS MoE module ahead of time (.fiaot carried): built
+    # E2E_ARGS="--reps 3", which may also override --budget-s). FlashInfer's arm needs its CUTLASS MoE module ahead of time (.fiaot carried): built
     # inside the arm, nvcc would outlast --arm-timeout, so without it the arm is dropped here, saying so.
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! ls /tmp/gpuenv/site/flashinfer/data/aot/fused_moe_90/*.so >/dev/null 2>&1; then
@@ -253,8 +253,8 @@ run_stage() {
       arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
     fi
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
-    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms "$arms" ${E2E_ARGS:-} \
-      --budget-s 470 --out "$OUT/e2e" 2>&1 \
+    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms "$arms" \
+      --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
     ;;
   e2e-serve)
