@@ -22,8 +22,10 @@
 # Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash benchmarks/flashinfer_aot.sh, hours on 2 cores, resumable)
-# and carry .fiaot/ (manifest + parts; 34 MB in one part fits beside .fiwhl in a first call); every stage installs it
-# (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` then checks it in seconds.
+# and carry .fiaot/ (manifest + parts): either one 34 MB part beside .fiwhl in a first call (session 6), or
+# FIAOT_PART_MB=9 parts riding with the three gpuenv parts (the manifest in each call; part.0 with part 1, part.1 with 2,
+# part.2 + part.3 with 3: each call stays under the 64 MiB that travels, and no call is spent on it); every
+# stage installs it (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
 # (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}.
@@ -244,9 +246,11 @@ run_stage() {
     ;;
   e2e-offline)
     versions; build
-    # 4 arms, ~7-8.5 min; a fifth does not fit one call. E2E_ARMS picks others (e.g. vllm,flashinfer,moekern with
-    # E2E_ARGS="--reps 3", which may also override --budget-s). FlashInfer's arm needs its CUTLASS MoE module ahead of time (.fiaot carried): built
-    # inside the arm, nvcc would outlast --arm-timeout, so without it the arm is dropped here, saying so.
+    # 4 arms, ~7-8.5 min; a fifth fits only a smaller workload. E2E_ARMS picks the arms, E2E_ARGS adds flags (it
+    # comes after --budget-s, so it may override it), e.g. E2E_ARMS=vllm,moekern,moekern-routing,moekern-routing-log,
+    # flashinfer E2E_ARGS="--reps 3 --num-prompts 384 --budget-s 480" (~9 min). FlashInfer's arm needs its CUTLASS
+    # MoE module ahead of time (.fiaot carried): built inside the arm, nvcc would outlast --arm-timeout, so without
+    # it the arm is dropped here, saying so.
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! ls /tmp/gpuenv/site/flashinfer/data/aot/fused_moe_90/*.so >/dev/null 2>&1; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
