@@ -23,8 +23,8 @@
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash benchmarks/flashinfer_aot.sh, hours on 2 cores, resumable)
 # and carry .fiaot/ (manifest + parts): either one 34 MB part beside .fiwhl in a first call (session 6), or
-# FIAOT_PART_MB=9 parts riding with the three gpuenv parts (the manifest in each call; part.0 with part 1, part.1 with 2,
-# part.2 + part.3 with 3: each call stays under the 64 MiB that travels, and no call is spent on it); every
+# FIAOT_PART_MB=9 parts riding with the three gpuenv parts (the manifest in each call; part.0 with part 1,
+# part.1 with 2, part.2 + part.3 with 3: each call stays under the 64 MiB that travels, no call spent on it); every
 # stage installs it (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
