@@ -525,6 +525,92 @@ def test_steady_state_flags_exist_in_vllm_026():
     assert "request_func_input=test_input" in serve[serve.index("if num_warmups > 0:"):][:1200]
 
 
+def test_warm_again(e2e):
+    # always the asked passes, then more only while the last one compiled, up to the maximum
+    assert e2e.warm_again([], 1, 4) and not e2e.warm_again([0], 1, 4)
+    assert e2e.warm_again([3], 1, 4) and e2e.warm_again([3, 1], 1, 4) and not e2e.warm_again([3, 1, 0], 1, 4)
+    assert not e2e.warm_again([3, 1, 2, 5], 1, 4)  # the cap
+    assert e2e.warm_again([0], 2, 4)  # --warmup-reps passes run even when the first was quiet
+    assert e2e.warm_again([None], 1, 3) and not e2e.warm_again([None, None, None], 1, 3)  # unknown: warm on
+    assert not e2e.warm_again([], 0, 4)  # a gate-log run without warm-up stays without
+    assert not e2e.warm_again([7], 1, 1)
+
+
+def test_new_jit_lines(e2e, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text(f"x\nWARNING {e2e.JIT_WARNING}: k1\n")
+    n, off = e2e.new_jit_lines(str(log), 0)
+    assert n == 1 and off == log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write(f"{e2e.JIT_WARNING}: k2\n{e2e.JIT_WARNING}: k3\n")
+    assert e2e.new_jit_lines(str(log), off)[0] == 2
+    assert e2e.new_jit_lines(None, 5) == (None, 5) and e2e.new_jit_lines(str(tmp_path / "no.log"), 3) == (None, 3)
+
+
+def _fake_vllm(monkeypatch, log: Path, compiles_per_pass: list[int]):
+    """A vllm module whose LLM.generate appends the given numbers of JIT warnings to `log` on its successive
+    calls of more than 16 prompts (the engine process writing into the arm's log), and records every call."""
+    import types
+    calls = []
+
+    class LLM:
+        def __init__(self, **kw):
+            self.kw = kw
+
+        def generate(self, prompts, sp, use_tqdm=False):
+            calls.append((len(prompts), sp.max_tokens))
+            full = [c for c in calls if c[0] > 16]
+            if len(prompts) > 16 and len(full) <= len(compiles_per_pass):
+                with open(log, "a") as fh:
+                    fh.write("".join(f"(EngineCore) WARNING {e2e_jit} fused_moe_kernel (x)\n"
+                                     for _ in range(compiles_per_pass[len(full) - 1])))
+            out = types.SimpleNamespace(token_ids=[1] * sp.max_tokens)
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+        def collective_rpc(self, name):
+            raise AttributeError(name)
+
+    class SamplingParams:
+        def __init__(self, max_tokens, **kw):
+            self.max_tokens = max_tokens
+
+    e2e_jit = "Triton kernel JIT compilation during inference:"
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: prompt_token_ids
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    return calls
+
+
+@pytest.mark.parametrize("compiles, warm_passes, timed_jit", [
+    ([4, 2, 0], 3, 0),     # warms on until a full pass compiles nothing
+    ([4, 2, 1, 1, 1], 4, 1),  # the cap: the 5th pass's compile lands in the measured part
+    ([0], 1, 0),           # quiet at once: just --warmup-reps
+])
+def test_child_offline_warms_until_quiet(e2e, monkeypatch, tmp_path, compiles, warm_passes, timed_jit):
+    log, res = tmp_path / "offline_x.log", tmp_path / "offline_x.json"
+    log.write_text("")
+    calls = _fake_vllm(monkeypatch, log, compiles)
+    monkeypatch.setattr(e2e.time, "sleep", lambda s: None)
+    spec = {"engine": {}, "seed": 0, "vocab": 1000, "input_len": 4, "output_len": 3, "num_prompts": 20, "reps": 2,
+            "warmup_reps": 1, "warmup_max_reps": 4, "ignore_eos": True, "result": str(res), "log": str(log)}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    real_stdout = sys.stdout
+    with open(log, "a") as fh:  # the child's stdout is the log, as run_offline_arm starts it
+        monkeypatch.setattr(sys, "stdout", fh)
+        assert e2e.child_offline(str(spec_path)) == 0
+    monkeypatch.setattr(sys, "stdout", real_stdout)
+    r = json.loads(res.read_text())
+    full = [w for w in r["warmup"] if w["prompts"] == 20]
+    assert [w["jit"] for w in full] == compiles[:warm_passes]
+    assert r["warmup"][0] == {**r["warmup"][0], "prompts": 16, "max_tokens": 8}  # the small pre-warm pass first
+    assert len(calls) == len(r["warmup"]) + 2 and len(r["runs"]) == 2
+    assert e2e.count_jit_events(log.read_text())["jit"] == timed_jit
+
+
 def test_warmup_plan(e2e):
     assert e2e.warmup_plan(512, 128, 1) == [(16, 8), (512, 128)]
     assert e2e.warmup_plan(8, 32, 2) == [(8, 8), (8, 32), (8, 32)]  # fewer prompts than the pre-warm takes

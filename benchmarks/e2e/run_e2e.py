@@ -18,7 +18,8 @@ Steady state (the first H100 run, benchmarks/results/e2e/h100-2026-11-23/, was n
 prefix caching off (the same prompts every repetition would otherwise skip prefill from the second one on)
 and vLLM's JIT monitor in verbose mode (it logs every Triton compile after warm-up, not only the first per
 kernel). Before anything is timed each arm runs discarded warm-up passes of the very workload it measures
-(offline: a 16-prompt pass, then --warmup-reps full passes; serve: one full `vllm bench serve` run against
+(offline: a 16-prompt pass, then --warmup-reps full passes, and more, up to --warmup-max-reps, while the last
+one still compiled a kernel; serve: one full `vllm bench serve` run against
 the same server; `vllm bench serve --num-warmups` only repeats the first prompt, so it cannot cover the
 batch shapes). A marker line then splits the arm's log; the JIT compilations logged after it are stored as
 `jit_during_measurement`, and a mode whose arms compiled anything while measured is reported as not steady
@@ -176,6 +177,34 @@ def warmup_plan(num_prompts: int, output_len: int, warmup_reps: int) -> list[tup
     if warmup_reps == 0:
         return []
     return [(min(16, num_prompts), 8)] + [(num_prompts, output_len)] * warmup_reps
+
+
+def warm_again(pass_jit: list[int | None], warmup_reps: int, warmup_max_reps: int) -> bool:
+    """Whether the offline child runs one more discarded full pass, given the JIT compile counts of the full
+    warm-up passes so far (None: not known): always up to warmup_reps, then while the last pass compiled
+    something (or its count is unknown), up to warmup_max_reps. Which batch shapes a pass produces depends on
+    scheduling timing, so one pass of the workload need not meet every Triton specialization of the timed ones
+    (session 7: vLLM's fused_moe_kernel compiled in timed passes after one full warm-up pass)."""
+    done = len(pass_jit)
+    if done < warmup_reps:
+        return True
+    if warmup_reps == 0 or done >= warmup_max_reps:
+        return False
+    return pass_jit[-1] is None or pass_jit[-1] > 0
+
+
+def new_jit_lines(log_path: str | None, offset: int) -> tuple[int | None, int]:
+    """(JIT compile warnings in the log from byte `offset` on, the log's new end offset); (None, offset)
+    without a readable log. The engine's processes append to the same file as the child's stdout."""
+    if not log_path:
+        return None, offset
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return None, offset
+    return data.decode(errors="replace").count(JIT_WARNING), offset + len(data)
 
 
 def count_jit_events(log_text: str, marker: str | None = MEASURE_MARKER) -> dict | None:
@@ -363,7 +392,9 @@ def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int
     `seed`, or the given prompt token ids)."""
     spec = {"engine": engine_kwargs(args, arm), "seed": 0, "vocab": args.vocab, "input_len": args.input_len,
             "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
-            "warmup_reps": getattr(args, "warmup_reps", 1), "ignore_eos": True, "result": str(res_path)}
+            "warmup_reps": getattr(args, "warmup_reps", 1),
+            "warmup_max_reps": getattr(args, "warmup_max_reps", None) or getattr(args, "warmup_reps", 1),
+            "ignore_eos": True, "result": str(res_path)}
     if prompt_token_ids is not None:
         spec["prompt_token_ids"] = prompt_token_ids
         spec["num_prompts"] = len(prompt_token_ids)
@@ -388,12 +419,27 @@ def child_offline(spec_path: str) -> int:
     n_in = sum(len(p) for p in ids)
     sp = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=spec["ignore_eos"],
                         detokenize=False)
-    warmup = []
-    for n, max_tokens in warmup_plan(len(prompts), spec["output_len"], spec.get("warmup_reps", 1)):
+    warmup, pass_jit = [], []
+    warmup_reps = spec.get("warmup_reps", 1)
+    max_reps = max(warmup_reps, spec.get("warmup_max_reps", warmup_reps))
+    plan = warmup_plan(len(prompts), spec["output_len"], warmup_reps)[:1]  # the small pre-warm pass, if any
+
+    def discard(n: int, max_tokens: int) -> None:
         t0 = time.perf_counter()
         llm.generate(prompts[:n], SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                                  detokenize=False), use_tqdm=False)
         warmup.append({"prompts": n, "max_tokens": max_tokens, "seconds": time.perf_counter() - t0})
+
+    for n, max_tokens in plan:
+        discard(n, max_tokens)
+    sys.stdout.flush()
+    _, offset = new_jit_lines(spec.get("log"), 0)
+    while warm_again(pass_jit, warmup_reps, max_reps):
+        discard(len(prompts), spec["output_len"])
+        time.sleep(0.5)  # the engine process's warnings reach the shared log file
+        jit, offset = new_jit_lines(spec.get("log"), offset)
+        warmup[-1]["jit"] = jit
+        pass_jit.append(jit)
     print(MEASURE_MARKER, flush=True)  # the engine's own logs share this file: later JIT warnings are ours
     runs, token_ids = [], None
     for _ in range(spec["reps"]):
@@ -426,8 +472,9 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -
     ids = read_dataset_prompts(args.dataset, _hf_encode(args.model_dir), args.num_prompts) if args.dataset else None
     spec = {**offline_spec(args, arm, res_path, ids), **(extra_spec or {})}
     spec_path = out / f"offline_{arm}.spec.json"
-    spec_path.write_text(json.dumps(spec))
     log = out / f"offline_{arm}.log"
+    spec["log"] = str(log)
+    spec_path.write_text(json.dumps(spec))
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
@@ -1086,6 +1133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="timed offline passes per arm")
     p.add_argument("--warmup-reps", type=int,
                    help="discarded full offline passes before the timed ones (0: none, not even the 16-prompt one)")
+    p.add_argument("--warmup-max-reps", type=int, default=4,
+                   help="offline: after --warmup-reps passes, more discarded full passes while the last one "
+                        "JIT-compiled a kernel, up to this many in all (default 4; each arm's JSON lists the "
+                        "compiles per warm-up pass)")
     p.add_argument("--serve-reps", type=int, help="timed `vllm bench serve` runs per arm (after one warm-up run)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-mem", type=float, default=0.85)
@@ -1142,6 +1193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, field, getattr(base, field))
         elif v < (0 if field == "warmup_reps" else 1):
             p.error(f"--{field.replace('_', '-')}={v} must be >= {0 if field == 'warmup_reps' else 1}")
+    if args.warmup_max_reps < 0:
+        p.error(f"--warmup-max-reps={args.warmup_max_reps} must be >= 0")
     args.workload = Workload(**{f: getattr(args, f) for f in Workload.__dataclass_fields__})
     args.attention_backend = attention_backend(args.model)
     args.vocab = json.loads((HERE / "configs" / args.model / "config.json").read_text())["vocab_size"]
@@ -1296,6 +1349,7 @@ def main(argv=None) -> int:
             "steady_state_measures": {"enable_prefix_caching": False, "jit_monitor_verbose": True,
                                       "offline_warmup": warmup_plan(args.num_prompts, args.output_len,
                                                                     args.warmup_reps),
+                                      "offline_warmup_max_reps": max(args.warmup_reps, args.warmup_max_reps),
                                       "serve_warmup_runs": 1},
             "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
