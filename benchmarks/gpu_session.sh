@@ -293,19 +293,15 @@ run_stage() {
   factorial)
     # Issue 12's small real factorial (analysis/specs/factorial_h100_small.yaml): 2 servers (vllm, moekern), each
     # serving a grid of 3 concurrencies x 3 datasets x 2 reps; ~7-8 min. Resumable: rerun to fill skipped points.
-    # FACTORIAL_REPS=1 runs one rep of every point (~5.5 min; a later run with the spec's 2 adds the second rep
-    # and skips what is done) from a copy of the spec beside it (its paths are relative to the spec's folder).
+    # FACTORIAL_REPS=1 runs one rep of every point (`moekern factorial --reps 1`, ~5.5 min; a later run with the
+    # spec's 2 adds the second rep and skips what is done).
     # PREFLIGHT=0 skips the hook check when an e2e stage of the same machine has just passed it.
     versions; build
-    local spec=analysis/specs/factorial_h100_small.yaml
-    if [ -n "${FACTORIAL_REPS:-}" ]; then
-      sed "s/^reps: .*/reps: $FACTORIAL_REPS/" "$spec" > "analysis/specs/.factorial_h100_small.reps$FACTORIAL_REPS.yaml"
-      spec=analysis/specs/.factorial_h100_small.reps$FACTORIAL_REPS.yaml
-    fi
     if [ "${PREFLIGHT:-1}" != 0 ]; then
       timeout 80 python3 benchmarks/e2e/preflight.py --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
     fi
-    timeout 500 python3 -m moekern.cli factorial "$spec" 2>&1 | tee "$OUT/factorial.log" | tail -30
+    timeout 500 python3 -m moekern.cli factorial analysis/specs/factorial_h100_small.yaml \
+      ${FACTORIAL_REPS:+--reps "$FACTORIAL_REPS"} 2>&1 | tee "$OUT/factorial.log" | tail -30
     cp -r results/factorial_h100_small "$OUT/factorial" 2>/dev/null || true
     ;;
   *) echo "unknown stage $1"; return 2 ;;

@@ -279,3 +279,20 @@ def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path, mo
     assert cv["moekern_s128_c8_d000_0.2000_r0"] == pytest.approx(0.0, abs=1e-12)
     assert cv["moekern_s128_c32_d001_0.8000_r0"] == pytest.approx(math.sqrt(3.0))
     assert sorted(df["concurrency"]) == [8, 32]
+
+
+def test_reps_override_plans_fewer_benches(capsys):
+    spec = F.load_factorial_spec(SPECS / "factorial_h100_small.yaml")
+    one = F.with_reps(spec, 1)
+    assert one.reps == 1 and spec.reps == 2 and one.bench_grid["reps"] == 1 and one.factors == spec.factors
+    assert F.estimate_seconds(one, 2) < F.estimate_seconds(spec, 2)
+    with pytest.raises(ValueError, match="reps must be an int >= 1"):
+        F.with_reps(spec, 0)
+    no_grid = F.FactorialSpec(name="x", out_dir=Path("."), factors={"moe_backend": ["a"]})
+    with pytest.raises(ValueError, match="needs a 'concurrency' factor"):
+        F.with_reps(no_grid, 2)
+    from moekern.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse: a usage error naming the flag, not a traceback
+        main(["factorial", str(SPECS / "factorial_h100_small.yaml"), "--dry-run", "--reps", "0"])
+    assert exc.value.code == 2 and "--reps: '0' is not an int >= 1" in capsys.readouterr().err

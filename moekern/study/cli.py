@@ -8,6 +8,19 @@ import math
 import sys
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (anything else is a usage error naming the flag)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="per-kernel time shares (torch.profiler, traces, ncu, nsys, rocprofv3)")
     ps = p.add_subparsers(dest="profile_tool", metavar="TOOL")
@@ -48,6 +61,9 @@ def add_parser(sub) -> None:
     p.add_argument("spec", help="factorial YAML spec")
     p.add_argument("--dry-run", action="store_true", help="plan only; run nothing")
     p.add_argument("--analyze", default=None, help="ANOVA of the results under this dir (default: spec out_dir)")
+    p.add_argument("--reps", type=_positive_int, default=None,
+                   help="repetitions of every bench instead of the spec's `reps` (a shorter first run; a later "
+                        "run with more resumes and adds the missing ones)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_factorial)
 
@@ -193,9 +209,11 @@ def _coactivation(args) -> int:
 
 def _factorial(args) -> int:
     from moekern.study.factorial import (FACTORS, anova_all, anova_latex, anova_plot, collect_results,
-                                         load_factorial_spec, run_factorial)
+                                         load_factorial_spec, run_factorial, with_reps)
 
     spec = load_factorial_spec(args.spec)
+    if args.reps is not None:
+        spec = with_reps(spec, args.reps)
     summary = run_factorial(spec, dry_run=args.dry_run)
     if args.dry_run and not args.analyze:
         print(json.dumps(summary))

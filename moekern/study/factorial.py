@@ -47,6 +47,7 @@ dropped (listed in `dropped`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -129,6 +130,15 @@ def load_factorial_spec(path) -> FactorialSpec:
                          responses=tuple(raw.get("responses", RESPONSES)), interactions=int(raw.get("interactions", 2)),
                          vars=dict(raw.get("vars") or {}), base_dir=base, timeout_s=raw.get("timeout_s"), reps=reps,
                          estimate=dict(raw.get("estimate") or {}))
+
+
+def with_reps(spec: FactorialSpec, reps: int) -> FactorialSpec:
+    """The spec with `reps` repetitions of every bench (checked as the spec's own `reps` is)."""
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1; got {reps!r}")
+    if reps > 1 and "concurrency" not in spec.factors:
+        raise ValueError("reps repeats benches against one server: it needs a 'concurrency' factor")
+    return dataclasses.replace(spec, reps=reps)
 
 
 def design_points(factors: dict[str, list], design: str = "full", fraction_p: int = 1) -> list[dict]:
