@@ -2,6 +2,7 @@
 # FlashInfer's CUTLASS MoE module (fused_moe_90.so), built ahead of time on a CPU machine, to the GPU machine.
 #   bash benchmarks/fiaot.sh pack SO      # here: SO -> .fiaot/ (gzip'd parts of FIAOT_PART_MB MiB + manifest)
 #   bash benchmarks/fiaot.sh install      # there (gpu_session.sh runs it first in every call)
+#   bash benchmarks/fiaot.sh installed    # there: exit 0 (printing where) when every FlashInfer here has it
 # The parts may come over several device calls (carry .fiaot/manifest with every part): install moves the
 # carried parts to FIAOT_TMP (/tmp/fiaot), and once all have arrived and the checksum matches, copies the .so
 # into the AOT directory (data/aot/fused_moe_90/) of every FlashInfer in FIAOT_TARGETS, which FlashInfer loads
@@ -58,8 +59,19 @@ install() {
   done
 }
 
+installed() {
+  local fi found=0
+  for fi in $targets; do
+    [ -d "$fi" ] || continue
+    [ -f "$fi/data/aot/$name/$name.so" ] || { echo "fiaot: $fi has no $name.so"; return 1; }
+    echo "$fi/data/aot/$name/$name.so"; found=1
+  done
+  [ "$found" = 1 ] || { echo "fiaot: no FlashInfer here (none of: $targets)"; return 1; }
+}
+
 case "${1:-}" in
   pack) [ $# -eq 2 ] || { echo "usage: fiaot.sh pack SO" >&2; exit 2; }; pack "$2" ;;
   install) install ;;
-  *) echo "usage: fiaot.sh pack SO | install" >&2; exit 2 ;;
+  installed) installed ;;
+  *) echo "usage: fiaot.sh pack SO | install | installed" >&2; exit 2 ;;
 esac

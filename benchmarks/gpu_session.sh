@@ -252,7 +252,7 @@ run_stage() {
     # MoE module ahead of time (.fiaot carried): built inside the arm, nvcc would outlast --arm-timeout, so without
     # it the arm is dropped here, saying so.
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
-    if [[ ",$arms," == *,flashinfer,* ]] && ! ls /tmp/gpuenv/site/flashinfer/data/aot/fused_moe_90/*.so >/dev/null 2>&1; then
+    if [[ ",$arms," == *,flashinfer,* ]] && ! bash benchmarks/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
       arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
     fi

@@ -65,9 +65,14 @@ def test_parts_over_two_calls_install_into_every_flashinfer(packed):
     assert r.returncode == 0 and "2 of 4 parts" in r.stdout, r.stdout + r.stderr
     assert not (fis[0] / "data").exists()
 
+    r = _run(there, "installed", env=env)  # what e2e-offline asks before it keeps the flashinfer arm
+    assert r.returncode == 1 and "has no fused_moe_90.so" in r.stdout
+
     _carry(here, there, parts[2:])
     r = _run(there, "install", env=env)
     assert r.returncode == 0, r.stderr
+    r = _run(there, "installed", env=env)
+    assert r.returncode == 0 and r.stdout.strip() == str(fis[0] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so")
     installed = fis[0] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so"
     assert installed.read_bytes() == so.read_bytes()
     assert "built 2026-12-05 test" in r.stdout
@@ -77,6 +82,12 @@ def test_parts_over_two_calls_install_into_every_flashinfer(packed):
     r = _run(there, "install", env=env)
     assert r.returncode == 0 and r.stdout.count("installed under") == 1, r.stdout
     assert (fis[1] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so").read_bytes() == so.read_bytes()
+    assert _run(there, "installed", env=env).stdout.count("fused_moe_90.so") == 2
+
+
+def test_installed_without_any_flashinfer(tmp_path):
+    r = _run(tmp_path, "installed", env={"FIAOT_TARGETS": str(tmp_path / "none")})
+    assert r.returncode == 1 and "no FlashInfer here" in r.stdout
 
 
 def test_corrupt_part_installs_nothing(packed):
