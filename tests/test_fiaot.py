@@ -71,8 +71,8 @@ def test_parts_over_two_calls_install_into_every_flashinfer(packed):
     _carry(here, there, parts[2:])
     r = _run(there, "install", env=env)
     assert r.returncode == 0, r.stderr
-    r = _run(there, "installed", env=env)
-    assert r.returncode == 0 and r.stdout.strip() == str(fis[0] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so")
+    q = _run(there, "installed", env=env)
+    assert q.returncode == 0 and q.stdout.strip() == str(fis[0] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so")
     installed = fis[0] / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so"
     assert installed.read_bytes() == so.read_bytes()
     assert "built 2026-12-05 test" in r.stdout
