@@ -296,3 +296,41 @@ def test_reps_override_plans_fewer_benches(capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: a usage error naming the flag, not a traceback
         main(["factorial", str(SPECS / "factorial_h100_small.yaml"), "--dry-run", "--reps", "0"])
     assert exc.value.code == 2 and "--reps: '0' is not an int >= 1" in capsys.readouterr().err
+
+
+REAL = SPECS.parents[1] / "benchmarks" / "results" / "factorial" / "h200-2026-12-06-small"
+
+
+def test_steady_rows_leaves_out_benches_that_compiled():
+    import pandas as pd
+
+    df = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "steady_state": [True, False, None, "false"],
+                       "output_throughput": [1.0, 2.0, 3.0, 4.0]})
+    kept, out = F.steady_rows(df)
+    assert list(kept["run_id"]) == ["a", "c"] and out == ["b", "d"]  # unknown (None) is kept
+    assert F.steady_rows(df.drop(columns="steady_state"))[1] == []
+
+
+def test_committed_real_factorial_analysis(tmp_path, capsys):
+    """The real factorial of session 8 (H200, 36 benches): the benches whose vLLM server JIT-compiled its Triton
+    MoE kernel while measured are left out of the ANOVA by default and named; concurrency dominates throughput."""
+    from moekern.cli import main
+
+    df = F.collect_results(REAL / "runs")
+    assert len(df) == 36 and df["steady_state"].notna().all()
+    kept, out = F.steady_rows(df)
+    assert len(out) == int((~df["steady_state"].astype(bool)).sum()) > 0
+    assert all(r.startswith("vllm_") for r in out) and len(kept) + len(out) == 36
+    assert main(["factorial", str(SPECS / "factorial_h100_small.yaml"), "--analyze", str(REAL / "runs"),
+                 "--analysis-out", str(tmp_path), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert f"left out {len(out)} of 36 benches" in cap.err
+    res = json.loads(cap.out[cap.out.index("{"):])
+    thr = {t["term"]: t for t in res["output_throughput"]["terms"]}
+    assert res["output_throughput"]["n"] == len(kept)
+    assert thr["concurrency"]["p_value"] < 1e-6 and thr["concurrency"]["partial_eta_sq"] > 0.9
+    assert (tmp_path / "anova.png").stat().st_size > 0 and "moe\\_backend" in (tmp_path / "anova.tex").read_text()
+    assert main(["factorial", str(SPECS / "factorial_h100_small.yaml"), "--analyze", str(REAL / "runs"),
+                 "--analysis-out", str(tmp_path), "--json", "--include-unsteady"]) == 0
+    cap = capsys.readouterr()
+    assert "left out" not in cap.err and json.loads(cap.out[cap.out.index("{"):])["output_throughput"]["n"] == 36

@@ -84,10 +84,55 @@ def test_save_load_roundtrip_and_version_fallback(small_predictor, tmp_path, mon
     assert "fitted on other features (missing ['concurrency']" in note and "retrained" in note
 
 
-def test_shipped_predictor_loads():
+def test_shipped_predictor_is_trained_on_the_committed_real_factorial():
+    from importlib import resources
+    from pathlib import Path
+
     p, note = learned.load()
     assert note.startswith("loaded"), note  # the shipped file matches this scikit-learn
-    assert p.synthetic
+    assert not p.synthetic and "factorial/h200-2026-12-06-small" in p.trained_on
+    real = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "factorial" / "h200-2026-12-06-small"
+    table, left_out = learned.training_table(real / "runs")
+    assert p.n_rows == len(table) and sorted(p.left_out) == sorted(left_out) and left_out
+    shipped = Path(str(resources.files("moekern").joinpath(learned.TRAINING_ROWS)))
+    rows, _ = learned.training_table(shipped)  # the shipped CSV holds exactly those rows
+    assert list(rows["run_id"]) == list(table["run_id"])
+    assert np.allclose(rows["measured_cv"], table["measured_cv"], rtol=1e-5)
+    assert np.allclose(rows["output_throughput"], table["output_throughput"], rtol=1e-5)
+    for a in p.accuracy():  # held-out error on real benches
+        assert a["n_test"] + a["n_train"] == len(table) and math.isfinite(a["mape"])
+
+
+def test_shipped_model_that_does_not_load_is_refit_on_its_rows(monkeypatch):
+    train = learned.train
+    monkeypatch.setattr(learned, "train", lambda d: train(d, n_estimators=5))
+    monkeypatch.setattr(learned, "SHIPPED", "data/predictor/no_such.joblib")
+    p, note = learned.load()
+    assert "does not exist: retrained on the shipped training rows (training_rows.csv)" in note
+    assert not p.synthetic and p.n_rows == 29
+
+
+def test_training_table_csv_roundtrip_and_unsteady_rows(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i in range(14):
+        meta = {"moe_backend": "moekern" if i % 2 else "vllm", "max_num_seqs": 128, "max_concurrency": 8 * (1 + i % 3),
+                "model": "mixtral-8x7b-4l", "rep": i, "steady_state": i != 3, "measured_cv": 0.5 + i / 100}
+        (runs / f"r{i:02d}.json").write_text(json.dumps({"output_throughput": 1000.0 + 10 * i, "mean_ttft_ms": 20.0 + i,
+                                                         "mean_tpot_ms": 4.0 + i / 10, "moekern": meta}))
+    table, left_out = learned.training_table(runs)
+    assert left_out == ["r03"] and len(table) == 13 and "r03" not in set(table["run_id"])
+    csv = learned.table_csv(table, tmp_path / "rows.csv")
+    back, again = learned.training_table(csv)
+    assert again == [] and list(back["run_id"]) == list(table["run_id"])
+    assert learned.train(csv, n_estimators=5).n_rows == learned.train(runs, n_estimators=5).n_rows == 13
+    for i in range(14):  # nothing steady: a clear error, not an empty model
+        f = runs / f"r{i:02d}.json"
+        obj = json.loads(f.read_text())
+        obj["moekern"]["steady_state"] = False
+        f.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=r"no steady-state run .*\(14 left out\)"):
+        learned.training_table(runs)
 
 
 def test_recommend_with_gate_log(tmp_path):
@@ -101,7 +146,11 @@ def test_recommend_with_gate_log(tmp_path):
     ep_pl = {c["placement"] for c in rec["candidates"] if c["layout"] == "EP4"}
     assert {"contiguous", "coactivation", "greedy"} <= ep_pl
     assert rec["recommended"]["fits"]
-    assert any("SYNTHETIC" in n for n in rec["notes"])
+    assert not any("SYNTHETIC" in n for n in rec["notes"])  # the shipped predictor is trained on real benches
+    assert any(n.startswith("predictor: loaded") for n in rec["notes"])
+    # dbrx on 4 GPUs is outside what the shipped model saw (one Mixtral-shaped model, one GPU): said so
+    assert all({"num_experts", "gpus"} <= set(c["extrapolated"]) for c in rec["candidates"])
+    assert "extrapolates" in rec["decided_by"] or "memory" in rec["decided_by"]
     txt = format_recommendation(rec)
     assert "recommended:" in txt
     # no gate log: still an answer, by memory

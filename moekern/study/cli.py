@@ -60,10 +60,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("factorial", help="factorial design over serving factors + type-II ANOVA")
     p.add_argument("spec", help="factorial YAML spec")
     p.add_argument("--dry-run", action="store_true", help="plan only; run nothing")
-    p.add_argument("--analyze", default=None, help="ANOVA of the results under this dir (default: spec out_dir)")
+    p.add_argument("--analyze", default=None, metavar="DIR",
+                   help="only the ANOVA, of the results under DIR; runs nothing (without it the factorial runs "
+                        "what is not done yet, then fits the ANOVA of the spec's out_dir/runs)")
     p.add_argument("--reps", type=_positive_int, default=None,
                    help="repetitions of every bench instead of the spec's `reps` (a shorter first run; a later "
                         "run with more resumes and adds the missing ones)")
+    p.add_argument("--include-unsteady", action="store_true",
+                   help="keep benches that JIT-compiled kernels while measured (steady_state false; dropped by "
+                        "default, and listed)")
+    p.add_argument("--analysis-out", default=None,
+                   help="where anova.png and anova.tex go (default: the spec's out_dir)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_factorial)
 
@@ -209,32 +216,42 @@ def _coactivation(args) -> int:
 
 def _factorial(args) -> int:
     from moekern.study.factorial import (FACTORS, anova_all, anova_latex, anova_plot, collect_results,
-                                         load_factorial_spec, run_factorial, with_reps)
+                                         load_factorial_spec, run_factorial, steady_rows, with_reps)
+    from pathlib import Path
 
     spec = load_factorial_spec(args.spec)
     if args.reps is not None:
         spec = with_reps(spec, args.reps)
-    summary = run_factorial(spec, dry_run=args.dry_run)
-    if args.dry_run and not args.analyze:
-        print(json.dumps(summary))
-        return 0
+    if not args.analyze:  # --analyze only analyzes: it runs nothing
+        summary = run_factorial(spec, dry_run=args.dry_run)
+        if args.dry_run:
+            print(json.dumps(summary))
+            return 0
     df = collect_results(args.analyze or spec.out_dir / "runs")
     if df.empty:
         print(f"no results yet under {args.analyze or spec.out_dir / 'runs'}; nothing to analyze")
         return 0
+    if not args.include_unsteady:
+        n_all = len(df)
+        df, unsteady = steady_rows(df)
+        if unsteady:
+            print(f"left out {len(unsteady)} of {n_all} benches that JIT-compiled kernels while measured "
+                  f"(--include-unsteady keeps them): {', '.join(unsteady)}", file=sys.stderr)
     res = anova_all(df, [f for f in spec.factors if f in FACTORS or f in df], spec.responses, spec.interactions)
     if not res:
         print("ANOVA not possible: too few results or no factor varies")
         return 0
-    anova_plot(res, spec.out_dir / "anova.png")
-    (spec.out_dir / "anova.tex").write_text(anova_latex(res), encoding="utf-8")
+    out_dir = Path(args.analysis_out) if args.analysis_out else spec.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    anova_plot(res, out_dir / "anova.png")
+    (out_dir / "anova.tex").write_text(anova_latex(res), encoding="utf-8")
     if args.json:
         print(json.dumps(_clean({k: v.to_dict() for k, v in res.items()}), indent=1))
     else:
         for k, v in res.items():
             print(v.formula)
             print(v.table.to_string(float_format=lambda x: f"{x:.4g}"))
-        print(f"wrote {spec.out_dir / 'anova.png'} and {spec.out_dir / 'anova.tex'}")
+        print(f"wrote {out_dir / 'anova.png'} and {out_dir / 'anova.tex'}")
     return 0
 
 
@@ -244,10 +261,18 @@ def _recommend(args) -> int:
 
     if args.retrain:
         from importlib import resources
+        from pathlib import Path
 
+        table, left_out = learned.training_table(args.retrain)
         pred = learned.train(args.retrain)
         path = args.predictor or str(resources.files("moekern").joinpath(learned.SHIPPED))
         learned.save(pred, path)
+        rows = Path(path).with_name(Path(learned.TRAINING_ROWS).name)
+        learned.table_csv(table, rows)
+        if left_out:
+            print(f"left out {len(left_out)} runs that JIT-compiled kernels while measured: {', '.join(left_out)}",
+                  file=sys.stderr)
+        print(f"wrote {rows} ({len(table)} rows trained on)")
         for a in pred.accuracy():
             print(json.dumps(_clean(a)))
         print(f"wrote {path}" + (" (trained on SYNTHETIC data)" if pred.synthetic else ""))

@@ -281,6 +281,18 @@ def collect_results(results_dir) -> "pd.DataFrame":  # noqa: F821
     return pd.DataFrame(rows)
 
 
+def steady_rows(df) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
+    """(the rows measured at steady state, the run_ids of the others): a bench whose run JSON says
+    `steady_state: false` had kernels JIT-compiling while it was measured (run_e2e.py counts vLLM's JIT
+    monitor warnings inside its window), so its latency and throughput measure compile time. Rows without
+    the field (older or synthetic results) are kept."""
+    if "steady_state" not in df:
+        return df, []
+    bad = df["steady_state"].map(lambda v: v is False or v == 0 or (isinstance(v, str) and v.lower() == "false"))
+    ids = [str(x) for x in df.loc[bad, "run_id"]] if "run_id" in df else [str(i) for i in df.index[bad]]
+    return df.loc[~bad].reset_index(drop=True), ids
+
+
 @dataclass
 class AnovaResult:
     response: str

@@ -13,11 +13,16 @@ held-out 25% (MAE, MAPE, R^2: the accuracy the report prints), then refitted on 
 Missing values: a run without model fields gets the registry model whose hf_id matches its model_id
 (else mixtral); no layout means tp = ep = gpus = 1; missing CV or score gets the training median.
 
-The shipped model (moekern/data/predictor/serving_predictor.joblib) is trained on the SYNTHETIC sample in
-moekern/data/synthetic_results: it shows the pipeline works, not how real serving behaves. Its features there
-vary only in backend, queue depth, batch tokens, EPLB and imbalance (one model, one GPU), so its answers
-for other models or layouts are extrapolation, and `recommend` says so. Retrain on real sweeps with
-`moekern recommend --retrain RESULTS_DIR`.
+The shipped model (moekern/data/predictor/serving_predictor.joblib) is trained on a REAL factorial: the 29
+steady-state benches of benchmarks/results/factorial/h200-2026-12-06-small (one H200, vLLM 0.26, the 4-layer
+Mixtral-8x7B-shaped model on dummy weights served by `vllm serve`: backend vllm/moekern x client concurrency
+8/32/128 x 3 datasets x 2 reps; 7 vllm benches that JIT-compiled while measured are left out). The rows it saw are
+moekern/data/predictor/training_rows.csv (`load` refits on them when the pickle does not load here). Its features
+vary only in backend, concurrency, predicted score and measured CV (one model, one GPU, max_num_seqs 128;
+the 4-layer model featurizes as the registry's Mixtral-8x7B), so answers for other models, layouts or queue
+depths are extrapolation, and `recommend` says so. Retrain on other sweeps with
+`moekern recommend --model M --retrain RESULTS_DIR` (it writes both files). The SYNTHETIC sample in
+moekern/data/synthetic_results remains for tests.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ FEATURES = ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_lay
             "active_params_b", "tp", "ep", "gpus", "max_num_seqs", "concurrency", "max_num_batched_tokens", "eplb",
             *(f"backend_{b}" for b in BACKENDS), "backend_other", "predicted_score", "measured_cv")
 SHIPPED = "data/predictor/serving_predictor.joblib"
+TRAINING_ROWS = "data/predictor/training_rows.csv"  # the rows the shipped model was trained on
+# A training table's columns: what featurize reads, the targets, and where each row came from.
+TABLE_COLUMNS = ("run_id", "model", "model_id", "moe_backend", "tp", "ep", "gpus", "layout", "tensor_parallel_size",
+                 "max_num_seqs", "concurrency", "max_concurrency", "max_num_batched_tokens", "eplb", "dataset",
+                 "predicted_score", "measured_cv", "rep", "synthetic", "steady_state", *TARGETS)
 
 
 def _model_spec(row: dict):
@@ -109,6 +119,7 @@ class ServingPredictor:
     n_rows: int
     feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     features: tuple[str, ...] = FEATURES  # the columns the estimators were fitted on, in order
+    left_out: list[str] = field(default_factory=list)  # run_ids not trained on (JIT-compiled while measured)
 
     def predict(self, configs: list[dict]) -> "pd.DataFrame":  # noqa: F821
         import pandas as pd
@@ -127,28 +138,57 @@ class ServingPredictor:
                 for t, m in self.models.items()]
 
 
-def training_frame(results_dir):
-    """(feature DataFrame, target DataFrame) of every run under `results_dir` (imbalance attached from gate logs)."""
+def training_table(results) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
+    """(one row per usable run: TABLE_COLUMNS that exist, the run_ids left out). `results` is a results
+    directory (run JSONs as collect_results reads them; measured_cv attached from each run's gate log) or a
+    CSV written by `table_csv` (the shipped TRAINING_ROWS). Benches that JIT-compiled kernels while measured
+    (steady_state false) are left out: their numbers measure compile time."""
     import pandas as pd
 
-    from moekern.analysis.serving import load_runs
+    from moekern.study.factorial import collect_results, steady_rows
 
-    from moekern.study.factorial import collect_results
+    src = Path(results)
+    if src.is_file() and src.suffix == ".csv":
+        df = pd.read_csv(src)
+    else:
+        from moekern.analysis.serving import load_runs
 
-    df = collect_results(results_dir)
+        df = collect_results(src)
+        if df.empty:
+            raise ValueError(f"no bench result JSON under {str(results)!r}")
+        runs, _ = load_runs(src)  # attaches measured_cv from the gate logs
+        cv = {Path(r.path).stem: r.measured_cv for r in runs}
+        df["measured_cv"] = [cv.get(rid, m) for rid, m in zip(df["run_id"], df.get("measured_cv", [None] * len(df)))]
+    df, left_out = steady_rows(df)
     if df.empty:
-        raise ValueError(f"no bench result JSON under {str(results_dir)!r}")
-    runs, _ = load_runs(results_dir)  # attaches measured_cv from the gate logs
-    cv = {Path(r.path).stem: r.measured_cv for r in runs}
-    df["measured_cv"] = [cv.get(rid, m) for rid, m in zip(df["run_id"], df.get("measured_cv", [None] * len(df)))]
+        raise ValueError(f"no steady-state run under {str(results)!r} ({len(left_out)} left out)")
+    return df[[c for c in TABLE_COLUMNS if c in df]], left_out
+
+
+def table_csv(df, path) -> Path:
+    """Write a training table (training_table's rows) as CSV: what the model saw, auditable, and what
+    `load` retrains on when a shipped model does not load."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(p, index=False, float_format="%.6g")
+    return p
+
+
+def training_frame(results, table=None):
+    """(feature DataFrame, run DataFrame, fill medians) of the usable runs in `results` (training_table;
+    or of `table`, a table it returned)."""
+    import pandas as pd
+
+    df = table if table is not None else training_table(results)[0]
     rows = df.to_dict("records")
-    # Median fill values for missing features; a column with no value at all (a real serve run has no
-    # predicted_score) fills with NaN rather than warning through np.nanmedian of an all-NaN slice.
+    # Median fill values for missing features; a column with no value at all (max_num_batched_tokens left to
+    # vLLM's default in every run) gets no median, so featurize fills its fixed default, not NaN.
     medians = {}
     for k in ("max_num_seqs", "max_num_batched_tokens", "predicted_score", "measured_cv"):
         if k in df:
             col = pd.to_numeric(df[k], errors="coerce").dropna()
-            medians[k] = float(col.median()) if len(col) else float("nan")
+            if len(col):  # a column with no value at all keeps featurize's fixed default
+                medians[k] = float(col.median())
     x = pd.DataFrame([featurize(r, medians) for r in rows])[list(FEATURES)]
     return x, df, medians
 
@@ -160,7 +200,8 @@ def train(results_dir, seed: int = 0, targets=TARGETS, n_estimators: int = 100, 
     from sklearn.metrics import mean_absolute_error, mean_absolute_percentage_error, r2_score
     from sklearn.model_selection import KFold, cross_val_score, train_test_split
 
-    x, df, medians = training_frame(results_dir)
+    table, left_out = training_table(results_dir)
+    x, df, medians = training_frame(results_dir, table)
     models = {}
     for t in targets:
         if t not in df:
@@ -190,7 +231,7 @@ def train(results_dir, seed: int = 0, targets=TARGETS, n_estimators: int = 100, 
         raise ValueError(f"too few runs under {str(results_dir)!r} to train (need >= 12 per target)")
     syn = bool(df["synthetic"].any()) if synthetic is None and "synthetic" in df else bool(synthetic)
     ranges = {c: (float(x[c].min()), float(x[c].max())) for c in x.columns}
-    return ServingPredictor(models, medians, str(results_dir), syn, len(df), ranges)
+    return ServingPredictor(models, medians, str(results_dir), syn, len(df), ranges, left_out=list(left_out))
 
 
 def save(pred: ServingPredictor, path) -> Path:
@@ -212,7 +253,8 @@ def sample_results_dir() -> Path:
 
 def load(path=None) -> tuple[ServingPredictor, str]:
     """(predictor, note). Loads `path` (default: the shipped model); when it is missing or was written by
-    another scikit-learn version, retrains on the shipped SYNTHETIC sample (seconds) and says so."""
+    another scikit-learn version, retrains (seconds) and says so: the shipped model on the rows it was
+    trained on (TRAINING_ROWS), any other path on the SYNTHETIC sample."""
     import joblib
     import sklearn
 
@@ -232,4 +274,7 @@ def load(path=None) -> tuple[ServingPredictor, str]:
             why = f"{p} could not be loaded ({type(exc).__name__}: {exc})"
     else:
         why = f"{p} does not exist"
+    rows = Path(str(resources.files("moekern").joinpath(TRAINING_ROWS)))
+    if path is None and rows.is_file():  # the shipped model's own rows: the same model, refitted here
+        return train(rows), f"{why}: retrained on the shipped training rows ({rows.name})"
     return train(sample_results_dir()), f"{why}: retrained on the SYNTHETIC sample"
