@@ -584,6 +584,29 @@ def _fake_vllm(monkeypatch, log: Path, compiles_per_pass: list[int]):
     return calls
 
 
+def test_child_offline_runs_the_shape_sweep_between_pre_warm_and_full_passes(e2e, monkeypatch, tmp_path):
+    log, res = tmp_path / "offline_x.log", tmp_path / "offline_x.json"
+    log.write_text("")
+    calls = _fake_vllm(monkeypatch, log, [0])
+    monkeypatch.setattr(e2e.time, "sleep", lambda s: None)
+    sw = {"cap": 40, "max_model_len": 16, "max_num_seqs": 4}
+    spec = {"engine": {}, "seed": 0, "vocab": 1000, "input_len": 4, "output_len": 3, "num_prompts": 20, "reps": 1,
+            "warmup_reps": 1, "warmup_max_reps": 2, "ignore_eos": True, "result": str(res), "log": str(log),
+            "shape_sweep": sw}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert e2e.child_offline(str(tmp_path / "spec.json")) == 0
+    r = json.loads(res.read_text())
+    steps = len(e2e.sweep_batches(40, 16, 4))
+    assert r["shape_sweep"]["steps"] == steps and r["shape_sweep"]["error"] is None
+    assert calls[0] == (16, 8) and all(c[1] == 1 for c in calls[1:1 + steps])  # one token per sweep request
+    assert calls[1 + steps:] == [(20, 3), (20, 3)]  # one quiet warm-up pass, one timed
+    spec.update(warmup_reps=0)  # no warm-up at all: no sweep either (gate-log runs keep only timed passes)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    calls.clear()
+    assert e2e.child_offline(str(tmp_path / "spec.json")) == 0
+    assert json.loads(res.read_text())["shape_sweep"] is None and calls == [(20, 3)]
+
+
 @pytest.mark.parametrize("compiles, warm_passes, timed_jit", [
     ([4, 2, 0], 3, 0),     # warms on until a full pass compiles nothing
     ([4, 2, 1, 1, 1], 4, 1),  # the cap: the 5th pass's compile lands in the measured part
@@ -609,6 +632,57 @@ def test_child_offline_warms_until_quiet(e2e, monkeypatch, tmp_path, compiles, w
     assert r["warmup"][0] == {**r["warmup"][0], "prompts": 16, "max_tokens": 8}  # the small pre-warm pass first
     assert len(calls) == len(r["warmup"]) + 2 and len(r["runs"]) == 2
     assert e2e.count_jit_events(log.read_text())["jit"] == timed_jit
+
+
+def test_shape_sweep_meets_every_config_and_residue(e2e):
+    ms = e2e.shape_sweep(16384)
+    assert ms == sorted(set(ms)) and ms[0] == 1 and ms[-1] == 16384
+    for k in e2e.MOE_CONFIG_KEYS:  # every tile config, with all 16 residues mod 16 next to its key
+        assert {m % 16 for m in ms if k <= m < k + 16} == set(range(16))
+    assert {m % 16 for m in ms if m > 16384 - 16} == set(range(16))  # the largest steps the budget allows
+    small = e2e.shape_sweep(20)
+    assert small == list(range(1, 21))
+    with pytest.raises(ValueError, match="cap=0"):
+        e2e.shape_sweep(0)
+
+
+@pytest.mark.parametrize("cap, max_len, seqs", [(16384, 2048, 128), (8192, 2048, 128), (100, 16, 4), (7, 2, 3)])
+def test_sweep_batches_are_single_steps_of_m_tokens(e2e, cap, max_len, seqs):
+    batches = e2e.sweep_batches(cap, max_len, seqs)
+    top = min(cap, (max_len - 1) * seqs)
+    assert [sum(b) for b in batches] == e2e.shape_sweep(top)
+    for b in batches:  # each prompt fits the model with its one generated token; the step holds them all
+        assert 1 <= len(b) <= seqs and all(1 <= k <= max_len - 1 for k in b) and max(b) - min(b) <= 1
+    with pytest.raises(ValueError, match="leave no room"):
+        e2e.sweep_batches(10, 1, 4)
+
+
+def test_sweep_spec_follows_the_flags(e2e):
+    args = _ready(e2e, ["--quick", "--mode", "offline"])
+    assert e2e.sweep_spec(args, "offline") == {"cap": 16384, "max_model_len": 2048, "max_num_seqs": 128}
+    assert e2e.sweep_spec(args, "serve")["cap"] == 8192
+    args = _ready(e2e, ["--quick", "--mode", "offline", "--max-num-batched-tokens", "4096", "--max-num-seqs", "64"])
+    assert e2e.sweep_spec(args, "serve") == {"cap": 4096, "max_model_len": 2048, "max_num_seqs": 64}
+    assert e2e.offline_spec(args, "vllm", Path("r.json"))["shape_sweep"]["cap"] == 4096
+    args = _ready(e2e, ["--quick", "--mode", "offline", "--no-shape-sweep"])
+    assert e2e.sweep_spec(args, "offline") is None and e2e.offline_spec(args, "vllm", Path("r.json"))["shape_sweep"] is None
+
+
+def test_serve_shape_sweep_posts_one_request_per_step(e2e):
+    sent = []
+    sw = {"cap": 40, "max_model_len": 16, "max_num_seqs": 4}
+    r = e2e.serve_shape_sweep(8000, "/models/m", sw, 1000, post=lambda url, body: sent.append((url, body)))
+    assert r["error"] is None and r["steps"] == len(sent) == len(e2e.shape_sweep(40))
+    assert all(url == "http://127.0.0.1:8000/v1/completions" for url, _ in sent)
+    assert [sum(len(p) for p in b["prompt"]) for _, b in sent] == e2e.shape_sweep(40)
+    assert all(b["max_tokens"] == 1 and b["model"] == "/models/m" for _, b in sent)
+    assert all(100 <= t < 900 for _, b in sent for p in b["prompt"] for t in p)
+
+    def fail_at_30(url, body):
+        if sum(len(p) for p in body["prompt"]) == 30:
+            raise OSError("connection reset")
+    r = e2e.serve_shape_sweep(8000, "/models/m", sw, 1000, post=fail_at_30)
+    assert r["error"] == "step of 30 tokens: OSError: connection reset"
 
 
 def test_warmup_plan(e2e):

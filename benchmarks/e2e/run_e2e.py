@@ -18,8 +18,10 @@ Steady state (the first H100 run, benchmarks/results/e2e/h100-2026-11-23/, was n
 prefix caching off (the same prompts every repetition would otherwise skip prefill from the second one on)
 and vLLM's JIT monitor in verbose mode (it logs every Triton compile after warm-up, not only the first per
 kernel). Before anything is timed each arm runs discarded warm-up passes of the very workload it measures
-(offline: a 16-prompt pass, then --warmup-reps full passes, and more, up to --warmup-max-reps, while the last
-one still compiled a kernel; serve: one full `vllm bench serve` run against
+(offline: a 16-prompt pass, a shape sweep — one forward step of every size that meets a distinct fused-MoE
+tile config or divisibility variant, MOE_CONFIG_KEYS — then --warmup-reps full passes, and more, up to
+--warmup-max-reps, while the last one still compiled a kernel; serve: the same shape sweep as /v1/completions
+requests, then one full `vllm bench serve` run against
 the same server; `vllm bench serve --num-warmups` only repeats the first prompt, so it cannot cover the
 batch shapes). A marker line then splits the arm's log; the JIT compilations logged after it are stored as
 `jit_during_measurement`, and a mode whose arms compiled anything while measured is reported as not steady
@@ -191,6 +193,42 @@ def warm_again(pass_jit: list[int | None], warmup_reps: int, warmup_max_reps: in
     if warmup_reps == 0 or done >= warmup_max_reps:
         return False
     return pass_jit[-1] is None or pass_jit[-1] > 0
+
+
+# The batch sizes (M, tokens in one forward step) that vLLM's tuned fused-MoE config files are keyed by: a step of
+# M tokens runs the tile config of the nearest key, and Triton specializes each kernel also on whether its int
+# arguments (M * top_k, the padded length of the sorted ids, ...) are multiples of 16. Steps above the largest
+# CUDA-graph size run eagerly at their exact M, so which variants a pass meets depends on how the scheduler
+# happened to cut its prefills (session 7/8: compiles inside timed passes after a quiet warm-up pass).
+MOE_CONFIG_KEYS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+# vLLM 0.26's max_num_batched_tokens when none is given, on GPUs with >= 70 GiB other than A100
+# (EngineArgs.get_batch_defaults): the LLM class and `vllm serve`.
+DEFAULT_BATCHED_TOKENS = {"offline": 16384, "serve": 8192}
+
+
+def shape_sweep(cap: int, keys=MOE_CONFIG_KEYS, span: int = 16) -> list[int]:
+    """Step sizes M that meet every (tile config, divisibility by 16) variant up to `cap` tokens: for each
+    config key k <= cap the 16 sizes k .. k+15, and the 16 largest sizes up to cap (every M above the largest
+    key uses its config). Sorted, unique, within 1 .. cap."""
+    if cap < 1:
+        raise ValueError(f"cap={cap} must be >= 1")
+    out = {k + r for k in keys if k <= cap for r in range(span)} | {cap - r for r in range(span)}
+    return sorted(m for m in out if 1 <= m <= cap)
+
+
+def sweep_batches(cap: int, max_model_len: int, max_num_seqs: int) -> list[list[int]]:
+    """Prompt lengths per sweep step: prompts of at most max_model_len - 1 tokens (one is generated) summing
+    to M, at most max_num_seqs of them, so that the scheduler prefills them all in one step of exactly M
+    tokens. M is capped at what max_num_seqs such prompts hold."""
+    longest = max_model_len - 1
+    if longest < 1 or max_num_seqs < 1:
+        raise ValueError(f"max_model_len={max_model_len} and max_num_seqs={max_num_seqs} leave no room")
+    cap = min(cap, longest * max_num_seqs)
+    batches = []
+    for m in shape_sweep(cap):
+        n = -(-m // longest)  # fewest prompts; spread the tokens evenly over them
+        batches.append([m // n + (1 if i < m % n else 0) for i in range(n)])
+    return batches
 
 
 def new_jit_lines(log_path: str | None, offset: int) -> tuple[int | None, int]:
@@ -387,6 +425,16 @@ def _hf_encode(model_dir):
     return lambda text: tok(text).input_ids
 
 
+def sweep_spec(args, mode: str) -> dict | None:
+    """The shape sweep's bounds for `mode` (None with --no-shape-sweep): the batch-token budget (given, or vLLM's
+    default for the mode), max_model_len and max_num_seqs."""
+    if not getattr(args, "shape_sweep", True):
+        return None
+    cap = getattr(args, "max_num_batched_tokens", None) or DEFAULT_BATCHED_TOKENS[mode]
+    return {"cap": int(cap), "max_model_len": int(getattr(args, "max_model_len", 2048)),
+            "max_num_seqs": int(getattr(args, "max_num_seqs", 128))}
+
+
 def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int]] | None = None) -> dict:
     """What the offline child runs: engine kwargs and the workload (random token prompts of input_len from
     `seed`, or the given prompt token ids)."""
@@ -394,7 +442,7 @@ def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int
             "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
             "warmup_reps": getattr(args, "warmup_reps", 1),
             "warmup_max_reps": getattr(args, "warmup_max_reps", None) or getattr(args, "warmup_reps", 1),
-            "ignore_eos": True, "result": str(res_path)}
+            "shape_sweep": sweep_spec(args, "offline"), "ignore_eos": True, "result": str(res_path)}
     if prompt_token_ids is not None:
         spec["prompt_token_ids"] = prompt_token_ids
         spec["num_prompts"] = len(prompt_token_ids)
@@ -432,6 +480,25 @@ def child_offline(spec_path: str) -> int:
 
     for n, max_tokens in plan:
         discard(n, max_tokens)
+    sweep = None
+    if spec.get("shape_sweep") and warmup_reps > 0:
+        sw = spec["shape_sweep"]
+        sys.stdout.flush()
+        _, off0 = new_jit_lines(spec.get("log"), 0)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(spec["seed"] + 1)
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+        batches = sweep_batches(sw["cap"], sw["max_model_len"], sw["max_num_seqs"])
+        try:
+            for lens in batches:
+                llm.generate([TokensPrompt(prompt_token_ids=rng.integers(100, spec["vocab"] - 100, k).tolist())
+                              for k in lens], one, use_tqdm=False)
+            err = None
+        except Exception as exc:  # the timed part still counts its compiles; say why the sweep stopped
+            err = f"{type(exc).__name__}: {exc}"[:500]
+        time.sleep(0.5)
+        sweep = {"steps": len(batches), "cap": sw["cap"], "seconds": time.perf_counter() - t0,
+                 "jit": new_jit_lines(spec.get("log"), off0)[0], "error": err}
     sys.stdout.flush()
     _, offset = new_jit_lines(spec.get("log"), 0)
     while warm_again(pass_jit, warmup_reps, max_reps):
@@ -457,7 +524,7 @@ def child_offline(spec_path: str) -> int:
     except Exception as exc:  # plugin off (the vllm/flashinfer arms): no such method
         summary = f"unavailable: {exc!r}"
     stats = arm_stats([r["output_tok_s"] for r in runs])
-    result = {"init_s": init_s, "warmup": warmup, "runs": runs, "output_tok_s": stats["median"],
+    result = {"init_s": init_s, "warmup": warmup, "shape_sweep": sweep, "runs": runs, "output_tok_s": stats["median"],
               "output_tok_s_stats": stats, "seconds_stats": arm_stats([r["seconds"] for r in runs]),
               "plugin": summary}
     if spec.get("save_tokens"):
@@ -601,6 +668,33 @@ def _wait_healthy(server: subprocess.Popen, port: int, t0: float, timeout: float
     return False
 
 
+def serve_shape_sweep(port: int, model: str, sw: dict, vocab: int, post=None) -> dict:
+    """The shape sweep against a running server: one /v1/completions request per step size, its prompts as
+    token-id lists (vLLM schedules a request's prompts together), one token each. Errors end the sweep and are
+    reported, not raised: the JIT count of the measured part still tells whether it was enough."""
+    import random
+
+    post = post or _post_json
+    rng = random.Random(1)
+    batches = sweep_batches(sw["cap"], sw["max_model_len"], sw["max_num_seqs"])
+    t0, err = time.time(), None
+    for lens in batches:
+        body = {"model": model, "prompt": [[rng.randrange(100, vocab - 100) for _ in range(k)] for k in lens],
+                "max_tokens": 1, "temperature": 0.0}
+        try:
+            post(f"http://127.0.0.1:{port}/v1/completions", body)
+        except Exception as exc:
+            err = f"step of {sum(lens)} tokens: {type(exc).__name__}: {exc}"[:500]
+            break
+    return {"steps": len(batches), "cap": sw["cap"], "seconds": round(time.time() - t0, 1), "error": err}
+
+
+def _post_json(url: str, body: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
 def _healthy_then_warm(server, port, t0, args, r, fh, log, bench_args, out, env, name):
     """Wait for the started server, run the discarded warm-up bench, then mark the server log: returns the
     warm-up's result, or None with r["error"] set. The marker goes through the server's own open log file
@@ -610,6 +704,9 @@ def _healthy_then_warm(server, port, t0, args, r, fh, log, bench_args, out, env,
     if not ready:
         r["error"] = "server did not become healthy: " + _tail(log)
         return None
+    sw = sweep_spec(args, "serve")
+    if sw is not None:
+        r["shape_sweep"] = serve_shape_sweep(port, str(args.model_dir), sw, args.vocab)
     t1 = time.time()
     warm, err = _bench(bench_args, port, out, env, name)
     r["warmup_s"] = round(time.time() - t1, 1)
@@ -1137,6 +1234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline: after --warmup-reps passes, more discarded full passes while the last one "
                         "JIT-compiled a kernel, up to this many in all (default 4; each arm's JSON lists the "
                         "compiles per warm-up pass)")
+    p.add_argument("--shape-sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="before the warm-up passes (offline) or the warm-up bench (serve), one forward step of "
+                        "each size M that meets every fused-MoE tile config and divisibility variant up to the "
+                        "batch-token budget (MOE_CONFIG_KEYS; ~300 one-token requests); on by default")
     p.add_argument("--serve-reps", type=int, help="timed `vllm bench serve` runs per arm (after one warm-up run)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--gpu-mem", type=float, default=0.85)
@@ -1350,6 +1451,7 @@ def main(argv=None) -> int:
                                       "offline_warmup": warmup_plan(args.num_prompts, args.output_len,
                                                                     args.warmup_reps),
                                       "offline_warmup_max_reps": max(args.warmup_reps, args.warmup_max_reps),
+                                      "shape_sweep": {m: sweep_spec(args, m) for m in ("offline", "serve")},
                                       "serve_warmup_runs": 1},
             "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
