@@ -417,6 +417,56 @@ def test_run_preflight_reports_failures(e2e):
     assert e2e.run_preflight(args, run=lambda cmd, **kw: _Proc(0, "PASS a\n")) == (True, "PASS a\n")
 
 
+def test_rounds_alternate_arms_and_pool_their_passes(e2e, tmp_path, monkeypatch, capsys):
+    """--rounds 3: vllm, moekern, vllm, moekern, ...; every round a fresh arm run with its own files and gate-log
+    folder; the passes of all rounds pooled per arm, the per-round ratios and JIT counts kept."""
+    started = []
+    rates = {"vllm": [100.0, 110.0, 120.0], "moekern": [105.0, 115.0, 126.0]}  # the machine drifts up
+
+    def fake(args, arm, out, extra_spec=None, round_no=None):
+        started.append((arm, round_no))
+        base = rates[arm][round_no]
+        runs = [{"seconds": 1.0, "output_tokens": 10, "output_tok_s": base + d} for d in (-1.0, 0.0, 1.0)]
+        gd = e2e.gate_log_dir(args, arm, out, round_no)
+        return {"arm": arm, "rc": 0, "wall_s": 10.0, "runs": runs, "output_tok_s": base,
+                "output_tok_s_stats": e2e.arm_stats([x["output_tok_s"] for x in runs]), "plugin_check": {"ok": True},
+                "jit_during_measurement": 1 if (arm, round_no) == ("moekern", 2) else 0, "jit_kernels":
+                {"fused_moe_kernel": 1} if (arm, round_no) == ("moekern", 2) else {}, "gate_dir": str(gd)}
+
+    monkeypatch.setattr(e2e, "run_offline_arm", fake)
+    assert e2e.main(["--quick", "--mode", "offline", "--arms", "vllm,moekern", "--rounds", "3", "--no-preflight",
+                     "--out", str(tmp_path)]) == 0
+    assert started == [("vllm", 0), ("moekern", 0), ("vllm", 1), ("moekern", 1), ("vllm", 2), ("moekern", 2)]
+    res = json.loads((tmp_path / "e2e_mixtral-8x7b-4l.json").read_text())
+    v, m = res["offline"]["vllm"], res["offline"]["moekern"]
+    assert len(v["runs"]) == 9 and v["output_tok_s"] == 110.0 and v["output_tok_s_stats"]["n"] == 9
+    assert [r["output_tok_s"] for r in m["rounds"]] == [105.0, 115.0, 126.0] and m["wall_s"] == 30.0
+    assert m["jit_during_measurement"] == 1 and m["jit_kernels"] == {"fused_moe_kernel": 1}
+    s = res["summary"]
+    assert s["offline.moekern_vs_vllm_by_round"] == [1.05, round(115 / 110, 4), 1.05]
+    assert s["offline.moekern_vs_vllm"] == round(115.0 / 110.0, 4) and s["offline.steady_state"] is False
+    printed = capsys.readouterr().out
+    assert "(round 3 of 3)" in printed, printed
+    assert "by round: 1.050, 1.046, 1.050" in printed, printed
+    args = _ready(e2e, ["--quick", "--mode", "offline", "--arms", "vllm,moekern-routing-log", "--rounds", "2"])
+    assert e2e.gate_log_dir(args, "moekern-routing-log", tmp_path, 1) == tmp_path / "gate_logs" / "moekern-routing-log" / "round1"
+    assert e2e.gate_log_dir(args, "vllm", tmp_path, 1) is None
+    assert "x 2 rounds" in e2e.plan_text(args)
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--rounds", "0"])
+
+
+def test_merge_rounds_keeps_a_failed_round_out(e2e):
+    good = {"arm": "vllm", "rc": 0, "wall_s": 5.0, "runs": [{"seconds": 1.0, "output_tok_s": 50.0}],
+            "jit_during_measurement": 0}
+    bad = {"arm": "vllm", "rc": 124, "wall_s": 300.0, "error": "timed out"}
+    m = e2e.merge_rounds([good, bad])
+    assert m["output_tok_s"] == 50.0 and m["rounds"][1]["error"] == "timed out" and "error" not in m
+    assert e2e.merge_rounds([bad, bad])["error"] == "timed out"
+    unknown = e2e.merge_rounds([good, {**good, "jit_during_measurement": None}])
+    assert unknown["jit_during_measurement"] is None and unknown["jit_note"]
+
+
 def test_main_refuses_arms_when_preflight_fails(e2e, tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(e2e, "run_offline_arm", lambda args, arm, out, extra_spec=None: started.append(arm) or

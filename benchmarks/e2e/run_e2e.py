@@ -302,14 +302,19 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return [s for s in CAPTURE_SIZES if s < max_num_seqs] + [max_num_seqs]
 
 
-def gate_log_dir(args, arm: str, out: Path) -> Path | None:
+def gate_log_dir(args, arm: str, out: Path, round_no: int | None = None) -> Path | None:
     """Where `arm` writes gate logs, or None for no gate log. --gate-log-dir DIR turns them on for every arm
     (the plugin logs vLLM's own routing too when it is installed): DIR itself when one arm runs, else
-    DIR/<arm>. Without it, the arms marked as logging in ARMS write to OUT/gate_logs/<arm>."""
+    DIR/<arm>. Without it, the arms marked as logging in ARMS write to OUT/gate_logs/<arm>. With --rounds,
+    round k of an arm writes to a round<k> folder inside that."""
     if getattr(args, "gate_log_dir", None):
         base = Path(args.gate_log_dir)
-        return base if getattr(args, "num_arms", 1) == 1 else base / arm
-    return out / "gate_logs" / arm if ARMS[arm][2] else None
+        d = base if getattr(args, "num_arms", 1) == 1 else base / arm
+    elif ARMS[arm][2]:
+        d = out / "gate_logs" / arm
+    else:
+        return None
+    return d if round_no is None else d / f"round{round_no}"
 
 
 def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | None = None,
@@ -533,20 +538,25 @@ def child_offline(spec_path: str) -> int:
     return 0
 
 
-def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None) -> dict:
-    res_path = out / f"offline_{arm}.json"
+def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None, round_no: int | None = None) -> dict:
+    """One offline arm in a fresh process (files offline_<arm>[.r<round>].*; with a round number its gate log
+    goes to a round<k> folder of the arm's gate-log directory)."""
+    tag = arm if round_no is None else f"{arm}.r{round_no}"
+    res_path = out / f"offline_{tag}.json"
     res_path.unlink(missing_ok=True)
     ids = read_dataset_prompts(args.dataset, _hf_encode(args.model_dir), args.num_prompts) if args.dataset else None
     spec = {**offline_spec(args, arm, res_path, ids), **(extra_spec or {})}
-    spec_path = out / f"offline_{arm}.spec.json"
-    log = out / f"offline_{arm}.log"
+    spec_path = out / f"offline_{tag}.spec.json"
+    log = out / f"offline_{tag}.log"
     spec["log"] = str(log)
     spec_path.write_text(json.dumps(spec))
+    gdir = gate_log_dir(args, arm, out, round_no)
+    if gdir is not None:  # an old run's records must not mix into this one's
+        shutil.rmtree(gdir, ignore_errors=True)
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
-                                env=arm_env(arm, out, _fresh_gate_dir(args, arm, out),
-                                            router_seed=args.dummy_router_seed),
+                                env=arm_env(arm, out, gdir, router_seed=args.dummy_router_seed),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         rc = _wait_group(proc, args.arm_timeout)
     r = {"arm": arm, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
@@ -1084,6 +1094,39 @@ MODE_METRIC = {"offline": ("output_tok_s", "output_tok_s_stats"), "serve": ("out
                                                                           "output_throughput_stats")}
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One offline arm's result from its --rounds runs (each a fresh process; the arms alternate round by round,
+    so a slow drift of the machine hits every arm alike): the timed passes of every round pooled (median and
+    spread over all of them), JIT counts summed (unknown if any round's is), each round's own median under
+    "rounds". A round that failed is listed and left out; all failed: the first failure."""
+    ok = [r for r in rounds if "error" not in r and r.get("runs")]
+    if not ok:
+        return dict(rounds[0])
+    runs = [x for r in ok for x in r["runs"]]
+    stats = arm_stats([x["output_tok_s"] for x in runs])
+    jits = [r.get("jit_during_measurement") for r in ok]
+    kernels: dict[str, int] = {}
+    for r in ok:
+        for k, n in (r.get("jit_kernels") or {}).items():
+            kernels[k] = kernels.get(k, 0) + n
+    merged = {**ok[-1], "runs": runs, "output_tok_s": stats["median"], "output_tok_s_stats": stats,
+              "seconds_stats": arm_stats([x["seconds"] for x in runs]),
+              "wall_s": round(sum(r.get("wall_s", 0) for r in rounds), 1),
+              "jit_during_measurement": None if None in jits else sum(jits),
+              "autotune_during_measurement": sum(r.get("autotune_during_measurement") or 0 for r in ok),
+              "jit_kernels": kernels,
+              "plugin_check": next((r["plugin_check"] for r in ok if not (r.get("plugin_check") or {}).get("ok", True)),
+                                   ok[-1].get("plugin_check")),
+              "rounds": [{"round": i, "output_tok_s": r.get("output_tok_s"), "jit": r.get("jit_during_measurement"),
+                          "wall_s": r.get("wall_s"), "log": r.get("log"), "gate_log": r.get("gate_log"),
+                          **({"error": r["error"][-400:]} if "error" in r else {})}
+                         for i, r in enumerate(rounds)]}
+    merged.pop("token_ids", None)
+    if None in jits:
+        merged["jit_note"] = "a round's JIT count is unknown"
+    return merged
+
+
 def steady_state(results: dict, mode: str) -> tuple[bool, dict]:
     """(steady, why per arm): a mode is steady state when every arm that ran logged zero JIT compilations
     and zero Triton autotune runs in its timed part. An arm with an unknown count (no marker: older run,
@@ -1141,6 +1184,12 @@ def summarize(results: dict) -> dict:
         check = (r or {}).get("plugin_check") or {}
         if not check.get("ok", True):  # its ratio above measures vLLM, not moekern
             s[f"offline.{arm}_plugin_check_failed"] = check.get("why")
+    for arm in ("flashinfer", "moekern", "moekern-routing", "moekern-routing-log"):
+        mine, base = thr("offline", arm, "rounds"), thr("offline", "vllm", "rounds")
+        if mine and base and len(mine) == len(base):  # the same comparison within each round
+            s[f"offline.{arm}_vs_vllm_by_round"] = [round(a["output_tok_s"] / b["output_tok_s"], 4)
+                                                     if a.get("output_tok_s") and b.get("output_tok_s") else None
+                                                     for a, b in zip(mine, base)]
     a, b = thr("offline", "moekern-routing", "output_tok_s"), thr("offline", "moekern-routing-log", "output_tok_s")
     if a and b:
         s["offline.gate_log_overhead"] = round(1 - b / a, 4)
@@ -1181,6 +1230,9 @@ def format_summary(results: dict, summary: dict) -> str:
                 sp = summary.get(k + "_spread")
                 lines.append(f"  {k.split('.', 1)[1]} = {v:.3f}" + (f" (rep spread {sp:.1%})" if sp is not None else
                                                                     " (spread unknown: one repetition)"))
+                by_round = summary.get(k + "_by_round")
+                if by_round:
+                    lines.append("    by round: " + ", ".join("-" if x is None else f"{x:.3f}" for x in by_round))
         if summary.get(f"{mode}.steady_state") is False:
             lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")
             lines += [f"    {arm}: {why}" for arm, why in summary.get(f"{mode}.not_steady", {}).items()]
@@ -1234,6 +1286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline: after --warmup-reps passes, more discarded full passes while the last one "
                         "JIT-compiled a kernel, up to this many in all (default 4; each arm's JSON lists the "
                         "compiles per warm-up pass)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="offline: run the arms this many times in turn (A B A B ...), each run a fresh process, and "
+                        "pool every round's timed passes per arm: a drift of the machine over the call then hits "
+                        "every arm alike; the per-round ratios are reported too (default 1)")
     p.add_argument("--shape-sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="before the warm-up passes (offline) or the warm-up bench (serve), one forward step of "
                         "each size M that meets every fused-MoE tile config and divisibility variant up to the "
@@ -1296,6 +1352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{field.replace('_', '-')}={v} must be >= {0 if field == 'warmup_reps' else 1}")
     if args.warmup_max_reps < 0:
         p.error(f"--warmup-max-reps={args.warmup_max_reps} must be >= 0")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} must be >= 1")
     args.workload = Workload(**{f: getattr(args, f) for f in Workload.__dataclass_fields__})
     args.attention_backend = attention_backend(args.model)
     args.vocab = json.loads((HERE / "configs" / args.model / "config.json").read_text())["vocab_size"]
@@ -1369,7 +1427,8 @@ def plan_text(args) -> str:
             lines.append(f"  warning: the estimate exceeds --budget-s {args.budget_s:.0f}: the last points may be skipped")
         return "\n".join(lines)
     for mode, arms in args.arm_plan.items():
-        est = plan_seconds(args.workload, mode, len(arms), args.concurrency, args.max_num_seqs)
+        n_runs = len(arms) * (getattr(args, "rounds", 1) if mode == "offline" else 1)
+        est = plan_seconds(args.workload, mode, n_runs, args.concurrency, args.max_num_seqs)
         per = (offline_pass_s(args.workload, args.max_num_seqs) if mode == "offline"
                else serve_run_s(args.workload, args.concurrency, args.max_num_seqs))
         w = args.workload
@@ -1377,7 +1436,8 @@ def plan_text(args) -> str:
                 f"{w.reps} timed passes" if mode == "offline" else
                 f"{w.serve_prompts} prompts x ({w.input_len} in + {w.output_len} out) at concurrency "
                 f"{args.concurrency}, 1 warm-up + {w.serve_reps} timed runs")
-        lines.append(f"plan {mode}: {len(arms)} arm(s), {what}; ~{per:.1f} s per timed "
+        rounds = f" x {args.rounds} rounds" if mode == "offline" and getattr(args, "rounds", 1) > 1 else ""
+        lines.append(f"plan {mode}: {len(arms)} arm(s){rounds}, {what}; ~{per:.1f} s per timed "
                      f"{'pass' if mode == 'offline' else 'run'}, ~{est / 60:.1f} min "
                      f"in all (estimate from mixtral-8x7b-4l on an H100)")
         if est > args.budget_s:
@@ -1472,8 +1532,12 @@ def main(argv=None) -> int:
     except Exception as exc:
         meta["versions_error"] = repr(exc)
     results: dict = {"meta": meta, "offline": {}, "serve": {}}
+    rounds = getattr(args, "rounds", 1)
     for mode, arms in args.arm_plan.items():
-        for arm in arms:
+        order = [(arm, k) for k in range(rounds) for arm in arms] if mode == "offline" and rounds > 1 else \
+            [(arm, None) for arm in arms]
+        per_round: dict[str, list] = {}
+        for arm, round_no in order:
             if arm.startswith("moekern") and ep is None:
                 results[mode][arm] = {"skipped": "moekern's vllm.general_plugins entry point is not installed "
                                                  "(pip install --no-build-isolation -e .)"}
@@ -1486,9 +1550,11 @@ def main(argv=None) -> int:
                                                  "$GPUENV_MIXTRAL_TOKENIZER or a --model-dir holding one)"}
                 continue
             if time.time() - t_start > args.budget_s:
-                results[mode][arm] = {"skipped": f"time budget {args.budget_s}s spent"}
+                if round_no is None or not per_round.get(arm):
+                    results[mode][arm] = {"skipped": f"time budget {args.budget_s}s spent"}
                 continue
-            print(f"[{time.time() - t_start:6.0f}s] {mode} {arm} ...", flush=True)
+            print(f"[{time.time() - t_start:6.0f}s] {mode} {arm}"
+                  f"{'' if round_no is None else f' (round {round_no + 1} of {rounds})'} ...", flush=True)
             if mode == "serve" and args.concurrency_grid:
                 r = run_serve_grid_arm(args, arm, out, t_start + args.budget_s)
                 if r.get("gate_log_dir") and "error" not in r and r["points_written"]:
@@ -1501,10 +1567,17 @@ def main(argv=None) -> int:
                                                                      if r.get("error") else ""), flush=True)
                 (out / f"e2e_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
                 continue
-            r = run_offline_arm(args, arm, out) if mode == "offline" else run_serve_arm(args, arm, out)
-            gdir = gate_log_dir(args, arm, out)
+            if mode == "serve":
+                r = run_serve_arm(args, arm, out)
+            else:
+                r = run_offline_arm(args, arm, out) if round_no is None else \
+                    run_offline_arm(args, arm, out, round_no=round_no)
+            gdir = gate_log_dir(args, arm, out, round_no)
             if gdir is not None and "error" not in r:
                 r["gate_log"] = check_gate_logs(gdir)
+            if round_no is not None:
+                per_round.setdefault(arm, []).append(r)
+                r = merge_rounds(per_round[arm])
             if mode == "serve" and args.result is not None and "error" not in r:
                 r["result"] = str(write_result(args, arm, out / f"serve_{arm}.bench.json", gdir))
             results[mode][arm] = r
