@@ -250,7 +250,9 @@ run_stage() {
     # comes after --budget-s, so it may override it), e.g. E2E_ARMS=vllm,moekern,moekern-routing,moekern-routing-log,
     # flashinfer E2E_ARGS="--reps 3 --num-prompts 384 --budget-s 480" (~9 min). FlashInfer's arm needs its CUTLASS
     # MoE module ahead of time (.fiaot carried): built inside the arm, nvcc would outlast --arm-timeout, so without
-    # it the arm is dropped here, saying so.
+    # it the arm is dropped here, saying so. Session 8 (H200) saw passes of one arm spread 10-18 % even without
+    # compiles: compare two arms per call over alternating rounds, e.g. E2E_ARMS=vllm,moekern
+    # E2E_ARGS="--rounds 3 --reps 4" and E2E_ARMS=moekern-routing,moekern-routing-log (gate-log overhead), ~7 min each.
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! bash benchmarks/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"

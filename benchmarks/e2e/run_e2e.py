@@ -127,12 +127,17 @@ STEADY_PREFILL_TOK_S = 220_000.0
 # Fixed costs, same run: an offline arm's wall time beyond init and its timed passes (process start, vLLM
 # import, pre-warm, plugin summary, shutdown) was 29-37 s; engine init 87 s for the first arm (cold
 # torch.compile cache) and 15-42 s later; a serve arm's server became healthy after 106 s (first) / 66 s,
-# and each `vllm bench serve` plus the server's shutdown added ~30 s beyond the timed run.
+# and each `vllm bench serve` plus the server's shutdown added ~30 s beyond the timed run. Later offline arms
+# of session 8 (H200, benchmarks/results/e2e/h200-2026-12-06-*) initialized in 10-38 s and took 50-84 s of
+# wall time for ~20 s of passes: INIT_S_LATER stays at the upper half of both runs' range.
 ARM_OVERHEAD_S = 35.0
-INIT_S_FIRST, INIT_S_LATER = 90.0, 45.0
+INIT_S_FIRST, INIT_S_LATER = 90.0, 30.0
 SERVER_START_S_FIRST, SERVER_START_S_LATER = 106.0, 66.0
 BENCH_OVERHEAD_S, SERVER_STOP_S = 20.0, 10.0
 PREFLIGHT_S = 50.0  # preflight plus the runner's own imports before the first arm
+# The shape sweep's ~240 one-token steps (~470k prompt tokens offline at 16384, ~340k served at 8192): a guess
+# of ~10 s per arm from the prefill rate above and ~10 ms per request, plus its compiles in the first arm.
+SHAPE_SWEEP_S = 10.0
 MIN_PASS_S = 3.0  # shorter timed passes let start-up noise and timer granularity into the ratio
 
 
@@ -151,16 +156,19 @@ def serve_run_s(w: Workload, concurrency: int, max_num_seqs: int = 128) -> float
             + w.serve_prompts * w.input_len / STEADY_PREFILL_TOK_S)
 
 
-def plan_seconds(w: Workload, mode: str, num_arms: int, concurrency: int = 64, max_num_seqs: int = 128) -> float:
+def plan_seconds(w: Workload, mode: str, num_arms: int, concurrency: int = 64, max_num_seqs: int = 128,
+                 shape_sweep: bool = False) -> float:
     """Estimated wall seconds of one invocation running `num_arms` arms of `mode` ('offline' | 'serve'),
-    preflight included: the first arm pays the cold compile cache, every arm its warm-up and timed passes."""
+    preflight included: the first arm pays the cold compile cache, every arm its warm-up and timed passes
+    (and the shape sweep when on)."""
+    sweep = SHAPE_SWEEP_S if shape_sweep else 0.0
     if mode == "offline":
         per_pass = offline_pass_s(w, max_num_seqs)
-        arms = [ARM_OVERHEAD_S + (INIT_S_FIRST if i == 0 else INIT_S_LATER) + (w.warmup_reps + w.reps) * per_pass
-                for i in range(num_arms)]
+        arms = [ARM_OVERHEAD_S + sweep + (INIT_S_FIRST if i == 0 else INIT_S_LATER)
+                + (w.warmup_reps + w.reps) * per_pass for i in range(num_arms)]
     elif mode == "serve":
         run = serve_run_s(w, concurrency, max_num_seqs)
-        arms = [(SERVER_START_S_FIRST if i == 0 else SERVER_START_S_LATER) + SERVER_STOP_S
+        arms = [(SERVER_START_S_FIRST if i == 0 else SERVER_START_S_LATER) + SERVER_STOP_S + sweep
                 + (1 + w.serve_reps) * (BENCH_OVERHEAD_S + run) for i in range(num_arms)]
     else:
         raise ValueError(f"mode={mode!r} must be 'offline' or 'serve'")
@@ -1428,7 +1436,8 @@ def plan_text(args) -> str:
         return "\n".join(lines)
     for mode, arms in args.arm_plan.items():
         n_runs = len(arms) * (getattr(args, "rounds", 1) if mode == "offline" else 1)
-        est = plan_seconds(args.workload, mode, n_runs, args.concurrency, args.max_num_seqs)
+        est = plan_seconds(args.workload, mode, n_runs, args.concurrency, args.max_num_seqs,
+                           shape_sweep=getattr(args, "shape_sweep", False))
         per = (offline_pass_s(args.workload, args.max_num_seqs) if mode == "offline"
                else serve_run_s(args.workload, args.concurrency, args.max_num_seqs))
         w = args.workload
