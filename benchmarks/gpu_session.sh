@@ -258,10 +258,16 @@ run_stage() {
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
       arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
     fi
+    # The GPU's clocks, throttle reasons, temperature and power once a second while the arms run: session 8's
+    # passes spread 10-18 % without compiles, and this says whether the GPU itself changed speed.
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,temperature.gpu,power.draw,utilization.gpu \
+      --format=csv -l 1 > "$OUT/gpu_clocks.csv" 2>/dev/null &
+    local smi=$!
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
     timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms "$arms" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
+    kill "$smi" 2>/dev/null || true
     ;;
   e2e-serve)
     versions; build
