@@ -493,11 +493,11 @@ def child_offline(spec_path: str) -> int:
 
     for n, max_tokens in plan:
         discard(n, max_tokens)
+    sys.stdout.flush()
+    _, offset = new_jit_lines(spec.get("log"), 0)  # compiles are counted from here on, per warm-up step
     sweep = None
     if spec.get("shape_sweep") and warmup_reps > 0:
         sw = spec["shape_sweep"]
-        sys.stdout.flush()
-        _, off0 = new_jit_lines(spec.get("log"), 0)
         t0 = time.perf_counter()
         rng = np.random.default_rng(spec["seed"] + 1)
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -510,10 +510,9 @@ def child_offline(spec_path: str) -> int:
         except Exception as exc:  # the timed part still counts its compiles; say why the sweep stopped
             err = f"{type(exc).__name__}: {exc}"[:500]
         time.sleep(0.5)
-        sweep = {"steps": len(batches), "cap": sw["cap"], "seconds": time.perf_counter() - t0,
-                 "jit": new_jit_lines(spec.get("log"), off0)[0], "error": err}
-    sys.stdout.flush()
-    _, offset = new_jit_lines(spec.get("log"), 0)
+        jit, offset = new_jit_lines(spec.get("log"), offset)
+        sweep = {"steps": len(batches), "cap": sw["cap"], "seconds": time.perf_counter() - t0, "jit": jit,
+                 "error": err}
     while warm_again(pass_jit, warmup_reps, max_reps):
         discard(len(prompts), spec["output_len"])
         time.sleep(0.5)  # the engine process's warnings reach the shared log file
@@ -558,9 +557,7 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None, r
     log = out / f"offline_{tag}.log"
     spec["log"] = str(log)
     spec_path.write_text(json.dumps(spec))
-    gdir = gate_log_dir(args, arm, out, round_no)
-    if gdir is not None:  # an old run's records must not mix into this one's
-        shutil.rmtree(gdir, ignore_errors=True)
+    gdir = _fresh_gate_dir(args, arm, out, round_no)
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
@@ -604,8 +601,8 @@ def plugin_check(arm: str, summary) -> dict:
     return {"ok": not problems, "why": "; ".join(problems) or f"{n} MoE layer(s) on moekern {kernels}"}
 
 
-def _fresh_gate_dir(args, arm: str, out: Path) -> Path | None:
-    d = gate_log_dir(args, arm, out)
+def _fresh_gate_dir(args, arm: str, out: Path, round_no: int | None = None) -> Path | None:
+    d = gate_log_dir(args, arm, out, round_no)
     if d is not None:  # an old run's records must not mix into this one's
         shutil.rmtree(d, ignore_errors=True)
     return d

@@ -264,7 +264,7 @@ def _recommend(args) -> int:
         from pathlib import Path
 
         table, left_out = learned.training_table(args.retrain)
-        pred = learned.train(args.retrain)
+        pred = learned.train(args.retrain, table=(table, left_out))
         path = args.predictor or str(resources.files("moekern").joinpath(learned.SHIPPED))
         learned.save(pred, path)
         rows = Path(path).with_name(Path(learned.TRAINING_ROWS).name)

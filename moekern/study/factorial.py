@@ -114,11 +114,7 @@ def load_factorial_spec(path) -> FactorialSpec:
                                                                and c >= 1)]
         if bad:
             raise ValueError(f"concurrency levels must be ints >= 1 (client --max-concurrency); got {bad}")
-    reps = raw.get("reps", 1)
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1; got {reps!r}")
-    if reps > 1 and "concurrency" not in raw["factors"]:
-        raise ValueError("reps repeats benches against one server: it needs a 'concurrency' factor")
+    reps = _check_reps(raw.get("reps", 1), raw["factors"])
     design = raw.get("design", "full")
     if design not in ("full", "fractional"):
         raise ValueError(f"design={design!r} must be 'full' or 'fractional'")
@@ -132,13 +128,18 @@ def load_factorial_spec(path) -> FactorialSpec:
                          estimate=dict(raw.get("estimate") or {}))
 
 
-def with_reps(spec: FactorialSpec, reps: int) -> FactorialSpec:
-    """The spec with `reps` repetitions of every bench (checked as the spec's own `reps` is)."""
+def _check_reps(reps, factors: dict) -> int:
+    """`reps` if it is a valid repetition count for `factors` (a spec's own or an override), else ValueError."""
     if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
         raise ValueError(f"reps must be an int >= 1; got {reps!r}")
-    if reps > 1 and "concurrency" not in spec.factors:
+    if reps > 1 and "concurrency" not in factors:
         raise ValueError("reps repeats benches against one server: it needs a 'concurrency' factor")
-    return dataclasses.replace(spec, reps=reps)
+    return reps
+
+
+def with_reps(spec: FactorialSpec, reps: int) -> FactorialSpec:
+    """The spec with `reps` repetitions of every bench (checked as the spec's own `reps` is)."""
+    return dataclasses.replace(spec, reps=_check_reps(reps, spec.factors))
 
 
 def design_points(factors: dict[str, list], design: str = "full", fraction_p: int = 1) -> list[dict]:

@@ -194,13 +194,14 @@ def training_frame(results, table=None):
 
 
 def train(results_dir, seed: int = 0, targets=TARGETS, n_estimators: int = 100, synthetic: bool | None = None,
-          test_frac: float = 0.25) -> ServingPredictor:
-    """Train one model per target (module docstring); needs >= 12 runs with the target measured."""
+          test_frac: float = 0.25, table=None) -> ServingPredictor:
+    """Train one model per target (module docstring); needs >= 12 runs with the target measured. `table`:
+    training_table(results_dir)'s result when the caller has it already (its gate logs are not read again)."""
     from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
     from sklearn.metrics import mean_absolute_error, mean_absolute_percentage_error, r2_score
     from sklearn.model_selection import KFold, cross_val_score, train_test_split
 
-    table, left_out = training_table(results_dir)
+    table, left_out = table if table is not None else training_table(results_dir)
     x, df, medians = training_frame(results_dir, table)
     models = {}
     for t in targets:
