@@ -1279,3 +1279,26 @@ def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(check_equa
     report = json.loads((tmp_path / "b" / "check_equal.json").read_text())
     assert report["routing_vs_off"] == {"prompts_differing": 1, "of": 2,
                                         "first_difference": {"prompt": 1, "position": 1}}
+
+
+def test_moe_configs_reach_every_arm_and_the_results(e2e, tmp_path, capsys):
+    """--moe-configs: checked when parsed, passed to each arm as MOEKERN_MOE_CONFIGS (the parent's own MOEKERN_*
+    never leak), and copied beside the results with the rows it lays over the tile table."""
+    cfg = {"block_m": 64, "block_n": 128, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3}
+    rows = tmp_path / "tune.json"
+    rows.write_text(json.dumps({"rows": [{"model": "mixtral", "M": 128, "E": 8, "I": 14336, "H": 4096,
+                                          "today_us": 1300.0, "best": {"gemm1": cfg, "gemm2": cfg, "us": 1000.0}}]}))
+    args = _ready(e2e, ["--mode", "offline", "--moe-configs", str(rows)])
+    env = e2e.arm_env("moekern", tmp_path, None, base_env={"MOEKERN_MOE_CONFIGS": "/stale.json"},
+                      moe_configs=args.moe_configs)
+    assert env["MOEKERN_MOE_CONFIGS"] == str(rows)
+    assert "MOEKERN_MOE_CONFIGS" not in e2e.arm_env("vllm", tmp_path, None, base_env={"MOEKERN_MOE_CONFIGS": "x"})
+    record = e2e.copy_moe_configs(args.moe_configs, tmp_path / "out")
+    assert record["rows"] == [[8, 14336, 4096, 128]]
+    assert json.loads(Path(record["files"][0]["copy"]).read_text()) == json.loads(rows.read_text())
+    assert e2e.copy_moe_configs(None, tmp_path / "out") is None
+    broken = tmp_path / "broken.json"
+    broken.write_text("{broken")
+    with pytest.raises(SystemExit) as exc:
+        e2e.parse_args(["--mode", "offline", "--moe-configs", str(broken)])
+    assert exc.value.code == 2 and "MOEKERN_MOE_CONFIGS: cannot read tuned rows" in capsys.readouterr().err

@@ -11,6 +11,10 @@ the compiled kernels, and the `gpu` tests add the standard model shapes in bf16.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -277,13 +281,13 @@ def test_fast_path_noncontiguous_routing(device):
 
 
 def test_config_lookup_cached():
-    from moekern.experts.configs import _lookup_configs
+    from moekern.experts.configs import _lookup_in
 
     dev = torch.device("cpu")
     first = get_configs(3, 8, 2, 16, 32, torch.float32, dev)
-    hits = _lookup_configs.cache_info().hits
+    hits = _lookup_in.cache_info().hits
     assert get_configs(3, 8, 2, 16, 32, torch.float32, dev) is first
-    assert _lookup_configs.cache_info().hits == hits + 1
+    assert _lookup_in.cache_info().hits == hits + 1
     assert first == default_configs(3, 8, 2, 16, 32, torch.float32)
 
 
@@ -510,3 +514,50 @@ def test_precomputed_expert_counts_reach_align(monkeypatch, device):
     w, ids, counts = fused_topk_reference(logits, k)
     moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts, backend="triton")
     assert len(seen) == 1 and seen[0] is counts
+
+
+def _tune_row(M, us, today_us, block_m=64, E=8, inter=14336, H=4096):
+    cfg = dataclasses.asdict(BlockConfig(block_m, 128, 64, 1, 4, 3))
+    return dict(model="mixtral", M=M, E=E, I=inter, H=H, today_us=today_us,
+                best=dict(name="x", gemm1=cfg, gemm2=cfg, us=us))
+
+
+def test_moe_configs_env_overlays_tuned(tmp_path, monkeypatch):
+    """MOEKERN_MOE_CONFIGS lays tune_moe_shapes.py winners over TUNED (later files win), even a winner that
+    is today's pick (a new bucket row); unset, the table is TUNED itself."""
+    from moekern.experts.configs import CONFIGS_ENV, TUNED, _lookup_in, active_table
+
+    monkeypatch.delenv(CONFIGS_ENV, raising=False)
+    assert active_table() is TUNED
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": [_tune_row(128, 900.0, 1200.0), _tune_row(96, 1000.0, 1000.0)]}))
+    b.write_text(json.dumps([_tune_row(128, 890.0, 1200.0, block_m=32), {"model": "x", "M": 8, "E": 8}]))
+    monkeypatch.setenv(CONFIGS_ENV, f"{a}{os.pathsep}{b}")
+    table = active_table()
+    rows = table[(8, 14336, 4096)]
+    assert rows[128][0].block_m == 32 and rows[96][0].block_m == 64  # b's row won; equal time still applied
+    assert set(rows) == set(TUNED[(8, 14336, 4096)]) | {96, 128}
+    assert 128 not in TUNED[(8, 14336, 4096)]  # the package's table is untouched
+    # the lookup cache is keyed on the files, so changing the variable takes effect
+    before = _lookup_in.cache_info().currsize
+    get_configs(3, 8, 2, 16, 32, torch.float32, torch.device("cpu"))
+    assert _lookup_in.cache_info().currsize == before + 1
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "cannot read tuned rows"),
+    ("{not json", "cannot read tuned rows"),
+    ('{"rows": 3}', "cannot read tuned rows"),
+    (json.dumps([{**_tune_row(128, 1.0, 2.0), "best": {"gemm1": {"block_m": 48}, "gemm2": {}, "us": 1.0}}]),
+     "bad row"),
+])
+def test_moe_configs_env_errors(tmp_path, monkeypatch, content, match):
+    from moekern.experts.configs import CONFIGS_ENV, active_table
+
+    path = tmp_path / "rows.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(CONFIGS_ENV, str(path))
+    with pytest.raises(ValueError, match=match) as err:
+        active_table()
+    assert CONFIGS_ENV in str(err.value)

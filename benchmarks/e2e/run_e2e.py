@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -326,9 +327,10 @@ def gate_log_dir(args, arm: str, out: Path, round_no: int | None = None) -> Path
 
 
 def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | None = None,
-            router_seed: int | None = None) -> dict:
+            router_seed: int | None = None, moe_configs: str | None = None) -> dict:
     """The arm's subprocess environment: ours without MOEKERN_*, plus the arm's plugin settings (and
-    MOEKERN_DUMMY_ROUTER_SEED when router_seed is given: every arm, so all of them run the same weights)."""
+    MOEKERN_DUMMY_ROUTER_SEED when router_seed is given: every arm, so all of them run the same weights;
+    MOEKERN_MOE_CONFIGS when moe_configs is given: read only where moekern's experts run)."""
     src = os.environ if base_env is None else base_env
     env = {k: v for k, v in src.items() if not k.startswith("MOEKERN_")}
     env.update(ARMS[arm][0])
@@ -341,6 +343,8 @@ def arm_env(arm: str, out: Path, gate_dir: Path | None = None, base_env: dict | 
         env["MOEKERN_GATE_LOG_DIR"] = str(gate_dir)
     if router_seed is not None:
         env["MOEKERN_DUMMY_ROUTER_SEED"] = str(router_seed)
+    if moe_configs:
+        env["MOEKERN_MOE_CONFIGS"] = moe_configs
     return env
 
 
@@ -561,7 +565,8 @@ def run_offline_arm(args, arm: str, out: Path, extra_spec: dict | None = None, r
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, __file__, "--child-offline", str(spec_path)],
-                                env=arm_env(arm, out, gdir, router_seed=args.dummy_router_seed),
+                                env=arm_env(arm, out, gdir, router_seed=args.dummy_router_seed,
+                                            moe_configs=getattr(args, "moe_configs", None)),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         rc = _wait_group(proc, args.arm_timeout)
     r = {"arm": arm, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
@@ -739,7 +744,8 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     mark the server log between them, stop the server, count the JIT events logged while timed."""
     port = _free_port()
     cmd = serve_command(engine_kwargs(args, arm), port)
-    env = arm_env(arm, out, _fresh_gate_dir(args, arm, out), router_seed=args.dummy_router_seed)
+    env = arm_env(arm, out, _fresh_gate_dir(args, arm, out), router_seed=args.dummy_router_seed,
+                  moe_configs=getattr(args, "moe_configs", None))
     log = out / f"serve_{arm}.server.log"
     (out / f"serve_{arm}.bench.json").unlink(missing_ok=True)
     r = {"arm": arm, "cmd": " ".join(cmd)}
@@ -985,7 +991,8 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     # point into theirs, by window.
     base = gate_log_dir(args, arm, out)
     gdir = None if base is None else base / f"server_{t0:.0f}"
-    env = arm_env(arm, out, gdir, router_seed=args.dummy_router_seed)
+    env = arm_env(arm, out, gdir, router_seed=args.dummy_router_seed,
+                  moe_configs=getattr(args, "moe_configs", None))
     log = out / f"serve_{arm}.server.log"
     r["cmd"] = " ".join(cmd)
     progress = work / "progress.jsonl"
@@ -1331,6 +1338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-dir", type=Path, help="serve grid: where the per-bench result JSON files go")
     p.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate; run nothing")
     p.add_argument("--child-bench-grid", help=argparse.SUPPRESS)
+    p.add_argument("--moe-configs", metavar=f"A.json[{os.pathsep}B.json]",
+                   help="tune_moe_shapes.py result files laid over moekern.fused_moe's tile table in every arm "
+                        "(MOEKERN_MOE_CONFIGS; copied to OUT/moe_configs/ and named in the results)")
     p.add_argument("--arm-timeout", type=float, default=300)
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--budget-s", type=float, default=560, help="skip arms that would start after this many seconds")
@@ -1384,6 +1394,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--result holds one serve run: it needs --mode serve and one arm in --arms; got --mode "
                 f"{args.mode} and arms {args.arm_plan}")
     _check_grid_args(p, args, modes)
+    if args.moe_configs:
+        from moekern.experts.configs import table_from_files
+
+        try:
+            table_from_files(args.moe_configs)
+        except ValueError as exc:
+            p.error(f"--moe-configs: {exc}")
     if args.input_len + args.output_len > args.max_model_len:
         p.error(f"--input-len {args.input_len} + --output-len {args.output_len} must be <= --max-model-len "
                 f"{args.max_model_len}")
@@ -1483,6 +1500,27 @@ def write_result(args, arm: str, bench_json: Path, gate_dir: Path | None) -> Pat
     return args.result
 
 
+def copy_moe_configs(paths: str | None, out: Path) -> dict | None:
+    """Copy the --moe-configs files into OUT/moe_configs/ (what the arms ran with stays beside the results);
+    returns {"files": [...], "rows": [(E, I, H, M) laid over the table]} or None."""
+    if not paths:
+        return None
+    from moekern.experts.configs import TUNED
+    from moekern.experts.tune import merge_tuned
+
+    dest = out / "moe_configs"
+    dest.mkdir(parents=True, exist_ok=True)
+    files, rows = [], []
+    for i, src in enumerate(p for p in paths.split(os.pathsep) if p):
+        target = dest / f"{i}_{Path(src).name}"
+        shutil.copyfile(src, target)
+        files.append({"source": src, "copy": str(target)})
+        data = json.loads(Path(src).read_text())
+        rows.extend(data["rows"] if isinstance(data, dict) else data)
+    _, applied = merge_tuned(TUNED, rows, min_gain=-math.inf)
+    return {"files": files, "rows": [list(r) for r in applied]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_offline:
@@ -1508,6 +1546,7 @@ def main(argv=None) -> int:
                 print("  " + line, file=sys.stderr)
             return 1
     prepare_model_dir(args, out)
+    moe_configs = copy_moe_configs(args.moe_configs, out)
     ep = plugin_entry_point()
     meta = {"model": args.model, "model_dir": str(args.model_dir), "load_format": args.load_format,
             "attention_backend": args.attention_backend, "plugin_entry_point": ep, "argv": sys.argv,
@@ -1524,6 +1563,7 @@ def main(argv=None) -> int:
             "dataset": str(args.dataset) if args.dataset else None,
             "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
             "dummy_router_seed": args.dummy_router_seed,
+            "moe_configs": moe_configs,
             "result": str(args.result) if args.result else None,
             "serve_grid": ({"concurrency": args.concurrency_grid, "datasets": [str(d) for d in args.datasets or []],
                             "reps": args.grid_reps, "result_dir": str(args.result_dir),

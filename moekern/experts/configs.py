@@ -15,13 +15,20 @@ A config is picked in this order: the `block_config` argument, then the table be
 (E, I, H, M bucket) for Hopper (H100/H200: both sm_90 with the same SM count and shared memory, so one table
 serves both; tuned on an H100 only), then `default_configs`, a heuristic on tokens per expert. The table
 holds measured rows only, from `python -m moekern.experts.tune` (see TUNED).
+
+MOEKERN_MOE_CONFIGS=RESULTS.json[:MORE.json...] lays the winners of benchmarks/tune_moe_shapes.py runs over the
+table at run time (same merge as `python -m moekern.experts.tune apply`, without editing the package): tune on
+your own GPU, point the variable at the JSON, and every process that inherits it (vLLM's workers included)
+uses those rows (read once per process). A file that cannot be read or holds a bad row raises ValueError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -202,16 +209,56 @@ def tuned_bucket(rows, num_tokens: int) -> int:
     return min(rows, key=lambda b: (abs(math.log2(b) - log_m), b))
 
 
-@functools.lru_cache(maxsize=4096)
+CONFIGS_ENV = "MOEKERN_MOE_CONFIGS"
+
+
+@functools.lru_cache(maxsize=8)
+def table_from_files(paths: str) -> dict:
+    """TUNED with the winners of tune_moe_shapes.py result files laid over it (os.pathsep-separated paths;
+    later files win). Every measured winner replaces its bucket's row (no minimum gain: the file is the
+    user's choice); rows without a winner are skipped. "" -> TUNED itself."""
+    from moekern.experts.tune import merge_tuned  # tune imports this module
+
+    rows = []
+    for path in (p for p in paths.split(os.pathsep) if p):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            part = data["rows"] if isinstance(data, dict) else data
+            if not isinstance(part, list):
+                raise ValueError("expected a list of rows or {'rows': [...]}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{CONFIGS_ENV}: cannot read tuned rows from {path!r}: {exc}") from exc
+        rows.extend(part)
+    if not rows:
+        return TUNED
+    try:
+        table, _ = merge_tuned(TUNED, rows, min_gain=-math.inf)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{CONFIGS_ENV}={paths!r}: bad row: {exc}") from exc
+    return table
+
+
+def active_table() -> dict:
+    """The table fused_moe looks rows up in: TUNED, with MOEKERN_MOE_CONFIGS's files laid over it when set."""
+    return table_from_files(os.environ.get(CONFIGS_ENV, ""))
+
+
 def _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device) -> tuple[BlockConfig, BlockConfig]:
+    return _lookup_in(os.environ.get(CONFIGS_ENV, ""), num_tokens, num_experts, top_k, inter, hidden, dtype, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_in(paths, num_tokens, num_experts, top_k, inter, hidden, dtype, device) -> tuple[BlockConfig, BlockConfig]:
     """The table, else the heuristic; cached because the lookup (a device-capability query, log2 distances)
-    runs on every eager call. Keyed on the exact M (the heuristic's thresholds are in M), bounded by the LRU.
-    After editing TUNED at run time, call _lookup_configs.cache_clear()."""
+    runs on every eager call. Keyed on the exact M (the heuristic's thresholds are in M) and the override
+    files, bounded by the LRU. After editing TUNED at run time, call _lookup_in.cache_clear()."""
+    table = table_from_files(paths)
     if (
         device.type == "cuda"
         and dtype in (torch.bfloat16, torch.float16)
-        and (num_experts, inter, hidden) in TUNED
+        and (num_experts, inter, hidden) in table
         and torch.cuda.get_device_capability(device)[0] == 9
     ):
-        return TUNED[(num_experts, inter, hidden)][tuned_bucket(TUNED[(num_experts, inter, hidden)], num_tokens)]
+        return table[(num_experts, inter, hidden)][tuned_bucket(table[(num_experts, inter, hidden)], num_tokens)]
     return default_configs(num_tokens, num_experts, top_k, inter, hidden, dtype)
