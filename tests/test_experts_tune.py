@@ -173,6 +173,19 @@ def test_apply_results_rewrites_configs_copy(tmp_path):
     # Idempotent: applying the same result again leaves the same valid file.
     tune.apply_results(str(res), str(path))
     assert path.read_text() == text
+    # Rows the apply did not touch keep their comments (every commented row of the committed table).
+    kept = tune.existing_row_comments(tune._BLOCK.search(before).group(2))
+    after = tune.existing_row_comments(tune._BLOCK.search(text).group(2))
+    assert kept and after.pop((8, 14336, 4096, 4096)).startswith("vllm-default: 5000 us, was 6000")
+    assert after == kept
+
+
+def test_existing_row_comments():
+    block = ("TUNED = {\n    (8, 14336, 4096): {  # mixtral\n        1: (_B(16, 128, 128, 1, 4, 3), _B(16)),\n"
+             "        128: (_B(64), _B(64)),  # heuristic: 938 us\n    },\n    (64, 1024, 2048): {\n"
+             "        128: (_B(32), _B(32)),  # x (y)\n    },\n}\n")
+    assert tune.existing_row_comments(block) == {(8, 14336, 4096, 128): "heuristic: 938 us",
+                                                 (64, 1024, 2048, 128): "x (y)"}
 
 
 def test_apply_needs_markers(tmp_path):
@@ -220,3 +233,16 @@ def test_routing_counts_sum():
     spec = get_model("olmoe")
     counts = bench.routing_counts(spec, 64, max_tokens=128)
     assert len(counts) == spec.num_experts and sum(counts) == 64 * spec.top_k
+
+
+def test_mixtral_decode_rows_read_each_expert_once():
+    """The session-9 finding, pinned: for Mixtral decode batches of 65-128 tokens (vLLM's CUDA-graph sizes 96
+    and 128 at max_num_seqs=128) the table's tile must not split an expert's average load (M * k / E slots)
+    into more M-blocks than it needs: at M = 128 one block_m >= 32 slots per expert, i.e. block_m >= 64 gives
+    one block per expert on average and reads each expert's weights once."""
+    rows = cfgmod.TUNED[(8, 14336, 4096)]
+    for M, bucket in ((96, 96), (100, 96), (112, 128), (128, 128), (160, 192), (256, 256)):
+        assert cfgmod.tuned_bucket(rows, M) == bucket
+    g1, g2 = rows[128]
+    assert g1.block_m >= 64 and g1.block_m == g2.block_m
+    assert rows[96][0].block_m == 32  # 24 slots per expert: one 32-row block each

@@ -530,14 +530,14 @@ def test_moe_configs_env_overlays_tuned(tmp_path, monkeypatch):
     monkeypatch.delenv(CONFIGS_ENV, raising=False)
     assert active_table() is TUNED
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps({"rows": [_tune_row(128, 900.0, 1200.0), _tune_row(96, 1000.0, 1000.0)]}))
-    b.write_text(json.dumps([_tune_row(128, 890.0, 1200.0, block_m=32), {"model": "x", "M": 8, "E": 8}]))
+    a.write_text(json.dumps({"rows": [_tune_row(160, 900.0, 1200.0), _tune_row(112, 1000.0, 1000.0)]}))
+    b.write_text(json.dumps([_tune_row(160, 890.0, 1200.0, block_m=32), {"model": "x", "M": 8, "E": 8}]))
     monkeypatch.setenv(CONFIGS_ENV, f"{a}{os.pathsep}{b}")
     table = active_table()
     rows = table[(8, 14336, 4096)]
-    assert rows[128][0].block_m == 32 and rows[96][0].block_m == 64  # b's row won; equal time still applied
-    assert set(rows) == set(TUNED[(8, 14336, 4096)]) | {96, 128}
-    assert 128 not in TUNED[(8, 14336, 4096)]  # the package's table is untouched
+    assert rows[160][0].block_m == 32 and rows[112][0].block_m == 64  # b's row won; equal time still applied
+    assert set(rows) == set(TUNED[(8, 14336, 4096)]) | {112, 160}
+    assert 160 not in TUNED[(8, 14336, 4096)]  # the package's table is untouched
     # the lookup cache is keyed on the files, so changing the variable takes effect
     before = _lookup_in.cache_info().currsize
     get_configs(3, 8, 2, 16, 32, torch.float32, torch.device("cpu"))

@@ -450,7 +450,7 @@ def test_plugin_off_installs_nothing(fresh_hooks, monkeypatch):
     assert fresh_hooks["installed"] is False
 
 
-def test_worker_summary_method_for_collective_rpc_by_name(tmp_path, fresh_hooks):
+def test_worker_summary_method_for_collective_rpc_by_name(tmp_path, fresh_hooks, monkeypatch):
     """vLLM 0.26's collective_rpc carries a method *name* (a function needs insecure pickling): the plugin
     adds Worker.moekern_plugin_summary, which vLLM's run_method resolves with getattr(worker, name)."""
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing"})
@@ -464,6 +464,9 @@ def test_worker_summary_method_for_collective_rpc_by_name(tmp_path, fresh_hooks)
     assert json.loads(json.dumps(summary)) == summary  # plain types: msgpack carries it back
     assert summary["installed"] and summary["kernels"] == "routing" and len(summary["layers"]) == 2
     assert all(l["moekern_routing"]["8"].startswith("FusedTopKRouter") for l in summary["layers"])
+    assert summary["moe_configs"] is None
+    monkeypatch.setenv("MOEKERN_MOE_CONFIGS", "/x/tune_moe_shapes.json")
+    assert worker.moekern_plugin_summary()["moe_configs"] == "/x/tune_moe_shapes.json"
 
 
 class UnquantizedFusedMoEMethod(torch.nn.Module):  # the name is what _experts_ok reads

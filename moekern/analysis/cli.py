@@ -1,4 +1,4 @@
-"""`moekern metrics | datasets | predict | validate | placement | sweep | report`.
+"""`moekern metrics | steptimes | datasets | predict | validate | placement | sweep | report`.
 
 Heavy imports (numpy, pandas, matplotlib, sentencepiece) happen inside the command functions, so building
 the parser stays cheap.
@@ -23,6 +23,18 @@ def add_parser(sub) -> None:
                    help="contiguous | round_robin | a JSON file with expert_to_rank [E] or physical_to_logical")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_metrics)
+
+    p = sub.add_parser("steptimes", help="step wall time by batch size from gate-log time stamps (A vs B)")
+    p.add_argument("path", help="gate-log file or folder (plain or .gz)")
+    p.add_argument("--vs", default=None, metavar="PATH", help="a second run's gate logs: per-bucket ratio to it")
+    p.add_argument("--label", default=None, help="name of PATH's run in the table (default: its folder name)")
+    p.add_argument("--vs-label", default=None, help="name of --vs's run (default: its folder name)")
+    p.add_argument("--phase", default=None, help="only steps of this phase (prefill, decode, mixed)")
+    p.add_argument("--gap-s", type=float, default=1.0,
+                   help="a longer pause between two steps is not a step (pass boundary, warm-up); default 1.0")
+    p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of median step time per bucket")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_steptimes)
 
     p = sub.add_parser("datasets", help="prompt datasets with a spread of predicted imbalance")
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION")
@@ -132,6 +144,48 @@ def _metrics(args) -> int:
         r = out["rank_load"]
         print(f"EP={r['ep_size']} ({args.placement}): rank tokens {[round(x) for x in r['rank_tokens']]}, "
               f"max/mean per step {_fmt(r['step_max_mean'])}, aggregated {_fmt(r['agg_max_mean'])}")
+    return 0
+
+
+def _steptimes(args) -> int:
+    from pathlib import Path
+
+    from moekern.analysis import steptimes as stt
+
+    if args.gap_s <= 0:
+        print(f"moekern steptimes: --gap-s={args.gap_s} must be > 0", file=sys.stderr)
+        return 2
+    runs = []
+    for path, label in ((args.path, args.label), (args.vs, args.vs_label)):
+        if path is None:
+            continue
+        skipped = []
+        try:
+            times = stt.step_times(path, args.gap_s, args.phase, skipped)
+        except FileNotFoundError as exc:
+            print(f"moekern steptimes: {exc}", file=sys.stderr)
+            return 2
+        if not times:
+            print(f"moekern steptimes: no timed steps in {path} (records need 'time'; consecutive steps at most "
+                  f"--gap-s={args.gap_s} s apart{'; phase ' + args.phase if args.phase else ''})", file=sys.stderr)
+            return 1
+        runs.append((label or Path(path).resolve().name, stt.summarize(times), len(skipped)))
+    (label, rows, bad), vs = runs[0], (runs[1] if len(runs) > 1 else None)
+    cmp = stt.compare(vs[1], rows) if vs else None
+    if args.plot:
+        stt.plot(rows, args.plot, label, vs[1] if vs else None, vs[0] if vs else "")
+    if args.json:
+        print(_dumps({"label": label, "buckets": rows, "skipped_lines": bad,
+                      **({"vs": {"label": vs[0], "buckets": vs[1], "skipped_lines": vs[2]}, "compare": cmp}
+                         if vs else {})}))
+        return 0
+    if vs:
+        print(stt.format_table(vs[1], label=vs[0]) + "\n")
+    print(stt.format_table(rows, cmp, label, vs[0] if vs else ""))
+    if bad or (vs and vs[2]):
+        print(f"corrupt lines skipped: {bad}" + (f" ({label}), {vs[2]} ({vs[0]})" if vs else ""))
+    if args.plot:
+        print("plot:", args.plot)
     return 0
 
 

@@ -258,7 +258,7 @@ def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, 
     if table is None:
         raise ValueError(f"{configs_path}: no '# BEGIN TUNED' ... '# END TUNED' block")
     new, applied = merge_tuned(table, rows, min_gain)
-    comments = {}
+    comments = {k: v for k, v in existing_row_comments(_BLOCK.search(src).group(2)).items() if k in _row_keys(new)}
     dev = (results.get("meta") or {}).get("device", "") if isinstance(results, dict) else ""
     for r in rows:
         key = (int(r["E"]), int(r["I"]), int(r["H"]), int(r["M"]))
@@ -266,7 +266,7 @@ def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, 
             v = r.get("vllm_us")
             comments[key] = (f"{r['best']['name']}: {r['best']['us']:.0f} us, was {r['today_us']:.0f}"
                              + (f", vLLM {v:.0f}" if v else "") + (f" ({dev})" if dev else ""))
-    # Row comments: only the rows changed now get one (render does not carry older row comments over).
+    # Row comments: rows changed now get a new one; untouched rows keep theirs.
     out = rewrite_tuned_source(src, new, comments)
     if _exec_tuned(_BLOCK.search(out).group(2)) != new:
         raise AssertionError("rendered TUNED block does not read back as the merged table")
@@ -274,6 +274,28 @@ def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, 
         with open(configs_path, "w") as f:
             f.write(out)
     return applied, out
+
+
+_ENTRY_LINE = re.compile(r"^\s*\((\d+),\s*(\d+),\s*(\d+)\):\s*\{")
+_ROW_LINE = re.compile(r"^\s*(\d+):\s*\(.*\),\s*#\s*(.+?)\s*$")
+
+
+def existing_row_comments(block_source: str) -> dict:
+    """{(E, I, H, M): comment} of the row lines of a TUNED block that carry a trailing comment."""
+    out, key = {}, None
+    for line in block_source.splitlines():
+        m = _ENTRY_LINE.match(line)
+        if m:
+            key = tuple(int(g) for g in m.groups())
+            continue
+        m = _ROW_LINE.match(line)
+        if m and key is not None:
+            out[key + (int(m.group(1)),)] = m.group(2)
+    return out
+
+
+def _row_keys(table) -> set:
+    return {key + (m,) for key, rows in table.items() for m in rows}
 
 
 def _exec_tuned(block_source: str):

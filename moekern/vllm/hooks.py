@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import logging
+import os
 import sys
 import threading
 
@@ -405,6 +406,7 @@ def plugin_summary(worker=None) -> dict:
         "installed": _STATE["installed"],
         "kernels": getattr(_STATE["config"], "kernels", None),
         "dummy_router_seed": getattr(_STATE["config"], "dummy_router_seed", None),
+        "moe_configs": os.environ.get("MOEKERN_MOE_CONFIGS") or None,  # tuned tiles laid over fused_moe's table
         "layers": [{"index": h.index, "name": h.name, "router": type(h.router).__name__,
                     "moekern_routing": {str(E): (p.why if p else None) for E, p in h.plans.items()},
                     "moekern_experts": h.experts_decision} for h in _STATE["layers"]],
