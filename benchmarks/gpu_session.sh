@@ -252,7 +252,9 @@ run_stage() {
     # MoE module ahead of time (.fiaot carried): built inside the arm, nvcc would outlast --arm-timeout, so without
     # it the arm is dropped here, saying so. Session 8 (H200) saw passes of one arm spread 10-18 % even without
     # compiles: compare two arms per call over alternating rounds, e.g. E2E_ARMS=vllm,moekern
-    # E2E_ARGS="--rounds 3 --reps 4" and E2E_ARMS=moekern-routing,moekern-routing-log (gate-log overhead), ~7 min each.
+    # E2E_ARGS="--rounds 2 --reps 4 --budget-s 370" and E2E_ARMS=moekern-routing,moekern-routing-log (gate-log
+    # overhead): 6 min each on an H100 in session 9, steady (the shape sweep works); passes still spread 14-18 %.
+    # Add --max-num-seqs 256 for the larger decode batch (session 9: 1.18x, one round; ~3 min per round).
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! bash benchmarks/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"

@@ -7,6 +7,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from moekern.gatelog import SCHEMA, read_gate_log
@@ -103,14 +105,14 @@ def test_bounded_queue_drops_and_counts(tmp_path):
     rec = GateLogRecorder(tmp_path, rank=0, queue_slots=2, flush_steps=1)
     rec.register_layer("l0", 2, 1)
     entered, release = threading.Event(), threading.Event()
-    orig = rec._records
+    orig = rec._lines
 
-    def slow_records(item, rows):
+    def slow_lines(item, rows):
         entered.set()
         release.wait(10)
         return orig(item, rows)
 
-    rec._records = slow_records
+    rec._lines = slow_lines
     rec.ensure_buffer("cpu")
     rec.begin_step(); rec.end_step("decode", 1)  # step 0: the writer takes it and blocks (slot freed)
     assert entered.wait(5)
@@ -236,3 +238,53 @@ def test_reader_reads_gzipped_logs_and_reports_a_truncated_one(tmp_path):
     got, skipped = read_gate_log(tmp_path / "cut")
     assert 0 < len(got) < len(plain) and [r.to_json() for r in got] == [r.to_json() for r in plain[: len(got)]]
     assert len(skipped) >= 1 and "unreadable from here on" in skipped[-1].reason
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_fast_lines_equal_record_json(tmp_path_factory, data):
+    """The writer's string-built lines are exactly GateRecord.to_json of the same step (model name, phase
+    with characters JSON escapes, extras, CUDA-graph padding in the top-k sample)."""
+    from moekern.vllm.gatelog_writer import _Pending
+
+    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
+    rec = GateLogRecorder(tmp_path_factory.mktemp("g"), rank=data.draw(st.sampled_from([None, 0, 3])),
+                          model=data.draw(st.none() | text), extra=data.draw(st.sampled_from([{}, {"tp_rank": 1}])))
+    layers = data.draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 3)), min_size=1, max_size=3))
+    for i, (E, k) in enumerate(layers):
+        rec.register_layer(f"l{i}", E, max(1, min(k, E)))
+    W = max(E for E, _ in layers)
+    rows = [data.draw(st.lists(st.integers(0, 10 ** 6), min_size=W, max_size=W)) for _ in layers]
+    samples = None
+    if data.draw(st.booleans()):
+        K = max(info.top_k for info in rec.layers)
+        samples = [data.draw(st.lists(st.lists(st.integers(-1, 5), min_size=K, max_size=K), max_size=4))
+                   for _ in layers]
+    item = _Pending(step=data.draw(st.integers(0, 10 ** 9)), slot=0, event=None,
+                    phase=data.draw(st.sampled_from(["decode", "prefill", "mixed"]) | text),
+                    scheduled_tokens=data.draw(st.none() | st.integers(0, 5)),
+                    time=data.draw(st.floats(0, 2e9, allow_nan=False)), samples=samples)
+    assert rec._lines(item, rows) == [r.to_json() for r in rec._records(item, rows)]
+
+
+def test_fast_lines_are_faster(tmp_path):
+    """What the change is for: the writer thread holds the GIL a shorter time per step."""
+    from moekern.vllm.gatelog_writer import _Pending
+
+    rec = GateLogRecorder(tmp_path, rank=0, model="/models/mixtral", extra={"tp_rank": 0})
+    for i in range(32):
+        rec.register_layer(f"l{i}", 8, 2)
+    rows = [[100 + j for j in range(8)] for _ in range(32)]
+    item = _Pending(1, 0, None, "decode", 128, 1.7e9)
+
+    def best(fn, n=200):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn(item, rows)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    slow = best(lambda i, r: [x.to_json() for x in rec._records(i, r)])
+    assert best(rec._lines) < 0.8 * slow
