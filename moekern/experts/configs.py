@@ -18,10 +18,9 @@ holds measured rows only, from `python -m moekern.experts.tune` (see TUNED).
 
 MOEKERN_MOE_CONFIGS=RESULTS.json[:MORE.json...] lays the winners of benchmarks/tune_moe_shapes.py runs over the
 table at run time (the merge of `python -m moekern.experts.tune apply`, with no minimum gain, and no edit of the
-package): tune on
-your own GPU, point the variable at the JSON, and every process that inherits it (vLLM's workers included)
-uses those rows on Hopper, as it does the table (files read once per process). A file that cannot be read or
-holds a bad row raises ValueError naming it.
+package): tune on your own GPU, point the variable at the JSON, and every process that inherits it (vLLM's
+workers included) uses those rows on Hopper, as it does the table (files read once per process). A file that
+cannot be read or holds a bad row raises ValueError naming it.
 """
 
 from __future__ import annotations
