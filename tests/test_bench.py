@@ -233,7 +233,7 @@ def test_shapes_cover_the_standard_models_and_tokens():
     ds = next(s for s in shapes if s.model == "deepseek-v3" and s.op == "routing")
     assert (ds.num_experts, ds.top_k, ds.num_expert_group, ds.topk_group, ds.scoring, ds.correction_bias,
             ds.routed_scaling_factor) == (256, 8, 8, 4, "sigmoid", True, 2.5)
-    assert {s.num_tokens for s in shapes if s.op == "moe"} == {1, 8, 64, 256, 1024, 4096, 8192}
+    assert {s.num_tokens for s in shapes if s.op == "moe"} == {1, 8, 64, 128, 256, 1024, 4096, 8192}
     with pytest.raises(ValueError, match="op="):
         bench_shapes(("gemm",))
     with pytest.raises(ValueError, match="dense"):

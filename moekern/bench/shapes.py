@@ -22,11 +22,12 @@ from moekern.models.registry import routing_kwargs
 OPS = ("routing", "align", "moe")
 
 # Token counts (M) per op. Modest on purpose: a GPU run of every op over the four standard models is
-# meant to take a few minutes.
+# meant to take a few minutes. moe includes 128, the CUDA-graph decode size of vLLM at max_num_seqs = 128: the
+# size end-to-end runs spend most of their time at, and the one the table once served badly (experts/NOTES.md).
 DEFAULT_TOKENS = {
     "routing": (1, 16, 64, 256, 1024, 4096, 16384),
     "align": (1, 64, 1024, 4096, 16384),
-    "moe": (1, 8, 64, 256, 1024, 4096, 8192),
+    "moe": (1, 8, 64, 128, 256, 1024, 4096, 8192),
 }
 DEFAULT_BLOCK_SIZES = (64,)
 
