@@ -448,6 +448,9 @@ def test_rounds_alternate_arms_and_pool_their_passes(e2e, tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert "(round 3 of 3)" in printed, printed
     assert "by round: 1.050, 1.046, 1.050" in printed, printed
+    assert '"round_output_tok_s": 126.0, "pooled_output_tok_s": 115.0' in printed, printed  # round 3's own value
+    lo, hi = s["offline.moekern_vs_vllm_ci95"]
+    assert lo < s["offline.moekern_vs_vllm"] < hi and f", 95 % CI {lo:.3f}-{hi:.3f}" in printed
     args = _ready(e2e, ["--quick", "--mode", "offline", "--arms", "vllm,moekern-routing-log", "--rounds", "2"])
     assert e2e.gate_log_dir(args, "moekern-routing-log", tmp_path, 1) == tmp_path / "gate_logs" / "moekern-routing-log" / "round1"
     assert e2e.gate_log_dir(args, "vllm", tmp_path, 1) is None
@@ -1302,3 +1305,59 @@ def test_moe_configs_reach_every_arm_and_the_results(e2e, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         e2e.parse_args(["--mode", "offline", "--moe-configs", str(broken)])
     assert exc.value.code == 2 and "MOEKERN_MOE_CONFIGS: cannot read tuned rows" in capsys.readouterr().err
+
+
+def test_ratio_ci(e2e):
+    assert e2e.ratio_ci([1.0], [2.0, 3.0]) is None
+    lo, hi = e2e.ratio_ci([100.0, 101.0, 99.0, 100.5], [110.0, 111.0, 109.0, 110.5])
+    assert 1.07 < lo <= 1.1 <= hi < 1.13
+    assert e2e.ratio_ci([100.0, 101.0, 99.0], [110.0, 111.0, 109.0]) == e2e.ratio_ci([100.0, 101.0, 99.0],
+                                                                                    [110.0, 111.0, 109.0])
+    wide = e2e.ratio_ci([80.0, 120.0, 100.0, 90.0], [85.0, 125.0, 105.0, 95.0])
+    assert wide[0] < 1.0 < wide[1]  # noisy passes: the interval says the 5 % is not resolved
+
+
+def test_gate_log_overhead_line_and_ci(e2e):
+    mk = lambda xs: {"runs": [{"output_tok_s": x} for x in xs], "output_tok_s": sorted(xs)[len(xs) // 2],  # noqa: E731
+                     "jit_during_measurement": 0, "autotune_during_measurement": 0}
+    res = {"offline": {"moekern-routing": mk([100.0, 101.0, 99.0]), "moekern-routing-log": mk([95.0, 96.0, 94.0])}}
+    s = e2e.summarize(res)
+    assert s["offline.gate_log_overhead"] == 0.05
+    lo, hi = s["offline.gate_log_overhead_ci95"]
+    assert lo <= 0.05 <= hi
+    assert f"gate_log_overhead = 5.0% (rep spread 2.1%), 95 % CI {lo:.1%} to {hi:.1%}" in e2e.format_summary(res, s)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    yield from _script_module("moekern_e2e_pool_runs", E2E / "pool_runs.py")
+
+
+def _e2e_result(d, vllm, moekern, max_num_seqs=128, jit=0, rounds=None):
+    d.mkdir(parents=True)
+    arm = lambda xs, j: {"runs": [{"output_tok_s": x} for x in xs], "jit_during_measurement": j,  # noqa: E731
+                         "autotune_during_measurement": 0, **({"rounds": rounds[0]} if rounds else {})}
+    res = {"meta": {"model": "mixtral-8x7b-4l", "workload": {"num_prompts": 512, "input_len": 256, "output_len": 128},
+                    "engine": {"max_num_seqs": max_num_seqs}},
+           "offline": {"vllm": arm(vllm, 0), "moekern": {**arm(moekern, jit),
+                                                         **({"rounds": rounds[1]} if rounds else {})}}}
+    (d / "e2e_mixtral-8x7b-4l.json").write_text(json.dumps(res))
+    return d
+
+
+def test_pool_runs(pool, tmp_path, capsys):
+    rounds = ([{"output_tok_s": 100.0}, {"output_tok_s": 104.0}], [{"output_tok_s": 99.0}, {"output_tok_s": 106.0}])
+    a = _e2e_result(tmp_path / "a", [100.0, 102.0, 98.0], [99.0, 101.0, 97.0], rounds=rounds)
+    b = _e2e_result(tmp_path / "b", [104.0, 106.0, 105.0], [107.0, 108.0, 106.0])
+    p = pool.pool([a, b], "vllm", "moekern")
+    assert p["pooled"]["n"] == (6, 6) and p["pooled"]["base_median"] == 103.0
+    assert p["pooled"]["arm_median"] == 103.5 and p["pooled"]["ratio"] == pytest.approx(103.5 / 103.0)
+    assert p["runs"][0]["by_round"] == pytest.approx([0.99, 106 / 104]) and p["runs"][1]["by_round"] == []
+    assert pool.main([str(a), str(b)]) == 0
+    assert "pooled: 103 vs 104 tok/s, ratio 1.005" in capsys.readouterr().out
+    c = _e2e_result(tmp_path / "c", [1.0, 2.0], [1.0, 2.0], max_num_seqs=256)
+    assert pool.main([str(a), str(c)]) == 2 and "differ from the first" in capsys.readouterr().err
+    u = _e2e_result(tmp_path / "u", [1.0, 2.0], [1.0, 2.0], jit=3)
+    assert pool.main([str(u)]) == 2 and "not steady state" in capsys.readouterr().err
+    assert pool.main([str(u), "--include-unsteady"]) == 0
+    assert pool.main([str(a), "--arm", "flashinfer"]) == 2 and "no timed offline passes" in capsys.readouterr().err

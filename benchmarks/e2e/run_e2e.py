@@ -1179,6 +1179,10 @@ def summarize(results: dict) -> dict:
                 if spread is not None and base_spread is not None:
                     # the wider of the two arms' (max - min) / median: a ratio closer to 1 than this is noise
                     s[f"{mode}.{arm}_vs_vllm_spread"] = round(max(spread, base_spread), 4)
+                ci = ratio_ci(_tok_s(thr(mode, "vllm", "runs")), _tok_s(thr(mode, arm, "runs"))) \
+                    if mode == "offline" else None
+                if ci:
+                    s[f"{mode}.{arm}_vs_vllm_ci95"] = list(ci)
             if mode == "serve" and v and base:
                 # the median over timed runs of each run's median TPOT; < 1: the arm decodes faster than vllm
                 st, stb = thr(mode, arm, "median_tpot_ms_stats") or {}, thr(mode, "vllm", "median_tpot_ms_stats") or {}
@@ -1210,6 +1214,10 @@ def summarize(results: dict) -> dict:
         spreads = [rep_spread(thr("offline", arm, "runs")) for arm in ("moekern-routing", "moekern-routing-log")]
         if all(x is not None for x in spreads):
             s["offline.gate_log_overhead_noise"] = round(max(spreads), 4)
+        ci = ratio_ci(_tok_s(thr("offline", "moekern-routing", "runs")),
+                      _tok_s(thr("offline", "moekern-routing-log", "runs")))
+        if ci:  # overhead = 1 - ratio, so the ratio's upper bound is the overhead's lower one
+            s["offline.gate_log_overhead_ci95"] = [round(1 - ci[1], 4), round(1 - ci[0], 4)]
     return s
 
 
@@ -1240,15 +1248,44 @@ def format_summary(results: dict, summary: dict) -> str:
         for k, v in summary.items():
             if k.startswith(mode + ".") and k.endswith("_vs_vllm"):
                 sp = summary.get(k + "_spread")
+                ci = summary.get(k + "_ci95")
                 lines.append(f"  {k.split('.', 1)[1]} = {v:.3f}" + (f" (rep spread {sp:.1%})" if sp is not None else
-                                                                    " (spread unknown: one repetition)"))
+                                                                    " (spread unknown: one repetition)")
+                             + (f", 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""))
                 by_round = summary.get(k + "_by_round")
                 if by_round:
                     lines.append("    by round: " + ", ".join("-" if x is None else f"{x:.3f}" for x in by_round))
+        if mode == "offline" and summary.get("offline.gate_log_overhead") is not None:
+            ov, ci = summary["offline.gate_log_overhead"], summary.get("offline.gate_log_overhead_ci95")
+            noise = summary.get("offline.gate_log_overhead_noise")
+            lines.append(f"  gate_log_overhead = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
+                         + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         if summary.get(f"{mode}.steady_state") is False:
             lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")
             lines += [f"    {arm}: {why}" for arm, why in summary.get(f"{mode}.not_steady", {}).items()]
     return "\n".join(lines)
+
+
+def ratio_ci(base: list[float], other: list[float], n_boot: int = 10000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float] | None:
+    """Bootstrap confidence interval of median(other) / median(base): both samples resampled with replacement,
+    n_boot times, from a seeded generator (the same inputs give the same interval). None with fewer than two
+    values on a side (nothing to resample)."""
+    import random
+
+    base, other = [float(x) for x in base if x], [float(x) for x in other if x]
+    if len(base) < 2 or len(other) < 2:
+        return None
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(other, k=len(other)))
+                    / statistics.median(rng.choices(base, k=len(base))) for _ in range(n_boot))
+    lo = ratios[int((1 - level) / 2 * n_boot)]
+    hi = ratios[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return round(lo, 4), round(hi, 4)
+
+
+def _tok_s(runs) -> list[float]:
+    return [r["output_tok_s"] for r in runs or [] if r.get("output_tok_s")]
 
 
 def rep_spread(runs) -> float | None:
@@ -1621,14 +1658,19 @@ def main(argv=None) -> int:
             gdir = gate_log_dir(args, arm, out, round_no)
             if gdir is not None and "error" not in r:
                 r["gate_log"] = check_gate_logs(gdir)
+            this_round = None
             if round_no is not None:
                 per_round.setdefault(arm, []).append(r)
+                this_round = r.get("output_tok_s")
                 r = merge_rounds(per_round[arm])
             if mode == "serve" and args.result is not None and "error" not in r:
                 r["result"] = str(write_result(args, arm, out / f"serve_{arm}.bench.json", gdir))
             results[mode][arm] = r
             brief = {k: r.get(k) for k in ("rc", "output_tok_s", "output_throughput", "median_ttft_ms",
                                            "median_tpot_ms", "jit_during_measurement", "error") if r.get(k) is not None}
+            if this_round is not None and len(per_round[arm]) > 1:  # output_tok_s above pools the rounds so far
+                brief = {"round_output_tok_s": this_round, "pooled_output_tok_s": brief.pop("output_tok_s", None),
+                         **brief}
             if not (r.get("plugin_check") or {}).get("ok", True):
                 brief["plugin_check"] = r["plugin_check"]["why"]
             print(f"[{time.time() - t_start:6.0f}s]   -> {json.dumps(brief)[:600]}", flush=True)
