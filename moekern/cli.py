@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "moekern.bench.cli",  # bench
     "moekern.bench.history",  # bench-history
     "moekern.models.cli",  # models
-    "moekern.analysis.cli",  # metrics, datasets, predict, validate, placement, sweep, report
+    "moekern.analysis.cli",  # metrics, steptimes, datasets, predict, validate, placement, sweep, report
     "moekern.study.cli",  # profile, coactivation, factorial, recommend, project
     "moekern.diffusion.cli",  # diffusion
 )
