@@ -472,8 +472,8 @@ def test_merge_rounds_keeps_a_failed_round_out(e2e):
 
 def test_main_refuses_arms_when_preflight_fails(e2e, tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(e2e, "run_offline_arm", lambda args, arm, out, extra_spec=None: started.append(arm) or
-                        {"arm": arm, "rc": 0, "output_tok_s": 1.0})
+    monkeypatch.setattr(e2e, "run_offline_arm", lambda args, arm, out, extra_spec=None, round_no=None:
+                        started.append(arm) or {"arm": arm, "rc": 0, "output_tok_s": 1.0})
     monkeypatch.setattr(e2e, "run_preflight", lambda args: (False, "PASS a\nFAIL vllm imports: nope\n"))
     assert e2e.main(["--quick", "--mode", "offline", "--arms", "vllm", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_e2e import _tok_s, ratio_ci, steady_state  # noqa: E402
+from run_e2e import _tok_s, ratio_ci, round_ratios, steady_state  # noqa: E402
 
 WORKLOAD_KEYS = ("num_prompts", "input_len", "output_len")
 
@@ -51,9 +51,8 @@ def pool(dirs: list[Path], base: str, arm: str, include_unsteady: bool = False) 
         if not steady and not include_unsteady:
             raise ValueError(f"{d}: not steady state ({why}); pass --include-unsteady to pool it anyway")
         b, a = _tok_s(offline[base]["runs"]), _tok_s(offline[arm]["runs"])
-        rounds_b, rounds_a = offline[base].get("rounds") or [], offline[arm].get("rounds") or []
-        by_round = [ra["output_tok_s"] / rb["output_tok_s"] for ra, rb in zip(rounds_a, rounds_b)
-                    if ra.get("output_tok_s") and rb.get("output_tok_s")] if len(rounds_a) == len(rounds_b) else []
+        by_round = [x for x in round_ratios(offline[arm].get("rounds"), offline[base].get("rounds"), None) or []
+                    if x is not None]
         per_dir.append({"dir": str(d), "base_median": statistics.median(b), "arm_median": statistics.median(a),
                         "ratio": statistics.median(a) / statistics.median(b), "n": (len(b), len(a)),
                         "by_round": by_round, "ci95": ratio_ci(b, a), "steady_state": steady})

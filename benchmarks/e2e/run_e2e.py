@@ -1139,6 +1139,17 @@ def merge_rounds(rounds: list[dict]) -> dict:
     return merged
 
 
+def round_ratios(mine: list | None, base: list | None, ndigits: int | None = 4) -> list | None:
+    """Each round's own output tok/s of one arm over the base arm's (the same comparison within each round,
+    merge_rounds' "rounds" lists), rounded to ndigits (None: not rounded); None unless both ran the same
+    number of rounds; a round without a value on either side: None in its place."""
+    if not mine or not base or len(mine) != len(base):
+        return None
+    ratios = [a["output_tok_s"] / b["output_tok_s"] if a.get("output_tok_s") and b.get("output_tok_s") else None
+              for a, b in zip(mine, base)]
+    return ratios if ndigits is None else [None if x is None else round(x, ndigits) for x in ratios]
+
+
 def steady_state(results: dict, mode: str) -> tuple[bool, dict]:
     """(steady, why per arm): a mode is steady state when every arm that ran logged zero JIT compilations
     and zero Triton autotune runs in its timed part. An arm with an unknown count (no marker: older run,
@@ -1201,11 +1212,9 @@ def summarize(results: dict) -> dict:
         if not check.get("ok", True):  # its ratio above measures vLLM, not moekern
             s[f"offline.{arm}_plugin_check_failed"] = check.get("why")
     for arm in ("flashinfer", "moekern", "moekern-routing", "moekern-routing-log"):
-        mine, base = thr("offline", arm, "rounds"), thr("offline", "vllm", "rounds")
-        if mine and base and len(mine) == len(base):  # the same comparison within each round
-            s[f"offline.{arm}_vs_vllm_by_round"] = [round(a["output_tok_s"] / b["output_tok_s"], 4)
-                                                     if a.get("output_tok_s") and b.get("output_tok_s") else None
-                                                     for a, b in zip(mine, base)]
+        by_round = round_ratios(thr("offline", arm, "rounds"), thr("offline", "vllm", "rounds"))
+        if by_round:
+            s[f"offline.{arm}_vs_vllm_by_round"] = by_round
     a, b = thr("offline", "moekern-routing", "output_tok_s"), thr("offline", "moekern-routing-log", "output_tok_s")
     if a and b:
         s["offline.gate_log_overhead"] = round(1 - b / a, 4)
@@ -1542,19 +1551,17 @@ def copy_moe_configs(paths: str | None, out: Path) -> dict | None:
     returns {"files": [...], "rows": [(E, I, H, M) laid over the table]} or None."""
     if not paths:
         return None
-    from moekern.experts.configs import TUNED
+    from moekern.experts.configs import TUNED, read_rows
     from moekern.experts.tune import merge_tuned
 
     dest = out / "moe_configs"
     dest.mkdir(parents=True, exist_ok=True)
-    files, rows = [], []
+    files = []
     for i, src in enumerate(p for p in paths.split(os.pathsep) if p):
         target = dest / f"{i}_{Path(src).name}"
         shutil.copyfile(src, target)
         files.append({"source": src, "copy": str(target)})
-        data = json.loads(Path(src).read_text())
-        rows.extend(data["rows"] if isinstance(data, dict) else data)
-    _, applied = merge_tuned(TUNED, rows, min_gain=-math.inf)
+    _, applied = merge_tuned(TUNED, read_rows(paths), min_gain=-math.inf)
     return {"files": files, "rows": [list(r) for r in applied]}
 
 
@@ -1653,8 +1660,7 @@ def main(argv=None) -> int:
             if mode == "serve":
                 r = run_serve_arm(args, arm, out)
             else:
-                r = run_offline_arm(args, arm, out) if round_no is None else \
-                    run_offline_arm(args, arm, out, round_no=round_no)
+                r = run_offline_arm(args, arm, out, round_no=round_no)
             gdir = gate_log_dir(args, arm, out, round_no)
             if gdir is not None and "error" not in r:
                 r["gate_log"] = check_gate_logs(gdir)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from moekern.gatelog import SkippedLine, gate_log_files, iter_records
 
@@ -152,7 +152,3 @@ def plot(rows: list[dict], path, label: str, vs_rows: list[dict] | None = None, 
     ax.set_title("step wall time by batch size (gate-log time stamps)")
     ax.legend()
     fig_png(fig, path)
-
-
-def to_dict(times: list[StepTime]) -> list[dict]:
-    return [asdict(t) for t in times]

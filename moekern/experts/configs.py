@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -224,17 +223,7 @@ def table_from_files(paths: str) -> dict:
     user's choice); rows without a winner are skipped. "" -> TUNED itself."""
     from moekern.experts.tune import merge_tuned  # tune imports this module
 
-    rows = []
-    for path in (p for p in paths.split(os.pathsep) if p):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            part = data["rows"] if isinstance(data, dict) else data
-            if not isinstance(part, list):
-                raise ValueError("expected a list of rows or {'rows': [...]}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{CONFIGS_ENV}: cannot read tuned rows from {path!r}: {exc}") from exc
-        rows.extend(part)
+    rows = read_rows(paths)
     if not rows:
         return TUNED
     try:
@@ -242,6 +231,20 @@ def table_from_files(paths: str) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{CONFIGS_ENV}={paths!r}: bad row: {exc}") from exc
     return table
+
+
+def read_rows(paths: str) -> list:
+    """The rows of every tune_moe_shapes.py result file in `paths` (os.pathsep-separated), in order; ValueError
+    naming the file that cannot be read."""
+    from moekern.experts.tune import load_results  # tune imports this module
+
+    rows = []
+    for path in (p for p in paths.split(os.pathsep) if p):
+        try:
+            rows.extend(load_results(path)[1])
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{CONFIGS_ENV}: cannot read tuned rows from {path!r}: {exc}") from exc
+    return rows
 
 
 def active_table() -> dict:

@@ -247,19 +247,28 @@ def rewrite_tuned_source(source: str, table, comments=None) -> str:
     return _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), source)
 
 
+def load_results(path) -> tuple[dict, list]:
+    """(the JSON's meta or {}, its rows) of a tune_moe_shapes.py result file: {"meta": ..., "rows": [...]} or
+    a bare list of rows. OSError / ValueError (bad JSON, no list of rows) for the caller to report."""
+    with open(path) as f:
+        results = json.load(f)
+    rows = results.get("rows") if isinstance(results, dict) else results
+    if not isinstance(rows, list):
+        raise ValueError("expected a list of rows or {'rows': [...]}")
+    return (results.get("meta") or {}) if isinstance(results, dict) else {}, rows
+
+
 def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, dry_run: bool = False):
     """Merge tune_moe_shapes.py's JSON into configs.py's TUNED block (in place unless dry_run); returns the
     list of (E, I, H, M) rows changed. The new table is checked by executing the rewritten block."""
-    with open(results_path) as f:
-        results = json.load(f)
-    rows = results["rows"] if isinstance(results, dict) else results
+    meta, rows = load_results(results_path)
     src = open(configs_path).read()
     table = _exec_tuned(_BLOCK.search(src).group(2)) if _BLOCK.search(src) else None
     if table is None:
         raise ValueError(f"{configs_path}: no '# BEGIN TUNED' ... '# END TUNED' block")
     new, applied = merge_tuned(table, rows, min_gain)
     comments = {k: v for k, v in existing_row_comments(_BLOCK.search(src).group(2)).items() if k in _row_keys(new)}
-    dev = (results.get("meta") or {}).get("device", "") if isinstance(results, dict) else ""
+    dev = meta.get("device", "")
     for r in rows:
         key = (int(r["E"]), int(r["I"]), int(r["H"]), int(r["M"]))
         if key in applied:
