@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 E2E = REPO / "benchmarks" / "e2e"
@@ -1361,3 +1362,20 @@ def test_pool_runs(pool, tmp_path, capsys):
     assert pool.main([str(u)]) == 2 and "not steady state" in capsys.readouterr().err
     assert pool.main([str(u), "--include-unsteady"]) == 0
     assert pool.main([str(a), "--arm", "flashinfer"]) == 2 and "no timed offline passes" in capsys.readouterr().err
+
+
+def test_check_gate_logs_reports_the_recorders_cost(e2e, tmp_path):
+    from moekern.vllm.gatelog_writer import GateLogRecorder
+
+    rec = GateLogRecorder(tmp_path, rank=0)
+    rec.register_layer("l0", 4, 2)
+    rec.ensure_buffer("cpu")
+    for _ in range(3):
+        rec.begin_step()
+        rec.add_counts(0, torch.tensor([1, 0, 1, 0], dtype=torch.int32))
+        rec.end_step("decode", 1)
+    rec.close()
+    got = e2e.check_gate_logs(tmp_path)
+    assert got["ok"] and got["steps"] == 3 and got["dropped_steps"] == 0
+    assert len(got["host_us_per_step"]) == 1 and got["host_us_per_step"][0] > 0
+    assert len(got["writer_cpu_seconds"]) == 1 and got["writer_cpu_seconds"][0] >= 0

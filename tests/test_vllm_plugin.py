@@ -14,6 +14,8 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moekern.gatelog import read_gate_log
 from moekern.routing import fused_topk
@@ -315,6 +317,44 @@ def test_classify_phase_sequence():
     assert classify_phase(_sched(cached=[("y", 50)], num_sched={"y": 8}), lens) == "prefill"
     assert classify_phase(_sched(cached=[("a", 0)], num_sched={"a": 12}, resumed={"a"}), lens) == "prefill"
     assert classify_phase(_sched(), lens) == "unknown"
+
+
+@st.composite
+def _step_stream(draw):
+    """A few scheduler outputs over a small request pool: new, cached, resumed, finished, unknown requests."""
+    pool = [f"r{i}" for i in range(draw(st.integers(1, 6)))]
+    steps = []
+    for _ in range(draw(st.integers(1, 5))):
+        new_ids = draw(st.lists(st.sampled_from(pool), unique=True, max_size=3))
+        cached_ids = [r for r in draw(st.lists(st.sampled_from(pool), unique=True, max_size=6)) if r not in new_ids]
+        new = [(r, draw(st.integers(1, 9)), draw(st.integers(0, 9))) for r in new_ids]
+        cached = [(r, draw(st.integers(0, 12))) for r in cached_ids]
+        num_sched = {r: draw(st.integers(1, 6)) for r in new_ids + cached_ids}
+        resumed = draw(st.lists(st.sampled_from(cached_ids), unique=True, max_size=2)) if cached_ids and draw(
+            st.booleans()) else []
+        finished = draw(st.lists(st.sampled_from(pool), unique=True, max_size=2))
+        spec = {r: [0] * draw(st.integers(0, 2)) for r in cached_ids if draw(st.booleans())}
+        steps.append(_sched(new=new, cached=cached, num_sched=num_sched, finished=finished, spec=spec,
+                            resumed=resumed))
+    return steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(_step_stream())
+def test_classify_phase_fast_path_equals_the_loop(steps):
+    """The vectorised common case gives what the per-request loop gives, step for step (same prompt_lens)."""
+    lens_fast, lens_loop = {}, {}
+    for so in steps:
+        assert classify_phase(so, lens_fast) == classify_phase(so, lens_loop, fast=False)
+        assert lens_fast == lens_loop
+
+
+def test_classify_phase_fast_path_many_requests():
+    lens = {f"r{i}": 100 + i for i in range(256)}
+    decode = _sched(cached=[(f"r{i}", 100 + i) for i in range(256)], num_sched={f"r{i}": 1 for i in range(256)})
+    assert classify_phase(decode, dict(lens)) == "decode" == classify_phase(decode, dict(lens), fast=False)
+    one = _sched(cached=[(f"r{i}", 100 + i - (i == 200)) for i in range(256)], num_sched={f"r{i}": 1 for i in range(256)})
+    assert classify_phase(one, dict(lens)) == "mixed" == classify_phase(one, dict(lens), fast=False)
 
 
 # ---- hooks on fake vLLM objects ---------------------------------------------------------------------------

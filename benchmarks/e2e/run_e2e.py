@@ -1712,7 +1712,11 @@ def check_gate_logs(path: Path) -> dict:
     metas = [json.loads(m.read_text()) for m in sorted(path.glob("*.meta.json"))]
     return {"ok": bool(records) and not skipped and not bad, "records": len(records), "skipped_lines": len(skipped),
             "steps": len({(r.rank, r.step) for r in records}), "phases": phases, "sum_mismatch": bad,
-            "dropped_steps": sum(m.get("dropped_steps", 0) for m in metas)}
+            "dropped_steps": sum(m.get("dropped_steps", 0) for m in metas),
+            # the recorder's own cost, measured where it is spent (per rank: step hooks on the model's thread,
+            # the writer thread's CPU time)
+            "host_us_per_step": [m.get("host_us_per_step") for m in metas],
+            "writer_cpu_seconds": [m.get("writer_cpu_seconds") for m in metas]}
 
 
 if __name__ == "__main__":

@@ -17,11 +17,20 @@ wait for it anyway, and the copy is L*E_max*4 bytes (a few KB). Graph replays wi
 one per forward) accumulate into the same rows; dummy/warm-up forwards outside steps are wiped by the
 next begin_step().
 
-The writer thread waits on each slot's event (off the hot path), turns rows into moekern.gatelog/1
-records and appends them to gate_log.rank{R}.jsonl, flushing every `flush_steps` steps or
-`flush_seconds` seconds: a crash loses at most that much. Memory is bounded: `queue_slots` pinned slots;
+The writer thread works in batches, not per step: end_step() only appends the slot to a deque and wakes
+the writer once `flush_steps` steps are waiting (or half the slots are in flight); otherwise the writer
+wakes on its own every `flush_seconds`. Each wake-up drains what is waiting: waits on each slot's event
+(blocking-sync events: the thread sleeps instead of spinning a core; by then the copies are long done),
+turns rows into moekern.gatelog/1 records, appends them to gate_log.rank{R}.jsonl and flushes. So a crash
+loses at most `flush_steps` steps or `flush_seconds` seconds, and the thread that runs the model meets the
+writer a few times a second instead of at every step (the writer shares its GIL: every wake-up can take
+the GIL from the step loop for one switch interval). Memory is bounded: `queue_slots` pinned slots;
 when all are in flight the step is dropped (never waited for) and counted in `dropped_steps` (written to
 the .meta.json sidecar); step indices keep counting, so a gap in `step` shows a drop.
+
+What it costs is measured where it is spent: `host_seconds` sums the step hooks' own time on the model's
+thread (the caller adds its phase classification through `add_host_time`), `writer_cpu_seconds` is the
+writer thread's CPU time; both are in the sidecar, with `host_us_per_step`.
 
 num_tokens is sum(expert_counts) / top_k: the rows the layer routed, which under CUDA graphs includes
 the batch padding to the captured size. The scheduler's unpadded count is in extra.scheduled_tokens.
@@ -38,9 +47,9 @@ padding sits at the end of the batch, at most scheduled_tokens of them; they bec
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,7 +87,14 @@ class RecorderStats:
     records: int = 0
     write_errors: int = 0
     last_error: str | None = None
+    host_seconds: float = 0.0  # the step hooks' own time on the model's thread (perf_counter)
+    writer_cpu_seconds: float = 0.0  # the writer thread's CPU time (thread_time)
+    wakeups: int = 0  # times the writer thread woke to drain
     extra: dict = field(default_factory=dict)
+
+    @property
+    def host_us_per_step(self) -> float | None:
+        return round(self.host_seconds / self.steps * 1e6, 2) if self.steps else None
 
 
 class GateLogRecorder:
@@ -112,7 +128,11 @@ class GateLogRecorder:
         self._events: list = []
         self._free: list[int] = []
         self._free_lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()  # _Pending items for the writer
+        self._wake = threading.Event()
+        # wake the writer when this many steps wait: flush_steps (its promise), sooner if the slots run low;
+        # flush_seconds == 0 means flush every step
+        self._wake_at = 1 if flush_seconds <= 0 else max(1, min(flush_steps, queue_slots // 2))
         self._thread: threading.Thread | None = None
         self._file = None
         self._closed = False
@@ -153,7 +173,7 @@ class GateLogRecorder:
                 self.sample = torch.full((L, self.topk_sample, K), -1, dtype=torch.int32, device=device)
                 self._host_sample = torch.full((self.queue_slots, L, self.topk_sample, K), -1, dtype=torch.int32,
                                                pin_memory=pin)
-        self._events = [torch.cuda.Event() if pin else None for _ in range(self.queue_slots)]
+        self._events = [torch.cuda.Event(blocking=True) if pin else None for _ in range(self.queue_slots)]
         self._free = list(range(self.queue_slots - 1, -1, -1))
         if self.rank is None:
             self.rank = _global_rank()
@@ -198,20 +218,27 @@ class GateLogRecorder:
             self.sample[layer, :n, :k].copy_(topk_ids[:n, :k])
 
     # ---- step boundaries (host side, outside any captured region) ------------------------------------------
+    def add_host_time(self, seconds: float) -> None:
+        """Count time the caller spent on the model's thread for the gate log (e.g. classifying the step)."""
+        self.stats.host_seconds += seconds
+
     def begin_step(self) -> None:
         if self.counts is None or self._closed:
             return
+        t0 = time.perf_counter()
         self._sampling = self.sample is not None and self._step % self.topk_every == 0
         with torch.inference_mode():
             self.counts.zero_()
             if self._sampling:
                 self.sample.fill_(-1)  # rows a layer does not write this step stay -1 and are left out
         self._in_step = True
+        self.stats.host_seconds += time.perf_counter() - t0
 
     def end_step(self, phase: str = "unknown", scheduled_tokens: int | None = None) -> int | None:
         """Hand this step's counts to the writer; returns the step index (None if no step was open)."""
         if not self._in_step or self.counts is None or self._closed:
             return None
+        t0 = time.perf_counter()
         self._in_step = False
         step = self._step
         self._step += 1
@@ -220,6 +247,8 @@ class GateLogRecorder:
             slot = self._free.pop() if self._free else None
         if slot is None:
             self.stats.dropped_steps += 1
+            self._wake.set()
+            self.stats.host_seconds += time.perf_counter() - t0
             return step
         event = self._events[slot]
         with torch.inference_mode():
@@ -228,7 +257,10 @@ class GateLogRecorder:
                 self._host_sample[slot].copy_(self.sample, non_blocking=True)
             if event is not None:
                 event.record()
-        self._queue.put(_Pending(step, slot, event, phase, scheduled_tokens, time.time(), self._sampling))
+        self._pending.append(_Pending(step, slot, event, phase, scheduled_tokens, time.time(), self._sampling))
+        if len(self._pending) >= self._wake_at:
+            self._wake.set()
+        self.stats.host_seconds += time.perf_counter() - t0
         return step
 
     # ---- writer thread ------------------------------------------------------------------------------------
@@ -279,40 +311,42 @@ class GateLogRecorder:
         return out
 
     def _run(self) -> None:
-        pending_lines = 0
-        last_flush = time.monotonic()
+        timeout = self.flush_seconds if self.flush_seconds > 0 else None
         while True:
-            timeout = self.flush_seconds if self.flush_seconds > 0 else None
-            try:
-                item = self._queue.get(timeout=timeout) if pending_lines else self._queue.get()
-            except queue.Empty:
-                item = "tick"
-            if item is None:
-                break
-            if isinstance(item, _Pending):
-                try:
-                    if item.event is not None:
-                        item.event.synchronize()
-                    rows = self._host[item.slot].tolist()
-                    if item.sampled:
-                        item.samples = self._host_sample[item.slot].tolist()
-                finally:
-                    with self._free_lock:
-                        self._free.append(item.slot)
-                try:
-                    lines = self._lines(item, rows)
-                    self._file.write("\n".join(lines) + "\n")
-                    self.stats.records += len(lines)
-                    self.stats.written_steps += 1
-                    pending_lines += 1
-                except Exception as exc:  # a full disk must not kill the engine
-                    self.stats.write_errors += 1
-                    self.stats.last_error = repr(exc)
-            now = time.monotonic()
-            if pending_lines and (pending_lines >= self.flush_steps or now - last_flush >= self.flush_seconds):
+            self._wake.wait(timeout)
+            self._wake.clear()
+            stopping = self._closed
+            self.stats.wakeups += 1
+            written = 0
+            while self._pending:
+                written += self._drain_one(self._pending.popleft())
+            if written:
                 self._flush()
-                pending_lines, last_flush = 0, now
-        self._flush()
+            self.stats.writer_cpu_seconds = time.thread_time()
+            if stopping and not self._pending:
+                break
+
+    def _drain_one(self, item: _Pending) -> int:
+        """Write one step's records; 1 if written."""
+        try:
+            if item.event is not None:
+                item.event.synchronize()
+            rows = self._host[item.slot].tolist()
+            if item.sampled:
+                item.samples = self._host_sample[item.slot].tolist()
+        finally:
+            with self._free_lock:
+                self._free.append(item.slot)
+        try:
+            lines = self._lines(item, rows)
+            self._file.write("\n".join(lines) + "\n")
+            self.stats.records += len(lines)
+            self.stats.written_steps += 1
+            return 1
+        except Exception as exc:  # a full disk must not kill the engine
+            self.stats.write_errors += 1
+            self.stats.last_error = repr(exc)
+            return 0
 
     def _flush(self) -> None:
         try:
@@ -328,7 +362,10 @@ class GateLogRecorder:
                 "topk_sample": self.topk_sample, "topk_every": self.topk_every,
                 "steps": self.stats.steps, "written_steps": self.stats.written_steps,
                 "dropped_steps": self.stats.dropped_steps, "write_errors": self.stats.write_errors,
-                "last_error": self.stats.last_error, **self.meta}
+                "last_error": self.stats.last_error, "host_seconds": round(self.stats.host_seconds, 6),
+                "host_us_per_step": self.stats.host_us_per_step,
+                "writer_cpu_seconds": round(self.stats.writer_cpu_seconds, 6), "writer_wakeups": self.stats.wakeups,
+                **self.meta}
         tmp = self.meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, self.meta_path)
@@ -339,7 +376,7 @@ class GateLogRecorder:
             return
         self._closed = True
         if self._thread is not None:
-            self._queue.put(None)
+            self._wake.set()
             self._thread.join(timeout)
         if self._file is not None:
             self._flush()

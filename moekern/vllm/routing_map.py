@@ -22,6 +22,8 @@ routing (the plugin logs the reason once per layer):
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 
 SCORINGS = ("softmax", "sigmoid")
@@ -110,13 +112,16 @@ def plan_routing(router, num_experts: int) -> tuple[RoutingPlan | None, str]:
     return None, f"{cls}: router type not mapped (vLLM keeps routing this layer)"
 
 
-def classify_phase(scheduler_output, prompt_lens: dict) -> str:
+def classify_phase(scheduler_output, prompt_lens: dict, fast: bool = True) -> str:
     """'prefill' | 'decode' | 'mixed' for one vLLM SchedulerOutput; updates prompt_lens (req_id -> length).
 
     A request's scheduled tokens are prefill while its computed tokens are below its prompt length (new
     requests, chunked prefill, recompute after preemption) and decode after. Prompt lengths come from the
     step that scheduled the request first; a request seen only later is judged by its scheduled count
     (more than 1 + its speculative tokens: prefill).
+
+    fast=False judges every running request in a Python loop: the reference the fast path (used when no
+    request is resumed and every prompt length is known) is tested against.
     """
     for rid in getattr(scheduler_output, "finished_req_ids", None) or ():
         prompt_lens.pop(rid, None)
@@ -137,7 +142,19 @@ def classify_phase(scheduler_output, prompt_lens: dict) -> str:
     if cached is not None:
         resumed = getattr(cached, "resumed_req_ids", None) or set()
         computed_list = getattr(cached, "num_computed_tokens", None) or []
-        for i, rid in enumerate(getattr(cached, "req_ids", None) or ()):
+        req_ids = getattr(cached, "req_ids", None) or ()
+        if fast and not resumed and len(computed_list) == len(req_ids):
+            # The common case (this runs on the model's thread every step, for every running request):
+            # every prompt length known, no resumed request -> prefill iff computed < prompt, done in C.
+            lens = list(map(prompt_lens.get, req_ids))
+            if None not in lens:
+                below = list(map(operator.lt, computed_list, lens))
+                if True in below:
+                    kinds.add("prefill")
+                if False in below:
+                    kinds.add("decode")
+                req_ids = ()  # judged
+        for i, rid in enumerate(req_ids):
             n_new = sched.get(rid, 0) - len(spec.get(rid, ()))
             n_prompt = prompt_lens.get(rid)
             computed = computed_list[i] if i < len(computed_list) else None
