@@ -310,11 +310,33 @@ def test_writer_wakes_per_batch_not_per_step(tmp_path):
     assert meta["writer_wakeups"] >= wakeups and meta["writer_cpu_seconds"] >= 0
 
 
-def test_host_time_counts_the_callers_share(tmp_path):
+def test_host_time_counts_the_callers_share_by_part(tmp_path):
     rec = _recorder(tmp_path)
-    rec.add_host_time(0.5)  # e.g. the hook's phase classification
+    rec.add_host_time(0.5, 0.25)  # e.g. the hook's phase classification: wall, CPU
     rec.begin_step(); rec.end_step("decode", 1)
     assert rec.stats.host_seconds >= 0.5 and rec.stats.host_us_per_step >= 0.5e6
+    split = rec.stats.host_split_us_per_step
+    assert set(split) == {"phase", "begin", "end"}
+    assert split["phase"] == {"wall": 0.5e6, "cpu": 0.25e6}
+    assert all(v["wall"] >= 0 and v["cpu"] >= 0 for v in split.values())
+    rec.close()
+    meta = json.loads(rec.meta_path.read_text())
+    assert meta["host_split_us_per_step"]["phase"] == {"wall": 0.5e6, "cpu": 0.25e6}
+
+
+def test_sidecar_kept_current_without_close(tmp_path, monkeypatch):
+    """The engine's process may end without exit handlers: the writer rewrites the sidecar as it goes."""
+    monkeypatch.setattr(GateLogRecorder, "META_EVERY_S", 0.0)
+    rec = _recorder(tmp_path, flush_steps=1)
+    for _ in range(3):
+        rec.begin_step(); rec.end_step("decode", 1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        meta = json.loads(rec.meta_path.read_text())
+        if meta["written_steps"] == 3:
+            break
+        time.sleep(0.02)
+    assert meta["steps"] == 3 and meta["written_steps"] == 3 and meta["host_us_per_step"] > 0
     rec.close()
 
 

@@ -1716,6 +1716,7 @@ def check_gate_logs(path: Path) -> dict:
             # the recorder's own cost, measured where it is spent (per rank: step hooks on the model's thread,
             # the writer thread's CPU time)
             "host_us_per_step": [m.get("host_us_per_step") for m in metas],
+            "host_split_us_per_step": [m.get("host_split_us_per_step") for m in metas],
             "writer_cpu_seconds": [m.get("writer_cpu_seconds") for m in metas]}
 
 

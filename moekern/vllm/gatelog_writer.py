@@ -28,9 +28,12 @@ the GIL from the step loop for one switch interval). Memory is bounded: `queue_s
 when all are in flight the step is dropped (never waited for) and counted in `dropped_steps` (written to
 the .meta.json sidecar); step indices keep counting, so a gap in `step` shows a drop.
 
-What it costs is measured where it is spent: `host_seconds` sums the step hooks' own time on the model's
-thread (the caller adds its phase classification through `add_host_time`), `writer_cpu_seconds` is the
-writer thread's CPU time; both are in the sidecar, with `host_us_per_step`.
+What it costs is measured where it is spent, per step, in the sidecar (rewritten by the writer every few
+seconds: the engine's process may end without running exit handlers) and the plugin summary:
+`host_us_per_step` is the step hooks' own wall time on the model's thread, `host_split_us_per_step` splits
+it by part (phase: the caller's step classification, via `add_host_time`; begin: the buffer reset; end:
+the copy hand-off) into wall and thread-CPU time (wall well above CPU: the thread waited, for the GIL its
+torch calls release or for the driver); `writer_cpu_seconds` is the writer thread's CPU time.
 
 num_tokens is sum(expert_counts) / top_k: the rows the layer routed, which under CUDA graphs includes
 the batch padding to the captured size. The scheduler's unpadded count is in extra.scheduled_tokens.
@@ -87,14 +90,33 @@ class RecorderStats:
     records: int = 0
     write_errors: int = 0
     last_error: str | None = None
-    host_seconds: float = 0.0  # the step hooks' own time on the model's thread (perf_counter)
+    host: dict = field(default_factory=dict)  # part -> [wall s (perf_counter), CPU s (thread_time)], model's thread
     writer_cpu_seconds: float = 0.0  # the writer thread's CPU time (thread_time)
     wakeups: int = 0  # times the writer thread woke to drain
     extra: dict = field(default_factory=dict)
 
+    def charge(self, part: str, wall: float, cpu: float) -> None:
+        acc = self.host.get(part)
+        if acc is None:
+            self.host[part] = [wall, cpu]
+        else:
+            acc[0] += wall
+            acc[1] += cpu
+
+    @property
+    def host_seconds(self) -> float:
+        return sum(w for w, _ in list(self.host.values()))
+
     @property
     def host_us_per_step(self) -> float | None:
         return round(self.host_seconds / self.steps * 1e6, 2) if self.steps else None
+
+    @property
+    def host_split_us_per_step(self) -> dict | None:
+        if not self.steps:
+            return None
+        return {part: {"wall": round(w / self.steps * 1e6, 2), "cpu": round(c / self.steps * 1e6, 2)}
+                for part, (w, c) in list(self.host.items())}  # list(): one step, under the GIL
 
 
 class GateLogRecorder:
@@ -218,27 +240,27 @@ class GateLogRecorder:
             self.sample[layer, :n, :k].copy_(topk_ids[:n, :k])
 
     # ---- step boundaries (host side, outside any captured region) ------------------------------------------
-    def add_host_time(self, seconds: float) -> None:
-        """Count time the caller spent on the model's thread for the gate log (e.g. classifying the step)."""
-        self.stats.host_seconds += seconds
+    def add_host_time(self, wall: float, cpu: float = 0.0, part: str = "phase") -> None:
+        """Charge time the caller spent on the model's thread for the gate log (e.g. classifying the step)."""
+        self.stats.charge(part, wall, cpu)
 
     def begin_step(self) -> None:
         if self.counts is None or self._closed:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._sampling = self.sample is not None and self._step % self.topk_every == 0
         with torch.inference_mode():
             self.counts.zero_()
             if self._sampling:
                 self.sample.fill_(-1)  # rows a layer does not write this step stay -1 and are left out
         self._in_step = True
-        self.stats.host_seconds += time.perf_counter() - t0
+        self.stats.charge("begin", time.perf_counter() - t0, time.thread_time() - c0)
 
     def end_step(self, phase: str = "unknown", scheduled_tokens: int | None = None) -> int | None:
         """Hand this step's counts to the writer; returns the step index (None if no step was open)."""
         if not self._in_step or self.counts is None or self._closed:
             return None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._in_step = False
         step = self._step
         self._step += 1
@@ -248,7 +270,7 @@ class GateLogRecorder:
         if slot is None:
             self.stats.dropped_steps += 1
             self._wake.set()
-            self.stats.host_seconds += time.perf_counter() - t0
+            self.stats.charge("end", time.perf_counter() - t0, time.thread_time() - c0)
             return step
         event = self._events[slot]
         with torch.inference_mode():
@@ -260,7 +282,7 @@ class GateLogRecorder:
         self._pending.append(_Pending(step, slot, event, phase, scheduled_tokens, time.time(), self._sampling))
         if len(self._pending) >= self._wake_at:
             self._wake.set()
-        self.stats.host_seconds += time.perf_counter() - t0
+        self.stats.charge("end", time.perf_counter() - t0, time.thread_time() - c0)
         return step
 
     # ---- writer thread ------------------------------------------------------------------------------------
@@ -310,8 +332,11 @@ class GateLogRecorder:
                                   model=self.model, extra=extra, topk_sample=sample or None))
         return out
 
+    META_EVERY_S = 5.0  # the writer rewrites the sidecar (steps, drops, costs) at most this often
+
     def _run(self) -> None:
         timeout = self.flush_seconds if self.flush_seconds > 0 else None
+        last_meta = time.monotonic()
         while True:
             self._wake.wait(timeout)
             self._wake.clear()
@@ -323,6 +348,13 @@ class GateLogRecorder:
             if written:
                 self._flush()
             self.stats.writer_cpu_seconds = time.thread_time()
+            if written and time.monotonic() - last_meta >= self.META_EVERY_S:
+                last_meta = time.monotonic()
+                try:
+                    self._write_meta()
+                except Exception as exc:
+                    self.stats.write_errors += 1
+                    self.stats.last_error = repr(exc)
             if stopping and not self._pending:
                 break
 
@@ -364,6 +396,7 @@ class GateLogRecorder:
                 "dropped_steps": self.stats.dropped_steps, "write_errors": self.stats.write_errors,
                 "last_error": self.stats.last_error, "host_seconds": round(self.stats.host_seconds, 6),
                 "host_us_per_step": self.stats.host_us_per_step,
+                "host_split_us_per_step": self.stats.host_split_us_per_step,
                 "writer_cpu_seconds": round(self.stats.writer_cpu_seconds, 6), "writer_wakeups": self.stats.wakeups,
                 **self.meta}
         tmp = self.meta_path.with_suffix(".json.tmp")

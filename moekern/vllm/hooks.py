@@ -302,12 +302,12 @@ def _patch_worker(module) -> None:
         n = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
         if rec is None or not rec.ready or not n:
             return orig_execute(self, scheduler_output, *args, **kwargs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             phase = classify_phase(scheduler_output, prompt_lens)
         except Exception:
             phase = "unknown"
-        rec.add_host_time(time.perf_counter() - t0)
+        rec.add_host_time(time.perf_counter() - t0, time.thread_time() - c0)
         rec.begin_step()
         out = orig_execute(self, scheduler_output, *args, **kwargs)
         rec.end_step(phase, int(n))
@@ -416,6 +416,7 @@ def plugin_summary(worker=None) -> dict:
         "gate_log": None if rec is None else {"path": str(rec.path), "steps": rec.stats.steps,
                                               "dropped_steps": rec.stats.dropped_steps,
                                               "host_us_per_step": rec.stats.host_us_per_step,
+                                              "host_split_us_per_step": rec.stats.host_split_us_per_step,
                                               "writer_cpu_seconds": round(rec.stats.writer_cpu_seconds, 3),
                                               "writer_wakeups": rec.stats.wakeups},
     }
