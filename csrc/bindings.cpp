@@ -1,10 +1,10 @@
 // torch.ops.moekern.*: op schemas, argument checks, dtype mapping and stream lookup for the torch-free
-// launchers in csrc/routing and csrc/dispatch. The only file in csrc/ that includes torch.
+// launchers in csrc/routing, csrc/dispatch and csrc/gatelog. The only file in csrc/ that includes torch.
 //
 // Schemas are registered in every build. A device build (MOEKERN_WITH_DEVICE, set by setup.py for
 // CUDA/HIP) implements the ops for CUDA tensors (ROCm tensors use the same dispatch key). Every build
 // registers a CPU kernel that raises a clear error, so a CPU-only build or CPU tensors never reach a
-// launcher. Fake (meta) implementations live in Python (moekern/routing/cuda_topk.py,
+// launcher; the gate log's two small ops are the exception: their CPU kernels work (synchronously). Fake (meta) implementations live in Python (moekern/routing/cuda_topk.py,
 // moekern/dispatch/cuda_ops.py) so the ops trace under torch.compile.
 
 #include <Python.h>
@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "dispatch/dispatch.h"
+#include "gatelog/snapshot.h"
 #include "routing/fused_topk.h"
 #endif
 
@@ -254,7 +255,71 @@ Tensor unpermute_cuda(const Tensor& expert_output_in, const Tensor& slot_to_row_
   return out;
 }
 
+
+// ---- gate log: the per-step hand-off (moekern/vllm/gatelog_writer.py) -----------------------------------------
+void check_snapshot_args(const Tensor& counts, const Tensor& host_counts, const Tensor& host_mark,
+                         const std::optional<Tensor>& sample, const std::optional<Tensor>& host_sample);
+
+void gatelog_snapshot_cuda(const Tensor& counts, const Tensor& host_counts, const Tensor& host_mark, int64_t mark,
+                           const std::optional<Tensor>& sample, const std::optional<Tensor>& host_sample) {
+  check_snapshot_args(counts, host_counts, host_mark, sample, host_sample);
+  TORCH_CHECK(counts.is_cuda() && !host_counts.is_cuda() && !host_mark.is_cuda(),
+              "gatelog_snapshot: counts on the device, host_counts and host_mark in (pinned) host memory");
+  TORCH_CHECK(!sample.has_value() || sample->device() == counts.device(), "gatelog_snapshot: sample must be on ",
+              counts.device());
+  const c10::cuda::OptionalCUDAGuard guard(counts.device());
+  check_launch(mk::launch_gatelog_snapshot(
+                   counts.data_ptr<int32_t>(), host_counts.data_ptr<int32_t>(), counts.numel(),
+                   sample.has_value() ? sample->data_ptr<int32_t>() : nullptr,
+                   host_sample.has_value() ? host_sample->data_ptr<int32_t>() : nullptr,
+                   sample.has_value() ? sample->numel() : 0, host_mark.data_ptr<int64_t>(), mark,
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "gatelog_snapshot");
+}
 #endif  // MOEKERN_WITH_DEVICE
+
+void check_snapshot_args(const Tensor& counts, const Tensor& host_counts, const Tensor& host_mark,
+                         const std::optional<Tensor>& sample, const std::optional<Tensor>& host_sample) {
+  TORCH_CHECK(counts.scalar_type() == at::kInt && host_counts.scalar_type() == at::kInt,
+              "gatelog_snapshot: counts and host_counts must be int32");
+  TORCH_CHECK(counts.is_contiguous() && host_counts.is_contiguous() && counts.numel() == host_counts.numel(),
+              "gatelog_snapshot: counts ", counts.sizes(), " and host_counts ", host_counts.sizes(),
+              " must be contiguous with equal numel");
+  TORCH_CHECK(host_mark.scalar_type() == at::kLong && host_mark.numel() == 1, "gatelog_snapshot: host_mark must be "
+              "one int64");
+  TORCH_CHECK(!host_sample.has_value() || sample.has_value(), "gatelog_snapshot: host_sample without sample");
+  if (sample.has_value()) {
+    TORCH_CHECK(sample->scalar_type() == at::kInt && sample->is_contiguous(), "gatelog_snapshot: sample must be "
+                "contiguous int32");
+    if (host_sample.has_value())
+      TORCH_CHECK(host_sample->scalar_type() == at::kInt && host_sample->is_contiguous() &&
+                      host_sample->numel() == sample->numel(),
+                  "gatelog_snapshot: host_sample ", host_sample->sizes(), " must match sample ", sample->sizes());
+  }
+}
+
+// The same hand-off for CPU tensors (synchronous), and the one-time check that the device can write a host
+// tensor directly (its pointer is pinned and mapped under unified addressing).
+void gatelog_snapshot_cpu(const Tensor& counts, const Tensor& host_counts, const Tensor& host_mark, int64_t mark,
+                          const std::optional<Tensor>& sample, const std::optional<Tensor>& host_sample) {
+  check_snapshot_args(counts, host_counts, host_mark, sample, host_sample);
+  host_counts.view({-1}).copy_(counts.view({-1}));
+  counts.zero_();
+  if (sample.has_value()) {
+    if (host_sample.has_value()) host_sample->view({-1}).copy_(sample->view({-1}));
+    sample->fill_(-1);
+  }
+  host_mark.fill_(mark);
+}
+
+bool gatelog_host_mapped(const Tensor& host) {
+#ifdef MOEKERN_WITH_DEVICE
+  return host.numel() > 0 && mk::host_ptr_is_device_ptr(host.data_ptr());
+#else
+  (void)host;
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -275,6 +340,11 @@ TORCH_LIBRARY(moekern, m) {
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
       "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)");
   m.def("unpermute(Tensor expert_output, Tensor slot_to_row, Tensor topk_weights) -> Tensor");
+  // The gate log's per-step hand-off (moekern/vllm/gatelog_writer.py): counts -> host, reset, publish mark.
+  m.def(
+      "gatelog_snapshot(Tensor(a!) counts, Tensor(b!) host_counts, Tensor(c!) host_mark, int mark, "
+      "Tensor(d!)? sample, Tensor(e!)? host_sample) -> ()");
+  m.def("gatelog_host_mapped(Tensor host) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(moekern, CPU, m) {
@@ -283,6 +353,8 @@ TORCH_LIBRARY_IMPL(moekern, CPU, m) {
   m.impl("moe_align", &moe_align_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
+  m.impl("gatelog_snapshot", &gatelog_snapshot_cpu);
+  m.impl("gatelog_host_mapped", &gatelog_host_mapped);
 }
 
 #ifdef MOEKERN_WITH_DEVICE
@@ -292,6 +364,7 @@ TORCH_LIBRARY_IMPL(moekern, CUDA, m) {
   m.impl("moe_align", &moe_align_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);
+  m.impl("gatelog_snapshot", &gatelog_snapshot_cuda);
 }
 #endif
 

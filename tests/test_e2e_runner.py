@@ -525,6 +525,15 @@ def test_summarize_reports_gate_log_overhead_with_its_noise(e2e):
     assert e2e.rep_spread([{"output_tok_s": 5.0}]) is None
     single = e2e.summarize({"offline": {"moekern-routing": arm([100.0]), "moekern-routing-log": arm([99.0])}})
     assert "offline.gate_log_overhead_noise" not in single and "offline.gate_log_overhead" in single
+    results = {"offline": {"moekern-routing": arm([100.0, 101.0, 99.0]), "moekern-routing-log": arm([99.0, 99.5, 98.0]),
+                           "moekern-routing-log-torch": arm([96.0, 96.5, 95.0])}}
+    both = e2e.summarize(results)
+    assert both["offline.gate_log_overhead"] == pytest.approx(0.01, abs=1e-4)
+    assert both["offline.gate_log_overhead_torch"] == pytest.approx(0.04, abs=1e-4)
+    text = e2e.format_summary(results, both)
+    assert "gate_log_overhead = 1.0%" in text and "gate_log_overhead_torch = 4.0%" in text
+    assert e2e.arm_env("moekern-routing-log-torch", Path("/o"), Path("/g"), base_env={})[
+        "MOEKERN_GATE_LOG_SNAPSHOT"] == "torch"
 
 
 # ---- steady state (issue 5): prefix caching off, warm-up, JIT counting, sizing -----------------------------

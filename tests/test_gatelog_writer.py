@@ -26,6 +26,9 @@ def _wait_for_lines(path, n, timeout=5.0):
     return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+SNAPSHOTS = pytest.mark.parametrize("snapshot", ["auto", "torch"])  # auto: moekern._C's op where built
+
+
 def _recorder(tmp_path, **kw):
     rec = GateLogRecorder(tmp_path, rank=3, model="m", **kw)
     rec.register_layer("model.layers.0.mlp.experts", 4, 2)
@@ -34,8 +37,9 @@ def _recorder(tmp_path, **kw):
     return rec
 
 
-def test_round_trip_exact_counts_and_schema(tmp_path):
-    rec = _recorder(tmp_path)
+@SNAPSHOTS
+def test_round_trip_exact_counts_and_schema(tmp_path, snapshot):
+    rec = _recorder(tmp_path, snapshot=snapshot)
     g = torch.Generator().manual_seed(0)
     expected = []
     for step in range(5):
@@ -65,8 +69,9 @@ def test_round_trip_exact_counts_and_schema(tmp_path):
     assert [l["name"] for l in meta["layers"]] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
 
-def test_steps_are_isolated_and_outside_steps_ignored(tmp_path):
-    rec = _recorder(tmp_path)
+@SNAPSHOTS
+def test_steps_are_isolated_and_outside_steps_ignored(tmp_path, snapshot):
+    rec = _recorder(tmp_path, snapshot=snapshot)
     rec.add_counts(0, torch.tensor([5, 5, 5, 5], dtype=torch.int32))  # a warm-up forward outside any step
     assert rec.end_step() is None  # no step open: nothing written
     rec.begin_step()  # wipes the warm-up counts
@@ -101,8 +106,9 @@ def test_flush_per_seconds_without_close(tmp_path):
     rec.close()
 
 
-def test_bounded_queue_drops_and_counts(tmp_path):
-    rec = GateLogRecorder(tmp_path, rank=0, queue_slots=2, flush_steps=1)
+@SNAPSHOTS
+def test_bounded_queue_drops_and_counts(tmp_path, snapshot):
+    rec = GateLogRecorder(tmp_path, rank=0, queue_slots=2, flush_steps=1, snapshot=snapshot)
     rec.register_layer("l0", 2, 1)
     entered, release = threading.Event(), threading.Event()
     orig = rec._lines
@@ -152,10 +158,11 @@ def test_bad_use_raises(tmp_path):
         GateLogRecorder(tmp_path, queue_slots=0)
 
 
-def test_topk_sample_rate_limited_and_exact(tmp_path):
+@SNAPSHOTS
+def test_topk_sample_rate_limited_and_exact(tmp_path, snapshot):
     """MOEKERN_GATE_LOG_TOPK_SAMPLE: the first min(N, M) rows' ids per layer, every `topk_every` steps,
     padding rows (beyond scheduled_tokens) left out; the counts are unchanged by sampling."""
-    rec = _recorder(tmp_path, topk_sample=3, topk_every=2)
+    rec = _recorder(tmp_path, topk_sample=3, topk_every=2, snapshot=snapshot)
     assert rec.sample.shape == (2, 3, 2) and rec._host_sample.shape == (rec.queue_slots, 2, 3, 2)
     g = torch.Generator().manual_seed(1)
     sent = []
@@ -341,10 +348,12 @@ def test_sidecar_kept_current_without_close(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_recorder_round_trip_with_blocking_events(tmp_path):
-    """On CUDA: pinned ring, non-blocking copies, blocking-sync events drained by the batched writer; the
-    counts made on the device come back exact, including steps recorded inside a CUDA graph."""
-    rec = GateLogRecorder(tmp_path, rank=0, flush_steps=4)
+@pytest.mark.parametrize("snapshot", ["kernel", "torch"])
+def test_cuda_recorder_round_trip(tmp_path, snapshot):
+    """On CUDA: pinned ring; moekern's one-kernel hand-off (marks) or torch copies + blocking-sync events,
+    drained by the batched writer; the counts made on the device come back exact, including steps recorded
+    inside a CUDA graph, and a forward outside a step never leaks into the next step."""
+    rec = GateLogRecorder(tmp_path, rank=0, flush_steps=4, snapshot=snapshot)
     rec.register_layer("l0", 8, 2)
     rec.ensure_buffer("cuda")
     assert rec._host.is_pinned()
@@ -364,9 +373,83 @@ def test_cuda_recorder_round_trip_with_blocking_events(tmp_path):
         for _ in range(step % 3 + 1):
             graph.replay()
         rec.end_step("decode", 64)
+        if step == 4:
+            rec.add_counts(0, counts)  # an eager forward between steps: not step 5's
+    assert ("kernel" in rec.snapshot_why) == (snapshot == "kernel")
     rec.close()
     records, skipped = read_gate_log(tmp_path)
     assert skipped == [] and len(records) == 10
     for r in sorted(records, key=lambda r: r.step):
         assert r.expert_counts == (counts * (r.step % 3 + 1)).tolist()
     assert rec.stats.dropped_steps == 0 and rec.stats.host_us_per_step > 0
+
+
+@SNAPSHOTS
+def test_dropped_step_and_between_step_forwards_never_leak(tmp_path, snapshot):
+    """Counts reset at each step's end; a dropped step (no free slot) or a forward between steps leaves the
+    buffer dirty, and the next begin_step() wipes it."""
+    rec = GateLogRecorder(tmp_path, rank=0, queue_slots=1, flush_steps=1, snapshot=snapshot)
+    rec.register_layer("l0", 2, 1)
+    entered, release = threading.Event(), threading.Event()
+    orig = rec._lines
+
+    def slow_lines(item, rows):
+        entered.set()
+        release.wait(10)
+        return orig(item, rows)
+
+    rec._lines = slow_lines
+    rec.ensure_buffer("cpu")
+    one = torch.tensor([1, 0], dtype=torch.int32)
+    rec.begin_step(); rec.add_counts(0, one); rec.end_step("decode", 1)  # step 0: the writer holds it
+    assert entered.wait(5)
+    rec.begin_step(); rec.add_counts(0, one * 5); rec.end_step("decode", 1)  # step 1 takes the slot
+    rec.begin_step(); rec.add_counts(0, one * 7); rec.end_step("decode", 1)  # step 2: no slot, dropped
+    assert rec.stats.dropped_steps == 1
+    release.set()
+
+    def written(n):  # one slot: wait for the writer to free it
+        deadline = time.monotonic() + 5
+        while rec.stats.written_steps < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    written(2)
+    rec.begin_step(); rec.add_counts(0, torch.tensor([0, 2], dtype=torch.int32)); rec.end_step("decode", 2)
+    written(3)
+    rec.add_counts(0, one * 11)  # a forward between steps
+    rec.begin_step(); rec.add_counts(0, torch.tensor([3, 0], dtype=torch.int32)); rec.end_step("decode", 3)
+    rec.close()
+    records, _ = read_gate_log(tmp_path)
+    got = {r.step: r.expert_counts for r in records}
+    assert got == {0: [1, 0], 1: [5, 0], 3: [0, 2], 4: [3, 0]}
+
+
+def test_snapshot_kernel_required_but_missing_raises(tmp_path, monkeypatch):
+    rec = GateLogRecorder(tmp_path, rank=0, snapshot="kernel")
+    rec.register_layer("l0", 2, 1)
+    monkeypatch.setattr(torch.ops.moekern, "gatelog_snapshot", None, raising=False)
+    with pytest.raises(RuntimeError, match="MOEKERN_GATE_LOG_SNAPSHOT=kernel"):
+        rec.ensure_buffer("cpu")
+    with pytest.raises(ValueError, match="snapshot='fast'"):
+        GateLogRecorder(tmp_path, snapshot="fast")
+
+
+def test_snapshot_op_cpu_semantics():
+    """moekern._C's gatelog_snapshot on CPU tensors: copy, reset (counts 0, sample -1), publish the mark."""
+    pytest.importorskip("moekern._C")
+    counts = torch.arange(6, dtype=torch.int32).view(2, 3)
+    host = torch.zeros(2, 3, dtype=torch.int32)
+    mark = torch.tensor(-1, dtype=torch.int64)
+    sample = torch.arange(8, dtype=torch.int32).view(1, 4, 2)
+    host_sample = torch.zeros(1, 4, 2, dtype=torch.int32)
+    torch.ops.moekern.gatelog_snapshot(counts, host, mark, 12, sample, host_sample)
+    assert host.tolist() == [[0, 1, 2], [3, 4, 5]] and counts.eq(0).all() and int(mark) == 12
+    assert host_sample.flatten().tolist() == list(range(8)) and sample.eq(-1).all()
+    sample.fill_(3)
+    torch.ops.moekern.gatelog_snapshot(counts, host, mark, 13, sample, None)  # no host_sample: reset only
+    assert sample.eq(-1).all() and host_sample.flatten().tolist() == list(range(8)) and int(mark) == 13
+    with pytest.raises(RuntimeError, match="equal numel"):
+        torch.ops.moekern.gatelog_snapshot(counts, torch.zeros(5, dtype=torch.int32), mark, 1, None, None)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.moekern.gatelog_snapshot(counts, host, torch.zeros(1, dtype=torch.int32), 1, None, None)
+    assert torch.ops.moekern.gatelog_host_mapped(host) is False  # plain (unpinned) memory

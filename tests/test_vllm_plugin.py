@@ -44,6 +44,7 @@ def test_env_kernels(value, expected):
     ({"MOEKERN_ROUTING_SKEW": "zipf"}, "MOEKERN_ROUTING_SKEW"),
     ({"MOEKERN_ROUTING_SKEW": "hot:1:1.0"}, r"fraction must be in \(0, 1\)"),
     ({"MOEKERN_ROUTING_SKEW": "zipf:1@-2"}, "beta"),
+    ({"MOEKERN_GATE_LOG_SNAPSHOT": "fast"}, "MOEKERN_GATE_LOG_SNAPSHOT"),
 ])
 def test_env_bad_values_name_the_variable(env, match):
     with pytest.raises(ValueError, match=match):
@@ -59,6 +60,11 @@ def test_env_topk_sample():
         config_from_env({"MOEKERN_GATE_LOG_TOPK_EVERY": "0"})
     with pytest.raises(ValueError, match="MOEKERN_GATE_LOG_TOPK_SAMPLE"):
         config_from_env({"MOEKERN_GATE_LOG_TOPK_SAMPLE": "many"})
+
+
+def test_env_gate_log_snapshot():
+    assert config_from_env({}).gate_log_snapshot == "auto"
+    assert config_from_env({"MOEKERN_GATE_LOG_SNAPSHOT": "Torch"}).gate_log_snapshot == "torch"
 
 
 def test_gate_log_alone_enables():
@@ -422,6 +428,11 @@ def _fake_stack(tmp_path, env):
             logits = torch.randn(M, 8, generator=torch.Generator().manual_seed(M))
             return [l.router._compute_routing(None, logits, None) for l in layers]
 
+        def execute_dummy_batch(self):  # data parallelism's idle-rank forward: a CUDA-graph replay, no Python
+            rec = hooks._STATE["recorder"]
+            rec.counts += 100
+            return "dummy"
+
     worker_mod = ModuleType("fake_gpu_worker")
     worker_mod.Worker = Worker
     hooks._patch_worker(worker_mod)
@@ -445,6 +456,24 @@ def test_routing_mode_uses_fused_topk_and_logs(tmp_path, fresh_hooks):
     for r in records:
         assert r.expert_counts == ref.expert_counts.tolist() and r.num_tokens == 5 and r.phase == "prefill"
         assert r.model == "fake"
+
+
+def test_dummy_batch_between_steps_does_not_leak_into_the_next(tmp_path, fresh_hooks):
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path)})
+    worker.load_model()
+    sched = _sched(new=[("a", 5, 0)], num_sched={"a": 5})
+    sched.total_num_scheduled_tokens = 5
+    worker.execute_model(sched)
+    assert worker.execute_dummy_batch() == "dummy"
+    sched2 = _sched(cached=[("a", 5)], num_sched={"a": 1})
+    sched2.total_num_scheduled_tokens = 3
+    outs = worker.execute_model(sched2)
+    fresh_hooks["recorder"].close()
+    records, _ = read_gate_log(tmp_path)
+    step1 = [r for r in records if r.step == 1]
+    assert len(step1) == 2
+    for r, (w, ids) in zip(sorted(step1, key=lambda r: r.layer), outs):
+        assert r.expert_counts == torch.bincount(ids.flatten().long(), minlength=8).tolist()
 
 
 @pytest.mark.parametrize("kernels", ["routing", "off"])

@@ -10,6 +10,8 @@ Arms (plugin env in brackets; all keep VLLM_USE_FLASHINFER_SAMPLER=0 and attenti
   flashinfer           --moe-backend flashinfer_cutlass (bf16 CUTLASS MoE, sm90 supported in 0.26)
   moekern-routing      moekern.fused_topk routing, no gate log                 [routing]
   moekern-routing-log  the same with gate logs                                 [routing + GATE_LOG_DIR]
+  moekern-routing-log-torch  the same, the per-step hand-off by torch calls
+                       (not moekern's one-kernel snapshot; A/B of the two)     [... + GATE_LOG_SNAPSHOT=torch]
   moekern              moekern routing + experts, gate logs on                 [all + GATE_LOG_DIR]
 Ratios reported: moekern / vllm output throughput from the arms' medians with the repetitions' spread
 next to them (target >= 1.05), gate-log overhead = 1 - routing-log / routing (target <= 2%).
@@ -79,6 +81,7 @@ ARMS = {
     "flashinfer": ({"MOEKERN_KERNELS": "off"}, {"moe_backend": "flashinfer_cutlass"}, False),
     "moekern-routing": ({"MOEKERN_KERNELS": "routing"}, {}, False),
     "moekern-routing-log": ({"MOEKERN_KERNELS": "routing"}, {}, True),
+    "moekern-routing-log-torch": ({"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_SNAPSHOT": "torch"}, {}, True),
     "moekern": ({"MOEKERN_KERNELS": "all"}, {}, True),
 }
 OFFLINE_ARMS = ["vllm", "flashinfer", "moekern-routing", "moekern-routing-log", "moekern"]
@@ -1215,18 +1218,21 @@ def summarize(results: dict) -> dict:
         by_round = round_ratios(thr("offline", arm, "rounds"), thr("offline", "vllm", "rounds"))
         if by_round:
             s[f"offline.{arm}_vs_vllm_by_round"] = by_round
-    a, b = thr("offline", "moekern-routing", "output_tok_s"), thr("offline", "moekern-routing-log", "output_tok_s")
-    if a and b:
-        s["offline.gate_log_overhead"] = round(1 - b / a, 4)
+    # gate-log overhead = 1 - log arm / moekern-routing; the -torch arm's is the torch-call hand-off's
+    for log_arm, key in (("moekern-routing-log", "offline.gate_log_overhead"),
+                         ("moekern-routing-log-torch", "offline.gate_log_overhead_torch")):
+        a, b = thr("offline", "moekern-routing", "output_tok_s"), thr("offline", log_arm, "output_tok_s")
+        if not (a and b):
+            continue
+        s[key] = round(1 - b / a, 4)
         # How far apart one arm's repetitions are ((max - min) / median of output tok/s, the worse of the two
         # arms): an overhead smaller than this is not resolved by the run.
-        spreads = [rep_spread(thr("offline", arm, "runs")) for arm in ("moekern-routing", "moekern-routing-log")]
+        spreads = [rep_spread(thr("offline", arm, "runs")) for arm in ("moekern-routing", log_arm)]
         if all(x is not None for x in spreads):
-            s["offline.gate_log_overhead_noise"] = round(max(spreads), 4)
-        ci = ratio_ci(_tok_s(thr("offline", "moekern-routing", "runs")),
-                      _tok_s(thr("offline", "moekern-routing-log", "runs")))
+            s[f"{key}_noise"] = round(max(spreads), 4)
+        ci = ratio_ci(_tok_s(thr("offline", "moekern-routing", "runs")), _tok_s(thr("offline", log_arm, "runs")))
         if ci:  # overhead = 1 - ratio, so the ratio's upper bound is the overhead's lower one
-            s["offline.gate_log_overhead_ci95"] = [round(1 - ci[1], 4), round(1 - ci[0], 4)]
+            s[f"{key}_ci95"] = [round(1 - ci[1], 4), round(1 - ci[0], 4)]
     return s
 
 
@@ -1264,10 +1270,12 @@ def format_summary(results: dict, summary: dict) -> str:
                 by_round = summary.get(k + "_by_round")
                 if by_round:
                     lines.append("    by round: " + ", ".join("-" if x is None else f"{x:.3f}" for x in by_round))
-        if mode == "offline" and summary.get("offline.gate_log_overhead") is not None:
-            ov, ci = summary["offline.gate_log_overhead"], summary.get("offline.gate_log_overhead_ci95")
-            noise = summary.get("offline.gate_log_overhead_noise")
-            lines.append(f"  gate_log_overhead = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
+        for name in ("gate_log_overhead", "gate_log_overhead_torch"):
+            if mode != "offline" or summary.get(f"offline.{name}") is None:
+                continue
+            ov, ci = summary[f"offline.{name}"], summary.get(f"offline.{name}_ci95")
+            noise = summary.get(f"offline.{name}_noise")
+            lines.append(f"  {name} = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
                          + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         if summary.get(f"{mode}.steady_state") is False:
             lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")

@@ -9,6 +9,9 @@
     MOEKERN_GATE_LOG_TOPK_SAMPLE   N > 0: also log the top-k ids of at most N tokens per layer per sampled
                                    step as the record's "topk_sample" (co-activation studies); default 0 (off)
     MOEKERN_GATE_LOG_TOPK_EVERY    sample every N-th step (default 1)
+    MOEKERN_GATE_LOG_SNAPSHOT      auto | kernel | torch: how a step's counts leave the device (default auto:
+                                   moekern's one-kernel hand-off where moekern._C has it, else torch calls;
+                                   kernel: fail if it cannot; torch: always the torch calls, for A/B runs)
     MOEKERN_ROUTING_SKEW   uniform | zipf:<s>[@<beta>] | hot:<expert>:<fraction>[@<beta>]   (study tool)
     MOEKERN_ROUTING_SKEW_SEED      seed of the zipf rank permutation (default 0)
     MOEKERN_DUMMY_ROUTER_SEED      re-draw each MoE layer's router (gate) weight after loading, from a generator
@@ -42,6 +45,7 @@ import os
 from dataclasses import dataclass
 
 KERNEL_MODES = ("off", "routing", "all")
+SNAPSHOT_MODES = ("auto", "kernel", "torch")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class PluginConfig:
     topk_sample: int = 0  # tokens per layer per sampled step; 0 = off
     topk_every: int = 1
     dummy_router_seed: int | None = None
+    gate_log_snapshot: str = "auto"
 
     @property
     def enabled(self) -> bool:
@@ -168,6 +173,10 @@ def config_from_env(env: dict | None = None) -> PluginConfig:
         raise ValueError(f"MOEKERN_KERNELS={env.get('MOEKERN_KERNELS')!r} must be one of {KERNEL_MODES}")
     log_dir = env.get("MOEKERN_GATE_LOG_DIR") or None
     seed = _int_env(env, "MOEKERN_ROUTING_SKEW_SEED", 0, 0)
+    snapshot = (env.get("MOEKERN_GATE_LOG_SNAPSHOT") or "auto").strip().lower()
+    if snapshot not in SNAPSHOT_MODES:
+        raise ValueError(f"MOEKERN_GATE_LOG_SNAPSHOT={env.get('MOEKERN_GATE_LOG_SNAPSHOT')!r} must be one of "
+                         f"{SNAPSHOT_MODES}")
     return PluginConfig(
         kernels=kernels,
         gate_log_dir=log_dir,
@@ -179,6 +188,7 @@ def config_from_env(env: dict | None = None) -> PluginConfig:
         skew=parse_skew(env.get("MOEKERN_ROUTING_SKEW"), seed=seed),
         dummy_router_seed=(_int_env(env, "MOEKERN_DUMMY_ROUTER_SEED", 0, 0)
                            if env.get("MOEKERN_DUMMY_ROUTER_SEED") not in (None, "") else None),
+        gate_log_snapshot=snapshot,
     )
 
 

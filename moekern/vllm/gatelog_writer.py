@@ -8,19 +8,25 @@ own routing, when a layer falls back to it, adds its ids with one index_add_). T
 changes, so captured graphs keep writing to it.
 
 A *step* is one call of the worker's execute_model that runs a forward pass (scheduled tokens > 0): the
-host side (moekern.vllm.hooks) calls `begin_step()` before it (zero the buffer: one memset on the current
-stream) and `end_step(...)` after it returns (copy the buffer to a pinned host slot with
-non_blocking=True on the same stream, record an event, hand the slot to the writer thread). Stream order
-alone makes this correct: the copy follows the step's MoE kernels, the next step's memset follows the
-copy, and the host never waits. A side stream would buy nothing: the next step's memset would have to
-wait for it anyway, and the copy is L*E_max*4 bytes (a few KB). Graph replays within one step (there is
-one per forward) accumulate into the same rows; dummy/warm-up forwards outside steps are wiped by the
-next begin_step().
+host side (moekern.vllm.hooks) calls `begin_step()` before it and `end_step(...)` after it returns. Every
+torch or CUDA call on the model's thread costs there (on the H100 e2e runs: ~90 us of CPU for a memset and
+as much for a copy, while the whole gate log must stay under 2 % of a ~10 ms step), so a step costs one:
+end_step() launches moekern's `gatelog_snapshot` op on the current stream, one kernel that copies the
+counts (and top-k sample) straight into a pinned host slot, resets the device buffers for the next step
+and then publishes the step number as the slot's mark; the writer thread reads the mark, not an event.
+Stream order alone makes this correct: the kernel follows the step's MoE kernels, the next step's follow
+it, and the host never waits. begin_step() touches the device only when the buffer may hold counts from
+outside a step (`mark_dirty`: before the first step, after a dropped step, after a forward outside a step,
+which the hooks report: the dummy batches of data parallelism, eager forwards): then it zeroes it.
+Graph replays within one step (one per forward; two micro-batches are two) accumulate into the same rows.
+Without the op (moekern._C older than it, or pinned memory the device cannot address, or
+MOEKERN_GATE_LOG_SNAPSHOT=torch) end_step() does the same with torch calls: a non-blocking copy, the
+resets, an event record.
 
 The writer thread works in batches, not per step: end_step() only appends the slot to a deque and wakes
 the writer once `flush_steps` steps are waiting (or half the slots are in flight); otherwise the writer
-wakes on its own every `flush_seconds`. Each wake-up drains what is waiting: waits on each slot's event
-(blocking-sync events: the thread sleeps instead of spinning a core; by then the copies are long done),
+wakes on its own every `flush_seconds`. Each wake-up drains what is waiting: waits for each slot's mark
+(or event: blocking-sync, so the thread sleeps instead of spinning a core; by then the copies are long done),
 turns rows into moekern.gatelog/1 records, appends them to gate_log.rank{R}.jsonl and flushes. So a crash
 loses at most `flush_steps` steps or `flush_seconds` seconds, and the thread that runs the model meets the
 writer a few times a second instead of at every step (the writer shares its GIL: every wake-up can take
@@ -31,8 +37,8 @@ the .meta.json sidecar); step indices keep counting, so a gap in `step` shows a 
 What it costs is measured where it is spent, per step, in the sidecar (rewritten by the writer every few
 seconds: the engine's process may end without running exit handlers) and the plugin summary:
 `host_us_per_step` is the step hooks' own wall time on the model's thread, `host_split_us_per_step` splits
-it by part (phase: the caller's step classification, via `add_host_time`; begin: the buffer reset; end:
-the copy hand-off) into wall and thread-CPU time (wall well above CPU: the thread waited, for the GIL its
+it by part (phase: the caller's step classification, via `add_host_time`; begin: the step's start; end:
+the hand-off) into wall and thread-CPU time (wall well above CPU: the thread waited, for the GIL its
 torch calls release or for the driver); `writer_cpu_seconds` is the writer thread's CPU time.
 
 num_tokens is sum(expert_counts) / top_k: the rows the layer routed, which under CUDA graphs includes
@@ -74,7 +80,7 @@ class LayerInfo:
 class _Pending:
     step: int
     slot: int
-    event: object  # torch.cuda.Event or None (CPU tensors: the copy was synchronous)
+    event: object  # torch.cuda.Event, or None: the slot's mark says when the copy landed (or it was synchronous)
     phase: str
     scheduled_tokens: int | None
     time: float
@@ -124,7 +130,10 @@ class GateLogRecorder:
 
     def __init__(self, out_dir: str | os.PathLike, *, rank: int | None = None, flush_steps: int = 64,
                  flush_seconds: float = 1.0, queue_slots: int = 256, model: str | None = None,
-                 extra: dict | None = None, meta: dict | None = None, topk_sample: int = 0, topk_every: int = 1):
+                 extra: dict | None = None, meta: dict | None = None, topk_sample: int = 0, topk_every: int = 1,
+                 snapshot: str = "auto"):
+        if snapshot not in ("auto", "kernel", "torch"):
+            raise ValueError(f"snapshot={snapshot!r}: expected 'auto', 'kernel' or 'torch'")
         if flush_steps < 1:
             raise ValueError(f"flush_steps={flush_steps} must be >= 1")
         if queue_slots < 1:
@@ -147,7 +156,13 @@ class GateLogRecorder:
         self._host: torch.Tensor | None = None  # [S, L, E_max] int32, pinned when on CUDA
         self.sample: torch.Tensor | None = None  # [L, N, k_max] int32 on the device (topk_sample = N > 0)
         self._host_sample: torch.Tensor | None = None  # [S, L, N, k_max] int32, pinned when on CUDA
+        self._marks: torch.Tensor | None = None  # [S] int64 pinned: step number of the copy in each slot
         self._events: list = []
+        self._views: list = []  # per slot: (host counts, host mark, host sample or None), made once
+        self._snapshot = None  # torch.ops.moekern.gatelog_snapshot.default when usable, else None (torch calls)
+        self.snapshot_mode = snapshot
+        self.snapshot_why = ""
+        self._dirty = True  # the device buffer may hold counts from outside a step
         self._free: list[int] = []
         self._free_lock = threading.Lock()
         self._pending: collections.deque = collections.deque()  # _Pending items for the writer
@@ -195,7 +210,12 @@ class GateLogRecorder:
                 self.sample = torch.full((L, self.topk_sample, K), -1, dtype=torch.int32, device=device)
                 self._host_sample = torch.full((self.queue_slots, L, self.topk_sample, K), -1, dtype=torch.int32,
                                                pin_memory=pin)
-        self._events = [torch.cuda.Event(blocking=True) if pin else None for _ in range(self.queue_slots)]
+            self._marks = torch.full((self.queue_slots,), -1, dtype=torch.int64, pin_memory=pin)
+        self._snapshot, self.snapshot_why = self._pick_snapshot(device)
+        self._events = [torch.cuda.Event(blocking=True) if pin and self._snapshot is None else None
+                        for _ in range(self.queue_slots)]
+        self._views = [(self._host[i], self._marks[i], self._host_sample[i] if self._host_sample is not None else None)
+                       for i in range(self.queue_slots)]
         self._free = list(range(self.queue_slots - 1, -1, -1))
         if self.rank is None:
             self.rank = _global_rank()
@@ -205,6 +225,38 @@ class GateLogRecorder:
         self._thread = threading.Thread(target=self._run, name=f"moekern-gatelog-r{self.rank}", daemon=True)
         self._thread.start()
         return self.counts
+
+    def _pick_snapshot(self, device: torch.device):
+        """moekern's one-kernel hand-off when it can run here, else None; and why."""
+        if self.snapshot_mode == "torch":
+            return None, "torch calls (MOEKERN_GATE_LOG_SNAPSHOT=torch)"
+        why = None
+        try:
+            import moekern._C  # noqa: F401  (registers torch.ops.moekern.*)
+
+            op = torch.ops.moekern.gatelog_snapshot.default
+        except (ImportError, AttributeError, RuntimeError) as exc:
+            op, why = None, f"moekern._C has no gatelog_snapshot ({exc})"
+        if op is not None and device.type == "cuda":
+            if not torch.ops.moekern.has_device_kernels():
+                op, why = None, "moekern._C was built without device kernels"
+            else:
+                hosts = [t for t in (self._host, self._marks, self._host_sample) if t is not None]
+                if not all(torch.ops.moekern.gatelog_host_mapped(t) for t in hosts):
+                    op, why = None, "the pinned host ring is not addressable from the device"
+        if op is None:
+            if self.snapshot_mode == "kernel":
+                raise RuntimeError(f"MOEKERN_GATE_LOG_SNAPSHOT=kernel, but {why}")
+            return None, f"torch calls: {why}"
+        return op, "moekern gatelog_snapshot kernel"
+
+    @property
+    def in_step(self) -> bool:
+        return self._in_step
+
+    def mark_dirty(self) -> None:
+        """Something may have added counts outside a step: the next begin_step() zeroes the buffer."""
+        self._dirty = True
 
     @property
     def path(self) -> Path:
@@ -218,12 +270,16 @@ class GateLogRecorder:
     def add_counts(self, layer: int, expert_counts: torch.Tensor) -> None:
         """counts[layer, :E] += expert_counts ([E] int32, fused_topk's): one kernel, graph-capturable."""
         buf = self.counts if self.counts is not None else self.ensure_buffer(expert_counts.device)
+        if not self._in_step:
+            self._dirty = True  # a forward outside a step (warm-up, capture): wiped before the next step
         E = expert_counts.shape[0]
         buf[layer, :E].add_(expert_counts)
 
     def add_ids(self, layer: int, topk_ids: torch.Tensor) -> None:
         """For layers routed by vLLM itself: count ids [M, k] with one index_add_ (no host sync)."""
         buf = self.counts if self.counts is not None else self.ensure_buffer(topk_ids.device)
+        if not self._in_step:
+            self._dirty = True
         flat = topk_ids.reshape(-1).to(torch.int64)
         buf[layer].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
@@ -249,10 +305,11 @@ class GateLogRecorder:
             return
         t0, c0 = time.perf_counter(), time.thread_time()
         self._sampling = self.sample is not None and self._step % self.topk_every == 0
-        with torch.inference_mode():
+        if self._dirty:
             self.counts.zero_()
-            if self._sampling:
+            if self.sample is not None:
                 self.sample.fill_(-1)  # rows a layer does not write this step stay -1 and are left out
+            self._dirty = False
         self._in_step = True
         self.stats.charge("begin", time.perf_counter() - t0, time.thread_time() - c0)
 
@@ -269,16 +326,25 @@ class GateLogRecorder:
             slot = self._free.pop() if self._free else None
         if slot is None:
             self.stats.dropped_steps += 1
+            self._dirty = True  # this step's counts stay in the buffer
             self._wake.set()
             self.stats.charge("end", time.perf_counter() - t0, time.thread_time() - c0)
             return step
+        host, mark, host_sample = self._views[slot]
         event = self._events[slot]
-        with torch.inference_mode():
-            self._host[slot].copy_(self.counts, non_blocking=True)
-            if self._sampling:
-                self._host_sample[slot].copy_(self.sample, non_blocking=True)
+        if self._snapshot is not None:  # one launch: copy, reset, publish `step` as the slot's mark
+            self._snapshot(self.counts, host, mark, step, self.sample, host_sample if self._sampling else None)
+        else:
+            host.copy_(self.counts, non_blocking=True)
+            self.counts.zero_()
+            if self.sample is not None:
+                if self._sampling:
+                    host_sample.copy_(self.sample, non_blocking=True)
+                self.sample.fill_(-1)
             if event is not None:
                 event.record()
+            else:
+                mark.fill_(step)  # CPU tensors: the copy above was synchronous
         self._pending.append(_Pending(step, slot, event, phase, scheduled_tokens, time.time(), self._sampling))
         if len(self._pending) >= self._wake_at:
             self._wake.set()
@@ -332,6 +398,20 @@ class GateLogRecorder:
                                   model=self.model, extra=extra, topk_sample=sample or None))
         return out
 
+    MARK_TIMEOUT_S = 60.0  # a slot whose mark never comes is written as an error, not waited for forever
+
+    def _wait_mark(self, item: _Pending) -> None:
+        """Wait (sleeping) until the device published this step's mark in its slot."""
+        mark = self._marks[item.slot]
+        if int(mark) == item.step:
+            return
+        deadline = time.monotonic() + self.MARK_TIMEOUT_S
+        while int(mark) != item.step:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"step {item.step}: the device did not publish its counts in "
+                                   f"{self.MARK_TIMEOUT_S:.0f} s")
+            time.sleep(0.0005)
+
     META_EVERY_S = 5.0  # the writer rewrites the sidecar (steps, drops, costs) at most this often
 
     def _run(self) -> None:
@@ -363,9 +443,15 @@ class GateLogRecorder:
         try:
             if item.event is not None:
                 item.event.synchronize()
+            else:
+                self._wait_mark(item)
             rows = self._host[item.slot].tolist()
             if item.sampled:
                 item.samples = self._host_sample[item.slot].tolist()
+        except Exception as exc:  # the thread must live on
+            self.stats.write_errors += 1
+            self.stats.last_error = repr(exc)
+            return 0
         finally:
             with self._free_lock:
                 self._free.append(item.slot)
@@ -398,6 +484,7 @@ class GateLogRecorder:
                 "host_us_per_step": self.stats.host_us_per_step,
                 "host_split_us_per_step": self.stats.host_split_us_per_step,
                 "writer_cpu_seconds": round(self.stats.writer_cpu_seconds, 6), "writer_wakeups": self.stats.wakeups,
+                "snapshot": self.snapshot_why,
                 **self.meta}
         tmp = self.meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1))

@@ -16,6 +16,8 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    i.e. before profiling and CUDA-graph capture; with MOEKERN_DUMMY_ROUTER_SEED, first re-draw each MoE
    layer's router weight (`reseed_dummy_routers`: dummy weights otherwise give every layer the same router).
 
+   Worker.execute_dummy_batch (if present: data parallelism's idle-rank forwards, outside any step): tell the
+   gate log its buffer holds counts that are no step's.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`. A method name, not a function: vLLM 0.26's engine-core
    client serializes collective_rpc's `method` with msgpack, which refuses functions unless
@@ -331,6 +333,18 @@ def _patch_worker(module) -> None:
     execute_model._moekern = True
     Worker.execute_model = execute_model
     Worker.load_model = load_model
+    orig_dummy = getattr(Worker, "execute_dummy_batch", None)
+    if orig_dummy is not None:
+        def execute_dummy_batch(self, *args, **kwargs):
+            # data parallelism's idle-rank forwards replay CUDA graphs outside any step: their counts are not
+            # the next step's
+            out = orig_dummy(self, *args, **kwargs)
+            rec = _STATE["recorder"]
+            if rec is not None:
+                rec.mark_dirty()
+            return out
+
+        Worker.execute_dummy_batch = execute_dummy_batch
 
 
 # vLLM's dummy loader seeds every parameter alike, so same-shaped parameters get the same values: every MoE
@@ -384,7 +398,7 @@ def install(cfg: PluginConfig) -> None:
 
             rec = GateLogRecorder(cfg.gate_log_dir, flush_steps=cfg.flush_steps, flush_seconds=cfg.flush_seconds,
                                   queue_slots=cfg.queue_slots, topk_sample=cfg.topk_sample,
-                                  topk_every=cfg.topk_every,
+                                  topk_every=cfg.topk_every, snapshot=cfg.gate_log_snapshot,
                                   meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None,
                                         "dummy_router_seed": cfg.dummy_router_seed})
             _STATE["recorder"] = rec
@@ -418,5 +432,6 @@ def plugin_summary(worker=None) -> dict:
                                               "host_us_per_step": rec.stats.host_us_per_step,
                                               "host_split_us_per_step": rec.stats.host_split_us_per_step,
                                               "writer_cpu_seconds": round(rec.stats.writer_cpu_seconds, 3),
-                                              "writer_wakeups": rec.stats.wakeups},
+                                              "writer_wakeups": rec.stats.wakeups,
+                                              "snapshot": rec.snapshot_why},
     }
