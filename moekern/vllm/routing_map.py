@@ -146,13 +146,21 @@ def classify_phase(scheduler_output, prompt_lens: dict, fast: bool = True) -> st
         if fast and not resumed and len(computed_list) == len(req_ids):
             # The common case (this runs on the model's thread every step, for every running request):
             # every prompt length known, no resumed request -> prefill iff computed < prompt, done in C.
-            lens = list(map(prompt_lens.get, req_ids))
-            if None not in lens:
-                below = list(map(operator.lt, computed_list, lens))
-                if True in below:
-                    kinds.add("prefill")
-                if False in below:
-                    kinds.add("decode")
+            # A request seen first mid-flight has no prompt length (KeyError): the loop below judges them all.
+            # Otherwise the answer cannot depend on one: any() stops at the first prefill, all() at the
+            # first decode, and prefill + decode is "mixed" whatever the rest are.
+            lens = prompt_lens.__getitem__
+            try:
+                prefill = any(map(operator.lt, computed_list, map(lens, req_ids)))
+                decode = not prefill or not all(map(operator.lt, computed_list, map(lens, req_ids)))
+            except KeyError:
+                pass
+            else:
+                if req_ids:
+                    if prefill:
+                        kinds.add("prefill")
+                    if decode:
+                        kinds.add("decode")
                 req_ids = ()  # judged
         for i, rid in enumerate(req_ids):
             n_new = sched.get(rid, 0) - len(spec.get(rid, ()))
