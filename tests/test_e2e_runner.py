@@ -1388,3 +1388,40 @@ def test_check_gate_logs_reports_the_recorders_cost(e2e, tmp_path):
     assert got["ok"] and got["steps"] == 3 and got["dropped_steps"] == 0
     assert len(got["host_us_per_step"]) == 1 and got["host_us_per_step"][0] > 0
     assert len(got["writer_cpu_seconds"]) == 1 and got["writer_cpu_seconds"][0] >= 0
+
+
+# ---- --gate-log-paired: gate log on / paused passes in one engine ------------------------------------------
+def test_paired_plan_and_pairs_are_adjacent_abba(e2e):
+    assert e2e.paired_plan(8) == [True, False, False, True, True, False, False, True]
+    runs = [{"output_tok_s": 100.0 + i, "gate_log": on} for i, on in enumerate(e2e.paired_plan(6))]
+    assert e2e.paired_passes(runs) == [[100.0, 101.0], [103.0, 102.0], [104.0, 105.0]]
+
+
+def test_paired_overhead_and_interval(e2e):
+    assert e2e.paired_overhead([]) is None
+    one = e2e.paired_overhead([[98.0, 100.0]])
+    assert one == {"n_pairs": 1, "overhead": 0.02}  # no interval from one pair
+    even = e2e.paired_overhead([[98.0, 100.0], [49.0, 50.0], [196.0, 200.0]])
+    assert even["overhead"] == pytest.approx(0.02, abs=1e-4) and even["ci95"] == [0.02, 0.02]
+    noisy = e2e.paired_overhead([[97.0, 100.0], [100.0, 99.0], [95.0, 100.0], [99.0, 100.0]])
+    lo, hi = noisy["ci95"]
+    assert lo < noisy["overhead"] < hi and lo < 0.02 < hi
+    assert noisy == e2e.paired_overhead([[97.0, 100.0], [100.0, 99.0], [95.0, 100.0], [99.0, 100.0]])  # seeded
+
+
+def test_paired_mode_flows_through_spec_merge_and_summary(e2e, tmp_path):
+    args = _ready(e2e, ["--mode", "offline", "--arms", "moekern-routing-log,vllm", "--reps", "4", "--gate-log-paired"])
+    assert e2e.offline_spec(args, "moekern-routing-log", tmp_path / "r.json")["gate_log_paired"] is True
+    assert e2e.offline_spec(args, "vllm", tmp_path / "r.json")["gate_log_paired"] is False  # no gate log there
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--mode", "offline", "--reps", "3", "--gate-log-paired"])
+    r0 = {"arm": "moekern-routing-log", "rc": 0, "runs": [{"seconds": 1.0, "output_tok_s": 98.0}],
+          "jit_during_measurement": 0, "gate_log_paired": {"pairs": [[98.0, 100.0], [97.0, 99.0]]}}
+    r1 = {**r0, "gate_log_paired": {"pairs": [[99.0, 100.0]]}}
+    merged = e2e.merge_rounds([r0, r1])
+    assert merged["gate_log_paired"]["n_pairs"] == 3 and len(merged["gate_log_paired"]["pairs"]) == 3
+    results = {"offline": {"moekern-routing-log": merged}}
+    s = e2e.summarize(results)
+    assert s["offline.moekern-routing-log.gate_log_overhead_paired_n"] == 3
+    assert 0.0 < s["offline.moekern-routing-log.gate_log_overhead_paired"] < 0.03
+    assert "paired passes in one engine" in e2e.format_summary(results, s)

@@ -453,3 +453,21 @@ def test_snapshot_op_cpu_semantics():
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.moekern.gatelog_snapshot(counts, host, torch.zeros(1, dtype=torch.int32), 1, None, None)
     assert torch.ops.moekern.gatelog_host_mapped(host) is False  # plain (unpinned) memory
+
+
+def test_paused_recorder_writes_nothing_and_resumes_clean(tmp_path):
+    rec = _recorder(tmp_path)
+    rec.begin_step(); rec.add_counts(0, torch.tensor([1, 0, 0, 0], dtype=torch.int32)); rec.end_step("decode", 1)
+    rec.set_paused(True)
+    assert rec.paused
+    rec.add_counts(0, torch.tensor([0, 9, 0, 0], dtype=torch.int32))  # in-graph adds keep running while paused
+    rec.set_paused(False)
+    rec.begin_step(); rec.add_counts(0, torch.tensor([0, 0, 2, 0], dtype=torch.int32)); rec.end_step("decode", 1)
+    rec.begin_step()
+    with pytest.raises(RuntimeError, match="inside a step"):
+        rec.set_paused(True)
+    rec.end_step("decode", 1)
+    rec.close()
+    records, _ = read_gate_log(tmp_path)
+    assert [r.expert_counts for r in sorted(records, key=lambda r: r.step) if r.layer == 0] == [
+        [1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]]

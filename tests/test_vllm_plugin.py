@@ -476,6 +476,28 @@ def test_dummy_batch_between_steps_does_not_leak_into_the_next(tmp_path, fresh_h
         assert r.expert_counts == torch.bincount(ids.flatten().long(), minlength=8).tolist()
 
 
+def test_gate_log_switch_pauses_steps_by_rpc_name(tmp_path, fresh_hooks):
+    """Worker.moekern_gate_log(on): what run_e2e --gate-log-paired calls between passes."""
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path)})
+    mod = ModuleType("fake_gpu_worker3")
+    mod.Worker = type(worker)
+    hooks._add_worker_rpc(mod)
+    worker.load_model()
+    sched = _sched(new=[("a", 5, 0)], num_sched={"a": 5})
+    sched.total_num_scheduled_tokens = 5
+    worker.execute_model(sched)
+    assert worker.moekern_gate_log(False) == {"gate_log": False, "steps": 1}
+    worker.execute_model(sched)  # paused: no step
+    assert worker.moekern_gate_log() == {"gate_log": False, "steps": 1}
+    assert worker.moekern_gate_log(True) == {"gate_log": True, "steps": 1}
+    worker.execute_model(sched)
+    fresh_hooks["recorder"].close()
+    records, _ = read_gate_log(tmp_path)
+    assert sorted({r.step for r in records}) == [0, 1] and all(r.num_tokens == 5 for r in records)
+    hooks._STATE["recorder"] = None
+    assert worker.moekern_gate_log(True) == {"gate_log": None, "steps": 0}
+
+
 @pytest.mark.parametrize("kernels", ["routing", "off"])
 def test_topk_sample_through_the_hooks(tmp_path, fresh_hooks, kernels):
     """Both routing paths (moekern's fused_topk and vLLM's own) feed the top-k sample."""

@@ -14,7 +14,10 @@ Arms (plugin env in brackets; all keep VLLM_USE_FLASHINFER_SAMPLER=0 and attenti
                        (not moekern's one-kernel snapshot; A/B of the two)     [... + GATE_LOG_SNAPSHOT=torch]
   moekern              moekern routing + experts, gate logs on                 [all + GATE_LOG_DIR]
 Ratios reported: moekern / vllm output throughput from the arms' medians with the repetitions' spread
-next to them (target >= 1.05), gate-log overhead = 1 - routing-log / routing (target <= 2%).
+next to them (target >= 1.05), gate-log overhead = 1 - routing-log / routing (target <= 2%). Across
+engines that overhead drowns in pass-to-pass noise (passes of one arm spread 14-27 % on the H100 runs);
+--gate-log-paired measures it within one engine instead: a logging arm's timed passes alternate gate log
+on / paused (ABBA), and the overhead comes from adjacent pairs, with a bootstrap interval over pairs.
 
 Steady state (the first H100 run, benchmarks/results/e2e/h100-2026-11-23/, was not): every arm runs with
 prefix caching off (the same prompts every repetition would otherwise skip prefill from the second one on)
@@ -462,7 +465,8 @@ def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int
             "output_len": args.output_len, "num_prompts": args.num_prompts, "reps": args.reps,
             "warmup_reps": getattr(args, "warmup_reps", 1),
             "warmup_max_reps": getattr(args, "warmup_max_reps", None) or getattr(args, "warmup_reps", 1),
-            "shape_sweep": sweep_spec(args, "offline"), "ignore_eos": True, "result": str(res_path)}
+            "shape_sweep": sweep_spec(args, "offline"), "ignore_eos": True, "result": str(res_path),
+            "gate_log_paired": bool(getattr(args, "gate_log_paired", False)) and ARMS[arm][2]}
     if prompt_token_ids is not None:
         spec["prompt_token_ids"] = prompt_token_ids
         spec["num_prompts"] = len(prompt_token_ids)
@@ -528,14 +532,25 @@ def child_offline(spec_path: str) -> int:
         pass_jit.append(jit)
     print(MEASURE_MARKER, flush=True)  # the engine's own logs share this file: later JIT warnings are ours
     runs, token_ids = [], None
-    for _ in range(spec["reps"]):
+    plan = paired_plan(spec["reps"]) if spec.get("gate_log_paired") else [None] * spec["reps"]
+    for on in plan:
+        if on is not None:  # between passes, outside the timing: every worker's gate log on or paused
+            got = llm.collective_rpc("moekern_gate_log", args=(on,))
+            if any(g.get("gate_log") is not on for g in got):
+                raise RuntimeError(f"--gate-log-paired: workers answered {got} to gate_log={on}")
         wall0, t0 = time.time(), time.perf_counter()  # wall clock: to line passes up with gpu_clocks.csv
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         runs.append({"start": wall0, "seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
-                     "total_tok_s": (n_out + n_in) / dt})
+                     "total_tok_s": (n_out + n_in) / dt, **({} if on is None else {"gate_log": on})})
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    paired = None
+    if spec.get("gate_log_paired"):
+        llm.collective_rpc("moekern_gate_log", args=(True,))
+        paired = {"pairs": paired_passes(runs)}
+        paired.update(paired_overhead(paired["pairs"]) or {})
+        runs = [r for r in runs if r["gate_log"]]  # the arm's own numbers: gate log on, as its name says
     try:
         # By method name: vLLM 0.26 msgpack-encodes collective_rpc's method and refuses a function unless
         # VLLM_ALLOW_INSECURE_SERIALIZATION=1; the plugin adds Worker.moekern_plugin_summary (hooks.py).
@@ -546,6 +561,8 @@ def child_offline(spec_path: str) -> int:
     result = {"init_s": init_s, "warmup": warmup, "shape_sweep": sweep, "runs": runs, "output_tok_s": stats["median"],
               "output_tok_s_stats": stats, "seconds_stats": arm_stats([r["seconds"] for r in runs]),
               "plugin": summary}
+    if paired is not None:
+        result["gate_log_paired"] = paired
     if spec.get("save_tokens"):
         result["token_ids"] = token_ids
     Path(spec["result"]).write_text(json.dumps(result))
@@ -1137,6 +1154,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
                           **({"error": r["error"][-400:]} if "error" in r else {})}
                          for i, r in enumerate(rounds)]}
     merged.pop("token_ids", None)
+    pairs = [pr for r in ok for pr in (r.get("gate_log_paired") or {}).get("pairs", [])]
+    if pairs:
+        merged["gate_log_paired"] = {"pairs": pairs, **(paired_overhead(pairs) or {})}
     if None in jits:
         merged["jit_note"] = "a round's JIT count is unknown"
     return merged
@@ -1218,6 +1238,13 @@ def summarize(results: dict) -> dict:
         by_round = round_ratios(thr("offline", arm, "rounds"), thr("offline", "vllm", "rounds"))
         if by_round:
             s[f"offline.{arm}_vs_vllm_by_round"] = by_round
+    for arm, r in (results.get("offline") or {}).items():
+        paired = (r or {}).get("gate_log_paired") or {}
+        if paired.get("overhead") is not None:
+            s[f"offline.{arm}.gate_log_overhead_paired"] = paired["overhead"]
+            s[f"offline.{arm}.gate_log_overhead_paired_n"] = paired["n_pairs"]
+            if paired.get("ci95"):
+                s[f"offline.{arm}.gate_log_overhead_paired_ci95"] = paired["ci95"]
     # gate-log overhead = 1 - log arm / moekern-routing; the -torch arm's is the torch-call hand-off's
     for log_arm, key in (("moekern-routing-log", "offline.gate_log_overhead"),
                          ("moekern-routing-log-torch", "offline.gate_log_overhead_torch")):
@@ -1277,6 +1304,13 @@ def format_summary(results: dict, summary: dict) -> str:
             noise = summary.get(f"offline.{name}_noise")
             lines.append(f"  {name} = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
                          + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
+        for arm in arms if mode == "offline" else ():
+            ov = summary.get(f"offline.{arm}.gate_log_overhead_paired")
+            if ov is not None:
+                ci = summary.get(f"offline.{arm}.gate_log_overhead_paired_ci95")
+                lines.append(f"  {arm}: gate-log overhead, paired passes in one engine = {ov:.1%} over "
+                             f"{summary[f'offline.{arm}.gate_log_overhead_paired_n']} pairs"
+                             + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         if summary.get(f"{mode}.steady_state") is False:
             lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")
             lines += [f"    {arm}: {why}" for arm, why in summary.get(f"{mode}.not_steady", {}).items()]
@@ -1299,6 +1333,38 @@ def ratio_ci(base: list[float], other: list[float], n_boot: int = 10000, seed: i
     lo = ratios[int((1 - level) / 2 * n_boot)]
     hi = ratios[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
     return round(lo, 4), round(hi, 4)
+
+
+def paired_plan(reps: int) -> list[bool]:
+    """--gate-log-paired: gate log on (True) or paused for each timed pass, in ABBA blocks (on, off, off, on,
+    on, off, ...), so a drift that is linear over a block hits both sides alike."""
+    return [i % 4 in (0, 3) for i in range(reps)]
+
+
+def paired_passes(runs: list[dict]) -> list[list[float]]:
+    """[on, off] output tok/s of adjacent passes: the k-th gate-log-on pass with the k-th paused one (with
+    paired_plan's order: passes (0, 1), (3, 2), (4, 5), ...); an unmatched last pass is left out."""
+    on = [r["output_tok_s"] for r in runs if r.get("gate_log") is True]
+    off = [r["output_tok_s"] for r in runs if r.get("gate_log") is False]
+    return [[a, b] for a, b in zip(on, off)]
+
+
+def paired_overhead(pairs: list, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict | None:
+    """Gate-log overhead from paired passes of one engine: 1 - geometric mean of on/off over the pairs, with a
+    bootstrap interval over pairs (seeded). None without a pair; no interval with one pair."""
+    import math
+    import random
+
+    logs = [math.log(a / b) for a, b in pairs if a and b]
+    if not logs:
+        return None
+    out = {"n_pairs": len(logs), "overhead": round(1 - math.exp(statistics.fmean(logs)), 4)}
+    if len(logs) >= 2:
+        rng = random.Random(seed)
+        means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(n_boot))
+        lo, hi = means[int((1 - level) / 2 * n_boot)], means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+        out["ci95"] = [round(1 - math.exp(hi), 4), round(1 - math.exp(lo), 4)]
+    return out
 
 
 def _tok_s(runs) -> list[float]:
@@ -1356,6 +1422,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline: run the arms this many times in turn (A B A B ...), each run a fresh process, and "
                         "pool every round's timed passes per arm: a drift of the machine over the call then hits "
                         "every arm alike; the per-round ratios are reported too (default 1)")
+    p.add_argument("--gate-log-paired", action="store_true",
+                   help="offline, arms with gate logs: the timed passes alternate gate log on / paused in one "
+                        "engine (ABBA blocks; Worker.moekern_gate_log between passes) and the arm reports the "
+                        "overhead over adjacent pairs with a bootstrap interval; its own numbers are the on "
+                        "passes. Needs an even --reps >= 2. Measures the per-step host side; the layers' "
+                        "in-graph count adds run in both halves")
     p.add_argument("--shape-sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="before the warm-up passes (offline) or the warm-up bench (serve), one forward step of "
                         "each size M that meets every fused-MoE tile config and divisibility variant up to the "
@@ -1423,6 +1495,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--warmup-max-reps={args.warmup_max_reps} must be >= 0")
     if args.rounds < 1:
         p.error(f"--rounds={args.rounds} must be >= 1")
+    if args.gate_log_paired and (args.reps < 2 or args.reps % 2):
+        p.error(f"--gate-log-paired needs an even --reps >= 2 (on/off pairs); got --reps {args.reps}")
     args.workload = Workload(**{f: getattr(args, f) for f in Workload.__dataclass_fields__})
     args.attention_backend = attention_backend(args.model)
     args.vocab = json.loads((HERE / "configs" / args.model / "config.json").read_text())["vocab_size"]

@@ -163,6 +163,7 @@ class GateLogRecorder:
         self.snapshot_mode = snapshot
         self.snapshot_why = ""
         self._dirty = True  # the device buffer may hold counts from outside a step
+        self._paused = False
         self._free: list[int] = []
         self._free_lock = threading.Lock()
         self._pending: collections.deque = collections.deque()  # _Pending items for the writer
@@ -253,6 +254,19 @@ class GateLogRecorder:
     @property
     def in_step(self) -> bool:
         return self._in_step
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def set_paused(self, paused: bool) -> None:
+        """Paused: the step hooks skip the gate log entirely (no classification, no hand-off, no record; the
+        layers' in-graph adds still run). For a paired A/B within one engine (run_e2e --gate-log-paired).
+        Counts added while paused are wiped before the first step after."""
+        if paused and self._in_step:
+            raise RuntimeError("set_paused(True) inside a step")
+        self._paused = bool(paused)
+        self._dirty = True
 
     def mark_dirty(self) -> None:
         """Something may have added counts outside a step: the next begin_step() zeroes the buffer."""

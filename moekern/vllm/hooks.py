@@ -19,7 +19,8 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    Worker.execute_dummy_batch (if present: data parallelism's idle-rank forwards, outside any step): tell the
    gate log its buffer holds counts that are no step's.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
-   `llm.collective_rpc("moekern_plugin_summary")`. A method name, not a function: vLLM 0.26's engine-core
+   `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
+   between steps (run_e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
    client serializes collective_rpc's `method` with msgpack, which refuses functions unless
    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/serial_utils.py enc_hook).
 
@@ -302,7 +303,7 @@ def _patch_worker(module) -> None:
     def execute_model(self, scheduler_output, *args, **kwargs):
         rec = _STATE["recorder"]
         n = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
-        if rec is None or not rec.ready or not n:
+        if rec is None or not rec.ready or rec.paused or not n:
             return orig_execute(self, scheduler_output, *args, **kwargs)
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
@@ -410,9 +411,24 @@ def install(cfg: PluginConfig) -> None:
 
 
 def _add_worker_rpc(module) -> None:
-    """Give vLLM's Worker a `moekern_plugin_summary` method, so collective_rpc can name it by string."""
+    """Give vLLM's Worker `moekern_plugin_summary` and `moekern_gate_log` methods, so collective_rpc can name
+    them by string."""
     if not hasattr(module.Worker, "moekern_plugin_summary"):
         module.Worker.moekern_plugin_summary = plugin_summary
+    if not hasattr(module.Worker, "moekern_gate_log"):
+        module.Worker.moekern_gate_log = gate_log_switch
+
+
+def gate_log_switch(worker=None, on: bool | None = None) -> dict:
+    """Worker.moekern_gate_log: `collective_rpc("moekern_gate_log", args=(on,))` pauses (False) or resumes
+    (True) this worker's gate log between steps; None only reports. Returns {"gate_log": bool | None (no gate
+    log in this process), "steps": steps recorded so far}."""
+    rec = _STATE["recorder"]
+    if rec is None:
+        return {"gate_log": None, "steps": 0}
+    if on is not None:
+        rec.set_paused(not on)
+    return {"gate_log": not rec.paused, "steps": rec.stats.steps}
 
 
 def plugin_summary(worker=None) -> dict:
