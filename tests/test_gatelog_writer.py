@@ -471,3 +471,24 @@ def test_paused_recorder_writes_nothing_and_resumes_clean(tmp_path):
     records, _ = read_gate_log(tmp_path)
     assert [r.expert_counts for r in sorted(records, key=lambda r: r.step) if r.layer == 0] == [
         [1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
+
+
+def test_handoff_benchmark_runs_both_modes_exactly(tmp_path):
+    """benchmarks/gatelog_handoff.py on CPU tensors: both hand-offs, every record exact, JSON written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gatelog_handoff.py"
+    spec = importlib.util.spec_from_file_location("gatelog_handoff", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if "kernel" not in GateLogRecorder(tmp_path / "probe", snapshot="auto")._pick_snapshot(torch.device("cpu"))[1]:
+        pytest.skip("moekern._C without gatelog_snapshot")
+    out_json = tmp_path / "h.json"
+    assert mod.main(["--cpu", "--steps", "40", "--block", "10", "--topk-sample", "2", "--json", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert set(out["modes"]) == {"kernel", "torch"} and out["steps_per_mode"] == 40
+    assert all(m["records_exact"] and m["steps"] == 40 for m in out["modes"].values())
+    assert "kernel" in out["hand_off"]["kernel"] and "torch" in out["hand_off"]["torch"]
+    with pytest.raises(SystemExit):
+        mod.main(["--top-k", "9"])

@@ -477,16 +477,20 @@ def build_checks(args) -> tuple[list, dict]:
             rec = GateLogRecorder(d, flush_steps=1)
             _, router = hooked_mixtral_router(PluginConfig(kernels="routing", gate_log_dir=d), rec)
             rec.ensure_buffer(torch.device("cuda"))
-            logits = torch.randn(37, 8, device="cuda", dtype=torch.bfloat16)
-            rec.begin_step()
-            router.select_experts(logits, logits, topk_indices_dtype=None)
-            rec.end_step("prefill", 37)
+            want = []
+            for M in (37, 5):  # two steps: the second must not see the first's counts
+                logits = torch.randn(M, 8, device="cuda", dtype=torch.bfloat16)
+                rec.begin_step()
+                _, ids = router.select_experts(logits, logits, topk_indices_dtype=None)
+                rec.end_step("prefill", M)
+                want.append(torch.bincount(ids.flatten().long(), minlength=8).tolist())
             rec.close()
             records, skipped = read_gate_log(d)
         hooks._STATE.update(recorder=None)
-        if skipped or len(records) != 1 or sum(records[0].expert_counts) != 37 * 2:
-            raise AssertionError(f"records={[r.expert_counts for r in records]} skipped={len(skipped)}")
-        return f"1 record, counts {records[0].expert_counts}"
+        got = [r.expert_counts for r in sorted(records, key=lambda r: r.step)]
+        if skipped or got != want:
+            raise AssertionError(f"records={got} want={want} skipped={len(skipped)} ({rec.snapshot_why})")
+        return f"2 records equal to the routed ids' counts, {got[0]}; hand-off: {rec.snapshot_why}"
 
     if "moekern" in arms:
         @add("moekern.fused_moe on the GPU (MOEKERN_KERNELS=all)")
