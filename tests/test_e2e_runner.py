@@ -1422,6 +1422,6 @@ def test_paired_mode_flows_through_spec_merge_and_summary(e2e, tmp_path):
     assert merged["gate_log_paired"]["n_pairs"] == 3 and len(merged["gate_log_paired"]["pairs"]) == 3
     results = {"offline": {"moekern-routing-log": merged}}
     s = e2e.summarize(results)
-    assert s["offline.moekern-routing-log.gate_log_overhead_paired_n"] == 3
-    assert 0.0 < s["offline.moekern-routing-log.gate_log_overhead_paired"] < 0.03
+    assert s["offline.moekern-routing-log_gate_log_overhead_paired_n"] == 3
+    assert 0.0 < s["offline.moekern-routing-log_gate_log_overhead_paired"] < 0.03
     assert "paired passes in one engine" in e2e.format_summary(results, s)

@@ -1241,10 +1241,10 @@ def summarize(results: dict) -> dict:
     for arm, r in (results.get("offline") or {}).items():
         paired = (r or {}).get("gate_log_paired") or {}
         if paired.get("overhead") is not None:
-            s[f"offline.{arm}.gate_log_overhead_paired"] = paired["overhead"]
-            s[f"offline.{arm}.gate_log_overhead_paired_n"] = paired["n_pairs"]
+            s[f"offline.{arm}_gate_log_overhead_paired"] = paired["overhead"]
+            s[f"offline.{arm}_gate_log_overhead_paired_n"] = paired["n_pairs"]
             if paired.get("ci95"):
-                s[f"offline.{arm}.gate_log_overhead_paired_ci95"] = paired["ci95"]
+                s[f"offline.{arm}_gate_log_overhead_paired_ci95"] = paired["ci95"]
     # gate-log overhead = 1 - log arm / moekern-routing; the -torch arm's is the torch-call hand-off's
     for log_arm, key in (("moekern-routing-log", "offline.gate_log_overhead"),
                          ("moekern-routing-log-torch", "offline.gate_log_overhead_torch")):
@@ -1305,11 +1305,11 @@ def format_summary(results: dict, summary: dict) -> str:
             lines.append(f"  {name} = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
                          + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         for arm in arms if mode == "offline" else ():
-            ov = summary.get(f"offline.{arm}.gate_log_overhead_paired")
+            ov = summary.get(f"offline.{arm}_gate_log_overhead_paired")
             if ov is not None:
-                ci = summary.get(f"offline.{arm}.gate_log_overhead_paired_ci95")
+                ci = summary.get(f"offline.{arm}_gate_log_overhead_paired_ci95")
                 lines.append(f"  {arm}: gate-log overhead, paired passes in one engine = {ov:.1%} over "
-                             f"{summary[f'offline.{arm}.gate_log_overhead_paired_n']} pairs"
+                             f"{summary[f'offline.{arm}_gate_log_overhead_paired_n']} pairs"
                              + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         if summary.get(f"{mode}.steady_state") is False:
             lines.append(f"  NOT STEADY STATE: the {mode} ratios above are not a valid A/B:")
