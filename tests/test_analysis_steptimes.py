@@ -80,3 +80,27 @@ def test_cli_errors(tmp_path, capsys):
     assert "no timed steps" in capsys.readouterr().err
     assert main(["steptimes", str(untimed), "--gap-s", "0"]) == 2
     assert "--gap-s=0.0 must be > 0" in capsys.readouterr().err
+
+
+def test_recorder_cost_from_sidecars(tmp_path, capsys):
+    """The recorder's own per-step cost, step-weighted over the sidecars next to the logs, and its share of
+    the median step in the CLI; absent (None) for logs whose sidecars predate the measurement."""
+    a = _log(tmp_path / "gate_log.rank0.jsonl", [(0, 1.0, 8, "decode"), (1, 1.010, 8, "decode"),
+                                                 (2, 1.020, 8, "decode")])
+    b = _log(tmp_path / "gate_log.rank1.jsonl.gz", [(0, 1.0, 8, "decode"), (1, 1.010, 8, "decode")], gz=True)
+    assert stt.recorder_cost(tmp_path) is None  # no sidecars yet
+    for path, steps, us, snap in ((a, 300, 100.0, "moekern gatelog_snapshot kernel"), (b, 100, 200.0, None)):
+        name = path.name.replace(".jsonl.gz", "").replace(".jsonl", "")
+        split = {"phase": {"wall": us / 2, "cpu": us / 4}, "end": {"wall": us / 2, "cpu": us / 2}}
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps(
+            {"steps": steps, "host_us_per_step": us, "host_split_us_per_step": split,
+             **({"snapshot": snap} if snap else {})}))
+    cost = stt.recorder_cost(tmp_path)
+    assert cost["host_us_per_step"] == 125.0 and cost["steps"] == 400 and cost["files"] == 2  # (300*100+100*200)/400
+    assert cost["split_us_per_step"]["phase"] == {"wall": 62.5, "cpu": 31.25}
+    assert cost["hand_off"] == ["moekern gatelog_snapshot kernel", "torch calls (before the snapshot op)"]
+    assert main(["steptimes", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "125 us/step (phase 62, end 62) = 1.2% of the median step (10.00 ms)" in out
+    assert main(["steptimes", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recorder"]["host_us_per_step"] == 125.0

@@ -169,19 +169,24 @@ def _steptimes(args) -> int:
             print(f"moekern steptimes: no timed steps in {path} (records need 'time'; consecutive steps at most "
                   f"--gap-s={args.gap_s} s apart{'; phase ' + args.phase if args.phase else ''})", file=sys.stderr)
             return 1
-        runs.append((label or Path(path).resolve().name, stt.summarize(times), len(skipped)))
-    (label, rows, bad), vs = runs[0], (runs[1] if len(runs) > 1 else None)
+        runs.append((label or Path(path).resolve().name, stt.summarize(times), len(skipped), stt.recorder_cost(path),
+                     times))
+    (label, rows, bad, cost, times), vs = runs[0], (runs[1] if len(runs) > 1 else None)
     cmp = stt.compare(vs[1], rows) if vs else None
     if args.plot:
         stt.plot(rows, args.plot, label, vs[1] if vs else None, vs[0] if vs else "")
     if args.json:
-        print(_dumps({"label": label, "buckets": rows, "skipped_lines": bad,
-                      **({"vs": {"label": vs[0], "buckets": vs[1], "skipped_lines": vs[2]}, "compare": cmp}
-                         if vs else {})}))
+        print(_dumps({"label": label, "buckets": rows, "skipped_lines": bad, "recorder": cost,
+                      **({"vs": {"label": vs[0], "buckets": vs[1], "skipped_lines": vs[2], "recorder": vs[3]},
+                          "compare": cmp} if vs else {})}))
         return 0
     if vs:
         print(stt.format_table(vs[1], label=vs[0]) + "\n")
+        if vs[3]:
+            print(stt.format_cost(vs[3], vs[4]) + "\n")
     print(stt.format_table(rows, cmp, label, vs[0] if vs else ""))
+    if cost:
+        print(stt.format_cost(cost, times))
     if bad or (vs and vs[2]):
         print(f"corrupt lines skipped: {bad}" + (f" ({label}), {vs[2]} ({vs[0]})" if vs else ""))
     if args.plot:

@@ -10,10 +10,15 @@ Rules: durations are taken within one file (one process; step indices restart pe
 consecutive step indices (a dropped step leaves a gap) and only when at most `gap_s` apart (a longer
 pause is the end of a pass, a warm-up, or the engine idling, not a step). Tokens are the scheduler's count
 (`extra.scheduled_tokens`) where the record has it, else `num_tokens` (which includes CUDA-graph padding).
+
+The recorder measures what it costs the model thread per step and writes it to its sidecar
+(gate_log.rank{R}.meta.json); `recorder_cost` reads it back and the CLI prints it as a share of the
+median step: the gate log's overhead, read from the logs themselves (session 10: 365 us of a 9 ms step).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -55,6 +60,48 @@ def step_times(path: str | os.PathLike, gap_s: float = 1.0, phase: str | None = 
                 out.append(StepTime(str(f), s, tokens, ph, t - prev[1]))
             prev = (s, t)
     return out
+
+
+def recorder_cost(path: str | os.PathLike) -> dict | None:
+    """What the gate log itself cost the model thread, from the recorders' sidecars next to the logs under
+    `path` (gate_log.rank{R}.meta.json; written by moekern.vllm.gatelog_writer): host us per step overall and
+    by part (wall and CPU), step-weighted over files; the hand-off each used. None when no sidecar has it
+    (logs from before the recorder measured itself)."""
+    metas = []
+    for f in gate_log_files(path):
+        name = f.name
+        for suffix in (".jsonl.gz", ".jsonl"):
+            if name.endswith(suffix):
+                side = f.with_name(name[: -len(suffix)] + ".meta.json")
+                try:
+                    m = json.loads(side.read_text())
+                except (OSError, ValueError):
+                    break
+                if m.get("host_us_per_step") is not None and m.get("steps"):
+                    metas.append(m)
+                break
+    if not metas:
+        return None
+    n = sum(m["steps"] for m in metas)
+    split: dict[str, dict[str, float]] = {}
+    for m in metas:
+        for part, v in (m.get("host_split_us_per_step") or {}).items():
+            acc = split.setdefault(part, {"wall": 0.0, "cpu": 0.0})
+            acc["wall"] += v.get("wall", 0.0) * m["steps"] / n
+            acc["cpu"] += v.get("cpu", 0.0) * m["steps"] / n
+    return {"host_us_per_step": round(sum(m["host_us_per_step"] * m["steps"] for m in metas) / n, 2),
+            "split_us_per_step": {p: {k: round(x, 2) for k, x in v.items()} for p, v in split.items()},
+            "steps": n, "files": len(metas), "hand_off": sorted({str(m.get("snapshot") or "torch calls (before "
+                                                                             "the snapshot op)") for m in metas})}
+
+
+def format_cost(cost: dict, times: list[StepTime]) -> str:
+    """One line: the recorder's host us per step, by part, and its share of the median timed step."""
+    med = statistics.median(st.seconds for st in times) if times else None
+    parts = ", ".join(f"{p} {v['wall']:.0f}" for p, v in cost["split_us_per_step"].items())
+    share = f" = {cost['host_us_per_step'] / (med * 1e6):.1%} of the median step ({med * 1e3:.2f} ms)" if med else ""
+    return (f"gate log's own cost on the model thread: {cost['host_us_per_step']:.0f} us/step"
+            + (f" ({parts})" if parts else "") + share + f"; hand-off: {'; '.join(cost['hand_off'])}")
 
 
 def bucket_of(tokens: int, buckets=BUCKETS) -> int:
