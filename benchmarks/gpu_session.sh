@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh fi-status    # how far that build is
 #   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
+#   bash benchmarks/gpu_session.sh gatelog      # no vLLM needed: the gate-log recorder's GPU tests + its hand-off bench
 #   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate (E2E_ARMS, E2E_ARGS)
 #   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve`
 #   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
@@ -58,7 +59,8 @@ if [ -d /tmp/fiearly/flashinfer ]; then export PYTHONPATH=/tmp/fiearly${PYTHONPA
 bash benchmarks/fiaot.sh install || true
 
 build() {
-  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels()" 2>/dev/null; then
+  # (a build older than the newest op is rebuilt: the check names it)
+  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.gatelog_snapshot" 2>/dev/null; then
     echo "moekern._C already built"; return 0
   fi
   MOEKERN_REQUIRE_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -30
@@ -244,6 +246,15 @@ run_stage() {
       run_stage fi-status
     fi
     ;;
+  gatelog)
+    # The recorder's CUDA tests (both hand-offs, CUDA-graph replays, exact records) and the host cost per step of
+    # the two hand-offs side by side (benchmarks/gatelog_handoff.py; Mixtral-4l and DeepSeek-V3 shapes), ~1 min.
+    versions; build
+    python3 -m pytest -q -m gpu tests/test_gatelog_writer.py 2>&1 | tee "$OUT/gatelog_tests.log" | tail -5
+    python3 benchmarks/gatelog_handoff.py --json "$OUT/gatelog_handoff_mixtral4l.json" 2>&1 | tee "$OUT/gatelog_handoff.log"
+    python3 benchmarks/gatelog_handoff.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 \
+      --json "$OUT/gatelog_handoff_dsv3.json" 2>&1 | tee -a "$OUT/gatelog_handoff.log"
+    ;;
   e2e-offline)
     versions; build
     # 4 arms, ~7-8.5 min; a fifth fits only a smaller workload. E2E_ARMS picks the arms, E2E_ARGS adds flags (it
@@ -255,6 +266,8 @@ run_stage() {
     # E2E_ARGS="--rounds 2 --reps 4 --budget-s 370" and E2E_ARMS=moekern-routing,moekern-routing-log (gate-log
     # overhead): 6 min each on an H100 in session 9, steady (the shape sweep works); passes still spread 14-18 %.
     # Add --max-num-seqs 256 for the larger decode batch (session 9: 1.18x, one round; ~3 min per round).
+    # Session 10: the gate-log overhead within one engine, both hand-offs: E2E_ARMS=moekern-routing,moekern-routing-log,
+    # moekern-routing-log-torch E2E_ARGS="--rounds 2 --reps 8 --max-num-seqs 256 --gate-log-paired --budget-s 500".
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! bash benchmarks/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
