@@ -465,6 +465,13 @@ def test_dummy_batch_between_steps_does_not_leak_into_the_next(tmp_path, fresh_h
     sched.total_num_scheduled_tokens = 5
     worker.execute_model(sched)
     assert worker.execute_dummy_batch() == "dummy"
+    empty = _sched()
+    empty.total_num_scheduled_tokens = 0
+    rec, calls = fresh_hooks["recorder"], []
+    orig_mark = rec.mark_dirty
+    rec.mark_dirty = lambda: (calls.append("dirty"), orig_mark())
+    worker.execute_model(empty)  # no step: whatever it runs is marked as no step's, before it runs
+    assert calls == ["dirty"]
     sched2 = _sched(cached=[("a", 5)], num_sched={"a": 1})
     sched2.total_num_scheduled_tokens = 3
     outs = worker.execute_model(sched2)

@@ -304,6 +304,8 @@ def _patch_worker(module) -> None:
         rec = _STATE["recorder"]
         n = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
         if rec is None or not rec.ready or rec.paused or not n:
+            if rec is not None and not n:
+                rec.mark_dirty()  # whatever this call runs (a padded dummy forward?) is no step's
             return orig_execute(self, scheduler_output, *args, **kwargs)
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
