@@ -15,7 +15,7 @@
 #   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
 #   bash benchmarks/gpu_session.sh gatelog      # no vLLM needed: the gate-log recorder's GPU tests + its hand-off bench
 #   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate (E2E_ARMS, E2E_ARGS)
-#   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve`
+#   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve` (SERVE_ARMS, E2E_ARGS)
 #   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
 #   bash benchmarks/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
 #   bash benchmarks/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
@@ -286,8 +286,9 @@ run_stage() {
     ;;
   e2e-serve)
     versions; build
+    # shellcheck disable=SC2086  # E2E_ARGS is a list of flags (e.g. --max-num-seqs 256)
     timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
-      --budget-s 470 --out "$OUT/e2e" 2>&1 \
+      --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
     ;;
   e2e-olmoe)
