@@ -29,6 +29,24 @@ def _wait_for_lines(path, n, timeout=5.0):
 SNAPSHOTS = pytest.mark.parametrize("snapshot", ["auto", "torch"])  # auto: moekern._C's op where built
 
 
+class _SlowFile:
+    """The recorder's file, whose writes wait for `release` (after saying `entered`): a writer stuck on disk."""
+
+    def __init__(self, f, entered, release):
+        self.f, self.entered, self.release = f, entered, release
+
+    def write(self, data):
+        self.entered.set()
+        self.release.wait(10)
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush()
+
+    def close(self):
+        return self.f.close()
+
+
 def _recorder(tmp_path, **kw):
     rec = GateLogRecorder(tmp_path, rank=3, model="m", **kw)
     rec.register_layer("model.layers.0.mlp.experts", 4, 2)
@@ -111,15 +129,8 @@ def test_bounded_queue_drops_and_counts(tmp_path, snapshot):
     rec = GateLogRecorder(tmp_path, rank=0, queue_slots=2, flush_steps=1, snapshot=snapshot)
     rec.register_layer("l0", 2, 1)
     entered, release = threading.Event(), threading.Event()
-    orig = rec._lines
-
-    def slow_lines(item, rows):
-        entered.set()
-        release.wait(10)
-        return orig(item, rows)
-
-    rec._lines = slow_lines
     rec.ensure_buffer("cpu")
+    rec._file = _SlowFile(rec._file, entered, release)  # the writer blocks in its first write (slot freed)
     rec.begin_step(); rec.end_step("decode", 1)  # step 0: the writer takes it and blocks (slot freed)
     assert entered.wait(5)
     for _ in range(4):  # steps 1, 2 fill both slots; 3, 4 are dropped, not waited for
@@ -274,6 +285,90 @@ def test_fast_lines_equal_record_json(tmp_path_factory, data):
     assert rec._lines(item, rows) == [r.to_json() for r in rec._records(item, rows)]
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
+    """moekern._C's gatelog_format (the writer's path for unsampled steps, GIL released) gives byte for byte
+    the Python lines: any JSON text around the counts, int32 extremes, negative sums (floor division)."""
+    pytest.importorskip("moekern._C")
+    from moekern.vllm.gatelog_writer import _Pending, _format_op
+
+    fmt = _format_op()
+    if fmt is None:
+        pytest.skip("moekern._C without gatelog_format")
+    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
+    rec = GateLogRecorder(tmp_path_factory.mktemp("g"), rank=data.draw(st.sampled_from([None, 0, 7])),
+                          model=data.draw(st.none() | text),
+                          extra=data.draw(st.sampled_from([{}, {"tp_rank": 1}, {"note": "é\"x"}])))
+    layers = data.draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 4)), min_size=1, max_size=4))
+    for i, (E, k) in enumerate(layers):
+        rec.register_layer(f"l{i}", E, k)
+    W = max(E for E, _ in layers)
+    ints = st.integers(-2 ** 31, 2 ** 31 - 1) | st.integers(-5, 5)
+    rows = [data.draw(st.lists(ints, min_size=W, max_size=W)) for _ in layers]
+    item = _Pending(step=data.draw(st.integers(0, 2 ** 62)), slot=0, event=None,
+                    phase=data.draw(st.sampled_from(["decode", "prefill", "mixed"]) | text),
+                    scheduled_tokens=data.draw(st.none() | st.integers(0, 5)),
+                    time=data.draw(st.floats(0, 2e9, allow_nan=False)))
+    head, mid, phase, tail, model, extra_s = rec._pieces(item)
+    got = fmt(torch.tensor(rows, dtype=torch.int32), [E for E, _ in layers], [k for _, k in layers], head, mid, phase,
+              tail, model + extra_s)
+    assert got.numpy().tobytes() == ("\n".join(rec._lines(item, rows)) + "\n").encode("utf-8")
+
+
+def test_cpp_formatter_rejects_bad_input():
+    pytest.importorskip("moekern._C")
+    from moekern.vllm.gatelog_writer import _format_op
+
+    fmt = _format_op()
+    if fmt is None:
+        pytest.skip("moekern._C without gatelog_format")
+    c = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="2 rows but 1 num_experts"):
+        fmt(c, [3], [1, 1], "", "", "", "", "")
+    with pytest.raises(RuntimeError, match="num_experts=4"):
+        fmt(c, [3, 4], [1, 1], "", "", "", "", "")
+    with pytest.raises(RuntimeError, match="int32"):
+        fmt(c.long(), [3, 3], [1, 1], "", "", "", "", "")
+
+
+def test_writer_formats_without_holding_the_gil(tmp_path):
+    """What the C++ formatter is for: while it formats big steps in one thread, another Python thread keeps
+    running, unlike with the same lines joined in Python (which takes the GIL away half the time)."""
+    import os
+
+    pytest.importorskip("moekern._C")
+    from moekern.vllm.gatelog_writer import _format_op
+
+    fmt = _format_op()
+    if fmt is None:
+        pytest.skip("moekern._C without gatelog_format")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs")
+    c = torch.randint(0, 1000, (2000, 256), dtype=torch.int32)
+    rows = c.tolist()
+
+    def spin():
+        n, end = 0, time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    def beside(work):
+        stop = threading.Event()
+        th = threading.Thread(target=lambda: [work() for _ in iter(stop.is_set, True)])
+        th.start()
+        try:
+            return spin()
+        finally:
+            stop.set()
+            th.join()
+
+    in_cpp = beside(lambda: fmt(c, [256] * 2000, [8] * 2000, "a", "b", "c", "d", ""))
+    in_python = beside(lambda: "\n".join(",".join(map(str, r)) for r in rows))
+    assert in_cpp > 1.2 * in_python
+
+
 def test_fast_lines_are_faster(tmp_path):
     """What the change is for: the writer thread holds the GIL a shorter time per step."""
     from moekern.vllm.gatelog_writer import _Pending
@@ -391,15 +486,8 @@ def test_dropped_step_and_between_step_forwards_never_leak(tmp_path, snapshot):
     rec = GateLogRecorder(tmp_path, rank=0, queue_slots=1, flush_steps=1, snapshot=snapshot)
     rec.register_layer("l0", 2, 1)
     entered, release = threading.Event(), threading.Event()
-    orig = rec._lines
-
-    def slow_lines(item, rows):
-        entered.set()
-        release.wait(10)
-        return orig(item, rows)
-
-    rec._lines = slow_lines
     rec.ensure_buffer("cpu")
+    rec._file = _SlowFile(rec._file, entered, release)  # the writer blocks in its first write (slot freed)
     one = torch.tensor([1, 0], dtype=torch.int32)
     rec.begin_step(); rec.add_counts(0, one); rec.end_step("decode", 1)  # step 0: the writer holds it
     assert entered.wait(5)

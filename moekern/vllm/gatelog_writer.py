@@ -27,7 +27,9 @@ The writer thread works in batches, not per step: end_step() only appends the sl
 the writer once `flush_steps` steps are waiting (or half the slots are in flight); otherwise the writer
 wakes on its own every `flush_seconds`. Each wake-up drains what is waiting: waits for each slot's mark
 (or event: blocking-sync, so the thread sleeps instead of spinning a core; by then the copies are long done),
-turns rows into moekern.gatelog/1 records, appends them to gate_log.rank{R}.jsonl and flushes. So a crash
+turns rows into moekern.gatelog/1 records (moekern._C's gatelog_format builds the JSON text with the GIL
+released; Python's own formatting of a 58-layer, 256-expert step held it ~1 ms), appends them to
+gate_log.rank{R}.jsonl and flushes. So a crash
 loses at most `flush_steps` steps or `flush_seconds` seconds, and the thread that runs the model meets the
 writer a few times a second instead of at every step (the writer shares its GIL: every wake-up can take
 the GIL from the step loop for one switch interval). Memory is bounded: `queue_slots` pinned slots;
@@ -160,6 +162,7 @@ class GateLogRecorder:
         self._events: list = []
         self._views: list = []  # per slot: (host counts, host mark, host sample or None), made once
         self._snapshot = None  # torch.ops.moekern.gatelog_snapshot.default when usable, else None (torch calls)
+        self._format = None  # torch.ops.moekern.gatelog_format.default when moekern._C has it
         self.snapshot_mode = snapshot
         self.snapshot_why = ""
         self._dirty = True  # the device buffer may hold counts from outside a step
@@ -213,6 +216,9 @@ class GateLogRecorder:
                                                pin_memory=pin)
             self._marks = torch.full((self.queue_slots,), -1, dtype=torch.int64, pin_memory=pin)
         self._snapshot, self.snapshot_why = self._pick_snapshot(device)
+        self._format = _format_op()
+        self._num_experts = [li.num_experts for li in self.layers]
+        self._top_ks = [li.top_k for li in self.layers]
         self._events = [torch.cuda.Event(blocking=True) if pin and self._snapshot is None else None
                         for _ in range(self.queue_slots)]
         self._views = [(self._host[i], self._marks[i], self._host_sample[i] if self._host_sample is not None else None)
@@ -221,7 +227,7 @@ class GateLogRecorder:
         if self.rank is None:
             self.rank = _global_rank()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab")  # UTF-8 bytes (see _step_bytes)
         self._write_meta()
         self._thread = threading.Thread(target=self._run, name=f"moekern-gatelog-r{self.rank}", daemon=True)
         self._thread.start()
@@ -366,10 +372,9 @@ class GateLogRecorder:
         return step
 
     # ---- writer thread ------------------------------------------------------------------------------------
-    def _lines(self, item: _Pending, rows) -> list[str]:
-        """The step's JSON lines, character for character what `_records(...)[i].to_json()` gives, built from
-        strings shared by the step's layers (a third of the time: this runs on a thread that shares the GIL
-        with the engine's step loop)."""
+    def _pieces(self, item: _Pending) -> tuple[str, str, str, str, str, str]:
+        """The JSON text a step's lines share: head (up to the layer index), mid (up to num_tokens), phase
+        (up to top_k), tail (time), model, extra."""
         extra = dict(self.extra)
         if item.scheduled_tokens is not None:
             extra["scheduled_tokens"] = int(item.scheduled_tokens)
@@ -379,6 +384,25 @@ class GateLogRecorder:
         tail = f',"time":{json.dumps(round(item.time, 6))}'
         model = f',"model":{json.dumps(self.model)}' if self.model is not None else ""
         extra_s = f',"extra":{json.dumps(extra, separators=(",", ":"))}' if extra else ""
+        return head, mid, phase, tail, model, extra_s
+
+    def _step_bytes(self, item: _Pending) -> bytes:
+        """The step's lines as UTF-8 bytes, newline-terminated. Without a top-k sample, moekern._C's
+        gatelog_format builds them from the pinned slot with the GIL released (for 58 layers x 256 experts the
+        Python below held it ~1 ms per step, time the model's thread waits for); byte for byte what `_lines`
+        gives (property-tested), which stays the path for sampled steps and builds without the op."""
+        host = self._host[item.slot]
+        if self._format is not None and not item.sampled:
+            head, mid, phase, tail, model, extra_s = self._pieces(item)
+            return self._format(host, self._num_experts, self._top_ks, head, mid, phase, tail,
+                                model + extra_s).numpy().tobytes()
+        return ("\n".join(self._lines(item, host.tolist())) + "\n").encode("utf-8")
+
+    def _lines(self, item: _Pending, rows) -> list[str]:
+        """The step's JSON lines, character for character what `_records(...)[i].to_json()` gives, built from
+        strings shared by the step's layers (a third of the time: this runs on a thread that shares the GIL
+        with the engine's step loop)."""
+        head, mid, phase, tail, model, extra_s = self._pieces(item)
         out = []
         for li, info in enumerate(self.layers):
             counts = rows[li][: info.num_experts]
@@ -459,9 +483,9 @@ class GateLogRecorder:
                 item.event.synchronize()
             else:
                 self._wait_mark(item)
-            rows = self._host[item.slot].tolist()
             if item.sampled:
                 item.samples = self._host_sample[item.slot].tolist()
+            data = self._step_bytes(item)  # reads the slot: before it is handed back
         except Exception as exc:  # the thread must live on
             self.stats.write_errors += 1
             self.stats.last_error = repr(exc)
@@ -470,9 +494,8 @@ class GateLogRecorder:
             with self._free_lock:
                 self._free.append(item.slot)
         try:
-            lines = self._lines(item, rows)
-            self._file.write("\n".join(lines) + "\n")
-            self.stats.records += len(lines)
+            self._file.write(data)
+            self.stats.records += len(self.layers)
             self.stats.written_steps += 1
             return 1
         except Exception as exc:  # a full disk must not kill the engine
@@ -519,6 +542,16 @@ class GateLogRecorder:
             except OSError:
                 pass
             self._file.close()
+
+
+def _format_op():
+    """moekern._C's gatelog_format (formats a step's lines with the GIL released), or None."""
+    try:
+        import moekern._C  # noqa: F401
+
+        return torch.ops.moekern.gatelog_format.default
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 def _global_rank() -> int:
