@@ -1425,3 +1425,20 @@ def test_paired_mode_flows_through_spec_merge_and_summary(e2e, tmp_path):
     assert s["offline.moekern-routing-log_gate_log_overhead_paired_n"] == 3
     assert 0.0 < s["offline.moekern-routing-log_gate_log_overhead_paired"] < 0.03
     assert "paired passes in one engine" in e2e.format_summary(results, s)
+
+
+def test_gate_log_cost_from_plugin_summaries_in_the_summary(e2e):
+    def run(us, snap):
+        return {"arm": "moekern-routing-log", "rc": 0, "runs": [{"seconds": 1.0, "output_tok_s": 90.0}],
+                "jit_during_measurement": 0,
+                "plugin": [{"gate_log": {"host_us_per_step": us, **({"snapshot": snap} if snap else {})}}]}
+    assert e2e.gate_log_cost({"plugin": "unavailable: no such method"}) is None
+    assert e2e.gate_log_cost(run(100.0, None)) == {"host_us_per_step": 100.0, "hand_off": ["torch calls"]}
+    merged = e2e.merge_rounds([run(100.0, "moekern gatelog_snapshot kernel"), run(60.0, "moekern gatelog_snapshot kernel")])
+    results = {"offline": {"moekern-routing-log": merged}}
+    s = e2e.summarize(results)
+    assert s["offline.moekern-routing-log_gate_log_host_us_per_step"] == [100.0, 60.0]
+    assert s["offline.moekern-routing-log_gate_log_hand_off"] == ["moekern gatelog_snapshot kernel"]
+    assert "gate log on the model thread 100, 60 us/step" in e2e.format_summary(results, s)
+    single = e2e.summarize({"offline": {"moekern-routing-log": run(120.0, None)}})  # one round: not merged
+    assert single["offline.moekern-routing-log_gate_log_host_us_per_step"] == [120.0]

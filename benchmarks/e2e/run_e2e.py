@@ -1154,12 +1154,25 @@ def merge_rounds(rounds: list[dict]) -> dict:
                           **({"error": r["error"][-400:]} if "error" in r else {})}
                          for i, r in enumerate(rounds)]}
     merged.pop("token_ids", None)
+    merged["gate_log_cost"] = [gate_log_cost(r) for r in ok]
     pairs = [pr for r in ok for pr in (r.get("gate_log_paired") or {}).get("pairs", [])]
     if pairs:
         merged["gate_log_paired"] = {"pairs": pairs, **(paired_overhead(pairs) or {})}
     if None in jits:
         merged["jit_note"] = "a round's JIT count is unknown"
     return merged
+
+
+def gate_log_cost(result: dict | None) -> dict | None:
+    """The gate log's own cost in one arm run, from its workers' plugin summaries: host us per step on the
+    model thread (mean over workers) and the hand-off used. None without a gate log."""
+    plugin = (result or {}).get("plugin")
+    logs = [w.get("gate_log") for w in plugin if isinstance(w, dict)] if isinstance(plugin, list) else []
+    logs = [g for g in logs if g and g.get("host_us_per_step") is not None]
+    if not logs:
+        return None
+    return {"host_us_per_step": round(statistics.fmean(g["host_us_per_step"] for g in logs), 2),
+            "hand_off": sorted({g.get("snapshot") or "torch calls" for g in logs})}
 
 
 def round_ratios(mine: list | None, base: list | None, ndigits: int | None = 4) -> list | None:
@@ -1239,6 +1252,10 @@ def summarize(results: dict) -> dict:
         if by_round:
             s[f"offline.{arm}_vs_vllm_by_round"] = by_round
     for arm, r in (results.get("offline") or {}).items():
+        costs = [c for c in ((r or {}).get("gate_log_cost") or [gate_log_cost(r)]) if c]
+        if costs:  # per round
+            s[f"offline.{arm}_gate_log_host_us_per_step"] = [c["host_us_per_step"] for c in costs]
+            s[f"offline.{arm}_gate_log_hand_off"] = sorted({h for c in costs for h in c["hand_off"]})
         paired = (r or {}).get("gate_log_paired") or {}
         if paired.get("overhead") is not None:
             s[f"offline.{arm}_gate_log_overhead_paired"] = paired["overhead"]
@@ -1305,6 +1322,10 @@ def format_summary(results: dict, summary: dict) -> str:
             lines.append(f"  {name} = {ov:.1%}" + (f" (rep spread {noise:.1%})" if noise is not None else "")
                          + (f", 95 % CI {ci[0]:.1%} to {ci[1]:.1%}" if ci else ""))
         for arm in arms if mode == "offline" else ():
+            host = summary.get(f"offline.{arm}_gate_log_host_us_per_step")
+            if host:
+                lines.append(f"  {arm}: gate log on the model thread " + ", ".join(f"{x:.0f}" for x in host)
+                             + " us/step (by round; " + "; ".join(summary[f"offline.{arm}_gate_log_hand_off"]) + ")")
             ov = summary.get(f"offline.{arm}_gate_log_overhead_paired")
             if ov is not None:
                 ci = summary.get(f"offline.{arm}_gate_log_overhead_paired_ci95")
