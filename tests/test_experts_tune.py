@@ -246,3 +246,47 @@ def test_mixtral_decode_rows_read_each_expert_once():
     g1, g2 = rows[128]
     assert g1.block_m >= 64 and g1.block_m == g2.block_m
     assert rows[96][0].block_m == 32  # 24 slots per expert: one 32-row block each
+
+
+# ---- holes in the table (CPU) --------------------------------------------------------------------------------
+def test_decode_sizes_and_expected_weight_reads():
+    from moekern.experts import tune
+
+    sizes = tune.decode_sizes(64)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 64 and all(s % 8 == 0 for s in sizes[3:])
+    assert tune.decode_sizes(1024)[-2:] == [512, 1024]
+    assert tune.expected_weight_reads(1, 8, 2, 16) == 1.0  # one token: one block per used expert
+    assert tune.expected_weight_reads(64, 8, 2, 128) == 1.0
+    a = tune.expected_weight_reads(128, 8, 2, 32)
+    assert a == tune.expected_weight_reads(128, 8, 2, 32)  # seeded
+    assert 1.3 < a < 1.7  # 32 slots per expert on average, block_m 32: about half the experts need two blocks
+
+
+def test_find_holes_catches_session_7s_mixtral_m128():
+    """The table as it was in session 7 (Mixtral rows 1/64/1024): M = 128 took the M = 64 row's block_m 32."""
+    from moekern.experts import tune
+    from moekern.experts.configs import TUNED, BlockConfig
+
+    key = (8, 14336, 4096)
+    old = {key: {m: TUNED[key][m] for m in (1, 64, 1024)}}
+    holes = {h["M"]: h for h in tune.find_holes(["mixtral"], old, max_m=256)}
+    assert 128 in holes and holes[128]["row"] == 64 and holes[128]["block_m"] == 32
+    assert holes[128]["weight_reads"] > 1.25 * holes[128]["weight_reads_x2"]
+    assert 64 not in holes  # a measured row is never a hole
+    assert not [h for h in tune.find_holes(["mixtral"], TUNED, max_m=256)]  # rows 96/128/192 closed it
+    full = {key: {1: (BlockConfig(128, 64, 64, 1, 4, 3),) * 2}}
+    assert not tune.find_holes(["mixtral"], full, max_m=256)  # no larger tile than 128 to suggest
+
+
+def test_holes_cli_writes_json(tmp_path, capsys):
+    import json as _json
+
+    from moekern.experts import tune
+
+    out = tmp_path / "holes.json"
+    assert tune.main(["holes", "--models", "olmoe", "--max-m", "256", "--json", str(out)]) == 0
+    got = _json.loads(out.read_text())
+    assert all(h["model"] == "olmoe" and h["M"] <= 256 for h in got)
+    assert f"{len(got)} hole(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tune.main(["holes", "--ratio", "1.0"])

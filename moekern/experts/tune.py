@@ -2,8 +2,10 @@
 
     python -m moekern.experts.tune [--models mixtral,olmoe] [--tokens 1,64,1024] [--json out.json]
     python -m moekern.experts.tune apply RESULTS.json [--configs PATH] [--min-gain 0.02] [--dry-run]
+    python -m moekern.experts.tune holes [--models ...] [--max-m 1024] [--json out.json]
 
-The second form (CPU, no GPU needed) merges the winners of benchmarks/tune_moe_shapes.py into the TUNED
+The third form (CPU) looks for holes in the table: decode batch sizes whose row's block_m makes the kernel
+read each used expert's weights clearly more than once (see find_holes). The second form (CPU) merges the winners of benchmarks/tune_moe_shapes.py into the TUNED
 table of configs.py (the block between its BEGIN/END TUNED lines): see merge_tuned / apply_results.
 The pure helpers below (vLLM's default rule for comparison, shape candidates, tile arithmetic, table
 merge and rendering) are shared by that benchmark and tested on CPU in tests/test_experts_tune.py.
@@ -174,6 +176,92 @@ def programs_per_sm(cfg: BlockConfig, fused: bool) -> int:
     regs = (2 if fused else 1) * cfg.block_m * cfg.block_n // threads + 64
     by_regs = REGS_PER_SM // (min(regs, 255) * threads)
     return max(1, min(by_smem, by_regs, 32 // cfg.num_warps))
+
+
+# ------------------------------------------------------------------ holes in the table (CPU)
+MAX_BLOCK_M = 128  # the largest M tile the kernels are tuned over (_candidates)
+def decode_sizes(max_m: int = 1024) -> list[int]:
+    """The batch sizes a vLLM decode step runs at under CUDA graphs (1, 2, 4, then every 8; vLLM 0.26's
+    default capture sizes), and powers of two up to max_m."""
+    sizes = {1, 2, 4, *range(8, min(max_m, 512) + 1, 8)}
+    m = 1
+    while m <= max_m:
+        sizes.add(m)
+        m *= 2
+    return sorted(x for x in sizes if x <= max_m)
+
+
+def expected_weight_reads(num_tokens: int, num_experts: int, top_k: int, block_m: int, draws: int = 16,
+                          seed: int = 0) -> float:
+    """Mean over random routings (each token: top_k distinct experts, uniform) of M-blocks per used expert,
+    tile_stats' weight_reads: how many times a weight-bound (decode) step reads each used expert's weights."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + num_tokens)
+    total = 0.0
+    for _ in range(draws):
+        ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=1).indices
+        counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
+        total += tile_stats(counts, block_m, 1, 1).weight_reads
+    return total / draws
+
+
+def find_holes(models, table=None, max_m: int = 1024, ratio: float = 1.25, max_per_expert: float = 128) -> list[dict]:
+    """Decode batch sizes where the table's row makes each used expert's weights be read `ratio` times or more
+    as often as the next larger block_m would (expected over random routings), in the weight-bound regime
+    (at most max_per_expert slots per expert). Session 7's loss was one such hole: Mixtral M = 128 took the
+    M = 64 row (block_m 32: 32 slots per expert on average, so about half the experts need two M-blocks;
+    weights read ~1.5 times, 1246 us against 938 us with block_m 64). A hole is a candidate to tune, not a
+    proof: compute, padding and the other tile sizes also count; the GPU decides (tune_moe_shapes.py)."""
+    from moekern.models import get_model
+
+    table = TUNED if table is None else table
+    out = []
+    for name in models:
+        spec = get_model(name)
+        E, k, key = spec.num_experts, spec.top_k, (spec.num_experts, spec.intermediate_size, spec.hidden_size)
+        rows = table.get(key)
+        if not rows:
+            continue
+        for m in decode_sizes(max_m):
+            per_expert = m * k / E
+            if per_expert > max_per_expert:
+                continue
+            bucket = tuned_bucket(rows, m)
+            bm = rows[bucket][0].block_m
+            if bucket == m or 2 * bm > MAX_BLOCK_M or per_expert <= bm / 2:
+                continue  # a measured row; no larger tile; or one M-block per expert for nearly every routing
+            reads = expected_weight_reads(m, E, k, bm)
+            bigger = expected_weight_reads(m, E, k, 2 * bm)
+            if reads >= ratio * bigger:
+                out.append({"model": name, "M": m, "row": bucket, "block_m": bm, "slots_per_expert": round(per_expert, 1),
+                            "weight_reads": round(reads, 3), "block_m_x2": 2 * bm, "weight_reads_x2": round(bigger, 3)})
+    return out
+
+
+def main_holes(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moekern.experts.tune holes",
+                                 description="decode batch sizes where the TUNED table's block_m re-reads expert "
+                                             "weights (CPU; candidates for tune_moe_shapes.py)")
+    ap.add_argument("--models", default="mixtral,qwen3-30b-a3b,deepseek-v3,olmoe")
+    ap.add_argument("--max-m", type=int, default=1024)
+    ap.add_argument("--ratio", type=float, default=1.25, help="flag when block_m reads weights this many times "
+                                                              "as often as 2 x block_m (default 1.25)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.max_m < 1 or args.ratio <= 1:
+        ap.error("--max-m must be >= 1 and --ratio > 1")
+    from moekern.experts.configs import active_table
+
+    holes = find_holes(args.models.split(","), active_table(), args.max_m, args.ratio)
+    for h in holes:
+        print(f"{h['model']:15s} M={h['M']:5d}  row {h['row']:5d}  block_m {h['block_m']:3d}  "
+              f"{h['slots_per_expert']:6.1f} slots/expert  weights read {h['weight_reads']:.2f}x  "
+              f"(block_m {h['block_m_x2']}: {h['weight_reads_x2']:.2f}x)")
+    print(f"{len(holes)} hole(s) at ratio >= {args.ratio}" + (": tune these M with benchmarks/tune_moe_shapes.py"
+                                                             if holes else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(holes, f, indent=1)
+    return 0
 
 
 # ------------------------------------------------------------------ applying measured winners to TUNED
@@ -401,6 +489,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "apply":
         return main_apply(argv[1:])
+    if argv and argv[0] == "holes":
+        return main_holes(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mixtral,qwen3-30b-a3b,deepseek-v3,olmoe")
     ap.add_argument("--tokens", default="1,64,1024")
