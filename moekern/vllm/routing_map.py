@@ -23,7 +23,6 @@ routing (the plugin logs the reason once per layer):
 from __future__ import annotations
 
 import operator
-
 from dataclasses import dataclass, field
 
 SCORINGS = ("softmax", "sigmoid")
