@@ -1373,18 +1373,15 @@ def paired_passes(runs: list[dict]) -> list[list[float]]:
 def paired_overhead(pairs: list, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict | None:
     """Gate-log overhead from paired passes of one engine: 1 - geometric mean of on/off over the pairs, with a
     bootstrap interval over pairs (seeded). None without a pair; no interval with one pair."""
-    import math
-    import random
+    from moekern.analysis.stats import bootstrap_ci
 
     logs = [math.log(a / b) for a, b in pairs if a and b]
     if not logs:
         return None
-    out = {"n_pairs": len(logs), "overhead": round(1 - math.exp(statistics.fmean(logs)), 4)}
+    est = bootstrap_ci(logs, n_boot=n_boot, level=level, seed=seed)  # mean log(on / off), percentile interval
+    out = {"n_pairs": len(logs), "overhead": round(1 - math.exp(est.value), 4)}
     if len(logs) >= 2:
-        rng = random.Random(seed)
-        means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(n_boot))
-        lo, hi = means[int((1 - level) / 2 * n_boot)], means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-        out["ci95"] = [round(1 - math.exp(hi), 4), round(1 - math.exp(lo), 4)]
+        out["ci95"] = [round(1 - math.exp(est.high), 4), round(1 - math.exp(est.low), 4)]
     return out
 
 

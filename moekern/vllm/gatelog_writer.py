@@ -68,6 +68,7 @@ from pathlib import Path
 
 import torch
 
+from moekern import _ext
 from moekern.gatelog import SCHEMA, GateRecord
 
 
@@ -237,15 +238,9 @@ class GateLogRecorder:
         """moekern's one-kernel hand-off when it can run here, else None; and why."""
         if self.snapshot_mode == "torch":
             return None, "torch calls (MOEKERN_GATE_LOG_SNAPSHOT=torch)"
-        why = None
-        try:
-            import moekern._C  # noqa: F401  (registers torch.ops.moekern.*)
-
-            op = torch.ops.moekern.gatelog_snapshot.default
-        except (ImportError, AttributeError, RuntimeError) as exc:
-            op, why = None, f"moekern._C has no gatelog_snapshot ({exc})"
+        op, why = _ext_op("gatelog_snapshot")
         if op is not None and device.type == "cuda":
-            if not torch.ops.moekern.has_device_kernels():
+            if not _ext.cuda_kernels_available():
                 op, why = None, "moekern._C was built without device kernels"
             else:
                 hosts = [t for t in (self._host, self._marks, self._host_sample) if t is not None]
@@ -316,6 +311,13 @@ class GateLogRecorder:
             self.sample[layer, :n, :k].copy_(topk_ids[:n, :k])
 
     # ---- step boundaries (host side, outside any captured region) ------------------------------------------
+    def _reset_device(self) -> None:
+        """Zero the counts and refill the top-k sample with -1 (rows a layer does not write in a step stay -1
+        and are left out), with torch calls on the current stream."""
+        self.counts.zero_()
+        if self.sample is not None:
+            self.sample.fill_(-1)
+
     def add_host_time(self, wall: float, cpu: float = 0.0, part: str = "phase") -> None:
         """Charge time the caller spent on the model's thread for the gate log (e.g. classifying the step)."""
         self.stats.charge(part, wall, cpu)
@@ -326,9 +328,7 @@ class GateLogRecorder:
         t0, c0 = time.perf_counter(), time.thread_time()
         self._sampling = self.sample is not None and self._step % self.topk_every == 0
         if self._dirty:
-            self.counts.zero_()
-            if self.sample is not None:
-                self.sample.fill_(-1)  # rows a layer does not write this step stay -1 and are left out
+            self._reset_device()
             self._dirty = False
         self._in_step = True
         self.stats.charge("begin", time.perf_counter() - t0, time.thread_time() - c0)
@@ -356,11 +356,9 @@ class GateLogRecorder:
             self._snapshot(self.counts, host, mark, step, self.sample, host_sample if self._sampling else None)
         else:
             host.copy_(self.counts, non_blocking=True)
-            self.counts.zero_()
-            if self.sample is not None:
-                if self._sampling:
-                    host_sample.copy_(self.sample, non_blocking=True)
-                self.sample.fill_(-1)
+            if self._sampling:
+                host_sample.copy_(self.sample, non_blocking=True)
+            self._reset_device()
             if event is not None:
                 event.record()
             else:
@@ -544,14 +542,19 @@ class GateLogRecorder:
             self._file.close()
 
 
+def _ext_op(name: str):
+    """(torch.ops.moekern.<name>.default, None) when moekern._C has that op, else (None, why)."""
+    if _ext.extension_error():
+        return None, _ext.extension_error()
+    try:
+        return getattr(torch.ops.moekern, name).default, None
+    except (AttributeError, RuntimeError) as exc:  # a moekern._C built before the op
+        return None, f"moekern._C has no {name} ({exc})"
+
+
 def _format_op():
     """moekern._C's gatelog_format (formats a step's lines with the GIL released), or None."""
-    try:
-        import moekern._C  # noqa: F401
-
-        return torch.ops.moekern.gatelog_format.default
-    except (ImportError, AttributeError, RuntimeError):
-        return None
+    return _ext_op("gatelog_format")[0]
 
 
 def _global_rank() -> int:
