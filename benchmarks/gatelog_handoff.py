@@ -8,7 +8,11 @@ from vLLM.
 Each "step" is what the plugin does around a forward: begin_step, one CUDA-graph replay that adds every
 layer's counts (as the MoE layers do inside vLLM's graphs), end_step. The modes alternate in blocks of
 `--block` steps (ABAB...), so a drift of the machine hits both; the host time per step is the recorder's own
-accounting (begin + end, wall and thread CPU), the same numbers the plugin reports from inside vLLM. After the
+accounting (begin + end, wall and thread CPU), the same numbers the plugin reports from inside vLLM. Each step
+ends with a device sync outside that accounting, as a vLLM step does when it reads the sampled tokens: without
+it the host can run ahead of the replays until the launch queue is full, and whichever call then blocks pays
+for the GPU's backlog (the likely cause of session 11's torch hand-off at the DeepSeek-V3 shape: 4.4 ms of wall
+against 87 us of CPU per step); `--no-step-sync` keeps that back-pressure in, to compare. After the
 run every record is checked against the counts the graph added (exact). On a machine without CUDA it runs the
 same loop on CPU tensors (a smoke run: CPU numbers say nothing about a GPU's driver calls).
 """
@@ -69,6 +73,7 @@ def run(args) -> dict:
     else:
         replays = {m: (lambda rec=rec: forward(rec)) for m, rec in recs.items()}
     per_block = {m: [] for m in MODES}
+    sync = device.type == "cuda" and not args.no_step_sync
     steps = 0
     while steps < args.steps:
         for m in MODES:
@@ -79,6 +84,8 @@ def run(args) -> dict:
                 rec.begin_step()
                 replays[m]()
                 rec.end_step("decode", args.tokens)
+                if sync:
+                    torch.cuda.synchronize()
             wall = sum(rec.stats.host[p][0] - before.get(p, [0, 0])[0] for p in ("begin", "end"))
             cpu = sum(rec.stats.host[p][1] - before.get(p, [0, 0])[1] for p in ("begin", "end"))
             n = rec.stats.steps - n0
@@ -88,7 +95,7 @@ def run(args) -> dict:
         torch.cuda.synchronize()
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "shape": {"layers": L, "experts": E, "top_k": k, "tokens": args.tokens, "topk_sample": args.topk_sample},
-           "steps_per_mode": steps, "block": args.block, "hand_off": why, "modes": {}}
+           "steps_per_mode": steps, "block": args.block, "step_sync": sync, "hand_off": why, "modes": {}}
     for m, rec in recs.items():
         rec.close()
         records, skipped = read_gate_log(tmp / m)
@@ -118,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="steps per mode")
     p.add_argument("--block", type=int, default=100, help="steps per mode before switching")
     p.add_argument("--cpu", action="store_true", help="CPU tensors even with a GPU")
+    p.add_argument("--no-step-sync", action="store_true",
+                   help="no device sync after each step (the launch queue fills; blocked launches count as host time)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     for name in ("layers", "experts", "top_k", "tokens", "steps", "block"):

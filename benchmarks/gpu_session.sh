@@ -254,6 +254,9 @@ run_stage() {
     python3 benchmarks/gatelog_handoff.py --json "$OUT/gatelog_handoff_mixtral4l.json" 2>&1 | tee "$OUT/gatelog_handoff.log"
     python3 benchmarks/gatelog_handoff.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 \
       --json "$OUT/gatelog_handoff_dsv3.json" 2>&1 | tee -a "$OUT/gatelog_handoff.log"
+    # the same without the per-step sync: does the host's run-ahead (a full launch queue) land in the hand-off?
+    python3 benchmarks/gatelog_handoff.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 --no-step-sync \
+      --json "$OUT/gatelog_handoff_dsv3_nosync.json" 2>&1 | tee -a "$OUT/gatelog_handoff.log"
     ;;
   e2e-offline)
     versions; build
