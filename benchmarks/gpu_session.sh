@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
 #   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
 #   bash benchmarks/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
+#   bash benchmarks/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
 #   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
 #   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash benchmarks/gpu_session.sh fi-status    # how far that build is
@@ -109,7 +110,7 @@ need_vllm() {
 
 run_stage() {
   case "$1" in  # the stages that compare against (or run inside) vLLM
-  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial)
+  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-multi|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial)
     need_vllm "$1" || return 0 ;;
   esac
   case "$1" in
@@ -190,6 +191,22 @@ run_stage() {
     done
     python3 benchmarks/ep_report.py "$OUT/ep-multi" 2>&1 | tail -45
     timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_ep_multigpu.py 2>&1 | tail -15
+    ;;
+  e2e-multi)
+    # The plugin on 2 ranks (a multi-GPU kind): greedy tokens with MOEKERN_KERNELS=routing equal plugin-off ones
+    # under tensor parallelism and under expert parallelism, every rank writing gate_log.rank{R}.jsonl (checked);
+    # then vllm vs moekern offline at TP=2 + EP with gate logs on (one round, the ranks' logs kept). ~8 min.
+    versions; build
+    n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -lt 2 ]; then echo "e2e-multi: needs >= 2 GPUs, found $n"; return 0; fi
+    for ep in "" "--enable-expert-parallel"; do
+      tag=tp2${ep:+-ep}
+      timeout 300 python3 benchmarks/e2e/check_equal.py --model mixtral-8x7b-4l --no-baseline \
+        --tensor-parallel-size 2 $ep --out "$OUT/check_equal_$tag" 2>&1 | tee "$OUT/check_equal_$tag.log" | tail -25
+    done
+    timeout 300 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern \
+      --tensor-parallel-size 2 --enable-expert-parallel --budget-s 260 ${E2E_ARGS:-} --out "$OUT/e2e-tp2-ep" 2>&1 \
+      | tee "$OUT/e2e_tp2_ep.log" | tail -30
     ;;
   ep-vllm)
     # moekern.ep's prepare/finalize inside vLLM's modular kernel at W=1 vs vLLM's own path (needs vLLM).

@@ -101,6 +101,13 @@ def test_sweep_flags_reach_engine_and_serve(e2e):
     assert e2e.capture_sizes(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100]
     with pytest.raises(ValueError, match="no vllm serve flag"):
         e2e.serve_command({**kw, "swap_space": 4}, 1)
+    # expert parallelism without EPLB: its own flag, and in the grid's result-name prefix
+    args = _ready(e2e, ["--mode", "serve", "--arms", "moekern", "--enable-expert-parallel", "--tensor-parallel-size", "2"])
+    kw = e2e.engine_kwargs(args, "moekern")
+    assert kw["enable_expert_parallel"] is True and "enable_eplb" not in kw
+    cmd = e2e.serve_command(kw, 1)
+    assert "--enable-expert-parallel" in cmd and "--enable-eplb" not in cmd
+    assert e2e.grid_prefix(args, "moekern") == "moekern_s128_tp2_ep"
 
 
 def test_bench_command_random_and_dataset(e2e, dataset, tmp_path):
@@ -134,6 +141,7 @@ def test_dataset_prompts_offline(e2e, dataset, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--enable-eplb", "--mode", "serve"], "tensor-parallel-size"),
+    (["--enable-expert-parallel"], "enable-expert-parallel needs --tensor-parallel-size"),
     (["--result", "r.json"], "--mode serve"),
     (["--result", "r.json", "--mode", "serve", "--arms", "vllm,moekern"], "one arm"),
     (["--arms", "nope"], "unknown arm"),
@@ -1268,13 +1276,23 @@ def check_equal():
 def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(check_equal, tmp_path, monkeypatch):
     """check_equal.py through run_e2e's real offline path, the child faked: every field run_offline_arm reads
     is in its arguments (a hand-built namespace once lacked dummy_router_seed and failed only on the GPU),
-    the three arms run in order, equal tokens give equal=True and exit 0, a differing token exit 1."""
+    the three arms run in order, equal tokens give equal=True and exit 0, a differing token exit 1; with
+    --tensor-parallel-size 2 every rank must have written its gate log."""
+    from moekern.gatelog import GateRecord, write_records
+
     env_seen, tokens = [], {"moekern-routing-log": [[1, 2, 3], [4, 5, 6]]}
+    log_ranks = [0]
 
     def popen(cmd, stdout, env=None, **kw):
         spec = json.loads(Path(cmd[-1]).read_text())
         env_seen.append(env.get("MOEKERN_KERNELS"))
         arm = Path(spec["result"]).stem.removeprefix("offline_")
+        if env.get("MOEKERN_GATE_LOG_DIR"):  # what the plugin writes in each rank's worker
+            d = Path(env["MOEKERN_GATE_LOG_DIR"])
+            d.mkdir(parents=True, exist_ok=True)
+            for rank in log_ranks:
+                write_records(d / f"gate_log.rank{rank}.jsonl",
+                              [GateRecord(step=0, layer=0, expert_counts=[3, 1], num_tokens=2, rank=rank, top_k=2)])
         Path(spec["result"]).write_text(json.dumps({
             "init_s": 1.0, "runs": [{"output_tok_s": 5.0}], "output_tok_s": 5.0, "plugin": "unavailable: x",
             "token_ids": tokens.get(arm, [[1, 2, 3], [4, 5, 6]])}))
@@ -1292,6 +1310,22 @@ def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(check_equa
     report = json.loads((tmp_path / "b" / "check_equal.json").read_text())
     assert report["routing_vs_off"] == {"prompts_differing": 1, "of": 2,
                                         "first_difference": {"prompt": 1, "position": 1}}
+    # tensor parallelism: the engine gets the flags; equal tokens but rank 1's gate log missing -> exit 1
+    tokens["moekern-routing-log"] = [[1, 2, 3], [4, 5, 6]]
+    assert check_equal.main(["--model", "mixtral", "--no-baseline", "--tensor-parallel-size", "2",
+                             "--enable-expert-parallel", "--out", str(tmp_path / "c")]) == 1
+    report = json.loads((tmp_path / "c" / "check_equal.json").read_text())
+    assert report["equal"] and report["expert_parallel"] and report["gate_log_ranks"] == {
+        "ok": False, "ranks": [0], "want": [0, 1]}
+    spec = json.loads(next((tmp_path / "c").rglob("offline_vllm*.spec.json")).read_text())
+    assert spec["engine"]["tensor_parallel_size"] == 2 and spec["engine"]["enable_expert_parallel"] is True
+    log_ranks[:] = [0, 1]
+    assert check_equal.main(["--model", "mixtral", "--no-baseline", "--tensor-parallel-size", "2",
+                             "--out", str(tmp_path / "d")]) == 0
+    report = json.loads((tmp_path / "d" / "check_equal.json").read_text())
+    assert report["gate_log_ranks"]["ok"] and report["gate_log"]["ranks"] == {"0": 1, "1": 1}
+    with pytest.raises(SystemExit):  # expert parallelism over one rank
+        check_equal.main(["--model", "mixtral", "--enable-expert-parallel", "--out", str(tmp_path / "e")])
 
 
 def test_moe_configs_reach_every_arm_and_the_results(e2e, tmp_path, capsys):

@@ -28,7 +28,15 @@ def engine_args(args) -> argparse.Namespace:
                                "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                                "--output-len", str(args.output_len), "--reps", "1", "--warmup-reps", "0",
                                "--max-model-len", "1024", "--gpu-mem", "0.8", "--arm-timeout", "400",
-                               "--no-preflight"])
+                               "--no-preflight", "--tensor-parallel-size", str(args.tensor_parallel_size)]
+                              + (["--enable-expert-parallel"] if args.enable_expert_parallel else []))
+
+
+def rank_check(gate_log: dict, world: int) -> dict:
+    """Every rank 0..world-1 wrote its gate log (with tensor parallelism every rank routes every token; with
+    expert parallelism each routes its own), and each one's records passed check_gate_logs."""
+    ranks = sorted(gate_log.get("ranks", {}))
+    return {"ok": bool(gate_log.get("ok")) and ranks == list(range(world)), "ranks": ranks, "want": list(range(world))}
 
 
 def main(argv=None) -> int:
@@ -39,11 +47,19 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true", help="skip the second plugin-off run")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs per engine; every rank writes gate_log.rank{R}.jsonl, checked to cover 0..R-1")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="vLLM expert parallelism over those ranks (needs --tensor-parallel-size > 1)")
     args = p.parse_args(argv)
     if args.model == "mixtral":
         args.model = "mixtral-8x7b-4l"
     if args.model not in MODELS:
         raise SystemExit(f"--model={args.model!r} must be one of {sorted(MODELS)}")
+    if args.tensor_parallel_size < 1:
+        p.error(f"--tensor-parallel-size={args.tensor_parallel_size} must be >= 1")
+    if args.enable_expert_parallel and args.tensor_parallel_size < 2:
+        p.error("--enable-expert-parallel needs --tensor-parallel-size > 1")
     if run_e2e.plugin_entry_point() is None:
         raise SystemExit("moekern's vllm.general_plugins entry point is not installed (pip install -e .)")
     out = args.out
@@ -72,14 +88,18 @@ def main(argv=None) -> int:
                                                          min(len(x), len(y)))}
         return {"prompts_differing": len(diff), "of": len(a), "first_difference": first}
 
-    report = {"model": args.model, "routing_vs_off": compare(tokens[0], tokens[-1]),
+    gate_log = run_e2e.check_gate_logs(out / "gate_logs" / "moekern-routing-log")
+    report = {"model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
+              "expert_parallel": args.enable_expert_parallel,
+              "routing_vs_off": compare(tokens[0], tokens[-1]),
               "off_vs_off": None if args.no_baseline else compare(tokens[0], tokens[1]),
-              "gate_log": run_e2e.check_gate_logs(out / "gate_logs" / "moekern-routing-log"),
+              "gate_log": gate_log, "gate_log_ranks": rank_check(gate_log, args.tensor_parallel_size),
               "plugin": results[-1].get("plugin"), "runs": results}
     report["equal"] = report["routing_vs_off"]["prompts_differing"] == 0
     (out / "check_equal.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("equal", "routing_vs_off", "off_vs_off", "gate_log")}, indent=1))
-    return 0 if report["equal"] else 1
+    print(json.dumps({k: report[k] for k in ("equal", "routing_vs_off", "off_vs_off", "gate_log", "gate_log_ranks")},
+                     indent=1))
+    return 0 if report["equal"] and report["gate_log_ranks"]["ok"] else 1
 
 
 if __name__ == "__main__":

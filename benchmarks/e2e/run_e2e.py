@@ -367,8 +367,10 @@ def engine_kwargs(args, arm: str) -> dict:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = args.tensor_parallel_size
-    if args.enable_eplb:  # vLLM: EPLB needs expert parallelism (and TP/DP > 1, checked in check_args)
-        kw.update(enable_expert_parallel=True, enable_eplb=True)
+    if args.enable_expert_parallel or args.enable_eplb:  # EPLB needs expert parallelism (and TP/DP > 1)
+        kw["enable_expert_parallel"] = True
+    if args.enable_eplb:
+        kw["enable_eplb"] = True
     kw.update(ARMS[arm][1])
     return kw
 
@@ -835,6 +837,8 @@ def grid_prefix(args, arm: str) -> str:
         p += f"_b{args.max_num_batched_tokens}"
     if args.tensor_parallel_size > 1:
         p += f"_tp{args.tensor_parallel_size}"
+    if args.enable_expert_parallel and not args.enable_eplb:
+        p += "_ep"
     if args.enable_eplb:
         p += "_eplb1"
     return p
@@ -1457,6 +1461,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM max_num_seqs (CUDA graphs are captured up to it); default 128")
     p.add_argument("--max-num-batched-tokens", type=int, help="vLLM max_num_batched_tokens (default: vLLM's)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="vLLM expert parallelism: the MoE layers' experts split over the --tensor-parallel-size "
+                        "ranks (each rank's gate log then holds its own routed tokens; needs "
+                        "--tensor-parallel-size > 1)")
     p.add_argument("--enable-eplb", action="store_true",
                    help="vLLM expert-parallel load balancing (turns on expert parallelism; needs "
                         "--tensor-parallel-size > 1)")
@@ -1531,6 +1539,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')}={v} must be >= 1")
+    if args.enable_expert_parallel and args.tensor_parallel_size < 2:
+        p.error(f"--enable-expert-parallel needs --tensor-parallel-size > 1 (the ranks the experts are split over); "
+                f"got --tensor-parallel-size={args.tensor_parallel_size}")
     if args.enable_eplb and args.tensor_parallel_size < 2:
         p.error(f"--enable-eplb needs --tensor-parallel-size > 1 (vLLM's EPLB balances across the EP group); "
                 f"got --tensor-parallel-size={args.tensor_parallel_size}")
@@ -1622,7 +1633,8 @@ def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
 
     meta = {"moe_backend": arm, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "eplb": bool(args.enable_eplb),
-            "tensor_parallel_size": args.tensor_parallel_size, "model": args.model,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "expert_parallel": bool(args.enable_expert_parallel or args.enable_eplb), "model": args.model,
             "load_format": args.load_format, "concurrency": args.concurrency, "num_prompts": args.serve_prompts,
             "output_len": args.output_len, "runner": "benchmarks/e2e/run_e2e.py"}
     if args.dataset:
@@ -1703,7 +1715,9 @@ def main(argv=None) -> int:
                                       "shape_sweep": {m: sweep_spec(args, m) for m in ("offline", "serve")},
                                       "serve_warmup_runs": 1},
             "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                       "tensor_parallel_size": args.tensor_parallel_size, "eplb": bool(args.enable_eplb)},
+                       "tensor_parallel_size": args.tensor_parallel_size,
+                       "expert_parallel": bool(args.enable_expert_parallel or args.enable_eplb),
+                       "eplb": bool(args.enable_eplb)},
             "dataset": str(args.dataset) if args.dataset else None,
             "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
             "dummy_router_seed": args.dummy_router_seed,
@@ -1807,11 +1821,14 @@ def check_gate_logs(path: Path) -> dict:
         return {"ok": False, "error": f"no gate log under {path}"}
     bad = sum(1 for r in records if r.top_k and sum(r.expert_counts) != r.num_tokens * r.top_k)
     phases: dict = {}
+    ranks: dict = {}
     for r in records:
         phases[r.phase] = phases.get(r.phase, 0) + 1
+        ranks[r.rank] = ranks.get(r.rank, 0) + 1
     metas = [json.loads(m.read_text()) for m in sorted(path.glob("*.meta.json"))]
     return {"ok": bool(records) and not skipped and not bad, "records": len(records), "skipped_lines": len(skipped),
-            "steps": len({(r.rank, r.step) for r in records}), "phases": phases, "sum_mismatch": bad,
+            "steps": len({(r.rank, r.step) for r in records}), "phases": phases, "ranks": ranks,
+            "sum_mismatch": bad,
             "dropped_steps": sum(m.get("dropped_steps", 0) for m in metas),
             # the recorder's own cost, measured where it is spent (per rank: step hooks on the model's thread,
             # the writer thread's CPU time)
