@@ -316,10 +316,15 @@ void gatelog_snapshot_cpu(const Tensor& counts, const Tensor& host_counts, const
 
 // One step's gate-log JSON lines for the writer thread, built here rather than in Python: for a 58-layer,
 // 256-expert model the Python formatting held the GIL ~1 ms per step, time the thread running the model
-// waits for. torch.ops calls release the GIL, so the writer's formatting no longer competes with it. Line i:
-//   {head}{i}{mid}{floor(sum(row_i[:E_i]) / k_i)}{phase}{k_i},"expert_counts":[row_i[0],...]{tail}{suffix}}
+// waits for (with a top-k sample of 16 tokens, 1.2 ms of wall per step on an H100, session 12:
+// benchmarks/results/gatelog/h100-2026-12-06-s12). torch.ops calls release the GIL, so the writer's
+// formatting no longer competes with it. Line i:
+//   {head}{i}{mid}{floor(sum(row_i[:E_i]) / k_i)}{phase}{k_i},"expert_counts":[row_i[0],...]{tail}{model}
+//   [,"topk_sample":[[ids],...]]{extra}}
 // each followed by a newline; the JSON pieces (json.dumps of the schema, phase, time, model, extra) come from
-// the caller, which keeps the byte-for-byte reference (GateLogRecorder._lines).
+// the caller, which keeps the byte-for-byte reference (GateLogRecorder._lines). The optional sample is the
+// slot's [L, N, K] int32 top-k ids: layer i's rows are their first k_i ids, rows with any id < 0 (unfilled or
+// CUDA-graph padding) dropped, at most max_rows kept (max_rows < 0: all); no kept row, no "topk_sample" key.
 void append_int(std::string& out, int64_t v) {
   char buf[24];
   const auto res = std::to_chars(buf, buf + sizeof(buf), v);
@@ -328,7 +333,8 @@ void append_int(std::string& out, int64_t v) {
 
 Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10::IntArrayRef top_k,
                       const std::string& head, const std::string& mid, const std::string& phase,
-                      const std::string& tail, const std::string& suffix) {
+                      const std::string& tail, const std::string& model, const std::string& extra,
+                      const std::optional<Tensor>& sample_in, int64_t max_rows) {
   TORCH_CHECK(!counts_in.is_cuda() && counts_in.scalar_type() == at::kInt && counts_in.dim() == 2,
               "gatelog_format: counts must be a 2-D int32 host tensor; got ", counts_in.sizes(), " ",
               counts_in.scalar_type(), " on ", counts_in.device());
@@ -337,14 +343,29 @@ Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10
               "gatelog_format: ", L, " rows but ", num_experts.size(), " num_experts and ", top_k.size(), " top_k");
   const Tensor counts = counts_in.contiguous();
   const int32_t* data = counts.data_ptr<int32_t>();
+  Tensor sample;
+  int64_t N = 0, K = 0;
+  if (sample_in.has_value()) {
+    sample = sample_in->contiguous();
+    TORCH_CHECK(!sample.is_cuda() && sample.scalar_type() == at::kInt && sample.dim() == 3 && sample.size(0) == L,
+                "gatelog_format: sample must be a [", L, ", N, K] int32 host tensor; got ", sample.sizes(), " ",
+                sample.scalar_type(), " on ", sample.device());
+    N = sample.size(1);
+    K = sample.size(2);
+  }
+  const int32_t* sdata = sample.defined() ? sample.data_ptr<int32_t>() : nullptr;
   static const char kCounts[] = ",\"expert_counts\":[";
+  static const char kSample[] = ",\"topk_sample\":[";
   std::string out;
-  out.reserve(static_cast<size_t>(L) * (head.size() + mid.size() + phase.size() + tail.size() + suffix.size() + 64) +
-              static_cast<size_t>(L * W) * 5);
+  out.reserve(static_cast<size_t>(L) * (head.size() + mid.size() + phase.size() + tail.size() + model.size() +
+                                        extra.size() + 64) +
+              static_cast<size_t>(L * W) * 5 + static_cast<size_t>(L * N * K) * 4);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t E = num_experts[i], k = top_k[i];
     TORCH_CHECK(E >= 1 && E <= W && k >= 1, "gatelog_format: layer ", i, ": num_experts=", E, " (row width ", W,
                 "), top_k=", k);
+    TORCH_CHECK(sdata == nullptr || k <= K, "gatelog_format: layer ", i, ": top_k=", k, " > the sample's ", K,
+                " ids per row");
     const int32_t* row = data + i * W;
     int64_t sum = 0;
     for (int64_t j = 0; j < E; ++j) sum += row[j];
@@ -362,7 +383,26 @@ Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10
     }
     out += ']';
     out += tail;
-    out += suffix;
+    out += model;
+    if (sdata != nullptr) {
+      int64_t kept = 0;
+      for (int64_t r = 0; r < N && (max_rows < 0 || kept < max_rows); ++r) {
+        const int32_t* ids = sdata + (i * N + r) * K;
+        bool filled = true;
+        for (int64_t j = 0; j < k; ++j) filled = filled && ids[j] >= 0;
+        if (!filled) continue;
+        out += kept ? ",[" : kSample;
+        if (kept == 0) out += '[';
+        for (int64_t j = 0; j < k; ++j) {
+          if (j) out += ',';
+          append_int(out, ids[j]);
+        }
+        out += ']';
+        ++kept;
+      }
+      if (kept) out += ']';
+    }
+    out += extra;
     out += "}\n";
   }
   Tensor bytes = at::empty({static_cast<int64_t>(out.size())}, counts.options().dtype(at::kByte));
@@ -405,7 +445,7 @@ TORCH_LIBRARY(moekern, m) {
   m.def("gatelog_host_mapped(Tensor host) -> bool");
   m.def(
       "gatelog_format(Tensor counts, int[] num_experts, int[] top_k, str head, str mid, str phase, str tail, "
-      "str suffix) -> Tensor");
+      "str model, str extra, Tensor? sample=None, int max_rows=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moekern, CPU, m) {

@@ -288,8 +288,9 @@ def test_fast_lines_equal_record_json(tmp_path_factory, data):
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
-    """moekern._C's gatelog_format (the writer's path for unsampled steps, GIL released) gives byte for byte
-    the Python lines: any JSON text around the counts, int32 extremes, negative sums (floor division)."""
+    """moekern._C's gatelog_format (the writer's path, GIL released) gives byte for byte the Python lines: any
+    JSON text around the counts, int32 extremes, negative sums (floor division), and a top-k sample with
+    unfilled or padding rows (any id < 0), more rows than the step scheduled, no row kept."""
     pytest.importorskip("moekern._C")
     from moekern.vllm.gatelog_writer import _Pending, _format_op
 
@@ -306,13 +307,22 @@ def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
     W = max(E for E, _ in layers)
     ints = st.integers(-2 ** 31, 2 ** 31 - 1) | st.integers(-5, 5)
     rows = [data.draw(st.lists(ints, min_size=W, max_size=W)) for _ in layers]
+    sample = None
+    if data.draw(st.booleans()):
+        K = max(k for _, k in layers) + data.draw(st.integers(0, 1))
+        N = data.draw(st.integers(0, 5))
+        ids = st.integers(-2, 2 ** 31 - 1) | st.integers(-1, 3)
+        sample = torch.tensor([[data.draw(st.lists(ids, min_size=K, max_size=K)) for _ in range(N)] for _ in layers],
+                              dtype=torch.int32).reshape(len(layers), N, K)
     item = _Pending(step=data.draw(st.integers(0, 2 ** 62)), slot=0, event=None,
                     phase=data.draw(st.sampled_from(["decode", "prefill", "mixed"]) | text),
                     scheduled_tokens=data.draw(st.none() | st.integers(0, 5)),
-                    time=data.draw(st.floats(0, 2e9, allow_nan=False)))
+                    time=data.draw(st.floats(0, 2e9, allow_nan=False)),
+                    samples=None if sample is None else sample.tolist())
     head, mid, phase, tail, model, extra_s = rec._pieces(item)
+    rows_kept = -1 if item.scheduled_tokens is None else item.scheduled_tokens
     got = fmt(torch.tensor(rows, dtype=torch.int32), [E for E, _ in layers], [k for _, k in layers], head, mid, phase,
-              tail, model + extra_s)
+              tail, model, extra_s, sample, rows_kept)
     assert got.numpy().tobytes() == ("\n".join(rec._lines(item, rows)) + "\n").encode("utf-8")
 
 
@@ -325,11 +335,15 @@ def test_cpp_formatter_rejects_bad_input():
         pytest.skip("moekern._C without gatelog_format")
     c = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="2 rows but 1 num_experts"):
-        fmt(c, [3], [1, 1], "", "", "", "", "")
+        fmt(c, [3], [1, 1], "", "", "", "", "", "")
     with pytest.raises(RuntimeError, match="num_experts=4"):
-        fmt(c, [3, 4], [1, 1], "", "", "", "", "")
+        fmt(c, [3, 4], [1, 1], "", "", "", "", "", "")
     with pytest.raises(RuntimeError, match="int32"):
-        fmt(c.long(), [3, 3], [1, 1], "", "", "", "", "")
+        fmt(c.long(), [3, 3], [1, 1], "", "", "", "", "", "")
+    with pytest.raises(RuntimeError, match=r"sample must be a \[2, N, K\] int32"):
+        fmt(c, [3, 3], [1, 1], "", "", "", "", "", "", torch.zeros(1, 2, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="top_k=2 > the sample's 1 ids"):
+        fmt(c, [3, 3], [1, 2], "", "", "", "", "", "", torch.zeros(2, 2, 1, dtype=torch.int32))
 
 
 def test_writer_formats_without_holding_the_gil(tmp_path):
@@ -364,7 +378,7 @@ def test_writer_formats_without_holding_the_gil(tmp_path):
             stop.set()
             th.join()
 
-    in_cpp = beside(lambda: fmt(c, [256] * 2000, [8] * 2000, "a", "b", "c", "d", ""))
+    in_cpp = beside(lambda: fmt(c, [256] * 2000, [8] * 2000, "a", "b", "c", "d", "", ""))
     in_python = beside(lambda: "\n".join(",".join(map(str, r)) for r in rows))
     assert in_cpp > 1.2 * in_python
 

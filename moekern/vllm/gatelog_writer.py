@@ -385,15 +385,20 @@ class GateLogRecorder:
         return head, mid, phase, tail, model, extra_s
 
     def _step_bytes(self, item: _Pending) -> bytes:
-        """The step's lines as UTF-8 bytes, newline-terminated. Without a top-k sample, moekern._C's
-        gatelog_format builds them from the pinned slot with the GIL released (for 58 layers x 256 experts the
-        Python below held it ~1 ms per step, time the model's thread waits for); byte for byte what `_lines`
-        gives (property-tested), which stays the path for sampled steps and builds without the op."""
+        """The step's lines as UTF-8 bytes, newline-terminated. moekern._C's gatelog_format builds them from
+        the pinned slot (counts and top-k sample) with the GIL released: for 58 layers x 256 experts the Python
+        below held it ~1 ms per step, time the model's thread waits for (1.2 ms of its wall per step with a
+        16-token sample on an H100, benchmarks/results/gatelog/h100-2026-12-06-s12). Byte for byte what
+        `_lines` gives (property-tested), which stays the path of builds without the op."""
         host = self._host[item.slot]
-        if self._format is not None and not item.sampled:
+        if self._format is not None:
             head, mid, phase, tail, model, extra_s = self._pieces(item)
-            return self._format(host, self._num_experts, self._top_ks, head, mid, phase, tail,
-                                model + extra_s).numpy().tobytes()
+            sample = self._host_sample[item.slot] if item.sampled else None
+            rows = -1 if item.scheduled_tokens is None else max(int(item.scheduled_tokens), 0)
+            return self._format(host, self._num_experts, self._top_ks, head, mid, phase, tail, model, extra_s,
+                                sample, rows).numpy().tobytes()
+        if item.sampled:
+            item.samples = self._host_sample[item.slot].tolist()
         return ("\n".join(self._lines(item, host.tolist())) + "\n").encode("utf-8")
 
     def _lines(self, item: _Pending, rows) -> list[str]:
@@ -481,8 +486,6 @@ class GateLogRecorder:
                 item.event.synchronize()
             else:
                 self._wait_mark(item)
-            if item.sampled:
-                item.samples = self._host_sample[item.slot].tolist()
             data = self._step_bytes(item)  # reads the slot: before it is handed back
         except Exception as exc:  # the thread must live on
             self.stats.write_errors += 1
