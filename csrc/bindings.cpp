@@ -316,7 +316,7 @@ void gatelog_snapshot_cpu(const Tensor& counts, const Tensor& host_counts, const
 
 // One step's gate-log JSON lines for the writer thread, built here rather than in Python: for a 58-layer,
 // 256-expert model the Python formatting held the GIL ~1 ms per step, time the thread running the model
-// waits for (with a top-k sample of 16 tokens, 1.2 ms of wall per step on an H100, session 12:
+// waits for (with a top-k sample of 16 tokens, 1.0-1.2 ms of wall per step on an H100, session 12:
 // benchmarks/results/gatelog/h100-2026-12-06-s12). torch.ops calls release the GIL, so the writer's
 // formatting no longer competes with it. Line i:
 //   {head}{i}{mid}{floor(sum(row_i[:E_i]) / k_i)}{phase}{k_i},"expert_counts":[row_i[0],...]{tail}{model}

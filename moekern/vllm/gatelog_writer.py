@@ -387,7 +387,7 @@ class GateLogRecorder:
     def _step_bytes(self, item: _Pending) -> bytes:
         """The step's lines as UTF-8 bytes, newline-terminated. moekern._C's gatelog_format builds them from
         the pinned slot (counts and top-k sample) with the GIL released: for 58 layers x 256 experts the Python
-        below held it ~1 ms per step, time the model's thread waits for (1.2 ms of its wall per step with a
+        below held it ~1 ms per step, time the model's thread waits for (1.0-1.2 ms of its wall per step with a
         16-token sample on an H100, benchmarks/results/gatelog/h100-2026-12-06-s12). Byte for byte what
         `_lines` gives (property-tested), which stays the path of builds without the op."""
         host = self._host[item.slot]
