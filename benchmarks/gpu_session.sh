@@ -30,7 +30,8 @@
 # stage installs it (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
-# (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}.
+# (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}; folders there are packed
+# into FOLDER.tgz at the end (the device returns 8 files at most; MOEKERN_OUT_TAR=0 keeps them as folders).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: gpu_session.sh STAGE [STAGE...]"; exit 2; }
 OUT=${OUT:-/tmp/moekern-out}
@@ -356,3 +357,15 @@ for stage in "$@"; do
   echo "=== stage $stage ($(date +%T))"
   run_stage "$stage"
 done
+
+# The device brings back at most 8 files from $OUT, none more than 2 folders down: each folder a stage left
+# there (e2e/, tune/, ...) goes back as one FOLDER.tgz (MOEKERN_OUT_TAR=0 keeps the folders, e.g. on a CPU box).
+if [ "${MOEKERN_OUT_TAR:-1}" != 0 ]; then
+  for d in "$OUT"/*/; do
+    [ -d "$d" ] || continue
+    name=$(basename "$d")
+    tar czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -rf "${OUT:?}/$name" && echo "packed $OUT/$name.tgz"
+  done
+  n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  [ "$n" -le 8 ] || echo "warning: $n files in $OUT; the device brings back 8"
+fi
