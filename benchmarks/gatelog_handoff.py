@@ -11,8 +11,9 @@ layer's counts (as the MoE layers do inside vLLM's graphs), end_step. The modes 
 accounting (begin + end, wall and thread CPU), the same numbers the plugin reports from inside vLLM. Each step
 ends with a device sync outside that accounting, as a vLLM step does when it reads the sampled tokens: without
 it the host can run ahead of the replays until the launch queue is full, and whichever call then blocks pays
-for the GPU's backlog (the likely cause of session 11's torch hand-off at the DeepSeek-V3 shape: 4.4 ms of wall
-against 87 us of CPU per step); `--no-step-sync` keeps that back-pressure in, to compare. After the
+for the GPU's backlog (the torch hand-off at the DeepSeek-V3 shape: 4.6 ms of wall against 107 us of CPU per step
+in benchmarks/results/gatelog/h100-2026-12-06-s12/gatelog_handoff_dsv3_nosync.json); `--no-step-sync` keeps that
+back-pressure in, to compare. After the
 run every record is checked against the counts the graph added (exact). On a machine without CUDA it runs the
 same loop on CPU tensors (a smoke run: CPU numbers say nothing about a GPU's driver calls).
 """

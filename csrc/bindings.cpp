@@ -391,8 +391,8 @@ Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10
         bool filled = true;
         for (int64_t j = 0; j < k; ++j) filled = filled && ids[j] >= 0;
         if (!filled) continue;
-        out += kept ? ",[" : kSample;
-        if (kept == 0) out += '[';
+        out += kept ? "," : kSample;
+        out += '[';
         for (int64_t j = 0; j < k; ++j) {
           if (j) out += ',';
           append_int(out, ids[j]);

@@ -367,7 +367,7 @@ def engine_kwargs(args, arm: str) -> dict:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = args.tensor_parallel_size
-    if args.enable_expert_parallel or args.enable_eplb:  # EPLB needs expert parallelism (and TP/DP > 1)
+    if args.enable_expert_parallel:  # also set by --enable-eplb (parse_args): EPLB needs expert parallelism
         kw["enable_expert_parallel"] = True
     if args.enable_eplb:
         kw["enable_eplb"] = True
@@ -1545,6 +1545,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.enable_eplb and args.tensor_parallel_size < 2:
         p.error(f"--enable-eplb needs --tensor-parallel-size > 1 (vLLM's EPLB balances across the EP group); "
                 f"got --tensor-parallel-size={args.tensor_parallel_size}")
+    args.enable_expert_parallel = args.enable_expert_parallel or args.enable_eplb  # EPLB balances EP ranks
     if args.dataset is not None and not args.dataset.is_file():
         p.error(f"--dataset {str(args.dataset)!r} is not a file")
     if args.result is not None and (modes != ["serve"] or len(args.arm_plan["serve"]) != 1):
@@ -1634,7 +1635,7 @@ def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
     meta = {"moe_backend": arm, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "eplb": bool(args.enable_eplb),
             "tensor_parallel_size": args.tensor_parallel_size,
-            "expert_parallel": bool(args.enable_expert_parallel or args.enable_eplb), "model": args.model,
+            "expert_parallel": bool(args.enable_expert_parallel), "model": args.model,
             "load_format": args.load_format, "concurrency": args.concurrency, "num_prompts": args.serve_prompts,
             "output_len": args.output_len, "runner": "benchmarks/e2e/run_e2e.py"}
     if args.dataset:
@@ -1716,7 +1717,7 @@ def main(argv=None) -> int:
                                       "serve_warmup_runs": 1},
             "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "tensor_parallel_size": args.tensor_parallel_size,
-                       "expert_parallel": bool(args.enable_expert_parallel or args.enable_eplb),
+                       "expert_parallel": bool(args.enable_expert_parallel),
                        "eplb": bool(args.enable_eplb)},
             "dataset": str(args.dataset) if args.dataset else None,
             "gate_log_dir": str(args.gate_log_dir) if args.gate_log_dir else None,
