@@ -1,4 +1,4 @@
-"""Analyse one end-to-end run folder (benchmarks/e2e/run_e2e.py output) into RUN_DIR/analysis/:
+"""Analyse one end-to-end run folder (moekern/e2e/run_e2e.py output) into RUN_DIR/analysis/:
 
 - report.md + report_files/*.png: `moekern report RUN_DIR --metadata RUN_DIR/analysis/metadata.json`
   (serving table, imbalance per gate log overall / per phase / per layer, placement advice for EP 2/4/8);
@@ -26,7 +26,7 @@ import numpy as np
 def hand_check(gate_dir: Path) -> list[str]:
     """Plain-Python checks of one gate log (no moekern.metrics), compared with moekern's numbers."""
     from moekern import gatelog
-    from moekern.analysis.metrics import all_metrics
+    from moekern.analysis.imbalance.metrics import all_metrics
 
     recs, skipped = gatelog.read_gate_log(gate_dir)
     bad = [r for r in recs if sum(r.expert_counts) != r.num_tokens * r.top_k]
@@ -58,7 +58,7 @@ def hand_check(gate_dir: Path) -> list[str]:
             f"sum {int(sum(c))} = {r.num_tokens} x {r.top_k}; mean {mean:.4g}, population std {std:.4g}",
             "  " + "; ".join(f"{k}: hand {hand[k]:.6g} / moekern {ours[k]:.6g}" for k in hand)]
     ok = all(math.isclose(hand[k], ours[k], rel_tol=1e-9) or hand[k] == ours[k] for k in hand)
-    out.append(f"- hand values equal moekern.analysis.metrics: {'yes' if ok else 'NO'}")
+    out.append(f"- hand values equal moekern.analysis.imbalance.metrics: {'yes' if ok else 'NO'}")
     return out + [""]
 
 
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args(argv)
     from moekern import gatelog
-    from moekern.analysis.metrics import load_table
-    from moekern.analysis.placement import advise
-    from moekern.analysis.report import imbalance_tables, write_report
+    from moekern.analysis.imbalance.metrics import load_table
+    from moekern.analysis.placement.advice import advise
+    from moekern.analysis.report.html import imbalance_tables, write_report
 
     run = Path(args.run_dir)
     out = run / "analysis"

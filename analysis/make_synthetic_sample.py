@@ -1,6 +1,6 @@
 """Generate the SYNTHETIC sample under moekern/data/synthetic_results/ (tests with known effects).
 
-Nothing here is measured: gate logs are drawn by moekern.analysis.synthetic with a skew tied to each
+Nothing here is measured: gate logs are drawn by moekern.analysis.datasets.synthetic with a skew tied to each
 dataset's predicted score, and serving numbers come from a made-up model (TPOT grows with batch size and
 with imbalance, EPLB trims it, lognormal noise, a few injected outliers). Every file is marked
 "synthetic": true. It is kept because some tests need KNOWN effects (the learned serving predictor must
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moekern.analysis.datasets import generate_datasets
-from moekern.analysis.metrics import load_table, summarize
-from moekern.analysis.synthetic import write_synthetic_gate_log
+from moekern.analysis.datasets.generate import generate_datasets
+from moekern.analysis.imbalance.metrics import load_table, summarize
+from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
 
 ROOT = Path(__file__).resolve().parents[1]
 

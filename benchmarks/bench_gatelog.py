@@ -2,8 +2,8 @@
 `gatelog_snapshot` against torch calls (copy + resets + event). What the model thread pays per step, apart
 from vLLM.
 
-    python benchmarks/gatelog_handoff.py                       # Mixtral-8x7B-4l shape (L=4, E=8), 2000 steps
-    python benchmarks/gatelog_handoff.py --layers 58 --experts 256 --topk-sample 16 --json out.json
+    python benchmarks/bench_gatelog.py                       # Mixtral-8x7B-4l shape (L=4, E=8), 2000 steps
+    python benchmarks/bench_gatelog.py --layers 58 --experts 256 --topk-sample 16 --json out.json
 
 Each "step" is what the plugin does around a forward: begin_step, one CUDA-graph replay that adds every
 layer's counts (as the MoE layers do inside vLLM's graphs), end_step. The modes alternate in blocks of
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from moekern.gatelog import read_gate_log  # noqa: E402
-from moekern.vllm.gatelog_writer import GateLogRecorder  # noqa: E402
+from moekern.gatelog.writer import GateLogRecorder  # noqa: E402
 
 MODES = ("kernel", "torch")
 

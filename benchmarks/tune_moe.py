@@ -1,14 +1,14 @@
 """Tune the grouped-GEMM tiles of moekern.fused_moe on this GPU and print rows for configs.TUNED.
 
-    python -m moekern.experts.tune [--models mixtral,olmoe] [--tokens 1,64,1024] [--json out.json]
-    python -m moekern.experts.tune apply RESULTS.json [--configs PATH] [--min-gain 0.02] [--dry-run]
-    python -m moekern.experts.tune holes [--models ...] [--max-m 1024] [--json out.json]
+    python benchmarks/tune_moe.py [--models mixtral,olmoe] [--tokens 1,64,1024] [--json out.json]
+    python benchmarks/tune_moe.py apply RESULTS.json [--configs PATH] [--min-gain 0.02] [--dry-run]
+    python benchmarks/tune_moe.py holes [--models ...] [--max-m 1024] [--json out.json]
 
 The third form (CPU) looks for holes in the table: decode batch sizes whose row's block_m makes the kernel
 read each used expert's weights clearly more than once (see find_holes). The second form (CPU) merges the winners of benchmarks/tune_moe_shapes.py into the TUNED
 table of configs.py (the block between its BEGIN/END TUNED lines): see merge_tuned / apply_results.
 The pure helpers below (vLLM's default rule for comparison, shape candidates, tile arithmetic, table
-merge and rendering) are shared by that benchmark and tested on CPU in tests/test_experts_tune.py.
+merge and rendering) are shared by that benchmark and tested on CPU in tests/test_tune_moe.py.
 
 For each (model, M) it routes random logits with the model's routing, aligns once per candidate block_m,
 times each GEMM's candidates separately with triton.testing.do_bench (the two GEMMs are independent given
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekern.experts.configs import TUNED, BlockConfig, default_configs, tuned_bucket
+from moekern.experts.configs import TUNED, BlockConfig, default_configs, load_results, merge_tuned, tuned_bucket
 
 H100_SMS = 132
 SMEM_PER_SM = 228 * 1024  # bytes an H100 SM shares among resident programs (227 KiB max for one)
@@ -238,7 +238,7 @@ def find_holes(models, table=None, max_m: int = 1024, ratio: float = 1.25, max_p
 
 
 def main_holes(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moekern.experts.tune holes",
+    ap = argparse.ArgumentParser(prog="python benchmarks/tune_moe.py holes",
                                  description="decode batch sizes where the TUNED table's block_m re-reads expert "
                                              "weights (CPU; candidates for tune_moe_shapes.py)")
     ap.add_argument("--models", default="mixtral,qwen3-30b-a3b,deepseek-v3,olmoe")
@@ -265,32 +265,6 @@ def main_holes(argv) -> int:
 
 
 # ------------------------------------------------------------------ applying measured winners to TUNED
-
-
-def merge_tuned(table, rows, min_gain: float = 0.02):
-    """A new TUNED-shaped table: for each measured row whose best correct candidate beats today's pick by more
-    than min_gain (fractional time), the winner becomes the row of bucket M of its (E, I, H) entry.
-
-    rows: the "rows" of tune_moe_shapes.py's JSON: dicts with E, I, H, M, today_us and best = {gemm1: {..},
-    gemm2: {..}, us: float} (BlockConfig fields); rows without a best or a today_us are skipped. Returns
-    (new_table, applied) where applied lists (E, I, H, M) changed. The input table is not modified."""
-    new = {key: dict(per_m) for key, per_m in table.items()}
-    applied = []
-    for r in rows:
-        best, today = r.get("best"), r.get("today_us")
-        if not best or not today or best.get("us") is None:
-            continue
-        if best["us"] > today * (1 - min_gain):
-            continue
-        g1, g2 = BlockConfig(**best["gemm1"]), BlockConfig(**best["gemm2"])
-        g1.validate("best.gemm1")
-        g2.validate("best.gemm2")
-        if g1.block_m != g2.block_m:
-            raise ValueError(f"row M={r['M']}: best.gemm1.block_m={g1.block_m} != best.gemm2.block_m={g2.block_m}")
-        key = (int(r["E"]), int(r["I"]), int(r["H"]))
-        new.setdefault(key, {})[int(r["M"])] = (g1, g2)
-        applied.append(key + (int(r["M"]),))
-    return new, applied
 
 
 def cfg_source(c: BlockConfig) -> str:
@@ -333,17 +307,6 @@ def rewrite_tuned_source(source: str, table, comments=None) -> str:
         raise ValueError("configs source must hold exactly one '# BEGIN TUNED' ... '# END TUNED' block")
     body = render_tuned(table, comments)
     return _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), source)
-
-
-def load_results(path) -> tuple[dict, list]:
-    """(the JSON's meta or {}, its rows) of a tune_moe_shapes.py result file: {"meta": ..., "rows": [...]} or
-    a bare list of rows. OSError / ValueError (bad JSON, no list of rows) for the caller to report."""
-    with open(path) as f:
-        results = json.load(f)
-    rows = results.get("rows") if isinstance(results, dict) else results
-    if not isinstance(rows, list):
-        raise ValueError("expected a list of rows or {'rows': [...]}")
-    return (results.get("meta") or {}) if isinstance(results, dict) else {}, rows
 
 
 def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, dry_run: bool = False):
@@ -468,7 +431,7 @@ def tune_one(name: str, num_tokens: int, w13, w2, spec, rep_ms: int = 20) -> dic
 def main_apply(argv) -> None:
     import os
 
-    ap = argparse.ArgumentParser(prog="python -m moekern.experts.tune apply",
+    ap = argparse.ArgumentParser(prog="python benchmarks/tune_moe.py apply",
                                  description="merge tune_moe_shapes.py winners into configs.py's TUNED table")
     ap.add_argument("results", help="tune_moe_shapes.json written by benchmarks/tune_moe_shapes.py")
     ap.add_argument("--configs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.py"))

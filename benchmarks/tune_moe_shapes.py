@@ -1,17 +1,17 @@
 """Bounded config search for the fused_moe shapes where moekern loses to vLLM: one GPU call, JSON out,
-TUNED rows to paste (or to apply with `python -m moekern.experts.tune apply`).
+TUNED rows to paste (or to apply with `python benchmarks/tune_moe.py apply`).
 
     python benchmarks/tune_moe_shapes.py --out DIR                      # GPU: the 10 shapes of LOSING_SHAPES
     python benchmarks/tune_moe_shapes.py --shapes mixtral:256,olmoe:256 --max-candidates 12 --budget-s 120
     python benchmarks/tune_moe_shapes.py --explain                      # CPU: tile/padding/wave arithmetic
-    python -m moekern.experts.tune apply DIR/tune_moe_shapes.json       # CPU: merge winners into configs.py
+    python benchmarks/tune_moe.py apply DIR/tune_moe_shapes.json       # CPU: merge winners into configs.py
 
 Per shape (model, M): the inputs are the bench's own (moekern.bench.shapes.make_inputs with the bench's
 seed and max_tokens, sliced to M), so times compare with devres/3 bench rows. vLLM's fused_experts (its
 default config: vLLM 0.26 ships no bf16 H100 file for these shapes) is timed before and after our
 candidates, in the same process, on the same tensors, each a CUDA graph of back-to-back calls
 (moekern.bench.timing.time_calls); the mean of the two vLLM times is the reference, their spread is
-reported as drift. Candidates: moekern.experts.tune.shape_candidates (today's pick, vLLM's default as
+reported as drift. Candidates: tune_moe.shape_candidates (today's pick, vLLM's default as
 our unfused and fused kernel, the heuristic, the next TUNED bucket, one-step neighbours), at most
 --max-candidates (default 8). Correctness: each output's first --ref-rows tokens against
 fused_moe_reference in fp32 (rows are independent, so a row subset is a full check of those rows) and the
@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from moekern.experts.configs import BlockConfig  # noqa: E402
-from moekern.experts.tune import (  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tune_moe import (  # noqa: E402
     LOSING_SHAPES,
     cfg_source,
     from_vllm_config,
@@ -91,7 +92,7 @@ def _vllm_config(try_get, spec, M):
     E, H, inter, k = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.top_k
     ours = vllm_default_bf16(M, E)
     if try_get is None:
-        return ours, "moekern.experts.tune.vllm_default_bf16 (vLLM not importable)"
+        return ours, "tune_moe.vllm_default_bf16 (vLLM not importable)"
     try:
         cfg = dict(try_get((E, 2 * inter, H), (E, H, inter), k, None, M))
     except Exception as exc:  # noqa: BLE001
@@ -249,7 +250,7 @@ def _print_summary(rows) -> None:
     if ratios_t:
         g = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
         print(f"geomean over {len(ratios_t)} shapes: today/vllm {g(ratios_t):.3f}, best/vllm {g(ratios_b):.3f}")
-    print("\n# ---- TUNED rows (paste into moekern/experts/configs.py, or: python -m moekern.experts.tune apply "
+    print("\n# ---- TUNED rows (paste into moekern/experts/configs.py, or: python benchmarks/tune_moe.py apply "
           "JSON) ----")
     for r in rows:
         b = r.get("best")
@@ -335,7 +336,7 @@ def main(argv=None) -> None:
         return
     run(shapes, args.out, args.budget_s, args.max_candidates, args.ref_rows)
     if args.apply:
-        from moekern.experts.tune import apply_results
+        from tune_moe import apply_results
 
         configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moekern", "experts", "configs.py")
         applied, _ = apply_results(os.path.join(args.out, "tune_moe_shapes.json"), configs)

@@ -258,7 +258,7 @@ Tensor unpermute_cuda(const Tensor& expert_output_in, const Tensor& slot_to_row_
 }
 
 
-// ---- gate log: the per-step hand-off (moekern/vllm/gatelog_writer.py) -----------------------------------------
+// ---- gate log: the per-step hand-off (moekern/gatelog/writer.py) -----------------------------------------
 void check_snapshot_args(const Tensor& counts, const Tensor& host_counts, const Tensor& host_mark,
                          const std::optional<Tensor>& sample, const std::optional<Tensor>& host_sample);
 
@@ -438,7 +438,7 @@ TORCH_LIBRARY(moekern, m) {
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
       "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)");
   m.def("unpermute(Tensor expert_output, Tensor slot_to_row, Tensor topk_weights) -> Tensor");
-  // The gate log's per-step hand-off (moekern/vllm/gatelog_writer.py): counts -> host, reset, publish mark.
+  // The gate log's per-step hand-off (moekern/gatelog/writer.py): counts -> host, reset, publish mark.
   m.def(
       "gatelog_snapshot(Tensor(a!) counts, Tensor(b!) host_counts, Tensor(c!) host_mark, int mark, "
       "Tensor(d!)? sample, Tensor(e!)? host_sample) -> ()");

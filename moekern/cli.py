@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "moekern.bench.history",  # bench-history
     "moekern.models.cli",  # models
     "moekern.analysis.cli",  # metrics, steptimes, datasets, predict, validate, placement, sweep, report
-    "moekern.study.cli",  # profile, coactivation, factorial, recommend, project
+    "moekern.analysis.study_cli",  # profile, coactivation, factorial, recommend, project
     "moekern.diffusion.cli",  # diffusion
 )
 

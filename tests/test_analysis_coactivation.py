@@ -1,4 +1,4 @@
-"""moekern.study.coactivation: matrices against a brute-force count, hot/cold rule, fan-out, the
+"""moekern.analysis.imbalance.coactivation: matrices against a brute-force count, hot/cold rule, fan-out, the
 co-activation placement (capacity, load cap, lower fan-out on clustered routing), the CLI."""
 
 import itertools
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekern.study import coactivation as C
+from moekern.analysis.imbalance import coactivation as C
 
 
 def _brute(tokens, e):

@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from moekern.analysis.datasets import generate_datasets
-from moekern.analysis.predictor import DEFAULT_WEIGHTS, ImbalancePredictor, get_tokenizer, load_corpus, read_prompts
-from moekern.analysis.synthetic import write_synthetic_gate_log
-from moekern.analysis.validate import validate
+from moekern.analysis.datasets.generate import generate_datasets
+from moekern.analysis.datasets.predictor import DEFAULT_WEIGHTS, ImbalancePredictor, get_tokenizer, load_corpus, read_prompts
+from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
+from moekern.analysis.datasets.validate import validate
 
 
 def test_corpus_shape():

@@ -1,4 +1,4 @@
-"""moekern.study.factorial: designs, the sweep-runner path (dry run and a real tiny run), ANOVA on
+"""moekern.analysis.study.factorial: designs, the sweep-runner path (dry run and a real tiny run), ANOVA on
 synthetic results with known effects."""
 
 import json
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from moekern.study import factorial as F
+from moekern.analysis.study import factorial as F
 
 
 def test_full_design():
@@ -121,7 +121,7 @@ _FAKE_GRID_RUNNER = r'''
 import argparse, json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1]); argv = sys.argv[2:]
-from moekern.analysis.sweep import grid_point_name, predicted_score_from_name
+from moekern.analysis.study.sweep import grid_point_name, predicted_score_from_name
 p = argparse.ArgumentParser()
 p.add_argument("--arms"); p.add_argument("--concurrency-grid"); p.add_argument("--datasets", default="")
 p.add_argument("--grid-reps", type=int); p.add_argument("--grid-prefix"); p.add_argument("--result-dir")
@@ -184,7 +184,7 @@ def test_client_factors_run_on_one_server_per_server_level_point(tmp_path):
 
 
 def test_grid_estimate_arithmetic(tmp_path):
-    from moekern.analysis.sweep import GridTiming
+    from moekern.analysis.study.sweep import GridTiming
 
     spec = _grid_spec(tmp_path, {"moe_backend": ["vllm"], "concurrency": [8], "dataset": _datasets(tmp_path)},
                       reps=1)
@@ -199,7 +199,7 @@ def test_committed_small_factorial_spec_plans_under_eight_minutes():
     spec = F.load_factorial_spec(SPECS / "factorial_h100_small.yaml")
     assert spec.server_factors == {"moe_backend": ["vllm", "moekern"], "max_num_seqs": [128]}
     assert spec.bench_grid["concurrency"] == [8, 32, 128] and spec.reps == 2
-    from moekern.analysis.sweep import predicted_score_from_name
+    from moekern.analysis.study.sweep import predicted_score_from_name
 
     files = F._datasets(spec)
     scores = [predicted_score_from_name(f) for f in files]
@@ -231,7 +231,7 @@ def test_client_factor_spec_needs_bench_grid_in_command(tmp_path):
 
 
 def test_sweep_bench_grid_checks(tmp_path):
-    from moekern.analysis.sweep import check_bench_grid
+    from moekern.analysis.study.sweep import check_bench_grid
 
     assert check_bench_grid(None) is None
     with pytest.raises(ValueError, match="belong there"):
@@ -248,7 +248,7 @@ def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path, mo
     import math
 
     from moekern.gatelog import GateRecord, write_records
-    from moekern.study import learned
+    from moekern.analysis.study import learned
 
     runs, gl = tmp_path / "runs", tmp_path / "gate_logs" / "moekern" / "server_1"
     runs.mkdir()

@@ -1,4 +1,4 @@
-"""moekern.study.learned + recommend + project + the study report sections."""
+"""moekern.analysis.study.learned + recommend + project + the study report sections."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from moekern.models import get_model
-from moekern.study import learned
-from moekern.study.coactivation import write_synthetic_coactivation_log
+from moekern.analysis.study import learned
+from moekern.analysis.imbalance.coactivation import write_synthetic_coactivation_log
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_concurrency_is_what_can_decode_side_by_side():
 
 
 def test_collect_results_reads_the_clients_concurrency(tmp_path):
-    from moekern.study.factorial import collect_results
+    from moekern.analysis.study.factorial import collect_results
 
     base = {"output_throughput": 100.0, "mean_ttft_ms": 10.0, "mean_tpot_ms": 5.0}
     (tmp_path / "a.json").write_text(json.dumps({**base, "max_concurrency": 8, "moekern": {"max_num_seqs": 64}}))
@@ -136,7 +136,7 @@ def test_training_table_csv_roundtrip_and_unsteady_rows(tmp_path):
 
 
 def test_recommend_with_gate_log(tmp_path):
-    from moekern.study.recommend import format_recommendation, recommend
+    from moekern.analysis.placement.recommend import format_recommendation, recommend
 
     g = write_synthetic_coactivation_log(tmp_path / "g" / "gate_log.rank0.jsonl", num_experts=16, top_k=4,
                                          num_steps=10, tokens_per_step=32)
@@ -159,7 +159,7 @@ def test_recommend_with_gate_log(tmp_path):
 
 
 def test_projection_behaves(tmp_path):
-    from moekern.study.project import (Projection, placements_for, project, project_from_gate_log,
+    from moekern.analysis.placement.project import (Projection, placements_for, project, project_from_gate_log,
                                        project_layer, sample_tokens_from_load)
 
     spec = get_model("dbrx")
@@ -209,7 +209,7 @@ def test_project_and_recommend_cli(tmp_path):
 def test_report_gets_study_sections(tmp_path):
     import shutil
 
-    from moekern.analysis.report import build_report, render_html, render_markdown
+    from moekern.analysis.report.html import build_report, render_html, render_markdown
 
     root = tmp_path / "res"
     shutil.copytree(learned.sample_results_dir(), root)

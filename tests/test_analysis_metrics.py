@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekern.analysis import metrics as M
-from moekern.analysis import serving as S
+from moekern.analysis.imbalance import metrics as M
+from moekern.analysis.serving import metrics as S
 from moekern.analysis import stats
 from moekern.gatelog import GateRecord, write_records
 

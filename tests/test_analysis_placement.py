@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from moekern.analysis import metrics as M
-from moekern.analysis.placement import (advise, contiguous_p2l, greedy_p2l, replicate_p2l, round_robin_p2l,
+from moekern.analysis.imbalance import metrics as M
+from moekern.analysis.placement.advice import (advise, contiguous_p2l, greedy_p2l, replicate_p2l, round_robin_p2l,
                                         weight_bytes_per_gpu)
 from moekern.models import get_model
 
@@ -106,7 +106,7 @@ def test_memory_is_the_models_estimator(name, ep, red, attn_tp):
 
 
 def test_placement_cli(tmp_path, capsys):
-    from moekern.analysis.synthetic import write_synthetic_gate_log
+    from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
     from moekern.cli import main
 
     write_synthetic_gate_log(tmp_path / "g" / "gate_log.rank0.jsonl", num_steps=20, num_experts=8, skew=0.6)

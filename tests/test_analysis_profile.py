@@ -1,11 +1,11 @@
-"""moekern.study.profile: classifier rules, torch.profiler path on CPU, trace reader, ncu CSV parser,
+"""moekern.analysis.study.profile: classifier rules, torch.profiler path on CPU, trace reader, ncu CSV parser,
 missing-tool messages."""
 
 import json
 
 import pytest
 
-from moekern.study import profile as P
+from moekern.analysis.study import profile as P
 
 
 @pytest.mark.parametrize("name,cat", [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moekern.analysis.sweep import load_spec, plan, run_sweep
+from moekern.analysis.study.sweep import load_spec, plan, run_sweep
 
 SAMPLE = Path(__file__).resolve().parents[1] / "moekern" / "data" / "sample_results"  # real, one H100 run
 SYNTHETIC = Path(__file__).resolve().parents[1] / "moekern" / "data" / "synthetic_results"  # known effects
@@ -72,8 +72,8 @@ def test_sweep_plan_dry_run_and_resume(tmp_path, capsys):
     assert run_sweep(spec, progress=False) == {"planned": 8, "skipped": 8, "ran": 0, "failed": 0}  # resume
 
     # the results feed load_runs: CV attached from each run's gate log
-    from moekern.analysis.metrics import cv
-    from moekern.analysis.serving import load_runs
+    from moekern.analysis.imbalance.metrics import cv
+    from moekern.analysis.serving.metrics import load_runs
 
     runs, _ = load_runs(spec.out_dir)
     assert len(runs) == 8 and all(r.measured_cv == pytest.approx(cv([6, 2, 0, 0])) for r in runs)
@@ -175,7 +175,7 @@ def test_report_html_from_synthetic_grid(tmp_path):
 def test_report_degrades_on_thin_data(tmp_path):
     """Two runs of one backend with one max-num-seqs value and no gate logs: no trend plot, no interval,
     each absence said in words."""
-    from moekern.analysis.report import build_report, render_markdown
+    from moekern.analysis.report.html import build_report, render_markdown
 
     for i, tpot in enumerate((5.0, 6.0)):
         (tmp_path / f"r{i}.json").write_text(json.dumps({"mean_tpot_ms": tpot, "mean_ttft_ms": 50.0,
@@ -194,8 +194,8 @@ def test_report_degrades_on_thin_data(tmp_path):
 def test_report_reads_run_e2e_layout(tmp_path):
     """serve_<arm>.bench.json without a moekern block: backend from the name, engine from e2e_*.json,
     gate logs from gate_logs/<arm>/ (CV attached)."""
-    from moekern.analysis.metrics import cv
-    from moekern.analysis.serving import load_runs
+    from moekern.analysis.imbalance.metrics import cv
+    from moekern.analysis.serving.metrics import load_runs
 
     (tmp_path / "serve_moekern.bench.json").write_text(json.dumps({"backend": "vllm", "mean_tpot_ms": 5.0, "duration": 1.0}))
     (tmp_path / "serve_vllm.bench.json").write_text(json.dumps({"backend": "vllm", "mean_tpot_ms": 6.0, "duration": 1.0}))
@@ -219,7 +219,7 @@ def test_report_reads_run_e2e_layout(tmp_path):
 
 
 def test_report_markdown_from_sweep_output(tmp_path):
-    from moekern.analysis.report import write_report
+    from moekern.analysis.report.html import write_report
 
     spec = load_spec(_spec(tmp_path, [8, 16]))
     run_sweep(spec, progress=False)
@@ -232,7 +232,7 @@ def test_report_markdown_from_sweep_output(tmp_path):
 
 
 def test_sweep_collects_from_run_dir(tmp_path):
-    # a runner that writes a folder (like benchmarks/e2e/run_e2e.py --out DIR) instead of one result file
+    # a runner that writes a folder (like moekern/e2e/run_e2e.py --out DIR) instead of one result file
     (tmp_path / "r.py").write_text("import json, sys, pathlib\n"
                                    "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)\n"
                                    "(d / 'serve_moekern.bench.json').write_text(json.dumps({'mean_tpot_ms': 5.0}))\n")

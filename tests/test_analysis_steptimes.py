@@ -1,4 +1,4 @@
-"""moekern.analysis.steptimes and `moekern steptimes`: step wall times from gate-log time stamps."""
+"""moekern.analysis.serving.steptimes and `moekern steptimes`: step wall times from gate-log time stamps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moekern.analysis import steptimes as stt
+from moekern.analysis.serving import steptimes as stt
 from moekern.cli import main
 from moekern.gatelog import GateRecord, write_records
 

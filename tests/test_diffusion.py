@@ -488,8 +488,8 @@ def _write_log(path, rows, phase, top_k, model="m"):
 def test_compare_routing_known_values(tmp_path):
     import math
 
-    from moekern.analysis.metrics import cv
-    from moekern.diffusion.compare import compare_routing, write_comparison
+    from moekern.analysis.imbalance.metrics import cv
+    from moekern.analysis.diffusion import compare_routing, write_comparison
 
     # AR log: a prefill step (dropped: only decode is kept) and two decode steps, E=4, k=2, 2 layers
     ar = _write_log(tmp_path / "ar" / "gate_log.rank0.jsonl", [(0, [[8, 8, 8, 8], [8, 8, 8, 8]])], "prefill", 2,
@@ -518,7 +518,7 @@ def test_compare_routing_known_values(tmp_path):
 
 def test_compare_routing_refuses_shape_mismatch(tmp_path):
     from moekern.cli import main
-    from moekern.diffusion.compare import compare_routing
+    from moekern.analysis.diffusion import compare_routing
 
     ar = _write_log(tmp_path / "ar.jsonl", [(0, [[1, 1, 1, 1, 0, 0, 0, 0]])], "decode", 2, model="mixtral-4l")
     dif = _write_log(tmp_path / "dif.jsonl", [(0, [[2] * 16])], "diffusion", 4, model="llada")

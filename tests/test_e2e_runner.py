@@ -1,4 +1,4 @@
-"""benchmarks/e2e/run_e2e.py without vLLM: argument parsing, the engine kwargs, the `vllm serve` and `vllm
+"""moekern/e2e/run_e2e.py without vLLM: argument parsing, the engine kwargs, the `vllm serve` and `vllm
 bench serve` command lines it builds, dataset prompts, the --result metadata the analysis groups by, and the
 sweep example spec rendering commands the runner accepts."""
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-E2E = REPO / "benchmarks" / "e2e"
+E2E = REPO / "moekern" / "e2e"
 
 
 def _script_module(name: str, path: Path):
-    """Import a benchmarks/e2e script as module `name` for one test module's lifetime (a generator for a
+    """Import a moekern/e2e script as module `name` for one test module's lifetime (a generator for a
     fixture). Registered in sys.modules while in use: its dataclasses look their module up there."""
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -171,7 +171,7 @@ def test_gate_log_dir_and_env(e2e, tmp_path, monkeypatch):
 
 
 def test_result_metadata_is_what_the_analysis_groups_by(e2e, dataset, tmp_path):
-    from moekern.analysis.serving import GROUP_KEYS, load_runs
+    from moekern.analysis.serving.metrics import GROUP_KEYS, load_runs
 
     res = tmp_path / "runs" / "p.json"
     gdir = tmp_path / "gate_logs" / "p"
@@ -199,7 +199,7 @@ def test_result_metadata_is_what_the_analysis_groups_by(e2e, dataset, tmp_path):
 def test_sweep_example_renders_the_real_command(e2e, dataset, capsys):
     """Every point of analysis/specs/sweep_example.yaml is a command run_e2e.py accepts, with the point's
     values in the engine it would start."""
-    from moekern.analysis.sweep import load_spec, plan, run_sweep
+    from moekern.analysis.study.sweep import load_spec, plan, run_sweep
 
     spec = load_spec(REPO / "analysis" / "specs" / "sweep_example.yaml")
     assert spec.collect is None
@@ -219,7 +219,7 @@ def test_sweep_example_renders_the_real_command(e2e, dataset, capsys):
     spec.out_dir = Path("/nonexistent/sweep")  # dry run: prints, touches nothing
     run_sweep(spec, dry_run=True)
     out = capsys.readouterr().out
-    assert f"[todo] {points[0].run_id}: python ../../benchmarks/e2e/run_e2e.py" in out
+    assert f"[todo] {points[0].run_id}: python ../../moekern/e2e/run_e2e.py" in out
     assert f"--result /nonexistent/sweep/runs/{points[0].run_id}.json" in out
     assert out.count("run_e2e.py --model mixtral-8x7b-4l --mode serve --arms") == len(points)
 
@@ -227,7 +227,7 @@ def test_sweep_example_renders_the_real_command(e2e, dataset, capsys):
 def test_sweep_keeps_runner_metadata(tmp_path):
     """A runner's own 'moekern' block (run_e2e --result) survives the sweep's annotation, which adds only
     the keys it lacks."""
-    from moekern.analysis.sweep import load_spec, run_sweep
+    from moekern.analysis.study.sweep import load_spec, run_sweep
 
     (tmp_path / "r.py").write_text(
         "import json, sys, pathlib\n"
@@ -245,7 +245,7 @@ def test_sweep_keeps_runner_metadata(tmp_path):
 @pytest.mark.parametrize("name", ["mixtral-8x7b-4l", "qwen3-30b-a3b-8l", "olmoe-1b-7b", "deepseek-v2-lite-8l",
                                   "deepseek-v3-2l"])
 def test_committed_configs_are_current_and_load(e2e, name):
-    """benchmarks/e2e/configs/*/config.json are what make_configs.py writes today (hf_config of the registry
+    """moekern/e2e/configs/*/config.json are what make_configs.py writes today (hf_config of the registry
     for the registry models), and transformers reads them with the registry's shapes."""
     transformers = pytest.importorskip("transformers")
     import make_configs  # on sys.path through run_e2e
@@ -270,7 +270,7 @@ def test_committed_configs_are_current_and_load(e2e, name):
 def test_gpuenv_fixup_patches_flash_attn_raise_once(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpuenv_fixups", REPO / "benchmarks" / "gpuenv_fixups.py")
+    spec = importlib.util.spec_from_file_location("gpuenv_fixups", REPO / "tools" / "gpu" / "gpuenv_fixups.py")
     fix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fix)
     pkg = tmp_path / "vllm" / "vllm_flash_attn"
@@ -287,7 +287,7 @@ def test_gpuenv_fixup_patches_flash_attn_raise_once(tmp_path):
     assert fix.patch_flash_attn(tmp_path / "missing").startswith("skip")
 
 
-# ---- preflight (benchmarks/e2e/preflight.py) and the runner's use of it -------------------------------------
+# ---- preflight (moekern/e2e/preflight.py) and the runner's use of it -------------------------------------
 VLLM_REF = Path(__import__("os").environ.get("MOEKERN_VLLM_REF", "/work/ref/vllm"))
 
 
@@ -404,7 +404,7 @@ class _Proc:
 def test_run_preflight_reports_failures(e2e):
     args = e2e.parse_args(["--quick", "--mode", "both", "--arms", "vllm,moekern"])
     cmd = e2e.preflight_command(args)
-    assert cmd[1].endswith("benchmarks/e2e/preflight.py")
+    assert cmd[1].endswith("moekern/e2e/preflight.py")
     assert cmd[2:] == ["--arms", "vllm,moekern", "--mode", "both", "--model", "mixtral-8x7b-4l"]
     seen = {}
 
@@ -1030,7 +1030,7 @@ def test_grid_points_names_and_order(e2e, tmp_path):
     assert pts[0]["name"] == "moekern_s128_c8_d000_0.2000_r0"
     assert pts[-1]["result"] == tmp_path / "runs" / "moekern_s128_c32_d001_0.8000_r1.json"
     assert len({p["name"] for p in pts}) == len(pts)
-    from moekern.analysis.sweep import grid_point_name
+    from moekern.analysis.study.sweep import grid_point_name
 
     assert grid_point_name("x", 8, None, 0) == "x_c8_drandom_r0"
 
@@ -1039,7 +1039,7 @@ def test_grid_plan_text_and_timing_constants(e2e, tmp_path):
     args, _ = _grid_args(e2e, tmp_path, ["--no-preflight"])
     text = e2e.plan_text(args)
     assert "plan serve grid: 1 arm(s)" in text and "8 benches per server" in text
-    from moekern.analysis.sweep import GridTiming, bench_run_seconds, grid_plan_seconds
+    from moekern.analysis.study.sweep import GridTiming, bench_run_seconds, grid_plan_seconds
 
     t, g = e2e.grid_timing(), GridTiming()
     # the sweep's defaults are this runner's measured constants (one source of numbers for both estimates)
@@ -1201,7 +1201,7 @@ def test_serve_grid_whole_path_with_fake_server_and_bench(e2e, tmp_path, monkeyp
     assert m["dataset_path"] == str(ds[1]) and m["bench_start"] < m["bench_end"]
     assert m["gate_log_window"] == [m["bench_start"], m["bench_end"]] and m["steady_state"] is True
     assert m["jit_during_measurement"] == 0 and res["output_throughput"] == 800.0
-    from moekern.analysis.serving import load_runs
+    from moekern.analysis.serving.metrics import load_runs
 
     runs, skipped = load_runs(tmp_path / "in" / "runs")
     assert not skipped and len(runs) == 4
@@ -1408,7 +1408,7 @@ def test_pool_runs(pool, tmp_path, capsys):
 
 
 def test_check_gate_logs_reports_the_recorders_cost(e2e, tmp_path):
-    from moekern.vllm.gatelog_writer import GateLogRecorder
+    from moekern.gatelog.writer import GateLogRecorder
 
     rec = GateLogRecorder(tmp_path, rank=0)
     rec.register_layer("l0", 4, 2)

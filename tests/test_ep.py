@@ -331,6 +331,6 @@ def test_nccl_path_single_rank_gpu():
 @pytest.mark.gpu
 def test_vllm_adapter_identity_w1():
     pytest.importorskip("vllm", reason="skipped: vllm is not installed")
-    from moekern.ep.vllm_adapter import check_adapter_matches_no_ep
+    from moekern.vllm.ep_adapter import check_adapter_matches_no_ep
 
     check_adapter_matches_no_ep(device="cuda")

@@ -1,4 +1,4 @@
-"""moekern.ep.vllm_adapter: vLLM 0.26's modular prepare/finalize routed through moekern.ep.
+"""moekern.vllm.ep_adapter: vLLM 0.26's modular prepare/finalize routed through moekern.ep.
 
 CPU (no vLLM): the adapter's pure-torch pieces against moekern.ep.reference, at W = 1 in process and
 W = 2 on gloo (ids handed back in vLLM's global convention must map, through vLLM's linear expert_map,
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekern.ep.reference import apply_experts, combine_reference, dispatch_reference
-from moekern.ep.vllm_adapter import (
+from moekern.vllm.ep_adapter import (
     check_expert_map,
     ep_finalize,
     ep_prepare,
@@ -400,6 +400,6 @@ def test_vllm_modular_kernel_w1(shape, M, one_rank_group):
 @pytest.mark.gpu
 def test_vllm_adapter_prepare_finalize_identity_w1(one_rank_group):
     """prepare/finalize alone (synthetic experts) equals vLLM's no-EP prepare/finalize, bit for bit."""
-    from moekern.ep.vllm_adapter import check_adapter_matches_no_ep
+    from moekern.vllm.ep_adapter import check_adapter_matches_no_ep
 
     check_adapter_matches_no_ep(device="cuda")

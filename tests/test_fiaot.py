@@ -1,4 +1,4 @@
-"""benchmarks/fiaot.sh: FlashInfer's prebuilt MoE module packed here, reassembled and installed on the GPU machine.
+"""tools/gpu/fiaot.sh: FlashInfer's prebuilt MoE module packed here, reassembled and installed on the GPU machine.
 
 Runs the script itself (bash, gzip, split, sha256sum) on a stand-in .so: the parts arriving over two device
 calls, a corrupted part, and the install into every FlashInfer directory present.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fiaot.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu" / "fiaot.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("split") is None,
                                 reason="needs bash and coreutils")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import torch
 
 from moekern.gatelog import SCHEMA, read_gate_log
-from moekern.vllm.gatelog_writer import GateLogRecorder
+from moekern.gatelog.writer import GateLogRecorder
 
 
 def _wait_for_lines(path, n, timeout=5.0):
@@ -216,7 +216,7 @@ def test_topk_sample_off_by_default_and_feeds_the_study(tmp_path):
     assert all(r.topk_sample is None for r in records)
     assert "topk_sample" not in rec.path.read_text()
 
-    from moekern.study.coactivation import load_coactivation
+    from moekern.analysis.imbalance.coactivation import load_coactivation
 
     rec = _recorder(tmp_path / "on", topk_sample=8)
     ids = torch.tensor([[0, 1], [0, 1], [2, 3]], dtype=torch.int32)
@@ -263,7 +263,7 @@ def test_reader_reads_gzipped_logs_and_reports_a_truncated_one(tmp_path):
 def test_fast_lines_equal_record_json(tmp_path_factory, data):
     """The writer's string-built lines are exactly GateRecord.to_json of the same step (model name, phase
     with characters JSON escapes, extras, CUDA-graph padding in the top-k sample)."""
-    from moekern.vllm.gatelog_writer import _Pending
+    from moekern.gatelog.writer import _Pending
 
     text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
     rec = GateLogRecorder(tmp_path_factory.mktemp("g"), rank=data.draw(st.sampled_from([None, 0, 3])),
@@ -292,7 +292,7 @@ def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
     JSON text around the counts, int32 extremes, negative sums (floor division), and a top-k sample with
     unfilled or padding rows (any id < 0), more rows than the step scheduled, no row kept."""
     pytest.importorskip("moekern._C")
-    from moekern.vllm.gatelog_writer import _Pending, _format_op
+    from moekern.gatelog.writer import _Pending, _format_op
 
     fmt = _format_op()
     if fmt is None:
@@ -328,7 +328,7 @@ def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
 
 def test_cpp_formatter_rejects_bad_input():
     pytest.importorskip("moekern._C")
-    from moekern.vllm.gatelog_writer import _format_op
+    from moekern.gatelog.writer import _format_op
 
     fmt = _format_op()
     if fmt is None:
@@ -352,7 +352,7 @@ def test_writer_formats_without_holding_the_gil(tmp_path):
     import os
 
     pytest.importorskip("moekern._C")
-    from moekern.vllm.gatelog_writer import _format_op
+    from moekern.gatelog.writer import _format_op
 
     fmt = _format_op()
     if fmt is None:
@@ -385,7 +385,7 @@ def test_writer_formats_without_holding_the_gil(tmp_path):
 
 def test_fast_lines_are_faster(tmp_path):
     """What the change is for: the writer thread holds the GIL a shorter time per step."""
-    from moekern.vllm.gatelog_writer import _Pending
+    from moekern.gatelog.writer import _Pending
 
     rec = GateLogRecorder(tmp_path, rank=0, model="/models/mixtral", extra={"tp_rank": 0})
     for i in range(32):
@@ -576,11 +576,11 @@ def test_paused_recorder_writes_nothing_and_resumes_clean(tmp_path):
 
 
 def test_handoff_benchmark_runs_both_modes_exactly(tmp_path):
-    """benchmarks/gatelog_handoff.py on CPU tensors: both hand-offs, every record exact, JSON written."""
+    """benchmarks/bench_gatelog.py on CPU tensors: both hand-offs, every record exact, JSON written."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gatelog_handoff.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gatelog.py"
     spec = importlib.util.spec_from_file_location("gatelog_handoff", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,4 +1,4 @@
-"""CPU tests of the tuning helpers (moekern.experts.tune) and benchmarks/tune_moe_shapes.py's CPU parts:
+"""CPU tests of the tuning helpers (benchmarks/tune_moe.py) and benchmarks/tune_moe_shapes.py's CPU parts:
 vLLM's default rule as we read it, candidate sets, tile arithmetic against a brute-force count over
 moekern.align's output, and merging a synthetic results JSON into configs.py's TUNED block."""
 
@@ -17,10 +17,11 @@ import torch
 import moekern
 from moekern.experts import BlockConfig
 from moekern.experts import configs as cfgmod
-from moekern.experts import tune
 from moekern.models import get_model
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import tune_moe as tune  # noqa: E402  (the tuner is a benchmark script, not part of the package)
 B = BlockConfig
 
 
@@ -250,7 +251,7 @@ def test_mixtral_decode_rows_read_each_expert_once():
 
 # ---- holes in the table (CPU) --------------------------------------------------------------------------------
 def test_decode_sizes_and_expected_weight_reads():
-    from moekern.experts import tune
+    import tune_moe as tune
 
     sizes = tune.decode_sizes(64)
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 64 and all(s % 8 == 0 for s in sizes[3:])
@@ -264,7 +265,7 @@ def test_decode_sizes_and_expected_weight_reads():
 
 def test_find_holes_catches_session_7s_mixtral_m128():
     """The table as it was in session 7 (Mixtral rows 1/64/1024): M = 128 took the M = 64 row's block_m 32."""
-    from moekern.experts import tune
+    import tune_moe as tune
     from moekern.experts.configs import TUNED, BlockConfig
 
     key = (8, 14336, 4096)
@@ -281,7 +282,7 @@ def test_find_holes_catches_session_7s_mixtral_m128():
 def test_holes_cli_writes_json(tmp_path, capsys):
     import json as _json
 
-    from moekern.experts import tune
+    import tune_moe as tune
 
     out = tmp_path / "holes.json"
     assert tune.main(["holes", "--models", "olmoe", "--max-m", "256", "--json", str(out)]) == 0

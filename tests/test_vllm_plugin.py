@@ -676,7 +676,7 @@ def test_plugin_on_real_vllm_026_objects_cpu(tmp_path):
 def test_e2e_routing_equals_vllm_greedy(tmp_path):
     """MOEKERN_KERNELS=routing gives vLLM's greedy tokens on the dummy-weight Mixtral (and logs gates)."""
     out = tmp_path / "eq"
-    cmd = [sys.executable, str(REPO / "benchmarks/e2e/check_equal.py"), "--model", "mixtral", "--out", str(out)]
+    cmd = [sys.executable, str(REPO / "moekern/e2e/check_equal.py"), "--model", "mixtral", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((out / "check_equal.json").read_text())

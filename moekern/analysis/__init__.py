@@ -1,10 +1,18 @@
 """Load-imbalance and serving analysis: metrics, datasets and predictor, placement advice, sweeps, report.
 
 Runs without vLLM and without a GPU, and none of these modules imports torch (numpy/pandas/scipy/
-matplotlib only, the last three inside the functions that need them). Submodules:
-metrics (imbalance metrics, gate-log loading), serving (vLLM bench JSON), stats (bootstrap, IQR,
-Spearman), predictor (ImbalancePredictor, query corpus), datasets, validate, placement, sweep, report,
-synthetic (test/sample data only).
+matplotlib only, the last three inside the functions that need them). One subpackage per question:
+
+- imbalance/   how uneven is routing: metrics (CV, max/min, max/mean, entropy, Gini; gate-log loading),
+               coactivation (which experts fire together)
+- serving/     what it costs in serving: metrics (vLLM bench JSON: TTFT, TPOT, throughput), steptimes
+- datasets/    prompt sets with controlled imbalance: generate, predictor (ImbalancePredictor), validate,
+               synthetic (test and sample data only)
+- placement/   where experts should live: advice (expert->rank maps), project (multi-node projection),
+               recommend (layout advice with the learned predictor)
+- study/       designed experiments: sweep, factorial (ANOVA), learned (serving predictor), profile
+- report/      html (one report from gate logs + bench results), study (the study's figures)
+- diffusion    AR vs diffusion routing comparison;  stats, plotting: shared helpers
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "cv": "metrics", "max_min": "metrics", "max_mean": "metrics", "normalized_entropy": "metrics", "gini": "metrics",
-    "all_metrics": "metrics", "rank_loads": "metrics", "load_table": "metrics", "summarize": "metrics",
-    "LoadTable": "metrics", "ImbalancePredictor": "predictor", "generate_datasets": "datasets",
-    "advise": "placement", "load_runs": "serving", "parse_bench_result": "serving", "write_report": "report",
+    **{n: "imbalance.metrics" for n in ("cv", "max_min", "max_mean", "normalized_entropy", "gini", "all_metrics",
+                                         "rank_loads", "load_table", "summarize", "LoadTable")},
+    "ImbalancePredictor": "datasets.predictor", "generate_datasets": "datasets.generate",
+    "advise": "placement.advice", "load_runs": "serving.metrics", "parse_bench_result": "serving.metrics",
+    "write_report": "report.html",
 }
 
 __all__ = list(_LAZY)

@@ -112,7 +112,7 @@ def _fmt(x: float) -> str:
 def _metrics(args) -> int:
     if args.bench:
         return _bench_metrics(args)
-    from moekern.analysis.metrics import load_table, rank_load_summary, summarize
+    from moekern.analysis.imbalance.metrics import load_table, rank_load_summary, summarize
 
     max_tokens = None if args.no_filter else args.max_tokens
     table = load_table(args.path, phase=args.phase)
@@ -121,7 +121,7 @@ def _metrics(args) -> int:
     if args.ep_size:
         e2r = p2l = None
         if args.placement == "round_robin":
-            from moekern.analysis.metrics import round_robin_map
+            from moekern.analysis.imbalance.metrics import round_robin_map
 
             e2r = round_robin_map(table.num_experts, args.ep_size)
         elif args.placement != "contiguous":
@@ -150,7 +150,7 @@ def _metrics(args) -> int:
 def _steptimes(args) -> int:
     from pathlib import Path
 
-    from moekern.analysis import steptimes as stt
+    from moekern.analysis.serving import steptimes as stt
 
     if args.gap_s <= 0:
         print(f"moekern steptimes: --gap-s={args.gap_s} must be > 0", file=sys.stderr)
@@ -197,7 +197,7 @@ def _steptimes(args) -> int:
 def _bench_metrics(args) -> int:
     from pathlib import Path
 
-    from moekern.analysis.serving import group_runs, load_runs, parse_bench_result
+    from moekern.analysis.serving.metrics import group_runs, load_runs, parse_bench_result
 
     p = Path(args.path)
     if p.is_file():
@@ -217,8 +217,8 @@ def _bench_metrics(args) -> int:
 
 
 def _datasets_generate(args) -> int:
-    from moekern.analysis.datasets import generate_datasets
-    from moekern.analysis.predictor import ImbalancePredictor
+    from moekern.analysis.datasets.generate import generate_datasets
+    from moekern.analysis.datasets.predictor import ImbalancePredictor
 
     pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
     if pred.tokenizer.is_fallback:
@@ -232,7 +232,7 @@ def _datasets_generate(args) -> int:
 
 
 def _predict(args) -> int:
-    from moekern.analysis.predictor import ImbalancePredictor, read_prompts
+    from moekern.analysis.datasets.predictor import ImbalancePredictor, read_prompts
 
     pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
     results = {}
@@ -253,7 +253,7 @@ def _predict(args) -> int:
 
 
 def _validate(args) -> int:
-    from moekern.analysis.validate import validate
+    from moekern.analysis.datasets.validate import validate
 
     res = validate(args.datasets_dir, args.gate_logs_dir, args.max_tokens, n_boot=args.n_boot)
     if args.json:
@@ -268,8 +268,8 @@ def _validate(args) -> int:
 
 
 def _placement(args) -> int:
-    from moekern.analysis.metrics import load_table
-    from moekern.analysis.placement import advise
+    from moekern.analysis.imbalance.metrics import load_table
+    from moekern.analysis.placement.advice import advise
 
     model = None
     if args.model:
@@ -300,7 +300,7 @@ def _placement(args) -> int:
 
 
 def _sweep(args) -> int:
-    from moekern.analysis.sweep import load_spec, run_sweep
+    from moekern.analysis.study.sweep import load_spec, run_sweep
 
     try:
         summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress)
@@ -315,7 +315,7 @@ def _sweep(args) -> int:
 def _report(args) -> int:
     from pathlib import Path
 
-    from moekern.analysis.report import write_report
+    from moekern.analysis.report.html import write_report
 
     src = args.results_dir
     if src is None:

@@ -1,7 +1,7 @@
 """Routing imbalance per denoising step next to the autoregressive decode of a same-shape model (issue 13).
 
 Inputs are two gate logs (moekern.gatelog/1, a file or a folder of gate_log*.jsonl):
-- the AR side: an end-to-end vLLM run's log (benchmarks/e2e/run_e2e.py; its "decode" steps are kept), and
+- the AR side: an end-to-end vLLM run's log (moekern/e2e/run_e2e.py; its "decode" steps are kept), and
 - the diffusion side: `moekern diffusion generate --gate-log` or `moekern diffusion bench --gate-logs`
   (phase "diffusion": one step = one denoising forward).
 
@@ -13,7 +13,7 @@ different number of MoE layers (today's e2e runs use 4-layer models) is labelled
 averaged over layers.
 
 Steps of different sizes are made comparable through the sampling-noise floor
-(moekern.analysis.metrics.uniform_routing_cv: the CV a perfectly fair router shows at n tokens per step):
+(moekern.analysis.imbalance.metrics.uniform_routing_cv: the CV a perfectly fair router shows at n tokens per step):
 each side reports its per-step CV and its CV / floor.
 
 What random weights can show: nothing about a trained model's routing (the diffusion engine's random
@@ -101,7 +101,7 @@ def _f(x) -> str:
 def load_side(path, phase: str, label: str, max_tokens: int | None = None) -> RoutingSide:
     """Read one gate log and keep the records of `phase` (and steps <= max_tokens tokens when given)."""
     from moekern import gatelog
-    from moekern.analysis.metrics import cv, load_table, summarize, uniform_routing_cv
+    from moekern.analysis.imbalance.metrics import cv, load_table, summarize, uniform_routing_cv
 
     records, _ = gatelog.read_gate_log(path)
     recs = [r for r in records if r.phase == phase]

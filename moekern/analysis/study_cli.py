@@ -113,7 +113,7 @@ def _clean(obj):
 
 
 def _profile(args) -> int:
-    from moekern.study import profile as P
+    from moekern.analysis.study import profile as P
 
     wl = ["--kind", args.kind, "--model", args.model, "--tokens", str(args.tokens), "--backend", args.backend,
           "--scale-hidden", str(args.scale_hidden), "--iters", str(args.iters), "--warmup", str(args.warmup)]
@@ -167,7 +167,7 @@ def _profile(args) -> int:
 
 
 def _profile_trace(args) -> int:
-    from moekern.study.profile import read_trace
+    from moekern.analysis.study.profile import read_trace
 
     t = read_trace(args.trace)
     print(json.dumps(t.to_dict(), indent=1) if args.json else t.format())
@@ -175,7 +175,7 @@ def _profile_trace(args) -> int:
 
 
 def _coactivation(args) -> int:
-    from moekern.study.coactivation import hot_cold, placement_study
+    from moekern.analysis.imbalance.coactivation import hot_cold, placement_study
 
     res = placement_study(args.path, args.ep_size, max_tokens=None if args.no_filter else args.max_tokens)
     data = res["coact"]
@@ -195,7 +195,7 @@ def _coactivation(args) -> int:
     if args.plot and sampled:
         from pathlib import Path
 
-        from moekern.study.report import coactivation_heatmap
+        from moekern.analysis.report.study import coactivation_heatmap
 
         Path(args.plot).write_bytes(coactivation_heatmap(data.coact[sampled[0]], f"layer {sampled[0]}"))
     if args.json:
@@ -215,7 +215,7 @@ def _coactivation(args) -> int:
 
 
 def _factorial(args) -> int:
-    from moekern.study.factorial import (FACTORS, anova_all, anova_latex, anova_plot, collect_results,
+    from moekern.analysis.study.factorial import (FACTORS, anova_all, anova_latex, anova_plot, collect_results,
                                          load_factorial_spec, run_factorial, steady_rows, with_reps)
     from pathlib import Path
 
@@ -256,8 +256,8 @@ def _factorial(args) -> int:
 
 
 def _recommend(args) -> int:
-    from moekern.study import learned
-    from moekern.study.recommend import format_recommendation, recommend
+    from moekern.analysis.study import learned
+    from moekern.analysis.placement.recommend import format_recommendation, recommend
 
     if args.retrain:
         from importlib import resources
@@ -284,7 +284,7 @@ def _recommend(args) -> int:
 
 
 def _project(args) -> int:
-    from moekern.study.project import measured_ep_rows, project_from_gate_log, projection_plot
+    from moekern.analysis.placement.project import measured_ep_rows, project_from_gate_log, projection_plot
 
     kw = {"inter_bw": args.inter_bw_gbs * 1e9, "gemm_tflops": args.gemm_tflops, "dispatch_bytes": args.dispatch_bytes}
     if args.intra_bw_gbs:

@@ -406,7 +406,7 @@ def _flashinfer_moe_unavailable(shape: Shape, device: torch.device) -> str | Non
     if any(p.exists() for p in built):
         return None
     return (f"FlashInfer's CUTLASS MoE module {name} is not compiled yet (its first call builds it with nvcc for "
-            f"tens of minutes); build it once with `python benchmarks/flashinfer_warmup.py`, or set "
+            f"tens of minutes); build it once with `python tools/gpu/flashinfer_warmup.py`, or set "
             f"{FLASHINFER_JIT_ENV}=build to let this run build it")
 
 

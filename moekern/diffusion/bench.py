@@ -8,7 +8,7 @@ What is measured, per (backend, gen_length L, block_length B, steps S, batch N):
   - FFN (MoE) time share = sum of the FFN times / sum of the step times. The FFN of each layer (router GEMM,
     routing, experts, combine) is bracketed by CUDA events on a GPU (perf_counter on a CPU, where the
     number measures PyTorch CPU ops or the Triton interpreter, not kernels);
-  - routing imbalance per denoising step: CV (moekern.analysis.metrics.cv, population std / mean) of each
+  - routing imbalance per denoising step: CV (moekern.analysis.imbalance.metrics.cv, population std / mean) of each
     MoE layer's expert counts, averaged over layers, plus the run's summary (metrics.summarize).
 Before each timed run an untimed warm-up with the same forward shapes (S = number of blocks) compiles
 Triton kernels. The AR baseline (generate.ar_generate: causal attention, one token per forward, no KV
@@ -86,7 +86,7 @@ def _step_stats(res: GenerationResult, batch: int, gen_length: int) -> dict:
            "ffn_ms_per_step": float(ffn.mean() * 1e3)}
     counts = [s.expert_counts for s in res.steps if s.expert_counts is not None]
     if counts:
-        from moekern.analysis import metrics
+        from moekern.analysis.imbalance import metrics
 
         arr = torch.stack(counts).numpy().astype(np.float64)  # [S, layers, E]
         cv = metrics.cv(arr)  # [S, layers]

@@ -165,7 +165,7 @@ def _bench(args) -> int:
         if not model.config.is_moe:
             break  # a dense model has one FFN, whatever the MoE backend
     if args.ar_gate_log:
-        from moekern.diffusion.compare import compare_routing, write_comparison
+        from moekern.analysis.diffusion import compare_routing, write_comparison
 
         logged = [r for r in result["diffusion"] if r.get("gate_log")]
         if not logged:
@@ -189,7 +189,7 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
-    from moekern.diffusion.compare import compare_routing, write_comparison
+    from moekern.analysis.diffusion import compare_routing, write_comparison
 
     try:
         comp = compare_routing(args.ar, args.diffusion, ar_phase=args.ar_phase, max_tokens=args.max_tokens,

@@ -4,7 +4,7 @@ Runs the dummy-weight model three times in fresh subprocesses (identical seeded 
 (vLLM's own run-to-run determinism, the baseline) and MOEKERN_KERNELS=routing with gate logs; compares
 the generated token ids of every prompt. Writes <out>/check_equal.json; exit 1 when routing differs.
 
-    python benchmarks/e2e/check_equal.py --model mixtral-8x7b-4l --out /tmp/eq
+    python moekern/e2e/check_equal.py --model mixtral-8x7b-4l --out /tmp/eq
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Write the dummy-weight config.json files under benchmarks/e2e/configs/<name>/ (run once; they are committed).
+"""Write the dummy-weight config.json files under moekern/e2e/configs/<name>/ (run once; they are committed).
 
 Configs come from moekern.models.hf_config (one registry, one config writer); layers are reduced so each
 model fits one 80 GB GPU with room for a KV cache. DeepSeek-V2-Lite is not in the registry and hf_config has
 no DeepseekV2 writer, so its shape is written out here. Classic config keys only (rope_theta, not
 rope_parameters), which every transformers version vLLM 0.26 accepts reads.
 
-    python benchmarks/e2e/make_configs.py
+    python moekern/e2e/make_configs.py
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def config_for(name: str) -> dict:
     key, layers, _ = MODELS[name]
     if key is not None:
         c = hf_config(get_model(key), num_layers=layers)
-        c["_moekern_note"] = f"{name}: {c['_moekern_note']}; written by benchmarks/e2e/make_configs.py"
+        c["_moekern_note"] = f"{name}: {c['_moekern_note']}; written by moekern/e2e/make_configs.py"
         return c
     # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite): softmax routing, one expert group
     c = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
@@ -45,7 +45,7 @@ def config_for(name: str) -> dict:
          "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu",
          "attention_bias": False, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
          "bos_token_id": 100000, "eos_token_id": 100001,
-         "_moekern_note": f"dummy-weight shape of {name} written by benchmarks/e2e/make_configs.py"}
+         "_moekern_note": f"dummy-weight shape of {name} written by moekern/e2e/make_configs.py"}
     return c
 
 

@@ -1,6 +1,6 @@
 """Pool the offline timed passes of several run_e2e.py invocations of the same workload into one A/B.
 
-    python benchmarks/e2e/pool_runs.py RESULTS_DIR [RESULTS_DIR ...] [--base vllm] [--arm moekern] [--json]
+    python moekern/e2e/pool_runs.py RESULTS_DIR [RESULTS_DIR ...] [--base vllm] [--arm moekern] [--json]
 
 Each RESULTS_DIR holds one e2e_<model>.json written by run_e2e.py (--mode offline). Per directory it prints
 the two arms' medians, their ratio and the per-round ratios; then the passes of all directories pooled: the

@@ -2,7 +2,7 @@
 
 Run on the GPU machine after `source /tmp/gpuenv/env.sh` (run_e2e.py runs it first, in a subprocess):
 
-    python3 benchmarks/e2e/preflight.py [--arms vllm,flashinfer,moekern] [--mode offline|serve|both]
+    python3 moekern/e2e/preflight.py [--arms vllm,flashinfer,moekern] [--mode offline|serve|both]
 
 It imports vLLM and checks, by inspect.signature and attribute look-ups, each hook target of moekern.vllm.hooks
 (MoERunner -> register_layer_for_moe_forward_op, BaseRouter._compute_routing, the routers' attributes that
@@ -189,7 +189,7 @@ def build_checks(args) -> tuple[list, dict]:
         v = getattr(vllm, "__version__", "?")
         return f"vllm {v}" + ("" if str(v).startswith("0.26") else " (expected 0.26.x: checks below target 0.26)")
 
-    @add("vllm.vllm_flash_attn imports (benchmarks/gpuenv_fixups.py)")
+    @add("vllm.vllm_flash_attn imports (tools/gpu/gpuenv_fixups.py)")
     def _():
         importlib.import_module("vllm.vllm_flash_attn")
         return "ok"
@@ -471,7 +471,7 @@ def build_checks(args) -> tuple[list, dict]:
         from moekern.gatelog import read_gate_log
         from moekern.vllm import hooks
         from moekern.vllm.config import PluginConfig
-        from moekern.vllm.gatelog_writer import GateLogRecorder
+        from moekern.gatelog.writer import GateLogRecorder
 
         with tempfile.TemporaryDirectory() as d:
             rec = GateLogRecorder(d, flush_steps=1)

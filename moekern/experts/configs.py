@@ -14,10 +14,10 @@ row can pick a variant per shape, and benchmarks/moe_variants.py A/Bs them witho
 A config is picked in this order: the `block_config` argument, then the table below keyed on
 (E, I, H, M bucket) for Hopper (H100/H200: both sm_90 with the same SM count and shared memory, so one table
 serves both; tuned on an H100 only), then `default_configs`, a heuristic on tokens per expert. The table
-holds measured rows only, from `python -m moekern.experts.tune` (see TUNED).
+holds measured rows only, from `python benchmarks/tune_moe.py` (see TUNED).
 
 MOEKERN_MOE_CONFIGS=RESULTS.json[:MORE.json...] lays the winners of benchmarks/tune_moe_shapes.py runs over the
-table at run time (the merge of `python -m moekern.experts.tune apply`, with no minimum gain, and no edit of the
+table at run time (the merge of `python benchmarks/tune_moe.py apply`, with no minimum gain, and no edit of the
 package): tune on your own GPU, point the variable at the JSON, and every process that inherits it (vLLM's
 workers included) uses those rows on Hopper, as it does the table (files read once per process). A file that
 cannot be read or holds a bad row raises ValueError naming it.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class BlockConfig:
 _B = BlockConfig
 
 # (E, I, H) -> {M bucket: (gemm1, gemm2)}; a call uses the bucket nearest to M in log2. Measured with
-# `python -m moekern.experts.tune` on an H100 80GB HBM3 (torch 2.11+cu130, triton 3.6), bf16, random
+# `python benchmarks/tune_moe.py` on an H100 80GB HBM3 (torch 2.11+cu130, triton 3.6), bf16, random
 # routing; each GEMM's candidates timed by triton.testing.do_bench. Eager layer times, ms (tuned / heuristic);
 # at M=1 for the small models these are CPU-launch bound (qwen3 M=1: 205 us eager, 45 us in a CUDA graph):
 #   mixtral   M=1 0.384/0.470  M=64 0.964/1.339  M=1024 1.812/3.761
@@ -80,7 +81,7 @@ _B = BlockConfig
 #   dsv3      M=1 0.275/0.288  M=64 6.434/6.443  M=1024 7.646/9.239
 #   olmoe     M=1 0.417/0.419  M=64 0.336/0.333  M=1024 0.421/0.438
 # (the heuristic column is the heuristic as it was before it was refit to these rows.)
-# The block between the BEGIN/END lines is rewritten by `python -m moekern.experts.tune apply RESULTS.json`
+# The block between the BEGIN/END lines is rewritten by `python benchmarks/tune_moe.py apply RESULTS.json`
 # (rows measured by benchmarks/tune_moe_shapes.py); edit by hand or by that command, keep the markers.
 # BEGIN TUNED
 TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {
@@ -216,13 +217,50 @@ def tuned_bucket(rows, num_tokens: int) -> int:
 CONFIGS_ENV = "MOEKERN_MOE_CONFIGS"
 
 
+def load_results(path) -> tuple[dict, list]:
+    """(the JSON's meta or {}, its rows) of a tune_moe_shapes.py result file: {"meta": ..., "rows": [...]} or
+    a bare list of rows. OSError / ValueError (bad JSON, no list of rows) for the caller to report."""
+    with open(path) as f:
+        results = json.load(f)
+    rows = results.get("rows") if isinstance(results, dict) else results
+    if not isinstance(rows, list):
+        raise ValueError("expected a list of rows or {'rows': [...]}")
+    return (results.get("meta") or {}) if isinstance(results, dict) else {}, rows
+
+
+def merge_tuned(table, rows, min_gain: float = 0.02):
+    """A new TUNED-shaped table: for each measured row whose best correct candidate beats today's pick by more
+    than min_gain (fractional time), the winner becomes the row of bucket M of its (E, I, H) entry.
+
+    rows: the "rows" of tune_moe_shapes.py's JSON: dicts with E, I, H, M, today_us and best = {gemm1: {..},
+    gemm2: {..}, us: float} (BlockConfig fields); rows without a best or a today_us are skipped. Returns
+    (new_table, applied) where applied lists (E, I, H, M) changed. The input table is not modified."""
+    new = {key: dict(per_m) for key, per_m in table.items()}
+    applied = []
+    for r in rows:
+        best, today = r.get("best"), r.get("today_us")
+        if not best or not today or best.get("us") is None:
+            continue
+        if best["us"] > today * (1 - min_gain):
+            continue
+        g1, g2 = BlockConfig(**best["gemm1"]), BlockConfig(**best["gemm2"])
+        g1.validate("best.gemm1")
+        g2.validate("best.gemm2")
+        if g1.block_m != g2.block_m:
+            raise ValueError(f"row M={r['M']}: best.gemm1.block_m={g1.block_m} != best.gemm2.block_m={g2.block_m}")
+        key = (int(r["E"]), int(r["I"]), int(r["H"]))
+        new.setdefault(key, {})[int(r["M"])] = (g1, g2)
+        applied.append(key + (int(r["M"]),))
+    return new, applied
+
+
+
+
 @functools.lru_cache(maxsize=8)
 def table_from_files(paths: str) -> dict:
     """TUNED with the winners of tune_moe_shapes.py result files laid over it (os.pathsep-separated paths;
     later files win). Every measured winner replaces its bucket's row (no minimum gain: the file is the
     user's choice); rows without a winner are skipped. "" -> TUNED itself."""
-    from moekern.experts.tune import merge_tuned  # tune imports this module
-
     rows = read_rows(paths)
     if not rows:
         return TUNED
@@ -236,8 +274,6 @@ def table_from_files(paths: str) -> dict:
 def read_rows(paths: str) -> list:
     """The rows of every tune_moe_shapes.py result file in `paths` (os.pathsep-separated), in order; ValueError
     naming the file that cannot be read."""
-    from moekern.experts.tune import load_results  # tune imports this module
-
     rows = []
     for path in (p for p in paths.split(os.pathsep) if p):
         try:

@@ -397,7 +397,7 @@ def install(cfg: PluginConfig) -> None:
         if cfg.gate_log:
             import atexit
 
-            from moekern.vllm.gatelog_writer import GateLogRecorder
+            from moekern.gatelog.writer import GateLogRecorder
 
             rec = GateLogRecorder(cfg.gate_log_dir, flush_steps=cfg.flush_steps, flush_seconds=cfg.flush_seconds,
                                   queue_slots=cfg.queue_slots, topk_sample=cfg.topk_sample,

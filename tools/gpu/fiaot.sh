@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FlashInfer's CUTLASS MoE module (fused_moe_90.so), built ahead of time on a CPU machine, to the GPU machine.
-#   bash benchmarks/fiaot.sh pack SO      # here: SO -> .fiaot/ (gzip'd parts of FIAOT_PART_MB MiB + manifest)
-#   bash benchmarks/fiaot.sh install      # there (gpu_session.sh runs it first in every call)
-#   bash benchmarks/fiaot.sh installed    # there: exit 0 (printing where) when every FlashInfer here has it
+#   bash tools/gpu/fiaot.sh pack SO      # here: SO -> .fiaot/ (gzip'd parts of FIAOT_PART_MB MiB + manifest)
+#   bash tools/gpu/fiaot.sh install      # there (gpu_session.sh runs it first in every call)
+#   bash tools/gpu/fiaot.sh installed    # there: exit 0 (printing where) when every FlashInfer here has it
 # The parts may come over several device calls (carry .fiaot/manifest with every part): install moves the
 # carried parts to FIAOT_TMP (/tmp/fiaot), and once all have arrived and the checksum matches, copies the .so
 # into the AOT directory (data/aot/fused_moe_90/) of every FlashInfer in FIAOT_TARGETS, which FlashInfer loads

@@ -5,7 +5,7 @@
 # Needs nvcc 13.0 (the GPU machine's), ninja, and a Python with torch and filelock (PYTHON=..., e.g. the CI
 # venv); fetches the cuBLAS/cuRAND/NVRTC 13.0 headers that a compiler-only CUDA install lacks.
 # From the repo root (resumable: ninja keeps finished objects; ~100 s of one core per translation unit):
-#   bash benchmarks/flashinfer_aot.sh [WORKDIR]     # default WORKDIR ~/.cache/moekern-fi
+#   bash tools/gpu/flashinfer_aot.sh [WORKDIR]     # default WORKDIR ~/.cache/moekern-fi
 # Writes .fiaot/ (git-ignored): fused_moe_90.so.gz split into parts of FIAOT_PART_MB (default 24) MiB and a
 # manifest. Carry .fiaot (or its parts over several calls: .fiaot/manifest plus .fiaot/part.N) to the GPU
 # machine; gpu_session.sh installs it into FlashInfer's AOT directory (flashinfer/data/aot/fused_moe_90/).
@@ -17,7 +17,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 command -v ninja >/dev/null || { echo "need ninja" >&2; exit 1; }
 
 # 1. FlashInfer and apache-tvm-ffi, unpacked (the same wheels gpu_session.sh installs on the GPU machine)
-if ! ls .fiwhl/flashinfer_python-0.6.14-*.whl >/dev/null 2>&1; then bash benchmarks/gpuenv_extra.sh; fi
+if ! ls .fiwhl/flashinfer_python-0.6.14-*.whl >/dev/null 2>&1; then bash tools/gpu/gpuenv_extra.sh; fi
 if [ ! -f "$work/src/flashinfer/jit/fused_moe.py" ]; then
   mkdir -p "$work/src"
   for w in .fiwhl/flashinfer_python-0.6.14-*.whl .fiwhl/apache_tvm_ffi-*.whl; do unzip -q -o "$w" -d "$work/src"; done
@@ -49,7 +49,7 @@ export FLASHINFER_WORKSPACE_BASE=$work/ws
 export FLASHINFER_EXTRA_CUDAFLAGS="-isystem $cx/nvidia/cu13/include"
 export FLASHINFER_EXTRA_CFLAGS="-isystem $cx/nvidia/cu13/include"
 export FLASHINFER_EXTRA_LDFLAGS="-L$cx/nvidia/cu13/lib"
-ninja_file=$("${PYTHON:-python3}" "$repo/benchmarks/flashinfer_aot_ninja.py" "$work/src" | tail -1)
+ninja_file=$("${PYTHON:-python3}" "$repo/tools/gpu/flashinfer_aot_ninja.py" "$work/src" | tail -1)
 build_dir=$(dirname "$ninja_file")
 echo "flashinfer_aot: $(grep -c '^build ' "$ninja_file") build steps in $build_dir; log $work/build.log"
 (cd "$build_dir" && nice -n "${FIAOT_NICE:-10}" ninja -k 0 -f "$ninja_file" -j "${MAX_JOBS:-$(nproc)}") 2>&1 \
@@ -59,4 +59,4 @@ so=$build_dir/fused_moe_90.so
 
 # 4. .fiaot/: gzip'd .so in parts that fit next to a gpuenv part in one device call
 FIAOT_BUILT="$(date -u +%F) nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o 'V[0-9][0-9.]*' | tail -1) flashinfer 0.6.14 sm_90a" \
-  bash "$repo/benchmarks/fiaot.sh" pack "$so"
+  bash "$repo/tools/gpu/fiaot.sh" pack "$so"

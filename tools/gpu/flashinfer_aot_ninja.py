@@ -4,11 +4,11 @@ FlashInfer builds `fused_moe_90` (about 180 CUTLASS translation units) with nvcc
 machine that took longer than the whole device session (session 4). This script asks FlashInfer's own JIT
 code for the very sources, flags and link line it would use there, without importing the parts of FlashInfer
 that need a GPU, CUDA libraries or Python 3.12 (apache-tvm-ffi's extension module is built for CPython >= 3.12;
-only its pure-Python `libinfo`, which names the header directories, is loaded). benchmarks/flashinfer_aot.sh
+only its pure-Python `libinfo`, which names the header directories, is loaded). tools/gpu/flashinfer_aot.sh
 runs it and then ninja; the result is loaded on the GPU machine as an ahead-of-time module
 (flashinfer/data/aot/fused_moe_90/fused_moe_90.so), which FlashInfer prefers to JIT compiling.
 
-    python benchmarks/flashinfer_aot_ninja.py SRC_DIR   # SRC_DIR: the unpacked flashinfer + tvm_ffi wheels
+    python tools/gpu/flashinfer_aot_ninja.py SRC_DIR   # SRC_DIR: the unpacked flashinfer + tvm_ffi wheels
 Prints the path of build.ninja. Environment: FLASHINFER_WORKSPACE_BASE (where FlashInfer's cache goes),
 CUDA_HOME, FLASHINFER_EXTRA_CUDAFLAGS/CFLAGS/LDFLAGS (as FlashInfer reads them).
 """

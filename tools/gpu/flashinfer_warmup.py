@@ -2,7 +2,7 @@
 
 FlashInfer 0.6.14 builds its DeepSeek routing kernel (one small .cu, seconds) and its CUTLASS fused MoE (many
 CUTLASS instantiations, minutes) with nvcc on first use; the builds land in ~/.cache/flashinfer and are reused
-for as long as the machine lives. Run this in the background early (benchmarks/gpu_session.sh fi-warmup starts
+for as long as the machine lives. Run this in the background early (tools/gpu/gpu_session.sh fi-warmup starts
 it detached), so that later benchmark and end-to-end calls find the kernels built.
 
 It calls both ops through the very provider code `moekern bench` times (moekern.bench.providers), on small
@@ -15,7 +15,7 @@ routing rows need only it. One failing op does not stop the other. Prints one li
 
 Exit status 0 when both are built and right.
 
-    FLASHINFER_CUDA_ARCH_LIST=9.0a python3 benchmarks/flashinfer_warmup.py
+    FLASHINFER_CUDA_ARCH_LIST=9.0a python3 tools/gpu/flashinfer_warmup.py
 """
 
 from __future__ import annotations

@@ -1,36 +1,36 @@
 #!/usr/bin/env bash
 # The GPU machine's work, in stages that each fit one device call (< 10 min). From the repo root:
-#   bash benchmarks/gpu_session.sh build-test   # build moekern._C (sm_90a), all GPU tests (~8 min)
-#   bash benchmarks/gpu_session.sh memcheck     # compute-sanitizer memcheck over every device kernel
-#   bash benchmarks/gpu_session.sh probe        # a C++ argument check that crashes: native backtrace (cuda-gdb)
-#   bash benchmarks/gpu_session.sh own          # no vLLM needed: ep + diffusion + profile + ncu below
-#   bash benchmarks/gpu_session.sh ep|diffusion|profile|ncu   # one of those
-#   bash benchmarks/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
-#   bash benchmarks/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
-#   bash benchmarks/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
-#   bash benchmarks/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
-#   bash benchmarks/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
-#   bash benchmarks/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
-#   bash benchmarks/gpu_session.sh fi-status    # how far that build is
-#   bash benchmarks/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
-#   bash benchmarks/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
-#   bash benchmarks/gpu_session.sh gatelog      # no vLLM needed: the gate-log recorder's GPU tests + its hand-off bench
-#   bash benchmarks/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate (E2E_ARMS, E2E_ARGS)
-#   bash benchmarks/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve` (SERVE_ARMS, E2E_ARGS)
-#   bash benchmarks/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
-#   bash benchmarks/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
-#   bash benchmarks/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
-#   bash benchmarks/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
-# Several stages run in order in one call: `bash benchmarks/gpu_session.sh build-test probe ep`.
+#   bash tools/gpu/gpu_session.sh build-test   # build moekern._C (sm_90a), all GPU tests (~8 min)
+#   bash tools/gpu/gpu_session.sh memcheck     # compute-sanitizer memcheck over every device kernel
+#   bash tools/gpu/gpu_session.sh probe        # a C++ argument check that crashes: native backtrace (cuda-gdb)
+#   bash tools/gpu/gpu_session.sh own          # no vLLM needed: ep + diffusion + profile + ncu below
+#   bash tools/gpu/gpu_session.sh ep|diffusion|profile|ncu   # one of those
+#   bash tools/gpu/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
+#   bash tools/gpu/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
+#   bash tools/gpu/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
+#   bash tools/gpu/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
+#   bash tools/gpu/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
+#   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
+#   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
+#   bash tools/gpu/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
+#   bash tools/gpu/gpu_session.sh bench-fi     # FlashInfer vs vLLM vs moekern, once fi-warmup has built it
+#   bash tools/gpu/gpu_session.sh gatelog      # no vLLM needed: the gate-log recorder's GPU tests + its hand-off bench
+#   bash tools/gpu/gpu_session.sh e2e-offline  # vLLM end-to-end A/B with the plugin, LLM.generate (E2E_ARMS, E2E_ARGS)
+#   bash tools/gpu/gpu_session.sh e2e-serve    # the same through `vllm serve` + `vllm bench serve` (SERVE_ARMS, E2E_ARGS)
+#   bash tools/gpu/gpu_session.sh e2e-olmoe    # AR gate logs of the LLaDA-MoE-shaped model (diffusion comparison)
+#   bash tools/gpu/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
+#   bash tools/gpu/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
+#   bash tools/gpu/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
+# Several stages run in order in one call: `bash tools/gpu/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
-# cores): build it on the CPU machine instead (bash benchmarks/flashinfer_aot.sh, hours on 2 cores, resumable)
+# cores): build it on the CPU machine instead (bash tools/gpu/flashinfer_aot.sh, hours on 2 cores, resumable)
 # and carry .fiaot/ (manifest + parts): either one 34 MB part beside .fiwhl in a first call (session 6), or
 # FIAOT_PART_MB=9 parts riding with the three gpuenv parts (the manifest in each call; part.0 with part 1,
 # part.1 with 2, part.2 + part.3 with 3: each call stays under the 64 MiB that travels, no call spent on it); every
-# stage installs it (benchmarks/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
+# stage installs it (tools/gpu/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
 # Every stage first stages a carried gpuenv part if one is there (../shared/gpu-env: three calls carrying
 # .gpuenv/tools + .gpuenv/N back to back), sources the env once complete, and installs .whl/ extras
-# (benchmarks/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}; folders there are packed
+# (tools/gpu/gpuenv_extra.sh). Logs and results go under ${OUT:-/tmp/moekern-out}; folders there are packed
 # into FOLDER.tgz at the end (the device returns 8 files at most; MOEKERN_OUT_TAR=0 keeps them as folders).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: gpu_session.sh STAGE [STAGE...]"; exit 2; }
@@ -41,7 +41,7 @@ export FLASHINFER_CUDA_ARCH_LIST=9.0a FLASHINFER_JIT_DEBUG=0 VLLM_USE_FLASHINFER
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 if [ -f .gpuenv/tools/stage.sh ]; then bash .gpuenv/tools/stage.sh || true; fi
-# FlashInfer alone, carried as .fiwhl/ in the first call (benchmarks/gpuenv_extra.sh): installed once to
+# FlashInfer alone, carried as .fiwhl/ in the first call (tools/gpu/gpuenv_extra.sh): installed once to
 # /tmp/fiearly and imported from there by every stage, so `fi-warmup` can start its nvcc builds in call 1.
 if [ ! -d /tmp/fiearly/flashinfer ] && ls .fiwhl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fiearly .fiwhl/*.whl 2>&1 | tail -2
@@ -49,16 +49,16 @@ fi
 if [ -f /tmp/gpuenv/env.sh ]; then
   # shellcheck disable=SC1091
   source /tmp/gpuenv/env.sh
-  python3 benchmarks/gpuenv_fixups.py  # vLLM imports FlashAttention's missing binaries on every model load
+  python3 tools/gpu/gpuenv_fixups.py  # vLLM imports FlashAttention's missing binaries on every model load
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpuextra .whl/*.whl 2>&1 | tail -2
     export PYTHONPATH=/tmp/gpuextra:$PYTHONPATH
   fi
 fi
 if [ -d /tmp/fiearly/flashinfer ]; then export PYTHONPATH=/tmp/fiearly${PYTHONPATH:+:$PYTHONPATH}; fi
-# FlashInfer's CUTLASS MoE module built ahead of time on a CPU machine (benchmarks/flashinfer_aot.sh), carried as
-# .fiaot/: installed into every FlashInfer here once all its parts have arrived (benchmarks/fiaot.sh).
-bash benchmarks/fiaot.sh install || true
+# FlashInfer's CUTLASS MoE module built ahead of time on a CPU machine (tools/gpu/flashinfer_aot.sh), carried as
+# .fiaot/: installed into every FlashInfer here once all its parts have arrived (tools/gpu/fiaot.sh).
+bash tools/gpu/fiaot.sh install || true
 
 build() {
   # (a build older than the newest op is rebuilt: the check names it)
@@ -131,7 +131,7 @@ run_stage() {
     ;;
   memcheck)
     build
-    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/memcheck_smoke.py \
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu/memcheck_smoke.py \
       2>&1 | tee "$OUT/memcheck.log" | tail -15
     ;;
   probe) build; probe 2>&1 | tee "$OUT/probe.log" ;;
@@ -162,7 +162,7 @@ run_stage() {
   tune)
     # fused_moe tiles for the shapes we lose to vLLM, timed side by side with vLLM's fused_experts; --apply
     # writes the winners into moekern/experts/configs.py here, and the re-bench measures them in the same call
-    # (edits on the device machine do not come back: commit the JSON, then `python -m moekern.experts.tune
+    # (edits on the device machine do not come back: commit the JSON, then `python benchmarks/tune_moe.py
     # apply JSON` on the CPU machine).
     versions; build
     # TUNE_SHAPES=MODEL:M,... picks the shapes (default: the 10 that lost in session 2's bench)
@@ -202,10 +202,10 @@ run_stage() {
     if [ "$n" -lt 2 ]; then echo "e2e-multi: needs >= 2 GPUs, found $n"; return 0; fi
     for ep in "" "--enable-expert-parallel"; do
       tag=tp2${ep:+-ep}
-      timeout 300 python3 benchmarks/e2e/check_equal.py --model mixtral-8x7b-4l --no-baseline \
+      timeout 300 python3 moekern/e2e/check_equal.py --model mixtral-8x7b-4l --no-baseline \
         --tensor-parallel-size 2 $ep --out "$OUT/check_equal_$tag" 2>&1 | tee "$OUT/check_equal_$tag.log" | tail -25
     done
-    timeout 300 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern \
+    timeout 300 python3 moekern/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern \
       --tensor-parallel-size 2 --enable-expert-parallel --budget-s 260 ${E2E_ARGS:-} --out "$OUT/e2e-tp2-ep" 2>&1 \
       | tee "$OUT/e2e_tp2_ep.log" | tail -30
     ;;
@@ -227,7 +227,7 @@ run_stage() {
     if ! python3 -c "import flashinfer" 2>/dev/null; then
       echo "fi-warmup: flashinfer not importable (carry .fiwhl or the full gpuenv)"; return 0
     fi
-    FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 benchmarks/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
+    FLASHINFER_JIT_VERBOSE=1 setsid nohup python3 tools/gpu/flashinfer_warmup.py > /tmp/fi_warmup.log 2>&1 \
       < /dev/null &
     echo "FlashInfer JIT warm-up started (pid $!) at $(date +%T)"
     ;;
@@ -266,14 +266,14 @@ run_stage() {
     ;;
   gatelog)
     # The recorder's CUDA tests (both hand-offs, CUDA-graph replays, exact records) and the host cost per step of
-    # the two hand-offs side by side (benchmarks/gatelog_handoff.py; Mixtral-4l and DeepSeek-V3 shapes), ~1 min.
+    # the two hand-offs side by side (benchmarks/bench_gatelog.py; Mixtral-4l and DeepSeek-V3 shapes), ~1 min.
     versions; build
     python3 -m pytest -q -m gpu tests/test_gatelog_writer.py 2>&1 | tee "$OUT/gatelog_tests.log" | tail -5
-    python3 benchmarks/gatelog_handoff.py --json "$OUT/gatelog_handoff_mixtral4l.json" 2>&1 | tee "$OUT/gatelog_handoff.log"
-    python3 benchmarks/gatelog_handoff.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 \
+    python3 benchmarks/bench_gatelog.py --json "$OUT/gatelog_handoff_mixtral4l.json" 2>&1 | tee "$OUT/gatelog_handoff.log"
+    python3 benchmarks/bench_gatelog.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 \
       --json "$OUT/gatelog_handoff_dsv3.json" 2>&1 | tee -a "$OUT/gatelog_handoff.log"
     # the same without the per-step sync: does the host's run-ahead (a full launch queue) land in the hand-off?
-    python3 benchmarks/gatelog_handoff.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 --no-step-sync \
+    python3 benchmarks/bench_gatelog.py --layers 58 --experts 256 --top-k 8 --topk-sample 16 --no-step-sync \
       --json "$OUT/gatelog_handoff_dsv3_nosync.json" 2>&1 | tee -a "$OUT/gatelog_handoff.log"
     ;;
   e2e-offline)
@@ -290,7 +290,7 @@ run_stage() {
     # Session 10: the gate-log overhead within one engine, both hand-offs: E2E_ARMS=moekern-routing,moekern-routing-log,
     # moekern-routing-log-torch E2E_ARGS="--rounds 2 --reps 8 --max-num-seqs 256 --gate-log-paired --budget-s 500".
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
-    if [[ ",$arms," == *,flashinfer,* ]] && ! bash benchmarks/fiaot.sh installed; then
+    if [[ ",$arms," == *,flashinfer,* ]] && ! bash tools/gpu/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
       arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
     fi
@@ -300,7 +300,7 @@ run_stage() {
       --format=csv -l 1 > "$OUT/gpu_clocks.csv" 2>/dev/null &
     local smi=$!
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
-    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode offline --arms "$arms" \
+    timeout 590 python3 moekern/e2e/run_e2e.py --quick --mode offline --arms "$arms" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
     kill "$smi" 2>/dev/null || true
@@ -308,7 +308,7 @@ run_stage() {
   e2e-serve)
     versions; build
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags (e.g. --max-num-seqs 256)
-    timeout 590 python3 benchmarks/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
+    timeout 590 python3 moekern/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
     ;;
@@ -316,7 +316,7 @@ run_stage() {
     # The autoregressive gate logs of the LLaDA-MoE-7B-shaped (= OLMoE-1B-7B MoE shape) model, for the
     # diffusion-vs-AR routing comparison (issue 13): one pass, gate logs only (~3-4 min).
     versions; build
-    timeout 400 python3 benchmarks/e2e/run_e2e.py --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
+    timeout 400 python3 moekern/e2e/run_e2e.py --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
       --warmup-reps 0 --reps 1 --input-len 64 --output-len 128 --max-num-seqs 8 --num-prompts 64 --budget-s 300 \
       --dummy-router-seed 0 \
       --out "$OUT/e2e-olmoe" 2>&1 | tee "$OUT/e2e_olmoe.log" | tail -25
@@ -343,7 +343,7 @@ run_stage() {
     # PREFLIGHT=0 skips the hook check when an e2e stage of the same machine has just passed it.
     versions; build
     if [ "${PREFLIGHT:-1}" != 0 ]; then
-      timeout 80 python3 benchmarks/e2e/preflight.py --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
+      timeout 80 python3 moekern/e2e/preflight.py --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
     fi
     timeout 500 python3 -m moekern.cli factorial analysis/specs/factorial_h100_small.yaml \
       ${FACTORIAL_REPS:+--reps "$FACTORIAL_REPS"} 2>&1 | tee "$OUT/factorial.log" | tail -30

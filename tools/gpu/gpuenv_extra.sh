@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels that ../shared/gpu-env's pack lacks for vLLM 0.26.0 to import on the GPU machine: its packed
 # `openai` imports httpx2 (which needs httpcore2 and truststore). Run here, in the repo root, once:
-#   bash benchmarks/gpuenv_extra.sh          # writes .whl/ (git-ignored; carry it: carry [".whl", ...])
+#   bash tools/gpu/gpuenv_extra.sh          # writes .whl/ (git-ignored; carry it: carry [".whl", ...])
 # gpu_session.sh installs whatever is in .whl/ into /tmp/gpuextra before the vLLM stages.
 set -euo pipefail
 

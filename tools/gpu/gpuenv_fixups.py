@@ -7,7 +7,7 @@
    FA functions stay defined (flash_attn_interface reports FA2/FA3 unavailable) and are never called with
    TRITON_ATTN.
 
-    python3 benchmarks/gpuenv_fixups.py [SITE]     # SITE default /tmp/gpuenv/site
+    python3 tools/gpu/gpuenv_fixups.py [SITE]     # SITE default /tmp/gpuenv/site
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Exercise every moekern device kernel once at small, awkward shapes; meant to run under
-`compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/memcheck_smoke.py`.
+`compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu/memcheck_smoke.py`.
 
 Shapes are chosen to hit edges: E not a power of two, E = 1, M = 1, all tokens to one expert, empty experts,
 odd hidden sizes, unaligned logits, grids of one and of many blocks. Every result is also compared with its

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekern.analysis.predictor import ImbalancePredictor, load_corpus
+from moekern.analysis.datasets.predictor import ImbalancePredictor, load_corpus
 
 STRATEGIES = ("domain_mixing", "single_domain_repetition", "ngram_concentration", "length_variation")
 

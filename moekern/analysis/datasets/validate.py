@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moekern.analysis.metrics import DEFAULT_MAX_TOKENS, load_table, summarize
+from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, load_table, summarize
 from moekern.analysis.stats import Estimate, spearman_ci, spearman_pvalue
 
 _NAME = re.compile(r"^(\d{3})_(\d+\.\d+)$")

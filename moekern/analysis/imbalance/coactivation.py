@@ -233,8 +233,8 @@ def placement_study(path, ep_size: int, train_frac: float = 0.5, max_tokens: int
 
     Returns {"ep_size", "rows": [PlacementRow], "train_steps", "test_steps", "sampled_tokens_test",
     "coact": CoactivationData}."""
-    from moekern.analysis.metrics import load_table
-    from moekern.analysis.placement import advise, score_placement
+    from moekern.analysis.imbalance.metrics import load_table
+    from moekern.analysis.placement.advice import advise, score_placement
 
     table = load_table(path)
     adv = advise(table, ep_size, num_redundant=num_redundant, train_frac=train_frac, max_tokens=max_tokens)

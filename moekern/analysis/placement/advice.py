@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moekern.analysis.metrics import DEFAULT_MAX_TOKENS, LoadTable, _nanmean, max_mean, rank_loads
+from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, LoadTable, _nanmean, max_mean, rank_loads
 from moekern.models import weight_bytes_per_gpu as _models_weight_bytes
 
 STRATEGIES = ("contiguous", "round_robin", "greedy", "replicate")

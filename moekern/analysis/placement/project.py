@@ -156,9 +156,9 @@ def project(spec, layer_tokens: list[np.ndarray], layer_e2r: dict[str, list[np.n
 def placements_for(load_by_layer: list[np.ndarray], coact_by_layer: list[np.ndarray] | None, num_experts: int):
     """{name: world -> per-layer expert->rank maps} for contiguous, round_robin, greedy (load-balanced) and,
     with co-activation matrices, coactivation."""
-    from moekern.analysis.metrics import contiguous_map, round_robin_map
-    from moekern.analysis.placement import greedy_p2l
-    from moekern.study.coactivation import coactivation_e2r
+    from moekern.analysis.imbalance.metrics import contiguous_map, round_robin_map
+    from moekern.analysis.placement.advice import greedy_p2l
+    from moekern.analysis.imbalance.coactivation import coactivation_e2r
 
     def from_p2l(p2l, world):
         per = p2l.size // world
@@ -178,7 +178,7 @@ def project_from_gate_log(path, model: str, nodes=(1, 2, 3, 4), tokens_per_gpu: 
                           n_samples: int = 2000, **kw) -> tuple[list[Projection], dict]:
     """Projections under the routing of the gate logs at `path` for registry `model`; (rows, info)."""
     from moekern.models import get_model
-    from moekern.study.coactivation import load_coactivation
+    from moekern.analysis.imbalance.coactivation import load_coactivation
 
     spec = get_model(model)
     data = load_coactivation(path, max_tokens=max_tokens)

@@ -5,9 +5,9 @@ Candidates: the layouts TP N, EP N (data-parallel attention) and TP N + EP N (hy
 layouts, each placement strategy (contiguous, round_robin, greedy, replicate, coactivation; scored on
 held-out steps of the gate log when one is given). Per candidate:
 - analytic: weights per GPU (moekern.models.weight_bytes_per_gpu) against `gpu_mem_gb`, rank-load
-  max/mean and fan-out (moekern.study.coactivation.placement_study), projected step time (moekern.study.
+  max/mean and fan-out (moekern.analysis.imbalance.coactivation.placement_study), projected step time (moekern.analysis.placement.
   project) for EP layouts when the gate log's expert count matches the model;
-- learned: predicted output throughput and TPOT (moekern.study.learned), flagged when the configuration
+- learned: predicted output throughput and TPOT (moekern.analysis.study.learned), flagged when the configuration
   lies outside the predictor's training range.
 The pick: among candidates that fit in memory, the highest predicted throughput decides the layout when
 the predictor is inside its training range for the layouts being compared; otherwise the layout with the
@@ -24,7 +24,7 @@ def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_
               moe_backend: str = "moekern", gpu_mem_gb: float = 80.0, dtype_bytes: float = 2.0,
               predictor_path=None, tokens_per_gpu: int = 256) -> dict:
     from moekern.models import get_model, standard_layouts, weight_bytes_per_gpu
-    from moekern.study import learned
+    from moekern.analysis.study import learned
 
     spec = get_model(model)
     pred, pred_note = learned.load(predictor_path)
@@ -34,8 +34,8 @@ def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_
         notes.append("the learned predictor was trained on SYNTHETIC data: its numbers show the pipeline, "
                      "not real serving")
     if gate_log is not None and spec.is_moe and gpus > 1:
-        from moekern.analysis.metrics import load_table, summarize
-        from moekern.study.coactivation import placement_study
+        from moekern.analysis.imbalance.metrics import load_table, summarize
+        from moekern.analysis.imbalance.coactivation import placement_study
 
         cv = summarize(load_table(gate_log)).overall["step_cv"]
         try:
@@ -43,7 +43,7 @@ def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_
         except ValueError as exc:
             notes.append(f"placement scoring skipped: {exc}")
         try:
-            from moekern.study.project import project_from_gate_log
+            from moekern.analysis.placement.project import project_from_gate_log
 
             rows, _ = project_from_gate_log(gate_log, model, nodes=(max(1, gpus // 8),) if gpus >= 8 else (1,),
                                             tokens_per_gpu=tokens_per_gpu)

@@ -1,7 +1,7 @@
 """`moekern report RESULTS_DIR`: one self-contained HTML (PNG plots embedded as base64) or Markdown report.
 
 RESULTS_DIR holds bench result JSON files (any depth; see serving.load_runs, which also reads
-benchmarks/e2e/run_e2e.py output folders as they are), gate logs (those the runs point to and any other
+moekern/e2e/run_e2e.py output folders as they are), gate logs (those the runs point to and any other
 gate_log*.jsonl under RESULTS_DIR), and optionally `metadata.json` ({"synthetic": true, "title": ...,
 "description": ..., "caveats": [...], "ep_size": 4 or "ep_sizes": [2, 4, 8], "command": ...}). A run or
 metadata marked synthetic puts a SYNTHETIC banner atop the report; "caveats" are printed in a box atop it.
@@ -242,7 +242,7 @@ def imbalance_tables(table, max_tokens: int | None = 1000) -> dict:
     {"rows": [{"subset", "steps", "tokens_median", **summary.overall}], "per_layer": summary (warm-up
     filtered), "identical_layers": bool, "uniform_cv_median": CV that uniform random routing would show at
     the subset's median step size (metrics.uniform_routing_cv)}."""
-    from moekern.analysis.metrics import cv, summarize, uniform_routing_cv
+    from moekern.analysis.imbalance.metrics import cv, summarize, uniform_routing_cv
 
     out_rows = []
     subsets = [(f"all steps <= {max_tokens} tokens (warm-up filter)" if max_tokens else "all steps",
@@ -301,7 +301,7 @@ def _imbalance_items(g: str, table, max_tokens: int | None = 1000) -> list:
 def _step_cv_plot(table, title: str):
     import matplotlib.pyplot as plt
 
-    from moekern.analysis.metrics import cv, uniform_routing_cv
+    from moekern.analysis.imbalance.metrics import cv, uniform_routing_cv
 
     vals = np.where(table.present, cv(table.counts), np.nan)
     with np.errstate(invalid="ignore"):
@@ -329,7 +329,7 @@ def _step_cv_plot(table, title: str):
 
 
 def _placement_items(g: str, table, ep_sizes, max_tokens: int | None = 1000) -> tuple[list, list[str]]:
-    from moekern.analysis.placement import advise
+    from moekern.analysis.placement.advice import advise
 
     head = ["EP", "strategy", "redundant slots", "max/mean rank load (test steps)", "max/mean (agg)",
             "tokens per rank (test steps, all layers)", "recommended"]
@@ -365,8 +365,8 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
 
     matplotlib.use("Agg")
     from moekern import gatelog
-    from moekern.analysis.metrics import load_table, summarize
-    from moekern.analysis.serving import load_runs, runs_dataframe
+    from moekern.analysis.imbalance.metrics import load_table, summarize
+    from moekern.analysis.serving.metrics import load_runs, runs_dataframe
 
     root = Path(results_dir)
     meta = {}
@@ -441,7 +441,7 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
             rep.sections.append((f"Per-rank load and placement advice ({_rel(g, root)}; EP = "
                                  f"{', '.join(map(str, eps))})", items))
     try:  # study sections (LaTeX tables, ANOVA, co-activation, predictor, projection) when present
-        from moekern.study.report import add_study_sections
+        from moekern.analysis.report.study import add_study_sections
     except ImportError:
         add_study_sections = None
     if add_study_sections is not None:

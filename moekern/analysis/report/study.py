@@ -1,4 +1,4 @@
-"""Study sections of `moekern report` (called by moekern.analysis.report.build_report when data exists):
+"""Study sections of `moekern report` (called by moekern.analysis.report.html.build_report when data exists):
 LaTeX tables of the main results, co-activation heatmaps, the ANOVA table and plot, the learned
 predictor's held-out accuracy, and the multi-node projection. Each section is added only when its input
 exists; a failure in one is a note, never a broken report. Items: ("img", png) | ("text", str) |
@@ -33,7 +33,7 @@ def coactivation_heatmap(coact: np.ndarray, title: str) -> bytes:
 
 def results_latex(df) -> str:
     """LaTeX tabular: median TTFT / TPOT / throughput per (backend, max_num_seqs)."""
-    from moekern.study.factorial import _tex
+    from moekern.analysis.study.factorial import _tex
 
     keys = [k for k in ("moe_backend", "max_num_seqs") if k in df]
     cols = [c for c in ("mean_ttft_ms", "mean_tpot_ms", "output_throughput") if c in df]
@@ -46,7 +46,7 @@ def results_latex(df) -> str:
 
 
 def predictor_latex(acc: list[dict]) -> str:
-    from moekern.study.factorial import _tex
+    from moekern.analysis.study.factorial import _tex
 
     lines = [r"\begin{tabular}{llrrrr}", r"\toprule", r"target & model & MAE & MAPE & $R^2$ & $n_{test}$ \\",
              r"\midrule"]
@@ -66,7 +66,7 @@ def add_study_sections(rep, root, df, runs, meta: dict) -> None:
         ("Main results (LaTeX)", [("pre", results_latex(df))])))
 
     def anova():
-        from moekern.study.factorial import FACTORS, anova_all, anova_latex, anova_plot
+        from moekern.analysis.study.factorial import FACTORS, anova_all, anova_latex, anova_plot
 
         res = anova_all(df, [f for f in FACTORS if f in df])
         if res:
@@ -76,7 +76,7 @@ def add_study_sections(rep, root, df, runs, meta: dict) -> None:
     _safe(rep, "ANOVA", anova)
 
     def predictor():
-        from moekern.study import learned
+        from moekern.analysis.study import learned
 
         pred = learned.train(root, n_estimators=50)  # this report's own runs: 75% train, 25% held out
         items = [("pre", predictor_latex(pred.accuracy())),
@@ -89,7 +89,7 @@ def add_study_sections(rep, root, df, runs, meta: dict) -> None:
     logs = sorted({r.gate_log for r in runs if r.gate_log and Path(r.gate_log).exists()})
 
     def coact():
-        from moekern.study.coactivation import hot_cold, load_coactivation
+        from moekern.analysis.imbalance.coactivation import hot_cold, load_coactivation
 
         for g in logs:
             data = load_coactivation(g)
@@ -106,7 +106,7 @@ def add_study_sections(rep, root, df, runs, meta: dict) -> None:
     _safe(rep, "co-activation", coact)
 
     def projection():
-        from moekern.study.project import project_from_gate_log, projection_plot
+        from moekern.analysis.placement.project import project_from_gate_log, projection_plot
 
         model = meta.get("model")
         if not logs or not model:

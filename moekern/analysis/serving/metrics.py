@@ -12,7 +12,7 @@ Our runs add metadata (as --metadata or merged by the runner): moe_backend (kern
 (true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic.
 Strings such as "16" or "true" are converted. A missing metric is NaN, never an error.
 
-benchmarks/e2e/run_e2e.py output folders are read as they are: a `serve_{arm}.bench.json` without a
+moekern/e2e/run_e2e.py output folders are read as they are: a `serve_{arm}.bench.json` without a
 moe_backend gets moe_backend = arm, the engine settings (max_num_seqs, max_num_batched_tokens, eplb) of the
 `e2e_*.json` beside it (its "meta.engine"), and the gate logs in `gate_logs/{arm}/` beside it when they exist;
 the run's `extra["inferred_from"]` says so.
@@ -164,7 +164,7 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
                 g = base / run.gate_log
                 if g.exists():
                     try:
-                        from moekern.analysis.metrics import load_table, summarize
+                        from moekern.analysis.imbalance.metrics import load_table, summarize
 
                         window = _window(obj)
                         table = load_table(g, time_window=window, cache=logs)

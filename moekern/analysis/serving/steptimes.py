@@ -64,7 +64,7 @@ def step_times(path: str | os.PathLike, gap_s: float = 1.0, phase: str | None = 
 
 def recorder_cost(path: str | os.PathLike) -> dict | None:
     """What the gate log itself cost the model thread, from the recorders' sidecars next to the logs under
-    `path` (gate_log.rank{R}.meta.json; written by moekern.vllm.gatelog_writer): host us per step overall and
+    `path` (gate_log.rank{R}.meta.json; written by moekern.gatelog.writer): host us per step overall and
     by part (wall and CPU), step-weighted over files; the hand-off each used. None when no sidecar has it
     (logs from before the recorder measured itself)."""
     metas = []

@@ -8,8 +8,8 @@ Spec (YAML):
     design: full                               # or "fractional" (two-level factors only are fractioned)
     fraction_p: 1                              # fractional: 2^(k-p) runs of the k two-level factors
     machine_gpus: 1                            # points needing more GPUs are planned (dry run), not run
-    command: >-                                # the sweep runner's template (moekern/analysis/sweep.py)
-      python benchmarks/e2e/run_e2e.py --model {model} --moe-backend {moe_backend} --layout {layout}
+    command: >-                                # the sweep runner's template (moekern/analysis/study/sweep.py)
+      python moekern/e2e/run_e2e.py --model {model} --moe-backend {moe_backend} --layout {layout}
       --gpus {gpus} --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens}
       {eplb_flag} --dataset {dataset} --result-json {result} --gate-log-dir {gate_log_dir}
     factors:                                   # any subset; each a list of levels
@@ -181,7 +181,7 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
     "ran", "failed", "skipped"}."""
     import sys
 
-    from moekern.analysis.sweep import SweepSpec, run_sweep
+    from moekern.analysis.study.sweep import SweepSpec, run_sweep
 
     out = out or sys.stdout
     pts = design_points(spec.server_factors, spec.design, spec.fraction_p)
@@ -222,14 +222,14 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
 
 
 def _datasets(spec: FactorialSpec) -> list[str]:
-    from moekern.analysis.sweep import _expand
+    from moekern.analysis.study.sweep import _expand
 
     return _expand(spec.factors["dataset"], spec.base_dir, True) if "dataset" in spec.factors else []
 
 
 def estimate_seconds(spec: FactorialSpec, num_servers: int) -> float:
     """Estimated wall seconds of a client-factor spec's runnable part (module docstring)."""
-    from moekern.analysis.sweep import grid_plan_seconds
+    from moekern.analysis.study.sweep import grid_plan_seconds
 
     e, v = spec.estimate, spec.vars
 
@@ -259,7 +259,7 @@ def collect_results(results_dir) -> "pd.DataFrame":  # noqa: F821
     moe_backend) and the serving metrics (analysis.serving.parse_bench_result)."""
     import pandas as pd
 
-    from moekern.analysis.serving import THROUGHPUT_KEYS, parse_bench_result
+    from moekern.analysis.serving.metrics import THROUGHPUT_KEYS, parse_bench_result
 
     rows = []
     for f in sorted(Path(results_dir).rglob("*.json")):

@@ -4,7 +4,7 @@ Features (FEATURES): model shape from the registry (hidden, expert FFN width, ex
 total and active parameters), layout (tp, ep, gpus), queue depth (max_num_seqs), the effective client
 concurrency (min(the client's --max-concurrency, max_num_seqs); max_num_seqs when the client set none: the
 requests that can decode side by side), batch tokens (max_num_batched_tokens), eplb, the MoE backend
-(one-hot over BACKENDS), the workload's predicted imbalance score (text-only, moekern.analysis.predictor) and the measured imbalance (per-step CV of the
+(one-hot over BACKENDS), the workload's predicted imbalance score (text-only, moekern.analysis.datasets.predictor) and the measured imbalance (per-step CV of the
 run's gate log). Targets: output_throughput, mean_ttft_ms, mean_tpot_ms, each modelled in log space.
 
 Per target, a RandomForestRegressor and a GradientBoostingRegressor are compared by 5-fold
@@ -145,13 +145,13 @@ def training_table(results) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
     (steady_state false) are left out: their numbers measure compile time."""
     import pandas as pd
 
-    from moekern.study.factorial import collect_results, steady_rows
+    from moekern.analysis.study.factorial import collect_results, steady_rows
 
     src = Path(results)
     if src.is_file() and src.suffix == ".csv":
         df = pd.read_csv(src)
     else:
-        from moekern.analysis.serving import load_runs
+        from moekern.analysis.serving.metrics import load_runs
 
         df = collect_results(src)
         if df.empty:

@@ -1,13 +1,13 @@
 """`moekern sweep SPEC.yaml`: run a grid of end-to-end serving benchmarks, resumably.
 
 The runs themselves are a subprocess command template from the spec (the end-to-end runner,
-benchmarks/e2e/run_e2e.py or `python -m moekern.vllm.e2e`), so the sweep knows nothing of its internals.
+moekern/e2e/run_e2e.py or `python -m moekern.vllm.e2e`), so the sweep knows nothing of its internals.
 Spec (YAML; see analysis/specs/sweep_example.yaml):
 
     name: example
     out_dir: results/sweep_example           # relative to the spec file
     command: >-
-      python ../../benchmarks/e2e/run_e2e.py --model {model} --mode serve --arms {backend}
+      python ../../moekern/e2e/run_e2e.py --model {model} --mode serve --arms {backend}
       --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs}
       --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
       --dataset {dataset} --out {run_dir} --result {result} --gate-log-dir {gate_log_dir}

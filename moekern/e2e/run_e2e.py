@@ -36,12 +36,12 @@ The moekern arms need the plugin's entry point, i.e. moekern pip-installed (`pip
 script checks and refuses to report plugin arms that did not load it.
 
     source /tmp/gpuenv/env.sh
-    python benchmarks/e2e/preflight.py                        # ~20-40 s, no model: every vLLM hook target
-    python benchmarks/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern
+    python moekern/e2e/preflight.py                        # ~20-40 s, no model: every vLLM hook target
+    python moekern/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern-routing,moekern-routing-log,moekern
                                                               # ~7 min on one H100 (estimate printed first)
 Every invocation runs preflight.py first (once, in a subprocess) and starts no arm when it reports a FAIL
 (--no-preflight skips it).
-    python benchmarks/e2e/run_e2e.py --quick --mode serve --arms vllm,moekern   # ~7 min
+    python moekern/e2e/run_e2e.py --quick --mode serve --arms vllm,moekern   # ~7 min
 Real checkpoint: --model-dir /path/to/Mixtral-8x7B-Instruct --load-format auto (the directory holds the
 config, weights and tokenizer; --model then only names the result files).
 """
@@ -79,7 +79,7 @@ ARMS = {
     # calls FlashInfer's cutlass_fused_moe with quant_scales=[] (:371); the w13 halves are swapped to
     # FlashInfer's [up; gate] at load (unquantized.py:325). No VLLM_USE_FLASHINFER_MOE_* variable gates the bf16
     # path. Needs nvcc on PATH (utils/flashinfer.py has_flashinfer) and FlashInfer's fused-MoE JIT build in
-    # ~/.cache/flashinfer (benchmarks/flashinfer_warmup.py; built inside the arm it would outlast --arm-timeout);
+    # ~/.cache/flashinfer (tools/gpu/flashinfer_warmup.py; built inside the arm it would outlast --arm-timeout);
     # vLLM then autotunes FlashInfer's tactics at warm-up (kernel_warmup.flashinfer_autotune; on at -O2).
     "flashinfer": ({"MOEKERN_KERNELS": "off"}, {"moe_backend": "flashinfer_cutlass"}, False),
     "moekern-routing": ({"MOEKERN_KERNELS": "routing"}, {}, False),
@@ -812,7 +812,7 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
 # import fails it falls back to one `vllm bench serve` subprocess per point. The child writes a start and an
 # end marker per point into the server's log through the server's own stdout descriptor (shared offset, so
 # the lines interleave, never overwrite), so the JIT events of each point are counted apart; it records the
-# wall-clock window [time.time() before, after] of each point for the gate-log CV (moekern.analysis.serving).
+# wall-clock window [time.time() before, after] of each point for the gate-log CV (moekern.analysis.serving.metrics).
 # The per-point result files are written by this process after the server stopped (temp file + rename: a
 # point is either complete or absent); a point whose result file exists is skipped (resume).
 GRID_POINT_START = "moekern-e2e: grid point starts:"
@@ -821,7 +821,7 @@ GRID_POINT_END = "moekern-e2e: grid point ends:"
 
 def grid_points(args, arm: str) -> list[dict]:
     """The arm's bench grid: dicts name, concurrency, dataset (Path | None), rep, result (Path)."""
-    from moekern.analysis.sweep import grid_point_name
+    from moekern.analysis.study.sweep import grid_point_name
 
     prefix = args.grid_prefix or grid_prefix(args, arm)
     datasets = args.datasets or [None]
@@ -864,7 +864,7 @@ def dataset_input_len(path) -> float | None:
 
 def grid_timing():
     """sweep.GridTiming with this runner's measured constants (the same numbers; a test keeps them equal)."""
-    from moekern.analysis.sweep import GridTiming
+    from moekern.analysis.study.sweep import GridTiming
 
     return GridTiming(server_start_first_s=SERVER_START_S_FIRST, server_start_later_s=SERVER_START_S_LATER,
                       server_stop_s=SERVER_STOP_S, decode_step_s=STEADY_DECODE_STEP_S,
@@ -873,7 +873,7 @@ def grid_timing():
 
 def grid_plan_estimate(args, num_arms: int) -> float:
     """Estimated wall seconds of this invocation's serve grid (sweep.grid_plan_seconds)."""
-    from moekern.analysis.sweep import grid_plan_seconds
+    from moekern.analysis.study.sweep import grid_plan_seconds
 
     lens = [dataset_input_len(d) for d in args.datasets or []]
     lens = [x for x in lens if x is not None]
@@ -1027,7 +1027,7 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
             warm_args = _point_args(args, max(args.concurrency_grid), (args.datasets or [None])[0])
             if _healthy_then_warm(server, port, t0, args, r, fh, log, warm_args, work, env, "warmup") is None:
                 return r
-            from moekern.analysis.sweep import bench_run_seconds
+            from moekern.analysis.study.sweep import bench_run_seconds
 
             timing = grid_timing()
             points = []
@@ -1083,7 +1083,7 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
 
 # ---- preflight --------------------------------------------------------------------------------------------
 def preflight_command(args) -> list[str]:
-    """benchmarks/e2e/preflight.py for the arms and modes this invocation will run."""
+    """moekern/e2e/preflight.py for the arms and modes this invocation will run."""
     arms = list(dict.fromkeys(a for arms in args.arm_plan.values() for a in arms))
     modes = list(args.arm_plan)
     mode = "both" if len(modes) > 1 else modes[0]
@@ -1497,7 +1497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-timeout", type=float, default=300)
     p.add_argument("--budget-s", type=float, default=560, help="skip arms that would start after this many seconds")
     p.add_argument("--no-preflight", action="store_true",
-                   help="skip benchmarks/e2e/preflight.py (run first by default; a FAIL there stops the run)")
+                   help="skip moekern/e2e/preflight.py (run first by default; a FAIL there stops the run)")
     return p
 
 
@@ -1627,17 +1627,17 @@ def plan_text(args) -> str:
 
 
 def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
-    """The 'moekern' block of a --result file, in the keys moekern.analysis.serving groups by
+    """The 'moekern' block of a --result file, in the keys moekern.analysis.serving.metrics groups by
     (moe_backend, max_num_seqs, max_num_batched_tokens, eplb) plus dataset, predicted_score and gate_log
     (relative to the result file, so a results folder can move as a whole)."""
-    from moekern.analysis.sweep import predicted_score_from_name
+    from moekern.analysis.study.sweep import predicted_score_from_name
 
     meta = {"moe_backend": arm, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "eplb": bool(args.enable_eplb),
             "tensor_parallel_size": args.tensor_parallel_size,
             "expert_parallel": bool(args.enable_expert_parallel), "model": args.model,
             "load_format": args.load_format, "concurrency": args.concurrency, "num_prompts": args.serve_prompts,
-            "output_len": args.output_len, "runner": "benchmarks/e2e/run_e2e.py"}
+            "output_len": args.output_len, "runner": "moekern/e2e/run_e2e.py"}
     if args.dataset:
         meta["dataset"] = Path(args.dataset).name
         score = predicted_score_from_name(args.dataset)
@@ -1665,7 +1665,7 @@ def copy_moe_configs(paths: str | None, out: Path) -> dict | None:
     if not paths:
         return None
     from moekern.experts.configs import TUNED, read_rows
-    from moekern.experts.tune import merge_tuned
+    from moekern.experts.configs import merge_tuned
 
     dest = out / "moe_configs"
     dest.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""See moekern/analysis/__init__.py for what this subpackage answers."""
