@@ -26,6 +26,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekern", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"moekern {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for path in COMMAND_MODULES:
         try:
@@ -50,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from moekern.errors import UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"moekern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
