@@ -11,7 +11,9 @@ replays, inputs rotated over copies about twice the L2 size (the same method as 
 moekern path is first checked against the torch reference (ids and counts exactly); a path that disagrees
 is reported as WRONG and not timed. vLLM: fused_topk (topk_softmax) for softmax models, the fused
 grouped top-k op for DeepSeek-V3 (no histogram in either). The table gives µs per call and each moekern
-path's ratio to vLLM (the issue's target is <= 0.70). See csrc/routing/NOTES.md for what to look for.
+path's ratio to vLLM, and at the end each path's geometric mean / min / max ratio over the shapes (the target for
+auto: geomean <= 0.8, no shape above 1.0). --eager times eager calls instead of graph replays (host launch cost
+included). See csrc/routing/NOTES.md for what to look for.
 
 `floor`: the same timing of the cheapest op that still costs one kernel node: `ids.zero_()` on an [M, k] int32
 tensor (one fill kernel per call; rotated over as many copies as the logits). Any routing op costs at least
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
 
 ISSUE_MS = (1, 16, 64, 256, 1024, 4096, 16384)
 MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe")
-CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact")
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux", "redux_single", "redux_multi")
 SINGLE_BLOCK_MAX_M = 4096  # a forced single block grid-strides over every token: slow and pointless above this
 
 
@@ -104,7 +107,7 @@ def _check(fn, x, a, bias) -> str | None:
     return None
 
 
-def run(models, ms, dtype, variants, with_triton=True) -> list[dict]:
+def run(models, ms, dtype, variants, with_triton=True, eager=False) -> list[dict]:
     from moekern.bench.timing import rotating_copies, time_calls
 
     rows = []
@@ -144,9 +147,9 @@ def run(models, ms, dtype, variants, with_triton=True) -> list[dict]:
                         if err:
                             row["notes"][pname] = f"WRONG: {err}"
                             continue
-                    t = time_calls([(lambda x=x, fn=fn: fn(x)) for x in copies], dev)
+                    t = time_calls([(lambda x=x, fn=fn: fn(x)) for x in copies], dev, use_graph=not eager)
                     row["us"][pname] = t.median_us
-                    if t.method != "cuda-graph":
+                    if t.method != "cuda-graph" and not eager:
                         row["notes"][pname] = t.note
                 except Exception as exc:
                     row["notes"][pname] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -155,6 +158,18 @@ def run(models, ms, dtype, variants, with_triton=True) -> list[dict]:
             rows.append(row)
             _print_row(row, [f"cuda-{v}" for v in variants] + (["triton"] if with_triton else []))
     return rows
+
+
+def ratio_summary(rows) -> dict:
+    """Per provider: geometric mean, min and max of its time / vLLM's over the shapes where both were timed."""
+    out = {}
+    names = sorted({p for r in rows for p in r["us"] if p not in ("vllm", "floor")})
+    for p in names:
+        ratios = [r["us"][p] / r["us"]["vllm"] for r in rows if p in r["us"] and "vllm" in r["us"]]
+        if ratios:
+            out[p] = {"geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)), "min": min(ratios),
+                      "max": max(ratios), "n": len(ratios)}
+    return out
 
 
 def _target_below_floor(us: dict) -> bool | None:
@@ -215,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--variants", default=",".join(CUDA_VARIANTS))
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--eager", action="store_true", help="time eager calls (host launch cost included), no CUDA graph")
     p.add_argument("--json", default=None, help="also write the rows (and the GPU name) to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -228,11 +244,16 @@ def main(argv=None) -> int:
         return 0
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     rows = run([m for m in args.models.split(",") if m], [int(m) for m in args.ms.split(",") if m],
-               getattr(torch, args.dtype), [v for v in args.variants.split(",") if v], not args.no_triton)
+               getattr(torch, args.dtype), [v for v in args.variants.split(",") if v], not args.no_triton, args.eager)
     _print_floor_summary(rows)
+    summary = ratio_summary(rows)
+    print("\ntime / vLLM over the shapes (target for auto: geomean <= 0.8, max <= 1.0):")
+    for name, v in summary.items():
+        print(f"  {name:<20} geomean {v['geomean']:.3f}  min {v['min']:.3f}  max {v['max']:.3f}  ({v['n']} shapes)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "eager": args.eager,
+                       "rows": rows, "summary": summary}, f, indent=1)
     wrong = [(r["model"], r["M"], k) for r in rows for k, v in r["notes"].items() if v.startswith("WRONG")]
     if wrong:
         print(f"WRONG results (not timed): {wrong}", file=sys.stderr)

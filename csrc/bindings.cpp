@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "dispatch/dispatch.h"
+#include "dispatch/route_align.h"
 #include "gatelog/snapshot.h"
 #include "routing/fused_topk.h"
 #endif
@@ -31,6 +32,7 @@ namespace {
 using Tensor = at::Tensor;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 bool has_device_kernels() {
 #ifdef MOEKERN_WITH_DEVICE
@@ -54,6 +56,10 @@ bool has_device_kernels() {
 Tensor3 fused_topk_cpu(const Tensor&, int64_t, int64_t, bool, const std::optional<Tensor>&, int64_t, int64_t,
                        double) {
   no_cpu_kernel("fused_topk");
+}
+Tensor6 route_and_align_cpu(const Tensor&, int64_t, int64_t, bool, const std::optional<Tensor>&, int64_t, int64_t,
+                            double, int64_t, bool) {
+  no_cpu_kernel("route_and_align");
 }
 Tensor3 fused_topk_variant_cpu(const Tensor&, int64_t, int64_t, bool, const std::optional<Tensor>&, int64_t, int64_t,
                                double, int64_t) {
@@ -112,15 +118,23 @@ void check_num_experts(int64_t E) {
               mk::kDispatchMaxExperts, "]");
 }
 
-Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
-                                const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group,
-                                double scale, int64_t variant) {
-  TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkLastVariant, "variant=", variant,
-              " must be 0 (auto), 1 (legacy), 2 (single block), 3 (multi block) or 4 (compact)");
+struct RoutingInputs {
+  Tensor logits, bias;  // contiguous
+  const float* bias_ptr;
+  mk::DType dtype;
+  int64_t M, E;
+};
+
+// The checks every routing op makes before any kernel runs (moekern.fused_topk checked them in Python first).
+RoutingInputs check_routing(const Tensor& logits_in, int64_t top_k, int64_t scoring,
+                            const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group) {
   check_cuda(logits_in, "logits");
   TORCH_CHECK(logits_in.dim() == 2, "logits must be 2-D [M, E]; got shape ", logits_in.sizes());
-  const mk::DType dtype = to_mk_dtype(logits_in, "logits");
-  const int64_t M = logits_in.size(0), E = logits_in.size(1);
+  RoutingInputs r;
+  r.dtype = to_mk_dtype(logits_in, "logits");
+  r.M = logits_in.size(0);
+  r.E = logits_in.size(1);
+  const int64_t E = r.E;
   TORCH_CHECK(E >= 1 && E <= mk::kTopkMaxExperts, "num_experts=", E, " must be in [1, ", mk::kTopkMaxExperts,
               "] for the cuda backend");
   TORCH_CHECK(top_k >= 1 && top_k <= std::min<int64_t>(E, mk::kTopkMaxK), "top_k=", top_k,
@@ -134,25 +148,34 @@ Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t 
     TORCH_CHECK(top_k <= topk_group * (E / num_groups), "top_k=", top_k, " must be <= the ",
                 topk_group * (E / num_groups), " selectable experts of topk_group=", topk_group, " groups");
   }
-  const Tensor logits = logits_in.contiguous();
-  Tensor bias;
-  const float* bias_ptr = nullptr;
+  r.logits = logits_in.contiguous();
+  r.bias_ptr = nullptr;
   if (bias_in.has_value()) {
     TORCH_CHECK(scoring == 1, "bias (correction_bias) is defined for sigmoid scoring only; got scoring=", scoring);
-    check_same_device(*bias_in, logits, "bias", "logits");
+    check_same_device(*bias_in, r.logits, "bias", "logits");
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == E, "bias must have shape (", E, ",); got ",
                 bias_in->sizes());
     TORCH_CHECK(bias_in->scalar_type() == at::kFloat, "bias must be float32; got ", bias_in->scalar_type());
-    bias = bias_in->contiguous();
-    bias_ptr = bias.data_ptr<float>();
+    r.bias = bias_in->contiguous();
+    r.bias_ptr = r.bias.data_ptr<float>();
   }
-  const c10::cuda::OptionalCUDAGuard guard(logits.device());
-  const auto i32 = logits.options().dtype(at::kInt);
-  Tensor weights = at::empty({M, top_k}, logits.options().dtype(at::kFloat));
-  Tensor ids = at::empty({M, top_k}, i32);
-  Tensor counts = at::empty({E}, i32);
-  check_launch(mk::launch_fused_topk(logits.data_ptr(), dtype, M, static_cast<int>(E), static_cast<int>(top_k),
-                                     static_cast<int>(scoring), renormalize, bias_ptr, static_cast<int>(num_groups),
+  return r;
+}
+
+Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
+                                const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group,
+                                double scale, int64_t variant) {
+  TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkLastVariant, "variant=", variant,
+              " must be 0 (auto), 1 (legacy), 2 (single block), 3 (multi block), 4 (compact), 5 (redux), "
+              "6 (redux single block) or 7 (redux multi block)");
+  const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
+  const c10::cuda::OptionalCUDAGuard guard(r.logits.device());
+  const auto i32 = r.logits.options().dtype(at::kInt);
+  Tensor weights = at::empty({r.M, top_k}, r.logits.options().dtype(at::kFloat));
+  Tensor ids = at::empty({r.M, top_k}, i32);
+  Tensor counts = at::empty({r.E}, i32);
+  check_launch(mk::launch_fused_topk(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(r.E), static_cast<int>(top_k),
+                                     static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
                                      static_cast<int>(topk_group), static_cast<float>(scale),
                                      weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
                                      c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(variant)),
@@ -164,6 +187,55 @@ Tensor3 fused_topk_cuda(const Tensor& logits, int64_t top_k, int64_t scoring, bo
                         const std::optional<Tensor>& bias, int64_t num_groups, int64_t topk_group, double scale) {
   return fused_topk_variant_cuda(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale,
                                  mk::kTopkAuto);
+}
+
+// fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
+// (dispatch/route_align.cu), else the two kernels. two_kernels = true forces the two (benchmarks, tests).
+Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
+                             const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale,
+                             int64_t block_size, bool two_kernels) {
+  const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
+  TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
+  const int64_t n = r.M * top_k, E = r.E;
+  const int64_t max_padded = n + E * (block_size - 1);
+  TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded, " must be < 2^31");
+  const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
+  const c10::cuda::OptionalCUDAGuard guard(r.logits.device());
+  const auto i32 = r.logits.options().dtype(at::kInt);
+  Tensor weights = at::empty({r.M, top_k}, r.logits.options().dtype(at::kFloat));
+  Tensor ids = at::empty({r.M, top_k}, i32);
+  Tensor counts = at::empty({E}, i32);
+  Tensor sorted = at::empty({max_padded}, i32);
+  Tensor block_ids = at::empty({max_blocks}, i32);
+  Tensor post_pad = at::empty({1}, i32);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  bool unsupported = true;
+  if (!two_kernels) {
+    check_launch(mk::launch_route_align(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
+                                        static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
+                                        static_cast<int>(topk_group), static_cast<float>(scale),
+                                        weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                        static_cast<int>(block_size), sorted.data_ptr<int32_t>(),
+                                        block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(), stream,
+                                        &unsupported),
+                 "route_and_align");
+  }
+  if (unsupported) {
+    check_launch(mk::launch_fused_topk(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
+                                       static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
+                                       static_cast<int>(topk_group), static_cast<float>(scale),
+                                       weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                       stream, mk::kTopkAuto),
+                 "route_and_align (routing)");
+    const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E));
+    Tensor scratch = at::empty({scratch_elems}, i32);
+    check_launch(mk::launch_align(ids.data_ptr<int32_t>(), n, static_cast<int>(E), static_cast<int>(block_size),
+                                  counts.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(),
+                                  post_pad.data_ptr<int32_t>(), nullptr, nullptr,
+                                  scratch_elems ? scratch.data_ptr<int32_t>() : nullptr, stream),
+                 "route_and_align (align)");
+  }
+  return {weights, ids, counts, sorted, block_ids, post_pad};
 }
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
@@ -426,11 +498,18 @@ TORCH_LIBRARY(moekern, m) {
   m.def(
       "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");
-  // Internal: fused_topk with the kernel path forced (0 auto, 1 v1, 2 single block, 3 multi block, 4 compact),
+  // Internal: fused_topk with the kernel path forced (0 auto, 1 v1, 2 single block, 3 multi block, 4 compact,
+  // 5-7 the reduction-selection kernel: auto grid, one block, ticket grid),
   // so tests and benchmarks/routing_variants.py can check and time every path in one run.
   m.def(
       "fused_topk_variant(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale, int variant) -> (Tensor weights, Tensor ids, Tensor counts)");
+  // fused_topk + moe_align(ids, E, block_size, counts) in one launch where the tokens fit one block;
+  // two_kernels=True forces the two launches (for comparison).
+  m.def(
+      "route_and_align(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
+      "int topk_group, float scale, int block_size, bool two_kernels=False) -> (Tensor weights, Tensor ids, "
+      "Tensor counts, Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
   m.def(
       "moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
       "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
@@ -452,6 +531,7 @@ TORCH_LIBRARY_IMPL(moekern, CPU, m) {
   m.impl("fused_topk", &fused_topk_cpu);
   m.impl("fused_topk_variant", &fused_topk_variant_cpu);
   m.impl("moe_align", &moe_align_cpu);
+  m.impl("route_and_align", &route_and_align_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("gatelog_snapshot", &gatelog_snapshot_cpu);
@@ -464,6 +544,7 @@ TORCH_LIBRARY_IMPL(moekern, CUDA, m) {
   m.impl("fused_topk", &fused_topk_cuda);
   m.impl("fused_topk_variant", &fused_topk_variant_cuda);
   m.impl("moe_align", &moe_align_cuda);
+  m.impl("route_and_align", &route_and_align_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);
   m.impl("gatelog_snapshot", &gatelog_snapshot_cuda);

@@ -24,6 +24,8 @@ _LAZY = {
     "permute": "moekern.dispatch",
     "unpermute": "moekern.dispatch",
     "AlignOutput": "moekern.dispatch",
+    "route_and_align": "moekern.dispatch",
+    "RouteOutput": "moekern.dispatch",
     "PermuteLayout": "moekern.dispatch",
     "fused_moe": "moekern.experts",
     "ep": "moekern.ep",

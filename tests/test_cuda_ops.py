@@ -141,7 +141,7 @@ def test_fused_topk_counts_zeroed_every_call():
 # force v1 ("legacy"), one block, or the multi-block grid with its ticket reduction, so all are checked here.
 # "compact" names the v2 kernel alone (auto = compact, except v1 for one ungrouped token):
 # test_fused_topk_grids_bit_identical runs it.
-VARIANTS = ("auto", "legacy", "single_block", "multi_block")
+VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -217,6 +217,11 @@ def test_fused_topk_grids_bit_identical(model):
                 c = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant)
                 for x, y in zip(a, c):
                     torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
+            r = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "redux_single")
+            _assert_routing_equal(r, want)
+            c = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "redux_multi")
+            for x, y in zip(r, c):  # the reduction kernel on both grids: one token's result, bit for bit
+                torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("model", STANDARD_MODELS)
@@ -227,12 +232,12 @@ def test_fused_topk_repeated_calls_reset_the_ticket(model):
     g = torch.Generator(device="cuda").manual_seed(11)
     bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
     for M in (4096, 9, 300, 1, 20000, 4096, 64, 4096):
-        for variant in ("auto", "multi_block"):
+        for variant in ("auto", "multi_block", "redux_multi"):
             logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
             _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant))
 
 
-@pytest.mark.parametrize("variant", ["auto", "multi_block", "single_block"])
+@pytest.mark.parametrize("variant", ["auto", "multi_block", "single_block", "redux_single", "redux_multi"])
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_fused_topk_graph_replays_count_correctly(model, variant):
     E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)

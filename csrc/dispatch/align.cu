@@ -16,43 +16,12 @@
 // Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
 // C > 1 chunks; C is kept <= ~256 by growing the chunk, so each CTA reads at most C*E chunk counts.
 
-#include "dispatch/dispatch.h"
+#include "dispatch/align_scatter.cuh"
 
 namespace mk {
 namespace {
 
-constexpr int kThreads = 512;
-static_assert(kThreads == kDispatchMaxExperts, "the scans give each thread one expert");
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kSkip = kDispatchMaxExperts;  // key of a slot that is out of range or has an invalid id
-constexpr int kKeyBits = 10;                // keys in [0, 512]
-constexpr int kSmallIPT = 4;                // 2048-slot chunks
-constexpr int kLargeIPT = 16;               // 8192-slot chunks
-
-// Exclusive block-wide prefix sum; every thread must call it. `total` gets the sum of all v.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int& total) {
-  const int lane = lane_id(), warp = threadIdx.x / kWarpSize;
-  int x = v;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d <<= 1) {
-    const int y = shfl_up(x, d);
-    if (lane >= d) x += y;
-  }
-  if (lane == kWarpSize - 1) s_warp[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int wv = lane < kWarps ? s_warp[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < kWarpSize; d <<= 1) {
-      const int y = shfl_up(wv, d);
-      if (lane >= d) wv += y;
-    }
-    if (lane < kWarps) s_warp[lane] = wv;
-  }
-  __syncthreads();
-  total = s_warp[kWarps - 1];
-  return (warp > 0 ? s_warp[warp - 1] : 0) + x - v;
-}
+using namespace align_detail;
 
 template <int IPT>
 __global__ void __launch_bounds__(kThreads)
@@ -80,109 +49,9 @@ align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                      int32_t* __restrict__ sorted, int32_t* __restrict__ block_ids, int32_t* __restrict__ num_post_pad,
                      int32_t* __restrict__ slot_to_row, int32_t* __restrict__ offsets, int64_t max_padded,
                      int64_t max_blocks) {
-  __shared__ int32_t s_hist[kWarps][kDispatchMaxExperts];  // per-warp counts, then running positions
-  __shared__ int32_t s_base[kDispatchMaxExperts];          // first position of this chunk's slots of e
-  __shared__ int32_t s_off[kDispatchMaxExperts + 1];       // padded offset of each expert's run
-  __shared__ int32_t s_cnt[kDispatchMaxExperts];           // slots of each expert
-  __shared__ int32_t s_warp[kWarps];
-  const int tid = threadIdx.x, lane = lane_id(), warp = tid / kWarpSize;
-  const int chunk = blockIdx.x, num_chunks = gridDim.x;
-  const int64_t warp_start = static_cast<int64_t>(chunk) * kThreads * IPT + static_cast<int64_t>(warp) * kWarpSize * IPT;
-
-  for (int i = tid; i < kWarps * kDispatchMaxExperts; i += kThreads) (&s_hist[0][0])[i] = 0;
-  int key[IPT];
-#pragma unroll
-  for (int i = 0; i < IPT; ++i) {
-    const int64_t s = warp_start + static_cast<int64_t>(i) * kWarpSize + lane;
-    const int e = s < n ? ids[s] : -1;
-    key[i] = (e >= 0 && e < E) ? e : kSkip;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < IPT; ++i)
-    if (key[i] != kSkip) atomicAdd(&s_hist[warp][key[i]], 1);
-  __syncthreads();
-
-  // One thread per expert: per-warp exclusive prefix, this chunk's prefix over earlier chunks, totals.
-  const int e = tid;
-  int prefix = 0, padded = 0, total = 0;
-  if (e < E) {
-    int own = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int c = s_hist[w][e];
-      s_hist[w][e] = own;
-      own += c;
-    }
-    if (chunk_hist == nullptr) {
-      total = own;
-    } else {
-      for (int c = 0; c < chunk; ++c) prefix += chunk_hist[static_cast<int64_t>(c) * E + e];
-      if (expert_counts != nullptr) {
-        total = expert_counts[e];
-      } else {
-        total = prefix;
-        for (int c = chunk; c < num_chunks; ++c) total += chunk_hist[static_cast<int64_t>(c) * E + e];
-      }
-    }
-    padded = (total + B - 1) / B * B;
-  }
-  int total_padded;
-  const int off = block_exclusive_scan(padded, s_warp, total_padded);
-  if (e < E) {
-    s_off[e] = off;
-    s_base[e] = off + prefix;
-    s_cnt[e] = total;
-  }
-  if (tid == 0) s_off[E] = total_padded;
-  __syncthreads();
-
-  // Scatter, one warp step (kWarpSize slots) at a time, in slot order.
-#pragma unroll
-  for (int i = 0; i < IPT; ++i) {
-    const int k = key[i];
-    const int64_t s = warp_start + static_cast<int64_t>(i) * kWarpSize + lane;
-    const lane_mask_t peers = match_any<kKeyBits>(static_cast<unsigned>(k));
-    if (k != kSkip) {
-      const int64_t pos = static_cast<int64_t>(s_base[k]) + s_hist[warp][k] + popc(peers & lanemask_lt());
-      if (pos < max_padded) {  // only inconsistent expert_counts could make it otherwise
-        sorted[pos] = static_cast<int32_t>(s);
-        if (slot_to_row != nullptr) slot_to_row[s] = static_cast<int32_t>(pos);
-      }
-    } else if (s < n && slot_to_row != nullptr) {
-      slot_to_row[s] = -1;
-    }
-    syncwarp();
-    if (k != kSkip && (peers >> lane) == static_cast<lane_mask_t>(1)) s_hist[warp][k] += popc(peers);
-    syncwarp();
-  }
-
-  // Grid-stride share of the layout: sentinel pads of each run, the tail, block experts, totals.
-  const int32_t sentinel = static_cast<int32_t>(n);
-  // One warp per expert writes its run's (< B) pads, so the stores of a warp are contiguous.
-  for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps)
-    for (int p = s_off[x] + s_cnt[x] + lane; p < s_off[x + 1]; p += kWarpSize) sorted[p] = sentinel;
-  const int64_t gtid = static_cast<int64_t>(chunk) * kThreads + tid;
-  const int64_t gstride = static_cast<int64_t>(num_chunks) * kThreads;
-  for (int64_t p = total_padded + gtid; p < max_padded; p += gstride) sorted[p] = sentinel;
-  if (block_ids != nullptr) {
-    for (int64_t b = gtid; b < max_blocks; b += gstride) {
-      const int64_t pos = b * B;
-      int expert = -1;
-      if (pos < total_padded) {  // the last expert whose run starts at or before pos
-        int lo = 0, hi = E - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (s_off[mid] <= pos) lo = mid; else hi = mid - 1;
-        }
-        expert = lo;
-      }
-      block_ids[b] = expert;
-    }
-  }
-  if (gtid == 0 && num_post_pad != nullptr) *num_post_pad = total_padded;
-  if (chunk == 0 && offsets != nullptr)
-    for (int x = tid; x <= E; x += kThreads) offsets[x] = s_off[x];
+  align_scatter_block<IPT>(ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row,
+                           offsets, max_padded, max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
+                           LoadReadOnly{});
 }
 
 struct Plan {

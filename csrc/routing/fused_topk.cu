@@ -42,12 +42,11 @@
 // Bounds: 1 <= E <= 512, 1 <= k <= 16 (kTopkMaxK), any M >= 0.
 
 #include "routing/fused_topk.h"
+#include "routing/histogram.cuh"
 #include "routing/order_keys.cuh"
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
-#include <vector>
 
 namespace mk {
 namespace {
@@ -57,11 +56,6 @@ constexpr int kIdxMask = (1 << kIdxBits) - 1;
 constexpr int kMaxThreads = 512;          // launch bound: <= 128 registers per thread
 constexpr int kMultiThreads = 256;        // block size of the multi-block grid
 constexpr int kSingleBlockThreads = 256;  // auto: one block while M * L lanes fit in this many threads
-constexpr int kSlots = 32;                // accumulator slots per device (one per stream)
-
-// Zero at module load; every multi-block launch leaves its slot zeroed again (atomicExch / atomicInc wrap).
-__device__ int g_acc[kSlots][kTopkMaxExperts] = {};
-__device__ unsigned int g_ticket[kSlots] = {};
 
 // ------------------------------------------------------------------------------------------ keys
 
@@ -316,34 +310,6 @@ __device__ __forceinline__ bool group_kept(const float (&w)[V], const float (&se
   return kept;
 }
 
-// Writes the launch's per-expert counts once the block's tokens are in s_hist: the only block copies them; with
-// several blocks each adds into its stream's accumulator slot, and the last block to take a ticket moves the
-// totals out and leaves the slot zeroed (the scheme in the paragraph atop this file). Every thread calls it.
-__device__ __forceinline__ void publish_counts(const int* s_hist, int& s_last, const TeamArgs& a) {
-  const int E = a.E;
-  __syncthreads();
-  if (a.slot < 0) {  // the only block: every count is its own
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = s_hist[e];
-    return;
-  }
-  int* acc = g_acc[a.slot];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const int c = s_hist[e];
-    if (c != 0) atomicAdd(&acc[e], c);
-  }
-  __threadfence();  // this block's adds are visible before its ticket
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned last = gridDim.x - 1;
-    s_last = atomicInc(&g_ticket[a.slot], last) == last;  // the last ticket wraps the counter to 0
-  }
-  __syncthreads();
-  if (s_last) {
-    __threadfence();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) a.counts[e] = atomicExch(&acc[e], 0);
-  }
-}
-
 // ------------------------------------------------------------------------------------------ kernel
 
 // One instantiation per (logit type, bucket, scoring). Softmax on 16-bit logits ranks with 32-bit keys; fp32
@@ -451,34 +417,10 @@ __global__ void __launch_bounds__(kMaxThreads) compact_topk_kernel(const TeamArg
     }
   }
 
-  publish_counts(s_hist, s_last, a);
+  publish_counts(s_hist, s_last, a.E, a.slot, a.counts);
 }
 
 // ------------------------------------------------------------------------------------------ host side
-
-// The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are
-// all taken (the caller then runs v1, which needs none).
-int stream_slot(Stream stream) {
-  int dev = 0;
-  if (current_device(&dev) != kSuccess) return -1;
-  struct Owner {
-    int dev;
-    Stream stream;
-    int slot;
-  };
-  static std::mutex mu;
-  static std::vector<Owner> owners;
-  const std::lock_guard<std::mutex> lock(mu);
-  int used = 0;
-  for (const Owner& o : owners) {
-    if (o.dev != dev) continue;
-    if (o.stream == stream) return o.slot;
-    ++used;
-  }
-  if (used >= kSlots) return -1;
-  owners.push_back(Owner{dev, stream, used});
-  return used;
-}
 
 // Launches a lane-team kernel (L lanes per token): one block sized to the tokens when a.slot < 0, else the
 // multi-block grid that fills the GPU (occupancy is queried once per kernel: the static is per instantiation).
@@ -525,11 +467,16 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
                                     scale, weights, ids, counts, stream);
   };
   if (variant == kTopkLegacy) return legacy();
-  // One ungrouped token: v1 (memset + one warp) measured 0.4-1.2 us faster than the compact single block for
-  // E = 8, 64 and 128 on both an H100 (session 3) and an H200 (session 4), side by side in CUDA graphs
-  // (benchmarks/results/routing-variants/); at M = 16 and for grouped routing v1 is slower, so only M == 1.
-  if (variant == kTopkAuto && M == 1 && G == 0) return legacy();
   if (M == 0) return memset_async(counts, 0, sizeof(int32_t) * E, stream);
+  if (variant == kTopkAuto || variant >= kTopkRedux) {
+    const int grid = variant == kTopkReduxSingle ? kReduxGridSingle
+                     : variant == kTopkReduxMulti ? kReduxGridMulti
+                                                  : kReduxGridAuto;
+    bool unsupported = false;
+    const Error err = launch_redux_topk(logits, dtype, M, E, top_k, scoring, renormalize, bias, num_groups,
+                                        topk_group, scale, weights, ids, counts, stream, grid, &unsupported);
+    if (!unsupported) return err;
+  }
 
   const Bucket b = bucket_for(E);
   int S = 0;
@@ -538,9 +485,7 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
     S = P % b.V == 0 ? P / b.V : 0;
     if (S == 0 || (S & (S - 1)) != 0 || S > b.L) return legacy();
   }
-  // kTopkCompact: auto's grid choice without the one-token shortcut above.
-  const bool single = variant == kTopkSingleBlock ||
-                      ((variant == kTopkAuto || variant == kTopkCompact) && M * b.L <= kSingleBlockThreads);
+  const bool single = variant == kTopkSingleBlock || (variant != kTopkMultiBlock && M * b.L <= kSingleBlockThreads);
   int slot = -1;
   if (!single) {
     slot = stream_slot(stream);

@@ -12,14 +12,20 @@ constexpr int kTopkMaxK = 16;
 // Which kernel launch_fused_topk runs. kAuto is what the public op uses; the others exist so one GPU run
 // can compare the paths against the reference and each other (benchmarks/routing_variants.py).
 enum TopkVariant : int {
-  kTopkAuto = 0,         // v2 kernel; one block while M * L <= 256 lanes, else the multi-block grid; v1 fallback
-                         // (and v1 for one ungrouped token: measured faster there, fused_topk.cu)
+  kTopkAuto = 0,         // the reduction-selection kernel (kTopkRedux) where its group geometry fits, else the
+                         // v2 compact kernel (one block while M * L <= 256 lanes, else the ticket grid), else v1
   kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
   kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens): tunes the crossover
   kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction: tunes the crossover
   kTopkCompact = 4,      // the v2 kernel with auto's grid choice but never v1's one-token shortcut (NOTES.md)
-  kTopkLastVariant = kTopkCompact,
+  kTopkRedux = 5,        // the reduction-selection kernel (redux_topk.cuh) with its own grid choice
+  kTopkReduxSingle = 6,  // the same, forced to one block
+  kTopkReduxMulti = 7,   // the same, forced to the multi-block grid with the ticket histogram
+  kTopkLastVariant = kTopkReduxMulti,
 };
+
+// Grid choice of launch_redux_topk.
+enum ReduxGrid : int { kReduxGridAuto = 0, kReduxGridSingle = 1, kReduxGridMulti = 2 };
 
 // logits: [M, E] row-major of `dtype`; bias: [E] fp32 or nullptr (sigmoid only); num_groups = 0 or 1
 // means no grouped selection. Writes weights [M, k] fp32, ids [M, k] int32 and counts [E] int32 (every
@@ -34,6 +40,12 @@ enum TopkVariant : int {
 Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,
                         bool renormalize, const float* bias, int num_groups, int topk_group, float scale,
                         float* weights, int32_t* ids, int32_t* counts, Stream stream, int variant = kTopkAuto);
+
+// The reduction-selection kernel (same contract, M >= 1). Launches nothing and sets *unsupported when the
+// group geometry is not whole lanes per group, or a multi-block grid finds no free histogram slot.
+Error launch_redux_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,
+                        const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,
+                        int32_t* counts, Stream stream, int grid, bool* unsupported);
 
 // The v1 kernel (same contract; zeroes counts with a memset when it runs more than one block).
 Error launch_fused_topk_legacy(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,

@@ -4,8 +4,9 @@ Backends (one argument selects all stages):
   "torch"  fused_topk(backend="torch") + moekern.dispatch.reference.fused_moe_reference (per-expert loop,
            fp32 math). No alignment needed.
   "triton" fused_topk(backend="triton") + moekern.align(backend="triton") + our Triton grouped GEMMs.
-  "cuda"   fused_topk(backend="cuda") + moekern.align(backend="cuda") + our Triton grouped GEMMs: moekern
-           has no CUDA GEMM of its own; "cuda" selects the compiled routing/align kernels only.
+  "cuda"   moekern.route_and_align(backend="cuda") (routing + align in one launch at decode sizes) + our
+           Triton grouped GEMMs: moekern has no CUDA GEMM of its own; "cuda" selects the compiled
+           routing/align kernels only. Precomputed topk_ids: moekern.align(backend="cuda").
   "auto"   on a CUDA tensor: routing and align pick their own best ("auto"), experts run in Triton;
            on CPU: "torch" (use backend="triton" with TRITON_INTERPRET=1 to run the kernels on CPU).
 """
@@ -161,12 +162,25 @@ def fused_moe(
             raise ValueError(f"router_logits is on {router_logits.device} but hidden_states is on {dev}")
         if expert_counts is not None:
             raise ValueError("expert_counts goes with precomputed topk_ids; routing from router_logits makes its own")
-        from moekern.routing import fused_topk
+        k = top_k
 
-        routing = fused_topk(router_logits, top_k, backend=stage_backend, **routing_kwargs)
-        topk_weights, topk_ids, expert_counts, k = routing.topk_weights, routing.topk_ids, routing.expert_counts, top_k
+    cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config) if isinstance(k, int) \
+        and k >= 1 else (None, None)
+    aligned = None
+    if not precomputed:
+        if expert_backend == "triton" and _align_backend(stage_backend, dev, E) == "cuda" and cfg1 is not None:
+            # routing and align in one launch at decode sizes (moekern.route_and_align)
+            from moekern.dispatch.route_align import route_and_align
 
-    cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config)
+            r = route_and_align(router_logits, top_k, block_size=cfg1.block_m, backend="cuda", **routing_kwargs)
+            topk_weights, topk_ids, expert_counts, aligned = r.topk_weights, r.topk_ids, r.expert_counts, r[3:]
+        else:
+            from moekern.routing import fused_topk
+
+            routing = fused_topk(router_logits, top_k, backend=stage_backend, **routing_kwargs)
+            topk_weights, topk_ids, expert_counts = routing.topk_weights, routing.topk_ids, routing.expert_counts
+            if cfg1 is None:  # fused_topk accepted top_k: it is an int >= 1
+                cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config)
     if M == 0:
         return hidden_states.new_empty(0, H)
     if expert_backend == "torch":
@@ -176,7 +190,7 @@ def fused_moe(
     if hidden_states.stride(1) != 1:
         hidden_states = hidden_states.contiguous()
     return _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1, cfg2,
-                           _align_backend(stage_backend, dev, E))
+                           _align_backend(stage_backend, dev, E), aligned)
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,9 +215,10 @@ def _validate_counts(expert_counts, topk_ids, E: int, check: bool):
 
 
 def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_counts, cfg1: BlockConfig,
-                    cfg2: BlockConfig, align_backend: str) -> torch.Tensor:
+                    cfg2: BlockConfig, align_backend: str, aligned=None) -> torch.Tensor:
     """The Triton path after fused_moe validated everything once: no checks, no host syncs, no copies of
-    inputs that are already in the kernels' layout. hidden_states: [M>0, H] with K stride 1."""
+    inputs that are already in the kernels' layout. hidden_states: [M>0, H] with K stride 1. aligned: the
+    align outputs for block size cfg1.block_m when route_and_align already made them."""
     from moekern.experts.triton_gemm import moe_experts_triton
 
     num_experts = w13.shape[0]
@@ -213,7 +228,9 @@ def _fused_moe_impl(hidden_states, w13, w2, topk_weights, topk_ids, expert_count
     if not topk_ids.is_contiguous():
         topk_ids = topk_ids.contiguous()
     # Ranges were checked by fused_moe (or hold by construction); align must not sync again.
-    if align_backend == "cuda":
+    if aligned is not None:
+        pass
+    elif align_backend == "cuda":
         from moekern.dispatch.cuda_ops import align_cuda
 
         aligned = align_cuda(topk_ids, num_experts, cfg1.block_m, expert_counts)

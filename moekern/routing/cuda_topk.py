@@ -9,10 +9,11 @@ that can run at the same time must be issued (or captured into a CUDA graph) on 
 graphs captured on one stream must not be replayed concurrently.
 
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
-moekern.fused_topk uses: the compact kernel on one block while M x team lanes <= 256, else on the multi-block
-grid; the v1 kernel for one ungrouped token, where it measured faster), "legacy" (the v1 kernel),
-"single_block" / "multi_block" (the compact kernel forced to one grid; the knobs for tuning the crossover),
-"compact" (the compact kernel with auto's grid choice and no v1 shortcut) (csrc/routing/NOTES.md).
+moekern.fused_topk uses: the reduction-selection kernel, csrc/routing/redux_topk.cuh, where its group geometry
+fits, else the compact kernel), "redux" / "redux_single" / "redux_multi" (the reduction-selection kernel with its
+own grid choice, or forced to one block / to the ticket grid), "compact" (the compact kernel: one block while
+M x team lanes <= 256, else the multi-block grid), "single_block" / "multi_block" (the compact kernel forced to
+one grid), "legacy" (the v1 kernel: memset + one warp per token). csrc/routing/NOTES.md has the measurements.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from moekern._ext import extension_error
 from moekern.routing.reference import empty_routing_outputs
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
-VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4}
+VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4, "redux": 5,
+                 "redux_single": 6, "redux_multi": 7}
 
 # Checked once at import: the wrappers then read a constant, which torch.compile traces through.
 _EXT_ERROR = extension_error()

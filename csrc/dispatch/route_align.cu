@@ -1,0 +1,163 @@
+// Routing and moe_align in ONE launch at decode sizes: what fused_topk followed by align(..., expert_counts=)
+// computes, with the same values.
+//
+// One block of align's 512 threads routes every token with the reduction-selection teams of
+// routing/redux_topk.cuh (writing weights and ids, counting choices in shared memory), writes the counts,
+// and after a barrier lays the slots out with align's scatter (dispatch/align_scatter.cuh), reading the
+// ids it just wrote through L2. So the two kernels' launch gaps and the ids' round trip through a second
+// launch are gone. Bounds: M * top_k <= 8192 slots (align's one-chunk size) and M <= kRouteAlignMaxTokens
+// (above, one block routes too few tokens at a time: the caller runs the two kernels instead).
+#include "dispatch/align_scatter.cuh"
+#include "dispatch/route_align.h"
+#include "routing/redux_topk.cuh"
+
+#include <algorithm>
+
+namespace mk {
+namespace {
+
+using redux::Args;
+constexpr int kThreads = align_detail::kThreads;
+constexpr int kIPT = align_detail::kLargeIPT;
+
+struct AlignOut {
+  int32_t* sorted;
+  int32_t* block_ids;
+  int32_t* num_post_pad;
+  int64_t max_padded, max_blocks;
+  int block_size;
+};
+
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped>
+__global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, const AlignOut o) {
+  constexpr int kTeams = kWarpSize / L;
+  __shared__ int s_hist[kTopkMaxExperts];
+
+  const int lane = lane_id();
+  const int base = (lane & (L - 1)) * V;
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  const int64_t stride = static_cast<int64_t>(kThreads / kWarpSize) * kTeams;
+  int64_t t0 = static_cast<int64_t>(threadIdx.x / kWarpSize) * kTeams;
+
+  float x[V];
+  {
+    const int64_t t = t0 + lane / L;
+    if (t < a.M) {
+      redux::load_lane<T, V>(logits + t * a.E, base, a.E, a.vec != 0, x);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
+    }
+  }
+  float bias[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
+  if constexpr (!kSoftmax) {
+    if (a.bias != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) bias[i] = base + i < a.E ? a.bias[base + i] : 0.0f;
+    }
+  }
+  for (int e = threadIdx.x; e < a.E; e += kThreads) s_hist[e] = 0;
+  __syncthreads();
+
+  for (; t0 < a.M; t0 += stride) {
+    const int64_t t = t0 + lane / L;
+    const int64_t tn = t + stride;
+    float xn[V];
+    if (tn < a.M) {
+      redux::load_lane<T, V>(logits + tn * a.E, base, a.E, a.vec != 0, xn);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) xn[i] = -INFINITY;
+    }
+    redux::route_token<V, L, kSoftmax, kGrouped>(a, t, t < a.M, x, bias, s_hist);
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = xn[i];
+  }
+  __syncthreads();  // every id of the launch is written (and visible to this block through L2)
+  for (int e = threadIdx.x; e < a.E; e += kThreads) a.counts[e] = s_hist[e];
+  align_detail::align_scatter_block<kIPT>(a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted,
+                                          o.block_ids, o.num_post_pad, nullptr, nullptr, o.max_padded, o.max_blocks,
+                                          0, 1, align_detail::LoadWrittenHere{});
+}
+
+template <typename T, int V, int L>
+Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
+  const bool grouped = a.G > 1;
+  if (softmax) {
+    if (grouped) route_align_kernel<T, V, L, true, true><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, true, false><<<1, kThreads, 0, stream>>>(a, o);
+  } else {
+    if (grouped) route_align_kernel<T, V, L, false, true><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, false, false><<<1, kThreads, 0, stream>>>(a, o);
+  }
+  return last_error();
+}
+
+template <typename T>
+Error launch_typed(Args& a, const AlignOut& o, bool softmax, bool& unsupported, Stream stream) {
+  const size_t elem = sizeof(T);
+#define MOEKERN_ROUTE_ALIGN_CASE(EB, VV, LL)                                                          \
+  if (a.E <= (EB)) {                                                                                  \
+    if (a.G > 1) {                                                                                    \
+      const int P = a.E / a.G;                                                                        \
+      const int S = P % (VV) == 0 ? P / (VV) : 0;                                                     \
+      if (S == 0 || (S & (S - 1)) != 0 || S > (LL)) return unsupported = true, kSuccess;             \
+      a.group_lanes = S;                                                                              \
+    }                                                                                                 \
+    const size_t width = std::min<size_t>(16, (VV) * elem);                                           \
+    a.vec = (reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && (a.E * elem) % width == 0) ? 1 : 0;  \
+    return launch_bucket<T, (VV), (LL)>(a, o, softmax, stream);                                       \
+  }
+  MOEKERN_ROUTE_ALIGN_BUCKETS(MOEKERN_ROUTE_ALIGN_CASE)
+#undef MOEKERN_ROUTE_ALIGN_CASE
+  return unsupported = true, kSuccess;
+}
+
+}  // namespace
+
+Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,
+                         const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,
+                         int32_t* counts, int block_size, int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad,
+                         Stream stream, bool* unsupported) {
+  *unsupported = false;
+  if (E < 1 || E > kTopkMaxExperts || top_k < 1 || top_k > kTopkMaxK || top_k > E || M < 0 || block_size < 1 ||
+      (scoring != 0 && scoring != 1))
+    return kInvalidValue;
+  const int G = num_groups > 1 ? num_groups : 0;
+  if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
+  const int64_t n = M * top_k;
+  if (M < 1 || M > kRouteAlignMaxTokens || n > static_cast<int64_t>(kThreads) * kIPT) {
+    *unsupported = true;
+    return kSuccess;
+  }
+  AlignOut o;
+  o.sorted = sorted;
+  o.block_ids = block_ids;
+  o.num_post_pad = num_post_pad;
+  o.max_padded = n + static_cast<int64_t>(E) * (block_size - 1);
+  o.max_blocks = (o.max_padded + block_size - 1) / block_size;
+  o.block_size = block_size;
+  if (o.max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
+  Args a;
+  a.logits = logits;
+  a.bias = bias;
+  a.weights = weights;
+  a.ids = ids;
+  a.counts = counts;
+  a.M = M;
+  a.E = E;
+  a.top_k = top_k;
+  a.G = G;
+  a.g = G > 1 ? topk_group : 0;
+  a.group_lanes = 0;
+  a.renormalize = renormalize ? 1 : 0;
+  a.vec = 0;
+  a.slot = -1;
+  a.scale = scale;
+  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, o, scoring == 0, *unsupported, stream));
+  return kInvalidValue;
+}
+
+}  // namespace mk
