@@ -10,6 +10,8 @@
 #   bash tools/gpu/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
 #   bash tools/gpu/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
 #   bash tools/gpu/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
+#   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align GPU tests, memcheck
+#   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graph + eager), route_and_align, decode layer vs vLLM
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
 #   bash tools/gpu/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
@@ -62,7 +64,7 @@ bash tools/gpu/fiaot.sh install || true
 
 build() {
   # (a build older than the newest op is rebuilt: the check names it)
-  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.gatelog_snapshot" 2>/dev/null; then
+  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.route_and_align" 2>/dev/null; then
     echo "moekern._C already built"; return 0
   fi
   MOEKERN_REQUIRE_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -30
@@ -177,6 +179,27 @@ run_stage() {
     build
     timeout 240 python3 benchmarks/routing_variants.py --variants auto,compact,legacy,single_block,multi_block \
       --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
+    ;;
+  fastpath-check)
+    # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path and route_and_align
+    # against the torch reference, fused_moe (which routes through route_and_align), then compute-sanitizer.
+    build
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/test_route_align.py tests/test_cuda_ops.py \
+      -k "topk or route or align" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -15
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe.py 2>&1 | tail -4
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu/memcheck_smoke.py \
+      2>&1 | tee "$OUT/memcheck.log" | tail -6
+    ;;
+  fastpath-bench)
+    # Side by side with vLLM in one process per script (needs the gpuenv): routing at the issue's 28 shapes in CUDA
+    # graphs and eager, route_and_align vs vLLM's routing + moe_align_block_size.
+    build
+    timeout 200 python3 benchmarks/routing_variants.py --variants auto,compact,legacy,redux_single,redux_multi \
+      --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -48
+    timeout 120 python3 benchmarks/routing_variants.py --variants auto --no-triton --ms 1,16,64,256 --eager \
+      --json "$OUT/routing_eager.json" 2>&1 | tail -8
+    timeout 150 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
+      | tee "$OUT/route_align.log" | tail -30
     ;;
   ep-multi)
     # Issue 11: real ranks, one process per GPU (nvidia-h200-x2/-x4/-x8; multicast off, exported above): the

@@ -32,7 +32,7 @@ from moekern.dispatch.reference import align_reference, fused_moe_reference, per
 from moekern.routing.reference import fused_topk_reference  # noqa: E402
 
 DEV = "cuda"
-CUDA_VARIANTS = ("auto", "single_block", "multi_block", "legacy", "compact")
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi")
 
 
 def _equal(got, want, what):
@@ -91,6 +91,10 @@ def routing_dispatch_moe(be):
         ref = moekern.fused_topk(logits, k, backend="torch", **kw)
         _equal(out.topk_ids, ref.topk_ids, f"{be} routing M={M} E={E}: ids")
         _equal(out.expert_counts, ref.expert_counts, f"{be} routing M={M} E={E}: counts")
+        for block in (1, 16):  # routing + align (one launch on the cuda backend)
+            ra = moekern.route_and_align(logits, k, block_size=block, backend=be, **kw)
+            _equal(ra.topk_ids, ref.topk_ids, f"{be} route_and_align M={M} E={E}: ids")
+            assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(ra[3:], align_reference(ref.topk_ids, E, block)))
         for ids in (out.topk_ids, torch.zeros_like(out.topk_ids) if k == 1 else out.topk_ids):
             a = moekern.align(ids, E, 16, backend=be)
             r = align_reference(ids, E, 16)
