@@ -231,6 +231,20 @@ def _install_experts(hook: LayerHook, runner) -> None:
     qm.apply = apply
 
 
+def hook_layer(runner, config: PluginConfig, recorder=None) -> LayerHook:
+    """Hook one MoE layer outside a vLLM engine, as register_layer_for_moe_forward_op does inside one (the
+    e2e preflight checks the hook on a real vLLM router so). The plugin's config and gate-log recorder become
+    `config` and `recorder`, its layer list this layer alone. `runner` carries `router` (a vLLM BaseRouter),
+    `layer_name` and `routed_experts`. Returns the layer's LayerHook; ValueError when the router is no
+    BaseRouter (an engine leaves such a layer to vLLM)."""
+    _STATE.update(config=config, recorder=recorder, layers=[])
+    _on_layer_registered(None, runner)
+    if not _STATE["layers"]:
+        raise ValueError(f"runner.router={type(getattr(runner, 'router', None)).__name__} must be a vLLM "
+                         f"BaseRouter (with _compute_routing)")
+    return _STATE["layers"][-1]
+
+
 def _on_layer_registered(vllm_config, runner) -> None:
     cfg: PluginConfig = _STATE["config"]
     router = getattr(runner, "router", None)
