@@ -122,7 +122,8 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     progress = work / "progress.jsonl"
     progress.unlink(missing_ok=True)
     with open(log, "w") as fh:
-        server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=PACKAGE_ROOT)
+        server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=PACKAGE_ROOT)
         try:
             warm_args = point_args(args, max(args.concurrency_grid), (args.datasets or [None])[0])
             if healthy_then_warm(server, port, t0, args, r, fh, log, warm_args, work, env, "warmup") is None:

@@ -21,7 +21,7 @@ def result_metadata(args, arm: str, gate_dir: Path | None) -> dict:
             "tensor_parallel_size": args.tensor_parallel_size,
             "expert_parallel": bool(args.enable_expert_parallel), "model": args.model,
             "load_format": args.load_format, "concurrency": args.concurrency, "num_prompts": args.serve_prompts,
-            "output_len": args.output_len, "runner": "moekern/e2e/run_e2e.py"}
+            "output_len": args.output_len, "runner": "moekern e2e"}
     if args.dataset:
         meta["dataset"] = Path(args.dataset).name
         score = predicted_score_from_name(args.dataset)

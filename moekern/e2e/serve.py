@@ -89,7 +89,8 @@ def run_serve_arm(args, arm: str, out: Path) -> dict:
     r = {"arm": arm, "cmd": " ".join(cmd)}
     t0 = time.time()
     with open(log, "w") as fh:
-        server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=PACKAGE_ROOT)
+        server = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=PACKAGE_ROOT)
         try:
             r["bench_cmd"] = " ".join(bench_command(args, port, out, f"serve_{arm}.rep0.json"))
             warm = healthy_then_warm(server, port, t0, args, r, fh, log, args, out, env, f"serve_{arm}.warmup")
