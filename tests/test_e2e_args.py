@@ -158,8 +158,8 @@ def test_sweep_example_renders_the_real_command(dataset, capsys):
     points = plan(spec)
     assert len(points) == 2 * 4 * 4 * 2
     for p in points[::7] + [points[-1]]:
-        assert p.command[:2] == ["moekern", "e2e"]
-        args = ready_args(p.command[2:])
+        assert p.command[:3] == ["python", "-m", "moekern.e2e"]
+        args = ready_args(p.command[3:])
         kw = engine_kwargs(args, p.params["backend"])
         assert args.arm_plan == {"serve": [p.params["backend"]]}
         assert kw["max_num_seqs"] == p.params["max_num_seqs"]
@@ -169,9 +169,9 @@ def test_sweep_example_renders_the_real_command(dataset, capsys):
     spec.out_dir = Path("/nonexistent/sweep")  # dry run: prints, touches nothing
     run_sweep(spec, dry_run=True)
     out = capsys.readouterr().out
-    assert f"[todo] {points[0].run_id}: moekern e2e --model" in out
+    assert f"[todo] {points[0].run_id}: python -m moekern.e2e --model" in out
     assert f"--result /nonexistent/sweep/runs/{points[0].run_id}.json" in out
-    assert out.count("moekern e2e --model mixtral-8x7b-4l --mode serve --arms") == len(points)
+    assert out.count("python -m moekern.e2e --model mixtral-8x7b-4l --mode serve --arms") == len(points)
 
 
 def test_sweep_keeps_runner_metadata(tmp_path):

@@ -46,7 +46,7 @@ STEADY_PREFILL_TOK_S = 220_000.0
 # import, pre-warm, plugin summary, shutdown) was 29-37 s; engine init 87 s for the first arm (cold
 # torch.compile cache) and 15-42 s later; a serve arm's server became healthy after 106 s (first) / 66 s,
 # and each `vllm bench serve` plus the server's shutdown added ~30 s beyond the timed run. Later offline arms
-# of session 8 (H200, benchmarks/results/e2e/h200-2026-12-06-*) initialized in 10-38 s and took 50-84 s of
+# of the H200 runs (benchmarks/results/e2e/h200-2026-12-06-*) initialized in 10-38 s and took 50-84 s of
 # wall time for ~20 s of passes: INIT_S_LATER stays at the upper half of both runs' range.
 ARM_OVERHEAD_S = 35.0
 INIT_S_FIRST, INIT_S_LATER = 90.0, 30.0

@@ -47,7 +47,7 @@ def warm_again(pass_jit: list[int | None], warmup_reps: int, warmup_max_reps: in
     warm-up passes so far (None: not known): always up to warmup_reps, then while the last pass compiled
     something (or its count is unknown), up to warmup_max_reps. Which batch shapes a pass produces depends on
     scheduling timing, so one pass of the workload need not meet every Triton specialization of the timed ones
-    (session 7: vLLM's fused_moe_kernel compiled in timed passes after one full warm-up pass)."""
+    (vLLM's fused_moe_kernel has compiled in timed passes after one full warm-up pass)."""
     done = len(pass_jit)
     if done < warmup_reps:
         return True
@@ -60,7 +60,7 @@ def warm_again(pass_jit: list[int | None], warmup_reps: int, warmup_max_reps: in
 # M tokens runs the tile config of the nearest key, and Triton specializes each kernel also on whether its int
 # arguments (M * top_k, the padded length of the sorted ids, ...) are multiples of 16. Steps above the largest
 # CUDA-graph size run eagerly at their exact M, so which variants a pass meets depends on how the scheduler
-# happened to cut its prefills (session 7/8: compiles inside timed passes after a quiet warm-up pass).
+# happened to cut its prefills (compiles have happened inside timed passes after a quiet warm-up pass).
 MOE_CONFIG_KEYS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 # vLLM 0.26's max_num_batched_tokens when none is given, on GPUs with >= 70 GiB other than A100
 # (EngineArgs.get_batch_defaults): the LLM class and `vllm serve`.

@@ -20,7 +20,7 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    gate log its buffer holds counts that are no step's.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
-   between steps (run_e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
+   between steps (moekern e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
    client serializes collective_rpc's `method` with msgpack, which refuses functions unless
    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/serial_utils.py enc_hook).
 

@@ -7,7 +7,7 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
     name: example
     out_dir: results/sweep_example           # relative to the spec file
     command: >-
-      moekern e2e --model {model} --mode serve --arms {backend}
+      python -m moekern.e2e --model {model} --mode serve --arms {backend}
       --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs}
       --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
       --dataset {dataset} --out {run_dir} --result {result} --gate-log-dir {gate_log_dir}
