@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_fakes import dataset, ready_args, flag_value
+from e2e_fakes import dataset, ready_args, flag_value  # noqa: F401 (dataset: a fixture)
 
 from moekern.e2e import cli
 from moekern.e2e.args import parse_args

@@ -211,3 +211,43 @@ def test_olmoe_gate_log_run_is_planned_right(tmp_path):
                                                "olmoe-1b-7b"]
     checks, _ = preflight.build_checks(preflight.parse_args(["--arms", "moekern-routing-log", "--model", "olmoe-1b-7b"]))
     assert "model config fields vLLM reads" in [n for n, _ in checks]
+
+
+def test_hook_layer_routes_one_layer_as_the_engine_would():
+    """moekern.vllm.hooks.hook_layer, the preflight's way in: a router of vLLM's FusedTopKRouter kind is routed
+    by moekern with MOEKERN_KERNELS=routing (top-2 of softmax, as torch computes it) and left to vLLM's own
+    _compute_routing with kernels off; a layer without a router is refused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moekern.vllm import hooks
+    from moekern.vllm.config import PluginConfig
+
+    class FusedTopKRouter:  # the attributes routing_map reads of vLLM's class of that name
+        top_k, global_num_experts, scoring_func, renormalize = 2, 8, "softmax", True
+
+        def __init__(self):
+            self.calls = 0
+
+        def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+            self.calls += 1
+            return torch.ones(router_logits.shape[0], 2), torch.zeros(router_logits.shape[0], 2, dtype=torch.int32)
+
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    want_w, want_ids = torch.softmax(logits, -1).topk(2, -1)
+    router = FusedTopKRouter()
+    layer = SimpleNamespace(layer_name="m.layers.0.experts", router=router, routed_experts=None)
+    hook = hooks.hook_layer(layer, PluginConfig(kernels="routing"))
+    assert hook.name == "m.layers.0.experts" and "_compute_routing" in vars(router)
+    w, ids = router._compute_routing(logits, logits, None)
+    assert router.calls == 0 and torch.equal(ids.long(), want_ids)
+    torch.testing.assert_close(w, want_w / want_w.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert hook.plans[8] is not None and "FusedTopKRouter" in hook.plans[8].why
+    router = FusedTopKRouter()
+    hooks.hook_layer(SimpleNamespace(layer_name="m.layers.1.experts", router=router, routed_experts=None),
+                     PluginConfig(kernels="off"))
+    router._compute_routing(logits, logits, None)
+    assert router.calls == 1
+    with pytest.raises(ValueError, match="runner.router=NoneType must be a vLLM BaseRouter"):
+        hooks.hook_layer(SimpleNamespace(layer_name="x", router=None, routed_experts=None), PluginConfig())

@@ -16,6 +16,7 @@ def test_offline_arm_counts_jit_after_the_childs_marker(tmp_path, monkeypatch):
     seen = {}
 
     def popen(cmd, stdout, **kw):
+        assert cmd[1:3] == ["-m", "moekern.e2e.offline"]  # the child: a module of the package, no script path
         spec = json.loads(Path(cmd[-1]).read_text())
         seen["spec"] = spec
         stdout.write(log_text(JIT_ATTN, MEASURE_MARKER, JIT_MOE_VERBOSE))

@@ -1,13 +1,21 @@
-"""The package's other entry points: check_equal through the runner's real offline path, and pool_runs."""
+"""The command and the package's entry points: `moekern e2e` and `python -m moekern.e2e` (help without vLLM),
+the children started as package modules, the model configs as package data, check_equal through the runner's
+real offline path, and pool_runs."""
 
+import importlib.util
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from e2e_fakes import FakeProc
 
-from moekern.e2e import arms, check_equal, pool_runs
+from moekern.e2e import arms, check_equal, make_configs, pool_runs
+from moekern.e2e.args import build_parser as build_e2e_parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_check_equal_runs_run_e2es_offline_path_with_its_own_defaults(tmp_path, monkeypatch):
@@ -93,3 +101,77 @@ def test_pool_runs(tmp_path, capsys):
     assert pool_runs.main([str(u)]) == 2 and "not steady state" in capsys.readouterr().err
     assert pool_runs.main([str(u), "--include-unsteady"]) == 0
     assert pool_runs.main([str(a), "--arm", "flashinfer"]) == 2 and "no timed offline passes" in capsys.readouterr().err
+
+
+# ---- the command and the package's entry points ----------------------------------------------------------
+def test_moekern_e2e_command_has_the_runners_flags(tmp_path, capsys):
+    """`moekern e2e` is registered in moekern's CLI with the runner's own flags and checks: the plan prints,
+    a bad flag is argparse's exit 2 naming the command and the flag."""
+    from moekern.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")  # argparse keeps sub-parsers there
+    e2e = sub.choices["e2e"]
+    flags = {s for a in e2e._actions for s in a.option_strings}
+    runner_flags = {s for a in build_e2e_parser()._actions for s in a.option_strings}
+    assert flags == runner_flags and {"--concurrency-grid", "--gate-log-paired", "--rounds", "--result",
+                                      "--budget-s", "--no-shape-sweep", "--moe-configs"} <= flags
+    assert main(["e2e", "--quick", "--mode", "offline", "--arms", "vllm,moekern", "--plan-only"]) == 0
+    assert "plan offline: 2 arm(s), 512 prompts x (256 in + 128 out)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["e2e", "--reps", "0"])
+    assert e.value.code == 2 and "moekern e2e: error: --reps=0 must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["-m", "moekern.cli", "e2e", "--help"], ["-m", "moekern.e2e", "--help"]])
+def test_help_works_without_vllm_in_a_fresh_process(argv):
+    """Both spellings print the runner's help in a fresh interpreter that never imports vLLM (here vLLM is not
+    installed at all; an import finder fails the run if anything tries)."""
+    guard = ("import runpy, sys\n"
+             "class NoVllm:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'vllm' or name.startswith('vllm.'):\n"
+             "            raise ImportError('vllm imported while building the parser')\n"
+             "sys.meta_path.insert(0, NoVllm())\n"
+             f"sys.argv = {argv[1:]!r}\n"
+             f"runpy.run_module({argv[1]!r}, run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--concurrency-grid" in proc.stdout and "--gate-log-paired" in proc.stdout
+
+
+def test_children_run_as_package_modules(tmp_path):
+    """The runner's children are `python -m moekern.e2e.offline SPEC` and `python -m moekern.e2e.grid_child
+    SPEC`, started for real here: the grid child with no points writes nothing and exits 0; asked for the
+    in-process bench without vLLM it exits 3 (the parent's cue to fall back); the offline child reaches its
+    vLLM import."""
+    spec = tmp_path / "grid.spec.json"
+    progress = tmp_path / "progress.jsonl"
+    base = {"points": [], "marker_fd": None, "deadline": 4e9, "progress": str(progress)}
+    spec.write_text(json.dumps({**base, "in_process": False}))
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True, timeout=120,
+                                    cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run("moekern.e2e.grid_child", str(spec)).returncode == 0 and progress.read_text() == ""
+    if importlib.util.find_spec("vllm") is None:
+        spec.write_text(json.dumps({**base, "in_process": True}))
+        assert run("moekern.e2e.grid_child", str(spec)).returncode == 3
+        offline = tmp_path / "offline.spec.json"
+        offline.write_text(json.dumps({"engine": {}}))
+        proc = run("moekern.e2e.offline", str(offline))
+        assert proc.returncode == 1 and "No module named 'vllm'" in proc.stderr
+
+
+def test_model_configs_ship_as_package_data():
+    """Every committed moekern/e2e/configs/*/config.json matches pyproject's package-data globs (so an installed
+    moekern e2e finds its models), and make_configs.config_path names the same files."""
+    import fnmatch
+
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    globs = json.loads(section.split("moekern =", 1)[1].strip().splitlines()[0])
+    pkg = REPO / "moekern"
+    files = sorted((pkg / "e2e" / "configs").glob("*/config.json"))
+    assert len(files) == len(make_configs.MODELS)
+    for f in files:
+        rel = f.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatchcase(rel, g) and g.count("/") == rel.count("/") for g in globs), rel
+        assert make_configs.config_path(f.parent.name) == f
