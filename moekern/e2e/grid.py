@@ -1,4 +1,16 @@
 """Serve grid (--concurrency-grid): many benches against one server per arm.
+
+A server start costs 60-110 s (torch.compile, CUDA graphs), a quick bench 1-10 s: with --concurrency-grid
+each serve arm starts its server once, runs one discarded warm-up bench (the largest concurrency, first
+dataset), then every grid point (rep outermost, then dataset, then concurrency: drift spreads over reps).
+The points run in ONE bench process per server (grid_child.py) that imports vLLM's bench once and calls
+its main() per point (a `vllm bench serve` process per point would add ~15-20 s of imports each); when that
+import fails it falls back to one `vllm bench serve` subprocess per point. The child writes a start and an
+end marker per point into the server's log through the server's own stdout descriptor (shared offset, so
+the lines interleave, never overwrite), so the JIT events of each point are counted apart; it records the
+wall-clock window [time.time() before, after] of each point for the gate-log CV
+(moekern.analysis.serving.metrics). The per-point result files are written by this process after the server stopped (temp file + rename: a
+point is either complete or absent); a point whose result file exists is skipped (resume).
 """
 
 from __future__ import annotations
@@ -16,20 +28,6 @@ from moekern.e2e.plan import SERVER_STOP_S, dataset_input_len, grid_timing
 from moekern.e2e.results import result_metadata, write_json_atomic
 from moekern.e2e.serve import healthy_then_warm
 from moekern.e2e.warmup import GRID_POINT_END, GRID_POINT_START, count_jit_between, count_jit_events
-
-
-# ---- serve grid: many benches against one server ----------------------------------------------------------
-# A server start costs 60-110 s (torch.compile, CUDA graphs), a quick bench 1-10 s: with --concurrency-grid
-# each serve arm starts its server once, runs one discarded warm-up bench (the largest concurrency, first
-# dataset), then every grid point (rep outermost, then dataset, then concurrency: drift spreads over reps).
-# The points run in ONE bench process per server (--child-bench-grid) that imports vLLM's bench once and calls
-# its main() per point (a `vllm bench serve` process per point would add ~15-20 s of imports each); when that
-# import fails it falls back to one `vllm bench serve` subprocess per point. The child writes a start and an
-# end marker per point into the server's log through the server's own stdout descriptor (shared offset, so
-# the lines interleave, never overwrite), so the JIT events of each point are counted apart; it records the
-# wall-clock window [time.time() before, after] of each point for the gate-log CV (moekern.analysis.serving.metrics).
-# The per-point result files are written by this process after the server stopped (temp file + rename: a
-# point is either complete or absent); a point whose result file exists is skipped (resume).
 
 
 def grid_points(args, arm: str) -> list[dict]:

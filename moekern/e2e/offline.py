@@ -62,7 +62,6 @@ def offline_spec(args, arm: str, res_path: Path, prompt_token_ids: list[list[int
     return spec
 
 
-# ---- offline child: runs inside the arm's subprocess ------------------------------------------------------
 def child_offline(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import numpy as np

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-# ---- workload sizing --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
     """What each arm runs. Offline: reps timed passes of num_prompts prompts (input_len random tokens,

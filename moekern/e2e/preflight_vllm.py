@@ -60,7 +60,6 @@ SOURCE_FACTS = [
 ]
 
 
-
 def vllm_checks(args, ns) -> list:
     """(name, fn) checks of vLLM's API for preflight `args` (arms, mode, model); `ns` holds the runner's own
     parsed arguments for those arms, so its engine kwargs and command lines are what is checked."""

@@ -25,7 +25,6 @@ from moekern.e2e.summary import format_summary, summarize
 from moekern.e2e.warmup import sweep_spec, warmup_plan
 
 
-# ---- preflight --------------------------------------------------------------------------------------------
 def preflight_command(args) -> list[str]:
     """`python -m moekern.e2e.preflight` for the arms and modes this invocation will run."""
     arms = list(dict.fromkeys(a for arms in args.arm_plan.values() for a in arms))
@@ -49,7 +48,6 @@ def run_preflight(args, run=subprocess.run, timeout: float = 240) -> tuple[bool,
     return proc.returncode == 0, text
 
 
-# ---- driver -----------------------------------------------------------------------------------------------
 def prepare_model_dir(args, out: Path) -> None:
     """Point args.model_dir at the checkpoint (--model-dir) or at OUT/models/<model>/ holding the model's
     committed dummy-weight config.json and, when one is found, its tokenizer; set args.has_tokenizer."""

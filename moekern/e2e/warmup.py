@@ -23,12 +23,12 @@ AUTOTUNE_PRINT = "Triton autotuning for function"
 # into the server's log): the JIT events after it happened while we measured.
 MEASURE_MARKER = "moekern-e2e: warm-up done, measured part starts"
 
-
+# A serve grid's bench child writes these around each point into the server's log (grid.py), so the JIT events
+# of each point are counted apart.
 GRID_POINT_START = "moekern-e2e: grid point starts:"
 GRID_POINT_END = "moekern-e2e: grid point ends:"
 
 
-# ---- steady state -----------------------------------------------------------------------------------------
 def warmup_plan(num_prompts: int, output_len: int, warmup_reps: int) -> list[tuple[int, int]]:
     """The offline child's discarded passes before its timed ones, as (prompts, max_tokens): a 16-prompt
     8-token pass (small batches, the first decode shapes), then warmup_reps passes of the measured workload
