@@ -23,7 +23,7 @@ from pathlib import Path
 # The arms' processes get it on PYTHONPATH, so `python -m moekern.e2e....` finds this very copy of moekern.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
-
+# arm -> (plugin environment, engine kwargs over engine_kwargs' common ones, writes gate logs by default)
 ARMS = {
     "vllm": ({"MOEKERN_KERNELS": "off"}, {}, False),
     # vLLM 0.26, checked against its sources: moe_backend is a KernelConfig field (config/kernel.py:122-139,
@@ -46,6 +46,7 @@ CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]  # the same for every 
 
 
 def plugin_entry_point() -> str | None:
+    """moekern's vllm.general_plugins entry point ("moekern.vllm:register"), None when moekern is not installed."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="vllm.general_plugins"):
@@ -194,6 +195,7 @@ def plugin_check(arm: str, summary) -> dict:
 
 
 def fresh_gate_dir(args, arm: str, out: Path, round_no: int | None = None) -> Path | None:
+    """gate_log_dir, emptied first; None for no gate log."""
     d = gate_log_dir(args, arm, out, round_no)
     if d is not None:  # an old run's records must not mix into this one's
         shutil.rmtree(d, ignore_errors=True)

@@ -18,6 +18,8 @@ MODE_METRIC = {"offline": ("output_tok_s", "output_tok_s_stats"), "serve": ("out
 
 
 def summarize(results: dict) -> dict:
+    """The "summary" block of e2e_<model>.json from its per-mode, per-arm results: "<mode>.<arm>_vs_vllm"
+    ratios with their spread and interval, steady-state flags, plugin-check failures, gate-log overheads."""
     def thr(mode, arm, key):
         r = results.get(mode, {}).get(arm) or {}
         return r.get(key)
