@@ -1,4 +1,4 @@
-"""Analyse one end-to-end run folder (moekern/e2e/run_e2e.py output) into RUN_DIR/analysis/:
+"""Analyse one end-to-end run folder (`moekern e2e` output) into RUN_DIR/analysis/:
 
 - report.md + report_files/*.png: `moekern report RUN_DIR --metadata RUN_DIR/analysis/metadata.json`
   (serving table, imbalance per gate log overall / per phase / per layer, placement advice for EP 2/4/8);

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "moekern.analysis.cli",  # metrics, steptimes, datasets, predict, validate, placement, sweep, report
     "moekern.analysis.study_cli",  # profile, coactivation, factorial, recommend, project
     "moekern.diffusion.cli",  # diffusion
+    "moekern.e2e.cli",  # e2e
 )
 
 

@@ -115,7 +115,7 @@ from pathlib import Path  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "analysis" / "specs"
 
-# A fake runner: writes what run_e2e.py --concurrency-grid writes (one result JSON per bench, named by
+# A fake runner: writes what moekern e2e --concurrency-grid writes (one result JSON per bench, named by
 # sweep.grid_point_name, with a "moekern" block); throughput depends on backend and concurrency only.
 _FAKE_GRID_RUNNER = r'''
 import argparse, json, sys
@@ -243,7 +243,7 @@ def test_sweep_bench_grid_checks(tmp_path):
 
 
 def test_learned_training_frame_reads_grid_results_with_windowed_cv(tmp_path, monkeypatch):
-    """A fake run directory in run_e2e's grid layout: two benches of one server sharing one gate log; the
+    """A fake run directory in moekern e2e's grid layout: two benches of one server sharing one gate log; the
     learned predictor's training frame gets each bench's CV from its own window (0 and sqrt(3) by design)."""
     import math
 

@@ -232,7 +232,7 @@ def test_report_markdown_from_sweep_output(tmp_path):
 
 
 def test_sweep_collects_from_run_dir(tmp_path):
-    # a runner that writes a folder (like moekern/e2e/run_e2e.py --out DIR) instead of one result file
+    # a runner that writes a folder (like moekern e2e --out DIR) instead of one result file
     (tmp_path / "r.py").write_text("import json, sys, pathlib\n"
                                    "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)\n"
                                    "(d / 'serve_moekern.bench.json').write_text(json.dumps({'mean_tpot_ms': 5.0}))\n")

@@ -484,7 +484,7 @@ def test_dummy_batch_between_steps_does_not_leak_into_the_next(tmp_path, fresh_h
 
 
 def test_gate_log_switch_pauses_steps_by_rpc_name(tmp_path, fresh_hooks):
-    """Worker.moekern_gate_log(on): what run_e2e --gate-log-paired calls between passes."""
+    """Worker.moekern_gate_log(on): what moekern e2e --gate-log-paired calls between passes."""
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path)})
     mod = ModuleType("fake_gpu_worker3")
     mod.Worker = type(worker)
@@ -676,7 +676,7 @@ def test_plugin_on_real_vllm_026_objects_cpu(tmp_path):
 def test_e2e_routing_equals_vllm_greedy(tmp_path):
     """MOEKERN_KERNELS=routing gives vLLM's greedy tokens on the dummy-weight Mixtral (and logs gates)."""
     out = tmp_path / "eq"
-    cmd = [sys.executable, str(REPO / "moekern/e2e/check_equal.py"), "--model", "mixtral", "--out", str(out)]
+    cmd = [sys.executable, "-m", "moekern.e2e.check_equal", "--model", "mixtral", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads((out / "check_equal.json").read_text())

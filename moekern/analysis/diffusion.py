@@ -1,7 +1,7 @@
 """Routing imbalance per denoising step next to the autoregressive decode of a same-shape model (issue 13).
 
 Inputs are two gate logs (moekern.gatelog/1, a file or a folder of gate_log*.jsonl):
-- the AR side: an end-to-end vLLM run's log (moekern/e2e/run_e2e.py; its "decode" steps are kept), and
+- the AR side: an end-to-end vLLM run's log (`moekern e2e`; its "decode" steps are kept), and
 - the diffusion side: `moekern diffusion generate --gate-log` or `moekern diffusion bench --gate-logs`
   (phase "diffusion": one step = one denoising forward).
 
@@ -147,7 +147,7 @@ def compare_routing(ar_path, diffusion_path, *, ar_phase: str = "decode", diffus
         msg = (f"SHAPE MISMATCH: autoregressive E={ar.num_experts} top_k={ar.top_k} ({ar.model or ar.path}) vs "
                f"diffusion E={dif.num_experts} top_k={dif.top_k} ({dif.model or dif.path}); their CVs are not "
                "comparable (CV and its noise floor depend on E and k). Run the AR side at the diffusion model's "
-               "shape (e.g. run_e2e.py --model olmoe-1b-7b for E=64 k=8)")
+               "shape (e.g. moekern e2e --model olmoe-1b-7b for E=64 k=8)")
         if not allow_shape_mismatch:
             raise ValueError(msg + ", or pass allow_shape_mismatch=True / --allow-shape-mismatch to see them anyway")
         labels.append(msg)

@@ -71,7 +71,7 @@ def add_parser(sub) -> None:
                    help="compare anyway when E or top-k differ (every output is labelled SHAPE MISMATCH)")
     b.set_defaults(func=_bench)
     c = dsub.add_parser("compare", help="routing imbalance: AR decode (e2e gate log) vs diffusion denoising steps")
-    c.add_argument("--ar", required=True, metavar="PATH", help="AR gate log (file or folder), e.g. run_e2e.py's")
+    c.add_argument("--ar", required=True, metavar="PATH", help="AR gate log (file or folder), e.g. moekern e2e's")
     c.add_argument("--diffusion", required=True, metavar="PATH", help="diffusion gate log (file or folder)")
     c.add_argument("--ar-phase", default="decode", help="phase kept from the AR log (default decode)")
     c.add_argument("--max-tokens", type=int, default=None, help="drop steps above N tokens (both sides)")

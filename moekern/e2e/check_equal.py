@@ -4,7 +4,7 @@ Runs the dummy-weight model three times in fresh subprocesses (identical seeded 
 (vLLM's own run-to-run determinism, the baseline) and MOEKERN_KERNELS=routing with gate logs; compares
 the generated token ids of every prompt. Writes <out>/check_equal.json; exit 1 when routing differs.
 
-    python moekern/e2e/check_equal.py --model mixtral-8x7b-4l --out /tmp/eq
+    python -m moekern.e2e.check_equal --model mixtral-8x7b-4l --out /tmp/eq
 """
 
 from __future__ import annotations
@@ -15,21 +15,23 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import run_e2e  # noqa: E402
-from make_configs import MODELS  # noqa: E402
+from moekern.e2e import arms
+from moekern.e2e.args import parse_args
+from moekern.e2e.make_configs import MODELS
+from moekern.e2e.offline import run_offline_arm
+from moekern.e2e.results import check_gate_logs
+from moekern.e2e.runner import prepare_model_dir
 
 
 def engine_args(args) -> argparse.Namespace:
-    """run_e2e's own parsed arguments for the offline runs of this check (so every field run_offline_arm
-    reads is there, defaulted as in run_e2e): one greedy pass per arm, no warm-up, no router reseed."""
-    return run_e2e.parse_args(["--model", args.model, "--mode", "offline", "--arms", "vllm,moekern-routing-log",
-                               "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
-                               "--output-len", str(args.output_len), "--reps", "1", "--warmup-reps", "0",
-                               "--max-model-len", "1024", "--gpu-mem", "0.8", "--arm-timeout", "400",
-                               "--no-preflight", "--tensor-parallel-size", str(args.tensor_parallel_size)]
-                              + (["--enable-expert-parallel"] if args.enable_expert_parallel else []))
+    """The runner's own parsed arguments for the offline runs of this check (so every field run_offline_arm
+    reads is there, defaulted as in `moekern e2e`): one greedy pass per arm, no warm-up, no router reseed."""
+    return parse_args(["--model", args.model, "--mode", "offline", "--arms", "vllm,moekern-routing-log",
+                      "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+                      "--output-len", str(args.output_len), "--reps", "1", "--warmup-reps", "0",
+                      "--max-model-len", "1024", "--gpu-mem", "0.8", "--arm-timeout", "400",
+                      "--no-preflight", "--tensor-parallel-size", str(args.tensor_parallel_size)]
+                      + (["--enable-expert-parallel"] if args.enable_expert_parallel else []))
 
 
 def rank_check(gate_log: dict, world: int) -> dict:
@@ -40,7 +42,7 @@ def rank_check(gate_log: dict, world: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m moekern.e2e.check_equal", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mixtral-8x7b-4l")
     p.add_argument("--out", type=Path, default=Path("/tmp/moekern_check_equal"))
     p.add_argument("--num-prompts", type=int, default=32)
@@ -60,17 +62,17 @@ def main(argv=None) -> int:
         p.error(f"--tensor-parallel-size={args.tensor_parallel_size} must be >= 1")
     if args.enable_expert_parallel and args.tensor_parallel_size < 2:
         p.error("--enable-expert-parallel needs --tensor-parallel-size > 1")
-    if run_e2e.plugin_entry_point() is None:
+    if arms.plugin_entry_point() is None:
         raise SystemExit("moekern's vllm.general_plugins entry point is not installed (pip install -e .)")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     ns = engine_args(args)
-    run_e2e.prepare_model_dir(ns, out)
-    arms = ["vllm"] + ([] if args.no_baseline else ["vllm"]) + ["moekern-routing-log"]
+    prepare_model_dir(ns, out)
+    arm_order = ["vllm"] + ([] if args.no_baseline else ["vllm"]) + ["moekern-routing-log"]
     tokens, results = [], []
-    for i, arm in enumerate(arms):
+    for arm in arm_order:
         t0 = time.time()
-        r = run_e2e.run_offline_arm(ns, arm, out, extra_spec={"save_tokens": True})
+        r = run_offline_arm(ns, arm, out, extra_spec={"save_tokens": True})
         print(f"{arm}: rc={r['rc']} {time.time() - t0:.0f}s", flush=True)
         if r["rc"] != 0:
             print(r.get("error", ""))
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
                                                          min(len(x), len(y)))}
         return {"prompts_differing": len(diff), "of": len(a), "first_difference": first}
 
-    gate_log = run_e2e.check_gate_logs(out / "gate_logs" / "moekern-routing-log")
+    gate_log = check_gate_logs(out / "gate_logs" / "moekern-routing-log")
     report = {"model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
               "expert_parallel": args.enable_expert_parallel,
               "routing_vs_off": compare(tokens[0], tokens[-1]),

@@ -5,7 +5,9 @@ model fits one 80 GB GPU with room for a KV cache. DeepSeek-V2-Lite is not in th
 no DeepseekV2 writer, so its shape is written out here. Classic config keys only (rope_theta, not
 rope_parameters), which every transformers version vLLM 0.26 accepts reads.
 
-    python moekern/e2e/make_configs.py
+    python -m moekern.e2e.make_configs
+
+The files ship with the package (pyproject.toml package-data); config_path(name) finds one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from moekern.models import get_model, hf_config
 
-HERE = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 # name -> (registry key or None, layers kept, attention backend vLLM should use on the GPU machine)
 MODELS = {
@@ -50,12 +52,22 @@ def config_for(name: str) -> dict:
 
 
 def attention_backend(name: str) -> str:
+    """The attention backend vLLM runs `name` (a MODELS key) with on the GPU machine."""
     return MODELS[name][2]
+
+
+def config_path(name: str) -> Path:
+    """The committed config.json of `name` (a MODELS key)."""
+    if name not in MODELS:
+        from moekern.errors import UsageError
+
+        raise UsageError(f"model={name!r} must be one of {sorted(MODELS)}")
+    return CONFIGS_DIR / name / "config.json"
 
 
 def main() -> None:
     for name in MODELS:
-        d = HERE / name
+        d = CONFIGS_DIR / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(config_for(name), indent=2) + "\n")
         print("wrote", d / "config.json")

@@ -1,10 +1,10 @@
-"""Pool the offline timed passes of several run_e2e.py invocations of the same workload into one A/B.
+"""Pool the offline timed passes of several `moekern e2e` invocations of the same workload into one A/B.
 
-    python moekern/e2e/pool_runs.py RESULTS_DIR [RESULTS_DIR ...] [--base vllm] [--arm moekern] [--json]
+    python -m moekern.e2e.pool_runs RESULTS_DIR [RESULTS_DIR ...] [--base vllm] [--arm moekern] [--json]
 
-Each RESULTS_DIR holds one e2e_<model>.json written by run_e2e.py (--mode offline). Per directory it prints
+Each RESULTS_DIR holds one e2e_<model>.json written by `moekern e2e` (--mode offline). Per directory it prints
 the two arms' medians, their ratio and the per-round ratios; then the passes of all directories pooled: the
-ratio of the pooled medians (arm / base) with a seeded bootstrap 95 % interval (run_e2e.ratio_ci). With
+ratio of the pooled medians (arm / base) with a seeded bootstrap 95 % interval (moekern.e2e.stats.ratio_ci). With
 --base moekern-routing --arm moekern-routing-log the ratio is 1 - gate-log overhead. Directories whose runs
 differ in model or workload are refused (a pooled A/B must be of one workload); a run that was not steady
 state (JIT while timed) is refused unless --include-unsteady.
@@ -18,9 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run_e2e import _tok_s, ratio_ci, round_ratios, steady_state  # noqa: E402
+from moekern.e2e.stats import ratio_ci, round_ratios, steady_state, tok_s
 
 WORKLOAD_KEYS = ("num_prompts", "input_len", "output_len")
 
@@ -45,12 +43,12 @@ def pool(dirs: list[Path], base: str, arm: str, include_unsteady: bool = False) 
             raise ValueError(f"{d}: model/workload/max_num_seqs {this} differ from the first directory's {ident}")
         offline = res.get("offline") or {}
         for name in (base, arm):
-            if not _tok_s((offline.get(name) or {}).get("runs")):
+            if not tok_s((offline.get(name) or {}).get("runs")):
                 raise ValueError(f"{d}: no timed offline passes of arm {name!r} (arms: {sorted(offline)})")
         steady, why = steady_state(res, "offline")
         if not steady and not include_unsteady:
             raise ValueError(f"{d}: not steady state ({why}); pass --include-unsteady to pool it anyway")
-        b, a = _tok_s(offline[base]["runs"]), _tok_s(offline[arm]["runs"])
+        b, a = tok_s(offline[base]["runs"]), tok_s(offline[arm]["runs"])
         by_round = [x for x in round_ratios(offline[arm].get("rounds"), offline[base].get("rounds"), None) or []
                     if x is not None]
         per_dir.append({"dir": str(d), "base_median": statistics.median(b), "arm_median": statistics.median(a),
@@ -83,7 +81,7 @@ def format_pool(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m moekern.e2e.pool_runs", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--base", default="vllm")
     ap.add_argument("--arm", default="moekern")

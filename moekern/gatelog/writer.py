@@ -262,7 +262,7 @@ class GateLogRecorder:
 
     def set_paused(self, paused: bool) -> None:
         """Paused: the step hooks skip the gate log entirely (no classification, no hand-off, no record; the
-        layers' in-graph adds still run). For a paired A/B within one engine (run_e2e --gate-log-paired).
+        layers' in-graph adds still run). For a paired A/B within one engine (moekern e2e --gate-log-paired).
         Counts added while paused are wiped before the first step after."""
         if paused and self._in_step:
             raise RuntimeError("set_paused(True) inside a step")

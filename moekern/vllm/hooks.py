@@ -20,7 +20,7 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    gate log its buffer holds counts that are no step's.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
-   between steps (run_e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
+   between steps (moekern e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
    client serializes collective_rpc's `method` with msgpack, which refuses functions unless
    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/serial_utils.py enc_hook).
 
@@ -229,6 +229,20 @@ def _install_experts(hook: LayerHook, runner) -> None:
                          check_ids=False)
 
     qm.apply = apply
+
+
+def hook_layer(runner, config: PluginConfig, recorder=None) -> LayerHook:
+    """Hook one MoE layer outside a vLLM engine, as register_layer_for_moe_forward_op does inside one (the
+    e2e preflight checks the hook on a real vLLM router so). The plugin's config and gate-log recorder become
+    `config` and `recorder`, its layer list this layer alone. `runner` carries `router` (a vLLM BaseRouter),
+    `layer_name` and `routed_experts`. Returns the layer's LayerHook; ValueError when the router is no
+    BaseRouter (an engine leaves such a layer to vLLM)."""
+    _STATE.update(config=config, recorder=recorder, layers=[])
+    _on_layer_registered(None, runner)
+    if not _STATE["layers"]:
+        raise ValueError(f"runner.router={type(getattr(runner, 'router', None)).__name__} must be a vLLM "
+                         f"BaseRouter (with _compute_routing)")
+    return _STATE["layers"][-1]
 
 
 def _on_layer_registered(vllm_config, runner) -> None:

@@ -225,10 +225,10 @@ run_stage() {
     if [ "$n" -lt 2 ]; then echo "e2e-multi: needs >= 2 GPUs, found $n"; return 0; fi
     for ep in "" "--enable-expert-parallel"; do
       tag=tp2${ep:+-ep}
-      timeout 300 python3 moekern/e2e/check_equal.py --model mixtral-8x7b-4l --no-baseline \
+      timeout 300 python3 -m moekern.e2e.check_equal --model mixtral-8x7b-4l --no-baseline \
         --tensor-parallel-size 2 $ep --out "$OUT/check_equal_$tag" 2>&1 | tee "$OUT/check_equal_$tag.log" | tail -25
     done
-    timeout 300 python3 moekern/e2e/run_e2e.py --quick --mode offline --arms vllm,moekern \
+    timeout 300 python3 -m moekern.e2e --quick --mode offline --arms vllm,moekern \
       --tensor-parallel-size 2 --enable-expert-parallel --budget-s 260 ${E2E_ARGS:-} --out "$OUT/e2e-tp2-ep" 2>&1 \
       | tee "$OUT/e2e_tp2_ep.log" | tail -30
     ;;
@@ -305,25 +305,26 @@ run_stage() {
     # comes after --budget-s, so it may override it), e.g. E2E_ARMS=vllm,moekern,moekern-routing,moekern-routing-log,
     # flashinfer E2E_ARGS="--reps 3 --num-prompts 384 --budget-s 480" (~9 min). FlashInfer's arm needs its CUTLASS
     # MoE module ahead of time (.fiaot carried): built inside the arm, nvcc would outlast --arm-timeout, so without
-    # it the arm is dropped here, saying so. Session 8 (H200) saw passes of one arm spread 10-18 % even without
-    # compiles: compare two arms per call over alternating rounds, e.g. E2E_ARMS=vllm,moekern
-    # E2E_ARGS="--rounds 2 --reps 4 --budget-s 370" and E2E_ARMS=moekern-routing,moekern-routing-log (gate-log
-    # overhead): 6 min each on an H100 in session 9, steady (the shape sweep works); passes still spread 14-18 %.
-    # Add --max-num-seqs 256 for the larger decode batch (session 9: 1.18x, one round; ~3 min per round).
-    # Session 10: the gate-log overhead within one engine, both hand-offs: E2E_ARMS=moekern-routing,moekern-routing-log,
+    # it the arm is dropped here, saying so. Passes of one arm spread 10-18 % even without compiles (H200 and
+    # H100 runs in benchmarks/results/e2e/): compare two arms per call over alternating rounds, e.g.
+    # E2E_ARMS=vllm,moekern E2E_ARGS="--rounds 2 --reps 4 --budget-s 370" and
+    # E2E_ARMS=moekern-routing,moekern-routing-log (gate-log overhead): ~6 min each on an H100, steady (the shape
+    # sweep covers the compiles). Add --max-num-seqs 256 for the larger decode batch (~3 min per round).
+    # The gate-log overhead within one engine, both hand-offs: E2E_ARMS=moekern-routing,moekern-routing-log,
     # moekern-routing-log-torch E2E_ARGS="--rounds 2 --reps 8 --max-num-seqs 256 --gate-log-paired --budget-s 500".
     local arms=${E2E_ARMS:-vllm,moekern-routing,moekern-routing-log,moekern}
     if [[ ",$arms," == *,flashinfer,* ]] && ! bash tools/gpu/fiaot.sh installed; then
       echo "e2e-offline: FlashInfer's fused_moe_90.so is not installed (carry all .fiaot parts): flashinfer arm dropped"
       arms=$(echo ",$arms," | sed 's/,flashinfer,/,/; s/^,//; s/,$//')
     fi
-    # The GPU's clocks, throttle reasons, temperature and power once a second while the arms run: session 8's
-    # passes spread 10-18 % without compiles, and this says whether the GPU itself changed speed.
+    # The GPU's clocks, throttle reasons, temperature and power once a second while the arms run: offline passes
+    # have spread 10-18 % without compiles (benchmarks/results/e2e/h200-2026-12-06-*), and this says whether the
+    # GPU itself changed speed.
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,temperature.gpu,power.draw,utilization.gpu \
       --format=csv -l 1 > "$OUT/gpu_clocks.csv" 2>/dev/null &
     local smi=$!
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags
-    timeout 590 python3 moekern/e2e/run_e2e.py --quick --mode offline --arms "$arms" \
+    timeout 590 python3 -m moekern.e2e --quick --mode offline --arms "$arms" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_offline.log" | tail -40
     kill "$smi" 2>/dev/null || true
@@ -331,7 +332,7 @@ run_stage() {
   e2e-serve)
     versions; build
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags (e.g. --max-num-seqs 256)
-    timeout 590 python3 moekern/e2e/run_e2e.py --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
+    timeout 590 python3 -m moekern.e2e --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \
       | tee "$OUT/e2e_serve.log" | tail -40
     ;;
@@ -339,7 +340,7 @@ run_stage() {
     # The autoregressive gate logs of the LLaDA-MoE-7B-shaped (= OLMoE-1B-7B MoE shape) model, for the
     # diffusion-vs-AR routing comparison (issue 13): one pass, gate logs only (~3-4 min).
     versions; build
-    timeout 400 python3 moekern/e2e/run_e2e.py --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
+    timeout 400 python3 -m moekern.e2e --model olmoe-1b-7b --mode offline --arms moekern-routing-log --quick \
       --warmup-reps 0 --reps 1 --input-len 64 --output-len 128 --max-num-seqs 8 --num-prompts 64 --budget-s 300 \
       --dummy-router-seed 0 \
       --out "$OUT/e2e-olmoe" 2>&1 | tee "$OUT/e2e_olmoe.log" | tail -25
@@ -366,7 +367,7 @@ run_stage() {
     # PREFLIGHT=0 skips the hook check when an e2e stage of the same machine has just passed it.
     versions; build
     if [ "${PREFLIGHT:-1}" != 0 ]; then
-      timeout 80 python3 moekern/e2e/preflight.py --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
+      timeout 80 python3 -m moekern.e2e.preflight --arms vllm,moekern --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
     fi
     timeout 500 python3 -m moekern.cli factorial analysis/specs/factorial_h100_small.yaml \
       ${FACTORIAL_REPS:+--reps "$FACTORIAL_REPS"} 2>&1 | tee "$OUT/factorial.log" | tail -30

@@ -1,7 +1,7 @@
 """`moekern report RESULTS_DIR`: one self-contained HTML (PNG plots embedded as base64) or Markdown report.
 
 RESULTS_DIR holds bench result JSON files (any depth; see serving.load_runs, which also reads
-moekern/e2e/run_e2e.py output folders as they are), gate logs (those the runs point to and any other
+`moekern e2e` output folders as they are), gate logs (those the runs point to and any other
 gate_log*.jsonl under RESULTS_DIR), and optionally `metadata.json` ({"synthetic": true, "title": ...,
 "description": ..., "caveats": [...], "ep_size": 4 or "ep_sizes": [2, 4, 8], "command": ...}). A run or
 metadata marked synthetic puts a SYNTHETIC banner atop the report; "caveats" are printed in a box atop it.
@@ -393,7 +393,7 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
                      + (f"; {len(skipped)} file(s) skipped" if skipped else ""))
     inferred = sorted({r.extra["inferred_from"] for r in runs if r.extra.get("inferred_from")})
     for note in inferred:
-        rep.notes.append(f"run_e2e.py layout: {note}")
+        rep.notes.append(f"moekern e2e layout: {note}")
     rep.sections.append(("Serving metrics per run (ms unless stated)", [("table", _run_table(df))]))
     for x, label in (("max_num_seqs", "max-num-seqs"), ("max_num_batched_tokens", "max-num-batched-tokens")):
         vals = sorted(df[x].dropna().unique()) if x in df else []

@@ -12,12 +12,12 @@ Our runs add metadata (as --metadata or merged by the runner): moe_backend (kern
 (true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic.
 Strings such as "16" or "true" are converted. A missing metric is NaN, never an error.
 
-moekern/e2e/run_e2e.py output folders are read as they are: a `serve_{arm}.bench.json` without a
+`moekern e2e` output folders are read as they are: a `serve_{arm}.bench.json` without a
 moe_backend gets moe_backend = arm, the engine settings (max_num_seqs, max_num_batched_tokens, eplb) of the
 `e2e_*.json` beside it (its "meta.engine"), and the gate logs in `gate_logs/{arm}/` beside it when they exist;
 the run's `extra["inferred_from"]` says so.
 
-Bench grids (run_e2e.py --concurrency-grid: many benches against one server) share one gate log per server.
+Bench grids (moekern e2e --concurrency-grid: many benches against one server) share one gate log per server.
 Each bench's result carries `moekern.gate_log_window = [start, end]`: the runner's time.time() just before the
 bench starts and just after it returns. Its measured_cv comes from the gate-log records whose `time` lies in
 that window. Both clocks are the host's wall clock (time.time(): the plugin stamps a record when the engine
@@ -191,7 +191,7 @@ def _window(obj: dict) -> tuple[float, float] | None:
 
 
 def _infer_e2e_layout(run: RunResult, obj: dict, f: Path) -> None:
-    """Fill what run_e2e.py's serve_{arm}.bench.json leaves out (module docstring); no-op for other files."""
+    """Fill what moekern e2e's serve_{arm}.bench.json leaves out (module docstring); no-op for other files."""
     m = re.fullmatch(r"serve_(.+)\.bench\.json", f.name)
     if not m or _get(obj, "moe_backend", "kernel_backend") is not None:
         return

@@ -9,7 +9,7 @@ Spec (YAML):
     fraction_p: 1                              # fractional: 2^(k-p) runs of the k two-level factors
     machine_gpus: 1                            # points needing more GPUs are planned (dry run), not run
     command: >-                                # the sweep runner's template (moekern/analysis/study/sweep.py)
-      python moekern/e2e/run_e2e.py --model {model} --moe-backend {moe_backend} --layout {layout}
+      python -m moekern.e2e --model {model} --moe-backend {moe_backend} --layout {layout}
       --gpus {gpus} --max-num-seqs {max_num_seqs} --max-num-batched-tokens {max_num_batched_tokens}
       {eplb_flag} --dataset {dataset} --result-json {result} --gate-log-dir {gate_log_dir}
     factors:                                   # any subset; each a list of levels
@@ -34,10 +34,10 @@ Client-side factors (one server, many benches): when `factors` holds `concurrenc
 serve --max-concurrency`, i.e. client-side queue depth; the server's max_num_seqs stays a separate,
 server-level factor), `concurrency` and `dataset` vary per bench against one server: the design (full or
 fractional) runs over the other, server-level factors, each server point is one runner invocation with the
-sweep's `bench_grid` ({bench_grid} in the command: run_e2e.py --concurrency-grid ... --datasets ...
+sweep's `bench_grid` ({bench_grid} in the command: moekern e2e --concurrency-grid ... --datasets ...
 --grid-reps REPS --result-dir OUT/runs), and the client factors are fully crossed inside it, `reps: N`
 times. The dry run prints the plan and its estimated time (sweep.grid_plan_seconds; `estimate:` in the spec
-may set num_prompts, input_len, output_len, max_num_seqs, preflight; otherwise vars, then run_e2e's quick
+may set num_prompts, input_len, output_len, max_num_seqs, preflight; otherwise vars, then moekern e2e's quick
 defaults). Example: analysis/specs/factorial_h100_small.yaml.
 
 ANOVA: statsmodels `ols(response ~ C(a) + C(b) + C(a):C(b) ...)` and `anova_lm(typ=2)`; every factor is
@@ -284,7 +284,7 @@ def collect_results(results_dir) -> "pd.DataFrame":  # noqa: F821
 
 def steady_rows(df) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
     """(the rows measured at steady state, the run_ids of the others): a bench whose run JSON says
-    `steady_state: false` had kernels JIT-compiling while it was measured (run_e2e.py counts vLLM's JIT
+    `steady_state: false` had kernels JIT-compiling while it was measured (moekern e2e counts vLLM's JIT
     monitor warnings inside its window), so its latency and throughput measure compile time. Rows without
     the field (older or synthetic results) are kept."""
     if "steady_state" not in df:

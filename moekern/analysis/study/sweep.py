@@ -1,13 +1,13 @@
 """`moekern sweep SPEC.yaml`: run a grid of end-to-end serving benchmarks, resumably.
 
 The runs themselves are a subprocess command template from the spec (the end-to-end runner,
-moekern/e2e/run_e2e.py or `python -m moekern.vllm.e2e`), so the sweep knows nothing of its internals.
+`moekern e2e ...` or `python -m moekern.e2e ...`), so the sweep knows nothing of its internals.
 Spec (YAML; see analysis/specs/sweep_example.yaml):
 
     name: example
     out_dir: results/sweep_example           # relative to the spec file
     command: >-
-      python ../../moekern/e2e/run_e2e.py --model {model} --mode serve --arms {backend}
+      python -m moekern.e2e --model {model} --mode serve --arms {backend}
       --tensor-parallel-size {tp} --max-num-seqs {max_num_seqs}
       --max-num-batched-tokens {max_num_batched_tokens} {eplb_flag}
       --dataset {dataset} --out {run_dir} --result {result} --gate-log-dir {gate_log_dir}
@@ -28,7 +28,7 @@ result file: set `collect: "serve_moekern.bench.json"` (a glob under {run_dir}) 
 {result}. A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner
 wrote one) gets a "moekern" block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log,
 predicted_score from a `NNN_SCORE.jsonl` dataset name), so `moekern report` can group it; keys the runner
-already wrote there (run_e2e.py --result writes its own block) are kept, the sweep adds only the missing ones.
+already wrote there (`moekern e2e --result` writes its own block) are kept, the sweep adds only the missing ones.
 Each run's output goes to out_dir/logs/ID.log and its outcome to out_dir/sweep_status.jsonl; a failed point
 does not stop the sweep and is retried on the next invocation.
 
@@ -42,11 +42,11 @@ graphs) against 1-10 s per bench, so client-side factors run against one server:
       reps: 2
 
 plans one sweep point per server-level grid combination (`grid` must then not hold concurrency or dataset)
-and renders {bench_grid} as run_e2e.py's flags (`--concurrency-grid 8,32,128 --datasets A,B --grid-reps 2
+and renders {bench_grid} as `moekern e2e`'s flags (`--concurrency-grid 8,32,128 --datasets A,B --grid-reps 2
 --grid-prefix ID --result-dir OUT/runs`); {result_dir} is out_dir/runs. The runner writes one result JSON per
 bench, named by `grid_point_name` (ID_c{concurrency}_d{dataset stem}_r{rep}.json), with its own "moekern"
 block; a point is done when all its files exist, and the runner skips files that exist (resume per bench).
-`GridTiming`/`grid_plan_seconds` estimate such a plan (run_e2e.py prints the same estimate).
+`GridTiming`/`grid_plan_seconds` estimate such a plan (`moekern e2e` prints the same estimate).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
 
 def grid_point_name(prefix: str, concurrency: int, dataset, rep: int) -> str:
     """The file stem of one bench of a bench grid: `{prefix}_c{concurrency}_d{dataset stem|random}_r{rep}`
-    (run_e2e.py writes it, the sweep expects it)."""
+    (`moekern e2e` writes it, the sweep expects it)."""
     d = _slug(dataset) if dataset else "random"
     return f"{prefix}_c{int(concurrency)}_d{d}_r{int(rep)}"
 
