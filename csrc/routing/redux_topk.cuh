@@ -114,6 +114,16 @@ __device__ __forceinline__ float bits_to_float<half_t>(unsigned bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }
 
+// Element q of a chunk read as 32-bit words.
+template <typename T>
+__device__ __forceinline__ float word_element(const unsigned* w, int q) {
+  if constexpr (sizeof(T) == 4) {
+    return bits_to_float<T>(w[q]);
+  } else {
+    return bits_to_float<T>((w[q / 2] >> (16 * (q & 1))) & 0xffffu);
+  }
+}
+
 // This lane's V logits [base, base + V) of `row` as fp32 (padding e >= E reads -inf). vec: the chunk is
 // aligned to its own size (capped at 16 bytes), so it is read with the widest loads that fit.
 template <typename T, int V>
@@ -128,8 +138,7 @@ __device__ __forceinline__ void load_lane(const T* __restrict__ row, int base, i
         const uint4 u = src[j];
         const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-        for (int q = 0; q < kPer; ++q)
-          x[j * kPer + q] = sizeof(T) == 4 ? bits_to_float<T>(w[q]) : bits_to_float<T>((w[q / 2] >> (16 * (q & 1))) & 0xffffu);
+        for (int q = 0; q < kPer; ++q) x[j * kPer + q] = word_element<T>(w, q);
       }
       return;
     } else if constexpr (kBytes >= 4) {
@@ -142,8 +151,7 @@ __device__ __forceinline__ void load_lane(const T* __restrict__ row, int base, i
         w[0] = *reinterpret_cast<const unsigned*>(row + base);
       }
 #pragma unroll
-      for (int q = 0; q < V; ++q)
-        x[q] = sizeof(T) == 4 ? bits_to_float<T>(w[q]) : bits_to_float<T>((w[q / 2] >> (16 * (q & 1))) & 0xffffu);
+      for (int q = 0; q < V; ++q) x[q] = word_element<T>(w, q);
       return;
     }
   }
