@@ -7,7 +7,7 @@ winners merged into the tile table (moekern/experts/tiles/sm90.json) by `python 
     python benchmarks/tune_moe.py apply DIR/tune_moe_shapes.json       # CPU: merge winners into the tile JSON
 
 Per shape (model, M): the inputs are the bench's own (moekern.bench.shapes.make_inputs with the bench's
-seed and max_tokens, sliced to M), so times compare with devres/3 bench rows. vLLM's fused_experts (its
+seed and max_tokens, sliced to M), so times compare with `moekern bench --ops moe` rows. vLLM's fused_experts (its
 default config: vLLM 0.26 ships no bf16 H100 file for these shapes) is timed before and after our
 candidates, in the same process, on the same tensors, each a CUDA graph of back-to-back calls
 (moekern.bench.timing.time_calls); the mean of the two vLLM times is the reference, their spread is

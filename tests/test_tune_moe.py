@@ -359,6 +359,16 @@ def test_apply_cli_dry_run(tmp_path, capsys):
     assert 512 in cfgmod.table_of(cfgmod.read_tiles(path)[1])[(64, 1024, 2048)]
 
 
+def test_apply_cli_names_an_unreadable_results_file(tmp_path, capsys):
+    path = _tiles_copy(tmp_path)
+    res = tmp_path / "r.json"
+    res.write_text("{not json")
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["apply", str(res), "--tiles", str(path)])
+    assert exit_.value.code == 2
+    assert f"{res}: cannot read tune_moe_shapes.py results" in capsys.readouterr().err
+
+
 def test_bench_parse_shapes_and_explain(capsys):
     bench = _load_bench()
     assert bench.parse_shapes(None) == list(tune.LOSING_SHAPES)
@@ -440,12 +450,3 @@ def test_holes_cli_writes_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tune.main(["holes", "--ratio", "1.0"])
 
-
-def test_apply_cli_names_an_unreadable_results_file(tmp_path, capsys):
-    path = _tiles_copy(tmp_path)
-    res = tmp_path / "r.json"
-    res.write_text("{not json")
-    with pytest.raises(SystemExit) as exit_:
-        tune.main(["apply", str(res), "--tiles", str(path)])
-    assert exit_.value.code == 2
-    assert f"{res}: cannot read tune_moe_shapes.py results" in capsys.readouterr().err
