@@ -314,15 +314,15 @@ def apply_results(results_path: str, tiles_path: str = SM90_TILES, min_gain: flo
     except (OSError, ValueError) as exc:
         raise ValueError(f"{results_path}: cannot read tune_moe_shapes.py results: {exc}") from exc
     tiles_meta, tile_rows = read_tiles(tiles_path)
-    new, applied = merge_tuned(table_of(tile_rows), rows, min_gain)
     old = {r.key: r for r in tile_rows}
     models = {r.key[:3]: r.model for r in tile_rows if r.model}  # a new row takes its shape's model name
-    changed = {}
-    for r in rows:
-        key = (int(r["E"]), int(r["I"]), int(r["H"]), int(r["M"]))
-        if key in applied:  # the last winner of a key is the one merge_tuned kept
-            g1, g2 = new[key[:3]][key[3]]
+    table, applied, changed = table_of(tile_rows), [], {}
+    for r in rows:  # one at a time, so each changed row's note comes from the result row that won it
+        table, done = merge_tuned(table, [r], min_gain)
+        for key in done:
+            g1, g2 = table[key[:3]][key[3]]
             changed[key] = TileRow(*key, g1, g2, models.get(key[:3], str(r.get("model", ""))), winner_note(r, meta))
+        applied += done
     out_rows = [changed.get(r.key, r) for r in tile_rows] + [r for k, r in changed.items() if k not in old]
     text = tiles_json(tiles_meta, out_rows)
     if not dry_run and applied:

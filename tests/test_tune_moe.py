@@ -320,6 +320,7 @@ def test_apply_results_replaces_a_row_and_skips_small_gains(tmp_path):
     res.write_text(json.dumps(_synthetic_results([
         _row(8, 14336, 4096, 128, 938.0, 800.0, *win, name="today-g8"),  # replaces the M=128 row
         _row(64, 1024, 2048, 256, 310.0, 305.0, *win),  # 1.6 % faster: below the 2 % default, not applied
+        _row(8, 14336, 4096, 128, 938.0, 930.0, *win, name="later-noise"),  # not applied: the note stays today-g8
     ])))
     applied, _ = tune.apply_results(str(res), str(path))
     assert applied == [(8, 14336, 4096, 128)]
