@@ -1,14 +1,17 @@
-"""Tune the grouped-GEMM tiles of moekern.fused_moe on this GPU and print rows for configs.TUNED.
+"""Tune the grouped-GEMM tiles of moekern.fused_moe on this GPU; keep the winners in the tile table (JSON).
 
     python benchmarks/tune_moe.py [--models mixtral,olmoe] [--tokens 1,64,1024] [--json out.json]
-    python benchmarks/tune_moe.py apply RESULTS.json [--configs PATH] [--min-gain 0.02] [--dry-run]
+    python benchmarks/tune_moe.py apply RESULTS.json [--tiles PATH] [--min-gain 0.02] [--dry-run]
     python benchmarks/tune_moe.py holes [--models ...] [--max-m 1024] [--json out.json]
 
-The third form (CPU) looks for holes in the table: decode batch sizes whose row's block_m makes the kernel
-read each used expert's weights clearly more than once (see find_holes). The second form (CPU) merges the winners of benchmarks/tune_moe_shapes.py into the TUNED
-table of configs.py (the block between its BEGIN/END TUNED lines): see merge_tuned / apply_results.
-The pure helpers below (vLLM's default rule for comparison, shape candidates, tile arithmetic, table
-merge and rendering) are shared by that benchmark and tested on CPU in tests/test_tune_moe.py.
+The tuned table is data: moekern/experts/tiles/sm90.json (H100 and H200), read by moekern/experts/configs.py.
+The first form (GPU) prints one JSON line per (model, M) with the winning gemm1/gemm2 fields. The second form
+(CPU) merges the winners of benchmarks/tune_moe_shapes.py (its tune_moe_shapes.json) into the tile file: a
+winner replaces its (E, I, H, M) row when it beats today's pick by --min-gain, and its row's note records the
+candidate, the times and the GPU (apply_results; configs.merge_tuned). The third form (CPU) looks for holes in
+the table: decode batch sizes whose row's block_m makes the kernel read each used expert's weights clearly
+more than once (find_holes). The pure helpers below (vLLM's default rule for comparison, shape candidates,
+tile arithmetic) are shared by tune_moe_shapes.py and tested on CPU in tests/test_tune_moe.py.
 
 For each (model, M) it routes random logits with the model's routing, aligns once per candidate block_m,
 times each GEMM's candidates separately with triton.testing.do_bench (the two GEMMs are independent given
@@ -24,19 +27,36 @@ import dataclasses
 import itertools
 import json
 import math
-import re
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from moekern.experts.configs import TUNED, BlockConfig, default_configs, load_results, merge_tuned, tuned_bucket
+# This checkout's moekern (not an installed copy): `apply` writes the tile file of the package it imports.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moekern.experts.configs import (  # noqa: E402
+    SM90_TILES,
+    BlockConfig,
+    TileRow,
+    default_configs,
+    load_results,
+    merge_tuned,
+    read_tiles,
+    table_of,
+    tiles_json,
+    tuned_bucket,
+    tuned_table,
+)
 
 H100_SMS = 132
 SMEM_PER_SM = 228 * 1024  # bytes an H100 SM shares among resident programs (227 KiB max for one)
 REGS_PER_SM = 65536
 
-# (model, M) where moekern-triton lost to vLLM 0.26 default-config fused_experts, or was within 10 %, on the
-# H100 bench of this session (devres/3/bench/table.txt); the default shape list of tune_moe_shapes.py.
+# (model, M) where moekern-triton lost to vLLM 0.26 default-config fused_experts, or was within 10 %, on an
+# H100 bench before the tile table had rows above M = 1024 (moekern/experts/NOTES.md, "Where we lose to vLLM");
+# the default shape list of tune_moe_shapes.py.
 LOSING_SHAPES: tuple[tuple[str, int], ...] = (
     ("mixtral", 256), ("mixtral", 4096), ("mixtral", 8192),
     ("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 8192),
@@ -72,8 +92,8 @@ def from_vllm_config(cfg: dict) -> tuple[BlockConfig, BlockConfig]:
 
 def today_pair(num_tokens: int, num_experts: int, top_k: int, inter: int, hidden: int,
                table=None) -> tuple[str, tuple[BlockConfig, BlockConfig]]:
-    """What fused_moe picks on an H100 in bf16 (the TUNED bucket, else the heuristic), without a device."""
-    table = TUNED if table is None else table
+    """What fused_moe picks on an H100 in bf16 (the table's bucket, else the heuristic), without a device."""
+    table = tuned_table() if table is None else table
     rows = table.get((num_experts, inter, hidden))
     if rows:
         b = tuned_bucket(rows, num_tokens)
@@ -86,9 +106,9 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
                      table=None) -> list[tuple[str, tuple[BlockConfig, BlockConfig]]]:
     """<= max_candidates named (gemm1, gemm2) pairs for one shape, most informative first (a time budget cuts
     from the end): today's pick, vLLM's default (as its unfused structure, and as our fused kernel at the
-    same shared memory per stage), the heuristic, the TUNED rows of the neighbouring buckets, then one-step
+    same shared memory per stage), the heuristic, the table rows of the neighbouring buckets, then one-step
     neighbours of today's pick (block_m x2 and /2, group_m, warps, stages, fused/unfused)."""
-    table = TUNED if table is None else table
+    table = tuned_table() if table is None else table
     vllm_cfg = vllm_cfg or vllm_default_bf16(num_tokens, num_experts)
     out: list[tuple[str, tuple[BlockConfig, BlockConfig]]] = []
 
@@ -207,13 +227,13 @@ def expected_weight_reads(num_tokens: int, num_experts: int, top_k: int, block_m
 def find_holes(models, table=None, max_m: int = 1024, ratio: float = 1.25, max_per_expert: float = 128) -> list[dict]:
     """Decode batch sizes where the table's row makes each used expert's weights be read `ratio` times or more
     as often as the next larger block_m would (expected over random routings), in the weight-bound regime
-    (at most max_per_expert slots per expert). Session 7's loss was one such hole: Mixtral M = 128 took the
-    M = 64 row (block_m 32: 32 slots per expert on average, so about half the experts need two M-blocks;
+    (at most max_per_expert slots per expert). Mixtral M = 128 was one such hole before the table had an
+    M = 128 row: it took the M = 64 row (block_m 32: 32 slots per expert on average, so about half the experts need two M-blocks;
     weights read ~1.5 times, 1246 us against 938 us with block_m 64). A hole is a candidate to tune, not a
     proof: compute, padding and the other tile sizes also count; the GPU decides (tune_moe_shapes.py)."""
     from moekern.models import get_model
 
-    table = TUNED if table is None else table
+    table = tuned_table() if table is None else table
     out = []
     for name in models:
         spec = get_model(name)
@@ -239,7 +259,7 @@ def find_holes(models, table=None, max_m: int = 1024, ratio: float = 1.25, max_p
 
 def main_holes(argv) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/tune_moe.py holes",
-                                 description="decode batch sizes where the TUNED table's block_m re-reads expert "
+                                 description="decode batch sizes where the tile table's block_m re-reads expert "
                                              "weights (CPU; candidates for tune_moe_shapes.py)")
     ap.add_argument("--models", default="mixtral,qwen3-30b-a3b,deepseek-v3,olmoe")
     ap.add_argument("--max-m", type=int, default=1024)
@@ -264,104 +284,53 @@ def main_holes(argv) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ applying measured winners to TUNED
+# ------------------------------------------------------------------ applying measured winners (CPU)
 
 
-def cfg_source(c: BlockConfig) -> str:
-    """configs.py source of one BlockConfig: positional core fields, variant fields only when not default."""
+def cfg_text(c: BlockConfig) -> str:
+    """One BlockConfig, compact: the six positional fields, then the variant fields that differ from default."""
     extra = "".join(f", {f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)[6:]
                     if getattr(c, f.name) != f.default)
-    return f"_B({c.block_m}, {c.block_n}, {c.block_k}, {c.group_m}, {c.num_warps}, {c.num_stages}{extra})"
+    return f"({c.block_m}, {c.block_n}, {c.block_k}, {c.group_m}, {c.num_warps}, {c.num_stages}{extra})"
 
 
-def render_tuned(table, comments=None) -> str:
-    """Python source of a TUNED table (the block between configs.py's BEGIN/END TUNED lines, exclusive).
-    comments: optional {(E, I, H): str} for entries and {(E, I, H, M): str} for rows."""
-    from moekern.models.registry import MODELS
-
-    comments = comments or {}
-    names = {}
-    for spec in MODELS.values():
-        if spec.num_experts:
-            names.setdefault((spec.num_experts, spec.intermediate_size, spec.hidden_size), spec.name)
-    lines = ["TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {"]
-    for key in table:
-        note = comments.get(key, names.get(key, ""))
-        lines.append(f"    {key}: {{" + (f"  # {note}" if note else ""))
-        for m in sorted(table[key]):
-            g1, g2 = table[key][m]
-            note = comments.get(key + (m,), "")
-            lines.append(f"        {m}: ({cfg_source(g1)}, {cfg_source(g2)}),"
-                         + (f"  # {note}" if note else ""))
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+def winner_note(row: dict, meta: dict) -> str:
+    """A tile row's note for a tune_moe_shapes.py winner: candidate, its time, the time of the pick it replaces
+    and vLLM's (us), and the GPU and versions from the result file's meta."""
+    v = row.get("vllm_us")
+    where = ", ".join(str(meta[k]) if k == "device" else f"{k} {meta[k]}"
+                      for k in ("device", "torch", "triton") if meta.get(k))
+    return (f"{row['best']['name']}: {row['best']['us']:.0f} us, was {row['today_us']:.0f}"
+            + (f", vLLM {v:.0f}" if v else "") + (f" ({where})" if where else ""))
 
 
-_BLOCK = re.compile(r"(# BEGIN TUNED\n)(.*?)(# END TUNED\n)", re.S)
-
-
-def rewrite_tuned_source(source: str, table, comments=None) -> str:
-    """configs.py source with the TUNED block replaced; raises ValueError when the markers are missing."""
-    if len(_BLOCK.findall(source)) != 1:
-        raise ValueError("configs source must hold exactly one '# BEGIN TUNED' ... '# END TUNED' block")
-    body = render_tuned(table, comments)
-    return _BLOCK.sub(lambda m: m.group(1) + body + m.group(3), source)
-
-
-def apply_results(results_path: str, configs_path: str, min_gain: float = 0.02, dry_run: bool = False):
-    """Merge tune_moe_shapes.py's JSON into configs.py's TUNED block (in place unless dry_run); returns the
-    list of (E, I, H, M) rows changed. The new table is checked by executing the rewritten block."""
-    meta, rows = load_results(results_path)
-    src = open(configs_path).read()
-    table = _exec_tuned(_BLOCK.search(src).group(2)) if _BLOCK.search(src) else None
-    if table is None:
-        raise ValueError(f"{configs_path}: no '# BEGIN TUNED' ... '# END TUNED' block")
-    new, applied = merge_tuned(table, rows, min_gain)
-    comments = {k: v for k, v in existing_row_comments(_BLOCK.search(src).group(2)).items() if k in _row_keys(new)}
-    dev = meta.get("device", "")
-    for r in rows:
-        key = (int(r["E"]), int(r["I"]), int(r["H"]), int(r["M"]))
-        if key in applied:
-            v = r.get("vllm_us")
-            comments[key] = (f"{r['best']['name']}: {r['best']['us']:.0f} us, was {r['today_us']:.0f}"
-                             + (f", vLLM {v:.0f}" if v else "") + (f" ({dev})" if dev else ""))
-    # Row comments: rows changed now get a new one; untouched rows keep theirs.
-    out = rewrite_tuned_source(src, new, comments)
-    if _exec_tuned(_BLOCK.search(out).group(2)) != new:
-        raise AssertionError("rendered TUNED block does not read back as the merged table")
+def apply_results(results_path: str, tiles_path: str = SM90_TILES, min_gain: float = 0.02,
+                  dry_run: bool = False) -> tuple[list, str]:
+    """Merge tune_moe_shapes.py's JSON into a tile file (configs.SM90_TILES by default; in place unless dry_run
+    or nothing changed). Returns (the (E, I, H, M) rows changed, the new file's text). A changed row gets a note
+    from winner_note; the other rows, their notes and the file's meta stay as they were."""
+    try:
+        meta, rows = load_results(results_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{results_path}: cannot read tune_moe_shapes.py results: {exc}") from exc
+    tiles_meta, tile_rows = read_tiles(tiles_path)
+    old = {r.key: r for r in tile_rows}
+    models = {r.key[:3]: r.model for r in tile_rows if r.model}  # a new row takes its shape's model name
+    table, applied, changed = table_of(tile_rows), [], {}
+    for r in rows:  # one at a time, so each changed row's note comes from the result row that won it
+        table, done = merge_tuned(table, [r], min_gain)
+        for key in done:
+            g1, g2 = table[key[:3]][key[3]]
+            changed[key] = TileRow(*key, g1, g2, models.get(key[:3], str(r.get("model", ""))), winner_note(r, meta))
+        applied += done
+    out_rows = [changed.get(r.key, r) for r in tile_rows] + [r for k, r in changed.items() if k not in old]
+    text = tiles_json(tiles_meta, out_rows)
     if not dry_run and applied:
-        with open(configs_path, "w") as f:
-            f.write(out)
-    return applied, out
-
-
-_ENTRY_LINE = re.compile(r"^\s*\((\d+),\s*(\d+),\s*(\d+)\):\s*\{")
-_ROW_LINE = re.compile(r"^\s*(\d+):\s*\(.*\),\s*#\s*(.+?)\s*$")
-
-
-def existing_row_comments(block_source: str) -> dict:
-    """{(E, I, H, M): comment} of the row lines of a TUNED block that carry a trailing comment."""
-    out, key = {}, None
-    for line in block_source.splitlines():
-        m = _ENTRY_LINE.match(line)
-        if m:
-            key = tuple(int(g) for g in m.groups())
-            continue
-        m = _ROW_LINE.match(line)
-        if m and key is not None:
-            out[key + (int(m.group(1)),)] = m.group(2)
-    return out
-
-
-def _row_keys(table) -> set:
-    return {key + (m,) for key, rows in table.items() for m in rows}
-
-
-def _exec_tuned(block_source: str):
-    scope = {"BlockConfig": BlockConfig, "_B": BlockConfig}
-    exec(compile(block_source, "<TUNED>", "exec"), scope)  # noqa: S102  (our own configs.py block)
-    return scope["TUNED"]
+        tmp = f"{tiles_path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, tiles_path)  # a reader never sees half a table
+    return applied, text
 
 
 def _candidates(block_m: int, gemm: int):
@@ -429,24 +398,23 @@ def tune_one(name: str, num_tokens: int, w13, w2, spec, rep_ms: int = 20) -> dic
 
 
 def main_apply(argv) -> None:
-    import os
-
     ap = argparse.ArgumentParser(prog="python benchmarks/tune_moe.py apply",
-                                 description="merge tune_moe_shapes.py winners into configs.py's TUNED table")
+                                 description="merge tune_moe_shapes.py winners into a tile file (JSON)")
     ap.add_argument("results", help="tune_moe_shapes.json written by benchmarks/tune_moe_shapes.py")
-    ap.add_argument("--configs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.py"))
+    ap.add_argument("--tiles", default=SM90_TILES, help=f"the tile file to update (default {SM90_TILES})")
     ap.add_argument("--min-gain", type=float, default=0.02, help="apply a winner only if this much faster")
-    ap.add_argument("--dry-run", action="store_true", help="print the new block, write nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print the new file, write nothing")
     args = ap.parse_args(argv)
-    applied, out = apply_results(args.results, args.configs, args.min_gain, args.dry_run)
+    try:
+        applied, text = apply_results(args.results, args.tiles, args.min_gain, args.dry_run)
+    except ValueError as exc:  # an unreadable file or a bad row, named in the message
+        ap.error(str(exc))
     if args.dry_run:
-        print(_BLOCK.search(out).group(2))
-    print(f"{'would change' if args.dry_run else 'changed'} {len(applied)} TUNED rows: {applied}")
+        print(text, end="")
+    print(f"{'would change' if args.dry_run else 'changed'} {len(applied)} rows of {args.tiles}: {applied}")
 
 
 def main(argv=None) -> None:
-    import sys
-
     from moekern.models import get_model
 
     argv = sys.argv[1:] if argv is None else list(argv)

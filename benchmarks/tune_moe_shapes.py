@@ -1,18 +1,18 @@
-"""Bounded config search for the fused_moe shapes where moekern loses to vLLM: one GPU call, JSON out,
-TUNED rows to paste (or to apply with `python benchmarks/tune_moe.py apply`).
+"""Bounded config search for the fused_moe shapes where moekern loses to vLLM: one GPU call, JSON out, the
+winners merged into the tile table (moekern/experts/tiles/sm90.json) by `python benchmarks/tune_moe.py apply`.
 
     python benchmarks/tune_moe_shapes.py --out DIR                      # GPU: the 10 shapes of LOSING_SHAPES
     python benchmarks/tune_moe_shapes.py --shapes mixtral:256,olmoe:256 --max-candidates 12 --budget-s 120
     python benchmarks/tune_moe_shapes.py --explain                      # CPU: tile/padding/wave arithmetic
-    python benchmarks/tune_moe.py apply DIR/tune_moe_shapes.json       # CPU: merge winners into configs.py
+    python benchmarks/tune_moe.py apply DIR/tune_moe_shapes.json       # CPU: merge winners into the tile JSON
 
 Per shape (model, M): the inputs are the bench's own (moekern.bench.shapes.make_inputs with the bench's
-seed and max_tokens, sliced to M), so times compare with devres/3 bench rows. vLLM's fused_experts (its
+seed and max_tokens, sliced to M), so times compare with `moekern bench --ops moe` rows. vLLM's fused_experts (its
 default config: vLLM 0.26 ships no bf16 H100 file for these shapes) is timed before and after our
 candidates, in the same process, on the same tensors, each a CUDA graph of back-to-back calls
 (moekern.bench.timing.time_calls); the mean of the two vLLM times is the reference, their spread is
 reported as drift. Candidates: tune_moe.shape_candidates (today's pick, vLLM's default as
-our unfused and fused kernel, the heuristic, the next TUNED bucket, one-step neighbours), at most
+our unfused and fused kernel, the heuristic, the table's next bucket, one-step neighbours), at most
 --max-candidates (default 8). Correctness: each output's first --ref-rows tokens against
 fused_moe_reference in fp32 (rows are independent, so a row subset is a full check of those rows) and the
 whole output against vLLM's: rel. Frobenius error < 1e-2 for both, else the candidate is reported BAD
@@ -42,7 +42,7 @@ from moekern.experts.configs import BlockConfig  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tune_moe import (  # noqa: E402
     LOSING_SHAPES,
-    cfg_source,
+    cfg_text,
     from_vllm_config,
     programs_per_sm,
     shape_candidates,
@@ -174,7 +174,7 @@ def run(shapes, out_dir: str, budget_s: float, max_candidates: int, ref_rows: in
             cands = shape_candidates(M, E, k, inter, H, vllm_cfg=vcfg, max_candidates=max_candidates)
             for i, (cname, pair) in enumerate(cands):
                 res = dict(name=cname, gemm1=dataclasses.asdict(pair[0]), gemm2=dataclasses.asdict(pair[1]),
-                           src=f"({cfg_source(pair[0])}, {cfg_source(pair[1])})")
+                           src=f"({cfg_text(pair[0])}, {cfg_text(pair[1])})")
                 if i >= 2 and time.perf_counter() - t0 > budget_s:
                     res["skipped"] = "time budget"
                     row["results"].append(res)
@@ -250,13 +250,14 @@ def _print_summary(rows) -> None:
     if ratios_t:
         g = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
         print(f"geomean over {len(ratios_t)} shapes: today/vllm {g(ratios_t):.3f}, best/vllm {g(ratios_b):.3f}")
-    print("\n# ---- TUNED rows (paste into moekern/experts/configs.py, or: python benchmarks/tune_moe.py apply "
-          "JSON) ----")
+    print("\n# ---- winners, (block_m, block_n, block_k, group_m, num_warps, num_stages) per GEMM; merge them into "
+          "the tile table with: python benchmarks/tune_moe.py apply JSON ----")
     for r in rows:
         b = r.get("best")
         if b:
             g1, g2 = BlockConfig(**b["gemm1"]), BlockConfig(**b["gemm2"])
-            print(f"    ({r['E']}, {r['I']}, {r['H']}) {r['model']}:  {r['M']}: ({cfg_source(g1)}, {cfg_source(g2)}),"
+            print(f"    ({r['E']}, {r['I']}, {r['H']}) {r['model']}:  {r['M']}: "
+                  f"gemm1 {cfg_text(g1)}, gemm2 {cfg_text(g2)}"
                   f"  # {b['name']} {b['us']:.1f} us, today {r.get('today_us') or float('nan'):.1f}, "
                   f"vLLM {r.get('vllm_us') or float('nan'):.1f}")
 
@@ -286,7 +287,7 @@ def explain(shapes) -> list[dict]:
     from moekern.models import get_model
 
     out = []
-    hdr = (f"{'model':13s} {'M':>5s} {'who':9s} {'cfg gemm1 | gemm2':58s} {'blk':>5s} {'pad%':>5s} "
+    hdr = (f"{'model':13s} {'M':>5s} {'who':9s} {'cfg gemm1 | gemm2':64s} {'blk':>5s} {'pad%':>5s} "
            f"{'tiles1':>6s} {'wav1':>5s} {'tiles2':>6s} {'wav2':>5s} {'rd/exp':>6s} {'p/SM':>4s}")
     print(hdr)
     print("blk: used M-blocks; pad%: padded rows / slots; tilesN/wavN: programs doing work and waves of them on "
@@ -303,12 +304,12 @@ def explain(shapes) -> list[dict]:
             p1, p2 = programs_per_sm(g1, g1.fuse_silu), programs_per_sm(g2, False)
             s1 = tile_stats(counts, g1.block_m, n1, bn1, p1)
             s2 = tile_stats(counts, g2.block_m, H, g2.block_n, p2)
-            rec = dict(model=name, M=M, who=who, gemm1=cfg_source(g1), gemm2=cfg_source(g2),
+            rec = dict(model=name, M=M, who=who, gemm1=cfg_text(g1), gemm2=cfg_text(g2),
                        experts_used=sum(1 for c in counts if c), max_count=max(counts),
                        gemm1_stats=dataclasses.asdict(s1), gemm2_stats=dataclasses.asdict(s2),
                        programs_per_sm=(p1, p2))
             out.append(rec)
-            print(f"{name[:13]:13s} {M:5d} {who[:9]:9s} {cfg_source(g1) + ' | ' + cfg_source(g2)[3:]:58s} "
+            print(f"{name[:13]:13s} {M:5d} {who[:9]:9s} {cfg_text(g1) + ' | ' + cfg_text(g2):64s} "
                   f"{s1.used_m_blocks:5d} {100 * s1.pad_frac:5.0f} {s1.tiles:6d} {s1.waves:5.1f} {s2.tiles:6d} "
                   f"{s2.waves:5.1f} {s1.weight_reads:6.2f} {p1:>2d}/{p2:<1d}")
     return out
@@ -322,7 +323,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-candidates", type=int, default=8, help="per shape, <= 12")
     ap.add_argument("--ref-rows", type=int, default=256, help="tokens checked against the fp32 reference")
     ap.add_argument("--explain", action="store_true", help="CPU: print the tile arithmetic, no GPU")
-    ap.add_argument("--apply", action="store_true", help="after the run, merge winners into configs.py")
+    ap.add_argument("--apply", action="store_true",
+                    help="after the run, merge the winners into the package's tile table (tune_moe.py apply)")
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
     if not 1 <= args.max_candidates <= 12:
@@ -338,9 +340,10 @@ def main(argv=None) -> None:
     if args.apply:
         from tune_moe import apply_results
 
-        configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moekern", "experts", "configs.py")
-        applied, _ = apply_results(os.path.join(args.out, "tune_moe_shapes.json"), configs)
-        print(f"applied {len(applied)} rows to {configs}: {applied}")
+        from moekern.experts.configs import SM90_TILES
+
+        applied, _ = apply_results(os.path.join(args.out, "tune_moe_shapes.json"), SM90_TILES)
+        print(f"applied {len(applied)} rows to {SM90_TILES}: {applied}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""CPU tests of the tuning helpers (benchmarks/tune_moe.py) and benchmarks/tune_moe_shapes.py's CPU parts:
+"""CPU tests of the tile table (moekern/experts/tiles/sm90.json read by moekern/experts/configs.py), the tuning
+helpers (benchmarks/tune_moe.py) and benchmarks/tune_moe_shapes.py's CPU parts: reading and validating tile files,
 vLLM's default rule as we read it, candidate sets, tile arithmetic against a brute-force count over
-moekern.align's output, and merging a synthetic results JSON into configs.py's TUNED block."""
+moekern.align's output, and merging a synthetic results JSON into a copy of the tile file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import os
 import shutil
 import sys
+import tomllib
+from fnmatch import fnmatch
 
 import pytest
 import torch
@@ -77,8 +80,8 @@ def test_shape_candidates(name, M):
 def test_today_pair_matches_get_configs_rule():
     # Qwen3 M=256 (no 256 row): 64 and 1024 are equally far in log2, the smaller bucket wins.
     spec = get_model("qwen3-30b-a3b")
-    rows = cfgmod.TUNED[(128, 768, 2048)]
-    assert 256 not in rows and {64, 1024} <= set(rows), "the tie this test needs is gone from TUNED"
+    rows = cfgmod.tuned_table()[(128, 768, 2048)]
+    assert 256 not in rows and {64, 1024} <= set(rows), "the tie this test needs is gone from the table"
     name, pair = tune.today_pair(256, 128, 8, spec.intermediate_size, spec.hidden_size)
     assert name == "tuned[64]" and pair == rows[64]
     assert cfgmod.tuned_bucket({1: 0, 64: 0, 1024: 0}, 4096) == 1024
@@ -143,74 +146,228 @@ def test_merge_tuned_rules():
         tune.merge_tuned(table, bad)
 
 
-def test_apply_results_rewrites_configs_copy(tmp_path):
-    path = tmp_path / "configs.py"
-    shutil.copy(os.path.join(ROOT, "moekern", "experts", "configs.py"), path)
+# ---- the tile table (JSON) ----------------------------------------------------------------------------------
+# Rows read off the table as it stood before it became JSON (the Python literal in configs.py), by hand.
+KNOWN_ROWS = {
+    (8, 14336, 4096, 128): ((B(64, 64, 128, 1, 4, 4), B(64, 128, 128, 1, 4, 4)),
+                            "heuristic: 938 us, was 1246, vLLM 961 (NVIDIA H100 80GB HBM3)"),
+    (8, 14336, 4096, 1): ((B(16, 128, 128, 1, 4, 3), B(16, 32, 128, 1, 4, 4)), None),
+    (128, 768, 2048, 8192): ((B(128, 64, 64, 1, 8, 3), B(128, 128, 64, 1, 8, 3)),
+                             "vllm-tile-fused: 1622 us, was 2239, vLLM 1733 (NVIDIA H100 80GB HBM3)"),
+    (256, 2048, 7168, 8192): ((B(128, 128, 64, 8, 8, 3), B(128, 128, 64, 8, 8, 3)),
+                              "heuristic: 15031 us, was 23497, vLLM 16520 (NVIDIA H100 80GB HBM3)"),
+    (64, 1024, 2048, 64): ((B(16, 128, 128, 1, 4, 3), B(16, 32, 128, 1, 4, 3)), None),
+}
+
+
+def test_known_rows_of_the_committed_table():
+    meta, rows = cfgmod.read_tiles(cfgmod.SM90_TILES)
+    by_key = {r.key: r for r in rows}
+    table = cfgmod.tuned_table()
+    assert len(rows) == 23 and sum(len(v) for v in table.values()) == 23
+    assert sorted(table) == [(8, 14336, 4096), (64, 1024, 2048), (128, 768, 2048), (256, 2048, 7168)]
+    for key, (pair, note) in KNOWN_ROWS.items():
+        assert table[key[:3]][key[3]] == pair, key
+        assert by_key[key].note == note if note else by_key[key].note.startswith("tune_moe.py")
+    assert by_key[(8, 14336, 4096, 128)].model == "mixtral"
+    assert "H100" in meta["gpus"] and "H200" in meta["gpus"] and meta["torch"] and meta["triton"]
+    assert any("tune_moe.py apply" in c for c in meta["commands"])
+
+
+def test_tuned_table_is_read_once_and_keeps_its_old_name():
+    assert cfgmod.tuned_table() is cfgmod.tuned_table()
+    assert cfgmod.TUNED is cfgmod.tuned_table()
+    with pytest.raises(AttributeError, match="NO_SUCH"):
+        cfgmod.NO_SUCH  # noqa: B018
+
+
+def test_committed_file_is_in_the_written_form():
+    # apply rewrites the whole file with tiles_json: the committed text must already be that form, so an apply
+    # changes only the rows it applies (a reviewable diff).
+    with open(cfgmod.SM90_TILES) as f:
+        text = f.read()
+    assert cfgmod.tiles_json(*cfgmod.read_tiles(cfgmod.SM90_TILES)) == text
+
+
+def test_tiles_json_round_trip(tmp_path):
+    rows = [
+        cfgmod.TileRow(64, 32, 16, 256, B(64, 32, 16, 8, 8, 4, fuse_silu=False, persistent=2, tma=True), B(64, 16, 32),
+                       "m", 'a "quoted" note\nwith a newline'),
+        cfgmod.TileRow(8, 32, 16, 1, B(16), B(16, 32, 16)),
+        cfgmod.TileRow(8, 32, 16, 64, B(32), B(32), "m2", "n"),
+    ]
+    meta = {"gpus": "test", "commands": ["a", "b"], "nested": {"x": 1}}
+    text = cfgmod.tiles_json(meta, rows)
+    raw = json.loads(text)
+    assert raw["meta"] == meta
+    assert [(r["E"], r["M"]) for r in raw["rows"]] == [(8, 1), (8, 64), (64, 256)]  # sorted by (E, I, H, M)
+    assert raw["rows"][2]["gemm1"] == dataclasses.asdict(rows[0].gemm1)  # every field spelled out
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    meta2, rows2 = cfgmod.read_tiles(path)
+    assert meta2 == meta and rows2 == sorted(rows, key=lambda r: r.key)
+    assert cfgmod.table_of(rows2) == {(8, 32, 16): {1: (B(16), B(16, 32, 16)), 64: (B(32), B(32))},
+                                      (64, 32, 16): {256: (rows[0].gemm1, rows[0].gemm2)}}
+    # fields left out of a hand-written row take BlockConfig's defaults; model and note may be left out
+    path.write_text(json.dumps({"rows": [{"E": 2, "I": 16, "H": 16, "M": 4, "gemm1": {"block_m": 32},
+                                          "gemm2": {"block_m": 32, "tma": True}}]}))
+    assert cfgmod.read_tiles(path) == ({}, [cfgmod.TileRow(2, 16, 16, 4, B(32), B(32, tma=True))])
+
+
+def _good_row(**kw):
+    row = {"E": 8, "I": 64, "H": 32, "M": 16, "model": "m", "note": "",
+           "gemm1": dataclasses.asdict(B(16)), "gemm2": dataclasses.asdict(B(16))}
+    row.update(kw)
+    return row
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([_good_row(gemm1={"block_m": 48})], r"row 0 \(E=8, I=64, H=32, M=16\): gemm1.block_m=48 must be a power of two"),
+    ([_good_row(), _good_row(gemm2={"block_m": 32})], r"row 1 .*gemm1.block_m=16 and gemm2.block_m=32 must be equal"),
+    ([_good_row(gemm1={"blockm": 16})], r"row 0 .*gemm1: .*blockm.*BlockConfig fields are"),
+    ([_good_row(gemm2=[16, 64])], r"row 0 .*gemm2=\[16, 64\] must be an object"),
+    ([_good_row(gemm1={"block_m": 16, "fuse_silu": 1})], r"row 0 .*fuse_silu=1 must be a bool"),
+    ([{k: v for k, v in _good_row().items() if k != "gemm2"}], r"row 0 .*missing fields \['gemm2'\]"),
+    ([_good_row(gemm_1={})], r"row 0 .*unknown fields \['gemm_1'\]"),
+    ([_good_row(E=0)], r"row 0 .*E=0 must be an int >= 1"),
+    ([_good_row(M=True)], r"row 0 .*M=True must be an int >= 1"),
+    ([_good_row(I="64")], r"row 0 .*I='64' must be an int >= 1"),
+    ([_good_row(note=3)], r"row 0 .*note=3 must be a string"),
+    ([_good_row(), _good_row(note="again")], r"row 1 .*\(8, 64, 32, 16\) repeats row 0"),
+    (["x"], r"row 0: expected an object"),
+])
+def test_read_tiles_rejects_bad_rows(tmp_path, rows, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"meta": {}, "rows": rows}))
+    with pytest.raises(ValueError, match=match) as err:
+        cfgmod.read_tiles(path)
+    assert str(err.value).startswith(f"{path}: row ")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "cannot read the tile table"),
+    ("{not json", "cannot read the tile table"),
+    ("[]", "expected"),
+    ('{"rows": 3}', "expected"),
+    ('{"meta": [], "rows": []}', "expected"),
+])
+def test_read_tiles_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match) as err:
+        cfgmod.read_tiles(path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_package_data_ships_the_tile_files():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["moekern"]
+    tiles = os.path.join(ROOT, "moekern", "experts", "tiles")
+    names = [n for n in os.listdir(tiles) if n.endswith(".json")]
+    assert "sm90.json" in names
+    for name in names:
+        assert any(fnmatch(f"experts/tiles/{name}", p) for p in patterns), (name, patterns)
+
+
+# ---- applying tune_moe_shapes.py winners to the tile file ----------------------------------------------------
+def _tiles_copy(tmp_path):
+    path = tmp_path / "sm90.json"
+    shutil.copy(cfgmod.SM90_TILES, path)
+    return path
+
+
+def test_apply_results_updates_a_tiles_copy(tmp_path):
+    path = _tiles_copy(tmp_path)
     win = (B(64, 128, 64, 1, 8, 3, fuse_silu=False), B(64, 128, 64, 1, 8, 3))
     res = tmp_path / "tune_moe_shapes.json"
-    res.write_text(json.dumps(_synthetic_results([_row(8, 14336, 4096, 4096, 6000.0, 5000.0, *win, name="vllm-default")])))
+    results = _synthetic_results([_row(8, 14336, 4096, 4096, 6000.0, 5000.0, *win, name="vllm-default")])
+    results["meta"].update(torch="2.11.0+cu130", triton="3.6.0")
+    res.write_text(json.dumps(results))
     before = path.read_text()
+    assert 4096 not in cfgmod.tuned_table()[(8, 14336, 4096)], "pick an M the committed table does not hold"
     applied, out = tune.apply_results(str(res), str(path), dry_run=True)
-    assert 4096 not in cfgmod.TUNED[(8, 14336, 4096)], "pick an M the committed table does not hold"
     assert applied == [(8, 14336, 4096, 4096)] and path.read_text() == before
     applied, _ = tune.apply_results(str(res), str(path))
     text = path.read_text()
-    assert text == out and text != before
-    assert "4096: (_B(64, 128, 64, 1, 8, 3, fuse_silu=False), _B(64, 128, 64, 1, 8, 3)),  # vllm-default: 5000 us" in text
-    # The rewritten module imports and holds every old row plus the new one.
-    spec = importlib.util.spec_from_file_location("moekern_configs_copy", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[spec.name]
-    as_t = lambda pair: tuple(dataclasses.astuple(c) for c in pair)  # noqa: E731  (a different class object)
-    for key, per_m in cfgmod.TUNED.items():
-        for m, pair in per_m.items():
-            assert as_t(mod.TUNED[key][m]) == as_t(pair)
-    assert as_t(mod.TUNED[(8, 14336, 4096)][4096]) == as_t(win)
-    assert mod.tuned_bucket(mod.TUNED[(8, 14336, 4096)], 4096) == 4096
-    # Idempotent: applying the same result again leaves the same valid file.
+    assert text == out and text != before and not os.path.exists(f"{path}.tmp")
+    old_meta, old_rows = cfgmod.read_tiles(cfgmod.SM90_TILES)
+    meta, rows = cfgmod.read_tiles(path)
+    assert meta == old_meta
+    new = {r.key: r for r in rows}
+    # every old row kept, with its note and model; the new row added with its provenance
+    assert [new[r.key] for r in old_rows] == old_rows
+    added = new[(8, 14336, 4096, 4096)]
+    assert (added.gemm1, added.gemm2, added.model) == (*win, "mixtral")
+    assert added.note == "vllm-default: 5000 us, was 6000 (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0)"
+    table = cfgmod.table_of(rows)
+    assert cfgmod.tuned_bucket(table[(8, 14336, 4096)], 4096) == 4096
+    # the new row's three lines are the only new lines
+    new_lines = set(text.splitlines()) - set(before.splitlines())
+    row_lines = cfgmod.tiles_json({}, [added]).splitlines()[3:6]
+    assert {x.rstrip(",") for x in new_lines} == {x.rstrip(",") for x in row_lines}
+    assert len(text.splitlines()) == len(before.splitlines()) + 3
+    # idempotent: applying the same result again leaves the same file
     tune.apply_results(str(res), str(path))
     assert path.read_text() == text
-    # Rows the apply did not touch keep their comments (every commented row of the committed table).
-    kept = tune.existing_row_comments(tune._BLOCK.search(before).group(2))
-    after = tune.existing_row_comments(tune._BLOCK.search(text).group(2))
-    assert kept and after.pop((8, 14336, 4096, 4096)).startswith("vllm-default: 5000 us, was 6000")
-    assert after == kept
 
 
-def test_existing_row_comments():
-    block = ("TUNED = {\n    (8, 14336, 4096): {  # mixtral\n        1: (_B(16, 128, 128, 1, 4, 3), _B(16)),\n"
-             "        128: (_B(64), _B(64)),  # heuristic: 938 us\n    },\n    (64, 1024, 2048): {\n"
-             "        128: (_B(32), _B(32)),  # x (y)\n    },\n}\n")
-    assert tune.existing_row_comments(block) == {(8, 14336, 4096, 128): "heuristic: 938 us",
-                                                 (64, 1024, 2048, 128): "x (y)"}
+def test_apply_results_replaces_a_row_and_skips_small_gains(tmp_path):
+    path = _tiles_copy(tmp_path)
+    old = {r.key: r for r in cfgmod.read_tiles(path)[1]}
+    win = (B(128, 128, 64, 8, 8, 3), B(128, 128, 64, 8, 8, 3))
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(_synthetic_results([
+        _row(8, 14336, 4096, 128, 938.0, 800.0, *win, name="today-g8"),  # replaces the M=128 row
+        _row(64, 1024, 2048, 256, 310.0, 305.0, *win),  # 1.6 % faster: below the 2 % default, not applied
+        _row(8, 14336, 4096, 128, 938.0, 930.0, *win, name="later-noise"),  # not applied: the note stays today-g8
+    ])))
+    applied, _ = tune.apply_results(str(res), str(path))
+    assert applied == [(8, 14336, 4096, 128)]
+    new = {r.key: r for r in cfgmod.read_tiles(path)[1]}
+    assert set(new) == set(old)
+    assert (new[(8, 14336, 4096, 128)].gemm1, new[(8, 14336, 4096, 128)].note) == (
+        win[0], "today-g8: 800 us, was 938 (NVIDIA H100 80GB HBM3)")
+    assert new[(64, 1024, 2048, 256)] == old[(64, 1024, 2048, 256)]
+    # nothing applied: the file is not rewritten
+    res.write_text(json.dumps(_synthetic_results([_row(64, 1024, 2048, 256, 310.0, 305.0, *win)])))
+    mtime = os.stat(path).st_mtime_ns
+    assert tune.apply_results(str(res), str(path))[0] == []
+    assert os.stat(path).st_mtime_ns == mtime
 
 
-def test_apply_needs_markers(tmp_path):
-    path = tmp_path / "configs.py"
-    path.write_text("TUNED = {}\n")
+def test_apply_names_a_bad_tile_file(tmp_path):
+    path = tmp_path / "sm90.json"
+    path.write_text(json.dumps({"rows": [_good_row(gemm1={"block_m": 48})]}))
     res = tmp_path / "r.json"
     res.write_text(json.dumps(_synthetic_results([])))
-    with pytest.raises(ValueError, match="BEGIN TUNED"):
+    with pytest.raises(ValueError, match=f"{path}: row 0"):
         tune.apply_results(str(res), str(path))
 
 
 def test_apply_cli_dry_run(tmp_path, capsys):
-    path = tmp_path / "configs.py"
-    shutil.copy(os.path.join(ROOT, "moekern", "experts", "configs.py"), path)
+    path = _tiles_copy(tmp_path)
+    before = path.read_text()
     res = tmp_path / "r.json"
-    res.write_text(json.dumps(_synthetic_results([_row(64, 1024, 2048, 256, 367.0, 300.0, B(64, 128, 64),
+    res.write_text(json.dumps(_synthetic_results([_row(64, 1024, 2048, 512, 367.0, 300.0, B(64, 128, 64),
                                                       B(64, 128, 64))])))
-    tune.main(["apply", str(res), "--configs", str(path), "--dry-run"])
-    assert "would change 1 TUNED rows" in capsys.readouterr().out
+    tune.main(["apply", str(res), "--tiles", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"would change 1 rows of {path}: [(64, 1024, 2048, 512)]" in out
+    assert '"M": 512' in out and path.read_text() == before
+    tune.main(["apply", str(res), "--tiles", str(path)])
+    assert f"changed 1 rows of {path}" in capsys.readouterr().out
+    assert 512 in cfgmod.table_of(cfgmod.read_tiles(path)[1])[(64, 1024, 2048)]
 
 
-def test_render_round_trip_of_current_table():
-    src = tune.render_tuned(cfgmod.TUNED)
-    assert tune._exec_tuned(src) == cfgmod.TUNED
+def test_apply_cli_names_an_unreadable_results_file(tmp_path, capsys):
+    path = _tiles_copy(tmp_path)
+    res = tmp_path / "r.json"
+    res.write_text("{not json")
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["apply", str(res), "--tiles", str(path)])
+    assert exit_.value.code == 2
+    assert f"{res}: cannot read tune_moe_shapes.py results" in capsys.readouterr().err
 
 
 def test_bench_parse_shapes_and_explain(capsys):
@@ -225,7 +382,7 @@ def test_bench_parse_shapes_and_explain(capsys):
     ours, vllm = recs[0], recs[1]
     # Mixtral M=256: 512 slots over 8 experts; the tuned block_m 128 needs no more M-blocks per expert than
     # vLLM's 64 (the M=64 row's block_m 32 needed 2.5 per expert: the measured 1.49x loss).
-    assert ours["gemm1"].startswith("_B(128,")
+    assert ours["gemm1"].startswith("(128,")
     assert 1.0 <= ours["gemm1_stats"]["weight_reads"] <= vllm["gemm1_stats"]["weight_reads"]
 
 
@@ -237,11 +394,11 @@ def test_routing_counts_sum():
 
 
 def test_mixtral_decode_rows_read_each_expert_once():
-    """The session-9 finding, pinned: for Mixtral decode batches of 65-128 tokens (vLLM's CUDA-graph sizes 96
+    """For Mixtral decode batches of 65-128 tokens (vLLM's CUDA-graph sizes 96
     and 128 at max_num_seqs=128) the table's tile must not split an expert's average load (M * k / E slots)
     into more M-blocks than it needs: at M = 128 one block_m >= 32 slots per expert, i.e. block_m >= 64 gives
     one block per expert on average and reads each expert's weights once."""
-    rows = cfgmod.TUNED[(8, 14336, 4096)]
+    rows = cfgmod.tuned_table()[(8, 14336, 4096)]
     for M, bucket in ((96, 96), (100, 96), (112, 128), (128, 128), (160, 192), (256, 256)):
         assert cfgmod.tuned_bucket(rows, M) == bucket
     g1, g2 = rows[128]
@@ -263,18 +420,20 @@ def test_decode_sizes_and_expected_weight_reads():
     assert 1.3 < a < 1.7  # 32 slots per expert on average, block_m 32: about half the experts need two blocks
 
 
-def test_find_holes_catches_session_7s_mixtral_m128():
-    """The table as it was in session 7 (Mixtral rows 1/64/1024): M = 128 took the M = 64 row's block_m 32."""
+def test_find_holes_catches_the_old_mixtral_m128_hole():
+    """The table before it had Mixtral decode rows (rows 1/64/1024): M = 128 took the M = 64 row's block_m 32."""
     import tune_moe as tune
-    from moekern.experts.configs import TUNED, BlockConfig
+    from moekern.experts.configs import BlockConfig, tuned_table
+
+    table = tuned_table()
 
     key = (8, 14336, 4096)
-    old = {key: {m: TUNED[key][m] for m in (1, 64, 1024)}}
+    old = {key: {m: table[key][m] for m in (1, 64, 1024)}}
     holes = {h["M"]: h for h in tune.find_holes(["mixtral"], old, max_m=256)}
     assert 128 in holes and holes[128]["row"] == 64 and holes[128]["block_m"] == 32
     assert holes[128]["weight_reads"] > 1.25 * holes[128]["weight_reads_x2"]
     assert 64 not in holes  # a measured row is never a hole
-    assert not [h for h in tune.find_holes(["mixtral"], TUNED, max_m=256)]  # rows 96/128/192 closed it
+    assert not [h for h in tune.find_holes(["mixtral"], table, max_m=256)]  # rows 96/128/192 closed it
     full = {key: {1: (BlockConfig(128, 64, 64, 1, 4, 3),) * 2}}
     assert not tune.find_holes(["mixtral"], full, max_m=256)  # no larger tile than 128 to suggest
 
@@ -291,3 +450,4 @@ def test_holes_cli_writes_json(tmp_path, capsys):
     assert f"{len(got)} hole(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tune.main(["holes", "--ratio", "1.0"])
+

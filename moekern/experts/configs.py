@@ -11,10 +11,16 @@ with two accumulators, or one accumulator over 2I columns + a SiLU-and-mul kerne
 per SM of a persistent grid; 0 = one program per tile), tma (weights through TMA descriptors). So a table
 row can pick a variant per shape, and benchmarks/moe_variants.py A/Bs them without code edits.
 
-A config is picked in this order: the `block_config` argument, then the table below keyed on
-(E, I, H, M bucket) for Hopper (H100/H200: both sm_90 with the same SM count and shared memory, so one table
-serves both; tuned on an H100 only), then `default_configs`, a heuristic on tokens per expert. The table
-holds measured rows only, from `python benchmarks/tune_moe.py` (see TUNED).
+A config is picked in this order: the `block_config` argument, then the tuned table keyed on
+(E, I, H, M bucket) for Hopper, then `default_configs`, a heuristic on tokens per expert. The table is data,
+tiles/sm90.json beside this file (H100 and H200 are both sm_90 with the same SM count and shared memory per
+SM, so one file serves both; its "meta" says which GPU measured it, with which torch and triton), read and
+validated once per process (tuned_table; read_tiles, tiles_json and TileRow describe the format: one row per
+(E, I, H, M) with its gemm1/gemm2 BlockConfig fields, the model's name and a note on where the row comes
+from). It holds measured rows only: `python benchmarks/tune_moe_shapes.py --out DIR` times candidates on a
+GPU, `python benchmarks/tune_moe.py apply DIR/tune_moe_shapes.json` merges the winners into the JSON (a
+winner must be 2 % faster than today's pick; merge_tuned). A call uses the row of the bucket nearest its M
+in log2 (tuned_bucket).
 
 MOEKERN_MOE_CONFIGS=RESULTS.json[:MORE.json...] lays the winners of benchmarks/tune_moe_shapes.py runs over the
 table at run time (the merge of `python benchmarks/tune_moe.py apply`, with no minimum gain, and no edit of the
@@ -70,54 +76,125 @@ class BlockConfig:
             raise ValueError(f"{name}.persistent={self.persistent!r} must be an int in [0, 8] (programs per SM)")
 
 
-_B = BlockConfig
+SM90_TILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles", "sm90.json")
+"""The Hopper table (H100 and H200: both sm_90 with the same SM count and shared memory per SM)."""
 
-# (E, I, H) -> {M bucket: (gemm1, gemm2)}; a call uses the bucket nearest to M in log2. Measured with
-# `python benchmarks/tune_moe.py` on an H100 80GB HBM3 (torch 2.11+cu130, triton 3.6), bf16, random
-# routing; each GEMM's candidates timed by triton.testing.do_bench. Eager layer times, ms (tuned / heuristic);
-# at M=1 for the small models these are CPU-launch bound (qwen3 M=1: 205 us eager, 45 us in a CUDA graph):
-#   mixtral   M=1 0.384/0.470  M=64 0.964/1.339  M=1024 1.812/3.761
-#   qwen3     M=1 0.269/0.377  M=64 0.457/0.458  M=1024 0.527/0.627
-#   dsv3      M=1 0.275/0.288  M=64 6.434/6.443  M=1024 7.646/9.239
-#   olmoe     M=1 0.417/0.419  M=64 0.336/0.333  M=1024 0.421/0.438
-# (the heuristic column is the heuristic as it was before it was refit to these rows.)
-# The block between the BEGIN/END lines is rewritten by `python benchmarks/tune_moe.py apply RESULTS.json`
-# (rows measured by benchmarks/tune_moe_shapes.py); edit by hand or by that command, keep the markers.
-# BEGIN TUNED
-TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {
-    (8, 14336, 4096): {  # mixtral
-        1: (_B(16, 128, 128, 1, 4, 3), _B(16, 32, 128, 1, 4, 4)),
-        64: (_B(32, 128, 128, 1, 4, 3), _B(32, 128, 128, 1, 4, 4)),
-        96: (_B(32, 128, 128, 1, 8, 3), _B(32, 128, 128, 1, 8, 4)),  # today-warps: 921 us, was 922 (NVIDIA H100 80GB HBM3)
-        128: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),  # heuristic: 938 us, was 1246, vLLM 961 (NVIDIA H100 80GB HBM3)
-        192: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),  # heuristic: 951 us, was 994, vLLM 987 (NVIDIA H100 80GB HBM3)
-        256: (_B(128, 128, 64, 8, 8, 3), _B(128, 128, 128, 8, 8, 3)),  # tuned[1024]: 1043 us, was 1929, vLLM 1292 (NVIDIA H100 80GB HBM3)
-        1024: (_B(128, 128, 64, 8, 8, 3), _B(128, 128, 128, 8, 8, 3)),
-    },
-    (128, 768, 2048): {  # qwen3-30b-a3b
-        1: (_B(16, 64, 128, 1, 4, 3), _B(16, 32, 64, 1, 4, 4)),
-        64: (_B(16, 128, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 4)),
-        1024: (_B(64, 64, 128, 1, 8, 4), _B(64, 128, 64, 1, 4, 4)),
-        4096: (_B(128, 128, 64, 8, 8, 3), _B(128, 128, 64, 8, 8, 3)),  # heuristic: 919 us, was 1206, vLLM 946 (NVIDIA H100 80GB HBM3)
-        8192: (_B(128, 64, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),  # vllm-tile-fused: 1622 us, was 2239, vLLM 1733 (NVIDIA H100 80GB HBM3)
-    },
-    (256, 2048, 7168): {  # deepseek-v3
-        1: (_B(16, 128, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 3)),
-        64: (_B(16, 32, 128, 1, 4, 4), _B(16, 64, 128, 1, 4, 4)),
-        128: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),  # tuned[256]: 4205 us, was 4360, vLLM 4272 (NVIDIA H100 80GB HBM3)
-        256: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),  # tuned[1024]: 4840 us, was 5731, vLLM 5075 (NVIDIA H100 80GB HBM3)
-        1024: (_B(128, 64, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),  # vllm-tile-fused: 6402 us, was 6906, vLLM 6362 (NVIDIA H100 80GB HBM3)
-        4096: (_B(128, 128, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),  # heuristic: 9657 us, was 13714, vLLM 10742 (NVIDIA H100 80GB HBM3)
-        8192: (_B(128, 128, 64, 8, 8, 3), _B(128, 128, 64, 8, 8, 3)),  # heuristic: 15031 us, was 23497, vLLM 16520 (NVIDIA H100 80GB HBM3)
-    },
-    (64, 1024, 2048): {  # olmoe
-        1: (_B(16, 32, 128, 1, 4, 3), _B(16, 64, 128, 1, 4, 3)),
-        64: (_B(16, 128, 128, 1, 4, 3), _B(16, 32, 128, 1, 4, 3)),
-        256: (_B(64, 64, 128, 1, 4, 4), _B(64, 128, 128, 1, 4, 4)),  # heuristic: 310 us, was 357, vLLM 314 (NVIDIA H100 80GB HBM3)
-        1024: (_B(128, 64, 64, 1, 8, 3), _B(128, 128, 64, 1, 8, 3)),
-    },
-}
-# END TUNED
+_KEY_FIELDS = ("E", "I", "H", "M")
+_ROW_FIELDS = frozenset(_KEY_FIELDS + ("gemm1", "gemm2", "model", "note"))
+
+
+@dataclass(frozen=True)
+class TileRow:
+    """One row of a tile file: the (gemm1, gemm2) pair for num_experts E, intermediate size I, hidden size H
+    and the M bucket M; model names the shape for a reader, note says where the row comes from."""
+
+    E: int
+    I: int  # noqa: E741  (the I of (E, I, H), as in the tuner's result rows)
+    H: int
+    M: int
+    gemm1: BlockConfig
+    gemm2: BlockConfig
+    model: str = ""
+    note: str = ""
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.E, self.I, self.H, self.M)
+
+
+def _row_from_json(obj) -> TileRow:
+    """A TileRow from one JSON row; ValueError saying what is wrong (the caller adds the file and the row)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected an object with {', '.join(_KEY_FIELDS)}, gemm1, gemm2; got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _ROW_FIELDS)
+    missing = [f for f in _KEY_FIELDS + ("gemm1", "gemm2") if f not in obj]
+    if unknown or missing:
+        raise ValueError(f"unknown fields {unknown}, missing fields {missing}; a row holds {sorted(_ROW_FIELDS)}")
+    for f in _KEY_FIELDS:
+        v = obj[f]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{f}={v!r} must be an int >= 1")
+    pair = []
+    for f in ("gemm1", "gemm2"):
+        if not isinstance(obj[f], dict):
+            raise ValueError(f"{f}={obj[f]!r} must be an object of BlockConfig fields")
+        try:
+            cfg = BlockConfig(**obj[f])
+        except TypeError as exc:  # a field BlockConfig does not have
+            names = [x.name for x in dataclasses.fields(BlockConfig)]
+            raise ValueError(f"{f}: {exc}; BlockConfig fields are {names}") from None
+        cfg.validate(f)
+        pair.append(cfg)
+    if pair[0].block_m != pair[1].block_m:
+        raise ValueError(f"gemm1.block_m={pair[0].block_m} and gemm2.block_m={pair[1].block_m} must be equal "
+                         "(both GEMMs share one alignment)")
+    for f in ("model", "note"):
+        if not isinstance(obj.get(f, ""), str):
+            raise ValueError(f"{f}={obj[f]!r} must be a string")
+    return TileRow(obj["E"], obj["I"], obj["H"], obj["M"], pair[0], pair[1], obj.get("model", ""),
+                   obj.get("note", ""))
+
+
+def read_tiles(path) -> tuple[dict, list[TileRow]]:
+    """(meta, rows) of a tile file (moekern/experts/tiles/*.json): {"meta": {...}, "rows": [{"E", "I", "H", "M",
+    "gemm1": {BlockConfig fields}, "gemm2": {...}, "model", "note"}, ...]}. Every row is validated
+    (BlockConfig.validate, equal block_m, no (E, I, H, M) twice); ValueError naming the file and the row."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the tile table: {exc}") from exc
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("meta", {}), dict)):
+        raise ValueError(f'{path}: expected {{"meta": {{...}}, "rows": [...]}}; got {type(data).__name__}')
+    rows, seen = [], {}
+    for i, obj in enumerate(data["rows"]):
+        key = ", ".join(f"{f}={obj[f]!r}" for f in _KEY_FIELDS if f in obj) if isinstance(obj, dict) else ""
+        where = f"{path}: row {i}" + (f" ({key})" if key else "")
+        try:
+            row = _row_from_json(obj)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if row.key in seen:
+            raise ValueError(f"{where}: (E, I, H, M)={row.key} repeats row {seen[row.key]}")
+        seen[row.key] = i
+        rows.append(row)
+    return data.get("meta", {}), rows
+
+
+def tiles_json(meta: dict, rows) -> str:
+    """The text of a tile file, stable: meta as given, rows sorted by (E, I, H, M), one row over three lines
+    (key, model and note; gemm1; gemm2) with every BlockConfig field spelled out. read_tiles reads it back."""
+    out = ["{", ' "meta": ' + json.dumps(meta, indent=1).replace("\n", "\n ") + ",", ' "rows": [']
+    ordered = sorted(rows, key=lambda r: r.key)
+    for n, r in enumerate(ordered):
+        head = json.dumps({"E": r.E, "I": r.I, "H": r.H, "M": r.M, "model": r.model, "note": r.note})
+        out.append(f"  {head[:-1]},")
+        out.append(f'   "gemm1": {json.dumps(dataclasses.asdict(r.gemm1))},')
+        out.append(f'   "gemm2": {json.dumps(dataclasses.asdict(r.gemm2))}}}' + ("," if n < len(ordered) - 1 else ""))
+    out += [" ]", "}"]
+    return "\n".join(out) + "\n"
+
+
+def table_of(rows) -> dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]]:
+    """{(E, I, H): {M: (gemm1, gemm2)}} of tile rows: the shape get_configs looks rows up in."""
+    table: dict = {}
+    for r in sorted(rows, key=lambda r: r.key):
+        table.setdefault((r.E, r.I, r.H), {})[r.M] = (r.gemm1, r.gemm2)
+    return table
+
+
+@functools.cache
+def tuned_table() -> dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]]:
+    """The Hopper table of SM90_TILES, read and validated once per process. Treat it as read-only: it is shared
+    (MOEKERN_MOE_CONFIGS overlays build a new table, see table_from_files)."""
+    return table_of(read_tiles(SM90_TILES)[1])
+
+
+def __getattr__(name: str):
+    # TUNED: the name the table had when it was a literal here; read from SM90_TILES on first use.
+    if name == "TUNED":
+        return tuned_table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _pow2_at_most(x: int) -> int:
@@ -208,7 +285,7 @@ def get_configs(
 
 
 def tuned_bucket(rows, num_tokens: int) -> int:
-    """The M bucket of one TUNED entry that serves num_tokens: nearest in log2; on a tie, the smaller bucket
+    """The M bucket of one table entry ({M: pair} of one (E, I, H)) that serves num_tokens: nearest in log2; on a tie, the smaller bucket
     (so M=256 between buckets 64 and 1024 takes the 64 row: see NOTES.md, 'Mixtral M=256')."""
     log_m = math.log2(max(num_tokens, 1))
     return min(rows, key=lambda b: (abs(math.log2(b) - log_m), b))
@@ -229,7 +306,7 @@ def load_results(path) -> tuple[dict, list]:
 
 
 def merge_tuned(table, rows, min_gain: float = 0.02):
-    """A new TUNED-shaped table: for each measured row whose best correct candidate beats today's pick by more
+    """A new table ({(E, I, H): {M: (gemm1, gemm2)}}): for each measured row whose best correct candidate beats today's pick by more
     than min_gain (fractional time), the winner becomes the row of bucket M of its (E, I, H) entry.
 
     rows: the "rows" of tune_moe_shapes.py's JSON: dicts with E, I, H, M, today_us and best = {gemm1: {..},
@@ -254,18 +331,16 @@ def merge_tuned(table, rows, min_gain: float = 0.02):
     return new, applied
 
 
-
-
 @functools.lru_cache(maxsize=8)
 def table_from_files(paths: str) -> dict:
-    """TUNED with the winners of tune_moe_shapes.py result files laid over it (os.pathsep-separated paths;
-    later files win). Every measured winner replaces its bucket's row (no minimum gain: the file is the
-    user's choice); rows without a winner are skipped. "" -> TUNED itself."""
+    """tuned_table() with the winners of tune_moe_shapes.py result files laid over it (os.pathsep-separated
+    paths; later files win). Every measured winner replaces its bucket's row (no minimum gain: the file is the
+    user's choice); rows without a winner are skipped. "" -> tuned_table() itself."""
     rows = read_rows(paths)
     if not rows:
-        return TUNED
+        return tuned_table()
     try:
-        table, _ = merge_tuned(TUNED, rows, min_gain=-math.inf)
+        table, _ = merge_tuned(tuned_table(), rows, min_gain=-math.inf)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{CONFIGS_ENV}={paths!r}: bad row: {exc}") from exc
     return table
@@ -284,7 +359,7 @@ def read_rows(paths: str) -> list:
 
 
 def active_table() -> dict:
-    """The table fused_moe looks rows up in: TUNED, with MOEKERN_MOE_CONFIGS's files laid over it when set."""
+    """The table fused_moe looks rows up in: tuned_table(), with MOEKERN_MOE_CONFIGS's files laid over it when set."""
     return table_from_files(os.environ.get(CONFIGS_ENV, ""))
 
 
@@ -296,7 +371,7 @@ def _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device
 def _lookup_in(paths, num_tokens, num_experts, top_k, inter, hidden, dtype, device) -> tuple[BlockConfig, BlockConfig]:
     """The table, else the heuristic; cached because the lookup (a device-capability query, log2 distances)
     runs on every eager call. Keyed on the exact M (the heuristic's thresholds are in M) and the override
-    files, bounded by the LRU. After editing TUNED at run time, call _lookup_in.cache_clear()."""
+    files, bounded by the LRU."""
     table = table_from_files(paths)
     if (
         device.type == "cuda"

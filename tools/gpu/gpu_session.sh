@@ -163,7 +163,7 @@ run_stage() {
   own) versions; for s in ep diffusion profile ncu; do run_stage "$s"; done ;;
   tune)
     # fused_moe tiles for the shapes we lose to vLLM, timed side by side with vLLM's fused_experts; --apply
-    # writes the winners into moekern/experts/configs.py here, and the re-bench measures them in the same call
+    # writes the winners into moekern/experts/tiles/sm90.json here, and the re-bench measures them in the same call
     # (edits on the device machine do not come back: commit the JSON, then `python benchmarks/tune_moe.py
     # apply JSON` on the CPU machine).
     versions; build
