@@ -384,7 +384,7 @@ def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str 
     `cache` (a dict the caller keeps): the parsed log of each path is read once and reused, e.g. by the many
     benches of one server's grid that window the same log.
     """
-    return _pool(load_runs(path, combine_ranks, phase, time_window, cache=cache), str(path))
+    return pool_runs(load_runs(path, combine_ranks, phase, time_window, cache=cache), str(path))
 
 
 def load_runs(path: str | os.PathLike, combine_ranks: str = "auto", phase: str | None = None,
@@ -479,7 +479,7 @@ def _table_of_run(run: str, records: list, e: int, combine_ranks: str, skipped: 
                      [run] * len(steps), {run: how})
 
 
-def _pool(runs: dict[str, LoadTable], source: str) -> LoadTable:
+def pool_runs(runs: dict[str, LoadTable], source: str) -> LoadTable:
     """One table of several runs' rows (layers aligned by position; E equal, as load_runs ensures)."""
     tables = list(runs.values())
     if len(tables) == 1:
