@@ -320,18 +320,24 @@ def _predict(args) -> int:
     pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
     results = {}
     for f in args.files:
-        prompts, domains = read_prompts(f)
+        bad: list = []
+        prompts, domains = read_prompts(f, bad)
+        if bad:
+            shown = "; ".join(f"line {i}: {why}" for i, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            print(f"{f}: skipped {len(bad)} bad line(s) ({shown})", file=sys.stderr)
         if not prompts:
             print(f"{f}: no prompts", file=sys.stderr)
             continue
-        results[f] = pred.predict(prompts, domains).to_dict()
+        results[f] = {**pred.predict(prompts, domains).to_dict(),
+                      "skipped_lines": [{"line": i, "reason": why} for i, why in bad]}
     if args.json:
         print(_dumps(results))
         return 0
     print(f"tokenizer: {pred.tokenizer.name}" + (" (FALLBACK)" if pred.tokenizer.is_fallback else ""))
     for f, r in results.items():
         comps = " ".join(f"{k}={v:.3f}" for k, v in r["components"].items())
-        print(f"{f}: score={r['score']:.4f} ({r['num_prompts']} prompts, {r['num_tokens']} tokens) {comps}")
+        bad = f", {len(r['skipped_lines'])} bad lines skipped" if r["skipped_lines"] else ""
+        print(f"{f}: score={r['score']:.4f} ({r['num_prompts']} prompts, {r['num_tokens']} tokens{bad}) {comps}")
     return 0 if results else 1
 
 
@@ -347,6 +353,8 @@ def _validate(args) -> int:
         print(f"{d}: predicted {s:.4f}  measured {res.metric} {_fmt(m)}")
     if res.unmatched:
         print(f"no gate log for: {', '.join(res.unmatched)}")
+    for d, why in res.unreadable.items():
+        print(f"  {d}: {why}")
     print(f"Spearman rho = {res.rho.fmt()}  p = {_fmt(res.pvalue)}")
     return 0 if res.pairs else 1
 
