@@ -132,6 +132,11 @@ def _metrics(args) -> int:
     from moekern.analysis.imbalance.metrics import load_runs, pool_runs
 
     max_tokens = None if args.no_filter else args.max_tokens
+    if args.definition == "seed" and (args.no_filter or args.max_tokens != 1000):
+        from moekern.errors import UsageError
+
+        raise UsageError("--definition seed fixes its own token filter (none for the per-step CV, > 1000 tokens "
+                         "left out of the aggregated CV): drop --max-tokens / --no-filter")
     placement = _placement_arg(args.placement, args.ep_size)
     runs = load_runs(args.path, combine_ranks=args.combine_ranks, phase=args.phase)
     if args.per_run:
