@@ -188,11 +188,20 @@ def load_runs(path: str | os.PathLike, combine_ranks: str = "auto", phase: str |
     if p.is_dir() and not gatelog.gate_log_files(p):
         step_dirs = sorted({f.parent for f in p.rglob("*.json") if not f.name.endswith(".meta.json")})
         if step_dirs:
-            out = {}
+            out, bad = {}, []
             for d in step_dirs:
-                run, t = _run_name(p, d / "x"), _load_step_json_dir(d)
+                run = _run_name(p, d / "x")
+                try:
+                    t = _load_step_json_dir(d)
+                except UsageError as exc:  # a folder of other JSON (results, metadata) among the runs
+                    bad.append((str(d), str(exc)))
+                    continue
                 t.runs, t.rank_combine = [run] * t.num_steps, {run: "per-step JSON: one record per step"}
                 out[run] = t
+            if not out:
+                raise UsageError(f"no gate-log files and no valid per-step JSON under {str(p)!r}: {bad[0][1]}")
+            for t in out.values():
+                t.skipped = [*t.skipped, *bad]
             return out
     if cache is None:
         runs, skipped = _read_runs(p)
@@ -305,7 +314,7 @@ def _load_step_json_dir(p: Path) -> LoadTable:
         except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             skipped.append((str(f), f"{type(exc).__name__}: {exc}"))
     if not rows:
-        raise ValueError(f"no valid per-step JSON files under {str(p)!r} ({len(skipped)} skipped)")
+        raise UsageError(f"no valid per-step JSON files under {str(p)!r} ({len(skipped)} skipped)")
     e = max(len(v) for _, layers, *_ in rows for v in layers.values())
     layer_ids = sorted({l for _, layers, *_ in rows for l in layers})
     l_idx = {l: i for i, l in enumerate(layer_ids)}
