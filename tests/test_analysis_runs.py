@@ -223,3 +223,16 @@ def test_metrics_definition_seed_cli(tmp_path, capsys):
     # seeds' batch layout: one sub-folder per dataset, {run: numbers}
     assert main(["metrics", str(tmp_path), "--definition", "seed", "--per-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run"]["overall"]["agg_cv"] == pytest.approx(SEED_AGG, rel=1e-9)
+
+
+def test_per_step_json_runs(tmp_path):
+    # the per-step JSON layout, one folder per run: run x step 0 [3,1,0,0]; run y step 0 [1,1,1,1]
+    for run, vec in (("x", [3, 1, 0, 0]), ("y", [1, 1, 1, 1])):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "step_0000.json").write_text(json.dumps({"step": 0, "layers": {"0": vec}, "top_k": 1}))
+    runs = M.load_runs(tmp_path)
+    assert list(runs) == ["x", "y"]
+    assert M.summarize(runs["x"]).overall["step_cv"] == pytest.approx(math.sqrt(1.5), rel=1e-12)
+    pooled = M.load_table(tmp_path)
+    # pooled totals [4,2,1,1]: mean 2, deviations 2,0,-1,-1 -> variance 6/4
+    assert pooled.num_steps == 2 and M.summarize(pooled).overall["agg_cv"] == pytest.approx(math.sqrt(1.5) / 2)
