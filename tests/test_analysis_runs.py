@@ -236,3 +236,17 @@ def test_per_step_json_runs(tmp_path):
     pooled = M.load_table(tmp_path)
     # pooled totals [4,2,1,1]: mean 2, deviations 2,0,-1,-1 -> variance 6/4
     assert pooled.num_steps == 2 and M.summarize(pooled).overall["agg_cv"] == pytest.approx(math.sqrt(1.5) / 2)
+
+
+def test_shipped_factorial_parent_keeps_both_servers():
+    # a committed factorial log: one parent, two server runs with overlapping step ids (each counts from 0)
+    from pathlib import Path
+
+    d = Path(__file__).resolve().parents[1] / "benchmarks/results/factorial/h200-2026-12-06-small/gate_logs/moekern_s128"
+    if not d.is_dir():
+        pytest.skip("factorial sample not in this checkout")
+    runs = M.load_runs(d)
+    assert {k: t.num_steps for k, t in runs.items()} == {"server_1796526924": 5402, "server_1796527246": 5385}
+    assert M.pool_runs(runs, str(d)).num_steps == 5402 + 5385
+    assert round(M.summarize(runs["server_1796526924"]).overall["agg_cv"], 4) == 0.8551
+    assert round(M.summarize(runs["server_1796527246"]).overall["agg_cv"], 4) == 0.8564
