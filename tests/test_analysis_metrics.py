@@ -136,19 +136,17 @@ def test_gate_log_corrupt_lines_and_ranks(tmp_path):
         fh.write(json.dumps({"schema": "other/1", "step": 9, "layer": 0, "num_tokens": 1, "expert_counts": [1]}) + "\n")
         fh.write(json.dumps({"schema": "moekern.gatelog/1", "step": 9, "layer": 0, "num_tokens": 1,
                              "expert_counts": [-1, 2]}) + "\n")
-    # rank 1 (TP): identical copy for step 0 layer 0 only, so "auto" keeps one copy
-    write_records(d / "gate_log.rank1.jsonl", [GateRecord(0, 0, [1, 2, 0, 1], 2, rank=1, top_k=2)])
+    # rank 1 (TP replica of rank 0, by its metadata): its copy of step 0 layer 0 counts once
+    write_records(d / "gate_log.rank1.jsonl", [GateRecord(0, 0, [1, 2, 0, 1], 2, rank=1, top_k=2,
+                                                          extra={"tp_rank": 1})])
     t = M.load_table(d)
     assert len(t.skipped) == 3
     assert t.counts.shape == (3, 2, 4)
     np.testing.assert_array_equal(t.counts[2, 1], [3, 2, 0, 1])
     np.testing.assert_array_equal(t.counts[0, 0], [1, 2, 0, 1])  # not doubled
-    # a DP rank with a different batch is summed under "auto"
-    write_records(d / "gate_log.rank2.jsonl", [GateRecord(1, 0, [0, 0, 4, 0], 2, rank=2, top_k=2)])
-    t = M.load_table(d)
-    np.testing.assert_array_equal(t.counts[1, 0], [2, 2, 4, 1])
-    assert t.num_tokens[1] == 4
-    assert M.load_table(d, combine_ranks="first").counts[1, 0].tolist() == [2, 2, 0, 1]
+    # summed when asked; "first" (the earlier name) is "dedupe": the lowest rank's copy
+    np.testing.assert_array_equal(M.load_table(d, combine_ranks="sum").counts[0, 0], [2, 4, 0, 2])
+    assert M.load_table(d, combine_ranks="first").counts[0, 0].tolist() == [1, 2, 0, 1]
 
 
 def test_per_step_json_dir(tmp_path):

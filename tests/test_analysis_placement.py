@@ -118,3 +118,30 @@ def test_placement_cli(tmp_path, capsys):
     assert obj["format"] == "moekern.placement/1" and len(obj["strategies"]) == 4
     assert main(["metrics", str(tmp_path / "g"), "--ep-size", "4", "--placement", str(out)]) == 0
     assert "EP=4" in capsys.readouterr().out
+
+
+def test_placement_refuses_a_log_of_another_model(tmp_path, capsys):
+    from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
+    from moekern.cli import main
+    from moekern.errors import UsageError
+
+    write_synthetic_gate_log(tmp_path / "g" / "gate_log.rank0.jsonl", num_steps=10, num_experts=8)
+    table = M.load_table(tmp_path / "g")
+    with pytest.raises(UsageError, match=r"8 experts but model='deepseek-v3' has 256"):
+        advise(table, ep_size=4, model=get_model("deepseek-v3"))
+    assert main(["placement", str(tmp_path / "g"), "--ep-size", "4", "--model", "deepseek-v3"]) == 2
+    err = capsys.readouterr().err
+    assert "8 experts" in err and "GiB" not in err
+
+
+@pytest.mark.parametrize("extra", [["--placement", "bogus"], ["--placement", "bogus", "--ep-size", "4"],
+                                   ["--placement", "round_robin"], ["--placement", "{bad}", "--ep-size", "4"]])
+def test_metrics_bad_placement_is_a_usage_error(tmp_path, capsys, extra):
+    from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
+    from moekern.cli import main
+
+    write_synthetic_gate_log(tmp_path / "g" / "gate_log.rank0.jsonl", num_steps=10, num_experts=8)
+    (tmp_path / "bad.json").write_text(json.dumps({"strategy": "greedy"}))  # neither map
+    argv = ["metrics", str(tmp_path / "g")] + [a.format(bad=tmp_path / "bad.json") for a in extra]
+    assert main(argv) == 2
+    assert "--placement" in capsys.readouterr().err

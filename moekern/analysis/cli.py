@@ -21,6 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--ep-size", type=int, default=None, help="also report per-rank load for this EP size")
     p.add_argument("--placement", default="contiguous",
                    help="contiguous | round_robin | a JSON file with expert_to_rank [E] or physical_to_logical")
+    p.add_argument("--per-run", action="store_true",
+                   help="one result per run (each folder of gate-log files under PATH), as {run: metrics}; "
+                        "without it several runs are pooled into one result, and the output says so")
+    p.add_argument("--definition", choices=("moekern", "seed"), default="moekern",
+                   help="moekern: per-layer CVs, the max-tokens filter on both (default); seed: the prior study's "
+                        "two CVs exactly (per-step unfiltered, aggregated over steps and layers <= 1000 tokens)")
+    add_combine_ranks(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_metrics)
 
@@ -58,6 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("gate_logs_dir", help="one sub-folder/file per dataset, named by its stem or index")
     p.add_argument("--max-tokens", type=int, default=1000)
     p.add_argument("--n-boot", type=int, default=1000)
+    add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_validate)
 
@@ -69,6 +77,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train-frac", type=float, default=0.5)
     p.add_argument("--max-tokens", type=int, default=1000)
     p.add_argument("--out", default=None, help="write the advice + physical_to_logical map JSON here")
+    add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_placement)
 
@@ -88,6 +97,14 @@ def add_parser(sub) -> None:
                                                    "(default: metadata, else 2, 4, 8 where they divide E)")
     p.add_argument("--metadata", default=None, help="metadata.json to use instead of RESULTS_DIR/metadata.json")
     p.set_defaults(func=_report)
+
+
+def add_combine_ranks(p) -> None:
+    """`--combine-ranks`, for every command that reads gate logs."""
+    p.add_argument("--combine-ranks", choices=("auto", "sum", "dedupe"), default="auto",
+                   help="several ranks' records of one step: auto decides once per run from the ranks' metadata "
+                        "(tensor-parallel replicas count once, data-parallel ranks are summed); sum; dedupe "
+                        "(one copy: the lowest rank's)")
 
 
 def _clean(obj):
@@ -112,39 +129,110 @@ def _fmt(x: float) -> str:
 def _metrics(args) -> int:
     if args.bench:
         return _bench_metrics(args)
-    from moekern.analysis.imbalance.metrics import load_table, rank_load_summary, summarize
+    from moekern.analysis.imbalance.metrics import load_runs, pool_runs
 
     max_tokens = None if args.no_filter else args.max_tokens
-    table = load_table(args.path, phase=args.phase)
-    s = summarize(table, max_tokens)
-    out = {"source": table.source, "skipped_lines": len(table.skipped), **s.to_dict()}
-    if args.ep_size:
-        e2r = p2l = None
-        if args.placement == "round_robin":
-            from moekern.analysis.imbalance.metrics import round_robin_map
+    if args.definition == "seed" and (args.no_filter or args.max_tokens != 1000):
+        from moekern.errors import UsageError
 
-            e2r = round_robin_map(table.num_experts, args.ep_size)
-        elif args.placement != "contiguous":
-            obj = json.load(open(args.placement, encoding="utf-8"))
-            rec = obj.get("recommended", obj)
-            e2r, p2l = rec.get("expert_to_rank"), rec.get("physical_to_logical")
-        out["rank_load"] = rank_load_summary(table, args.ep_size, e2r, p2l, max_tokens)
+        raise UsageError("--definition seed fixes its own token filter (none for the per-step CV, > 1000 tokens "
+                         "left out of the aggregated CV): drop --max-tokens / --no-filter")
+    placement = _placement_arg(args.placement, args.ep_size)
+    runs = load_runs(args.path, combine_ranks=args.combine_ranks, phase=args.phase)
+    if args.per_run:
+        results = {name: _metrics_of(t, args, max_tokens, placement) for name, t in runs.items()}
+        if args.json:
+            print(_dumps(results))
+            return 0
+        first = next(iter(runs.values()))
+        print(f"{args.path}: {len(runs)} run(s); definition {args.definition}; "
+              f"{len(first.skipped)} corrupt or duplicate lines skipped")
+        print(f"{'run':30s} {'steps':>6s} {'used':>6s} {'step CV':>9s} {'agg CV':>9s}  ranks")
+        for name, out in results.items():
+            print(f"{name:30s} {out['num_steps']:6d} {out['steps_used']:6d} {_fmt(out['overall']['step_cv']):>9s} "
+                  f"{_fmt(out['overall']['agg_cv']):>9s}  {out['rank_combine'].get(name, '')}")
+        return 0
+    table = pool_runs(runs, str(args.path))
+    out = _metrics_of(table, args, max_tokens, placement)
     if args.json:
         print(_dumps(out))
         return 0
-    print(f"{table.source}: {table.num_steps} steps x {table.num_layers} layers x {table.num_experts} experts; "
-          f"{s.steps_used} used, {s.steps_dropped} dropped (num_tokens > {max_tokens}); "
-          f"{len(table.skipped)} corrupt lines skipped")
+    s_used, s_dropped = out["steps_used"], out["steps_dropped"]
+    pooled = (f"{len(runs)} runs POOLED ({', '.join(runs)}; --per-run for one result each): "
+              if len(runs) > 1 else "")
+    filt = ("steps with > 1000 tokens left out of the aggregated CV only" if args.definition == "seed"
+            else f"num_tokens > {max_tokens}")
+    print(f"{table.source}: {pooled}{table.num_steps} steps x {table.num_layers} layers x {table.num_experts} "
+          f"experts; {s_used} used, {s_dropped} dropped ({filt}); {len(table.skipped)} corrupt or duplicate "
+          f"lines skipped")
+    for run, how in table.rank_combine.items():
+        if how != "1 rank":
+            print(f"ranks ({run}): {how}")
+    if args.definition == "seed":
+        print(f"seed definition: per-step CV {_fmt(out['overall']['step_cv'])} (every (step, layer) record, "
+              f"unfiltered), aggregated CV {_fmt(out['overall']['agg_cv'])} (one CV of the loads summed over "
+              f"steps and layers)")
+        return 0
     names = ("cv", "max_min", "max_mean", "entropy", "gini")
     print(f"{'':10s}" + "".join(f"{n:>11s}" for n in names))
     for kind in ("step", "agg"):
-        print(f"{kind:10s}" + "".join(f"{_fmt(s.overall[f'{kind}_{n}']):>11s}" for n in names))
-    print("per-layer per-step CV: " + " ".join(_fmt(x) for x in s.per_layer["step_cv"]))
+        print(f"{kind:10s}" + "".join(f"{_fmt(out['overall'][f'{kind}_{n}']):>11s}" for n in names))
+    print("per-layer per-step CV: " + " ".join(_fmt(x) for x in out["per_layer"]["step_cv"]))
     if "rank_load" in out:
         r = out["rank_load"]
         print(f"EP={r['ep_size']} ({args.placement}): rank tokens {[round(x) for x in r['rank_tokens']]}, "
               f"max/mean per step {_fmt(r['step_max_mean'])}, aggregated {_fmt(r['agg_max_mean'])}")
     return 0
+
+
+def _placement_arg(placement: str, ep_size: int | None):
+    """--placement checked before any log is read: "contiguous", "round_robin" or a placement JSON's
+    (expert_to_rank, physical_to_logical); a placement other than contiguous needs --ep-size."""
+    from pathlib import Path
+
+    from moekern.errors import UsageError
+
+    if placement not in ("contiguous", "round_robin"):
+        p = Path(placement)
+        if not p.is_file():
+            raise UsageError(f"--placement {placement!r} must be contiguous, round_robin or a placement JSON file "
+                             "(moekern placement --out)")
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+            rec = obj.get("recommended", obj)
+            e2r, p2l = rec.get("expert_to_rank"), rec.get("physical_to_logical")
+        except (ValueError, AttributeError) as exc:
+            raise UsageError(f"--placement {placement!r}: not a placement JSON ({exc})") from None
+        if (e2r is None) == (p2l is None):
+            raise UsageError(f"--placement {placement!r} must hold exactly one of expert_to_rank or "
+                             "physical_to_logical (at the top or under 'recommended')")
+        if ep_size is None:
+            raise UsageError(f"--placement {placement!r} needs --ep-size")
+        return e2r, p2l
+    if placement == "round_robin" and ep_size is None:
+        raise UsageError("--placement round_robin needs --ep-size")
+    return placement
+
+
+def _metrics_of(table, args, max_tokens, placement) -> dict:
+    from moekern.analysis.imbalance.metrics import rank_load_summary, round_robin_map, summarize_as
+
+    s = summarize_as(table, args.definition, max_tokens)
+    out = {"source": table.source, "skipped_lines": len(table.skipped), "num_steps": table.num_steps,
+           "rank_combine": table.rank_combine, **s.to_dict()}
+    if args.ep_size:
+        e2r = p2l = None
+        if placement == "round_robin":
+            e2r = round_robin_map(table.num_experts, args.ep_size)
+        elif placement != "contiguous":
+            e2r, p2l = placement
+        try:
+            out["rank_load"] = rank_load_summary(table, args.ep_size, e2r, p2l, max_tokens)
+        except ValueError as exc:
+            from moekern.errors import UsageError
+
+            raise UsageError(f"--ep-size {args.ep_size} / --placement {args.placement!r}: {exc}") from None
+    return out
 
 
 def _steptimes(args) -> int:
@@ -237,25 +325,32 @@ def _predict(args) -> int:
     pred = ImbalancePredictor(force_fallback=args.fallback_tokenizer)
     results = {}
     for f in args.files:
-        prompts, domains = read_prompts(f)
+        bad: list = []
+        prompts, domains = read_prompts(f, bad)
+        if bad:
+            shown = "; ".join(f"line {i}: {why}" for i, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            print(f"{f}: skipped {len(bad)} bad line(s) ({shown})", file=sys.stderr)
         if not prompts:
             print(f"{f}: no prompts", file=sys.stderr)
             continue
-        results[f] = pred.predict(prompts, domains).to_dict()
+        results[f] = {**pred.predict(prompts, domains).to_dict(),
+                      "skipped_lines": [{"line": i, "reason": why} for i, why in bad]}
     if args.json:
         print(_dumps(results))
         return 0
     print(f"tokenizer: {pred.tokenizer.name}" + (" (FALLBACK)" if pred.tokenizer.is_fallback else ""))
     for f, r in results.items():
         comps = " ".join(f"{k}={v:.3f}" for k, v in r["components"].items())
-        print(f"{f}: score={r['score']:.4f} ({r['num_prompts']} prompts, {r['num_tokens']} tokens) {comps}")
+        bad = f", {len(r['skipped_lines'])} bad lines skipped" if r["skipped_lines"] else ""
+        print(f"{f}: score={r['score']:.4f} ({r['num_prompts']} prompts, {r['num_tokens']} tokens{bad}) {comps}")
     return 0 if results else 1
 
 
 def _validate(args) -> int:
     from moekern.analysis.datasets.validate import validate
 
-    res = validate(args.datasets_dir, args.gate_logs_dir, args.max_tokens, n_boot=args.n_boot)
+    res = validate(args.datasets_dir, args.gate_logs_dir, args.max_tokens, n_boot=args.n_boot,
+                   combine_ranks=args.combine_ranks)
     if args.json:
         print(_dumps(res.to_dict()))
         return 0
@@ -263,6 +358,8 @@ def _validate(args) -> int:
         print(f"{d}: predicted {s:.4f}  measured {res.metric} {_fmt(m)}")
     if res.unmatched:
         print(f"no gate log for: {', '.join(res.unmatched)}")
+    for d, why in res.unreadable.items():
+        print(f"  {d}: {why}")
     print(f"Spearman rho = {res.rho.fmt()}  p = {_fmt(res.pvalue)}")
     return 0 if res.pairs else 1
 
@@ -276,7 +373,10 @@ def _placement(args) -> int:
         from moekern.models import get_model
 
         model = get_model(args.model)
-    table = load_table(args.path)
+    table = load_table(args.path, combine_ranks=args.combine_ranks)
+    if len(table.run_names) > 1:
+        print(f"note: {len(table.run_names)} runs pooled ({', '.join(table.run_names)}), {table.num_steps} steps",
+              file=sys.stderr)
     adv = advise(table, args.ep_size, args.redundant, args.train_frac, args.max_tokens, model=model)
     obj = adv.to_json()
     if args.out:

@@ -7,6 +7,8 @@ import json
 import math
 import sys
 
+from moekern.analysis.cli import add_combine_ranks
+
 
 def _positive_int(text: str) -> int:
     """argparse type: an int >= 1 (anything else is a usage error naming the flag)."""
@@ -54,6 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-filter", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON (maps included) here")
     p.add_argument("--plot", default=None, help="write a co-activation heatmap PNG (first sampled layer)")
+    add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_coactivation)
 
@@ -83,6 +86,7 @@ def add_parser(sub) -> None:
     p.add_argument("--moe-backend", default="moekern")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0)
     p.add_argument("--predictor", default=None, help="a .joblib predictor (default: the shipped one)")
+    add_combine_ranks(p)
     p.add_argument("--retrain", default=None, metavar="RESULTS_DIR",
                    help="train a predictor on RESULTS_DIR, write it to --predictor (or the shipped path), exit")
     p.add_argument("--json", action="store_true")
@@ -98,6 +102,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gemm-tflops", type=float, default=400.0)
     p.add_argument("--dispatch-bytes", type=float, default=2.0, help="2 = bf16, 1 = fp8 dispatch")
     p.add_argument("--plot", default=None)
+    add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_project)
 
@@ -177,7 +182,8 @@ def _profile_trace(args) -> int:
 def _coactivation(args) -> int:
     from moekern.analysis.imbalance.coactivation import hot_cold, placement_study
 
-    res = placement_study(args.path, args.ep_size, max_tokens=None if args.no_filter else args.max_tokens)
+    res = placement_study(args.path, args.ep_size, max_tokens=None if args.no_filter else args.max_tokens,
+                          combine_ranks=args.combine_ranks)
     data = res["coact"]
     sampled = [l for l in data.layers if data.samples.get(l)]
     out = {"ep_size": args.ep_size, "train_steps": res["train_steps"], "test_steps": res["test_steps"],
@@ -278,7 +284,8 @@ def _recommend(args) -> int:
         print(f"wrote {path}" + (" (trained on SYNTHETIC data)" if pred.synthetic else ""))
         return 0
     rec = recommend(args.model, args.gpus, args.gate_log, args.max_num_seqs, args.max_num_batched_tokens,
-                    args.moe_backend, args.gpu_mem_gb, predictor_path=args.predictor)
+                    args.moe_backend, args.gpu_mem_gb, predictor_path=args.predictor,
+                    combine_ranks=args.combine_ranks)
     print(json.dumps(_clean(rec), indent=1, default=str) if args.json else format_recommendation(rec))
     return 0
 
@@ -290,7 +297,8 @@ def _project(args) -> int:
     if args.intra_bw_gbs:
         kw["intra_bw"] = args.intra_bw_gbs * 1e9
     nodes = tuple(int(x) for x in args.nodes.split(","))
-    rows, info = project_from_gate_log(args.gate_log, args.model, nodes, args.tokens_per_gpu, **kw)
+    rows, info = project_from_gate_log(args.gate_log, args.model, nodes, args.tokens_per_gpu,
+                                       combine_ranks=args.combine_ranks, **kw)
     measured = measured_ep_rows()
     if args.plot:
         projection_plot(rows, f"{info['model']}, {info['routing']}", args.plot)

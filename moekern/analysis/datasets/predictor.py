@@ -200,27 +200,32 @@ class ImbalancePredictor:
                           dict(dcounts))
 
 
-def read_prompts(path) -> tuple[list[str], list[str] | None]:
+def read_prompts(path, skipped: list | None = None) -> tuple[list[str], list[str] | None]:
     """Prompts (and domains when every line has one) of a JSONL dataset ({"prompt": ...} per line) or a
-    plain-text file (one prompt per line)."""
+    plain-text file (one prompt per line). A JSONL line that is not JSON, or not an object with a string
+    "prompt", is left out and, when `skipped` (a list) is given, reported there as (line number, reason)."""
     import json
     from pathlib import Path
 
     p = Path(path)
     prompts, domains = [], []
     with open(p, encoding="utf-8") as fh:
-        for line in fh:
+        for i, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             if p.suffix == ".jsonl":
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError as exc:
+                    if skipped is not None:
+                        skipped.append((i, f"not JSON ({exc.msg})"))
                     continue
                 if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
                     prompts.append(obj["prompt"])
                     domains.append(obj.get("domain"))
+                elif skipped is not None:
+                    skipped.append((i, 'not an object with a string "prompt"'))
             else:
                 prompts.append(line)
                 domains.append(None)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, load_table, summarize
 from moekern.analysis.stats import Estimate, spearman_ci, spearman_pvalue
+from moekern.errors import UsageError
 
 _NAME = re.compile(r"^(\d{3})_(\d+\.\d+)$")
 
@@ -26,11 +27,12 @@ class ValidationResult:
     pairs: list[tuple[str, float, float]]  # (dataset, predicted score, measured CV)
     metric: str
     unmatched: list[str]
+    unreadable: dict[str, str] = field(default_factory=dict)  # dataset -> why its gate log gave no number
 
     def to_dict(self) -> dict:
         return {"spearman": self.rho.to_dict(), "pvalue": self.pvalue, "metric": self.metric,
                 "pairs": [{"dataset": d, "predicted": s, "measured": m} for d, s, m in self.pairs],
-                "unmatched": self.unmatched}
+                "unmatched": self.unmatched, "unreadable": self.unreadable}
 
 
 def dataset_scores(datasets_dir: str | os.PathLike) -> dict[str, tuple[int, float]]:
@@ -41,7 +43,7 @@ def dataset_scores(datasets_dir: str | os.PathLike) -> dict[str, tuple[int, floa
         if m:
             out[f.stem] = (int(m.group(1)), float(m.group(2)))
     if not out:
-        raise ValueError(f"no dataset files named NNN_SCORE.jsonl under {str(datasets_dir)!r}")
+        raise UsageError(f"no dataset files named NNN_SCORE.jsonl under {str(datasets_dir)!r}")
     return out
 
 
@@ -54,21 +56,34 @@ def _find_log(logs_dir: Path, stem: str, index: int) -> Path | None:
 
 
 def validate(datasets_dir, logs_dir, max_tokens: int | None = DEFAULT_MAX_TOKENS, metric: str = "step_cv",
-             n_boot: int = 1000, seed: int = 0) -> ValidationResult:
-    """Spearman(predicted score, measured `metric`) over the datasets that have gate logs."""
+             n_boot: int = 1000, seed: int = 0, combine_ranks: str = "auto") -> ValidationResult:
+    """Spearman(predicted score, measured `metric`) over the datasets that have gate logs. A dataset without
+    a gate log, or whose log holds no usable record, is listed in `unmatched` (with the reason in
+    `unreadable`); none matched at all is a UsageError (no correlation to report)."""
     logs = Path(logs_dir)
-    pairs, unmatched = [], []
-    for stem, (idx, score) in dataset_scores(datasets_dir).items():
+    if not logs.is_dir():
+        raise UsageError(f"gate_logs_dir {str(logs)!r} must be a folder (one sub-folder or file per dataset)")
+    pairs, unmatched, unreadable = [], [], {}
+    scores = dataset_scores(datasets_dir)
+    for stem, (idx, score) in scores.items():
         log = _find_log(logs, stem, idx)
         if log is None:
             unmatched.append(stem)
             continue
         try:
-            value = summarize(load_table(log), max_tokens).overall[metric]
-        except (ValueError, FileNotFoundError):
+            value = summarize(load_table(log, combine_ranks=combine_ranks), max_tokens).overall[metric]
+        except (ValueError, FileNotFoundError) as exc:
             unmatched.append(stem)
+            unreadable[stem] = str(exc)
             continue
         pairs.append((stem, score, value))
+    if not pairs:
+        first = next(iter(scores.items()))
+        raise UsageError(f"no gate log under {str(logs)!r} matches any of the {len(scores)} datasets of "
+                         f"{str(datasets_dir)!r} (looked for a sub-folder or file named by the dataset's stem or "
+                         f"index, e.g. {first[0]}/, {first[1][0]:03d}/, gate_log_{first[1][0]:03d}*.jsonl)"
+                         + (f"; {len(unreadable)} matched but unreadable, e.g. {next(iter(unreadable.values()))}"
+                            if unreadable else ""))
     xs, ys = [p[1] for p in pairs], [p[2] for p in pairs]
     return ValidationResult(spearman_ci(xs, ys, n_boot=n_boot, seed=seed), spearman_pvalue(xs, ys), pairs,
-                            metric, unmatched)
+                            metric, unmatched, unreadable)

@@ -227,16 +227,21 @@ class PlacementRow:
 
 
 def placement_study(path, ep_size: int, train_frac: float = 0.5, max_tokens: int | None = 1000,
-                    num_redundant: int | None = None, slack: float = 0.1) -> dict:
+                    num_redundant: int | None = None, slack: float = 0.1, combine_ranks: str = "auto") -> dict:
     """Every analysis/placement.py strategy plus "coactivation", fitted on the first `train_frac` of the
     steps, scored on the rest by rank-load max/mean and by fan-out (held-out `topk_sample` tokens).
+    `path` holds one run (the train/test split is by step id); `combine_ranks` as metrics.load_table's.
 
     Returns {"ep_size", "rows": [PlacementRow], "train_steps", "test_steps", "sampled_tokens_test",
     "coact": CoactivationData}."""
     from moekern.analysis.imbalance.metrics import load_table
     from moekern.analysis.placement.advice import advise, score_placement
+    from moekern.errors import UsageError
 
-    table = load_table(path)
+    table = load_table(path, combine_ranks=combine_ranks)
+    if len(table.run_names) > 1:
+        raise UsageError(f"{str(path)!r} holds {len(table.run_names)} runs ({', '.join(table.run_names)}); the "
+                         "co-activation study splits one run's steps into train and test: give one run's folder")
     adv = advise(table, ep_size, num_redundant=num_redundant, train_frac=train_frac, max_tokens=max_tokens)
     t = table.select(table.step_mask(max_tokens))
     n_train = adv.train_steps

@@ -18,32 +18,46 @@ stack `[..., E]` and reduces the last axis. Definitions (E = number of experts, 
 An all-zero vector (a step in which a layer saw no tokens) has no defined balance: every metric returns
 NaN for it, and the aggregates below skip NaN entries (they say how many they used).
 
-Step-level aggregates over a `LoadTable` (counts `[S, L, E]` for S steps, L layers):
-- per-step CV: the CV of each (step, layer), averaged over steps (per layer), then over layers (overall).
-- aggregated CV: counts summed over the kept steps first (per layer), then one CV per layer; overall is
-  the mean over layers. Summing first hides step-to-step churn, so aggregated CV <= per-step CV typically.
-- both drop steps with more than `max_tokens` tokens (default 1000, as the prior study did: warm-up and
-  profiling batches route dummy tokens and would swamp serving steps). `max_tokens=None` keeps all.
+Step-level aggregates over a `LoadTable` (counts `[S, L, E]` for S steps, L layers). Two definitions:
 
-Inputs: gate logs (moekern.gatelog/1 JSONL, one file per rank), or a directory of per-step JSON files
-(`*.json`), each `{"step": s, "layers": {"0": [counts...], "1": [...]}, "num_tokens": n}` (num_tokens
-optional: sum(counts of the first layer) / top_k when "top_k" is given, else sum(counts of the first
-layer)).
+moekern's (`summarize`, the default, `--definition moekern`):
+- per-step CV (`step_cv`): the CV of each (step, layer), averaged over the kept steps per layer, then
+  over layers (overall). Each layer weighs the same, however many steps logged it.
+- aggregated CV (`agg_cv`): each layer's counts summed over the kept steps, one CV per layer; overall is
+  the mean over layers. Summing first hides step-to-step churn, so aggregated CV <= per-step CV typically.
+  Per layer, because each layer routes on its own: summing layers first would let one layer's hot expert
+  cancel another's cold one at the same index.
+- both keep only steps with num_tokens <= `max_tokens` (default 1000: warm-up and profiling batches route
+  dummy tokens and would swamp serving steps). `max_tokens=None` (`--no-filter`) keeps all.
+- the same two forms for max/min, max/mean, entropy and Gini (`step_*`, `agg_*`).
+
+The prior study's ("seed", `seed_summary`, `--definition seed`), reproduced exactly:
+- per-step method (`step_cv`): the CV of every (step, layer) record, averaged over all records pooled,
+  NO token filter;
+- aggregated method (`agg_cv`): expert loads summed over every step of the experiment AND every layer
+  into one vector [E], one CV of it; steps with more than 1000 tokens left out;
+- CV = std / (mean + 1e-10) there, so an all-zero record counts as 0.
+On one layer with the same steps kept the two definitions agree; they part where layers differ (theirs
+pools layers) and where warm-up steps are present (their per-step method keeps them).
+
+Loads come from `moekern.analysis.imbalance.loads` (gate logs or per-step JSON into a `LoadTable`: runs
+kept apart, ranks combined once per run); its names are re-exported here.
 
 numpy only; no torch, no vLLM.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MAX_TOKENS = 1000
+from moekern.analysis.imbalance.loads import (  # noqa: F401  (re-exported: the loads' public names)
+    COMBINE_RANKS, DEFAULT_MAX_TOKENS, LoadTable, load_runs, load_table, pool_runs)
+from moekern.errors import UsageError
+
+
 METRIC_NAMES = ("cv", "max_min", "max_mean", "entropy", "gini")
 
 
@@ -208,45 +222,6 @@ def rank_loads(counts, ep_size: int, expert_to_rank=None, physical_to_logical=No
 
 
 # ------------------------------------------------------------------------------------------- load tables
-@dataclass
-class LoadTable:
-    """Expert loads of a run: `counts: [S, L, E]` float64, `present: [S, L]` bool (False where a record was
-    missing or corrupt), `steps: [S]` step ids, `num_tokens: [S]` tokens per step, `phases: [S]` str."""
-
-    counts: np.ndarray
-    present: np.ndarray
-    steps: np.ndarray
-    num_tokens: np.ndarray
-    phases: list[str] = field(default_factory=list)
-    skipped: list = field(default_factory=list)  # gatelog.SkippedLine or (path, reason)
-    source: str = ""
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.counts.shape[1])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[2])
-
-    def step_mask(self, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> np.ndarray:
-        """[S] bool: steps kept by the warm-up filter (num_tokens <= max_tokens; None keeps all)."""
-        if max_tokens is None:
-            return np.ones(self.num_steps, dtype=bool)
-        return self.num_tokens <= max_tokens
-
-    def select(self, mask: np.ndarray) -> "LoadTable":
-        """The steps where `mask: [S] bool` holds."""
-        mask = np.asarray(mask, dtype=bool)
-        return LoadTable(self.counts[mask], self.present[mask], self.steps[mask], self.num_tokens[mask],
-                         [p for p, m in zip(self.phases, mask) if m] if self.phases else [], self.skipped,
-                         self.source)
-
-
 def table_from_counts(counts, num_tokens=None, steps=None) -> LoadTable:
     """A LoadTable from an array `counts: [S, L, E]` (or `[S, E]` for one layer)."""
     a = _as_counts(counts)
@@ -258,105 +233,6 @@ def table_from_counts(counts, num_tokens=None, steps=None) -> LoadTable:
     nt = a[:, 0, :].sum(axis=-1) if num_tokens is None else np.asarray(num_tokens, dtype=np.float64)
     st = np.arange(s) if steps is None else np.asarray(steps)
     return LoadTable(a, np.ones(a.shape[:2], dtype=bool), st, nt, ["unknown"] * s)
-
-
-def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str | None = None,
-               time_window: tuple[float, float] | None = None, *, cache: dict | None = None) -> LoadTable:
-    """Read expert loads from gate logs (JSONL file or directory of gate_log*.jsonl) or a directory of
-    per-step JSON files (see module docstring). Corrupt lines/files are skipped and listed in `.skipped`.
-
-    combine_ranks (several ranks logging the same (step, layer)): "auto" takes one copy when all copies are
-    identical (TP ranks see the same routing) and sums them otherwise (DP ranks route different batches);
-    "sum" always sums; "first" keeps the lowest rank. `phase` keeps only records of that phase.
-    `time_window=(start, end)` (unix seconds, inclusive) keeps only gate-log records whose `time` lies in it
-    (records without a time are dropped): one bench's steps out of a log a server wrote over many benches.
-    `cache` (a dict the caller keeps): the parsed log of each path is read once and reused, e.g. by the many
-    benches of one server's grid that window the same log.
-    """
-    from moekern import gatelog
-
-    p = Path(path)
-    if p.is_dir() and not gatelog.gate_log_files(p) and sorted(p.glob("*.json")):
-        return _load_step_json_dir(p)
-    if cache is None:
-        records, skipped = gatelog.read_gate_log(p)
-    else:
-        key = str(p.resolve())
-        if key not in cache:
-            cache[key] = gatelog.read_gate_log(p)
-        records, skipped = cache[key][0], list(cache[key][1])
-    if phase is not None:
-        records = [r for r in records if r.phase == phase]
-    if time_window is not None:
-        lo, hi = float(time_window[0]), float(time_window[1])
-        records = [r for r in records if r.time is not None and lo <= r.time <= hi]
-    if not records:
-        raise ValueError(f"no valid gate-log records under {str(p)!r} ({len(skipped)} lines skipped)")
-    if combine_ranks not in ("auto", "sum", "first"):
-        raise ValueError(f"combine_ranks={combine_ranks!r} must be 'auto', 'sum' or 'first'")
-    e = max(len(r.expert_counts) for r in records)
-    by_key: dict[tuple[int, int], dict[int, object]] = {}
-    for r in records:
-        if len(r.expert_counts) != e:
-            skipped.append(gatelog.SkippedLine(str(p), -1, f"step {r.step} layer {r.layer}: "
-                                               f"{len(r.expert_counts)} experts, expected {e}"))
-            continue
-        by_key.setdefault((r.step, r.layer), {})[r.rank] = r
-    steps = sorted({k[0] for k in by_key})
-    layers = sorted({k[1] for k in by_key})
-    s_idx = {s: i for i, s in enumerate(steps)}
-    l_idx = {l: i for i, l in enumerate(layers)}
-    counts = np.zeros((len(steps), len(layers), e))
-    present = np.zeros((len(steps), len(layers)), dtype=bool)
-    num_tokens = np.zeros(len(steps))
-    phases = ["unknown"] * len(steps)
-    for (s, l), per_rank in by_key.items():
-        recs = [per_rank[k] for k in sorted(per_rank)]
-        vecs = [np.asarray(r.expert_counts, dtype=np.float64) for r in recs]
-        same = all(np.array_equal(vecs[0], v) for v in vecs[1:])
-        if combine_ranks == "first" or (combine_ranks == "auto" and same):
-            vec, nt = vecs[0], recs[0].num_tokens
-        else:
-            vec, nt = np.sum(vecs, axis=0), sum(r.num_tokens for r in recs)
-        i, j = s_idx[s], l_idx[l]
-        counts[i, j] = vec
-        present[i, j] = True
-        num_tokens[i] = max(num_tokens[i], nt)
-        phases[i] = recs[0].phase
-    return LoadTable(counts, present, np.asarray(steps), num_tokens, phases, skipped, str(p))
-
-
-def _load_step_json_dir(p: Path) -> LoadTable:
-    rows, skipped = [], []
-    for f in sorted(p.glob("*.json")):
-        try:
-            obj = json.loads(f.read_text(encoding="utf-8"))
-            layers = {int(k): [float(x) for x in v] for k, v in obj["layers"].items()}
-            if not layers:
-                raise ValueError("no layers")
-            rows.append((int(obj["step"]), layers, obj.get("num_tokens"), obj.get("top_k"), obj.get("phase")))
-        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            skipped.append((str(f), f"{type(exc).__name__}: {exc}"))
-    if not rows:
-        raise ValueError(f"no valid per-step JSON files under {str(p)!r} ({len(skipped)} skipped)")
-    e = max(len(v) for _, layers, *_ in rows for v in layers.values())
-    layer_ids = sorted({l for _, layers, *_ in rows for l in layers})
-    l_idx = {l: i for i, l in enumerate(layer_ids)}
-    rows.sort(key=lambda r: r[0])
-    counts = np.zeros((len(rows), len(layer_ids), e))
-    present = np.zeros((len(rows), len(layer_ids)), dtype=bool)
-    num_tokens = np.zeros(len(rows))
-    for i, (step, layers, nt, top_k, _) in enumerate(rows):
-        for l, v in layers.items():
-            if len(v) != e or any(x < 0 for x in v):
-                skipped.append((f"step {step}", f"layer {l}: bad counts (len {len(v)}, expected {e})"))
-                continue
-            counts[i, l_idx[l]] = v
-            present[i, l_idx[l]] = True
-        first = counts[i, 0].sum()
-        num_tokens[i] = float(nt) if nt is not None else (first / top_k if top_k else first)
-    return LoadTable(counts, present, np.asarray([r[0] for r in rows]), num_tokens,
-                     [r[4] or "unknown" for r in rows], skipped, str(p))
 
 
 # ------------------------------------------------------------------------------------------- summaries
@@ -373,11 +249,13 @@ class ImbalanceSummary:
     max_tokens: int | None
     num_layers: int
     num_experts: int
+    runs: list[str] = field(default_factory=list)  # the runs pooled into these numbers
+    definition: str = "moekern"
 
     def to_dict(self) -> dict:
-        return {"overall": self.overall, "per_layer": self.per_layer, "steps_used": self.steps_used,
-                "steps_dropped": self.steps_dropped, "max_tokens": self.max_tokens,
-                "num_layers": self.num_layers, "num_experts": self.num_experts}
+        return {"definition": self.definition, "overall": self.overall, "per_layer": self.per_layer,
+                "steps_used": self.steps_used, "steps_dropped": self.steps_dropped, "max_tokens": self.max_tokens,
+                "num_layers": self.num_layers, "num_experts": self.num_experts, "runs": self.runs}
 
 
 def per_step_metric(table: LoadTable, name: str = "cv", max_tokens: int | None = DEFAULT_MAX_TOKENS) -> np.ndarray:
@@ -406,7 +284,51 @@ def summarize(table: LoadTable, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> 
         overall[f"step_{name}"] = float(_nanmean(step_layer))
         overall[f"agg_{name}"] = float(_nanmean(agg))
     return ImbalanceSummary(per_layer, overall, int(mask.sum()), int((~mask).sum()), max_tokens,
-                            table.num_layers, table.num_experts)
+                            table.num_layers, table.num_experts, [r for r in table.run_names if r])
+
+
+SEED_MAX_TOKENS = 1000
+
+
+def _seed_cv(a: np.ndarray) -> np.ndarray:
+    """std / (mean + 1e-10), population std, over the last axis: the seed scripts' CV, so that their numbers
+    come out to the last bit (an all-zero vector gives 0, not NaN)."""
+    return a.std(axis=-1) / (a.mean(axis=-1) + 1e-10)
+
+
+def seed_summary(table: LoadTable) -> ImbalanceSummary:
+    """The prior study's ("seed") two CVs, exactly as its scripts computed them (`--definition seed`):
+
+    - step_cv (its per-step method): the CV of every (step, layer) record, averaged over all records of the
+      table pooled (layers and runs alike), NO token filter; an all-zero record counts as CV 0;
+    - agg_cv (its aggregated method): the expert loads summed over every step with num_tokens <= 1000 and
+      over every layer into ONE vector `[E]`, one CV of it.
+
+    Both use std / (mean + 1e-10). Only the CV has a seed definition: `overall` holds these two numbers,
+    `per_layer` is empty; steps_used/steps_dropped describe the aggregated method's filter."""
+    mask = table.step_mask(SEED_MAX_TOKENS)
+    recs = table.counts[table.present]  # [records, E]
+    step_cv = float(_seed_cv(recs).mean()) if len(recs) else float("nan")
+    kept = np.where(table.present[..., None], table.counts, 0.0)[mask]  # [S_kept, L, E]
+    total = kept.sum(axis=(0, 1))
+    agg_cv = float(_seed_cv(total)) if kept.size and total.sum() > 0 else float("nan")
+    return ImbalanceSummary({}, {"step_cv": step_cv, "agg_cv": agg_cv}, int(mask.sum()), int((~mask).sum()),
+                            SEED_MAX_TOKENS, table.num_layers, table.num_experts,
+                            [r for r in table.run_names if r], "seed")
+
+
+DEFINITIONS = ("moekern", "seed")
+
+
+def summarize_as(table: LoadTable, definition: str = "moekern",
+                 max_tokens: int | None = DEFAULT_MAX_TOKENS) -> ImbalanceSummary:
+    """`summarize(table, max_tokens)` for definition "moekern", `seed_summary(table)` for "seed" (which
+    fixes its own token filter, so `max_tokens` is not used)."""
+    if definition == "moekern":
+        return summarize(table, max_tokens)
+    if definition == "seed":
+        return seed_summary(table)
+    raise UsageError(f"definition={definition!r} must be one of {', '.join(DEFINITIONS)}")
 
 
 def _nanmean(x, axis=None):

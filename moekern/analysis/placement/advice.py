@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, LoadTable, _nanmean, max_mean, rank_loads
+from moekern.errors import UsageError
 from moekern.models import weight_bytes_per_gpu as _models_weight_bytes
 
 STRATEGIES = ("contiguous", "round_robin", "greedy", "replicate")
@@ -161,6 +162,10 @@ def advise(table: LoadTable, ep_size: int, num_redundant: int | None = None, tra
     """
     if not 0 < train_frac < 1:
         raise ValueError(f"train_frac={train_frac} must be in (0, 1)")
+    if model is not None and model.num_experts != table.num_experts:
+        raise UsageError(f"the gate log has {table.num_experts} experts but model={model.name!r} has "
+                         f"{model.num_experts}: its memory per GPU would describe another model; give a log of "
+                         f"{model.name} or leave the model out")
     t = table.select(table.step_mask(max_tokens))
     if t.num_steps < 2:
         raise ValueError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")

@@ -175,16 +175,28 @@ def placements_for(load_by_layer: list[np.ndarray], coact_by_layer: list[np.ndar
 
 
 def project_from_gate_log(path, model: str, nodes=(1, 2, 3, 4), tokens_per_gpu: int = 256, max_tokens=1000,
-                          n_samples: int = 2000, **kw) -> tuple[list[Projection], dict]:
-    """Projections under the routing of the gate logs at `path` for registry `model`; (rows, info)."""
+                          n_samples: int = 2000, combine_ranks: str = "auto", **kw) -> tuple[list[Projection], dict]:
+    """Projections under the routing of the gate logs at `path` for registry `model`; (rows, info).
+    Expert loads come from metrics.load_table (ranks combined per `combine_ranks`, runs pooled, steps with
+    more than `max_tokens` tokens left out); sampled top-k ids, where the records carry them, set fan-out."""
     from moekern.models import get_model
     from moekern.analysis.imbalance.coactivation import load_coactivation
+    from moekern.analysis.imbalance.metrics import load_table
+    from moekern.errors import UsageError
 
     spec = get_model(model)
+    table = load_table(path, combine_ranks=combine_ranks)
+    if table.num_experts != spec.num_experts:
+        raise UsageError(f"gate log {str(path)!r} has {table.num_experts} experts but model={model!r} has "
+                         f"{spec.num_experts}")
     data = load_coactivation(path, max_tokens=max_tokens)
-    if data.num_experts != spec.num_experts:
-        raise ValueError(f"gate log has {data.num_experts} experts but model={model!r} has {spec.num_experts}")
-    loads = [data.load[l] for l in data.layers]
+    t = table.select(table.step_mask(max_tokens))
+    if not t.num_steps:
+        raise UsageError(f"gate log {str(path)!r} has no step with <= {max_tokens} tokens")
+    load_by_layer = np.where(t.present[..., None], t.counts, 0.0).sum(axis=0)  # [L, E]
+    loads = list(load_by_layer)
+    if len(loads) != len(data.layers):
+        raise ValueError(f"gate log has {len(data.layers)} layers with records but {len(loads)} in the load table")
     has_sample = all(data.samples.get(l) for l in data.layers)
     if has_sample:
         toks = [data.sample_tokens(l) for l in data.layers]

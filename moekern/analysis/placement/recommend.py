@@ -22,9 +22,10 @@ import math
 
 def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
               moe_backend: str = "moekern", gpu_mem_gb: float = 80.0, dtype_bytes: float = 2.0,
-              predictor_path=None, tokens_per_gpu: int = 256) -> dict:
+              predictor_path=None, tokens_per_gpu: int = 256, combine_ranks: str = "auto") -> dict:
     from moekern.models import get_model, standard_layouts, weight_bytes_per_gpu
     from moekern.analysis.study import learned
+    from moekern.errors import UsageError
 
     spec = get_model(model)
     pred, pred_note = learned.load(predictor_path)
@@ -33,23 +34,35 @@ def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_
     if pred.synthetic:
         notes.append("the learned predictor was trained on SYNTHETIC data: its numbers show the pipeline, "
                      "not real serving")
-    if gate_log is not None and spec.is_moe and gpus > 1:
+    if gate_log is not None and not (spec.is_moe and gpus > 1):
+        notes.append(f"gate log not used: {'model ' + spec.name + ' is dense' if not spec.is_moe else 'one GPU'} "
+                     "has no expert placement to score")
+    elif gate_log is not None:
         from moekern.analysis.imbalance.metrics import load_table, summarize
         from moekern.analysis.imbalance.coactivation import placement_study
 
-        cv = summarize(load_table(gate_log)).overall["step_cv"]
+        table = load_table(gate_log, combine_ranks=combine_ranks)
+        if table.num_experts != spec.num_experts:
+            raise UsageError(f"--gate-log {str(gate_log)!r} has {table.num_experts} experts but --model "
+                             f"{spec.name} has {spec.num_experts}: give a log of that model")
+        cv = summarize(table).overall["step_cv"]
+        notes.append(f"gate log: {table.num_steps} steps, per-step CV {cv:.4f}, fed to the predictor as measured_cv "
+                     "and used to score placements")
         try:
-            study = placement_study(gate_log, gpus)
+            study = placement_study(gate_log, gpus, combine_ranks=combine_ranks)
         except ValueError as exc:
             notes.append(f"placement scoring skipped: {exc}")
-        try:
+        if gpus % 8:
+            notes.append(f"no step-time projection for {gpus} GPUs: the analytic projection models whole nodes of 8")
+        else:
             from moekern.analysis.placement.project import project_from_gate_log
 
-            rows, _ = project_from_gate_log(gate_log, model, nodes=(max(1, gpus // 8),) if gpus >= 8 else (1,),
-                                            tokens_per_gpu=tokens_per_gpu)
-            proj = {r.placement: r.step_ms for r in rows if r.gpus == gpus}
-        except ValueError as exc:
-            notes.append(f"projection skipped: {exc}")
+            try:
+                rows, _ = project_from_gate_log(gate_log, model, nodes=(gpus // 8,), tokens_per_gpu=tokens_per_gpu,
+                                                combine_ranks=combine_ranks)
+                proj = {r.placement: r.step_ms for r in rows if r.gpus == gpus}
+            except ValueError as exc:
+                notes.append(f"projection skipped: {exc}")
     cands = []
     for name, (tp, ep) in standard_layouts(spec, gpus).items():
         mem = weight_bytes_per_gpu(spec, tp, ep, dtype_bytes)["total_bytes"] / 1e9
@@ -72,21 +85,43 @@ def recommend(model: str, gpus: int, gate_log=None, max_num_seqs: int = 64, max_
         notes.append(f"no layout fits {gpu_mem_gb} GB per GPU; showing the least memory")
     layouts = {c["layout"] for c in fit}
     in_range = all(not c["extrapolated"] for c in fit)
-    if in_range and len(layouts) > 1:
+    tell_apart = predictor_tells_apart(fit)
+    if len(layouts) > 1 and not tell_apart:
+        tps = [c["pred_output_throughput"] for c in fit]
+        notes.append(f"the learned predictor gives every layout the same throughput ({tps[0]:.1f} tok/s): it "
+                     "cannot tell these layouts apart, so it does not rank them")
+    if in_range and len(layouts) > 1 and tell_apart:
         best_layout = max(fit, key=lambda c: c["pred_output_throughput"])["layout"]
         how = "learned predictor (highest predicted throughput)"
     elif any(math.isfinite(c["projected_step_ms"]) for c in fit):
         best_layout = min((c for c in fit if math.isfinite(c["projected_step_ms"])),
                           key=lambda c: (c["projected_step_ms"], c["weights_gb_per_gpu"]))["layout"]
-        how = "analytic projection (lowest projected step time; the predictor extrapolates here)"
+        why = "extrapolates here" if tell_apart else "cannot tell the layouts apart"
+        how = f"analytic projection (lowest projected step time; the predictor {why})"
     else:
         best_layout = min(fit, key=lambda c: c["weights_gb_per_gpu"])["layout"]
-        how = "least weight memory per GPU (no gate log for load/projection scores)"
+        if gate_log is None:
+            how = "least weight memory per GPU (no gate log for load/projection scores)"
+        else:
+            how = ("least weight memory per GPU (no step-time projection for this GPU count; the gate log picks "
+                   "the placement within each expert-parallel layout)")
     in_layout = [c for c in fit if c["layout"] == best_layout]
     best = min(in_layout, key=lambda c: (c["max_mean_load"] if math.isfinite(c["max_mean_load"]) else 0.0,
                                          c["fan_out"] if math.isfinite(c["fan_out"]) else 0.0))
     return {"model": spec.name, "gpus": gpus, "candidates": cands, "recommended": best, "decided_by": how,
             "notes": notes}
+
+
+def predictor_tells_apart(cands: list[dict], rel_tol: float = 1e-6) -> bool:
+    """Whether the predicted throughputs of `cands` differ between layouts by more than `rel_tol` (a predictor
+    that gives every layout the same number carries no information about the choice)."""
+    by_layout: dict[str, float] = {}
+    for c in cands:
+        by_layout.setdefault(c["layout"], c["pred_output_throughput"])
+    vals = [v for v in by_layout.values() if math.isfinite(v)]
+    if len(vals) < 2:
+        return False
+    return max(vals) - min(vals) > rel_tol * max(abs(max(vals)), 1e-12)
 
 
 def format_recommendation(rec: dict) -> str:
