@@ -199,7 +199,14 @@ __device__ __forceinline__ void route_token(const Args& a, int64_t t, bool activ
     for (int i = 0; i < V; ++i) mk = key[i] > mk ? key[i] : mk;
     mk = team_max<L>(mk);
     row_max = key_to_float(mk);
-    if constexpr (L > 1) row_nan = team_max<L>(row_nan ? 1u : 0u) != 0u;
+    if constexpr (L > 1) {  // any lane of this team saw a NaN: one vote, this team's bits
+      const lane_mask_t votes = ballot(row_nan);
+      if constexpr (L == kWarpSize) {
+        row_nan = votes != 0;
+      } else {
+        row_nan = ((votes >> team0) & ((lane_mask_t(1) << L) - 1)) != 0;
+      }
+    }
     row_nan |= row_max == INFINITY;  // exp(inf - inf) is NaN: torch.softmax's whole row is NaN
     if (kGrouped || a.renormalize == 0) {  // probabilities of every expert are needed
       float s = 0.0f;

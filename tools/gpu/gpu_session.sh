@@ -10,7 +10,8 @@
 #   bash tools/gpu/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
 #   bash tools/gpu/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
 #   bash tools/gpu/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
-#   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align GPU tests, memcheck
+#   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align GPU tests
+#   bash tools/gpu/gpu_session.sh fastpath-memcheck # no vLLM: fused_moe GPU tests, compute-sanitizer memcheck
 #   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graph + eager), route_and_align, decode layer vs vLLM
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
@@ -184,8 +185,11 @@ run_stage() {
     # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path and route_and_align
     # against the torch reference, fused_moe (which routes through route_and_align), then compute-sanitizer.
     build
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/test_route_align.py tests/test_cuda_ops.py \
-      -k "topk or route or align" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -15
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_route_align.py tests/test_cuda_ops.py \
+      -k "topk or route or align" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -25
+    ;;
+  fastpath-memcheck)
+    build
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe.py 2>&1 | tail -4
     timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu/memcheck_smoke.py \
       2>&1 | tee "$OUT/memcheck.log" | tail -6
