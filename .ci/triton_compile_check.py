@@ -11,9 +11,10 @@ How, in three processes:
   1. capture (a subprocess with TRITON_INTERPRET=1): the interpreter's launcher (InterpretedFunction.run) is
      wrapped to record every launch - kernel, each argument (a tensor by its dtype and 16-byte alignment, a
      TensorDescriptor by dtype and block shape, scalars by value) and the launch options (num_warps,
-     num_stages) - while small representative calls of every public op run: fused_topk for the standard
-     model routings, align/permute/unpermute on each of their paths, fused_moe with the BlockConfig variants
-     (fuse_silu, persistent, tma, group_m, the tuned Hopper table), the EP peer kernels. Shapes are tiny
+     num_stages) - while the drivers (.ci/triton_compile_drivers.py), small representative calls of every
+     public op, run: fused_topk for the standard model routings, align/permute/unpermute on each of their
+     paths, fused_moe with the BlockConfig variants (fuse_silu, persistent, tma, group_m, the tuned Hopper
+     table), the EP peer kernels. Shapes are tiny
      (the interpreter is slow) but dtypes are those of the GPU (bf16 pointers compile differently from fp32).
   2. select: launches are deduplicated by what changes the compiled code (constexpr values, argument types,
      the integer specializations triton makes on a GPU: == 1, % 16 == 0, int32/int64; options); at most
@@ -28,7 +29,8 @@ How, in three processes:
 
 Prints one line per compiled kernel ("ok sm_90 moekern.dispatch.triton_ops._align_single_kernel [...]" or
 "FAIL ..." followed by the error) and exits 1 if any compile fails, a driver raises, or a kernel defined
-in moekern/ (a `@triton.jit def _..._kernel`) was never launched by the drivers (add a call below).
+in moekern/ (a `@triton.jit def _..._kernel`) was never launched by the drivers (add a call in
+.ci/triton_compile_drivers.py).
 
     python .ci/triton_compile_check.py                    # sm_90 + sm_80, every op
     python .ci/triton_compile_check.py --arch 90 --ops dispatch --max-per-kernel 3
@@ -54,8 +56,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, Path(__file__).resolve().parent):  # moekern, and the drivers beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from triton_compile_drivers import DRIVERS  # noqa: E402  (needs the path above)
 
 OPS = ("topk", "dispatch", "moe", "ep")
 # Shared memory a block may use (triton checks this at load time, so an over-budget config compiles and then
@@ -141,147 +146,6 @@ def _describe(v):
     raise TypeError(f"cannot describe a launch argument of type {type(v).__name__}")
 
 
-class _Tag:
-    """with _Tag(cap, "hopper_only", "_grouped_gemm_kernel"): launches of that kernel inside are tagged (the
-    other kernels a call launches, e.g. routing and align inside fused_moe, stay portable)."""
-
-    def __init__(self, capture: Capture, tag: str, *kernels: str):
-        self.capture, self.tag, self.kernels = capture, tag, set(kernels)
-
-    def __enter__(self):
-        self.capture.tags[self.tag] = self.kernels
-
-    def __exit__(self, *exc):
-        self.capture.tags.pop(self.tag, None)
-
-
-# ------------------------------------------------------------------------------------------------ drivers
-# Small calls of every public op; shapes are tiny (interpreter) but every path and dtype the GPU takes is
-# launched. Pointer dtypes follow the GPU (bf16 where it runs bf16) even where interpreter math is unfaithful.
-
-ROUTING_MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe", "qwen1.5-moe-a2.7b", "dbrx")  # E=60 k=4, E=16 k=4
-
-
-def drive_topk(cap: Capture):
-    import torch
-
-    import moekern
-    from moekern.models import get_model
-
-    cap.execute = False  # nothing below reads the outputs on the host
-    g = torch.Generator().manual_seed(0)
-    for name in ROUTING_MODELS:
-        spec = get_model(name)
-        E, k, kw = spec.num_experts, spec.top_k, spec.routing_kwargs()
-        bias = torch.randn(E, generator=g) if spec.correction_bias else None
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for M in (1, 300):  # one row per program (decode) and several (BLOCK_M > 1, more warps)
-                logits = torch.randn(M, E, generator=g).to(dtype)
-                moekern.fused_topk(logits, k, correction_bias=bias, backend="triton", **kw)
-    # sigmoid without bias and ungrouped; softmax without renormalization on a grouped model shape
-    logits = torch.randn(5, 256, generator=g).to(torch.bfloat16)
-    moekern.fused_topk(logits, 8, scoring="sigmoid", backend="triton")
-    moekern.fused_topk(logits, 8, num_expert_group=8, topk_group=4, renormalize=False, backend="triton")
-
-
-def drive_dispatch(cap: Capture):
-    import torch
-
-    import moekern
-    from moekern.dispatch import triton_ops as T
-
-    cap.execute = False  # align/permute outputs are only read by later launches
-    g = torch.Generator().manual_seed(1)
-    for E, k, M in ((8, 2, 5), (128, 8, 3), (256, 8, 3), (512, 8, 2)):
-        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)]).to(torch.int32)
-        counts = torch.bincount(ids.reshape(-1).long(), minlength=E).to(torch.int32)
-        for B in (1, 16, 64, 128):
-            for c in (None, counts):
-                T.align_triton(ids, E, B, c)  # path 1: one launch
-            T.align_triton(ids, E, B, None, small_n=0, chunk=16)  # path 2: chunks, table read by every program
-            T.align_triton(ids, E, B, counts, small_n=0, chunk=16, table_reads=0)  # path 3: + scan launch
-        for c in (None, counts):
-            T.permute_triton(torch.randn(M, 24, generator=g), ids, E, c)
-        T.permute_triton(torch.randn(M, 24, generator=g), ids, E, None, small_n=0, chunk=16)
-        T.permute_triton(torch.randn(M, 24, generator=g), ids, E, counts, small_n=0, chunk=16, table_reads=0)
-    # the default path choice at GPU sizes (record-only, so free): the largest single-launch sort
-    # (N_PAD 4096), chunks of 1024, and chunks of 8192 with the scan launch
-    for E, k, M in ((256, 8, 512), (64, 8, 600), (256, 8, 40000)):
-        ids = torch.randint(0, E, (M, k), generator=g, dtype=torch.int32)
-        moekern.align(ids, E, 16, backend="triton")
-    # public ops, each hidden dtype; unpermute with each weight dtype
-    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(6)]).to(torch.int32)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for H in (64, 40, 2048):  # H % 16 == 0 or not; BLOCK_H capped at 1024
-            x = torch.randn(6, H, generator=g).to(dtype)
-            permuted, layout = moekern.permute(x, ids, 16, backend="triton")
-            for wdtype in (torch.float32, torch.bfloat16):
-                w = torch.rand(6, 4, generator=g).to(wdtype)
-                moekern.unpermute(permuted, layout, w, backend="triton")
-        moekern.align(ids, 16, 64, backend="triton")
-
-
-def drive_moe(cap: Capture):
-    import torch
-
-    import moekern
-    from moekern.experts.configs import TUNED, BlockConfig
-
-    cap.execute = False  # the layer's host code reads no kernel output
-    g = torch.Generator().manual_seed(2)
-
-    def layer(M, E, k, H, inter, dtype, cfg=None):
-        x = torch.randn(M, H, generator=g).to(dtype)
-        w13 = (torch.randn(E, 2 * inter, H, generator=g) / 8).to(dtype)
-        w2 = (torch.randn(E, H, inter, generator=g) / 8).to(dtype)
-        logits = torch.randn(M, E, generator=g)
-        moekern.fused_moe(x, w13, w2, logits, k, backend="triton", block_config=cfg)
-
-    # default configs (heuristic; _clamp shrinks tiles to tiny shapes): every dtype, EVEN_K or not
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        layer(4, 8, 2, 128, 128, dtype)
-        layer(3, 8, 2, 40, 24, dtype)  # K % BLOCK_K != 0
-    layer(64, 8, 2, 128, 128, torch.bfloat16)  # block_m 32 (more tokens per expert)
-    # the variants a BlockConfig selects
-    base = BlockConfig(16, 64, 64, 1, 4, 3)
-    for cfg in (base, BlockConfig(16, 64, 64, 1, 4, 3, fuse_silu=False), BlockConfig(16, 64, 64, 8, 4, 3, persistent=2),
-                BlockConfig(32, 64, 64, 8, 4, 3, fuse_silu=False, persistent=1)):
-        layer(4, 8, 2, 128, 128, torch.bfloat16, cfg)
-    # TMA descriptors, and the table tuned on (and only used on) sm_90
-    with _Tag(cap, "hopper_only", "_grouped_gemm_kernel"):
-        for cfg in (BlockConfig(16, 64, 64, 1, 4, 3, tma=True),
-                    BlockConfig(16, 64, 64, 1, 4, 3, tma=True, fuse_silu=False, persistent=2)):
-            layer(4, 8, 2, 128, 128, torch.bfloat16, cfg)
-        pairs = sorted({p for rows in TUNED.values() for p in rows.values()}, key=repr)
-        for c1, c2 in pairs:  # K = 256 >= every tuned BLOCK_K, so EVEN_K as on the real shapes
-            layer(2, 4, 2, 256, 256, torch.bfloat16, (c1, c2))
-
-
-def drive_ep(cap: Capture):
-    import torch
-
-    import moekern
-
-    cap.execute = True  # _receive groups rows by the metadata the write kernel stored: run the kernels
-    g = torch.Generator().manual_seed(3)
-    for W, dtype, fp8, H in ((2, torch.float32, False, 8), (4, torch.bfloat16, True, 64),
-                             (8, torch.bfloat16, False, 64), (2, torch.float16, False, 40)):
-        E, k, Ms = 2 * W, 2, [3] * W
-        xs = [torch.randn(m, H, generator=g).to(dtype) for m in Ms]
-        ids = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(m)]).to(torch.int32) for m in Ms]
-        ws = [torch.rand(m, k, generator=g) for m in Ms]
-        world = moekern.ep.PeerWorld.emulated(W, max(Ms), H, k, dtype=dtype, device="cpu")
-        res = moekern.ep.dispatch_emulated(world, xs, ids, ws, E, fp8=fp8)
-        handles = [h for _, h in res]
-        moekern.ep.combine_emulated([out.expert_x for out, _ in res], handles)
-        moekern.ep.combine_emulated([out.recv_x for out, _ in res], handles, layout="token")
-        # the low-latency (decode) mode: count, write, receive, combine send and reduce kernels
-        llw = moekern.ep.LLWorld.emulated(W, max(Ms), H, k, E, dtype=dtype, device="cpu")
-        ll = moekern.ep.dispatch_ll_emulated(llw, xs, ids, ws, E)
-        moekern.ep.combine_ll_emulated([out.recv_x for out, _ in ll], [h for _, h in ll])
-
-
-DRIVERS = {"topk": drive_topk, "dispatch": drive_dispatch, "moe": drive_moe, "ep": drive_ep}
 
 
 def _load_file(path: str):
@@ -637,7 +501,7 @@ def main(argv=None) -> int:
             missing = sorted(defined_kernels() - {kernel_id(launch) for launch in launches})
             for kid in missing:
                 print(f"FAIL {kid}: defined in moekern but never launched by the drivers "
-                      "(add a call to .ci/triton_compile_check.py)")
+                      "(add a call to .ci/triton_compile_drivers.py)")
         selected = work / "selected.json"
         selected.write_text(json.dumps(chosen))
         if args.keep:

@@ -312,7 +312,7 @@ def test_steady_rows_leaves_out_benches_that_compiled():
 
 
 def test_committed_real_factorial_analysis(tmp_path, capsys):
-    """The real factorial of session 8 (H200, 36 benches): the benches whose vLLM server JIT-compiled its Triton
+    """The committed real factorial (H200, 2026-12-06, 36 benches): the benches whose vLLM server JIT-compiled its Triton
     MoE kernel while measured are left out of the ANOVA by default and named; concurrency dominates throughput."""
     from moekern.cli import main
 

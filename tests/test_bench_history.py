@@ -89,3 +89,74 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["bench-history", str(tmp_path / "empty")]) == 1
     assert "no run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ --index: INDEX.md
+
+
+@pytest.fixture
+def run_tree(tmp_path):
+    """A small results tree: a bench run (README, gpu.txt, results.json one folder down), an end-to-end run
+    grouped under e2e/, a folder of dated logs with no README, and a folder that only groups folders."""
+    root = tmp_path / "results"
+    bench = root / "k-2026-01-02"
+    (bench / "moe").mkdir(parents=True)
+    (bench / "README.md").write_text("intro line\n# Kernel run on some GPU (2026-01-02)\n\nbody\n")
+    (bench / "gpu.txt").write_text("name, driver_version\nNVIDIA H100 80GB HBM3, 580.1\n")
+    _write(bench / "moe", "2026-01-02", [
+        _row("moe", "x", 1, "vllm", 100.0), _row("moe", "x", 1, "moekern-triton", 50.0),
+        _row("moe", "x", 8, "vllm", 10.0), _row("moe", "x", 8, "moekern-triton", 20.0),
+        _row("moe", "x", 1, "torch", 900.0)])
+    e2e = root / "e2e" / "h200-2026-02-03-ab"
+    e2e.mkdir(parents=True)
+    (e2e / "README.md").write_text("# An A/B | with a pipe\n")
+    (e2e / "e2e_m.json").write_text(json.dumps({"summary": {
+        "offline.moekern_vs_vllm": 1.25, "offline.moekern_vs_vllm_ci95": [1.1, 1.4], "offline.steady_state": True,
+        "offline.gate_log_overhead": 0.05, "offline.moekern_vs_vllm_by_round": [1.2, 1.3]}}))
+    old = root / "e2e" / "h100-2025-12-30-old"
+    old.mkdir()
+    (old / "e2e_m.json").write_text(json.dumps({"summary": {"serve.moekern_vs_vllm": 0.9, "offline.steady_state": False,
+                                                            "offline.gate_log_overhead": 0.2}}))
+    logs = root / "logs"
+    logs.mkdir()
+    (logs / "h200-2026-03-09-b.log").write_text("x")
+    (logs / "h100-2026-03-01-a.log").write_text("x")
+    return root
+
+
+def test_index_rows_from_the_files(run_tree):
+    rows = {r["folder"]: r for r in history.index_rows(run_tree)}
+    assert list(rows) == ["e2e/h100-2025-12-30-old", "k-2026-01-02", "e2e/h200-2026-02-03-ab", "logs"]  # by date
+    k = rows["k-2026-01-02"]
+    assert (k["date"], k["gpu"], k["what"]) == ("2026-01-02", "H100", "Kernel run on some GPU (2026-01-02)")
+    assert k["headline"] == "time / vLLM's, geomean: moe triton 1.00x"  # 0.5x and 2x; the torch loop left out
+    ab = rows["e2e/h200-2026-02-03-ab"]
+    assert (ab["date"], ab["gpu"]) == ("2026-02-03", "H200")
+    assert ab["headline"] == "offline: tok/s moekern / vllm 1.250x (95 % CI 1.100 to 1.400), gate-log overhead 5.0 %"
+    assert rows["e2e/h100-2025-12-30-old"]["headline"] == ("offline: gate-log overhead 20.0 %; not steady / "
+                                                           "serve: tok/s moekern / vllm 0.900x; steadiness not recorded")
+    lg = rows["logs"]
+    assert (lg["date"], lg["gpu"], lg["what"], lg["headline"]) == ("2026-03-01 to 2026-03-09", "H100, H200", "-", "-")
+
+
+def test_index_markdown_links_and_cli(run_tree, tmp_path, capsys):
+    text = history.render_index(run_tree, run_tree / "INDEX.md")
+    assert "| [`k-2026-01-02/`](k-2026-01-02/) |" in text and "An A/B \\| with a pipe" in text
+    assert len([ln for ln in text.splitlines() if ln.startswith("| 20")]) == 4
+    elsewhere = history.render_index(run_tree, tmp_path / "docs" / "INDEX.md")
+    assert "](../results/logs/)" in elsewhere
+    assert main(["bench-history", str(run_tree), "--index"]) == 0
+    assert (run_tree / "INDEX.md").read_text() == text
+    assert history.render_index(run_tree, run_tree / "INDEX.md") == text  # the index itself is no run
+    assert main(["bench-history", str(run_tree), str(tmp_path), "--index"]) == 2
+    assert "--index takes exactly one results folder" in capsys.readouterr().err
+
+
+def test_committed_index_is_current():
+    """benchmarks/results/INDEX.md is what the generator makes of the committed folders."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    committed = (root / "INDEX.md").read_text()
+    assert history.render_index(root, root / "INDEX.md") == committed, \
+        "benchmarks/results/INDEX.md is stale: run `moekern bench-history --index` and commit it"

@@ -8,6 +8,7 @@ A table (runs oldest first) and, with --plot, a PNG of those ratios by run.
 
     moekern bench-history                                   # everything under benchmarks/results
     moekern bench-history benchmarks/results --baseline flashinfer --plot history.png
+    moekern bench-history --index                           # rewrite benchmarks/results/INDEX.md
 
 CPU demo runs are left out unless --include-demo (their times are the Triton interpreter's).
 """
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
 from moekern.bench import report
+from moekern.errors import UsageError
 
 DEFAULT_ROOT = "benchmarks/results"
 
@@ -142,6 +146,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to show (default: all but torch, the reference loop)")
     p.add_argument("--include-demo", action="store_true", help="also CPU demo runs (interpreter wall clock)")
+    p.add_argument("--index", nargs="?", const="", default=None, metavar="PATH",
+                   help=f"write the index of every run folder under the one folder given (one line per run: "
+                        f"date, GPU, what, headline ratio, folder) to PATH (default FOLDER/{INDEX_FILE}) and stop")
     p.set_defaults(func=run_command)
 
 
@@ -150,6 +157,8 @@ def run_command(args) -> int:
     if missing:
         print(f"moekern bench-history: no such folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.index is not None:
+        return write_index(args.roots, args.index)
     runs, skipped = find_runs(args.roots, include_demo=args.include_demo)
     for note in skipped:
         print(f"skipped {note}", file=sys.stderr)
@@ -168,4 +177,185 @@ def run_command(args) -> int:
         print(f"\nwrote {args.json}")
     if args.plot:
         print(f"wrote {plot(summary, args.plot)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the results index
+# One line per committed run folder, generated from what the folders hold: a run is a folder with files of its
+# own that no enclosing folder (below the root) already claims. Nothing is typed in by hand: a cell the files
+# cannot fill is "-".
+
+INDEX_FILE = "INDEX.md"
+_RUN_MARKERS = ("README.md", report.RESULTS_FILE, "gpu.txt")
+_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
+_GPU = re.compile(r"\b([HABL]\d{2,3})\b", re.IGNORECASE)
+
+
+def _is_run(folder: Path) -> bool:
+    """A run's marker files, or any file of its own (a folder of dated logs is a run; a folder holding only
+    folders, like e2e/, groups runs)."""
+    return any((folder / m).is_file() for m in _RUN_MARKERS) or any(p.is_file() for p in folder.iterdir())
+
+
+def find_run_folders(root: Path) -> list[Path]:
+    """Every run folder under root (not root itself), outermost only: a folder inside a run is part of it."""
+    found = []
+
+    def walk(folder: Path):
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if _is_run(sub):
+                found.append(sub)
+            else:
+                walk(sub)
+
+    walk(root)
+    return found
+
+
+def _title(folder: Path) -> str:
+    readme = folder / "README.md"
+    if readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines():
+            if line.startswith("# "):
+                return line[2:].strip()
+    return "-"
+
+
+def _bench_results(folder: Path) -> list[tuple[Path, dict]]:
+    runs, _ = find_runs([str(folder)])
+    return runs
+
+
+def _gpu(folder: Path, rel: str, title: str, bench: list[tuple[Path, dict]]) -> str:
+    """The GPU model(s): gpu.txt (nvidia-smi's name column), a bench result's environment, the folder's name,
+    the dated file names inside it, its README title; '-' if none names one."""
+    names = set()
+    for txt in sorted(folder.rglob("gpu.txt")):
+        rows = txt.read_text(errors="replace").splitlines()
+        if len(rows) > 1:
+            names.update(m.upper() for m in _GPU.findall(rows[1].split(",")[0]))
+    for _, data in bench:
+        names.update(m.upper() for m in _GPU.findall(str(data["environment"].get("gpu", ""))))
+    if not names:
+        names.update(m.upper() for m in _GPU.findall(rel.replace("-", " ").replace("/", " ")))
+    if not names:
+        for p in folder.rglob("*"):
+            if _DATE.search(p.name):
+                names.update(m.upper() for m in _GPU.findall(p.name.replace("-", " ").replace("_", " ")))
+    if not names:
+        names.update(m.upper() for m in _GPU.findall(title))
+    return ", ".join(sorted(names)) or "-"
+
+
+def _date(folder: Path, rel: str, title: str, bench: list[tuple[Path, dict]]) -> str:
+    """The run's date: from its folder name, its title, its bench results; for a folder collecting several
+    dated files, their first and last date; '-' if nothing dates it."""
+    for text in (rel, title):
+        m = _DATE.search(text)
+        if m:
+            return m.group(1)
+    dates = sorted(str(d["environment"].get("date", ""))[:10] for _, d in bench if d["environment"].get("date"))
+    if not dates:
+        dates = sorted({m.group(1) for p in folder.rglob("*") if (m := _DATE.search(p.name))})
+    if not dates:
+        return "-"
+    return dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+
+
+def _bench_headline(bench: list[tuple[Path, dict]]) -> list[str]:
+    """Per op, each provider's geomean time / vLLM's time over the shapes both timed in one results.json."""
+    by_op: dict[str, list[str]] = {}
+    for s in summarize(bench, "vllm"):
+        if s["provider"] != "torch":
+            prov = s["provider"].removeprefix("moekern-")
+            by_op.setdefault(s["op"], []).append(f"{prov} {s['geomean_ratio']:.2f}x")
+    if not by_op:
+        return []
+    return ["time / vLLM's, geomean: " + "; ".join(f"{op} {', '.join(v)}" for op, v in sorted(by_op.items()))]
+
+
+def _ci(summary: dict, key: str, scale: float = 1.0, unit: str = "") -> str:
+    ci = summary.get(f"{key}_ci95")
+    if isinstance(ci, list) and len(ci) == 2:
+        return f" (95 % CI {ci[0] * scale:.{1 if unit else 3}f} to {ci[1] * scale:.{1 if unit else 3}f}{unit})"
+    return ""
+
+
+def _e2e_headline(folder: Path) -> list[str]:
+    """From each end-to-end result's summary: every arm's output throughput / vLLM's, and the gate log's
+    overhead, with their 95 % intervals where the run pooled rounds; 'not steady' where JIT ran while timed."""
+    parts = []
+    for path in sorted(folder.rglob("e2e_*.json")):
+        try:
+            summary = json.loads(path.read_text()).get("summary") or {}
+        except (OSError, ValueError):
+            continue
+        modes = sorted({k.split(".", 1)[0] for k in summary if "." in k})
+        for mode in modes:
+            got, overhead = [], []
+            for key in sorted(summary):
+                name = key.split(".", 1)[1] if key.startswith(mode + ".") else None
+                value = summary[key]
+                if name is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if name.endswith("_vs_vllm"):
+                    got.append(f"tok/s {name[:-8]} / vllm {value:.3f}x{_ci(summary, key)}")
+                elif name == "gate_log_overhead":
+                    overhead.append(f"gate-log overhead {value * 100:.1f} %{_ci(summary, key, 100, ' %')}")
+            if got or overhead:
+                steady = summary.get(f"{mode}.steady_state")
+                note = "" if steady is True else "; not steady" if steady is False else "; steadiness not recorded"
+                parts.append(f"{mode}: " + ", ".join(got + overhead) + note)
+    return parts
+
+
+def index_rows(root: Path) -> list[dict]:
+    """One record per run folder under root: date, gpu, what (its README title), headline, folder (relative)."""
+    rows = []
+    for folder in find_run_folders(root):
+        rel = folder.relative_to(root).as_posix()
+        title = _title(folder)
+        bench = _bench_results(folder)
+        headline = _bench_headline(bench) + _e2e_headline(folder)
+        rows.append({"date": _date(folder, rel, title, bench), "gpu": _gpu(folder, rel, title, bench),
+                     "what": title, "headline": " / ".join(headline) or "-", "folder": rel})
+    rows.sort(key=lambda r: (r["date"], r["folder"]))
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_index(root: Path, index_path: Path) -> str:
+    """INDEX.md's text: a table of index_rows(root), folder links relative to index_path's folder."""
+    rel_root = Path(os.path.relpath(root.resolve(), index_path.resolve().parent)).as_posix()
+    lines = [
+        "# Committed results, oldest first",
+        "",
+        "Generated by `moekern bench-history --index` from the folders below; do not edit by hand (rerun it",
+        "after adding a results folder). Headline: kernel benches give each provider's time over vLLM's (geomean",
+        "over the shapes both timed in the same run; below 1 is faster); end-to-end runs give output throughput",
+        "over vLLM's (above 1 is faster) and the gate log's overhead, from each run's own summary. \"-\": the",
+        "folder's files give no such number. Each folder's README has the details and caveats.",
+        "",
+        "| date | GPU | what | headline | folder |",
+        "|---|---|---|---|---|",
+    ]
+    for r in index_rows(root):
+        link = r["folder"] if rel_root == "." else f"{rel_root}/{r['folder']}"
+        lines.append(f"| {r['date']} | {r['gpu']} | {_cell(r['what'])} | {_cell(r['headline'])} | "
+                     f"[`{r['folder']}/`]({link}/) |")
+    return "\n".join(lines) + "\n"
+
+
+def write_index(roots: list[str], path: str) -> int:
+    """`--index [PATH]`: render the index of the one results folder given and write it (default FOLDER/INDEX.md)."""
+    if len(roots) != 1:
+        raise UsageError(f"--index takes exactly one results folder; got {len(roots)}: {', '.join(roots)}")
+    root = Path(roots[0])
+    out = Path(path) if path else root / INDEX_FILE
+    text = render_index(root, out)
+    out.write_text(text)
+    print(f"wrote {out} ({text.count(chr(10)) - 10} runs)")
     return 0

@@ -388,7 +388,7 @@ FLASHINFER_JIT_ENV = "MOEKERN_FLASHINFER_JIT"  # "build": let a FlashInfer provi
 
 def _flashinfer_moe_unavailable(shape: Shape, device: torch.device) -> str | None:
     """Installed and on a GPU, and its CUTLASS MoE module already compiled: the first call of cutlass_fused_moe
-    JIT-builds that module with nvcc, which took over 15 minutes on a 16-core H200 host (session 4), so a bench
+    JIT-builds that module with nvcc, which takes over 15 minutes even on a 16-core H200 host, so a bench
     would sit in the build instead of timing. Skipped with the way out unless MOEKERN_FLASHINFER_JIT=build."""
     reason = _needs_gpu(device) or _import_error("flashinfer.fused_moe")
     if reason or os.environ.get(FLASHINFER_JIT_ENV, "") == "build":

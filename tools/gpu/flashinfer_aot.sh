@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build FlashInfer 0.6.14's CUTLASS fused-MoE module for Hopper (fused_moe_90.so, sm_90a) on THIS machine, with
 # no GPU, so that the GPU machine loads it ahead of time instead of JIT-compiling it there: that build (~180
-# CUTLASS translation units) outlasts a whole device session (session 4: > 15 min on 16 cores, unfinished).
+# CUTLASS translation units) outlasts a whole device session (> 15 min on 16 cores, unfinished).
 # Needs nvcc 13.0 (the GPU machine's), ninja, and a Python with torch and filelock (PYTHON=..., e.g. the CI
 # venv); fetches the cuBLAS/cuRAND/NVRTC 13.0 headers that a compiler-only CUDA install lacks.
 # From the repo root (resumable: ninja keeps finished objects; ~100 s of one core per translation unit):

@@ -1,7 +1,7 @@
 """Write the build.ninja of FlashInfer's sm90 CUTLASS fused-MoE module on a machine without a GPU.
 
 FlashInfer builds `fused_moe_90` (about 180 CUTLASS translation units) with nvcc on its first call; on the GPU
-machine that took longer than the whole device session (session 4). This script asks FlashInfer's own JIT
+machine that takes longer than a whole device session (> 15 min on 16 cores, unfinished). This script asks FlashInfer's own JIT
 code for the very sources, flags and link line it would use there, without importing the parts of FlashInfer
 that need a GPU, CUDA libraries or Python 3.12 (apache-tvm-ffi's extension module is built for CPython >= 3.12;
 only its pure-Python `libinfo`, which names the header directories, is loaded). tools/gpu/flashinfer_aot.sh

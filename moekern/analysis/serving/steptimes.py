@@ -4,7 +4,7 @@ The vLLM plugin stamps each step's records with the host time at the end of the 
 difference between two consecutive steps of one process is the wall time of the later step as the engine
 saw it: the forward pass plus everything the host did between the two (scheduling, sampling). Grouped by
 the step's scheduled tokens, two runs of the same workload (two arms of an A/B) show which batch sizes
-make the difference: session 9 found moekern's experts losing on decode steps of 65-128 tokens this way.
+make the difference (this is how a tile-table row that lost on decode steps of 65-128 tokens showed up).
 
 Rules: durations are taken within one file (one process; step indices restart per file), only between
 consecutive step indices (a dropped step leaves a gap) and only when at most `gap_s` apart (a longer
@@ -13,7 +13,7 @@ pause is the end of a pass, a warm-up, or the engine idling, not a step). Tokens
 
 The recorder measures what it costs the model thread per step and writes it to its sidecar
 (gate_log.rank{R}.meta.json); `recorder_cost` reads it back and the CLI prints it as a share of the
-median step: the gate log's overhead, read from the logs themselves (session 10: 365 us of a 9 ms step).
+median step: the gate log's overhead, read from the logs themselves.
 """
 
 from __future__ import annotations
