@@ -27,7 +27,7 @@
 # Several stages run in order in one call: `bash tools/gpu/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash tools/gpu/flashinfer_aot.sh, hours on 2 cores, resumable)
-# and carry .fiaot/ (manifest + parts): either one 34 MB part beside .fiwhl in a first call (session 6), or
+# and carry .fiaot/ (manifest + parts): either one 34 MB part beside .fiwhl in a first call, or
 # FIAOT_PART_MB=9 parts riding with the three gpuenv parts (the manifest in each call; part.0 with part 1,
 # part.1 with 2, part.2 + part.3 with 3: each call stays under the 64 MiB that travels, no call spent on it); every
 # stage installs it (tools/gpu/fiaot.sh) and FlashInfer loads it ahead of time. `fi-warmup` checks it in seconds.
@@ -104,7 +104,7 @@ PY
 }
 
 # need_vllm STAGE: stop the stage, saying why, when vLLM does not import (a stage that compares against vLLM
-# would otherwise measure without it: session 5's first diffusion-vllm ran with .whl/ not carried).
+# would otherwise measure without it: a diffusion-vllm run once ran with .whl/ not carried).
 need_vllm() {
   local why
   why=$(python3 -c "import vllm" 2>&1 | tail -1) && return 0
@@ -122,7 +122,7 @@ run_stage() {
     # Every GPU test in two runs: the ~190 tests outside test_cuda_ops.py first (dispatch, EP, moe, routing,
     # diffusion, study, and the vLLM ones when the gpuenv is staged), then test_cuda_ops.py's ~1140
     # parametrizations (40 s with 8 xdist workers on an H200). Both on xdist workers: in one process the first
-    # run reached only 41 tests in 240 s (session 4; Triton compiles of test_dispatch's align boundary cases,
+    # run reached only 41 tests in 240 s (Triton compiles of test_dispatch's align boundary cases,
     # which workers share through Triton's disk cache). -v logs every test's outcome as it ends, so a run cut
     # off by the timeout still says which passed and which was running.
     versions
@@ -168,7 +168,7 @@ run_stage() {
     # (edits on the device machine do not come back: commit the JSON, then `python benchmarks/tune_moe.py
     # apply JSON` on the CPU machine).
     versions; build
-    # TUNE_SHAPES=MODEL:M,... picks the shapes (default: the 10 that lost in session 2's bench)
+    # TUNE_SHAPES=MODEL:M,... picks the shapes (default: the 10 that lost in the 2026-11-23 bench)
     timeout 330 python3 benchmarks/tune_moe_shapes.py --out "$OUT/tune" --budget-s "${TUNE_BUDGET_S:-280}" --apply \
       ${TUNE_SHAPES:+--shapes "$TUNE_SHAPES"} \
       2>&1 | tee "$OUT/tune.log" | tail -40
@@ -248,7 +248,7 @@ run_stage() {
     # Carry .fiwhl/ in the first call (gpuenv_extra.sh) and run this stage first: the CUTLASS MoE build takes
     # longer than one call. Ninja's [k/N] progress lines go to the log (FLASHINFER_JIT_VERBOSE=1). FlashInfer
     # 0.6.14 also reads VERBOSE as "debug build" (-O0 --device-debug) unless FLASHINFER_JIT_DEBUG says otherwise:
-    # session 6's warm-up built FlashInfer's router that way; the FLASHINFER_JIT_DEBUG=0 exported above keeps
+    # an earlier warm-up built FlashInfer's router that way; the FLASHINFER_JIT_DEBUG=0 exported above keeps
     # builds optimized.
     if pgrep -f flashinfer_warmup.py >/dev/null; then echo "FlashInfer JIT warm-up already running"; return 0; fi
     if ! python3 -c "import flashinfer" 2>/dev/null; then
@@ -278,7 +278,7 @@ run_stage() {
     timeout 120 python3 -m moekern.cli bench --no-progress --ops routing --models deepseek-v3 \
       --providers flashinfer,vllm,moekern-cuda,moekern-triton --out "$OUT/bench-fi-routing" 2>&1 \
       | tee "$OUT/bench-fi-routing.log" | tail -25
-    # Without a finished CUTLASS MoE build the bench would sit in FlashInfer's JIT for the whole call (session 4):
+    # Without a finished CUTLASS MoE build the bench would sit in FlashInfer's JIT for the whole call:
     # wait up to FI_WAIT_S for the warm-up, then time the MoE only if it built.
     for _ in $(seq "$(( ${FI_WAIT_S:-60} / 10 ))"); do
       grep -q "^cutlass_fused_moe:" /tmp/fi_warmup.log 2>/dev/null && break; sleep 10
