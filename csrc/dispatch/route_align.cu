@@ -32,49 +32,9 @@ template <typename T, int V, int L, bool kSoftmax, bool kGrouped>
 __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, const AlignOut o) {
   constexpr int kTeams = kWarpSize / L;
   __shared__ int s_hist[kTopkMaxExperts];
-
-  const int lane = lane_id();
-  const int base = (lane & (L - 1)) * V;
-  const T* __restrict__ logits = static_cast<const T*>(a.logits);
   const int64_t stride = static_cast<int64_t>(kThreads / kWarpSize) * kTeams;
-  int64_t t0 = static_cast<int64_t>(threadIdx.x / kWarpSize) * kTeams;
-
-  float x[V];
-  {
-    const int64_t t = t0 + lane / L;
-    if (t < a.M) {
-      redux::load_lane<T, V>(logits + t * a.E, base, a.E, a.vec != 0, x);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
-    }
-  }
-  float bias[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
-  if constexpr (!kSoftmax) {
-    if (a.bias != nullptr) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) bias[i] = base + i < a.E ? a.bias[base + i] : 0.0f;
-    }
-  }
-  for (int e = threadIdx.x; e < a.E; e += kThreads) s_hist[e] = 0;
-  __syncthreads();
-
-  for (; t0 < a.M; t0 += stride) {
-    const int64_t t = t0 + lane / L;
-    const int64_t tn = t + stride;
-    float xn[V];
-    if (tn < a.M) {
-      redux::load_lane<T, V>(logits + tn * a.E, base, a.E, a.vec != 0, xn);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) xn[i] = -INFINITY;
-    }
-    redux::route_token<V, L, kSoftmax, kGrouped>(a, t, t < a.M, x, bias, s_hist);
-#pragma unroll
-    for (int i = 0; i < V; ++i) x[i] = xn[i];
-  }
+  const int64_t t0 = static_cast<int64_t>(threadIdx.x / kWarpSize) * kTeams;
+  redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(a, t0, stride, s_hist);
   __syncthreads();  // every id of the launch is written (and visible to this block through L2)
   for (int e = threadIdx.x; e < a.E; e += kThreads) a.counts[e] = s_hist[e];
   align_detail::align_scatter_block<kIPT>(a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted,
@@ -97,18 +57,11 @@ Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream strea
 
 template <typename T>
 Error launch_typed(Args& a, const AlignOut& o, bool softmax, bool& unsupported, Stream stream) {
-  const size_t elem = sizeof(T);
-#define MOEKERN_ROUTE_ALIGN_CASE(EB, VV, LL)                                                          \
-  if (a.E <= (EB)) {                                                                                  \
-    if (a.G > 1) {                                                                                    \
-      const int P = a.E / a.G;                                                                        \
-      const int S = P % (VV) == 0 ? P / (VV) : 0;                                                     \
-      if (S == 0 || (S & (S - 1)) != 0 || S > (LL)) return unsupported = true, kSuccess;             \
-      a.group_lanes = S;                                                                              \
-    }                                                                                                 \
-    const size_t width = std::min<size_t>(16, (VV) * elem);                                           \
-    a.vec = (reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && (a.E * elem) % width == 0) ? 1 : 0;  \
-    return launch_bucket<T, (VV), (LL)>(a, o, softmax, stream);                                       \
+#define MOEKERN_ROUTE_ALIGN_CASE(EB, VV, LL)                                                                \
+  if (a.E <= (EB)) {                                                                                        \
+    if (!redux::group_lanes_for(a.E, a.G, (VV), (LL), &a.group_lanes)) return unsupported = true, kSuccess; \
+    a.vec = redux::vector_loads_ok(a.logits, a.E, sizeof(T), (VV));                                          \
+    return launch_bucket<T, (VV), (LL)>(a, o, softmax, stream);                                             \
   }
   MOEKERN_ROUTE_ALIGN_BUCKETS(MOEKERN_ROUTE_ALIGN_CASE)
 #undef MOEKERN_ROUTE_ALIGN_CASE
@@ -140,22 +93,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   o.max_blocks = (o.max_padded + block_size - 1) / block_size;
   o.block_size = block_size;
   if (o.max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
-  Args a;
-  a.logits = logits;
-  a.bias = bias;
-  a.weights = weights;
-  a.ids = ids;
-  a.counts = counts;
-  a.M = M;
-  a.E = E;
-  a.top_k = top_k;
-  a.G = G;
-  a.g = G > 1 ? topk_group : 0;
-  a.group_lanes = 0;
-  a.renormalize = renormalize ? 1 : 0;
-  a.vec = 0;
-  a.slot = -1;
-  a.scale = scale;
+  Args a = redux::make_args(logits, M, E, top_k, renormalize, bias, G, topk_group, scale, weights, ids, counts);
   MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, o, scoring == 0, *unsupported, stream));
   return kInvalidValue;
 }

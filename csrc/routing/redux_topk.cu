@@ -30,51 +30,10 @@ __global__ void __launch_bounds__(kReduxThreads) redux_topk_kernel(const Args a)
   static_assert((L & (L - 1)) == 0 && L <= kWarpSize, "team size must be a power of two <= warp size");
   __shared__ int s_hist[kTopkMaxExperts];
   __shared__ int s_last;
-
-  const int lane = lane_id();
-  const int base = (lane & (L - 1)) * V;
-  const T* __restrict__ logits = static_cast<const T*>(a.logits);
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * warps * kTeams;
-  int64_t t0 = (static_cast<int64_t>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kTeams;
-
-  float x[V];  // issued before the histogram is zeroed: the load's latency hides the barrier
-  {
-    const int64_t t = t0 + lane / L;
-    if (t < a.M) {
-      redux::load_lane<T, V>(logits + t * a.E, base, a.E, a.vec != 0, x);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
-    }
-  }
-  float bias[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
-  if constexpr (!kSoftmax) {
-    if (a.bias != nullptr) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) bias[i] = base + i < a.E ? a.bias[base + i] : 0.0f;
-    }
-  }
-  for (int e = threadIdx.x; e < a.E; e += blockDim.x) s_hist[e] = 0;
-  __syncthreads();
-
-  for (; t0 < a.M; t0 += stride) {  // warp-uniform: the team reductions see the full warp
-    const int64_t t = t0 + lane / L;
-    const int64_t tn = t + stride;  // this lane's next token: loaded while this one is routed
-    float xn[V];
-    if (tn < a.M) {
-      redux::load_lane<T, V>(logits + tn * a.E, base, a.E, a.vec != 0, xn);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) xn[i] = -INFINITY;
-    }
-    redux::route_token<V, L, kSoftmax, kGrouped>(a, t, t < a.M, x, bias, s_hist);
-#pragma unroll
-    for (int i = 0; i < V; ++i) x[i] = xn[i];
-  }
-
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kTeams;
+  redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(a, t0, stride, s_hist);
   publish_counts(s_hist, s_last, a.E, a.slot, a.counts);
 }
 
@@ -109,22 +68,15 @@ Error launch_bucket(const Args& a, bool softmax, bool single, Stream stream) {
 
 template <typename T>
 Error launch_typed(Args& a, bool softmax, int grid, bool& unsupported, Stream stream) {
-  const size_t elem = sizeof(T);
 #define MOEKERN_REDUX_CASE(EB, VV, LL)                                                                      \
   if (a.E <= (EB)) {                                                                                        \
-    if (a.G > 1) {                                                                                          \
-      const int P = a.E / a.G;                                                                              \
-      const int S = P % (VV) == 0 ? P / (VV) : 0;                                                           \
-      if (S == 0 || (S & (S - 1)) != 0 || S > (LL)) return unsupported = true, kSuccess;                   \
-      a.group_lanes = S;                                                                                    \
-    }                                                                                                       \
-    const size_t width = std::min<size_t>(16, (VV) * elem);                                                 \
-    a.vec = (reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && (a.E * elem) % width == 0) ? 1 : 0;        \
+    if (!redux::group_lanes_for(a.E, a.G, (VV), (LL), &a.group_lanes)) return unsupported = true, kSuccess; \
+    a.vec = redux::vector_loads_ok(a.logits, a.E, sizeof(T), (VV));                                          \
     const bool single = grid == kReduxGridSingle || (grid == kReduxGridAuto && a.M * (LL) <= kReduxSingleLanes); \
     a.slot = -1;                                                                                            \
     if (!single) {                                                                                          \
       a.slot = stream_slot(stream);                                                                         \
-      if (a.slot < 0) return unsupported = true, kSuccess;                                                \
+      if (a.slot < 0) return unsupported = true, kSuccess;                                                  \
     }                                                                                                       \
     return launch_bucket<T, (VV), (LL)>(a, softmax, single, stream);                                        \
   }
@@ -144,22 +96,7 @@ Error launch_redux_topk(const void* logits, DType dtype, int64_t M, int E, int t
     return kInvalidValue;
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
-  Args a;
-  a.logits = logits;
-  a.bias = bias;
-  a.weights = weights;
-  a.ids = ids;
-  a.counts = counts;
-  a.M = M;
-  a.E = E;
-  a.top_k = top_k;
-  a.G = G;
-  a.g = G > 1 ? topk_group : 0;
-  a.group_lanes = 0;
-  a.renormalize = renormalize ? 1 : 0;
-  a.vec = 0;
-  a.slot = -1;
-  a.scale = scale;
+  Args a = redux::make_args(logits, M, E, top_k, renormalize, bias, G, topk_group, scale, weights, ids, counts);
   MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, scoring == 0, grid, *unsupported, stream));
   return kInvalidValue;
 }

@@ -338,5 +338,92 @@ __device__ __forceinline__ void route_token(const Args& a, int64_t t, bool activ
   }
 }
 
+// Every token of this block's share: tokens t0, t0 + stride, ... for this warp's teams (t0 = the warp's first
+// token, warp-uniform), counted into s_hist, which this function zeroes first (all threads of the block call it;
+// it ends without a barrier). The first logits load is issued before the zeroing and its barrier, and each
+// next token's before the current one is routed, so load latency overlaps the work.
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped>
+__device__ __forceinline__ void route_block_tokens(const Args& a, int64_t t0, int64_t stride, int* s_hist) {
+  const int lane = lane_id();
+  const int base = (lane & (L - 1)) * V;
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  float x[V];
+  {
+    const int64_t t = t0 + lane / L;
+    if (t < a.M) {
+      load_lane<T, V>(logits + t * a.E, base, a.E, a.vec != 0, x);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) x[i] = -INFINITY;
+    }
+  }
+  float bias[V];  // the same experts for every token of this lane: loaded once
+#pragma unroll
+  for (int i = 0; i < V; ++i) bias[i] = 0.0f;
+  if constexpr (!kSoftmax) {
+    if (a.bias != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) bias[i] = base + i < a.E ? a.bias[base + i] : 0.0f;
+    }
+  }
+  for (int e = threadIdx.x; e < a.E; e += blockDim.x) s_hist[e] = 0;
+  __syncthreads();
+
+  for (; t0 < a.M; t0 += stride) {  // warp-uniform: the team reductions see the full warp
+    const int64_t t = t0 + lane / L;
+    const int64_t tn = t + stride;
+    float xn[V];
+    if (tn < a.M) {
+      load_lane<T, V>(logits + tn * a.E, base, a.E, a.vec != 0, xn);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) xn[i] = -INFINITY;
+    }
+    route_token<V, L, kSoftmax, kGrouped>(a, t, t < a.M, x, bias, s_hist);
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = xn[i];
+  }
+}
+
+// Host: the kernel arguments shared by the routing launchers (group_lanes, vec and slot are set per bucket).
+inline Args make_args(const void* logits, int64_t M, int E, int top_k, bool renormalize, const float* bias, int G,
+                      int topk_group, float scale, float* weights, int32_t* ids, int32_t* counts) {
+  Args a;
+  a.logits = logits;
+  a.bias = bias;
+  a.weights = weights;
+  a.ids = ids;
+  a.counts = counts;
+  a.M = M;
+  a.E = E;
+  a.top_k = top_k;
+  a.G = G;
+  a.g = G > 1 ? topk_group : 0;
+  a.group_lanes = 0;
+  a.renormalize = renormalize ? 1 : 0;
+  a.vec = 0;
+  a.slot = -1;
+  a.scale = scale;
+  return a;
+}
+
+// Host: whether the bucket (V experts per lane, L lanes per token) holds whole groups of E/G experts, and the
+// lanes per group; false: another kernel must route this geometry.
+inline bool group_lanes_for(int E, int G, int V, int L, int* S) {
+  *S = 0;
+  if (G <= 1) return true;
+  const int P = E / G;
+  const int s = P % V == 0 ? P / V : 0;
+  if (s == 0 || (s & (s - 1)) != 0 || s > L) return false;
+  *S = s;
+  return true;
+}
+
+// Host: vector loads are allowed when the logits and every row start on the width of a lane's chunk.
+inline int vector_loads_ok(const void* logits, int E, size_t elem, int V) {
+  const size_t width = (static_cast<size_t>(V) * elem) < 16 ? static_cast<size_t>(V) * elem : 16;
+  return (reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (static_cast<size_t>(E) * elem) % width == 0) ? 1 : 0;
+}
+
 }  // namespace redux
 }  // namespace mk
