@@ -44,6 +44,7 @@
 #include "routing/fused_topk.h"
 #include "routing/histogram.cuh"
 #include "routing/order_keys.cuh"
+#include "routing/redux_topk.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -220,20 +221,7 @@ Bucket bucket_for(int E) {
 
 // ------------------------------------------------------------------------------------------ kernel parts
 
-struct TeamArgs {
-  const void* logits;
-  const float* bias;  // [E] fp32 or nullptr
-  float* weights;
-  int32_t* ids;
-  int32_t* counts;
-  int64_t M;
-  int E, top_k, G, g;
-  int group_lanes;  // S: lanes per group when G > 1
-  int renormalize;
-  int vec;   // rows are 16-byte aligned: vector loads allowed
-  int slot;  // accumulator slot of the multi-block path; -1: single block
-  float scale;
-};
+using TeamArgs = redux::Args;  // the same launch arguments as the reduction-selection kernel
 
 // Loads token t's chunk of V logits (lanes of a team hold consecutive chunks) and scores it. Returns the
 // team's softmax denominator (1 for sigmoid). w: softmax exp(x - max), to be divided by the returned sum where a
@@ -492,19 +480,8 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
     if (slot < 0) return legacy();
   }
   const size_t elem = dtype == DType::kFloat32 ? 4 : 2;
-  TeamArgs a;
-  a.logits = logits;
-  a.bias = bias;
-  a.weights = weights;
-  a.ids = ids;
-  a.counts = counts;
-  a.M = M;
-  a.E = E;
-  a.top_k = top_k;
-  a.G = G;
-  a.g = G > 1 ? topk_group : 0;
+  TeamArgs a = redux::make_args(logits, M, E, top_k, renormalize, bias, G, topk_group, scale, weights, ids, counts);
   a.group_lanes = S;
-  a.renormalize = renormalize ? 1 : 0;
   a.vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (static_cast<size_t>(E) * elem) % 16 == 0) ? 1 : 0;
   a.slot = slot;
   a.scale = scale;
