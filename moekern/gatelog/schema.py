@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import operator
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +30,52 @@ from typing import Iterable, Iterator
 
 SCHEMA = "moekern.gatelog/1"
 PHASES = ("prefill", "decode", "mixed", "diffusion", "unknown")
+
+
+@dataclass(frozen=True)
+class LinePieces:
+    """The JSON text around the per-layer values of a record line: what the records of one step share.
+
+    A line is `{head}{layer}{mid}{num_tokens}{phase}{top_k},"expert_counts":[c0,c1,...]{tail}{model}`
+    `[,"topk_sample":[[ids],...]]{extra}}` (see `format_line`); moekern._C's gatelog_format
+    (csrc/gatelog/format.cpp) joins the same pieces the same way.
+    """
+
+    head: str  # '{"schema":"moekern.gatelog/1","step":12,"layer":'
+    mid: str  # ',"rank":0,"num_tokens":'
+    phase: str  # ',"phase":"decode","top_k":'
+    tail: str  # ',"time":1763900000.25', or "" without a time
+    model: str  # ',"model":"..."', or "" without a model
+    extra: str  # ',"extra":{...}', or "" without extras
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def line_pieces(step: int, *, rank: int = 0, phase: str = "unknown", time: float | None = None,
+                model: str | None = None, extra: dict | None = None) -> LinePieces:
+    """The pieces of the lines of step `step` (see LinePieces). Integers are written as ints (numpy ints
+    too; a float is a TypeError, not a line the reader would reject)."""
+    return LinePieces(
+        head=f'{{"schema":{_dumps(SCHEMA)},"step":{operator.index(step)},"layer":',
+        mid=f',"rank":{operator.index(rank)},"num_tokens":',
+        phase=f',"phase":{_dumps(phase)},"top_k":',
+        tail=f',"time":{_dumps(time)}' if time is not None else "",
+        model=f',"model":{_dumps(model)}' if model is not None else "",
+        extra=f',"extra":{_dumps(extra)}' if extra else "",
+    )
+
+
+def format_line(pieces: LinePieces, layer: int, num_tokens: int, top_k: int | None, expert_counts,
+                topk_sample: list[list[int]] | None = None) -> str:
+    """One record as its JSON line (no newline): THE serializer of moekern.gatelog/1. `topk_sample` None
+    leaves the key out."""
+    k = "null" if top_k is None else operator.index(top_k)
+    sample = f',"topk_sample":{_dumps(topk_sample)}' if topk_sample is not None else ""
+    return (f'{pieces.head}{operator.index(layer)}{pieces.mid}{operator.index(num_tokens)}{pieces.phase}{k}'
+            f',"expert_counts":[{",".join([str(int(c)) for c in expert_counts])}]'
+            f'{pieces.tail}{pieces.model}{sample}{pieces.extra}}}')
 
 
 @dataclass
@@ -46,15 +93,9 @@ class GateRecord:
     topk_sample: list[list[int]] | None = None
 
     def to_json(self) -> str:
-        obj = {"schema": SCHEMA, "step": self.step, "layer": self.layer, "rank": self.rank,
-               "num_tokens": self.num_tokens, "phase": self.phase, "top_k": self.top_k,
-               "expert_counts": [int(c) for c in self.expert_counts]}
-        for key in ("time", "model", "topk_sample"):
-            if getattr(self, key) is not None:
-                obj[key] = getattr(self, key)
-        if self.extra:
-            obj["extra"] = self.extra
-        return json.dumps(obj, separators=(",", ":"))
+        pieces = line_pieces(self.step, rank=self.rank, phase=self.phase, time=self.time, model=self.model,
+                             extra=self.extra)
+        return format_line(pieces, self.layer, self.num_tokens, self.top_k, self.expert_counts, self.topk_sample)
 
 
 @dataclass
