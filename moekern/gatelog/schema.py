@@ -13,7 +13,8 @@ Schema "moekern.gatelog/1", JSON Lines, one file per rank (`gate_log.rank{R}.jso
 - optional: "time" (unix seconds when the step was drained), "model" (str), "extra" (dict),
   "topk_sample" (list of per-token id lists, a rate-limited sample for co-activation studies).
 
-Readers skip lines that do not parse or do not match the schema, and report them (path, line, reason).
+Readers skip lines that do not parse or do not match the schema (including records whose counts break
+sum(expert_counts) == num_tokens * top_k), and report them (path, line, reason): SkippedLine.
 This module is stdlib + numpy only: the analysis reads it without torch, vLLM or a GPU.
 """
 
@@ -105,24 +106,36 @@ class SkippedLine:
     reason: str
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def parse_record(text: str) -> GateRecord:
-    """Parse one JSONL line; raise ValueError saying what is wrong."""
+    """Parse one JSONL line; raise ValueError saying what is wrong: not the schema, a field of the wrong
+    type or sign, or counts that break sum(expert_counts) == num_tokens * top_k (checked when top_k is
+    given)."""
     obj = json.loads(text)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     if obj.get("schema") != SCHEMA:
         raise ValueError(f"schema={obj.get('schema')!r}, expected {SCHEMA!r}")
     for key in ("step", "layer", "num_tokens"):
-        if not isinstance(obj.get(key), int) or obj[key] < 0:
+        if not _is_int(obj.get(key)) or obj[key] < 0:
             raise ValueError(f"{key} must be a non-negative int; got {obj.get(key)!r}")
     counts = obj.get("expert_counts")
-    if not isinstance(counts, list) or not counts or not all(isinstance(c, int) and c >= 0 for c in counts):
+    if not isinstance(counts, list) or not counts or not all(_is_int(c) and c >= 0 for c in counts):
         raise ValueError("expert_counts must be a non-empty list of non-negative ints")
+    top_k = obj.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int (or absent); got {top_k!r}")
+    if top_k is not None and sum(counts) != obj["num_tokens"] * top_k:
+        raise ValueError(f"schema invariant broken: sum(expert_counts)={sum(counts)} != num_tokens*top_k="
+                         f"{obj['num_tokens']}*{top_k}={obj['num_tokens'] * top_k}")
     phase = obj.get("phase", "unknown")
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r} must be one of {PHASES}")
     return GateRecord(step=obj["step"], layer=obj["layer"], expert_counts=counts, num_tokens=obj["num_tokens"],
-                      rank=int(obj.get("rank", 0)), phase=phase, top_k=obj.get("top_k"), time=obj.get("time"),
+                      rank=int(obj.get("rank", 0)), phase=phase, top_k=top_k, time=obj.get("time"),
                       model=obj.get("model"), extra=obj.get("extra") or {}, topk_sample=obj.get("topk_sample"))
 
 
