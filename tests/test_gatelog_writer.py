@@ -665,10 +665,12 @@ def test_handoff_benchmark_runs_both_modes_exactly(tmp_path):
     if "kernel" not in GateLogRecorder(tmp_path / "probe", snapshot="auto")._pick_snapshot(torch.device("cpu"))[1]:
         pytest.skip("moekern._C without gatelog_snapshot")
     out_json = tmp_path / "h.json"
-    assert mod.main(["--cpu", "--steps", "40", "--block", "10", "--topk-sample", "2", "--json", str(out_json)]) == 0
+    assert mod.main(["--cpu", "--steps", "40", "--block", "10", "--topk-sample", "2", "--format-reps", "3",
+                     "--json", str(out_json)]) == 0
     out = json.loads(out_json.read_text())
     assert set(out["modes"]) == {"kernel", "torch"} and out["steps_per_mode"] == 40
     assert all(m["records_exact"] and m["steps"] == 40 for m in out["modes"].values())
     assert "kernel" in out["hand_off"]["kernel"] and "torch" in out["hand_off"]["torch"]
+    assert out["format_us_per_step"]["same_bytes"] is True  # the timed formatting paths agree (times not checked)
     with pytest.raises(SystemExit):
         mod.main(["--top-k", "9"])

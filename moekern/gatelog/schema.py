@@ -70,12 +70,13 @@ def line_pieces(step: int, *, rank: int = 0, phase: str = "unknown", time: float
 
 def format_line(pieces: LinePieces, layer: int, num_tokens: int, top_k: int | None, expert_counts,
                 topk_sample: list[list[int]] | None = None) -> str:
-    """One record as its JSON line (no newline): THE serializer of moekern.gatelog/1. `topk_sample` None
-    leaves the key out."""
+    """One record as its JSON line (no newline): THE serializer of moekern.gatelog/1. `expert_counts` are
+    ints (Python's or numpy's: written with str, the writer's hot path; GateRecord.to_json converts its own
+    first). `topk_sample` None leaves the key out."""
     k = "null" if top_k is None else operator.index(top_k)
     sample = f',"topk_sample":{_dumps(topk_sample)}' if topk_sample is not None else ""
     return (f'{pieces.head}{operator.index(layer)}{pieces.mid}{operator.index(num_tokens)}{pieces.phase}{k}'
-            f',"expert_counts":[{",".join([str(int(c)) for c in expert_counts])}]'
+            f',"expert_counts":[{",".join(map(str, expert_counts))}]'
             f'{pieces.tail}{pieces.model}{sample}{pieces.extra}}}')
 
 
@@ -96,7 +97,8 @@ class GateRecord:
     def to_json(self) -> str:
         pieces = line_pieces(self.step, rank=self.rank, phase=self.phase, time=self.time, model=self.model,
                              extra=self.extra)
-        return format_line(pieces, self.layer, self.num_tokens, self.top_k, self.expert_counts, self.topk_sample)
+        return format_line(pieces, self.layer, self.num_tokens, self.top_k, [int(c) for c in self.expert_counts],
+                           self.topk_sample)
 
 
 @dataclass
