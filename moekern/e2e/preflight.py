@@ -499,7 +499,7 @@ def build_checks(args) -> tuple[list, dict]:
 
             if not torch.cuda.is_available():
                 raise Skip("no CUDA device")
-            from moekern.dispatch.reference import fused_moe_reference
+            from moekern.experts.reference import fused_moe_reference
             from moekern.experts import fused_moe
             from moekern.routing import fused_topk
 
