@@ -448,6 +448,30 @@ def test_noncontiguous_inputs_are_made_contiguous():
         assert_layout_equal(layout, l_want)
 
 
+@pytest.mark.parametrize("backend", ["torch", *ACCEL])
+def test_unpermute_skips_rows_past_the_end(backend):
+    """skip_missing_rows: only the first experts' rows were computed (as on an expert-parallel rank); the
+    other slots add nothing. Expert e multiplies by (e + 1); small integers and quarter weights keep fp32 exact."""
+    gen = torch.Generator().manual_seed(5)
+    M, k, E, H = 11, 3, 6, 9
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).to(torch.int32).to(DEV)
+    x = torch.randint(-4, 5, (M, H), generator=gen).float().to(DEV)
+    w = (torch.randint(1, 5, (M, k), generator=gen).float() / 4).to(DEV)
+    permuted, layout = permute(x, ids, E, backend=backend)
+    row_expert = torch.repeat_interleave(torch.arange(E, device=DEV), torch.diff(layout.expert_offsets).long())
+    y = permuted * (row_expert + 1).unsqueeze(1).float()
+    for e in range(E + 1):  # compute experts 0..e-1 only
+        n = int(layout.expert_offsets[e])
+        on = (ids < e).float() * w * (ids + 1).float()  # [M, k]: what each slot adds, per unit of x
+        want = x * on.sum(1, keepdim=True)
+        got = unpermute(y[:n], layout, w, backend=backend, skip_missing_rows=True)
+        assert torch.equal(got.cpu(), want.cpu()), f"experts < {e}"
+    with pytest.raises(ValueError, match=f"expert_output must have at most {M * k} rows"):
+        unpermute(torch.zeros(M * k + 1, H, device=DEV), layout, w, backend=backend, skip_missing_rows=True)
+    with pytest.raises(ValueError, match=f"expert_output must have {M * k} rows"):
+        unpermute(y[:5], layout, w, backend=backend)
+
+
 @pytest.mark.parametrize("use_counts", [False, True])
 @pytest.mark.parametrize("backend", ["torch", *ACCEL])
 def test_int64_ids_give_the_int32_results(backend, use_counts):

@@ -245,16 +245,25 @@ def unpermute(
     topk_weights: torch.Tensor,
     *,
     backend: str = "auto",
+    skip_missing_rows: bool = False,
 ) -> torch.Tensor:
     """Combine: out[t] = sum_j topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], fp32 accumulation.
 
     expert_output: [M*k, H] fp32|fp16|bf16, rows in permute's order. layout: permute's PermuteLayout.
     topk_weights: [M, k] fp32|fp16|bf16 (any of them, independent of expert_output's dtype).
+    skip_missing_rows: when True, expert_output may hold only its first N <= M*k rows (e.g. the experts
+      this rank computed, sorted first); slots whose row is >= N contribute nothing.
     Returns [M, H] in expert_output's dtype. Reads only layout.slot_to_row; no host sync on any backend.
     """
     _check_layout(layout)
     M, k = layout.num_tokens, layout.top_k
-    _check_hidden("expert_output", expert_output, "num_tokens * top_k of layout", M * k)
+    if skip_missing_rows:
+        _check_hidden("expert_output", expert_output, "", None)
+        if expert_output.shape[0] > M * k:
+            raise ValueError(f"expert_output must have at most {M * k} rows (num_tokens * top_k of layout); "
+                             f"got shape {tuple(expert_output.shape)}")
+    else:
+        _check_hidden("expert_output", expert_output, "num_tokens * top_k of layout", M * k)
     _check_tensor("topk_weights", topk_weights, f"[{M}, {k}] float")
     if tuple(topk_weights.shape) != (M, k):
         raise ValueError(f"topk_weights must have shape ({M}, {k}) to match layout; got {tuple(topk_weights.shape)}")
