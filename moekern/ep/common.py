@@ -3,10 +3,10 @@
 Imports run one way: api (the facade that picks a backend) -> nccl, peer, lowlat -> common -> layout and
 moekern.dispatch. Nothing here imports a backend.
 
-Grouping by local expert is moekern.dispatch's permute layout with one extra expert: a received slot whose
-expert lives on another rank (local id -1) is sorted into expert El, after the real ones. So
-layout.expert_offsets[:El+1] are the local experts' row ranges, the first S = expert_offsets[El] rows are
-the ones a rank computes (DispatchOutput.expert_x), and combine is moekern.dispatch.unpermute with
+Grouping by local expert is moekern.dispatch's permute layout (EpHandle.grouping) with one extra expert: a
+received slot whose expert lives on another rank (local id -1) is sorted into expert El, after the real
+ones. So expert_offsets[:El+1] are the local experts' row ranges, the first S = expert_offsets[El] rows
+are the ones a rank computes (DispatchOutput.expert_x), and combine is moekern.dispatch.unpermute with
 skip_missing_rows=True: the other ranks' slots have no row and add nothing.
 """
 
@@ -64,7 +64,7 @@ class EpHandle:
     recv_counts: list[int]
     send_token_idx: torch.Tensor  # [N] int64
     dest_rows: torch.Tensor | None  # [M, W] int32 (peer path)
-    layout: PermuteLayout  # received slots grouped by local expert, other ranks' slots last (see above)
+    grouping: PermuteLayout  # received slots grouped by local expert, other ranks' slots last (see above)
     expert_rows: int  # S: rows of expert_x, the rows combine(layout="expert") takes
     recv_topk_weights: torch.Tensor
     hidden: int
@@ -173,7 +173,7 @@ def finish_dispatch(recv_x, ids, weights, src_rank, src_token, El, group_by_expe
     expert_x = recv_x[torch.div(layout.sorted_slots[:rows].long(), k, rounding_mode="floor")] if group_by_expert else None
     counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
     out = DispatchOutput(recv_x, ids, weights, src_rank, src_token, expert_x, offsets, counts)
-    handle = EpHandle(layout=layout, expert_rows=rows, recv_topk_weights=weights, hidden=recv_x.shape[1],
+    handle = EpHandle(grouping=layout, expert_rows=rows, recv_topk_weights=weights, hidden=recv_x.shape[1],
                       **handle_kw)
     return out, handle
 
@@ -181,4 +181,4 @@ def finish_dispatch(recv_x, ids, weights, src_rank, src_token, El, group_by_expe
 def local_combine(expert_output: torch.Tensor, handle: EpHandle) -> torch.Tensor:
     """[R, H] expert_output's dtype: each received token's local experts' rows, weighted and summed in fp32
     (j ascending), rounded once (moekern.dispatch.unpermute; the off-rank slots add nothing)."""
-    return unpermute(expert_output, handle.layout, handle.recv_topk_weights, skip_missing_rows=True)
+    return unpermute(expert_output, handle.grouping, handle.recv_topk_weights, skip_missing_rows=True)

@@ -291,7 +291,7 @@ def _write_partial(world: PeerWorld, rank: int, expert_output: torch.Tensor, han
     if layout == "token":
         dst.copy_(expert_output)
     else:  # the off-rank slots' rows are past expert_output's end: they add nothing
-        unpermute_triton(expert_output.contiguous(), handle.layout.slot_to_row, handle.recv_topk_weights.contiguous(),
+        unpermute_triton(expert_output.contiguous(), handle.grouping.slot_to_row, handle.recv_topk_weights.contiguous(),
                          R, handle.top_k, out=dst)
 
 
