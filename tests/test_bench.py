@@ -161,7 +161,7 @@ def test_align_check_exact_and_order_free():
 
 
 def test_checker_flags_wrong_moe():
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
 
     shape = make_shape("moe", resolve_model("mixtral", tiny=True), 3)
     inp = make_inputs(shape, 3, "cpu")

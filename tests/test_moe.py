@@ -1,4 +1,4 @@
-"""moekern.fused_moe against moekern.dispatch.reference.fused_moe_reference (per-expert loop, fp32 math).
+"""moekern.fused_moe against moekern.experts.reference.fused_moe_reference (per-expert loop, fp32 math).
 
 Tolerances. fp32: the Triton path uses IEEE fp32 dots (no TF32) and keeps the intermediate in fp32, so it
 differs from the reference only in summation order: rtol 1e-4, atol 1e-5. fp16/bf16: the intermediate and
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekern
-from moekern.dispatch.reference import fused_moe_reference
+from moekern.experts.reference import fused_moe_reference
 from moekern.experts import BlockConfig, default_configs, get_configs
 from moekern.models import get_model
 from moekern.routing import fused_topk_reference
