@@ -23,8 +23,16 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`moekern metrics: error: argument --phase: ...`) pointing at
+    --help, not the usage block: the same shape as a `UsageError`. Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekern", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moekern", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"moekern {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,7 +55,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage line already printed: its code, as a return
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

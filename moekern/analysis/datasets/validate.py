@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, load_table, summarize
 from moekern.analysis.stats import Estimate, spearman_ci, spearman_pvalue
+from moekern.errors import UsageError
 
 _NAME = re.compile(r"^(\d{3})_(\d+\.\d+)$")
 
@@ -41,7 +42,7 @@ def dataset_scores(datasets_dir: str | os.PathLike) -> dict[str, tuple[int, floa
         if m:
             out[f.stem] = (int(m.group(1)), float(m.group(2)))
     if not out:
-        raise ValueError(f"no dataset files named NNN_SCORE.jsonl under {str(datasets_dir)!r}")
+        raise UsageError(f"no dataset files named NNN_SCORE.jsonl under {str(datasets_dir)!r}")
     return out
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekern.errors import UsageError
+
 DEFAULT_MAX_TOKENS = 1000
 METRIC_NAMES = ("cv", "max_min", "max_mean", "entropy", "gini")
 
@@ -166,7 +168,7 @@ def round_robin_map(num_experts: int, ep_size: int) -> np.ndarray:
 
 def _check_ep(num_slots: int, ep_size: int) -> None:
     if ep_size < 1 or num_slots % ep_size:
-        raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the number of expert slots={num_slots}")
+        raise UsageError(f"ep_size={ep_size} must be >= 1 and divide the number of expert slots={num_slots}")
 
 
 def rank_loads(counts, ep_size: int, expert_to_rank=None, physical_to_logical=None) -> np.ndarray:
@@ -291,7 +293,9 @@ def load_table(path: str | os.PathLike, combine_ranks: str = "auto", phase: str 
         lo, hi = float(time_window[0]), float(time_window[1])
         records = [r for r in records if r.time is not None and lo <= r.time <= hi]
     if not records:
-        raise ValueError(f"no valid gate-log records under {str(p)!r} ({len(skipped)} lines skipped)")
+        raise UsageError(f"no valid gate-log records under {str(p)!r} ({len(skipped)} lines skipped"
+                         + (f"; phase={phase!r}" if phase is not None else "")
+                         + (f"; time_window={tuple(time_window)}" if time_window is not None else "") + ")")
     if combine_ranks not in ("auto", "sum", "first"):
         raise ValueError(f"combine_ranks={combine_ranks!r} must be 'auto', 'sum' or 'first'")
     e = max(len(r.expert_counts) for r in records)

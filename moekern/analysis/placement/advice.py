@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moekern.analysis.imbalance.metrics import DEFAULT_MAX_TOKENS, LoadTable, _nanmean, max_mean, rank_loads
+from moekern.errors import UsageError
 from moekern.models import weight_bytes_per_gpu as _models_weight_bytes
 
 STRATEGIES = ("contiguous", "round_robin", "greedy", "replicate")
@@ -45,7 +46,7 @@ def round_robin_p2l(num_experts: int, ep_size: int) -> np.ndarray:
 
 def _check(num_slots: int, ep_size: int) -> None:
     if ep_size < 1 or num_slots % ep_size:
-        raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the number of physical slots={num_slots}")
+        raise UsageError(f"ep_size={ep_size} must be >= 1 and divide the number of physical slots={num_slots}")
 
 
 def _pack(items: list[tuple[float, int]], ep_size: int, slots_per_rank: int) -> np.ndarray:
@@ -160,7 +161,7 @@ def advise(table: LoadTable, ep_size: int, num_redundant: int | None = None, tra
     GPU exceeds nothing is never rejected here; memory is reported (with `model`) for the user to weigh.
     """
     if not 0 < train_frac < 1:
-        raise ValueError(f"train_frac={train_frac} must be in (0, 1)")
+        raise UsageError(f"train_frac={train_frac} must be in (0, 1)")
     t = table.select(table.step_mask(max_tokens))
     if t.num_steps < 2:
         raise ValueError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")

@@ -62,6 +62,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekern.errors import UsageError
+
 _SCORE = re.compile(r"^\d{3}_(\d+\.\d+)$")
 
 
@@ -95,15 +97,20 @@ def load_spec(path) -> SweepSpec:
     import yaml
 
     p = Path(path)
-    raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not p.is_file():
+        raise UsageError(f"sweep spec {str(p)!r} " + ("is a folder, expected a YAML file" if p.is_dir() else "does not exist"))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"sweep spec {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"sweep spec {str(p)!r} must be a YAML mapping")
+        raise UsageError(f"sweep spec {str(p)!r} must be a YAML mapping")
     for key in ("command", "grid"):
         if key not in raw:
-            raise ValueError(f"sweep spec {str(p)!r} is missing {key!r}")
+            raise UsageError(f"sweep spec {str(p)!r} is missing {key!r}")
     grid = raw["grid"]
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError("grid must map each parameter to a non-empty list of values")
+        raise UsageError("grid must map each parameter to a non-empty list of values")
     base = p.resolve().parent
     out = Path(raw.get("out_dir", f"results/{p.stem}"))
     flag = raw.get("eplb_flag", {True: "--enable-eplb", False: ""})
@@ -123,23 +130,23 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
     if bench_grid is None:
         return None
     if not isinstance(bench_grid, dict):
-        raise ValueError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
+        raise UsageError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
     unknown = sorted(set(bench_grid) - set(CLIENT_FACTORS) - {"reps"})
     if unknown:
-        raise ValueError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
+        raise UsageError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
     conc = bench_grid.get("concurrency")
     if not isinstance(conc, list) or not conc or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                                                          for c in conc):
-        raise ValueError(f"bench_grid.concurrency must be a non-empty list of ints >= 1; got {conc!r}")
+        raise UsageError(f"bench_grid.concurrency must be a non-empty list of ints >= 1; got {conc!r}")
     ds = bench_grid.get("dataset")
     if ds is not None and (not isinstance(ds, list) or not ds):
-        raise ValueError(f"bench_grid.dataset must be a non-empty list of files/globs; got {ds!r}")
+        raise UsageError(f"bench_grid.dataset must be a non-empty list of files/globs; got {ds!r}")
     reps = bench_grid.get("reps", 1)
     if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise ValueError(f"bench_grid.reps must be an int >= 1; got {reps!r}")
+        raise UsageError(f"bench_grid.reps must be an int >= 1; got {reps!r}")
     clash = sorted(set(grid or {}) & set(CLIENT_FACTORS))
     if clash:
-        raise ValueError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
+        raise UsageError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
     return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps}
 
 
@@ -221,7 +228,7 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
     keys = list(spec.grid)
     values = [_expand(spec.grid[k], spec.base_dir, k == "dataset") for k in keys]
     if any(not v for v in values):
-        raise ValueError(f"grid parameter {keys[[bool(v) for v in values].index(False)]!r} expanded to nothing "
+        raise UsageError(f"grid parameter {keys[[bool(v) for v in values].index(False)]!r} expanded to nothing "
                          "(a dataset glob that matches no file?)")
     points = []
     for combo in itertools.product(*values):
@@ -240,7 +247,7 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
             bg = spec.bench_grid
             datasets = _expand(bg["dataset"], spec.base_dir, True) if bg["dataset"] else [None]
             if not datasets:
-                raise ValueError("bench_grid.dataset expanded to nothing (a glob that matches no file?)")
+                raise UsageError("bench_grid.dataset expanded to nothing (a glob that matches no file?)")
             result_dir = spec.out_dir / "runs"
             flags = ["--concurrency-grid", ",".join(str(c) for c in bg["concurrency"]), "--grid-reps",
                      str(bg["reps"]), "--grid-prefix", run_id, "--result-dir", str(result_dir)]
@@ -252,11 +259,11 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
         try:
             cmd = shlex.split(spec.command.format(**fields))
         except KeyError as exc:
-            raise ValueError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
+            raise UsageError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
                              "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag"
                              + (", bench_grid, result_dir" if spec.bench_grid is not None else "")) from exc
         if spec.bench_grid is not None and "--result-dir" not in cmd:
-            raise ValueError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
+            raise UsageError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
         done = all(f.exists() for f in expected) if expected else result.exists()
         points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
     return points
