@@ -69,8 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"moekern {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_command_prog(parser, args)}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _command_prog(parser: argparse.ArgumentParser, args) -> str:
+    """The prog of the sub-parser that ran (`moekern profile trace`), found by following the chosen names."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen not in (subs[0].choices if subs else {}):
+            return parser.prog
+        parser = subs[0].choices[chosen]
 
 
 if __name__ == "__main__":
