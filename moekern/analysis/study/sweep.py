@@ -19,11 +19,15 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
       max_num_batched_tokens: [2048, 4096, 8192, 16384]
       eplb: [false, true]
       dataset: ["datasets/*.jsonl"]          # globs expand (relative to the spec file)
+    datasets: {out: datasets, num: 8}        # optional: made on demand (see below)
     timeout_s: 3600
 
 The command runs in the spec file's folder. Template fields: every grid key and var, plus {result}
 (out_dir/runs/ID.json), {gate_log_dir} (out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder),
-{run_id}, {out_dir}, {dataset_name} (file stem), {eplb_flag}. A runner that writes a folder instead of one
+{run_id}, {out_dir}, {dataset_name} (file stem), {eplb_flag}. With `datasets: {out: DIR, num: N, seed: S,
+prompts: P}` (DIR relative to the spec file), a DIR that holds no *.jsonl yet is filled first, as
+`moekern datasets generate --num N --out DIR --seed S --prompts P` would (whitespace tokenizer where Mixtral's
+is not installed), so a fresh clone can plan and run the spec; existing datasets are never rewritten. A runner that writes a folder instead of one
 result file: set `collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes
 {result}. A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner
 wrote one) gets a "moekern" block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log,
@@ -90,6 +94,7 @@ class SweepSpec:
     base_dir: Path = Path(".")
     collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
     bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n}: client-side factors
+    datasets: dict | None = None  # {"out": Path, "num": n, "seed": s, "prompts": p}: generated when missing
 
 
 def load_spec(path) -> SweepSpec:
@@ -118,7 +123,43 @@ def load_spec(path) -> SweepSpec:
     return SweepSpec(name=str(raw.get("name", p.stem)), out_dir=out if out.is_absolute() else base / out,
                      command=str(raw["command"]), grid=grid, vars=dict(raw.get("vars") or {}), eplb_flag=flag,
                      timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"),
-                     bench_grid=check_bench_grid(raw.get("bench_grid"), grid))
+                     bench_grid=check_bench_grid(raw.get("bench_grid"), grid),
+                     datasets=_check_datasets(raw.get("datasets"), base))
+
+
+def _check_datasets(raw, base: Path) -> dict | None:
+    """The spec's `datasets` mapping with defaults filled and `out` resolved, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw.get("out"):
+        raise UsageError(f"datasets must be a mapping with 'out' (and num, seed, prompts); got {raw!r}")
+    unknown = sorted(set(raw) - {"out", "num", "seed", "prompts"})
+    if unknown:
+        raise UsageError(f"datasets keys {unknown} unknown; expected out, num, seed, prompts")
+    d = {"num": 8, "seed": 0, "prompts": 100, **raw}
+    for key in ("num", "prompts"):
+        if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+            raise UsageError(f"datasets.{key} must be an int >= 1; got {d[key]!r}")
+    out = Path(str(d["out"]))
+    d["out"] = out if out.is_absolute() else base / out
+    return d
+
+
+def ensure_datasets(spec: SweepSpec, out=None) -> list[Path]:
+    """Generate the spec's `datasets` when their folder holds no *.jsonl yet; returns the files written
+    (none when they exist or the spec has no `datasets`)."""
+    d = spec.datasets
+    if d is None or sorted(Path(d["out"]).glob("*.jsonl")):
+        return []
+    from moekern.analysis.datasets.generate import generate_datasets
+    from moekern.analysis.datasets.predictor import ImbalancePredictor
+
+    pred = ImbalancePredictor()
+    infos = generate_datasets(d["num"], d["out"], d["seed"], d["prompts"], predictor=pred)
+    print(f"sweep {spec.name!r}: generated {len(infos)} datasets in {d['out']} (tokenizer {pred.tokenizer.name}; "
+          f"moekern datasets generate --num {d['num']} --seed {d['seed']} --prompts {d['prompts']})",
+          file=out or sys.stderr)
+    return [Path(i.path) for i in infos]
 
 
 CLIENT_FACTORS = ("concurrency", "dataset")  # vary per bench against one server
@@ -305,6 +346,7 @@ def _annotate(point: SweepPoint, spec: SweepSpec, path: Path | None = None) -> N
 def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None) -> dict:
     """Run the points whose result is missing. Returns {"planned", "skipped", "ran", "failed"}."""
     out = out or sys.stdout
+    ensure_datasets(spec)
     points = plan(spec)
     todo = [p for p in points if not p.done]
     summary = {"planned": len(points), "skipped": len(points) - len(todo), "ran": 0, "failed": 0}
