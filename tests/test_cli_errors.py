@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,8 @@ CASES = [
     ("coactivation {g} --ep-size 3", "ep_size=3"),
     ("coactivation {g} --ep-size 0", "argument --ep-size: '0'"),
     ("coactivation {t}/corrupt.jsonl --ep-size 2", "'{t}/corrupt.jsonl'"),
+    ("coactivation {g} --ep-size 2 --plot {t}/coact.png", "--plot '{t}/coact.png': no record under '{g}' carries "
+                                                         "topk_sample"),
     # factorial
     ("factorial {nope}", "argument spec: '{nope}'"),
     ("factorial {t}/bad.yaml", "'{t}/bad.yaml' is not valid YAML"),
@@ -109,6 +112,9 @@ CASES = [
     ("project {g} --model mixtral --nodes a,b", "argument --nodes: 'a,b'"),
     ("project {g} --model mixtral --nodes 0", "argument --nodes: '0'"),
     ("project {t}/corrupt.jsonl --model mixtral", "'{t}/corrupt.jsonl'"),
+    ("project {g} --model deepseek-v3", "gate log has 8 experts but model='deepseek-v3' has 256"),
+    ("project {g} --model mixtral --nodes 2,4", "--nodes 2,4: no projection for 2 node(s) = 16 GPUs, 4 node(s) = "
+                                                "32 GPUs: mixtral has E=8 experts"),
     # diffusion
     ("diffusion generate --model bogus --prompt-ids 1", "argument --model: unknown model 'bogus'"),
     ("diffusion generate --prompt-ids 1 --steps 0", "argument --steps: '0'"),
@@ -205,3 +211,21 @@ def test_placement_map_file_is_read(fixtures, tmp_path, capsys):
     out_c = json.loads(capsys.readouterr().out)
     # the swapped map moves every expert to the other rank: the same loads, ranks swapped
     assert out["rank_load"]["rank_tokens"] == pytest.approx(out_c["rank_load"]["rank_tokens"][::-1])
+
+
+def test_refused_plot_writes_no_file(fixtures):
+    assert main(_argv("coactivation {g} --ep-size 2 --plot {t}/coact.png", fixtures)) == 2
+    assert not (Path(fixtures["t"]) / "coact.png").exists()
+
+
+def test_project_names_the_node_counts_it_cannot_place(fixtures, tmp_path, capsys):
+    # Mixtral's 8 experts fill 8 GPUs (1 node); 16 and 32 GPUs cannot each hold a whole number of them
+    png = tmp_path / "p.png"
+    assert main(_argv("project {g} --model mixtral --nodes 1,2,4 --plot", fixtures) + [str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "note: no projection for 2 node(s) = 16 GPUs, 4 node(s) = 32 GPUs: mixtral has E=8" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("8 ", "16 ", "32 "))]
+    assert {r[0] for r in rows} == {"8"} and png.stat().st_size > 1000
+    assert main(_argv("project {g} --model mixtral --nodes 1,2 --json", fixtures)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["info"]["nodes_left_out"] == [2] and "note: no projection" in captured.err

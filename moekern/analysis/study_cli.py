@@ -179,6 +179,10 @@ def _coactivation(args) -> int:
     res = placement_study(args.path, args.ep_size, max_tokens=None if args.no_filter else args.max_tokens)
     data = res["coact"]
     sampled = [l for l in data.layers if data.samples.get(l)]
+    if args.plot and not sampled:  # a heatmap of nothing is not a plot: refuse before writing anything
+        raise UsageError(f"--plot {args.plot!r}: no record under {args.path!r} carries topk_sample, so there is no "
+                         f"co-activation to draw (record one with MOEKERN_GATE_LOG_TOPK_SAMPLE=N on the vLLM "
+                         f"plugin, or leave out --plot for the load-only scores)")
     out = {"ep_size": args.ep_size, "train_steps": res["train_steps"], "test_steps": res["test_steps"],
            "sampled_tokens_test": res["sampled_tokens_test"], "layers_with_samples": sampled,
            "hot_cold_rule": "hot: load > mean + 1 std; cold: load < mean - 1 std (population std)",
@@ -292,16 +296,35 @@ def _project(args) -> int:
     kw = {"inter_bw": args.inter_bw_gbs * 1e9, "gemm_tflops": args.gemm_tflops, "dispatch_bytes": args.dispatch_bytes}
     if args.intra_bw_gbs:
         kw["intra_bw"] = args.intra_bw_gbs * 1e9
+    from moekern.analysis.placement.project import GPUS_PER_NODE
+    from moekern.models import get_model
+
     nodes = tuple(args.nodes)
     rows, info = project_from_gate_log(args.gate_log, args.model, nodes, args.tokens_per_gpu, **kw)
+    # Each GPU holds E / GPUs experts (no replication here): a node count whose GPUs do not divide E has no
+    # placement, so it gets no point; say which and why rather than draw fewer points without a word.
+    num_experts = get_model(args.model).num_experts
+    left_out = [n for n in nodes if not any(r.nodes == n for r in rows)]
+    note = (f"no projection for {', '.join(f'{n} node(s) = {n * GPUS_PER_NODE} GPUs' for n in left_out)}: "
+            f"{info['model']} has E={num_experts} experts, and every GPU must hold E / GPUs of them (GPUs must "
+            f"divide E; expert replication is not modelled)") if left_out else ""
+    if not rows:
+        raise UsageError(f"--nodes {','.join(map(str, nodes))}: {note}")
+    info["nodes_left_out"] = left_out
     measured = measured_ep_rows()
     if args.plot:
-        projection_plot(rows, f"{info['model']}, {info['routing']}", args.plot)
+        projection_plot(rows, f"{info['model']}, {info['routing']}"
+                        + (f"\nnodes {','.join(map(str, left_out))} left out: {GPUS_PER_NODE} x nodes GPUs must divide "
+                           f"E={num_experts}" if left_out else ""), args.plot)
     if args.json:
         print(json.dumps(_clean({"info": info, "rows": [r.__dict__ for r in rows], "measured": measured}), indent=1))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     print(f"{info['status']}: {info['model']}, routing {info['routing']}, intra {info['intra_bw'] / 1e9:.0f} GB/s "
           f"({info['intra_bw_source']}), inter {info['inter_bw'] / 1e9:.0f} GB/s/GPU")
+    if note:
+        print(f"note: {note}")
     print(f"{'GPUs':>4s} {'placement':13s} {'disp us':>8s} {'gemm us':>8s} {'comb us':>8s} {'step ms':>8s} "
           f"{'fan-out':>7s} {'inter%':>6s} {'hot rank':>8s}")
     for r in rows:
