@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{_command_prog(parser, args)}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A path the file system refused (an --out folder that does not exist, a file without read
+        # permission): the user's to fix, as a UsageError. OSErrors without a path are not, and propagate.
+        if args.debug or exc.filename is None:
+            raise
+        print(f"{_command_prog(parser, args)}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _command_prog(parser: argparse.ArgumentParser, args) -> str:

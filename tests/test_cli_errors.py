@@ -18,8 +18,8 @@ import pytest
 from moekern.analysis.datasets.synthetic import write_synthetic_gate_log
 from moekern.cli import build_parser, main
 
-# (argv with {g}: an 8-expert gate-log folder, {t}: a folder of fixtures, {nope}: a path that does not exist;
-#  what stderr must name)
+# (argv with {g}: an 8-expert gate-log folder, {t}: a folder of fixtures, {nope}: a path that does not exist,
+#  {repo}: the checkout; what stderr must name, or None: not a mistake, exit 0)
 CASES = [
     # bench
     ("bench --ops gemm", "--ops gemm"),
@@ -29,6 +29,7 @@ CASES = [
     ("bench --block-sizes 0", "--block-sizes"),
     # bench-history
     ("bench-history {nope}", "{nope}"),
+    ("bench-history {repo}/benchmarks/results --plot {nope}/h.png", "{nope}/h.png: No such file or directory"),
     # models
     ("models --model bogus", "argument --model: unknown model 'bogus'"),
     ("models --gpus 0", "argument --gpus: '0'"),
@@ -106,11 +107,13 @@ CASES = [
     ("recommend --model mixtral --predictor {nope}", "--predictor '{nope}'"),
     ("recommend --model mixtral --retrain {nope}", "argument --retrain: '{nope}'"),
     ("recommend --model mixtral --retrain {t}/empty_dir --predictor {t}/p.joblib", "'{t}/empty_dir'"),
+    ("coactivation {g} --ep-size 2 --out {nope}/c.json", "{nope}/c.json: No such file or directory"),
     # project
     ("project {nope} --model mixtral", "argument gate_log: '{nope}'"),
     ("project {g} --model bogus", "argument --model: unknown model 'bogus'"),
     ("project {g} --model mixtral --nodes a,b", "argument --nodes: 'a,b'"),
     ("project {g} --model mixtral --nodes 0", "argument --nodes: '0'"),
+    ("project {g} --model mixtral --json --plot {nope}/p.png", "{nope}/p.png: No such file or directory"),
     ("project {t}/corrupt.jsonl --model mixtral", "'{t}/corrupt.jsonl'"),
     ("project {g} --model deepseek-v3", "gate log has 8 experts but model='deepseek-v3' has 256"),
     ("project {g} --model mixtral --nodes 2,4", "--nodes 2,4: no projection for 2 node(s) = 16 GPUs, 4 node(s) = "
@@ -133,7 +136,8 @@ def fixtures(tmp_path_factory):
     (t / "no_grid.yaml").write_text("command: echo {x}\n")
     (t / "bad.json").write_text("{nope")
     (t / "empty_dir").mkdir()
-    return {"g": str(t / "g"), "t": str(t), "nope": str(t / "nope")}
+    return {"g": str(t / "g"), "t": str(t), "nope": str(t / "nope"),
+            "repo": str(Path(__file__).resolve().parents[1])}
 
 
 def _argv(case: str, fx: dict) -> list[str]:
