@@ -68,6 +68,7 @@ CASES = [
     ("placement {g} --ep-size two", "argument --ep-size: 'two'"),
     ("placement {g} --ep-size 2 --model bogus", "argument --model: unknown model 'bogus'"),
     ("placement {g} --ep-size 2 --train-frac 2", "argument --train-frac: '2'"),
+    ("placement {g} --ep-size 2 --max-tokens 1", "need >= 2 steps after the max_tokens=1 filter; got 0"),
     ("placement {t}/corrupt.jsonl --ep-size 2", "'{t}/corrupt.jsonl'"),
     ("placement {g} --ep-size 2 --out {nope}/advice.json", "--out '{nope}/advice.json'"),
     # sweep

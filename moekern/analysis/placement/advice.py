@@ -164,7 +164,7 @@ def advise(table: LoadTable, ep_size: int, num_redundant: int | None = None, tra
         raise UsageError(f"train_frac={train_frac} must be in (0, 1)")
     t = table.select(table.step_mask(max_tokens))
     if t.num_steps < 2:
-        raise ValueError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")
+        raise UsageError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")
     n_train = min(t.num_steps - 1, max(1, int(round(train_frac * t.num_steps))))
     train = t.select(np.arange(t.num_steps) < n_train)
     test = t.select(np.arange(t.num_steps) >= n_train)
