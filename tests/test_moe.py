@@ -561,3 +561,16 @@ def test_moe_configs_env_errors(tmp_path, monkeypatch, content, match):
     with pytest.raises(ValueError, match=match) as err:
         active_table()
     assert CONFIGS_ENV in str(err.value)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_cuda_backend_on_cpu_names_cuda_not_triton(interpret, monkeypatch):
+    # backend="cuda" runs the CUDA routing/align stages: on CPU tensors the error is about those, with or without
+    # the Triton interpreter, and it never blames the triton backend the user did not ask for.
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)  # read when the backend is checked, not at import
+    x, logits = _inputs(4, 8)
+    w13, w2 = _weights(8)
+    with pytest.raises(RuntimeError) as exc:
+        moekern.fused_moe(x, w13, w2, router_logits=logits, top_k=2, backend="cuda")
+    msg = str(exc.value)
+    assert "backend='cuda'" in msg and "CUDA" in msg and "triton" not in msg.lower(), msg

@@ -134,6 +134,8 @@ def fused_moe(
         else:
             expert_backend = stage_backend = "torch"
     else:
+        if backend == "cuda":  # CUDA routing and align, then Triton GEMMs: both must run here
+            resolve_backend("cuda", dev)
         resolve_backend("triton" if backend == "cuda" else backend, dev)  # raises when unavailable
         expert_backend = "torch" if backend == "torch" else "triton"
         stage_backend = backend
