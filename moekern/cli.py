@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except SystemExit as exc:  # a command that checks its flags after parsing (e2e: parser.error): its code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except UsageError as exc:
         if args.debug:
             raise

@@ -124,6 +124,14 @@ CASES = [
     ("diffusion generate --prompt-ids 1 --steps 0", "argument --steps: '0'"),
     ("diffusion compare --ar {nope} --diffusion {g}", "argument --ar: '{nope}'"),
     ("diffusion compare --ar {g} --diffusion {g} --ar-phase bogus", "argument --ar-phase: 'bogus'"),
+    # e2e (its flags are checked by moekern.e2e.args.check_args: argparse's one line as well)
+    ("e2e --model bogus", "argument --model: invalid choice: 'bogus'"),
+    ("e2e --rounds 0", "--rounds=0 must be >= 1"),
+    ("e2e --dataset {nope} --plan-only", "--dataset '{nope}' is not a file"),
+    # the gate-log readers' flags (--combine-ranks, --definition)
+    ("metrics {g} --combine-ranks bogus", "argument --combine-ranks: invalid choice: 'bogus'"),
+    ("metrics {g} --definition seed --max-tokens 5", "--definition seed fixes its own token filter"),
+    ("placement {g} --ep-size 2 --combine-ranks bogus", "argument --combine-ranks"),
 ]
 
 

@@ -238,7 +238,6 @@ def placement_study(path, ep_size: int, train_frac: float = 0.5, max_tokens: int
     "coact": CoactivationData}."""
     from moekern.analysis.imbalance.metrics import load_table
     from moekern.analysis.placement.advice import advise, score_placement
-    from moekern.errors import UsageError
 
     table = load_table(path, combine_ranks=combine_ranks)
     if len(table.run_names) > 1:
