@@ -36,6 +36,9 @@ def _extensions():
     cxx_flags = ["-O3"]
     is_hip = torch.version.hip is not None
     has_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
+    # Host sources: bindings.cpp (the only file that includes torch) and the torch-free host code beside the
+    # kernels (csrc/gatelog/format.cpp), compiled in every build, the CPU-only one included.
+    host_sources = _sources("csrc/**/*.cpp")
     device_sources = _sources("csrc/**/*.cu")
     if is_hip or has_cuda:
         if has_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -45,7 +48,7 @@ def _extensions():
             nvcc_flags += ["--expt-relaxed-constexpr", "-lineinfo"]
         ext = ce.CUDAExtension(
             "moekern._C",
-            sources=["csrc/bindings.cpp"] + device_sources,
+            sources=host_sources + device_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DMOEKERN_WITH_DEVICE=1"], "nvcc": nvcc_flags},
             extra_link_args=_cxx_runtime_link_args(),
@@ -53,7 +56,7 @@ def _extensions():
     else:
         ext = ce.CppExtension(
             "moekern._C",
-            sources=["csrc/bindings.cpp"],
+            sources=host_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=_cxx_runtime_link_args(),

@@ -7,35 +7,33 @@ Mixtral-like H=4096, E=64; k=8; uniform or Zipf(1.2) routing) it times, per rank
 total / W), with CUDA-event timing after warm-up (triton.testing.do_bench):
   peer_dispatch   moekern.ep.dispatch_emulated: layout, counts, the Triton write kernel into the peers'
                   regions, copy-out and grouping by local expert (expert_x);
-  peer_write      the write kernel alone;
-  peer_combine    moekern.ep.combine_emulated: local weighted reduce kernel + pull kernel;
-  torch_dispatch  the portable path's torch ops with a local copy in place of all_to_all_single;
-  torch_combine   its combine (torch local reduce, local copy, per-rank index_add).
+  peer_write      the write kernel alone (moekern.ep.peer.plan_send + write_tokens);
+  peer_combine    moekern.ep.combine_emulated: local weighted reduce (unpermute) kernel + pull kernel;
+  torch_dispatch  the portable path (moekern.ep.nccl.pack/unpack) with local copies for all_to_all_single;
+  torch_combine   its combine (moekern.dispatch.unpermute, local copy, nccl.sum_partials).
 Bytes moved per rank (payload + metadata; combine partials) and the time they need at the measured
-device-to-device copy bandwidth are recorded, so multi-GPU runs can be set against the same model.
-On one GPU the "peer" stores land in local HBM: the times are kernel-side costs, not NVLink times.
+device-to-device copy bandwidth are recorded. On one GPU the "peer" stores land in local HBM: the times
+are kernel-side costs, not NVLink times.
 
 Low-latency rows (doc["ll_results"], decode cases only; moekern.ep.lowlat, fixed receive layout, no host
-sync): the same W emulated ranks and routing, dispatch_ll_emulated / combine_ll_emulated captured in CUDA
-graphs and replayed (ll_dispatch_graph_us, ll_combine_graph_us, ll_roundtrip_graph_us: one graph holding
-both), plus the eager call (ll_dispatch_eager_us: host launch cost included). Before timing, LL must agree
-with the peer path (each expert's rows exactly; combine within bf16 rounding). `--ll-only` skips the rest.
+sync): dispatch_ll_emulated / combine_ll_emulated captured in CUDA graphs and replayed (ll_dispatch_graph_us,
+ll_combine_graph_us, ll_roundtrip_graph_us: one graph holding both), plus the eager call
+(ll_dispatch_eager_us). Before timing, LL must agree with the peer path (each expert's rows exactly;
+combine within bf16 rounding). `--ll-only` skips the rest.
 
-Distributed mode (real ranks, one process per GPU; issue 11):
+Distributed mode (real ranks, one process per GPU):
 
     torchrun --nproc-per-node W benchmarks/bench_ep.py --distributed --out DIR   # DIR/bench_ep_w{W}.json
-    python benchmarks/bench_ep.py --report DIR     # scaling vs W=2 over DIR's bench_ep_w*.json (+ plot)
+    python benchmarks/bench_ep.py --report DIR     # scaling vs W=2 over DIR's bench_ep_w*.json (ep_report.py)
 
-Each rank runs the same cases (bf16 payload) through moekern.ep.dispatch/combine with backend="nccl"
-(the portable all_to_all_single path) and backend="peer" (Triton stores into PeerWorld.symmetric, torch
-symmetric memory over NVLink). Before timing, the two paths must agree (received rows exactly, combine
-within bf16 rounding). Each timed iteration starts after a device sync and a process-group barrier, is
-bracketed by CUDA events, and the case's time is the max over ranks of the per-rank median. The peer
-bandwidth is measured in the same run: every rank copies a large buffer into rank+1's symmetric buffer at
-once (torch copy_ through the mapped peer pointer). Algorithmic bandwidth = bytes a rank sends to other
-ranks (mean over ranks; payload + metadata rows for dispatch, bf16 partials for combine) / time.
-On CPU (gloo, e.g. `torchrun --nproc-per-node 2 ... --distributed --tiny`) only the portable path runs
-and the peer path is recorded as skipped with its reason: that is the orchestration's CPU proof.
+Each rank runs the same cases (bf16 payload) through moekern.ep.dispatch/combine with backend="nccl" and
+backend="peer" (PeerWorld.symmetric, torch symmetric memory over NVLink); the two must agree before timing.
+Each timed iteration starts after a device sync and a process-group barrier, is bracketed by CUDA events,
+and the case's time is the max over ranks of the per-rank median. The peer bandwidth is measured in the
+same run (every rank copies a large buffer into rank+1's symmetric buffer at once). Algorithmic bandwidth =
+bytes a rank sends to other ranks (mean over ranks; payload + metadata rows for dispatch, bf16 partials for
+combine) / time. On CPU (gloo, `torchrun --nproc-per-node 2 ... --distributed --tiny`) only the portable
+path runs and the peer path is recorded as skipped with its reason: the orchestration's CPU proof.
 """
 
 from __future__ import annotations
@@ -43,14 +41,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import zlib
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from ep_report import derive_row, format_table, write_json, write_report  # noqa: E402
 
 W = 8
 CASES = [  # (phase, tokens per rank, H, E)
@@ -81,46 +81,31 @@ def emulated_inputs(W, M, H, E, skew, gen, device):
 
 
 def torch_dispatch(xs, ids, ws, E):
-    """The portable path's work for all W ranks, all_to_all_single replaced by a local gather of chunks."""
-    from moekern.ep import layout as L
+    """The portable path for all W ranks (moekern.ep.nccl's per-rank steps), each all_to_all_single replaced
+    by a local gather of chunks. Returns [(DispatchOutput, EpHandle)] per rank."""
+    from moekern.ep import nccl
 
-    El = E // W
-    lays = [L.send_layout(i, El, W) for i in ids]
-    sends = []
-    for r in range(W):
-        lay = lays[r]
-        dest = torch.repeat_interleave(torch.arange(W, device=xs[r].device), lay.send_counts)
-        meta = L.local_meta(ids[r], ws[r], lay.send_token_idx, dest, El)
-        counts = lay.send_counts.tolist()
-        sends.append((xs[r][lay.send_token_idx].split(counts), meta.split(counts)))
-    outs = []
-    for d in range(W):
-        recv_x = torch.cat([sends[r][0][d] for r in range(W)])  # the "all_to_all" as a local copy
-        recv_meta = torch.cat([sends[r][1][d] for r in range(W)])
-        rids, rw, _ = L.split_meta(recv_meta, K)
-        g = L.group_by_local_expert(rids, El)
-        outs.append((recv_x[torch.div(g.sorted_slots, K, rounding_mode="floor")], g, rw))
-    return lays, outs
-
-
-def torch_combine(lays, outs, ys):
-    from moekern.ep import layout as L
-
-    parts = [L.local_reduce(y, g.slot_to_row, rw).to(y.dtype) for y, (_, g, rw) in zip(ys, outs)]
-    # rank d's partial rows are ordered by source rank: split them back per source ("all_to_all" back)
-    chunks = [p.split([int(lays[r].send_counts[d]) for r in range(W)]) for d, p in enumerate(parts)]
+    packs = [nccl.pack(xs[r], ids[r], ws[r], E, W) for r in range(W)]
+    counts = [p.lay.send_counts.tolist() for p in packs]
     res = []
-    for r in range(W):
-        M = lays[r].rank_mask.shape[0]
-        out = torch.zeros(M, ys[0].shape[1], dtype=torch.float32, device=ys[0].device)
-        start = 0
-        idx = lays[r].send_token_idx
-        for d in range(W):
-            n = int(lays[r].send_counts[d])
-            out.index_add_(0, idx[start:start + n], chunks[d][r].float())
-            start += n
-        res.append(out.to(ys[0].dtype))
+    for d in range(W):
+        recv = [counts[r][d] for r in range(W)]
+        recv_x = torch.cat([p.x.split(counts[r])[d] for r, p in enumerate(packs)])  # the "all_to_all"
+        recv_meta = torch.cat([p.meta.split(counts[r])[d] for r, p in enumerate(packs)])
+        res.append(nccl.unpack(packs[d], recv_x, recv_meta, None, rank=d, send_counts=counts[d], recv_counts=recv,
+                               num_experts=E, dtype=xs[d].dtype))
     return res
+
+
+def torch_combine(res, ys):
+    """The portable path's combine for all W ranks: local reduce (moekern.dispatch.unpermute), the partials
+    split back per source (the "all_to_all" back), the per-rank sum on the source."""
+    from moekern.ep import nccl
+    from moekern.ep.common import local_combine
+
+    chunks = [local_combine(y, h).split(h.recv_counts) for y, (_, h) in zip(ys, res)]
+    return [nccl.sum_partials(torch.cat([chunks[d][r] for d in range(W)]), h.send_token_idx, h.send_counts,
+                              h.num_tokens, h.dtype) for r, (_, h) in enumerate(res)]
 
 
 def copy_bandwidth(device):
@@ -134,7 +119,6 @@ def copy_bandwidth(device):
 
 
 def run(out_dir, quick=False, ll_only=False):
-    import triton
     from triton.testing import do_bench
 
     import moekern.ep as ep
@@ -157,23 +141,23 @@ def run(out_dir, quick=False, ll_only=False):
                 handles = [h for _, h in res]
                 t_disp = do_bench(lambda: ep.dispatch_emulated(world, xs, ids, ws, E, fp8=fp8), warmup=5, rep=rep)
                 t_comb = do_bench(lambda: ep.combine_emulated(ys, handles), warmup=5, rep=rep)
-                plans = [peer._plan_send(xs[r], ids[r], ws[r], E, W, fp8) for r in range(W)]
+                plans = [peer.plan_send(xs[r], ids[r], ws[r], E, W, fp8) for r in range(W)]
                 counts = torch.stack([p.status for p in plans])[:, :W]
-                t_write = do_bench(lambda: [peer._send(world, r, plans[r], counts, E) for r in range(W)],
+                t_write = do_bench(lambda: [peer.write_tokens(world, r, plans[r], counts, E) for r in range(W)],
                                    warmup=5, rep=rep)
                 row = dict(phase=phase, tokens_per_rank=M, hidden=H, num_experts=E, top_k=K, world_size=W,
                            skew=skew, payload="fp8_e4m3+fp32 scale" if fp8 else "bf16",
                            peer_dispatch_us=1e3 * t_disp / W, peer_write_us=1e3 * t_write / W,
                            peer_combine_us=1e3 * t_comb / W)
                 if not fp8:
-                    lays, outs = torch_dispatch(xs, ids, ws, E)
-                    tys = [o[0] for o in outs]
+                    tres = torch_dispatch(xs, ids, ws, E)
+                    tys = [o.expert_x for o, _ in tres]
                     # the two paths must agree before their times mean anything
-                    for (o, _), (tx, _, _) in zip(res, outs):
-                        assert torch.equal(o.expert_x, tx), "peer and torch dispatch disagree"
+                    for (o, _), (to, _) in zip(res, tres):
+                        assert torch.equal(o.expert_x, to.expert_x), "peer and torch dispatch disagree"
                     row["torch_dispatch_us"] = 1e3 * do_bench(lambda: torch_dispatch(xs, ids, ws, E),
                                                               warmup=3, rep=rep) / W
-                    row["torch_combine_us"] = 1e3 * do_bench(lambda: torch_combine(lays, outs, tys),
+                    row["torch_combine_us"] = 1e3 * do_bench(lambda: torch_combine(tres, tys),
                                                              warmup=3, rep=rep) / W
                 sent = counts.sum(1).double()  # tokens each source rank sends (own rank included)
                 remote = sent - counts.diagonal().double()
@@ -199,9 +183,7 @@ def run(out_dir, quick=False, ll_only=False):
                   for i, (phase, M, H, E) in enumerate(c for c in cases if c[0] == "decode")
                   for skew in ("uniform", "zipf")]
     doc = dict(
-        bench="moekern.ep dispatch/combine, W=8 ranks emulated on one GPU",
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(),
+        bench="moekern.ep dispatch/combine, W=8 ranks emulated on one GPU", **_versions(torch.device(device)),
         bandwidth_model=dict(kind="device-to-device copy on one GPU (torch copy_ of 1 GiB, bytes copied per second;"
                                   " read+write traffic is twice this)", bytes_per_s=bw),
         timing="triton.testing.do_bench (CUDA events, after warm-up), all W emulated ranks' work / W; "
@@ -414,32 +396,17 @@ def peer_bandwidth(device, nbytes=256 << 20, reps=20) -> dict:
 
 
 def _versions(device) -> dict:
-    import datetime
-    import subprocess
+    """moekern.bench's environment record, plus what a multi-GPU run adds (GPU count, NCCL version)."""
+    from moekern.bench.runner import environment
 
-    v = dict(torch=torch.__version__, python=platform.python_version(),
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
+    v = environment(device)
+    v["device"] = v.pop("gpu") or f"cpu ({v['cpu']})"
+    v["gpu_count"] = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda":
-        v["device"] = torch.cuda.get_device_name(device)
-        v["gpu_count"] = torch.cuda.device_count()
-        v["cuda"] = torch.version.cuda
         try:
             v["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as exc:  # noqa: BLE001 - a missing version is recorded, not fatal
             v["nccl"] = f"unknown ({exc})"
-        try:
-            v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            v["driver"] = f"unknown ({exc})"
-    else:
-        v.update(device=f"cpu ({platform.processor() or platform.machine()})", gpu_count=0, driver=None)
     return v
 
 
@@ -573,13 +540,13 @@ def _run_distributed(ep, dist, device, env, out_dir, quick, tiny, reps, backends
             row["tokens_remote_per_rank_mean"] = _all_mean(float(remote), device)
             row["dispatch_bytes_remote_per_rank_mean"] = row["tokens_remote_per_rank_mean"] * tok_bytes
             row["combine_bytes_remote_per_rank_mean"] = row["tokens_remote_per_rank_mean"] * H * 2
-            _derive(row, bw)
+            derive_row(row, bw)
             row["case_seconds"] = time.time() - t0
             results.append(row)
             if rank == 0:
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
-                _write_json(path, doc)  # after every case: a crash later still leaves the rows so far
+                write_json(path, doc)  # after every case: a crash later still leaves the rows so far
             del out_n, h_n, y_n, x
         del world
         if device.type == "cuda":
@@ -587,55 +554,10 @@ def _run_distributed(ep, dist, device, env, out_dir, quick, tiny, reps, backends
     if rank != 0:
         return None
     doc["complete"] = True
-    _write_json(path, doc)
+    write_json(path, doc)
     print(format_table(doc))
     print("wrote", path, flush=True)
     return doc
-
-
-def _write_json(path, doc):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _derive(row, bw):
-    """Algorithmic bandwidths, peer/nccl speedups, fractions of the measured peer bandwidth, targets."""
-    for op in ("dispatch", "combine"):
-        nbytes = row[f"{op}_bytes_remote_per_rank_mean"]
-        for be in ("nccl", "peer"):
-            us = row.get(f"{be}_{op}_us")
-            row[f"{be}_{op}_algbw_GBps"] = nbytes / (us * 1e-6) / 1e9 if us else None
-        n, p = row.get(f"nccl_{op}_us"), row.get(f"peer_{op}_us")
-        row[f"peer_{op}_speedup_vs_nccl"] = n / p if (n and p) else None
-        frac = None
-        if bw and row[f"peer_{op}_algbw_GBps"] is not None:
-            frac = row[f"peer_{op}_algbw_GBps"] * 1e9 / bw["bytes_per_s"]
-        row[f"peer_{op}_fraction_of_peer_bw"] = frac
-        sp = row[f"peer_{op}_speedup_vs_nccl"]
-        row[f"peer_{op}_meets_targets"] = None if (sp is None or frac is None) else bool(sp >= 1.5 and frac >= 0.7)
-
-
-def format_table(doc) -> str:
-    """A short fixed-width table of one distributed run."""
-    def f(v, fmt="{:.1f}"):
-        return "-" if v is None else fmt.format(v)
-
-    bw = doc.get("peer_bandwidth")
-    head = (f"W={doc['world_size']} {doc['device']} torch {doc['torch']} triton {doc['triton']} {doc['date']}\n"
-            f"peer bandwidth: {f(bw and bw['bytes_per_s'] / 1e9)} GB/s"
-            + (f" (peer path skipped: {doc['peer_skipped']})" if doc.get("peer_skipped") else ""))
-    cols = ("case", "nccl disp us", "peer disp us", "x", "frac bw", "nccl comb us", "peer comb us", "x", "frac bw")
-    lines = [head, " | ".join(cols)]
-    for r in doc["results"]:
-        case = f"{r['phase']} M={r['tokens_per_rank']} H={r['hidden']} E={r['num_experts']} {r['skew']}"
-        lines.append(" | ".join([
-            case, f(r["nccl_dispatch_us"]), f(r["peer_dispatch_us"]), f(r["peer_dispatch_speedup_vs_nccl"], "{:.2f}"),
-            f(r["peer_dispatch_fraction_of_peer_bw"], "{:.2f}"), f(r["nccl_combine_us"]), f(r["peer_combine_us"]),
-            f(r["peer_combine_speedup_vs_nccl"], "{:.2f}"), f(r["peer_combine_fraction_of_peer_bw"], "{:.2f}")]))
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -651,9 +573,6 @@ def main(argv=None):
     ap.add_argument("--report", metavar="DIR", help="scaling report over DIR/bench_ep_w*.json (no GPU needed)")
     args = ap.parse_args(argv)
     if args.report:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from ep_report import write_report
-
         write_report(args.report, args.out or args.report)
         return
     if not args.out:

@@ -16,6 +16,11 @@ in benchmarks/results/gatelog/h100-2026-12-06-s12/gatelog_handoff_dsv3_nosync.js
 back-pressure in, to compare. After the
 run every record is checked against the counts the graph added (exact). On a machine without CUDA it runs the
 same loop on CPU tensors (a smoke run: CPU numbers say nothing about a GPU's driver calls).
+
+It also times the writer thread's formatting of one step at the same shape, both ways on the same slot:
+moekern._C's gatelog_format (runs with the GIL released) and Python's step_lines (holds the GIL throughout,
+time the model's thread may wait for); `format_us_per_step`, median of `--format-reps` after a warm-up, and
+whether both gave the same bytes. Tests check only that the C++ call releases the GIL, not these times.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from moekern.gatelog import read_gate_log  # noqa: E402
-from moekern.gatelog.writer import GateLogRecorder  # noqa: E402
+from moekern.gatelog.schema import line_pieces  # noqa: E402
+from moekern.gatelog.writer import GateLogRecorder, step_lines  # noqa: E402
 
 MODES = ("kernel", "torch")
 
@@ -43,6 +50,49 @@ def make_recorder(out: Path, mode: str, L: int, E: int, k: int, topk_sample: int
         rec.register_layer(f"model.layers.{i}.mlp.experts", E, k)
     rec.ensure_buffer(device)
     return rec
+
+
+def _gatelog_format_op():
+    """torch.ops.moekern.gatelog_format when moekern._C is built with it, else None."""
+    try:
+        import moekern._C  # noqa: F401  (registers torch.ops.moekern.*)
+
+        return torch.ops.moekern.gatelog_format.default
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def time_formatting(counts: torch.Tensor, ids: torch.Tensor, L: int, topk_sample: int, reps: int) -> dict:
+    """The writer's formatting of one step ([L, E] counts, each layer the same; a top-k sample of the first
+    `topk_sample` rows of `ids`), us per step: moekern._C's gatelog_format against Python's step_lines."""
+    E, k = counts.shape[0], ids.shape[1]
+    slot = counts.cpu().expand(L, E).contiguous()
+    sample = None
+    if topk_sample:
+        sample = torch.full((L, topk_sample, k), -1, dtype=torch.int32)
+        n = min(topk_sample, ids.shape[0])
+        sample[:, :n] = ids[:n].cpu()
+    pieces = line_pieces(1, phase="decode", time=1.7e9, model="bench", extra={"scheduled_tokens": ids.shape[0]})
+    fmt = _gatelog_format_op()
+    rows, samples = slot.tolist(), None if sample is None else sample.tolist()
+    calls = {"python": lambda: step_lines(pieces, rows, [E] * L, [k] * L, samples, ids.shape[0])}
+    if fmt is not None:
+        calls["cpp"] = lambda: fmt(slot, [E] * L, [k] * L, pieces.head, pieces.mid, pieces.phase, pieces.tail,
+                                   pieces.model, pieces.extra, sample, ids.shape[0]).numpy().tobytes()
+    out = {}
+    for name, call in calls.items():
+        for _ in range(3):
+            call()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1e6, 2)
+    if "cpp" in out:
+        out["cpp_vs_python"] = round(out["cpp"] / out["python"], 3)
+        out["same_bytes"] = calls["cpp"]() == calls["python"]()
+    return out
 
 
 def run(args) -> dict:
@@ -110,6 +160,7 @@ def run(args) -> dict:
                            "split": rec.stats.host_split_us_per_step, "steps": rec.stats.steps,
                            "written_steps": rec.stats.written_steps, "dropped_steps": rec.stats.dropped_steps,
                            "records_exact": ok, "wrong_steps": bad[:5]}
+    out["format_us_per_step"] = time_formatting(counts, ids, L, args.topk_sample, args.format_reps)
     a, b = out["modes"]["kernel"], out["modes"]["torch"]
     if b["host_us_per_step_wall"]:
         out["kernel_vs_torch_wall"] = round(a["host_us_per_step_wall"] / b["host_us_per_step_wall"], 3)
@@ -128,9 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="CPU tensors even with a GPU")
     p.add_argument("--no-step-sync", action="store_true",
                    help="no device sync after each step (the launch queue fills; blocked launches count as host time)")
+    p.add_argument("--format-reps", type=int, default=200, help="timed formatting calls per path")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    for name in ("layers", "experts", "top_k", "tokens", "steps", "block"):
+    for name in ("layers", "experts", "top_k", "tokens", "steps", "block", "format_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.top_k > args.experts:
@@ -147,9 +199,14 @@ def main(argv=None) -> int:
               f"steps {r['steps']}  exact {r['records_exact']}  ({out['hand_off'][m]})")
     if "kernel_vs_torch_wall" in out:
         print(f"kernel / torch host time per step: {out['kernel_vs_torch_wall']:.3f}  ({out['device']})")
+    f = out["format_us_per_step"]
+    print(f"format one step (writer thread): python {f['python']:.2f} us (GIL held)"
+          + (f", C++ {f['cpp']:.2f} us (GIL released), ratio {f['cpp_vs_python']:.3f}, same bytes {f['same_bytes']}"
+             if "cpp" in f else ", no C++ gatelog_format in moekern._C"))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
-    return 0 if all(r["records_exact"] for r in out["modes"].values()) else 1
+    ok = all(r["records_exact"] for r in out["modes"].values()) and out["format_us_per_step"].get("same_bytes", True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

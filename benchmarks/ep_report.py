@@ -3,7 +3,9 @@
     python benchmarks/ep_report.py DIR [--out OUTDIR]      # or: python benchmarks/bench_ep.py --report DIR
 
 Reads DIR/bench_ep_w*.json (written by `torchrun ... bench_ep.py --distributed`), and writes
-OUTDIR/ep_scaling.json, ep_scaling.md and ep_scaling.png (OUTDIR defaults to DIR).
+OUTDIR/ep_scaling.json, ep_scaling.md and ep_scaling.png (OUTDIR defaults to DIR). The per-run pieces
+bench_ep.py records and prints with (derive_row: a row's bandwidths, speedups and targets; format_table;
+write_json) live here too.
 
 Scaling efficiency (weak scaling: tokens per rank fixed) of one case, backend and op at W:
     eff(W) = algbw(W) / algbw(2),  algbw = bytes a rank sends to other ranks / time
@@ -78,6 +80,53 @@ def targets(runs: dict[int, dict]) -> list[dict]:
                                  fraction_of_peer_bw=r.get(f"peer_{op}_fraction_of_peer_bw"),
                                  meets=r.get(f"peer_{op}_meets_targets")))
     return rows
+
+
+def derive_row(row, bw):
+    """Fill one distributed bench_ep row's derived columns in place: algorithmic bandwidths, peer/nccl
+    speedups, fractions of the measured peer bandwidth (bw: {"bytes_per_s": ...} or None), targets met."""
+    for op in ("dispatch", "combine"):
+        nbytes = row[f"{op}_bytes_remote_per_rank_mean"]
+        for be in ("nccl", "peer"):
+            us = row.get(f"{be}_{op}_us")
+            row[f"{be}_{op}_algbw_GBps"] = nbytes / (us * 1e-6) / 1e9 if us else None
+        n, p = row.get(f"nccl_{op}_us"), row.get(f"peer_{op}_us")
+        row[f"peer_{op}_speedup_vs_nccl"] = n / p if (n and p) else None
+        frac = None
+        if bw and row[f"peer_{op}_algbw_GBps"] is not None:
+            frac = row[f"peer_{op}_algbw_GBps"] * 1e9 / bw["bytes_per_s"]
+        row[f"peer_{op}_fraction_of_peer_bw"] = frac
+        sp = row[f"peer_{op}_speedup_vs_nccl"]
+        row[f"peer_{op}_meets_targets"] = None if (sp is None or frac is None) else bool(sp >= 1.5 and frac >= 0.7)
+
+
+def format_table(doc) -> str:
+    """A short fixed-width table of one distributed run."""
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    bw = doc.get("peer_bandwidth")
+    head = (f"W={doc['world_size']} {doc['device']} torch {doc['torch']} triton {doc['triton']} {doc['date']}\n"
+            f"peer bandwidth: {f(bw and bw['bytes_per_s'] / 1e9)} GB/s"
+            + (f" (peer path skipped: {doc['peer_skipped']})" if doc.get("peer_skipped") else ""))
+    cols = ("case", "nccl disp us", "peer disp us", "x", "frac bw", "nccl comb us", "peer comb us", "x", "frac bw")
+    lines = [head, " | ".join(cols)]
+    for r in doc["results"]:
+        case = f"{r['phase']} M={r['tokens_per_rank']} H={r['hidden']} E={r['num_experts']} {r['skew']}"
+        lines.append(" | ".join([
+            case, f(r["nccl_dispatch_us"]), f(r["peer_dispatch_us"]), f(r["peer_dispatch_speedup_vs_nccl"], "{:.2f}"),
+            f(r["peer_dispatch_fraction_of_peer_bw"], "{:.2f}"), f(r["nccl_combine_us"]), f(r["peer_combine_us"]),
+            f(r["peer_combine_speedup_vs_nccl"], "{:.2f}"), f(r["peer_combine_fraction_of_peer_bw"], "{:.2f}")]))
+    return "\n".join(lines)
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Write doc to path atomically (a reader never sees half a file; bench_ep.py rewrites after every case)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _f(v, fmt="{:.2f}"):

@@ -10,7 +10,7 @@ What is timed: the experts with precomputed routing (moekern.fused_moe(topk_weig
 check_ids=False, block_config=candidate): align + GEMM1 (+ SiLU-and-mul) + GEMM2 + combine) and vLLM's
 fused_experts(x, w13, w2, topk_weights, topk_ids) with its default configs, on the same inputs, each as
 back-to-back calls in a CUDA graph (moekern.bench.timing.time_calls). Every output is checked against
-moekern.dispatch.reference.fused_moe_reference in fp32 (it visits the used experts only):
+moekern.experts.reference.fused_moe_reference in fp32 (it visits the used experts only):
 ||out - ref|| / ||ref|| < 1e-2, the bf16 tolerance of tests/test_moe.py; a candidate that fails is
 reported and never chosen.
 
@@ -134,7 +134,7 @@ def _inputs(spec, M):
 def run_search(models, tokens, out_dir, budget_s: float) -> None:
     import moekern
     from moekern.bench.timing import time_calls
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
     from moekern.models import get_model
 
     t_start = time.perf_counter()

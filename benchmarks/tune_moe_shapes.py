@@ -113,7 +113,7 @@ def run(shapes, out_dir: str, budget_s: float, max_candidates: int, ref_rows: in
     import moekern
     from moekern.bench.shapes import make_inputs, make_shape
     from moekern.bench.timing import time_calls
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
     from moekern.models import get_model
 
     t0 = time.perf_counter()

@@ -1,21 +1,24 @@
 // torch.ops.moekern.*: op schemas, argument checks, dtype mapping and stream lookup for the torch-free
-// launchers in csrc/routing, csrc/dispatch and csrc/gatelog. The only file in csrc/ that includes torch.
+// launchers and formatters in csrc/routing, csrc/dispatch and csrc/gatelog. The only file in csrc/ that
+// includes torch.
 //
 // Schemas are registered in every build. A device build (MOEKERN_WITH_DEVICE, set by setup.py for
 // CUDA/HIP) implements the ops for CUDA tensors (ROCm tensors use the same dispatch key). Every build
 // registers a CPU kernel that raises a clear error, so a CPU-only build or CPU tensors never reach a
-// launcher; the gate log's two small ops are the exception: their CPU kernels work (synchronously). Fake (meta) implementations live in Python (moekern/routing/cuda_topk.py,
-// moekern/dispatch/cuda_ops.py) so the ops trace under torch.compile.
+// launcher; the gate log's host-side ops are the exception: their CPU kernels work (the snapshot
+// synchronously; gatelog_format formats host memory in every build). Fake (meta) implementations live in
+// Python (moekern/routing/cuda_topk.py, moekern/dispatch/cuda_ops.py) so the ops trace under torch.compile.
 
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#include <charconv>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
+
+#include "gatelog/format.h"
 
 #ifdef MOEKERN_WITH_DEVICE
 #include <c10/cuda/CUDAStream.h>
@@ -386,23 +389,8 @@ void gatelog_snapshot_cpu(const Tensor& counts, const Tensor& host_counts, const
   host_mark.fill_(mark);
 }
 
-// One step's gate-log JSON lines for the writer thread, built here rather than in Python: for a 58-layer,
-// 256-expert model the Python formatting held the GIL ~1 ms per step, time the thread running the model
-// waits for (with a top-k sample of 16 tokens, 1.0-1.2 ms of wall per step on an H100, session 12:
-// benchmarks/results/gatelog/h100-2026-12-06-s12). torch.ops calls release the GIL, so the writer's
-// formatting no longer competes with it. Line i:
-//   {head}{i}{mid}{floor(sum(row_i[:E_i]) / k_i)}{phase}{k_i},"expert_counts":[row_i[0],...]{tail}{model}
-//   [,"topk_sample":[[ids],...]]{extra}}
-// each followed by a newline; the JSON pieces (json.dumps of the schema, phase, time, model, extra) come from
-// the caller, which keeps the byte-for-byte reference (GateLogRecorder._lines). The optional sample is the
-// slot's [L, N, K] int32 top-k ids: layer i's rows are their first k_i ids, rows with any id < 0 (unfilled or
-// CUDA-graph padding) dropped, at most max_rows kept (max_rows < 0: all); no kept row, no "topk_sample" key.
-void append_int(std::string& out, int64_t v) {
-  char buf[24];
-  const auto res = std::to_chars(buf, buf + sizeof(buf), v);
-  out.append(buf, res.ptr);
-}
-
+// One step's gate-log JSON lines (csrc/gatelog/format.cpp), as a uint8 host tensor. torch.ops calls run
+// with the GIL released, so the writer thread's formatting does not compete with the thread running the model.
 Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10::IntArrayRef top_k,
                       const std::string& head, const std::string& mid, const std::string& phase,
                       const std::string& tail, const std::string& model, const std::string& extra,
@@ -414,7 +402,6 @@ Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10
   TORCH_CHECK(static_cast<int64_t>(num_experts.size()) == L && static_cast<int64_t>(top_k.size()) == L,
               "gatelog_format: ", L, " rows but ", num_experts.size(), " num_experts and ", top_k.size(), " top_k");
   const Tensor counts = counts_in.contiguous();
-  const int32_t* data = counts.data_ptr<int32_t>();
   Tensor sample;
   int64_t N = 0, K = 0;
   if (sample_in.has_value()) {
@@ -425,58 +412,17 @@ Tensor gatelog_format(const Tensor& counts_in, c10::IntArrayRef num_experts, c10
     N = sample.size(1);
     K = sample.size(2);
   }
-  const int32_t* sdata = sample.defined() ? sample.data_ptr<int32_t>() : nullptr;
-  static const char kCounts[] = ",\"expert_counts\":[";
-  static const char kSample[] = ",\"topk_sample\":[";
-  std::string out;
-  out.reserve(static_cast<size_t>(L) * (head.size() + mid.size() + phase.size() + tail.size() + model.size() +
-                                        extra.size() + 64) +
-              static_cast<size_t>(L * W) * 5 + static_cast<size_t>(L * N * K) * 4);
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t E = num_experts[i], k = top_k[i];
-    TORCH_CHECK(E >= 1 && E <= W && k >= 1, "gatelog_format: layer ", i, ": num_experts=", E, " (row width ", W,
-                "), top_k=", k);
-    TORCH_CHECK(sdata == nullptr || k <= K, "gatelog_format: layer ", i, ": top_k=", k, " > the sample's ", K,
-                " ids per row");
-    const int32_t* row = data + i * W;
-    int64_t sum = 0;
-    for (int64_t j = 0; j < E; ++j) sum += row[j];
-    const int64_t q = sum / k, tokens = (sum % k != 0 && sum < 0) ? q - 1 : q;  // Python's floor division
-    out += head;
-    append_int(out, i);
-    out += mid;
-    append_int(out, tokens);
-    out += phase;
-    append_int(out, k);
-    out += kCounts;
-    for (int64_t j = 0; j < E; ++j) {
-      if (j) out += ',';
-      append_int(out, row[j]);
-    }
-    out += ']';
-    out += tail;
-    out += model;
-    if (sdata != nullptr) {
-      int64_t kept = 0;
-      for (int64_t r = 0; r < N && (max_rows < 0 || kept < max_rows); ++r) {
-        const int32_t* ids = sdata + (i * N + r) * K;
-        bool filled = true;
-        for (int64_t j = 0; j < k; ++j) filled = filled && ids[j] >= 0;
-        if (!filled) continue;
-        out += kept ? "," : kSample;
-        out += '[';
-        for (int64_t j = 0; j < k; ++j) {
-          if (j) out += ',';
-          append_int(out, ids[j]);
-        }
-        out += ']';
-        ++kept;
-      }
-      if (kept) out += ']';
-    }
-    out += extra;
-    out += "}\n";
+    TORCH_CHECK(num_experts[i] >= 1 && num_experts[i] <= W && top_k[i] >= 1, "gatelog_format: layer ", i,
+                ": num_experts=", num_experts[i], " must be in [1, ", W, "] (the row width) and top_k=", top_k[i],
+                " >= 1");
+    TORCH_CHECK(!sample.defined() || top_k[i] <= K, "gatelog_format: layer ", i, ": top_k=", top_k[i],
+                " > the sample's ", K, " ids per row");
   }
+  std::string out;
+  mk::format_gatelog_step(counts.data_ptr<int32_t>(), L, W, num_experts.data(), top_k.data(),
+                          mk::GatelogPieces{head, mid, phase, tail, model, extra},
+                          sample.defined() ? sample.data_ptr<int32_t>() : nullptr, N, K, max_rows, out);
   Tensor bytes = at::empty({static_cast<int64_t>(out.size())}, counts.options().dtype(at::kByte));
   if (!out.empty()) std::memcpy(bytes.data_ptr<uint8_t>(), out.data(), out.size());
   return bytes;

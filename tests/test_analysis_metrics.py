@@ -129,7 +129,7 @@ def test_rank_loads_placements():
 def test_gate_log_corrupt_lines_and_ranks(tmp_path):
     d = tmp_path / "logs"
     d.mkdir()
-    r0 = [GateRecord(s, l, [s + 1, 2, 0, 1], 2, rank=0, top_k=2) for s in range(3) for l in range(2)]
+    r0 = [GateRecord(s, l, [s + 1, 2, s, 1], s + 2, rank=0, top_k=2) for s in range(3) for l in range(2)]
     write_records(d / "gate_log.rank0.jsonl", r0)
     with open(d / "gate_log.rank0.jsonl", "a") as fh:
         fh.write("{not json\n")
@@ -142,7 +142,7 @@ def test_gate_log_corrupt_lines_and_ranks(tmp_path):
     t = M.load_table(d)
     assert len(t.skipped) == 3
     assert t.counts.shape == (3, 2, 4)
-    np.testing.assert_array_equal(t.counts[2, 1], [3, 2, 0, 1])
+    np.testing.assert_array_equal(t.counts[2, 1], [3, 2, 2, 1])
     np.testing.assert_array_equal(t.counts[0, 0], [1, 2, 0, 1])  # not doubled
     # summed when asked; "first" (the earlier name) is "dedupe": the lowest rank's copy
     np.testing.assert_array_equal(M.load_table(d, combine_ranks="sum").counts[0, 0], [2, 4, 0, 2])

@@ -14,8 +14,8 @@ from moekern.gatelog import GateRecord, write_records
 
 def _log(path, steps, layers=2, gz=False):
     """steps: [(step, time, tokens, phase)]; every layer of a step carries the same stamp."""
-    recs = [GateRecord(step=s, layer=li, expert_counts=[tok, tok], num_tokens=tok + 3, phase=ph, top_k=2, time=t,
-                       extra={"scheduled_tokens": tok})
+    recs = [GateRecord(step=s, layer=li, expert_counts=[tok + 3, tok + 3], num_tokens=tok + 3, phase=ph, top_k=2,
+                       time=t, extra={"scheduled_tokens": tok})
             for s, t, tok, ph in steps for li in range(layers)]
     path.parent.mkdir(parents=True, exist_ok=True)
     if gz:

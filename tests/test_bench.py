@@ -50,7 +50,9 @@ def test_cli_rejects_unknown_names(capsys):
     assert main(["bench", "--providers", "cutlass"]) == 2
     assert main(["bench", "--ops", "gemm"]) == 2
     assert main(["bench", "--models", "llama-70b"]) == 2
-    assert "cutlass" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("moekern bench: error: --providers cutlass unknown") and len(err) == 3
+    assert "--ops gemm" in err[1] and "--models" in err[2] and "llama-70b" in err[2]
 
 
 def test_missing_packages_are_skipped_with_reason(monkeypatch):
@@ -161,7 +163,7 @@ def test_align_check_exact_and_order_free():
 
 
 def test_checker_flags_wrong_moe():
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
 
     shape = make_shape("moe", resolve_model("mixtral", tiny=True), 3)
     inp = make_inputs(shape, 3, "cpu")
@@ -222,8 +224,44 @@ def test_report_and_plots_render_from_synthetic_results(tmp_path):
     names = sorted(os.path.basename(p) for p in paths)
     assert names == sorted(f"{op}_{k}.png" for op in ("routing", "align", "moe") for k in ("time", "vs_vllm"))
     assert all(os.path.getsize(p) > 5000 for p in paths)
-    assert report.default_out_dir(loaded["environment"]) == os.path.join(
-        "benchmarks", "results", "nvidia-h100-80gb-hbm3-2026-01-02")
+    assert timed.splitlines()[0] == "median µs per call  [speedup over vLLM, x; roofline fraction, %]"
+
+
+def test_default_out_dir_is_outside_the_source_tree(monkeypatch, tmp_path):
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-01-02T03:04:05+00:00"}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert report.default_out_dir(env) == str(tmp_path / "cache" / "moekern" / "bench"
+                                              / "nvidia-h100-80gb-hbm3-2026-01-02T030405")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert report.default_out_dir({"date": env["date"]}) == str(tmp_path / "home" / ".cache" / "moekern" / "bench"
+                                                                / "cpu-demo-2026-01-02T030405")
+
+
+def test_table_header_names_only_the_numbers_its_cells_carry():
+    rows = [{"op": "routing", "model": "m", "num_tokens": 4, "block_size": 0, "provider": p, "status": "ok",
+             "shape": "routing/m/M=4", "median_us": t, "min_us": t, "max_us": t, "speedup_vs_vllm": None,
+             "roofline_fraction": None, "reason": ""} for p, t in (("torch", 3.0), ("moekern-triton", 5.0))]
+    timed, _ = report.tables({"environment": {}, "rows": rows})
+    assert timed.splitlines()[0] == "median µs per call"  # the CPU demo: no vLLM, no roofline
+    rows[1] = {**rows[1], "roofline_fraction": 0.25}
+    timed, _ = report.tables({"environment": {}, "rows": rows})
+    assert timed.splitlines()[0] == "median µs per call  [roofline fraction, %]" and "25%" in timed
+
+
+def test_cli_demo_default_output_leaves_the_working_tree_clean(tmp_path, monkeypatch, capsys):
+    from moekern.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "--demo", "--ops", "routing", "--models", "mixtral", "--tokens", "3",
+                 "--providers", "torch", "--no-progress", "--no-plots"])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing written where it ran
+    out_dirs = list((tmp_path / "cache" / "moekern" / "bench").iterdir())
+    assert len(out_dirs) == 1 and out_dirs[0].name.startswith("cpu-demo-")
+    assert (out_dirs[0] / "results.json").is_file()
+    assert f"output folder: {out_dirs[0]}" in capsys.readouterr().out
 
 
 def test_shapes_cover_the_standard_models_and_tokens():
@@ -560,3 +598,28 @@ def test_flashinfer_moe_skips_an_unbuilt_jit_module_with_the_way_out(fake_flashi
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert "fused_moe_100" in prov.unavailable(shape, cuda)
     assert prov.unavailable(shape, torch.device("cpu")) == "needs a CUDA GPU"
+
+
+def test_history_plot_labels_ratios_between_0_7_and_2_5_and_each_run_once():
+    import matplotlib.pyplot as plt
+
+    from moekern.bench import history
+
+    summary = [{"run": f"benchmarks/results/{run}", "date": date, "op": "moe", "provider": prov,
+                "baseline": "vllm", "geomean_ratio": ratio}
+               for run, date, prov, ratio in (("h100-2026-11-23", "2026-11-23", "moekern-cuda", 0.72),
+                                              ("h100-2026-11-23", "2026-11-23", "moekern-triton", 2.4),
+                                              ("moe-tune/h100-2026-11-23/bench", "2026-11-23", "moekern-triton", 0.95),
+                                              ("h100-2026-12-05-flashinfer/moe", "2026-12-05", "moekern-triton", 1.1))]
+    fig = history.figure(summary)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    y = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    lo, hi = ax.get_ylim()
+    assert lo < 0.72 and hi > 2.4
+    # a labelled ratio at least every 0.25x between 0.8x and 2x, none of them in scientific notation
+    assert {"0.8x", "0.9x", "1x", "1.25x", "1.5x", "1.75x", "2x"} <= set(y), y
+    x = [t.get_text() for t in ax.get_xticklabels()]
+    assert x == ["h100-2026-11-23\n2026-11-23", "moe-tune\nh100-2026-11-23\nbench\n2026-11-23",
+                 "h100-2026-12-05-flashinfer\nmoe\n2026-12-05"]
+    plt.close(fig)

@@ -364,7 +364,8 @@ def _ids():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(topk_ids=torch.zeros(8, dtype=torch.int32)), ValueError, "topk_ids must be 2-D"),
-    (dict(topk_ids=torch.zeros(4, 2, dtype=torch.int64)), TypeError, "topk_ids must be int32; got torch.int64"),
+    (dict(topk_ids=torch.zeros(4, 2, dtype=torch.int16)), TypeError, "topk_ids must be int32 or int64; got torch.int16"),
+    (dict(topk_ids=torch.zeros(4, 2)), TypeError, "topk_ids must be int32 or int64; got torch.float32"),
     (dict(topk_ids=[[0, 1]]), TypeError, "topk_ids must be a torch.Tensor"),
     (dict(topk_ids=torch.zeros(4, 0, dtype=torch.int32)), ValueError, "k >= 1"),
     (dict(num_experts=0), ValueError, "num_experts=0 must be >= 1"),
@@ -390,7 +391,7 @@ def test_align_bad_inputs(kwargs, exc, match):
     (dict(hidden_states=torch.zeros(4, 8, 2)), ValueError, "hidden_states must be 2-D"),
     (dict(hidden_states=torch.zeros(4, 8, dtype=torch.float64)), TypeError, "hidden_states must be float32, float16"),
     (dict(hidden_states=torch.zeros(4, 8, dtype=torch.int32)), TypeError, "got torch.int32"),
-    (dict(topk_ids=torch.zeros(4, 2, dtype=torch.int16)), TypeError, "topk_ids must be int32"),
+    (dict(topk_ids=torch.zeros(4, 2, dtype=torch.int16)), TypeError, "topk_ids must be int32 or int64; got torch.int16"),
     (dict(topk_ids=torch.full((4, 2), 9, dtype=torch.int32)), ValueError, r"got values in \[9, 9\]"),
     (dict(num_experts=-2), ValueError, "num_experts=-2"),
 ])
@@ -445,6 +446,60 @@ def test_noncontiguous_inputs_are_made_contiguous():
         p_want, l_want = permute_reference(x.contiguous(), ids_t.contiguous(), 6)
         assert torch.equal(p.cpu(), p_want.cpu())
         assert_layout_equal(layout, l_want)
+
+
+@pytest.mark.parametrize("backend", ["torch", *ACCEL])
+def test_unpermute_skips_rows_past_the_end(backend):
+    """skip_missing_rows: only the first experts' rows were computed (as on an expert-parallel rank); the
+    other slots add nothing. Expert e multiplies by (e + 1); small integers and quarter weights keep fp32 exact."""
+    gen = torch.Generator().manual_seed(5)
+    M, k, E, H = 11, 3, 6, 9
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).to(torch.int32).to(DEV)
+    x = torch.randint(-4, 5, (M, H), generator=gen).float().to(DEV)
+    w = (torch.randint(1, 5, (M, k), generator=gen).float() / 4).to(DEV)
+    permuted, layout = permute(x, ids, E, backend=backend)
+    row_expert = torch.repeat_interleave(torch.arange(E, device=DEV), torch.diff(layout.expert_offsets).long())
+    y = permuted * (row_expert + 1).unsqueeze(1).float()
+    for e in range(E + 1):  # compute experts 0..e-1 only
+        n = int(layout.expert_offsets[e])
+        on = (ids < e).float() * w * (ids + 1).float()  # [M, k]: what each slot adds, per unit of x
+        want = x * on.sum(1, keepdim=True)
+        got = unpermute(y[:n], layout, w, backend=backend, skip_missing_rows=True)
+        assert torch.equal(got.cpu(), want.cpu()), f"experts < {e}"
+    with pytest.raises(ValueError, match=f"expert_output must have at most {M * k} rows"):
+        unpermute(torch.zeros(M * k + 1, H, device=DEV), layout, w, backend=backend, skip_missing_rows=True)
+    with pytest.raises(ValueError, match=f"expert_output must have {M * k} rows"):
+        unpermute(y[:5], layout, w, backend=backend)
+
+
+@pytest.mark.parametrize("use_counts", [False, True])
+@pytest.mark.parametrize("backend", ["torch", *ACCEL])
+def test_int64_ids_give_the_int32_results(backend, use_counts):
+    """torch.topk returns int64 ids: align and permute take them and answer as the reference does for the
+    same ids in int32."""
+    gen = torch.Generator().manual_seed(3)
+    M, k, E, H = 9, 3, 7, 5
+    ids64 = torch.topk(torch.randn(M, E, generator=gen), k, dim=1).indices.to(DEV)
+    assert ids64.dtype == torch.int64
+    ids32 = ids64.to(torch.int32)
+    counts = torch.bincount(ids64.reshape(-1), minlength=E).to(torch.int32) if use_counts else None
+    assert_align_equal(align(ids64, E, 4, expert_counts=counts, backend=backend), align_reference(ids32, E, 4))
+    x = torch.randn(M, H, generator=gen).to(DEV)
+    p, layout = permute(x, ids64, E, expert_counts=counts, backend=backend)
+    p_want, l_want = permute_reference(x, ids32, E)
+    assert torch.equal(p.cpu(), p_want.cpu())
+    assert_layout_equal(layout, l_want)
+    w = torch.rand(M, k, generator=gen).to(DEV)
+    torch.testing.assert_close(unpermute(p, layout, w, backend=backend), unpermute_reference(p_want, l_want, w))
+
+
+@pytest.mark.parametrize("backend", ["torch", *ACCEL])
+def test_int64_ids_are_range_checked_before_the_int32_conversion(backend):
+    ids = torch.tensor([[0, 2**32 + 1]], dtype=torch.int64, device=DEV)  # as int32 it would be 1, in range
+    with pytest.raises(ValueError, match=r"got values in \[0, 4294967297\]"):
+        align(ids, 4, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"got values in \[0, 4294967297\]"):
+        permute(torch.zeros(1, 8, device=DEV), ids, 4, backend=backend)
 
 
 def test_triton_ids_check_can_be_skipped():

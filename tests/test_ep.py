@@ -334,3 +334,33 @@ def test_vllm_adapter_identity_w1():
     from moekern.vllm.ep_adapter import check_adapter_matches_no_ep
 
     check_adapter_matches_no_ep(device="cuda")
+
+
+# ------------------------------------------------------------------------------------------- structure
+
+
+def _imported_modules(path):
+    import ast
+
+    mods = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            mods |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module:  # `from moekern.ep import peer` imports moekern.ep.peer
+            mods |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+    return mods
+
+
+def test_imports_run_one_way():
+    """api (the facade) imports the backends; the backends import common and layout; nothing imports back up
+    (peer once imported api's private names while api imported peer)."""
+    from pathlib import Path
+
+    ep_dir = Path(moekern.ep.__file__).parent
+    above = {"common.py": {"api", "nccl", "peer", "lowlat"}, "layout.py": {"api", "nccl", "peer", "lowlat", "common"},
+             "nccl.py": {"api", "peer", "lowlat"}, "peer.py": {"api", "nccl", "lowlat"}, "lowlat.py": {"api", "nccl"},
+             "reference.py": {"api", "nccl", "peer", "lowlat", "common"}}
+    for name, banned in above.items():
+        mods = _imported_modules(ep_dir / name)
+        bad = sorted(m for m in mods if m.startswith("moekern.ep.") and m.split(".")[2] in banned)
+        assert not bad, f"moekern/ep/{name} imports {bad}"

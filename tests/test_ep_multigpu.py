@@ -239,7 +239,7 @@ def test_bench_zipf_hot_experts_shared_by_ranks():
 
 
 def _synthetic_run(W, nccl_us, peer_us, bw_Bps=400e9, peer=True):
-    bench = _load_bench("bench_ep")
+    report = _load_bench("ep_report")
     rows = []
     for skew, scale in (("uniform", 1.0), ("zipf", 2.0)):
         remote = 128 * (W - 1) / W * 4  # a made-up token count that grows with W
@@ -249,7 +249,7 @@ def _synthetic_run(W, nccl_us, peer_us, bw_Bps=400e9, peer=True):
                    peer_combine_us=peer_us * scale / 2 if peer else None,
                    tokens_remote_per_rank_mean=remote, dispatch_bytes_remote_per_rank_mean=remote * (7168 * 2 + 68),
                    combine_bytes_remote_per_rank_mean=remote * 7168 * 2)
-        bench._derive(row, {"bytes_per_s": bw_Bps} if peer else None)
+        report.derive_row(row, {"bytes_per_s": bw_Bps} if peer else None)
         rows.append(row)
     return dict(mode="distributed", world_size=W, device="synthetic", gpu_count=8, driver="0", torch="t", triton="t",
                 nccl="n", date="2026-01-01", peer_bandwidth={"bytes_per_s": bw_Bps} if peer else None,
@@ -257,10 +257,10 @@ def _synthetic_run(W, nccl_us, peer_us, bw_Bps=400e9, peer=True):
 
 
 def test_derive_targets():
-    bench = _load_bench("bench_ep")
+    report = _load_bench("ep_report")
     row = dict(dispatch_bytes_remote_per_rank_mean=1e9, combine_bytes_remote_per_rank_mean=1e9,
                nccl_dispatch_us=4000.0, peer_dispatch_us=2000.0, nccl_combine_us=3000.0, peer_combine_us=2500.0)
-    bench._derive(row, {"bytes_per_s": 600e9})
+    report.derive_row(row, {"bytes_per_s": 600e9})
     assert row["peer_dispatch_algbw_GBps"] == pytest.approx(500.0)
     assert row["peer_dispatch_speedup_vs_nccl"] == pytest.approx(2.0)
     assert row["peer_dispatch_fraction_of_peer_bw"] == pytest.approx(500 / 600)
@@ -268,9 +268,9 @@ def test_derive_targets():
     assert row["peer_combine_speedup_vs_nccl"] == pytest.approx(1.2)
     assert row["peer_combine_meets_targets"] is False  # 1.2x < 1.5x
     row2 = dict(row, peer_dispatch_us=None, peer_combine_us=None)
-    bench._derive(row2, None)
+    report.derive_row(row2, None)
     assert row2["peer_dispatch_speedup_vs_nccl"] is None and row2["peer_dispatch_meets_targets"] is None
-    assert "decode" not in bench.format_table(dict(world_size=2, device="d", torch="t", triton="t", date="x",
+    assert "decode" not in report.format_table(dict(world_size=2, device="d", torch="t", triton="t", date="x",
                                                    peer_bandwidth=None, results=[]))
 
 

@@ -371,7 +371,7 @@ def _vllm_kernels(E, k, H, I, group):
 def test_vllm_modular_kernel_w1(shape, M, one_rank_group):
     from vllm.model_executor.layers.fused_moe import fused_experts
 
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
     from moekern.routing import fused_topk_reference
 
     E, k, H, I = GPU_SHAPES[shape]

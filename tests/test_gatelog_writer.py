@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 import torch
 
 from moekern.gatelog import SCHEMA, read_gate_log
-from moekern.gatelog.writer import GateLogRecorder
+from moekern.gatelog.schema import line_pieces
+from moekern.gatelog.writer import GateLogRecorder, step_lines
 
 
 def _wait_for_lines(path, n, timeout=5.0):
@@ -241,7 +243,7 @@ def test_reader_reads_gzipped_logs_and_reports_a_truncated_one(tmp_path):
 
     rec = _recorder(tmp_path / "plain")
     for step in range(40):
-        rec.begin_step(); rec.add_counts(0, torch.tensor([step, 1, 0, 2], dtype=torch.int32))
+        rec.begin_step(); rec.add_counts(0, torch.tensor([step, 1, step, 1], dtype=torch.int32))
         rec.add_counts(1, torch.tensor([1, step, 0], dtype=torch.int32)); rec.end_step("decode", step + 3)
     rec.close()
     plain, _ = read_gate_log(tmp_path / "plain")
@@ -258,86 +260,129 @@ def test_reader_reads_gzipped_logs_and_reports_a_truncated_one(tmp_path):
     assert len(skipped) >= 1 and "unreadable from here on" in skipped[-1].reason
 
 
-@settings(max_examples=150, deadline=None)
-@given(data=st.data())
-def test_fast_lines_equal_record_json(tmp_path_factory, data):
-    """The writer's string-built lines are exactly GateRecord.to_json of the same step (model name, phase
-    with characters JSON escapes, extras, CUDA-graph padding in the top-k sample)."""
-    from moekern.gatelog.writer import _Pending
+# ---- the serialized lines: the writer's Python path against an independent reference, C++ against Python ----
+def _reference_step(step, rank, phase, time_, model, extra, rows, layers, samples, max_rows):
+    """What a step's lines must be, built apart from moekern.gatelog: one dict per layer, json.dumps'd, keys in
+    the schema's order; the top-k sample keeps each row's first k ids, drops rows with any id < 0, keeps at
+    most max_rows (None: all) and is left out when empty."""
+    lines = []
+    for li, (E, k) in enumerate(layers):
+        counts = [int(c) for c in rows[li][:E]]
+        obj = {"schema": "moekern.gatelog/1", "step": step, "layer": li, "rank": rank,
+               "num_tokens": sum(counts) // k, "phase": phase, "top_k": k, "expert_counts": counts}
+        if time_ is not None:
+            obj["time"] = time_
+        if model is not None:
+            obj["model"] = model
+        if samples is not None:
+            kept = []
+            for ids in samples[li]:
+                ids = list(ids[:k])
+                if all(i >= 0 for i in ids) and (max_rows is None or len(kept) < max_rows):
+                    kept.append(ids)
+            if kept:
+                obj["topk_sample"] = kept
+        if extra:
+            obj["extra"] = extra
+        lines.append(json.dumps(obj, separators=(",", ":")) + "\n")
+    return "".join(lines).encode("utf-8")
 
-    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
-    rec = GateLogRecorder(tmp_path_factory.mktemp("g"), rank=data.draw(st.sampled_from([None, 0, 3])),
-                          model=data.draw(st.none() | text), extra=data.draw(st.sampled_from([{}, {"tp_rank": 1}])))
-    layers = data.draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 3)), min_size=1, max_size=3))
-    for i, (E, k) in enumerate(layers):
-        rec.register_layer(f"l{i}", E, max(1, min(k, E)))
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)  # JSON-escaped characters too
+
+
+@st.composite
+def _steps(draw, counts=st.integers(0, 10 ** 6)):
+    """A step as the writer formats it: shared fields, per-layer (num_experts, top_k), the slot's rows, and an
+    optional [L, N, K] top-k sample with unfilled/padding rows (ids < 0) and more rows than scheduled."""
+    layers = draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 4)), min_size=1, max_size=4))
     W = max(E for E, _ in layers)
-    rows = [data.draw(st.lists(st.integers(0, 10 ** 6), min_size=W, max_size=W)) for _ in layers]
+    rows = [draw(st.lists(counts, min_size=W, max_size=W)) for _ in layers]
     samples = None
-    if data.draw(st.booleans()):
-        K = max(info.top_k for info in rec.layers)
-        samples = [data.draw(st.lists(st.lists(st.integers(-1, 5), min_size=K, max_size=K), max_size=4))
-                   for _ in layers]
-    item = _Pending(step=data.draw(st.integers(0, 10 ** 9)), slot=0, event=None,
-                    phase=data.draw(st.sampled_from(["decode", "prefill", "mixed"]) | text),
-                    scheduled_tokens=data.draw(st.none() | st.integers(0, 5)),
-                    time=data.draw(st.floats(0, 2e9, allow_nan=False)), samples=samples)
-    assert rec._lines(item, rows) == [r.to_json() for r in rec._records(item, rows)]
-
-
-@settings(max_examples=200, deadline=None)
-@given(data=st.data())
-def test_cpp_formatter_equals_the_python_lines(tmp_path_factory, data):
-    """moekern._C's gatelog_format (the writer's path, GIL released) gives byte for byte the Python lines: any
-    JSON text around the counts, int32 extremes, negative sums (floor division), and a top-k sample with
-    unfilled or padding rows (any id < 0), more rows than the step scheduled, no row kept."""
-    pytest.importorskip("moekern._C")
-    from moekern.gatelog.writer import _Pending, _format_op
-
-    fmt = _format_op()
-    if fmt is None:
-        pytest.skip("moekern._C without gatelog_format")
-    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)
-    rec = GateLogRecorder(tmp_path_factory.mktemp("g"), rank=data.draw(st.sampled_from([None, 0, 7])),
-                          model=data.draw(st.none() | text),
-                          extra=data.draw(st.sampled_from([{}, {"tp_rank": 1}, {"note": "é\"x"}])))
-    layers = data.draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 4)), min_size=1, max_size=4))
-    for i, (E, k) in enumerate(layers):
-        rec.register_layer(f"l{i}", E, k)
-    W = max(E for E, _ in layers)
-    ints = st.integers(-2 ** 31, 2 ** 31 - 1) | st.integers(-5, 5)
-    rows = [data.draw(st.lists(ints, min_size=W, max_size=W)) for _ in layers]
-    sample = None
-    if data.draw(st.booleans()):
-        K = max(k for _, k in layers) + data.draw(st.integers(0, 1))
-        N = data.draw(st.integers(0, 5))
+    if draw(st.booleans()):
+        K = max(k for _, k in layers) + draw(st.integers(0, 1))
+        N = draw(st.integers(0, 5))
         ids = st.integers(-2, 2 ** 31 - 1) | st.integers(-1, 3)
-        sample = torch.tensor([[data.draw(st.lists(ids, min_size=K, max_size=K)) for _ in range(N)] for _ in layers],
-                              dtype=torch.int32).reshape(len(layers), N, K)
-    item = _Pending(step=data.draw(st.integers(0, 2 ** 62)), slot=0, event=None,
-                    phase=data.draw(st.sampled_from(["decode", "prefill", "mixed"]) | text),
-                    scheduled_tokens=data.draw(st.none() | st.integers(0, 5)),
-                    time=data.draw(st.floats(0, 2e9, allow_nan=False)),
-                    samples=None if sample is None else sample.tolist())
-    head, mid, phase, tail, model, extra_s = rec._pieces(item)
-    rows_kept = -1 if item.scheduled_tokens is None else item.scheduled_tokens
-    got = fmt(torch.tensor(rows, dtype=torch.int32), [E for E, _ in layers], [k for _, k in layers], head, mid, phase,
-              tail, model, extra_s, sample, rows_kept)
-    assert got.numpy().tobytes() == ("\n".join(rec._lines(item, rows)) + "\n").encode("utf-8")
+        samples = [[draw(st.lists(ids, min_size=K, max_size=K)) for _ in range(N)] for _ in layers]
+    return dict(step=draw(st.integers(0, 2 ** 62)), rank=draw(st.sampled_from([0, 3, 7])),
+                phase=draw(st.sampled_from(["decode", "prefill", "mixed"]) | _TEXT),
+                time_=draw(st.none() | st.floats(0, 2e9, allow_nan=False)), model=draw(st.none() | _TEXT),
+                extra=draw(st.sampled_from([{}, {"tp_rank": 1}, {"note": "é\"x", "scheduled_tokens": 3}])),
+                rows=rows, layers=layers, samples=samples, max_rows=draw(st.none() | st.integers(0, 5)))
 
 
-def test_cpp_formatter_rejects_bad_input():
+def _python_step(c):
+    pieces = line_pieces(c["step"], rank=c["rank"], phase=c["phase"], time=c["time_"], model=c["model"],
+                         extra=c["extra"])
+    return step_lines(pieces, c["rows"], [E for E, _ in c["layers"]], [k for _, k in c["layers"]], c["samples"],
+                      c["max_rows"])
+
+
+def _cpp_step(fmt, c):
+    pieces = line_pieces(c["step"], rank=c["rank"], phase=c["phase"], time=c["time_"], model=c["model"],
+                         extra=c["extra"])
+    L = len(c["layers"])
+    sample = None
+    if c["samples"] is not None:
+        N, K = len(c["samples"][0]), max(k for _, k in c["layers"])
+        K = len(c["samples"][0][0]) if N else K
+        sample = torch.tensor(c["samples"], dtype=torch.int32).reshape(L, N, K)
+    out = fmt(torch.tensor(c["rows"], dtype=torch.int32), [E for E, _ in c["layers"]], [k for _, k in c["layers"]],
+              pieces.head, pieces.mid, pieces.phase, pieces.tail, pieces.model, pieces.extra, sample,
+              -1 if c["max_rows"] is None else c["max_rows"])
+    return out.numpy().tobytes()
+
+
+def _cpp_format():
     pytest.importorskip("moekern._C")
     from moekern.gatelog.writer import _format_op
 
     fmt = _format_op()
     if fmt is None:
         pytest.skip("moekern._C without gatelog_format")
+    return fmt
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=_steps())
+def test_python_step_lines_equal_an_independent_reference(case):
+    """The writer's Python path (the schema's serializer, format_line) writes what json.dumps of the record's
+    dict writes: key order, JSON escapes in phase/model/extra, time, the filtered top-k sample."""
+    assert _python_step(case) == _reference_step(**case)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_steps(counts=st.integers(-2 ** 31, 2 ** 31 - 1) | st.integers(-5, 5)))
+def test_cpp_formatter_equals_the_python_serializer(case):
+    """moekern._C's gatelog_format (the writer's path, GIL released) gives byte for byte the Python lines: any
+    JSON text around the counts, int32 extremes, negative sums (floor division), and a top-k sample with
+    unfilled or padding rows (any id < 0), more rows than the step scheduled, no row kept."""
+    fmt = _cpp_format()
+    assert _cpp_step(fmt, case) == _python_step(case)
+
+
+@pytest.mark.parametrize("counts,k,tokens", [([-3, 0], 2, -2), ([-4, 0], 2, -2), ([3, 0], 2, 1), ([-1], 3, -1),
+                                             ([2 ** 31 - 1] * 3, 1, 3 * (2 ** 31 - 1)),
+                                             ([-2 ** 31] * 2, 3, -(2 ** 32) // 3)])
+def test_cpp_formatter_floor_divides_like_python(counts, k, tokens):
+    """num_tokens = sum(counts) // top_k, Python's floor division, for negative and int32-extreme sums (a slot
+    read back is not trusted to hold counts)."""
+    fmt = _cpp_format()
+    p = line_pieces(0)
+    got = fmt(torch.tensor([counts], dtype=torch.int32), [len(counts)], [k], p.head, p.mid, p.phase, p.tail,
+              p.model, p.extra).numpy().tobytes()
+    assert f',"num_tokens":{tokens},'.encode() in got
+
+
+def test_cpp_formatter_rejects_bad_input():
+    fmt = _cpp_format()
     c = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="2 rows but 1 num_experts"):
         fmt(c, [3], [1, 1], "", "", "", "", "", "")
     with pytest.raises(RuntimeError, match="num_experts=4"):
         fmt(c, [3, 4], [1, 1], "", "", "", "", "", "")
+    with pytest.raises(RuntimeError, match="top_k=0"):
+        fmt(c, [3, 3], [1, 0], "", "", "", "", "", "")
     with pytest.raises(RuntimeError, match="int32"):
         fmt(c.long(), [3, 3], [1, 1], "", "", "", "", "", "")
     with pytest.raises(RuntimeError, match=r"sample must be a \[2, N, K\] int32"):
@@ -346,64 +391,97 @@ def test_cpp_formatter_rejects_bad_input():
         fmt(c, [3, 3], [1, 2], "", "", "", "", "", "", torch.zeros(2, 2, 1, dtype=torch.int32))
 
 
-def test_writer_formats_without_holding_the_gil(tmp_path):
-    """What the C++ formatter is for: while it formats big steps in one thread, another Python thread keeps
-    running, unlike with the same lines joined in Python (which takes the GIL away half the time)."""
-    import os
+def _other_thread_runs_during(call, max_calls):
+    """Whether another Python thread gets the GIL while `call()` runs (called up to `max_calls` times, until it
+    has). The switch interval is set so long that a thread waiting for the GIL never forces a switch: the
+    other thread can only run when `call` itself releases the GIL. No timing is compared."""
+    ran = []
+    gate = threading.Lock()
+    gate.acquire()
 
-    pytest.importorskip("moekern._C")
-    from moekern.gatelog.writer import _format_op
+    def other():
+        with gate:  # blocks, GIL released, until the main thread opens the gate
+            pass
+        ran.append(True)  # needs the GIL
 
-    fmt = _format_op()
-    if fmt is None:
-        pytest.skip("moekern._C without gatelog_format")
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("needs two CPUs")
-    c = torch.randint(0, 1000, (2000, 256), dtype=torch.int32)
-    rows = c.tolist()
-
-    def spin():
-        n, end = 0, time.perf_counter() + 0.3
-        while time.perf_counter() < end:
-            n += 1
-        return n
-
-    def beside(work):
-        stop = threading.Event()
-        th = threading.Thread(target=lambda: [work() for _ in iter(stop.is_set, True)])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # before the thread exists: its every wait for the GIL uses this interval
+    th = threading.Thread(target=other, daemon=True)
+    try:
         th.start()
-        try:
-            return spin()
-        finally:
-            stop.set()
-            th.join()
+        gate.release()  # from here the other thread waits for the GIL
+        for _ in range(max_calls):
+            call()
+            if ran:
+                break
+        return bool(ran)
+    finally:
+        sys.setswitchinterval(interval)
+        th.join(10)
 
-    in_cpp = beside(lambda: fmt(c, [256] * 2000, [8] * 2000, "a", "b", "c", "d", "", ""))
-    in_python = beside(lambda: "\n".join(",".join(map(str, r)) for r in rows))
-    assert in_cpp > 1.2 * in_python
+
+def test_writer_formats_without_holding_the_gil():
+    """What the C++ formatter is for: while it formats a step, another Python thread (the model's) can run;
+    while Python's step_lines formats the same step, it cannot."""
+    fmt = _cpp_format()
+    L, E, k = 64, 256, 8
+    counts = torch.randint(0, 1000, (L, E), dtype=torch.int32)
+    p = line_pieces(1, phase="decode", time=1.5, extra={"scheduled_tokens": 1})
+    rows = counts.tolist()
+    assert not _other_thread_runs_during(lambda: step_lines(p, rows, [E] * L, [k] * L), max_calls=3)
+    assert _other_thread_runs_during(
+        lambda: fmt(counts, [E] * L, [k] * L, p.head, p.mid, p.phase, p.tail, p.model, p.extra), max_calls=100_000)
 
 
-def test_fast_lines_are_faster(tmp_path):
-    """What the change is for: the writer thread holds the GIL a shorter time per step."""
-    from moekern.gatelog.writer import _Pending
+@SNAPSHOTS
+def test_writer_formats_in_cpp_when_built_else_in_python(tmp_path, monkeypatch, snapshot):
+    """The writer thread formats every step with moekern._C's gatelog_format when the op exists (Python's
+    step_lines is never called) and with step_lines, once per step, when it does not; the files are equal."""
+    import moekern.gatelog.writer as writer
 
-    rec = GateLogRecorder(tmp_path, rank=0, model="/models/mixtral", extra={"tp_rank": 0})
-    for i in range(32):
-        rec.register_layer(f"l{i}", 8, 2)
-    rows = [[100 + j for j in range(8)] for _ in range(32)]
-    item = _Pending(1, 0, None, "decode", 128, 1.7e9)
+    _cpp_format()
+    python_calls = []
+    real = writer.step_lines
 
-    def best(fn, n=200):
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn(item, rows)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def counted(*a, **kw):
+        python_calls.append(1)
+        return real(*a, **kw)
 
-    slow = best(lambda i, r: [x.to_json() for x in rec._records(i, r)])
-    assert best(rec._lines) < 0.8 * slow
+    monkeypatch.setattr(writer, "step_lines", counted)
+
+    def run(out, with_op):
+        if not with_op:
+            monkeypatch.setattr(writer, "_format_op", lambda: None)
+        rec = _recorder(out, snapshot=snapshot, topk_sample=2)
+        for step in range(5):
+            rec.begin_step()
+            ids = torch.tensor([[0, 1], [2, 3], [1, 3]][: step % 3 + 1], dtype=torch.int32)
+            rec.add_counts(0, torch.bincount(ids.flatten().long(), minlength=4).to(torch.int32))
+            rec.add_topk_sample(0, ids)
+            rec.end_step("decode", scheduled_tokens=step % 3 + 1)
+        rec.close()
+        return [json.loads(ln) for ln in rec.path.read_text().splitlines()]
+
+    with_op = run(tmp_path / "cpp", True)
+    assert python_calls == []
+    without_op = run(tmp_path / "py", False)
+    assert len(python_calls) == 5
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert drop_time(with_op) == drop_time(without_op) and len(with_op) == 10
+
+
+def test_end_step_rejects_negative_scheduled_tokens(tmp_path):
+    """scheduled_tokens caps the top-k sample's rows: a negative count is a caller's bug, not 'no rows'."""
+    rec = _recorder(tmp_path, topk_sample=2)
+    rec.begin_step()
+    with pytest.raises(ValueError, match=r"scheduled_tokens=-1 must be >= 0"):
+        rec.end_step("decode", scheduled_tokens=-1)
+    assert rec.in_step and rec.stats.steps == 0  # the step is still open: nothing was handed over
+    assert rec.end_step("decode", scheduled_tokens=0) == 0
+    rec.close()
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == [] and len(records) == 2 and all(r.topk_sample is None for r in records)
+    assert all(r.extra["scheduled_tokens"] == 0 for r in records)
 
 
 def test_writer_wakes_per_batch_not_per_step(tmp_path):
@@ -412,7 +490,7 @@ def test_writer_wakes_per_batch_not_per_step(tmp_path):
     rec = _recorder(tmp_path, flush_steps=8, flush_seconds=3600)
     for step in range(64):
         rec.begin_step()
-        rec.add_counts(0, torch.tensor([step, 0, 0, 0], dtype=torch.int32))
+        rec.add_counts(0, torch.tensor([step, step, 0, 0], dtype=torch.int32))  # sum = num_tokens * top_k
         rec.end_step("decode", 1)
     lines = _wait_for_lines(rec.path, 2 * (64 - 7))
     assert len(lines) >= 2 * (64 - 7)  # without close, at most flush_steps - 1 steps wait unwritten
@@ -559,7 +637,7 @@ def test_snapshot_op_cpu_semantics():
 
 def test_paused_recorder_writes_nothing_and_resumes_clean(tmp_path):
     rec = _recorder(tmp_path)
-    rec.begin_step(); rec.add_counts(0, torch.tensor([1, 0, 0, 0], dtype=torch.int32)); rec.end_step("decode", 1)
+    rec.begin_step(); rec.add_counts(0, torch.tensor([1, 1, 0, 0], dtype=torch.int32)); rec.end_step("decode", 1)
     rec.set_paused(True)
     assert rec.paused
     rec.add_counts(0, torch.tensor([0, 9, 0, 0], dtype=torch.int32))  # in-graph adds keep running while paused
@@ -572,7 +650,7 @@ def test_paused_recorder_writes_nothing_and_resumes_clean(tmp_path):
     rec.close()
     records, _ = read_gate_log(tmp_path)
     assert [r.expert_counts for r in sorted(records, key=lambda r: r.step) if r.layer == 0] == [
-        [1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
+        [1, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
 
 
 def test_handoff_benchmark_runs_both_modes_exactly(tmp_path):
@@ -587,10 +665,12 @@ def test_handoff_benchmark_runs_both_modes_exactly(tmp_path):
     if "kernel" not in GateLogRecorder(tmp_path / "probe", snapshot="auto")._pick_snapshot(torch.device("cpu"))[1]:
         pytest.skip("moekern._C without gatelog_snapshot")
     out_json = tmp_path / "h.json"
-    assert mod.main(["--cpu", "--steps", "40", "--block", "10", "--topk-sample", "2", "--json", str(out_json)]) == 0
+    assert mod.main(["--cpu", "--steps", "40", "--block", "10", "--topk-sample", "2", "--format-reps", "3",
+                     "--json", str(out_json)]) == 0
     out = json.loads(out_json.read_text())
     assert set(out["modes"]) == {"kernel", "torch"} and out["steps_per_mode"] == 40
     assert all(m["records_exact"] and m["steps"] == 40 for m in out["modes"].values())
     assert "kernel" in out["hand_off"]["kernel"] and "torch" in out["hand_off"]["torch"]
+    assert out["format_us_per_step"]["same_bytes"] is True  # the timed formatting paths agree (times not checked)
     with pytest.raises(SystemExit):
         mod.main(["--top-k", "9"])

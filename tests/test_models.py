@@ -176,7 +176,7 @@ def test_align_odd_expert_counts(name, backend, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_moe_odd_expert_counts(name, backend, device):
     import moekern
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
     from moekern.routing.reference import fused_topk_reference
 
     spec = get_model(name)

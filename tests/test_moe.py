@@ -1,4 +1,4 @@
-"""moekern.fused_moe against moekern.dispatch.reference.fused_moe_reference (per-expert loop, fp32 math).
+"""moekern.fused_moe against moekern.experts.reference.fused_moe_reference (per-expert loop, fp32 math).
 
 Tolerances. fp32: the Triton path uses IEEE fp32 dots (no TF32) and keeps the intermediate in fp32, so it
 differs from the reference only in summation order: rtol 1e-4, atol 1e-5. fp16/bf16: the intermediate and
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekern
-from moekern.dispatch.reference import fused_moe_reference
+from moekern.experts.reference import fused_moe_reference
 from moekern.experts import BlockConfig, default_configs, get_configs
 from moekern.models import get_model
 from moekern.routing import fused_topk_reference
@@ -561,3 +561,16 @@ def test_moe_configs_env_errors(tmp_path, monkeypatch, content, match):
     with pytest.raises(ValueError, match=match) as err:
         active_table()
     assert CONFIGS_ENV in str(err.value)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_cuda_backend_on_cpu_names_cuda_not_triton(interpret, monkeypatch):
+    # backend="cuda" runs the CUDA routing/align stages: on CPU tensors the error is about those, with or without
+    # the Triton interpreter, and it never blames the triton backend the user did not ask for.
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)  # read when the backend is checked, not at import
+    x, logits = _inputs(4, 8)
+    w13, w2 = _weights(8)
+    with pytest.raises(RuntimeError) as exc:
+        moekern.fused_moe(x, w13, w2, router_logits=logits, top_k=2, backend="cuda")
+    msg = str(exc.value)
+    assert "backend='cuda'" in msg and "CUDA" in msg and "triton" not in msg.lower(), msg

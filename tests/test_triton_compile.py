@@ -124,10 +124,11 @@ def test_catches_what_the_interpreter_accepts(tmp_path):
 
 
 def test_moekern_ep_kernels_compile():
-    """A quick slice of the real check: the EP peer kernels (pointer tables cast in-kernel) for sm_90."""
+    """A quick slice of the real check: the EP peer kernels (pointer tables cast in-kernel; the local reduce is
+    moekern.dispatch's unpermute kernel writing into the peer region) for sm_90."""
     rc, out = _run("--ops", "ep", "--arch", "90", "--max-per-kernel", "2")
     assert rc == 0, out
-    for kernel in ("_ep_dispatch_write_kernel", "_ep_local_reduce_kernel", "_ep_combine_pull_kernel"):
+    for kernel in ("_ep_dispatch_write_kernel", "_unpermute_kernel", "_ep_combine_pull_kernel"):
         _line(out, "ok  ", 90, kernel)
     assert "FAIL" not in out
 

@@ -10,15 +10,21 @@ import json
 import math
 import sys
 
+from moekern.cliargs import (existing_dir, existing_file, existing_path, fraction, model_name, nonneg_int, phase,
+                             positive_int, positive_int_list)
+from moekern.errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("metrics", help="imbalance metrics of gate logs, or serving metrics of bench results")
-    p.add_argument("path", help="gate-log file/dir, per-step JSON dir, or (with --bench) bench results dir/file")
+    p.add_argument("path", type=existing_path,
+                   help="gate-log file/dir, per-step JSON dir, or (with --bench) bench results dir/file")
     p.add_argument("--bench", action="store_true", help="read vllm bench serve result JSON instead of gate logs")
-    p.add_argument("--max-tokens", type=int, default=1000, help="drop steps with more tokens (warm-up); default 1000")
+    p.add_argument("--max-tokens", type=positive_int, default=1000,
+                   help="drop steps with more tokens (warm-up); default 1000")
     p.add_argument("--no-filter", action="store_true", help="keep every step (no max-tokens filter)")
-    p.add_argument("--phase", default=None, help="only records of this phase (prefill, decode, ...)")
-    p.add_argument("--ep-size", type=int, default=None, help="also report per-rank load for this EP size")
+    p.add_argument("--phase", type=phase, default=None, help="only records of this phase (prefill, decode, ...)")
+    p.add_argument("--ep-size", type=positive_int, default=None, help="also report per-rank load for this EP size")
     p.add_argument("--placement", default="contiguous",
                    help="contiguous | round_robin | a JSON file with expert_to_rank [E] or physical_to_logical")
     p.add_argument("--per-run", action="store_true",
@@ -32,11 +38,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_metrics)
 
     p = sub.add_parser("steptimes", help="step wall time by batch size from gate-log time stamps (A vs B)")
-    p.add_argument("path", help="gate-log file or folder (plain or .gz)")
-    p.add_argument("--vs", default=None, metavar="PATH", help="a second run's gate logs: per-bucket ratio to it")
+    p.add_argument("path", type=existing_path, help="gate-log file or folder (plain or .gz)")
+    p.add_argument("--vs", type=existing_path, default=None, metavar="PATH",
+                   help="a second run's gate logs: per-bucket ratio to it")
     p.add_argument("--label", default=None, help="name of PATH's run in the table (default: its folder name)")
     p.add_argument("--vs-label", default=None, help="name of --vs's run (default: its folder name)")
-    p.add_argument("--phase", default=None, help="only steps of this phase (prefill, decode, mixed)")
+    p.add_argument("--phase", type=phase, default=None, help="only steps of this phase (prefill, decode, mixed)")
     p.add_argument("--gap-s", type=float, default=1.0,
                    help="a longer pause between two steps is not a step (pass boundary, warm-up); default 1.0")
     p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of median step time per bucket")
@@ -46,56 +53,69 @@ def add_parser(sub) -> None:
     p = sub.add_parser("datasets", help="prompt datasets with a spread of predicted imbalance")
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION")
     g = dsub.add_parser("generate", help="write N JSONL prompt datasets named {index:03d}_{score:.4f}.jsonl")
-    g.add_argument("--num", type=int, required=True)
-    g.add_argument("--out", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prompts", type=int, default=100, help="prompts per dataset (default 100)")
-    g.add_argument("--fallback-tokenizer", action="store_true", help="use the whitespace tokenizer")
+    g.add_argument("--num", type=positive_int, required=True, help="how many datasets to write")
+    g.add_argument("--out", required=True, metavar="DIR", help="folder for the datasets (created if missing)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the prompt mixes (default 0)")
+    g.add_argument("--prompts", type=positive_int, default=100, help="prompts per dataset (default 100)")
+    g.add_argument("--fallback-tokenizer", action="store_true",
+                   help="score with the whitespace tokenizer instead of Mixtral's (no mistral-common needed)")
     g.set_defaults(func=_datasets_generate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     p = sub.add_parser("predict", help="predicted routing imbalance of prompt files (JSONL or text)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--fallback-tokenizer", action="store_true", help="use the whitespace tokenizer")
+    p.add_argument("files", nargs="+", type=existing_file, metavar="FILE",
+                   help="prompt files: .jsonl with {\"prompt\": ..., \"domain\": ...} per line, or any other "
+                        "text file, one prompt per line")
+    p.add_argument("--json", action="store_true", help="print {file: score and components} as JSON")
+    p.add_argument("--fallback-tokenizer", action="store_true",
+                   help="score with the whitespace tokenizer instead of Mixtral's (no mistral-common needed)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("validate", help="Spearman of predicted scores vs measured CV (bootstrap CI)")
-    p.add_argument("datasets_dir")
-    p.add_argument("gate_logs_dir", help="one sub-folder/file per dataset, named by its stem or index")
-    p.add_argument("--max-tokens", type=int, default=1000)
-    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("datasets_dir", type=existing_dir,
+                   help="folder of datasets named NNN_SCORE.jsonl (what `moekern datasets generate` writes)")
+    p.add_argument("gate_logs_dir", type=existing_dir,
+                   help="one sub-folder/file per dataset, named by its stem or index")
+    p.add_argument("--max-tokens", type=positive_int, default=1000,
+                   help="drop steps with more tokens (warm-up) from the measured CV; default 1000")
+    p.add_argument("--n-boot", type=positive_int, default=1000,
+                   help="bootstrap resamples for rho's confidence interval (default 1000)")
     add_combine_ranks(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the pairs, rho, its CI and p as JSON")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("placement", help="expert->rank placement advice for expert parallelism")
-    p.add_argument("path", help="gate-log file/dir or per-step JSON dir")
-    p.add_argument("--ep-size", type=int, required=True)
-    p.add_argument("--redundant", type=int, default=None, help="redundant slots for replication (default ep-size)")
-    p.add_argument("--model", default=None, help="registry model for memory per GPU (e.g. mixtral)")
-    p.add_argument("--train-frac", type=float, default=0.5)
-    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("path", type=existing_path, help="gate-log file/dir or per-step JSON dir")
+    p.add_argument("--ep-size", type=positive_int, required=True, help="expert-parallel ranks (must divide E)")
+    p.add_argument("--redundant", type=nonneg_int, default=None,
+                   help="redundant slots for replication (default ep-size)")
+    p.add_argument("--model", type=model_name, default=None, help="registry model for memory per GPU (e.g. mixtral)")
+    p.add_argument("--train-frac", type=fraction, default=0.5,
+                   help="share of steps the placement is fitted on; the rest score it (default 0.5)")
+    p.add_argument("--max-tokens", type=positive_int, default=1000,
+                   help="drop steps with more tokens (warm-up); default 1000")
     p.add_argument("--out", default=None, help="write the advice + physical_to_logical map JSON here")
     add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_placement)
 
     p = sub.add_parser("sweep", help="run a grid of end-to-end benchmarks from a YAML spec (resumable)")
-    p.add_argument("spec")
+    p.add_argument("spec", type=existing_file, help="sweep YAML spec (analysis/specs/sweep_example.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="HTML/Markdown report of a results directory")
-    p.add_argument("results_dir", nargs="?", default=None,
+    p.add_argument("results_dir", nargs="?", default=None, type=existing_dir,
                    help="default: the shipped real sample (moekern/data/sample_results: one H100 run, dummy "
                         "weights; see its README)")
     p.add_argument("--out", default="report.html", help="report path; .md gives Markdown")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--ep-size", default=None, help="EP size(s) for the per-rank sections, e.g. 4 or 2,4,8 "
+    p.add_argument("--n-boot", type=positive_int, default=1000)
+    p.add_argument("--ep-size", type=positive_int_list, default=None,
+                   help="EP size(s) for the per-rank sections, e.g. 4 or 2,4,8 "
                                                    "(default: metadata, else 2, 4, 8 where they divide E)")
-    p.add_argument("--metadata", default=None, help="metadata.json to use instead of RESULTS_DIR/metadata.json")
+    p.add_argument("--metadata", type=existing_file, default=None,
+                   help="metadata.json to use instead of RESULTS_DIR/metadata.json")
     p.set_defaults(func=_report)
 
 
@@ -133,8 +153,6 @@ def _metrics(args) -> int:
 
     max_tokens = None if args.no_filter else args.max_tokens
     if args.definition == "seed" and (args.no_filter or args.max_tokens != 1000):
-        from moekern.errors import UsageError
-
         raise UsageError("--definition seed fixes its own token filter (none for the per-step CV, > 1000 tokens "
                          "left out of the aggregated CV): drop --max-tokens / --no-filter")
     placement = _placement_arg(args.placement, args.ep_size)
@@ -190,8 +208,6 @@ def _placement_arg(placement: str, ep_size: int | None):
     (expert_to_rank, physical_to_logical); a placement other than contiguous needs --ep-size."""
     from pathlib import Path
 
-    from moekern.errors import UsageError
-
     if placement not in ("contiguous", "round_robin"):
         p = Path(placement)
         if not p.is_file():
@@ -207,10 +223,10 @@ def _placement_arg(placement: str, ep_size: int | None):
             raise UsageError(f"--placement {placement!r} must hold exactly one of expert_to_rank or "
                              "physical_to_logical (at the top or under 'recommended')")
         if ep_size is None:
-            raise UsageError(f"--placement {placement!r} needs --ep-size")
+            raise UsageError(f"--placement {placement!r} needs --ep-size (the per-rank load it places experts for)")
         return e2r, p2l
     if placement == "round_robin" and ep_size is None:
-        raise UsageError("--placement round_robin needs --ep-size")
+        raise UsageError(f"--placement {placement!r} needs --ep-size (the per-rank load it places experts for)")
     return placement
 
 
@@ -229,9 +245,7 @@ def _metrics_of(table, args, max_tokens, placement) -> dict:
         try:
             out["rank_load"] = rank_load_summary(table, args.ep_size, e2r, p2l, max_tokens)
         except ValueError as exc:
-            from moekern.errors import UsageError
-
-            raise UsageError(f"--ep-size {args.ep_size} / --placement {args.placement!r}: {exc}") from None
+                raise UsageError(f"--ep-size {args.ep_size} / --placement {args.placement!r}: {exc}") from None
     return out
 
 
@@ -289,7 +303,13 @@ def _bench_metrics(args) -> int:
 
     p = Path(args.path)
     if p.is_file():
-        runs = [parse_bench_result(json.loads(p.read_text(encoding="utf-8")), p.stem, str(p))]
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"path {str(p)!r} is not a bench result JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"path {str(p)!r} is not a bench result JSON (a JSON object)")
+        runs = [parse_bench_result(obj, p.stem, str(p))]
     else:
         runs, skipped = load_runs(p)
         for f, why in skipped:
@@ -327,12 +347,12 @@ def _predict(args) -> int:
     for f in args.files:
         bad: list = []
         prompts, domains = read_prompts(f, bad)
+        shown = "; ".join(f"line {i}: {why}" for i, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        if not prompts:  # one line: the bad lines' summary goes into the error, not a line of its own
+            raise UsageError(f"FILE {f!r} holds no prompts (expected .jsonl lines {{\"prompt\": ...}}, or a text "
+                             f"file with one prompt per line)" + (f"; {len(bad)} bad line(s): {shown}" if bad else ""))
         if bad:
-            shown = "; ".join(f"line {i}: {why}" for i, why in bad[:5]) + ("; ..." if len(bad) > 5 else "")
             print(f"{f}: skipped {len(bad)} bad line(s) ({shown})", file=sys.stderr)
-        if not prompts:
-            print(f"{f}: no prompts", file=sys.stderr)
-            continue
         results[f] = {**pred.predict(prompts, domains).to_dict(),
                       "skipped_lines": [{"line": i, "reason": why} for i, why in bad]}
     if args.json:
@@ -380,8 +400,11 @@ def _placement(args) -> int:
     adv = advise(table, args.ep_size, args.redundant, args.train_frac, args.max_tokens, model=model)
     obj = adv.to_json()
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(obj))
+        try:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(obj))
+        except OSError as exc:
+            raise UsageError(f"--out {args.out!r} cannot be written: {exc.strerror}") from None
     if args.json:
         print(_dumps(obj))
         return 0
@@ -402,11 +425,7 @@ def _placement(args) -> int:
 def _sweep(args) -> int:
     from moekern.analysis.study.sweep import load_spec, run_sweep
 
-    try:
-        summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress)
-    except ValueError as exc:
-        print(f"moekern sweep: {exc}", file=sys.stderr)
-        return 2
+    summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress)
     if not args.dry_run:
         print(json.dumps(summary))
     return 1 if summary["failed"] else 0
@@ -422,11 +441,7 @@ def _report(args) -> int:
         src = str(Path(__file__).resolve().parents[1] / "data" / "sample_results")
         print(f"no RESULTS_DIR given: using the shipped real sample {src} (one H100 run, dummy weights)",
               file=sys.stderr)
-    try:
-        eps = [int(x) for x in args.ep_size.split(",")] if args.ep_size else None
-    except ValueError:
-        print(f"error: --ep-size={args.ep_size!r} must be an int or a comma list of ints", file=sys.stderr)
-        return 2
+    eps = list(args.ep_size) if args.ep_size else None
     out = write_report(src, args.out, n_boot=args.n_boot, ep_size=eps, metadata=args.metadata)
     print(f"report written to {out}")
     return 0

@@ -8,19 +8,9 @@ import math
 import sys
 
 from moekern.analysis.cli import add_combine_ranks
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (anything else is a usage error naming the flag)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
-    return value
+from moekern.cliargs import (existing_dir, existing_file, existing_path, model_name, positive_float, positive_int,
+                             positive_int_list)
+from moekern.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -33,26 +23,26 @@ def add_parser(sub) -> None:
                            ("rocprof", "rocprofv3 kernel trace (AMD GPUs)")):
         q = ps.add_parser(name, help=helptext)
         q.add_argument("--kind", default="fused_moe", choices=("fused_moe", "routing"))
-        q.add_argument("--model", default="mixtral")
-        q.add_argument("--tokens", type=int, default=256)
+        q.add_argument("--model", type=model_name, default="mixtral")
+        q.add_argument("--tokens", type=positive_int, default=256)
         q.add_argument("--backend", default="auto")
         q.add_argument("--device", default=None)
-        q.add_argument("--scale-hidden", type=int, default=1, help="divide H and I (tiny CPU runs)")
-        q.add_argument("--iters", type=int, default=5)
+        q.add_argument("--scale-hidden", type=positive_int, default=1, help="divide H and I (tiny CPU runs)")
+        q.add_argument("--iters", type=positive_int, default=5)
         q.add_argument("--warmup", type=int, default=2)
         q.add_argument("--out", default="profile_out")
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=_profile)
     q = ps.add_parser("trace", help="per-kernel table of an existing Chrome-trace JSON (e.g. vLLM's profiler)")
-    q.add_argument("trace")
+    q.add_argument("trace", type=existing_file)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_profile_trace)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     p = sub.add_parser("coactivation", help="expert co-activation, hot/cold experts, placements scored by fan-out")
-    p.add_argument("path", help="gate-log file/dir whose records carry topk_sample")
-    p.add_argument("--ep-size", type=int, required=True)
-    p.add_argument("--max-tokens", type=int, default=1000)
+    p.add_argument("path", type=existing_path, help="gate-log file/dir whose records carry topk_sample")
+    p.add_argument("--ep-size", type=positive_int, required=True)
+    p.add_argument("--max-tokens", type=positive_int, default=1000)
     p.add_argument("--no-filter", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON (maps included) here")
     p.add_argument("--plot", default=None, help="write a co-activation heatmap PNG (first sampled layer)")
@@ -61,12 +51,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_coactivation)
 
     p = sub.add_parser("factorial", help="factorial design over serving factors + type-II ANOVA")
-    p.add_argument("spec", help="factorial YAML spec")
+    p.add_argument("spec", type=existing_file, help="factorial YAML spec")
     p.add_argument("--dry-run", action="store_true", help="plan only; run nothing")
-    p.add_argument("--analyze", default=None, metavar="DIR",
+    p.add_argument("--analyze", type=existing_dir, default=None, metavar="DIR",
                    help="only the ANOVA, of the results under DIR; runs nothing (without it the factorial runs "
                         "what is not done yet, then fits the ANOVA of the spec's out_dir/runs)")
-    p.add_argument("--reps", type=_positive_int, default=None,
+    p.add_argument("--reps", type=positive_int, default=None,
                    help="repetitions of every bench instead of the spec's `reps` (a shorter first run; a later "
                         "run with more resumes and adds the missing ones)")
     p.add_argument("--include-unsteady", action="store_true",
@@ -78,29 +68,37 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_factorial)
 
     p = sub.add_parser("recommend", help="layout + placement advice: analytic scores and the learned predictor")
-    p.add_argument("--model", required=True)
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gate-log", default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--moe-backend", default="moekern")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    p.add_argument("--predictor", default=None, help="a .joblib predictor (default: the shipped one)")
+    p.add_argument("--model", type=model_name, required=True,
+                   help="registry model (`moekern models` lists them), e.g. mixtral")
+    p.add_argument("--gpus", type=positive_int, default=8, help="GPUs to lay the model out on (default 8)")
+    p.add_argument("--gate-log", type=existing_path, default=None,
+                   help="gate-log file/dir of this model: placement scores use its measured expert loads")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64,
+                   help="vLLM --max-num-seqs the predictor assumes (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
+                   help="vLLM --max-num-batched-tokens the predictor assumes (default 8192)")
+    p.add_argument("--moe-backend", default="moekern", help="MoE kernel backend the predictor assumes (default "
+                                                             "moekern; also vllm, flashinfer)")
+    p.add_argument("--gpu-mem-gb", type=positive_float, default=80.0,
+                   help="memory per GPU; layouts whose weights do not fit are flagged (default 80)")
+    p.add_argument("--predictor", default=None,
+                   help="a .joblib predictor (default: the shipped one); with --retrain, where to write it")
     add_combine_ranks(p)
-    p.add_argument("--retrain", default=None, metavar="RESULTS_DIR",
+    p.add_argument("--retrain", type=existing_dir, default=None, metavar="RESULTS_DIR",
                    help="train a predictor on RESULTS_DIR, write it to --predictor (or the shipped path), exit")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
     p.set_defaults(func=_recommend)
 
     p = sub.add_parser("project", help="PROJECTED EP dispatch/combine and step time on 1-4 nodes of 8 GPUs")
-    p.add_argument("gate_log")
-    p.add_argument("--model", required=True)
-    p.add_argument("--nodes", default="1,2,3,4")
-    p.add_argument("--tokens-per-gpu", type=int, default=256)
-    p.add_argument("--intra-bw-gbs", type=float, default=None, help="default: measured file, else 350 (assumed)")
-    p.add_argument("--inter-bw-gbs", type=float, default=50.0, help="per GPU; 50 = one 400 Gb/s NIC")
-    p.add_argument("--gemm-tflops", type=float, default=400.0)
-    p.add_argument("--dispatch-bytes", type=float, default=2.0, help="2 = bf16, 1 = fp8 dispatch")
+    p.add_argument("gate_log", type=existing_path)
+    p.add_argument("--model", type=model_name, required=True)
+    p.add_argument("--nodes", type=positive_int_list, default=(1, 2, 3, 4), help="node counts, e.g. 1,2,4")
+    p.add_argument("--tokens-per-gpu", type=positive_int, default=256)
+    p.add_argument("--intra-bw-gbs", type=positive_float, default=None,
+                   help="default: measured file, else 350 (assumed)")
+    p.add_argument("--inter-bw-gbs", type=positive_float, default=50.0, help="per GPU; 50 = one 400 Gb/s NIC")
+    p.add_argument("--gemm-tflops", type=positive_float, default=400.0)
+    p.add_argument("--dispatch-bytes", type=positive_float, default=2.0, help="2 = bf16, 1 = fp8 dispatch")
     p.add_argument("--plot", default=None)
     add_combine_ranks(p)
     p.add_argument("--json", action="store_true")
@@ -186,6 +184,10 @@ def _coactivation(args) -> int:
                           combine_ranks=args.combine_ranks)
     data = res["coact"]
     sampled = [l for l in data.layers if data.samples.get(l)]
+    if args.plot and not sampled:  # a heatmap of nothing is not a plot: refuse before writing anything
+        raise UsageError(f"--plot {args.plot!r}: no record under {args.path!r} carries topk_sample, so there is no "
+                         f"co-activation to draw (record one with MOEKERN_GATE_LOG_TOPK_SAMPLE=N on the vLLM "
+                         f"plugin, or leave out --plot for the load-only scores)")
     out = {"ep_size": args.ep_size, "train_steps": res["train_steps"], "test_steps": res["test_steps"],
            "sampled_tokens_test": res["sampled_tokens_test"], "layers_with_samples": sampled,
            "hot_cold_rule": "hot: load > mean + 1 std; cold: load < mean - 1 std (population std)",
@@ -262,12 +264,13 @@ def _factorial(args) -> int:
 
 
 def _recommend(args) -> int:
-    from moekern.analysis.study import learned
+    from pathlib import Path
+
     from moekern.analysis.placement.recommend import format_recommendation, recommend
+    from moekern.analysis.study import learned
 
     if args.retrain:
         from importlib import resources
-        from pathlib import Path
 
         table, left_out = learned.training_table(args.retrain)
         pred = learned.train(args.retrain, table=(table, left_out))
@@ -283,6 +286,9 @@ def _recommend(args) -> int:
             print(json.dumps(_clean(a)))
         print(f"wrote {path}" + (" (trained on SYNTHETIC data)" if pred.synthetic else ""))
         return 0
+    if args.predictor and not Path(args.predictor).is_file():
+        raise UsageError(f"--predictor {args.predictor!r} does not exist (a .joblib file; `moekern recommend "
+                         f"--retrain RESULTS_DIR --predictor PATH` writes one)")
     rec = recommend(args.model, args.gpus, args.gate_log, args.max_num_seqs, args.max_num_batched_tokens,
                     args.moe_backend, args.gpu_mem_gb, predictor_path=args.predictor,
                     combine_ranks=args.combine_ranks)
@@ -296,17 +302,36 @@ def _project(args) -> int:
     kw = {"inter_bw": args.inter_bw_gbs * 1e9, "gemm_tflops": args.gemm_tflops, "dispatch_bytes": args.dispatch_bytes}
     if args.intra_bw_gbs:
         kw["intra_bw"] = args.intra_bw_gbs * 1e9
-    nodes = tuple(int(x) for x in args.nodes.split(","))
+    from moekern.analysis.placement.project import GPUS_PER_NODE
+    from moekern.models import get_model
+
+    nodes = tuple(args.nodes)
     rows, info = project_from_gate_log(args.gate_log, args.model, nodes, args.tokens_per_gpu,
                                        combine_ranks=args.combine_ranks, **kw)
+    # Each GPU holds E / GPUs experts (no replication here): a node count whose GPUs do not divide E has no
+    # placement, so it gets no point; say which and why rather than draw fewer points without a word.
+    num_experts = get_model(args.model).num_experts
+    left_out = [n for n in nodes if not any(r.nodes == n for r in rows)]
+    note = (f"no projection for {', '.join(f'{n} node(s) = {n * GPUS_PER_NODE} GPUs' for n in left_out)}: "
+            f"{info['model']} has E={num_experts} experts, and every GPU must hold E / GPUs of them (GPUs must "
+            f"divide E; expert replication is not modelled)") if left_out else ""
+    if not rows:
+        raise UsageError(f"--nodes {','.join(map(str, nodes))}: {note}")
+    info["nodes_left_out"] = left_out
     measured = measured_ep_rows()
     if args.plot:
-        projection_plot(rows, f"{info['model']}, {info['routing']}", args.plot)
+        projection_plot(rows, f"{info['model']}, {info['routing']}"
+                        + (f"\nnodes {','.join(map(str, left_out))} left out: {GPUS_PER_NODE} x nodes GPUs must divide "
+                           f"E={num_experts}" if left_out else ""), args.plot)
     if args.json:
         print(json.dumps(_clean({"info": info, "rows": [r.__dict__ for r in rows], "measured": measured}), indent=1))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     print(f"{info['status']}: {info['model']}, routing {info['routing']}, intra {info['intra_bw'] / 1e9:.0f} GB/s "
           f"({info['intra_bw_source']}), inter {info['inter_bw'] / 1e9:.0f} GB/s/GPU")
+    if note:
+        print(f"note: {note}")
     print(f"{'GPUs':>4s} {'placement':13s} {'disp us':>8s} {'gemm us':>8s} {'comb us':>8s} {'step ms':>8s} "
           f"{'fan-out':>7s} {'inter%':>6s} {'hot rank':>8s}")
     for r in rows:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from moekern.errors import UsageError
 from moekern.models import STANDARD_MODELS
 
 _DEMO_NOTE = (
@@ -25,10 +26,16 @@ def _csv(text: str) -> list[str]:
 
 
 def _ints(text: str) -> list[int]:
+    """argparse type of --tokens: a comma list of ints >= 1."""
+    import argparse
+
     try:
-        return [int(t) for t in _csv(text)]
+        values = [int(t) for t in _csv(text)]
     except ValueError:
-        raise SystemExit(f"moekern bench: --tokens expects comma-separated integers; got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of ints >= 1 (e.g. 1,64,4096)")
+    return values
 
 
 def add_parser(subparsers) -> None:
@@ -40,7 +47,7 @@ def add_parser(subparsers) -> None:
         description=__doc__)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--models", default=",".join(STANDARD_MODELS), help="registry names or aliases")
-    p.add_argument("--tokens", default=None,
+    p.add_argument("--tokens", type=_ints, default=None,
                    help="token counts M for every op (default per op: "
                         + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_TOKENS.items()) + ")")
     p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
@@ -48,7 +55,9 @@ def add_parser(subparsers) -> None:
                         + " (FlashInfer JIT-compiles for minutes on first use: leave it out to skip that)")
     p.add_argument("--block-sizes", default="64,vllm",
                    help="align block sizes; 'vllm' adds the BLOCK_SIZE_M vLLM's fused MoE picks per (model, M)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<gpu>-<date>/)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default ~/.cache/moekern/bench/<gpu>-<date>, printed; a run to commit "
+                        "goes to benchmarks/results/<gpu>-<date>)")
     p.add_argument("--demo", action="store_true", help="run the CPU demo even when a GPU is present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
@@ -74,22 +83,22 @@ def run_command(args) -> int:
     ops = _csv(args.ops)
     bad = [o for o in ops if o not in OPS]
     if bad:
-        print(f"moekern bench: --ops {bad} unknown; choose from {','.join(OPS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--ops {','.join(bad)} unknown; expected a comma list of {','.join(OPS)}")
     providers = _csv(args.providers)
     bad = [p for p in providers if p not in PROVIDER_NAMES]
     if bad:
-        print(f"moekern bench: --providers {bad} unknown; choose from {','.join(PROVIDER_NAMES)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--providers {','.join(bad)} unknown; expected a comma list of {','.join(PROVIDER_NAMES)}")
     models = _csv(args.models)
     try:
         for m in models:
             resolve_model(m)
     except (KeyError, ValueError) as exc:
-        print(f"moekern bench: --models: {exc.args[0]}", file=sys.stderr)
-        return 2
-    tokens = _ints(args.tokens) if args.tokens else None
+        raise UsageError(f"--models: {exc.args[0]}") from None
+    tokens = args.tokens
     block_args = _csv(args.block_sizes)
+    bad = [b for b in block_args if b != "vllm" and not (b.isdigit() and int(b) >= 1)]
+    if bad:
+        raise UsageError(f"--block-sizes {args.block_sizes!r}: {','.join(bad)} is not an int >= 1 or 'vllm'")
     numeric_blocks = tuple(int(b) for b in block_args if b != "vllm") or (64,)
     if demo:
         numeric_blocks = DEMO_BLOCK_SIZES if args.block_sizes == "64,vllm" else numeric_blocks
@@ -102,6 +111,7 @@ def run_command(args) -> int:
     print(f"moekern bench: {len(shapes)} shapes x {len(providers)} providers on "
           f"{torch.cuda.get_device_name() if not demo else 'CPU'}", flush=True)
     out_dir = args.out or report.default_out_dir(runner.environment(device))
+    print(f"output folder: {out_dir}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     partial = os.path.join(out_dir, "rows.partial.jsonl")
     with open(partial, "w") as f:  # each row as soon as it is measured: survives a killed run

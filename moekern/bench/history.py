@@ -103,8 +103,37 @@ def table(summary: list[dict]) -> str:
     }).to_string(index=False)
 
 
+_RATIO_TICKS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 10.0)
+
+
+def _run_labels(runs: list[str], summary: list[dict]) -> list[str]:
+    """One x label per run: its folder below the runs' common parent (unique, unlike the last two path parts),
+    one path part per line, then its date."""
+    import os
+
+    parents = [str(Path(r).parent) for r in runs]
+    common = os.path.commonpath(parents) if len(runs) > 1 else parents[0]
+    out = []
+    for r in runs:
+        rel = Path(os.path.relpath(r, common)).parts
+        date = next(s["date"] for s in summary if s["run"] == r)
+        out.append("\n".join(rel) + f"\n{date}")
+    return out
+
+
 def plot(summary: list[dict], path: str) -> str:
-    """Geomean ratio per run (x: runs oldest first), one line per op/provider, log y, 1.0 marked."""
+    """Write `figure(summary)` as a PNG to `path`; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure(summary: list[dict]):
+    """Geomean ratio per run (x: runs oldest first, one label each), one line per op/provider, log y with
+    labelled ratios, 1.0 marked. A matplotlib Figure (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,8 +141,8 @@ def plot(summary: list[dict], path: str) -> str:
     import matplotlib.ticker
 
     runs = list(dict.fromkeys(s["run"] for s in summary))
-    labels = [f"{'/'.join(Path(r).parts[-2:])}\n{next(s['date'] for s in summary if s['run'] == r)}" for r in runs]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(runs)), 4.5))
+    labels = _run_labels(runs, summary)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(runs)) + 2.0, 4.8))  # + 2 in: the legend beside
     styles = ["-", "--", ":", "-."]
     for i, col in enumerate(sorted({(s["op"], s["provider"]) for s in summary})):
         pts = [(runs.index(s["run"]), s["geomean_ratio"]) for s in summary if (s["op"], s["provider"]) == col]
@@ -121,19 +150,21 @@ def plot(summary: list[dict], path: str) -> str:
                 ls=styles[i // 10 % 4], label=f"{col[0]} / {col[1]}")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
-    fmt = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-    ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(fmt)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=15)
+    # Log scale keeps 0.5x and 2x equally far from 1; matplotlib's log ticks label only powers of ten, so
+    # an axis from 0.7x to 2.5x would carry one number. Label a fixed ladder of ratios inside the data range.
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in _RATIO_TICKS if lo <= t <= hi] or [1.0]
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_xticks(range(len(runs)), labels, fontsize=7)
     base = summary[0]["baseline"] if summary else "baseline"
     ax.set_ylabel(f"time / {base} time (geomean over shapes; < 1 is faster)")
     ax.set_title(f"moekern bench runs vs {base}, each ratio within one run")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def add_parser(subparsers) -> None:

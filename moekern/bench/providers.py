@@ -478,7 +478,7 @@ def reference_output(shape: Shape, inp: Inputs):
         from moekern.dispatch.reference import align_reference
 
         return _align_exact(align_reference(inp.topk_ids, shape.num_experts, shape.block_size), shape)
-    from moekern.dispatch.reference import fused_moe_reference
+    from moekern.experts.reference import fused_moe_reference
 
     return fused_moe_reference(inp.hidden, inp.w13, inp.w2, inp.topk_weights, inp.topk_ids)
 

@@ -17,10 +17,14 @@ RESULTS_FILE = "results.json"
 
 
 def default_out_dir(env: dict) -> str:
-    """benchmarks/results/<gpu>-<date>/ (or cpu-demo-<date>), relative to the working directory."""
+    """<cache>/moekern/bench/<gpu>-<date>T<time>/ (or cpu-demo-...), where <cache> is $XDG_CACHE_HOME or
+    ~/.cache: outside any checkout, so a run leaves `git status` clean. A run meant for the repository's
+    history goes to `--out benchmarks/results/<gpu>-<date>` instead."""
     gpu = env.get("gpu") or "cpu-demo"
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    return os.path.join("benchmarks", "results", f"{slug}-{env.get('date', '')[:10]}")
+    stamp = re.sub(r"[^0-9T-]", "", env.get("date", "")[:19].replace(":", ""))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "moekern", "bench", f"{slug}-{stamp}")
 
 
 def write_json(result: dict, out_dir: str) -> str:
@@ -68,7 +72,7 @@ def tables(result: dict) -> tuple[str, str]:
         pivot = ok.pivot_table(index=["op", "model", "M", "B"], columns="provider", values="cell",
                                aggfunc="first", sort=True, observed=True)
         with pd.option_context("display.max_rows", 500, "display.max_columns", 20, "display.width", 200):
-            timed = ("median µs per call  [speedup over vLLM, x; roofline fraction, %]\n" + pivot.fillna("-").to_string())
+            timed = _header(ok) + "\n" + pivot.fillna("-").to_string()
     rest = df[df["status"] != "ok"]
     lines = []
     if not rest.empty:
@@ -82,6 +86,16 @@ def tables(result: dict) -> tuple[str, str]:
             where = op if status == "skipped" else (shapes[0] if len(shapes) == 1 else f"{shapes[0]} and {len(shapes) - 1} more {op} shapes")
             lines.append(f"{status:8s} {provider:15s} {where}: {first}")
     return timed, "\n".join(lines)
+
+
+def _header(ok) -> str:
+    """The table's first line: it names the bracketed numbers only where some cell carries them."""
+    extra = []
+    if "speedup_vs_vllm" in ok and (ok["speedup_vs_vllm"].fillna(0).astype(bool) & (ok["provider"] != "vllm")).any():
+        extra.append("speedup over vLLM, x")
+    if "roofline_fraction" in ok and ok["roofline_fraction"].fillna(0).astype(bool).any():
+        extra.append("roofline fraction, %")
+    return "median µs per call" + (f"  [{'; '.join(extra)}]" if extra else "")
 
 
 def _cell(r) -> str:

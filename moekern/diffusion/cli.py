@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from moekern.cliargs import existing_dir, existing_path, model_name, phase, positive_int
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -14,8 +16,8 @@ def _ints(text: str) -> list[int]:
 
 
 def _add_model_args(p) -> None:
-    p.add_argument("--model", default="llada-moe-7b", help="registry model (llada-moe-7b, llada-8b)")
-    p.add_argument("--checkpoint", metavar="DIR", default=None,
+    p.add_argument("--model", type=model_name, default="llada-moe-7b", help="registry model (llada-moe-7b, llada-8b)")
+    p.add_argument("--checkpoint", type=existing_dir, metavar="DIR", default=None,
                    help="load safetensors weights from DIR (names: see moekern/diffusion/checkpoint.py); "
                         "default: random weights")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (tiny test models)")
@@ -44,9 +46,9 @@ def add_parser(sub) -> None:
     _add_model_args(g)
     g.add_argument("--prompt-ids", action="append", required=True, metavar="IDS",
                    help="comma-separated token ids; repeat for a batch (left-padded)")
-    g.add_argument("--gen-length", type=int, default=32)
-    g.add_argument("--block-length", type=int, default=8)
-    g.add_argument("--steps", type=int, default=32)
+    g.add_argument("--gen-length", type=positive_int, default=32)
+    g.add_argument("--block-length", type=positive_int, default=8)
+    g.add_argument("--steps", type=positive_int, default=32)
     g.add_argument("--gate-log", metavar="PATH", default=None, help="append moekern.gatelog/1 records here")
     g.add_argument("--ar", action="store_true", help="decode autoregressively (causal) instead")
     g.set_defaults(func=_generate)
@@ -71,10 +73,12 @@ def add_parser(sub) -> None:
                    help="compare anyway when E or top-k differ (every output is labelled SHAPE MISMATCH)")
     b.set_defaults(func=_bench)
     c = dsub.add_parser("compare", help="routing imbalance: AR decode (e2e gate log) vs diffusion denoising steps")
-    c.add_argument("--ar", required=True, metavar="PATH", help="AR gate log (file or folder), e.g. moekern e2e's")
-    c.add_argument("--diffusion", required=True, metavar="PATH", help="diffusion gate log (file or folder)")
-    c.add_argument("--ar-phase", default="decode", help="phase kept from the AR log (default decode)")
-    c.add_argument("--max-tokens", type=int, default=None, help="drop steps above N tokens (both sides)")
+    c.add_argument("--ar", type=existing_path, required=True, metavar="PATH",
+                   help="AR gate log (file or folder), e.g. moekern e2e's")
+    c.add_argument("--diffusion", type=existing_path, required=True, metavar="PATH",
+                   help="diffusion gate log (file or folder)")
+    c.add_argument("--ar-phase", type=phase, default="decode", help="phase kept from the AR log (default decode)")
+    c.add_argument("--max-tokens", type=positive_int, default=None, help="drop steps above N tokens (both sides)")
     c.add_argument("--allow-shape-mismatch", action="store_true",
                    help="compare anyway when E or top-k differ (every output is labelled SHAPE MISMATCH)")
     c.add_argument("--out", default="benchmarks/results/diffusion", help="output directory")

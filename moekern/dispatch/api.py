@@ -8,6 +8,10 @@ same, only slower. Ids out of range: the torch backend always checks them (it sy
 and cuda backends check them only when check_ids=True (the default), with one ids.min()/ids.max() that
 synchronizes with the host; pass check_ids=False (as fused_moe and the vLLM plugin do) to skip it, which
 keeps the call free of host syncs and CUDA-graph capturable - out-of-range ids then write out of bounds.
+
+Id dtype: topk_ids may be int32 or int64 (what torch.topk returns) on every backend. The range check, when it
+runs, reads the ids as given; then int64 ids are converted to int32 once, here (one small copy, no sync), and
+every backend reads int32.
 """
 
 from __future__ import annotations
@@ -46,12 +50,15 @@ def _check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torc
         raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {ref.device}; expected the same device")
 
 
+ID_DTYPES = (torch.int32, torch.int64)  # int64 is what torch.topk returns; the kernels read int32
+
+
 def _check_topk_ids(topk_ids, num_experts) -> torch.Tensor:
-    _check_tensor("topk_ids", topk_ids, "[M, k] int32")
+    _check_tensor("topk_ids", topk_ids, "[M, k] int32|int64")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [M, k]; got shape {tuple(topk_ids.shape)}")
-    if topk_ids.dtype != torch.int32:
-        raise TypeError(f"topk_ids must be int32; got {topk_ids.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64; got {topk_ids.dtype}")
     if topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids must have k >= 1 columns; got shape {tuple(topk_ids.shape)}")
     if topk_ids.numel() >= 2**31 - num_experts * 256:
@@ -100,6 +107,12 @@ def _check_ids_for(chosen: str, topk_ids, num_experts: int, expert_counts, check
         _check_ids_range(topk_ids, num_experts)
 
 
+def _ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
+    """The ids every backend reads: contiguous int32. Called after the range check, so an int64 id that is
+    in range converts exactly (without the check, an out-of-range one is out of range either way)."""
+    return topk_ids.to(torch.int32).contiguous()
+
+
 def _choose(backend: str, device: torch.device, num_experts: int) -> str:
     in_limits = num_experts <= MAX_EXPERTS
     chosen = resolve_backend(backend, device, cuda_ok=in_limits, triton_ok=in_limits)
@@ -121,7 +134,7 @@ def align(
 ) -> AlignOutput:
     """Sort the flattened (token, slot) pairs by expert into blocks of block_size, for blocked grouped GEMMs.
 
-    topk_ids: [M, k] int32, values in [0, num_experts); M >= 0. Slot i = token * k + j.
+    topk_ids: [M, k] int32|int64, values in [0, num_experts); M >= 0. Slot i = token * k + j.
     num_experts: E >= 1 (<= 512 on the triton/cuda backends). block_size: B, a power of two >= 1.
     expert_counts: optional [E] int32, bincount of topk_ids (e.g. fused_topk's third output); it must be
       exact. Where the backend can use it the histogram pass is skipped.
@@ -140,8 +153,8 @@ def align(
         raise ValueError(f"block_size={block_size} must be a power of two")
     expert_counts = _check_expert_counts(expert_counts, num_experts, topk_ids)
     chosen = _choose(backend, topk_ids.device, num_experts)
-    topk_ids = topk_ids.contiguous()
     _check_ids_for(chosen, topk_ids, num_experts, expert_counts, check_ids)
+    topk_ids = _ids_int32(topk_ids)
     if chosen == "torch" or topk_ids.numel() == 0:  # no slots: fills only, no sync
         return align_reference(topk_ids, num_experts, block_size)
     if chosen == "triton":
@@ -175,7 +188,7 @@ def permute(
 ) -> tuple[torch.Tensor, PermuteLayout]:
     """Copy each token's row once per chosen expert, grouped by expert (token-contiguous expert inputs).
 
-    hidden_states: [M, H] fp32|fp16|bf16. topk_ids: [M, k] int32 in [0, num_experts).
+    hidden_states: [M, H] fp32|fp16|bf16. topk_ids: [M, k] int32|int64 in [0, num_experts).
     expert_counts: optional [E] int32, exact bincount of topk_ids. backend, check_ids: as in align.
 
     Returns (permuted [M*k, H] in hidden_states' dtype, PermuteLayout):
@@ -190,10 +203,10 @@ def permute(
     _check_same_device("topk_ids", topk_ids, "hidden_states", hidden_states)
     expert_counts = _check_expert_counts(expert_counts, num_experts, topk_ids)
     chosen = _choose(backend, hidden_states.device, num_experts)
-    topk_ids = topk_ids.contiguous()
+    _check_ids_for(chosen, topk_ids, num_experts, expert_counts, check_ids)
+    topk_ids = _ids_int32(topk_ids)
     hidden_states = hidden_states.contiguous()
     M, k = topk_ids.shape
-    _check_ids_for(chosen, topk_ids, num_experts, expert_counts, check_ids)
     if chosen == "torch" or M == 0:  # M == 0: no kernel, no sync
         return permute_reference(hidden_states, topk_ids, num_experts)
     if chosen == "triton":
@@ -232,16 +245,25 @@ def unpermute(
     topk_weights: torch.Tensor,
     *,
     backend: str = "auto",
+    skip_missing_rows: bool = False,
 ) -> torch.Tensor:
     """Combine: out[t] = sum_j topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], fp32 accumulation.
 
     expert_output: [M*k, H] fp32|fp16|bf16, rows in permute's order. layout: permute's PermuteLayout.
     topk_weights: [M, k] fp32|fp16|bf16 (any of them, independent of expert_output's dtype).
+    skip_missing_rows: when True, expert_output may hold only its first N <= M*k rows (e.g. the experts
+      this rank computed, sorted first); slots whose row is >= N contribute nothing.
     Returns [M, H] in expert_output's dtype. Reads only layout.slot_to_row; no host sync on any backend.
     """
     _check_layout(layout)
     M, k = layout.num_tokens, layout.top_k
-    _check_hidden("expert_output", expert_output, "num_tokens * top_k of layout", M * k)
+    if skip_missing_rows:
+        _check_hidden("expert_output", expert_output, "", None)
+        if expert_output.shape[0] > M * k:
+            raise ValueError(f"expert_output must have at most {M * k} rows (num_tokens * top_k of layout); "
+                             f"got shape {tuple(expert_output.shape)}")
+    else:
+        _check_hidden("expert_output", expert_output, "num_tokens * top_k of layout", M * k)
     _check_tensor("topk_weights", topk_weights, f"[{M}, {k}] float")
     if tuple(topk_weights.shape) != (M, k):
         raise ValueError(f"topk_weights must have shape ({M}, {k}) to match layout; got {tuple(topk_weights.shape)}")

@@ -77,7 +77,8 @@ def permute_cuda(
 
 
 def unpermute_cuda(expert_output: torch.Tensor, slot_to_row, topk_weights: torch.Tensor) -> torch.Tensor:
-    """expert_output: [M*k, H] fp32|fp16|bf16 CUDA; slot_to_row: [M*k] int32 tensor, or the PermuteLayout
+    """expert_output: [N, H] fp32|fp16|bf16 CUDA, N <= M*k (slots whose row is >= N contribute nothing: the
+    kernel bounds every row by expert_output's size); slot_to_row: [M*k] int32 tensor, or the PermuteLayout
     permute returned (its slot_to_row is used); topk_weights: [M, k] float (computed in fp32).
 
     Returns [M, H] in expert_output's dtype: out[t] = sum_j w[t, j] * expert_output[slot_to_row[t*k + j]].

@@ -16,8 +16,10 @@ permute/unpermute (for token-contiguous expert inputs):
   layout.sorted_slots [M*k] int32: the flattened slot of each permuted row.
   layout.slot_to_row [M*k] int32: the inverse, the permuted row of each slot.
   layout.expert_offsets [E+1] int32: expert e's rows are expert_offsets[e]:expert_offsets[e+1].
-  unpermute: out[t] = sum_j topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], fp32 accumulation,
-  returned in expert_output's dtype.
+  unpermute: out[t] = sum_j topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], fp32 accumulation
+  over j ascending, returned in expert_output's dtype. expert_output may hold only the first N rows
+  (unpermute(..., skip_missing_rows=True)): slots whose row is >= N contribute nothing. Expert parallelism
+  uses this: the slots of experts on other ranks are sorted last (an extra expert) and never computed.
 """
 
 from __future__ import annotations
@@ -85,28 +87,15 @@ def permute_reference(hidden_states: torch.Tensor, topk_ids: torch.Tensor, num_e
 
 
 def unpermute_reference(expert_output: torch.Tensor, layout: PermuteLayout, topk_weights: torch.Tensor):
+    """out[t] = sum over j ascending of topk_weights[t, j] * expert_output[slot_to_row[t*k + j]], in fp32, one
+    product and one add at a time; rows at or past expert_output.shape[0] contribute nothing."""
     M, k = layout.num_tokens, layout.top_k
-    rows = expert_output[layout.slot_to_row.long()].float().view(M, k, expert_output.shape[1])  # -1 fails at M=0
-    out = (rows * topk_weights.float().view(M, k, 1)).sum(dim=1)
+    num_rows, H = expert_output.shape
+    padded = torch.cat([expert_output, expert_output.new_zeros(1, H)])  # row num_rows: a zero row
+    rows = layout.slot_to_row.long().view(M, k)
+    rows = torch.where(rows >= num_rows, torch.full_like(rows, num_rows), rows)
+    weights = topk_weights.float()
+    out = torch.zeros(M, H, dtype=torch.float32, device=expert_output.device)
+    for j in range(k):
+        out += padded[rows[:, j]].float() * weights[:, j:j + 1]
     return out.to(expert_output.dtype)
-
-
-def fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids):
-    """Per-expert loop: out[t] = sum_j w[t,j] * (silu(x W_gate^T) * (x W_up^T)) W_down^T, fp32 math.
-
-    w13: [E, 2I, H] (gate rows 0:I, up rows I:2I); w2: [E, H, I]. Returns hidden_states' dtype.
-    """
-    M, H = hidden_states.shape
-    E, two_i, _ = w13.shape
-    inter = two_i // 2
-    out = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
-    x = hidden_states.float()
-    for e in range(E):
-        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = x[tok] @ w13[e].float().t()
-        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        y = a @ w2[e].float().t()
-        out.index_add_(0, tok, y * topk_weights[tok, slot].float().unsqueeze(1))
-    return out.to(hidden_states.dtype)

@@ -232,7 +232,7 @@ def _permute_kernel(hidden_ptr, sorted_slots_ptr, out_ptr, hidden_dim, TOP_K: tl
 
 
 @triton.jit
-def _unpermute_kernel(expert_out_ptr, slot_to_row_ptr, weights_ptr, out_ptr, hidden_dim,
+def _unpermute_kernel(expert_out_ptr, slot_to_row_ptr, weights_ptr, out_ptr, hidden_dim, num_rows,
                       TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -241,9 +241,10 @@ def _unpermute_kernel(expert_out_ptr, slot_to_row_ptr, weights_ptr, out_ptr, hid
     for j in tl.static_range(TOP_K):
         slot = token * TOP_K + j
         row = tl.load(slot_to_row_ptr + slot).to(tl.int64)
-        w = tl.load(weights_ptr + slot).to(tl.float32)
-        x = tl.load(expert_out_ptr + row * hidden_dim + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += w * x
+        if row < num_rows:  # rows past expert_output's end (experts not computed) contribute nothing
+            w = tl.load(weights_ptr + slot).to(tl.float32)
+            x = tl.load(expert_out_ptr + row * hidden_dim + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += w * x
     tl.store(out_ptr + token.to(tl.int64) * hidden_dim + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -355,12 +356,15 @@ def permute_triton(hidden_states, topk_ids, num_experts, expert_counts, *, chunk
     return permuted, sorted_slots, slot_to_row, offsets
 
 
-def unpermute_triton(expert_output, slot_to_row, topk_weights, num_tokens, top_k):
-    """expert_output [M*k, H] contiguous; slot_to_row [M*k] int32; topk_weights [M, k] contiguous. Returns [M, H]."""
+def unpermute_triton(expert_output, slot_to_row, topk_weights, num_tokens, top_k, *, out=None):
+    """expert_output [N, H] contiguous (N <= M*k; slots whose row is >= N contribute nothing); slot_to_row
+    [M*k] int32; topk_weights [M, k] contiguous. Returns [M, H], written into `out` when given (a contiguous
+    [M, H] tensor of any float dtype: moekern.ep's peer path passes its peer-visible combine region)."""
     H = expert_output.shape[1]
-    out = torch.empty(num_tokens, H, dtype=expert_output.dtype, device=expert_output.device)
+    if out is None:
+        out = torch.empty(num_tokens, H, dtype=expert_output.dtype, device=expert_output.device)
     if num_tokens and H:
         bh = _block_h(H)
         _unpermute_kernel[(num_tokens, -(-H // bh))](expert_output, slot_to_row, topk_weights, out, H,
-                                                     TOP_K=top_k, BLOCK_H=bh)
+                                                     expert_output.shape[0], TOP_K=top_k, BLOCK_H=bh)
     return out

@@ -93,7 +93,7 @@ def gpu_checks(arms: list[str]) -> list:
 
             if not torch.cuda.is_available():
                 raise Skip("no CUDA device")
-            from moekern.dispatch.reference import fused_moe_reference
+            from moekern.experts.reference import fused_moe_reference
             from moekern.experts import fused_moe
             from moekern.routing import fused_topk
 

@@ -8,6 +8,9 @@ Two backends behind one interface: "nccl" (torch.distributed all_to_all_single; 
 and "peer" (Triton kernels storing into peers' receive buffers through a table of base addresses; torch
 symmetric memory on a node, PeerWorld.emulated + dispatch_emulated/combine_emulated on one device).
 The received layout and the combine rounding are stated in DispatchOutput, combine and ep.reference.
+Received rows are grouped by local expert with moekern.dispatch.permute's layout, and combine's local
+reduce is moekern.dispatch.unpermute (moekern/ep/common.py). Imports run one way: api (the facade) ->
+nccl / peer / lowlat -> common -> layout.
 Decode: dispatch_ll/combine_ll (+ _emulated) on an LLWorld use a fixed receive layout [El, W*cap, H] with
 in-band device counts: no host sync, CUDA-graph capturable (moekern/ep/lowlat.py).
 """

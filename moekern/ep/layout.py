@@ -1,4 +1,7 @@
-"""Layout arithmetic shared by both expert-parallel backends (plain torch ops, any device).
+"""What travels between ranks, shared by both expert-parallel backends (plain torch ops, any device): where
+each token goes (send layout, receive rows), the metadata row sent with it, the fp8 payload.
+
+Grouping what arrives by local expert is not here: it is moekern.dispatch's permute layout (moekern/ep/common.py).
 
 Conventions (the contract of moekern.ep, see moekern/ep/__init__.py):
 - W ranks, E experts, El = E / W; rank d owns global experts [d*El, (d+1)*El).
@@ -68,52 +71,6 @@ def split_meta(meta: torch.Tensor, top_k: int):
         meta[:, top_k:2 * top_k].contiguous().view(torch.float32),
         meta[:, 2 * top_k].contiguous(),
     )
-
-
-class ExpertGrouping(NamedTuple):
-    """The received tokens' local slots grouped by local expert.
-
-    sorted_slots: [S] int64, flattened recv slot (i*k + j) of each grouped row, experts ascending, slots
-      ascending within one; S = number of (received token, local expert) pairs.
-    slot_to_row: [R*k] int32, grouped row of each recv slot, -1 for slots whose expert is not local.
-    expert_offsets: [El+1] int32, local expert e's rows are expert_offsets[e]:expert_offsets[e+1].
-    """
-
-    sorted_slots: torch.Tensor
-    slot_to_row: torch.Tensor
-    expert_offsets: torch.Tensor
-
-
-def group_by_local_expert(recv_topk_ids: torch.Tensor, experts_per_rank: int) -> ExpertGrouping:
-    flat = recv_topk_ids.reshape(-1).long()
-    key = torch.where(flat < 0, torch.full_like(flat, experts_per_rank), flat)
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=experts_per_rank + 1)[:experts_per_rank]
-    offsets = torch.zeros(experts_per_rank + 1, dtype=torch.int32, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    num_rows = int(offsets[-1])
-    sorted_slots = order[:num_rows]
-    slot_to_row = torch.full_like(flat, -1, dtype=torch.int32)
-    slot_to_row[sorted_slots] = torch.arange(num_rows, dtype=torch.int32, device=flat.device)
-    return ExpertGrouping(sorted_slots, slot_to_row, offsets)
-
-
-def local_reduce(expert_output: torch.Tensor, slot_to_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[R, H] fp32: partial[i] = sum_j weights[i, j] * expert_output[slot_to_row[i*k + j]] (j ascending).
-
-    Slots with row -1 add nothing. One j at a time keeps the temporary at [R, H] instead of [R, k, H].
-    """
-    R, k = weights.shape
-    H = expert_output.shape[1]
-    acc = torch.zeros(R, H, dtype=torch.float32, device=expert_output.device)
-    if R == 0:
-        return acc
-    padded = torch.cat([expert_output, expert_output.new_zeros(1, H)])
-    rows = slot_to_row.view(R, k).long()
-    rows = torch.where(rows < 0, torch.full_like(rows, expert_output.shape[0]), rows)
-    for j in range(k):
-        acc += padded[rows[:, j]].float() * weights[:, j:j + 1].float()
-    return acc
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moekern.ep.api import validate_dispatch_args
-from moekern.ep.peer import _block_h, _peer_ptr, aligned_regions
+from moekern.ep.common import validate_dispatch_args
+from moekern.ep.peer import aligned_regions, block_h, peer_ptr
 
 OVERFLOW_SEND = 1  # this rank had more than capacity tokens for one expert: the excess was dropped
 OVERFLOW_RECV = 2  # a source sent more than capacity tokens to one of this rank's experts
@@ -95,7 +95,7 @@ def _ll_count_kernel(
         d = e // experts_per_rank
         el = e - d * experts_per_rank
         for dd in tl.static_range(W):
-            dst = _peer_ptr(counts_table, dd, tl.int32)
+            dst = peer_ptr(counts_table, dd, tl.int32)
             tl.store(dst + el * W + rank, c, mask=emask & (d == dd))
 
 
@@ -117,10 +117,10 @@ def _ll_write_kernel(
         hmask = cols < H
         x = tl.load(x_ptr + t.to(tl.int64) * H + cols, mask=hmask)
         # d is a runtime value; the pointer table lookup takes it directly (no static loop over ranks)
-        dst = _peer_ptr(x_table, d, x_ptr.dtype.element_ty)
+        dst = peer_ptr(x_table, d, x_ptr.dtype.element_ty)
         tl.store(dst + row * H + cols, x, mask=hmask)
         if pid_h == 0:
-            meta = _peer_ptr(meta_table, d, tl.int32) + row * 3
+            meta = peer_ptr(meta_table, d, tl.int32) + row * 3
             tl.store(meta, t)
             tl.store(meta + 1, i - t * K)
             tl.store(meta + 2, tl.load(w_ptr + i).to(tl.int32, bitcast=True))
@@ -170,7 +170,7 @@ def _ll_combine_send_kernel(
         s = tl.load(meta_ptr + row * 4)
         t = tl.load(meta_ptr + row * 4 + 1)
         j = tl.load(meta_ptr + row * 4 + 2)
-        dst = _peer_ptr(comb_table, s, y_ptr.dtype.element_ty) + (t * K + j).to(tl.int64) * H
+        dst = peer_ptr(comb_table, s, y_ptr.dtype.element_ty) + (t * K + j).to(tl.int64) * H
         for hb in range(0, tl.cdiv(H, BLOCK_H)):
             cols = hb * BLOCK_H + tl.arange(0, BLOCK_H)
             hmask = cols < H
@@ -423,7 +423,7 @@ def _send(world: LLWorld, rank: int, x, topk_ids, topk_weights) -> _Sent:
         W=W, BLOCK_N=_BLOCK_N, BLOCK_E=_BLOCK_E, NUM_POS_PROGRAMS=n_pos,
     )
     if N:
-        bh = _block_h(H)
+        bh = block_h(H)
         payload = x.contiguous().view(_RAW_BY_DTYPE[x.dtype])
         _ll_write_kernel[(N, triton.cdiv(H, bh))](
             payload, ids, weights, pos, world.x_table, world.meta_table, H, rank, E, El, cap,
@@ -444,7 +444,7 @@ def _receive(world: LLWorld, rank: int, sent: _Sent, M: int) -> tuple[LLDispatch
     recv_counts = torch.empty(El, dtype=torch.int32, device=dev)
     _ll_recv_kernel[(El * W, cap)](
         stage_x, stage_meta, counts, recv_raw, recv_meta, recv_counts, sent.flag, H, cap,
-        W=W, WP=triton.next_power_of_2(W), BLOCK_H=_block_h(H),
+        W=W, WP=triton.next_power_of_2(W), BLOCK_H=block_h(H),
     )
     out = LLDispatchOutput(
         recv_x=recv_raw.view(world.dtype), recv_counts=recv_counts,
@@ -473,7 +473,7 @@ def _combine_send(expert_output, handle: LLHandle):
     El, rows, H = expert_output.shape
     y = expert_output.contiguous().view(_RAW_BY_DTYPE[handle.dtype])
     _ll_combine_send_kernel[(El, rows)](
-        y, handle.recv_meta, handle.recv_counts, w.comb_table, H, rows, K=w.top_k, BLOCK_H=_block_h(H))
+        y, handle.recv_meta, handle.recv_counts, w.comb_table, H, rows, K=w.top_k, BLOCK_H=block_h(H))
 
 
 def _combine_reduce(handle: LLHandle) -> torch.Tensor:
@@ -482,7 +482,7 @@ def _combine_reduce(handle: LLHandle) -> torch.Tensor:
     out = torch.empty(M, H, dtype=handle.dtype, device=handle.pos.device)
     if M:
         comb = w.region(handle.rank, "comb", (w.max_tokens_per_rank * k * H,), handle.dtype)
-        bh = _block_h(H)
+        bh = block_h(H)
         _ll_combine_reduce_kernel[(M, triton.cdiv(H, bh))](
             comb, handle.topk_ids, handle.topk_weights, handle.pos, out, H, w.num_experts, w.experts_per_rank,
             w.capacity, K=k, W=w.world_size, BLOCK_H=bh,

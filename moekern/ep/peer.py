@@ -16,10 +16,11 @@ dispatch on rank r:
      into each destination's region; block 0 also writes the metadata row (local ids, masked weights,
      source token) and the fp8 scale.
   5. barrier (symmetric-memory barrier; nothing on one GPU), then each rank copies its regions out and
-     groups the rows by local expert (torch).
+     groups the rows by local expert (moekern.dispatch.permute's layout, moekern/ep/common.py).
 combine:
-  1. _ep_local_reduce_kernel: each receiver sums its local experts' rows per received token in fp32, in
-     slot order, and stores the partial (payload dtype) into its own combine region.
+  1. each receiver sums its local experts' rows per received token in fp32, in slot order, and stores the
+     partial (payload dtype) into its own combine region: moekern.dispatch's Triton unpermute kernel over
+     the grouping's layout, writing straight into the region.
   2. barrier, then _ep_combine_pull_kernel on the source: for each token, read the partial from each rank
      it went to (rank order), add in fp32, store hidden_states' dtype.
 Bounds: capacity rows per rank (default W * max tokens per rank: every token to one rank); checked against
@@ -35,16 +36,18 @@ import torch
 import triton
 import triton.language as tl
 
+from moekern.dispatch.triton_ops import unpermute_triton
 from moekern.ep import layout as L
-from moekern.ep.api import (
-    _DTYPE_CODE, EpHandle, _finish_dispatch, check_status, ids_out_of_range, validate_dispatch_args,
+from moekern.ep.common import (
+    EpHandle, check_status, finish_dispatch, ids_out_of_range, status_row, validate_combine_args,
+    validate_dispatch_args,
 )
 
 _RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # the kernels move raw bits: any payload dtype
 
 
 @triton.jit
-def _peer_ptr(table, d, elem_ty: tl.constexpr):
+def peer_ptr(table, d, elem_ty: tl.constexpr):
     """Rank d's region base from the int64 table, as a pointer. Regions are 256-byte aligned; saying so
     lets the compiler vectorize stores through the cast pointer (it cannot see the address otherwise)."""
     addr = tl.multiple_of(tl.load(table + d), 16)
@@ -68,39 +71,21 @@ def _ep_dispatch_write_kernel(
     for d in tl.static_range(W):
         row = tl.load(dest_rows_ptr + t * W + d)
         if row >= 0:
-            dst = _peer_ptr(x_table, d, x_ptr.dtype.element_ty)
+            dst = peer_ptr(x_table, d, x_ptr.dtype.element_ty)
             tl.store(dst + row.to(tl.int64) * H + cols, x, mask=hmask)
             if pid_h == 0:
                 g = tl.load(ids_ptr + t * K + kk, mask=kmask, other=0)
                 local = g - d * experts_per_rank
                 on = (local >= 0) & (local < experts_per_rank)
                 w = tl.load(w_ptr + t * K + kk, mask=kmask, other=0.0)
-                meta = _peer_ptr(meta_table, d, tl.int32)
+                meta = peer_ptr(meta_table, d, tl.int32)
                 mrow = meta + row.to(tl.int64) * (2 * K + 1)
                 tl.store(mrow + kk, tl.where(on, local, -1), mask=kmask)
                 tl.store(mrow + K + kk, tl.where(on, w, 0.0).to(tl.int32, bitcast=True), mask=kmask)
                 tl.store(mrow + 2 * K, t)
                 if HAS_SCALE:
-                    sdst = _peer_ptr(scale_table, d, tl.float32)
+                    sdst = peer_ptr(scale_table, d, tl.float32)
                     tl.store(sdst + row, tl.load(scale_ptr + t))
-
-
-@triton.jit
-def _ep_local_reduce_kernel(
-    y_ptr, slot_to_row_ptr, w_ptr, out_ptr, H,
-    K: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    i = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = cols < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(K):
-        row = tl.load(slot_to_row_ptr + i * K + j)
-        if row >= 0:
-            w = tl.load(w_ptr + i * K + j)
-            y = tl.load(y_ptr + row.to(tl.int64) * H + cols, mask=hmask, other=0.0).to(tl.float32)
-            acc += y * w
-    tl.store(out_ptr + i.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
@@ -115,12 +100,12 @@ def _ep_combine_pull_kernel(
     for d in tl.static_range(W):
         row = tl.load(dest_rows_ptr + t * W + d)
         if row >= 0:
-            src = _peer_ptr(comb_table, d, out_ptr.dtype.element_ty)
+            src = peer_ptr(comb_table, d, out_ptr.dtype.element_ty)
             acc += tl.load(src + row.to(tl.int64) * H + cols, mask=hmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
-def _block_h(H: int) -> int:
+def block_h(H: int) -> int:
     return min(1024, triton.next_power_of_2(max(H, 16)))
 
 
@@ -219,7 +204,9 @@ def _tables(ptrs, offsets, device):
 
 
 @dataclass
-class _SendPlan:
+class SendPlan:
+    """One source rank's side of a peer dispatch, before any exchange (plan_send)."""
+
     x: torch.Tensor  # [M, H] payload (raw-bit view)
     scale: torch.Tensor | None
     ids: torch.Tensor  # [M, k] int32
@@ -228,7 +215,11 @@ class _SendPlan:
     status: torch.Tensor  # [W + 4] int64
 
 
-def _plan_send(x, topk_ids, topk_weights, num_experts, W, fp8) -> _SendPlan:
+def plan_send(x, topk_ids, topk_weights, num_experts: int, world_size: int, fp8: bool = False) -> SendPlan:
+    """x [M, H], topk_ids [M, k], topk_weights [M, k] of one source rank -> its payload (raw bits, e4m3 when
+    fp8), int32 ids (out-of-range ones clamped and flagged in the status row), fp32 weights, SendLayout and
+    status row [W + 4] int64. Stack the W ranks' status rows and take [:, :W]: the counts write_tokens needs."""
+    W = world_size
     El = num_experts // W
     bad = ids_out_of_range(topk_ids, num_experts)
     ids = (topk_ids.clamp(0, num_experts - 1) if bad else topk_ids).to(torch.int32).contiguous()
@@ -238,8 +229,8 @@ def _plan_send(x, topk_ids, topk_weights, num_experts, W, fp8) -> _SendPlan:
     if fp8:
         payload, scale = L.quantize_fp8(payload)
     payload = payload.view(_RAW[payload.element_size()])
-    status = torch.cat([lay.send_counts.cpu(), torch.tensor([x.shape[1], ids.shape[1], _DTYPE_CODE[x.dtype], int(bad)])])
-    return _SendPlan(payload, scale, ids, topk_weights.float().contiguous(), lay, status.to(torch.int64))
+    status = status_row(lay.send_counts, x.shape[1], ids.shape[1], x.dtype, bad)
+    return SendPlan(payload, scale, ids, topk_weights.float().contiguous(), lay, status)
 
 
 def _check_capacity(world: PeerWorld, counts: torch.Tensor, H: int, k: int, dtype: torch.dtype):
@@ -253,15 +244,16 @@ def _check_capacity(world: PeerWorld, counts: torch.Tensor, H: int, k: int, dtyp
         raise ValueError(f"PeerWorld was built for {world.dtype} payloads; got {dtype}")
 
 
-def _send(world: PeerWorld, rank: int, plan: _SendPlan, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Launch the write kernel for source `rank`; returns its dest_rows [M, W] int32."""
+def write_tokens(world: PeerWorld, rank: int, plan: SendPlan, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Launch the write kernel for source `rank` (its tokens, metadata and scales into every destination's
+    regions); counts: [W, W] int64, counts[r, d] = tokens rank r sends to d. Returns dest_rows [M, W] int32."""
     W = world.world_size
     base = counts[:rank].sum(0).to(plan.x.device)
     rows = L.dest_rows(plan.lay.rank_mask, base).contiguous()
     M, H = plan.x.shape
     k = plan.ids.shape[1]
     if M and H:
-        bh = _block_h(H)
+        bh = block_h(H)
         scale = plan.scale if plan.scale is not None else plan.weights  # unused when HAS_SCALE is False
         _ep_dispatch_write_kernel[(M, triton.cdiv(H, bh))](
             plan.x, scale, plan.ids, plan.weights, rows,
@@ -283,8 +275,7 @@ def _receive(world: PeerWorld, rank: int, counts: torch.Tensor, x_dtype, fp8, nu
         recv_x = L.dequantize_fp8(recv_x, world.region(rank, "scale", R, torch.float32).clone(), x_dtype)
     ids, weights, src_token = L.split_meta(meta, k)
     src_rank = torch.repeat_interleave(torch.arange(W, dtype=torch.int32), counts[:, rank].cpu()).to(recv_x.device)
-    return _finish_dispatch(recv_x, ids, weights, src_rank, src_token, num_experts // W, group_by_expert,
-                            handle_kw, H)
+    return finish_dispatch(recv_x, ids, weights, src_rank, src_token, num_experts // W, group_by_expert, handle_kw)
 
 
 def _handle_kw(world, rank, num_experts, M, k, dtype, counts, plan, rows, group):
@@ -299,20 +290,17 @@ def _write_partial(world: PeerWorld, rank: int, expert_output: torch.Tensor, han
     dst = world.region(rank, "comb", R * H, handle.dtype).view(R, H)
     if layout == "token":
         dst.copy_(expert_output)
-    elif R and H:
-        bh = _block_h(H)
-        _ep_local_reduce_kernel[(R, triton.cdiv(H, bh))](
-            expert_output.contiguous(), handle.grouping.slot_to_row, handle.recv_topk_weights.contiguous(), dst,
-            H, K=handle.top_k, BLOCK_H=bh,
-        )
+    else:  # the off-rank slots' rows are past expert_output's end: they add nothing
+        unpermute_triton(expert_output.contiguous(), handle.grouping.slot_to_row, handle.recv_topk_weights.contiguous(),
+                         R, handle.top_k, out=dst)
 
 
 def _pull(world: PeerWorld, handle: EpHandle) -> torch.Tensor:
-    H = handle.extras["hidden"]
+    H = handle.hidden
     M = handle.num_tokens
     out = torch.empty(M, H, dtype=handle.dtype, device=handle.dest_rows.device)
     if M and H:
-        bh = _block_h(H)
+        bh = block_h(H)
         _ep_combine_pull_kernel[(M, triton.cdiv(H, bh))](
             out, handle.dest_rows, world.comb_table, H, W=world.world_size, BLOCK_H=bh)
     return out
@@ -329,7 +317,7 @@ def peer_dispatch(world: PeerWorld, x, topk_ids, topk_weights, num_experts, *, f
     if world.rank is None:
         raise ValueError("this PeerWorld is emulated: drive it with moekern.ep.dispatch_emulated")
     W, rank = world.world_size, world.rank
-    plan = _plan_send(x, topk_ids, topk_weights, num_experts, W, fp8)
+    plan = plan_send(x, topk_ids, topk_weights, num_experts, W, fp8)
     if W > 1:
         gathered = torch.empty(W, plan.status.numel(), dtype=torch.int64, device=x.device)
         dist.all_gather_into_tensor(gathered, plan.status.to(x.device), group=group)
@@ -339,7 +327,7 @@ def peer_dispatch(world: PeerWorld, x, topk_ids, topk_weights, num_experts, *, f
     check_status(status, W, num_experts)
     counts = status[:, :W]
     _check_capacity(world, counts, x.shape[1], topk_ids.shape[1], x.dtype)
-    rows = _send(world, rank, plan, counts, num_experts)
+    rows = write_tokens(world, rank, plan, counts, num_experts)
     world.barrier()  # every peer's writes are visible before the regions are read
     kw = _handle_kw(world, rank, num_experts, x.shape[0], topk_ids.shape[1], x.dtype, counts, plan, rows, group)
     return _receive(world, rank, counts, x.dtype, fp8, num_experts, group_by_expert, kw)
@@ -368,12 +356,12 @@ def dispatch_emulated(world: PeerWorld, xs, topk_ids, topk_weights, num_experts,
         validate_dispatch_args(xs[r], topk_ids[r], topk_weights[r], num_experts, W)
         if xs[r].device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError(f"xs[{r}] is on {xs[r].device}: the peer kernels need CUDA (or TRITON_INTERPRET=1)")
-    plans = [_plan_send(xs[r], topk_ids[r], topk_weights[r], num_experts, W, fp8) for r in range(W)]
+    plans = [plan_send(xs[r], topk_ids[r], topk_weights[r], num_experts, W, fp8) for r in range(W)]
     status = torch.stack([p.status for p in plans])
     check_status(status, W, num_experts)
     counts = status[:, :W]
     _check_capacity(world, counts, xs[0].shape[1], topk_ids[0].shape[1], xs[0].dtype)
-    rows = [_send(world, r, plans[r], counts, num_experts) for r in range(W)]
+    rows = [write_tokens(world, r, plans[r], counts, num_experts) for r in range(W)]
     return [
         _receive(world, r, counts, xs[r].dtype, fp8, num_experts, group_by_expert,
                  _handle_kw(world, r, num_experts, xs[r].shape[0], topk_ids[r].shape[1], xs[r].dtype, counts,
@@ -384,8 +372,6 @@ def dispatch_emulated(world: PeerWorld, xs, topk_ids, topk_weights, num_experts,
 
 def combine_emulated(expert_outputs, handles, *, layout="expert"):
     """Combine for W emulated ranks: expert_outputs[d] is rank d's output; returns [M_r, H] per rank."""
-    from moekern.ep.api import validate_combine_args
-
     if len(expert_outputs) != len(handles):
         raise ValueError(f"expert_outputs has {len(expert_outputs)} entries; expected one per handle ({len(handles)})")
     for y, h in zip(expert_outputs, handles):

@@ -1,7 +1,7 @@
 """moekern.fused_moe: a whole MoE layer (route, align, gate-up GEMM + SiLU-and-mul, down GEMM, combine).
 
 Backends (one argument selects all stages):
-  "torch"  fused_topk(backend="torch") + moekern.dispatch.reference.fused_moe_reference (per-expert loop,
+  "torch"  fused_topk(backend="torch") + moekern.experts.reference.fused_moe_reference (per-expert loop,
            fp32 math). No alignment needed.
   "triton" fused_topk(backend="triton") + moekern.align(backend="triton") + our Triton grouped GEMMs.
   "cuda"   moekern.route_and_align(backend="cuda") (routing + align in one launch at decode sizes) + our
@@ -134,6 +134,8 @@ def fused_moe(
         else:
             expert_backend = stage_backend = "torch"
     else:
+        if backend == "cuda":  # CUDA routing and align, then Triton GEMMs: both must run here
+            resolve_backend("cuda", dev)
         resolve_backend("triton" if backend == "cuda" else backend, dev)  # raises when unavailable
         expert_backend = "torch" if backend == "torch" else "triton"
         stage_backend = backend
@@ -184,7 +186,7 @@ def fused_moe(
     if M == 0:
         return hidden_states.new_empty(0, H)
     if expert_backend == "torch":
-        from moekern.dispatch.reference import fused_moe_reference
+        from moekern.experts.reference import fused_moe_reference
 
         return fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids)
     if hidden_states.stride(1) != 1:

@@ -28,7 +28,8 @@ the writer once `flush_steps` steps are waiting (or half the slots are in flight
 wakes on its own every `flush_seconds`. Each wake-up drains what is waiting: waits for each slot's mark
 (or event: blocking-sync, so the thread sleeps instead of spinning a core; by then the copies are long done),
 turns rows into moekern.gatelog/1 records (moekern._C's gatelog_format builds the JSON text with the GIL
-released; Python's own formatting of a 58-layer, 256-expert step held it ~1 ms), appends them to
+released; Python's own formatting of a 58-layer, 256-expert step held it ~1 ms; builds without the op use
+`step_lines`, over the schema's one serializer, moekern.gatelog.schema.format_line), appends them to
 gate_log.rank{R}.jsonl and flushes. So a crash
 loses at most `flush_steps` steps or `flush_seconds` seconds, and the thread that runs the model meets the
 writer a few times a second instead of at every step (the writer shares its GIL: every wake-up can take
@@ -69,7 +70,7 @@ from pathlib import Path
 import torch
 
 from moekern import _ext
-from moekern.gatelog import SCHEMA, GateRecord
+from moekern.gatelog.schema import SCHEMA, LinePieces, format_line, line_pieces
 
 
 @dataclass
@@ -88,7 +89,6 @@ class _Pending:
     scheduled_tokens: int | None
     time: float
     sampled: bool = False  # a top-k sample was copied with the counts
-    samples: list | None = None  # [L][N][k_max] ids, filled by the writer thread
 
 
 @dataclass
@@ -334,7 +334,11 @@ class GateLogRecorder:
         self.stats.charge("begin", time.perf_counter() - t0, time.thread_time() - c0)
 
     def end_step(self, phase: str = "unknown", scheduled_tokens: int | None = None) -> int | None:
-        """Hand this step's counts to the writer; returns the step index (None if no step was open)."""
+        """Hand this step's counts to the writer; returns the step index (None if no step was open).
+        `scheduled_tokens`: the scheduler's (unpadded) token count, >= 0, or None if unknown; it caps the
+        top-k sample's rows and goes to extra.scheduled_tokens."""
+        if scheduled_tokens is not None and scheduled_tokens < 0:
+            raise ValueError(f"scheduled_tokens={scheduled_tokens} must be >= 0 (or None when unknown)")
         if not self._in_step or self.counts is None or self._closed:
             return None
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -370,74 +374,29 @@ class GateLogRecorder:
         return step
 
     # ---- writer thread ------------------------------------------------------------------------------------
-    def _pieces(self, item: _Pending) -> tuple[str, str, str, str, str, str]:
-        """The JSON text a step's lines share: head (up to the layer index), mid (up to num_tokens), phase
-        (up to top_k), tail (time), model, extra."""
+    def _pieces(self, item: _Pending) -> LinePieces:
+        """The JSON text the step's lines share (moekern.gatelog.schema.line_pieces)."""
         extra = dict(self.extra)
         if item.scheduled_tokens is not None:
             extra["scheduled_tokens"] = int(item.scheduled_tokens)
-        head = f'{{"schema":{json.dumps(SCHEMA)},"step":{int(item.step)},"layer":'
-        mid = f',"rank":{int(self.rank or 0)},"num_tokens":'
-        phase = f',"phase":{json.dumps(item.phase)},"top_k":'
-        tail = f',"time":{json.dumps(round(item.time, 6))}'
-        model = f',"model":{json.dumps(self.model)}' if self.model is not None else ""
-        extra_s = f',"extra":{json.dumps(extra, separators=(",", ":"))}' if extra else ""
-        return head, mid, phase, tail, model, extra_s
+        return line_pieces(item.step, rank=int(self.rank or 0), phase=item.phase, time=round(item.time, 6),
+                           model=self.model, extra=extra)
 
     def _step_bytes(self, item: _Pending) -> bytes:
         """The step's lines as UTF-8 bytes, newline-terminated. moekern._C's gatelog_format builds them from
-        the pinned slot (counts and top-k sample) with the GIL released: for 58 layers x 256 experts the Python
-        below held it ~1 ms per step, time the model's thread waits for (1.0-1.2 ms of its wall per step with a
-        16-token sample on an H100, benchmarks/results/gatelog/h100-2026-12-06-s12). Byte for byte what
-        `_lines` gives (property-tested), which stays the path of builds without the op."""
+        the pinned slot (counts and top-k sample) with the GIL released: for 58 layers x 256 experts Python
+        held it ~1 ms per step, time the model's thread waits for (1.0-1.2 ms of its wall per step with a
+        16-token sample on an H100, benchmarks/results/gatelog/h100-2026-12-06-s12). Builds without the op
+        use `step_lines`, the same bytes (property-tested)."""
         host = self._host[item.slot]
+        pieces = self._pieces(item)
+        sample = self._host_sample[item.slot] if item.sampled else None
         if self._format is not None:
-            head, mid, phase, tail, model, extra_s = self._pieces(item)
-            sample = self._host_sample[item.slot] if item.sampled else None
-            rows = -1 if item.scheduled_tokens is None else max(int(item.scheduled_tokens), 0)
-            return self._format(host, self._num_experts, self._top_ks, head, mid, phase, tail, model, extra_s,
-                                sample, rows).numpy().tobytes()
-        if item.sampled:
-            item.samples = self._host_sample[item.slot].tolist()
-        return ("\n".join(self._lines(item, host.tolist())) + "\n").encode("utf-8")
-
-    def _lines(self, item: _Pending, rows) -> list[str]:
-        """The step's JSON lines, character for character what `_records(...)[i].to_json()` gives, built from
-        strings shared by the step's layers (a third of the time: this runs on a thread that shares the GIL
-        with the engine's step loop)."""
-        head, mid, phase, tail, model, extra_s = self._pieces(item)
-        out = []
-        for li, info in enumerate(self.layers):
-            counts = rows[li][: info.num_experts]
-            sample = ""
-            if item.samples is not None:
-                kept = [t[: info.top_k] for t in item.samples[li] if min(t[: info.top_k]) >= 0]
-                if item.scheduled_tokens is not None:
-                    kept = kept[: item.scheduled_tokens]
-                if kept:
-                    sample = f',"topk_sample":{json.dumps(kept, separators=(",", ":"))}'
-            out.append(f'{head}{li}{mid}{sum(counts) // info.top_k}{phase}{info.top_k},"expert_counts":['
-                       f'{",".join(map(str, counts))}]{tail}{model}{sample}{extra_s}}}')
-        return out
-
-    def _records(self, item: _Pending, rows) -> list[GateRecord]:
-        """The step's records as GateRecord objects: the reference `_lines` is checked against."""
-        extra = dict(self.extra)
-        if item.scheduled_tokens is not None:
-            extra["scheduled_tokens"] = int(item.scheduled_tokens)
-        out = []
-        for li, info in enumerate(self.layers):
-            counts = [int(c) for c in rows[li][: info.num_experts]]
-            sample = None
-            if item.samples is not None:
-                sample = [t[: info.top_k] for t in item.samples[li] if min(t[: info.top_k]) >= 0]
-                if item.scheduled_tokens is not None:
-                    sample = sample[: item.scheduled_tokens]  # CUDA-graph padding rows come last
-            out.append(GateRecord(step=item.step, layer=li, expert_counts=counts,
-                                  num_tokens=sum(counts) // info.top_k, rank=int(self.rank or 0),
-                                  phase=item.phase, top_k=info.top_k, time=round(item.time, 6),
-                                  model=self.model, extra=extra, topk_sample=sample or None))
-        return out
+            max_rows = -1 if item.scheduled_tokens is None else int(item.scheduled_tokens)
+            return self._format(host, self._num_experts, self._top_ks, pieces.head, pieces.mid, pieces.phase,
+                                pieces.tail, pieces.model, pieces.extra, sample, max_rows).numpy().tobytes()
+        return step_lines(pieces, host.tolist(), self._num_experts, self._top_ks,
+                          None if sample is None else sample.tolist(), item.scheduled_tokens)
 
     MARK_TIMEOUT_S = 60.0  # a slot whose mark never comes is written as an error, not waited for forever
 
@@ -558,6 +517,24 @@ def _ext_op(name: str):
 def _format_op():
     """moekern._C's gatelog_format (formats a step's lines with the GIL released), or None."""
     return _ext_op("gatelog_format")[0]
+
+
+def step_lines(pieces: LinePieces, rows, num_experts, top_ks, samples=None, max_rows: int | None = None) -> bytes:
+    """One step's records as newline-terminated UTF-8 lines, in Python: what moekern._C's gatelog_format
+    gives for the same arguments. Layer i: counts rows[i][:num_experts[i]], num_tokens their sum // top_ks[i]
+    (floor division), and, with `samples` ([L][N][K] ids), the top-k sample: the first top_ks[i] ids of
+    each row, rows with an id < 0 (unfilled, or CUDA-graph padding) left out, at most `max_rows` kept (None:
+    all; padding rows come last), no key when none is kept."""
+    out = []
+    for li, (E, k) in enumerate(zip(num_experts, top_ks)):
+        counts = rows[li][:E]
+        kept = None
+        if samples is not None:
+            kept = [ids[:k] for ids in samples[li] if min(ids[:k]) >= 0]
+            if max_rows is not None:
+                kept = kept[:max_rows]
+        out.append(format_line(pieces, li, sum(counts) // k, k, counts, kept or None))
+    return ("\n".join(out) + "\n").encode("utf-8")
 
 
 def _global_rank() -> int:

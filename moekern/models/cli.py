@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from moekern.cliargs import model_name, positive_float, positive_int
+from moekern.errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list the registered MoE model shapes, sizes and memory per GPU")
     p.add_argument("--json", action="store_true", help="print the registry (with sizes) as JSON")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs for the TP / EP / hybrid columns (default 8)")
-    p.add_argument("--dtype-bytes", type=float, default=2.0, help="bytes per weight (2 = bf16, 1 = fp8)")
+    p.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the TP / EP / hybrid columns (default 8)")
+    p.add_argument("--dtype-bytes", type=positive_float, default=2.0, help="bytes per weight (2 = bf16, 1 = fp8)")
     p.add_argument("--write-config", metavar="DIR", default=None,
-                   help="with --model: write a dummy-weight HF config.json into DIR")
-    p.add_argument("--model", default=None, help="only this model")
-    p.add_argument("--layers", type=int, default=None, help="with --write-config: number of layers")
+                   help="with --model: write a dummy-weight HF config.json into DIR (for vLLM --load-format dummy)")
+    p.add_argument("--model", type=model_name, default=None,
+                   help="only this model: a registry key or alias (e.g. mixtral, deepseek-v3)")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="with --write-config: number of layers (fewer than the model's: a faster dummy model)")
     p.set_defaults(func=_run)
 
 
@@ -22,20 +27,14 @@ def _run(args) -> int:
     from moekern.models import MODELS, get_model, param_counts, standard_layouts, weight_bytes_per_gpu
     from moekern.models.hf import write_hf_config
 
-    try:
-        specs = [get_model(args.model)] if args.model else list(MODELS.values())
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
+    specs = [get_model(args.model)] if args.model else list(MODELS.values())
     if args.write_config:
         if not args.model:
-            print("error: --write-config needs --model", file=sys.stderr)
-            return 2
+            raise UsageError(f"--write-config {args.write_config!r} needs --model (which model's config to write)")
         try:
             print(write_hf_config(specs[0], args.write_config, args.layers))
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--write-config: {exc}") from None
         return 0
     rows = []
     for m in specs:

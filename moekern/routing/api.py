@@ -108,8 +108,14 @@ def fused_topk(
       selection scores (the largest alone if E/G == 1); only experts of the g best groups are chosen.
     renormalize divides each row's weights by their sum (a zero or NaN sum leaves the row as it is);
       then weights are multiplied by routed_scaling_factor.
-    NaN ranks as -inf. Under softmax a row with a NaN logit gets NaN weights (ids are the best of the
-      other logits); under sigmoid only NaN experts' scores are NaN. Ids are always distinct and in [0, E).
+    NaN policy, the same on every backend (tests/test_routing_nan.py): a NaN score ranks as -inf (below
+      every number, tied with -inf, ties to the lower index), so ids are always distinct, in [0, E), and
+      finite experts are chosen first; NaN is never hidden in the weights, so a broken router shows in the
+      layer's output. Softmax: a row with a NaN (or +inf: exp(inf - inf)) logit has NaN probabilities, so
+      all k weights of that row are NaN, its ids the best of its other logits; other rows are untouched.
+      Grouped softmax: such a row's group scores are all NaN, so groups tie and the lowest are kept.
+      Sigmoid: only a chosen NaN expert's weight is NaN; renormalize leaves a row whose weight sum is NaN
+      (or 0) as it is. A NaN correction_bias entry ranks its expert as -inf; its weight stays sigmoid(logit).
     backend: "torch" (reference), "triton" (one fused Triton kernel), "cuda" (moekern._C, one launch),
       "auto" (cuda on a GPU when built, else triton on a GPU, else torch).
 

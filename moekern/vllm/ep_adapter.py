@@ -69,7 +69,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moekern.ep.api import EpHandle, _group_info, combine, dispatch
+from moekern.ep.api import combine, dispatch
+from moekern.ep.common import EpHandle, group_info
 
 # ---------------------------------------------------------------------------------- pure torch pieces
 
@@ -145,7 +146,7 @@ def ep_prepare(a1, topk_weights, topk_ids, num_experts: int, *, group=None, back
 
     a1: [M, H] bf16|fp16|fp32; topk_weights: [M, k] float; topk_ids: [M, k] int32|int64 global ids.
     """
-    rank, W = _group_info(group)
+    rank, W = group_info(group)
     out, handle = dispatch(a1, topk_ids, topk_weights, num_experts, group=group, backend=backend, world=world,
                            group_by_expert=False)
     ids = to_vllm_topk_ids(out.recv_topk_ids, rank, W, num_experts, topk_ids.dtype)
@@ -180,7 +181,7 @@ def make_prepare_finalize(num_experts: int | None = None, *, group=None, backend
         TopKWeightAndReduceDelegate,
     )
 
-    rank, world_size = _group_info(group)
+    rank, world_size = group_info(group)
 
     class MoekernEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         def __init__(self):

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 import moekern  # noqa: E402
 from moekern._ext import cuda_kernels_available  # noqa: E402
-from moekern.dispatch.reference import align_reference, fused_moe_reference, permute_reference  # noqa: E402
+from moekern.dispatch.reference import align_reference, permute_reference  # noqa: E402
+from moekern.experts.reference import fused_moe_reference  # noqa: E402
 from moekern.routing.reference import fused_topk_reference  # noqa: E402
 
 DEV = "cuda"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from moekern.analysis.datasets.predictor import ImbalancePredictor, load_corpus
+from moekern.errors import UsageError
 
 STRATEGIES = ("domain_mixing", "single_domain_repetition", "ngram_concentration", "length_variation")
 
@@ -89,7 +90,7 @@ def generate_datasets(num: int, out_dir: str | os.PathLike, seed: int = 0, promp
                       strategies=STRATEGIES, predictor: ImbalancePredictor | None = None) -> list[DatasetInfo]:
     """Write `num` datasets to `out_dir` (see module docstring); returns their DatasetInfo, index order."""
     if num < 1:
-        raise ValueError(f"num={num} must be >= 1")
+        raise UsageError(f"num={num} must be >= 1")
     if prompts_per_dataset < 1:
         raise ValueError(f"prompts_per_dataset={prompts_per_dataset} must be >= 1")
     for s in strategies:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moekern.errors import UsageError
+
 
 @dataclass
 class CoactivationData:
@@ -65,7 +67,7 @@ def load_coactivation(path, max_tokens: int | None = None) -> CoactivationData:
 
     records, _ = gatelog.read_gate_log(path)
     if not records:
-        raise ValueError(f"no valid gate-log records under {str(path)!r}")
+        raise UsageError(f"no valid gate-log records under {str(path)!r}")
     e = max(len(r.expert_counts) for r in records)
     coact: dict[int, np.ndarray] = {}
     load: dict[int, np.ndarray] = {}
@@ -162,7 +164,7 @@ def coactivation_e2r(load, coact, ep_size: int, slack: float = 0.1, swap_rounds:
     if c.shape != (e, e):
         raise ValueError(f"coact must be [E, E] = [{e}, {e}]; got {c.shape}")
     if ep_size < 1 or e % ep_size:
-        raise ValueError(f"ep_size={ep_size} must be >= 1 and divide num_experts={e}")
+        raise UsageError(f"ep_size={ep_size} must be >= 1 and divide num_experts={e}")
     if slack < 0:
         raise ValueError(f"slack={slack} must be >= 0")
     np.fill_diagonal(c, 0.0)
@@ -236,7 +238,6 @@ def placement_study(path, ep_size: int, train_frac: float = 0.5, max_tokens: int
     "coact": CoactivationData}."""
     from moekern.analysis.imbalance.metrics import load_table
     from moekern.analysis.placement.advice import advise, score_placement
-    from moekern.errors import UsageError
 
     table = load_table(path, combine_ranks=combine_ranks)
     if len(table.run_names) > 1:

@@ -218,7 +218,7 @@ def load_runs(path: str | os.PathLike, combine_ranks: str = "auto", phase: str |
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         raise UsageError(f"no valid gate-log records under {str(p)!r}" + (f" with phase={phase!r}" if phase else "")
-                         + (" in the time window" if time_window is not None else "")
+                         + (f" in the time window {tuple(time_window)}" if time_window is not None else "")
                          + f" ({len(skipped)} lines skipped)")
     e = max(len(r.expert_counts) for v in runs.values() for r in v)
     out = {}

@@ -180,7 +180,7 @@ def round_robin_map(num_experts: int, ep_size: int) -> np.ndarray:
 
 def _check_ep(num_slots: int, ep_size: int) -> None:
     if ep_size < 1 or num_slots % ep_size:
-        raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the number of expert slots={num_slots}")
+        raise UsageError(f"ep_size={ep_size} must be >= 1 and divide the number of expert slots={num_slots}")
 
 
 def rank_loads(counts, ep_size: int, expert_to_rank=None, physical_to_logical=None) -> np.ndarray:

@@ -46,7 +46,7 @@ def round_robin_p2l(num_experts: int, ep_size: int) -> np.ndarray:
 
 def _check(num_slots: int, ep_size: int) -> None:
     if ep_size < 1 or num_slots % ep_size:
-        raise ValueError(f"ep_size={ep_size} must be >= 1 and divide the number of physical slots={num_slots}")
+        raise UsageError(f"ep_size={ep_size} must be >= 1 and divide the number of physical slots={num_slots}")
 
 
 def _pack(items: list[tuple[float, int]], ep_size: int, slots_per_rank: int) -> np.ndarray:
@@ -161,14 +161,14 @@ def advise(table: LoadTable, ep_size: int, num_redundant: int | None = None, tra
     GPU exceeds nothing is never rejected here; memory is reported (with `model`) for the user to weigh.
     """
     if not 0 < train_frac < 1:
-        raise ValueError(f"train_frac={train_frac} must be in (0, 1)")
+        raise UsageError(f"train_frac={train_frac} must be in (0, 1)")
     if model is not None and model.num_experts != table.num_experts:
         raise UsageError(f"the gate log has {table.num_experts} experts but model={model.name!r} has "
                          f"{model.num_experts}: its memory per GPU would describe another model; give a log of "
                          f"{model.name} or leave the model out")
     t = table.select(table.step_mask(max_tokens))
     if t.num_steps < 2:
-        raise ValueError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")
+        raise UsageError(f"need >= 2 steps after the max_tokens={max_tokens} filter; got {t.num_steps}")
     n_train = min(t.num_steps - 1, max(1, int(round(train_frac * t.num_steps))))
     train = t.select(np.arange(t.num_steps) < n_train)
     test = t.select(np.arange(t.num_steps) >= n_train)

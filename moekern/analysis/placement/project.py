@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekern.errors import UsageError
+
 DEFAULT_INTRA_BW = 350e9
 DEFAULT_INTER_BW = 50e9
 GPUS_PER_NODE = 8
@@ -182,13 +184,12 @@ def project_from_gate_log(path, model: str, nodes=(1, 2, 3, 4), tokens_per_gpu: 
     from moekern.models import get_model
     from moekern.analysis.imbalance.coactivation import load_coactivation
     from moekern.analysis.imbalance.metrics import load_table
-    from moekern.errors import UsageError
 
     spec = get_model(model)
     table = load_table(path, combine_ranks=combine_ranks)
     if table.num_experts != spec.num_experts:
-        raise UsageError(f"gate log {str(path)!r} has {table.num_experts} experts but model={model!r} has "
-                         f"{spec.num_experts}")
+        raise UsageError(f"gate log has {table.num_experts} experts but model={model!r} has {spec.num_experts} "
+                         f"({str(path)!r})")
     data = load_coactivation(path, max_tokens=max_tokens)
     t = table.select(table.step_mask(max_tokens))
     if not t.num_steps:
@@ -242,9 +243,10 @@ def projection_plot(rows: list[Projection], title: str = "", path=None) -> bytes
         axes[0].plot([r.gpus for r in rr], [r.step_ms for r in rr], marker="o", label=name)
         axes[1].plot([r.gpus for r in rr], [r.dispatch_us + r.combine_us for r in rr], marker="o", label=name)
     axes[0].set_ylabel("projected step time (ms)")
-    axes[1].set_ylabel("projected dispatch + combine per layer (us)")
+    axes[1].set_ylabel("dispatch + combine per layer (us)")
     for ax in axes:
         ax.set_xlabel("GPUs (8 per node)")
+        ax.set_xticks(sorted({r.gpus for r in rows}))  # the projected GPU counts only, no fractional ticks
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"PROJECTED, not measured: {title}", fontsize=9)

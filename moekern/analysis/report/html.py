@@ -32,6 +32,7 @@ import numpy as np
 
 from moekern.analysis.plotting import fig_png
 from moekern.analysis.stats import Estimate, bootstrap_ci, bootstrap_diff, iqr_mask, spearman_ci
+from moekern.errors import UsageError
 
 PLOT_METRICS = (("mean_ttft_ms", "TTFT mean (ms)"), ("mean_tpot_ms", "TPOT mean (ms)"),
                 ("output_throughput", "output throughput (tok/s)"))
@@ -372,17 +373,18 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
     meta = {}
     meta_path = Path(metadata) if metadata else root / "metadata.json"
     if metadata and not meta_path.is_file():
-        raise FileNotFoundError(f"metadata={str(meta_path)!r} is not a file")
+        raise UsageError(f"metadata={str(meta_path)!r} is not a file")
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             if metadata:
-                raise ValueError(f"metadata={str(meta_path)!r} is not valid JSON: {exc}") from exc
+                raise UsageError(f"metadata={str(meta_path)!r} is not valid JSON: {exc}") from exc
             meta = {}
     runs, skipped = load_runs(root)
     if not runs:
-        raise ValueError(f"no bench result JSON files under {str(root)!r}")
+        raise UsageError(f"results_dir={str(root)!r} holds no bench result JSON files (vllm bench serve "
+                         f"--save-result output, or run_e2e.py's)")
     df = runs_dataframe(runs)
     synthetic = bool(meta.get("synthetic")) or any(r.synthetic for r in runs)
     rep = Report(title=meta.get("title", f"moekern serving and imbalance report: {root.name}"), synthetic=synthetic,
@@ -431,7 +433,13 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
         rep.sections.append(("Per-layer expert load (least and most imbalanced gate logs)" if len(picks) > 1
                              else "Per-layer expert load", items))
         cv_, g, t = max(tables, key=lambda x: x[2].num_steps)  # placement wants the most steps
-        if ep_size is None:
+        if ep_size is not None:  # the user's: a size that cannot split the experts is their mistake
+            bad = [e for e in (ep_size if isinstance(ep_size, (list, tuple)) else [ep_size])
+                   if int(e) < 1 or t.num_experts % int(e)]
+            if bad:
+                raise UsageError(f"ep_size={bad[0]} must be >= 1 and divide num_experts={t.num_experts} of "
+                                 f"{_rel(g, root)}")
+        else:
             ep_size = meta.get("ep_sizes") or meta.get("ep_size") or [d for d in (2, 4, 8)
                                                                       if t.num_experts % d == 0 and d <= t.num_experts]
         eps = [int(e) for e in (ep_size if isinstance(ep_size, (list, tuple)) else [ep_size])]

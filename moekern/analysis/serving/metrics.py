@@ -35,6 +35,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moekern.errors import UsageError
+
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 STATS = ("mean", "median", "p99")
 THROUGHPUT_KEYS = ("request_throughput", "output_throughput", "total_token_throughput")
@@ -144,7 +146,7 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
     study's headline number), computed with the `max_tokens` warm-up filter. Returns (runs, skipped [(path, reason)])."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results_dir={str(root)!r} is not a directory")
+        raise UsageError(f"results_dir={str(root)!r} is not a directory")
     runs, skipped = [], []
     logs: dict = {}  # each gate log parsed once: a server's grid shares one log among all its benches
     for f in sorted(root.rglob("*.json")):

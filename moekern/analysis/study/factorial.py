@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekern.errors import UsageError
+
 FACTORS = ("model", "moe_backend", "layout", "gpus", "max_num_seqs", "max_num_batched_tokens", "dataset", "eplb",
            "concurrency")
 CLIENT_FACTORS = ("concurrency", "dataset")  # per bench, against one server (module docstring)
@@ -99,25 +101,30 @@ def load_factorial_spec(path) -> FactorialSpec:
     import yaml
 
     p = Path(path)
-    raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not p.is_file():
+        raise UsageError(f"factorial spec {str(p)!r} " + ("is a folder, expected a YAML file" if p.is_dir() else "does not exist"))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"factorial spec {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("factors"), dict) or not raw["factors"]:
-        raise ValueError(f"factorial spec {str(p)!r} must be a mapping with a non-empty 'factors' mapping")
+        raise UsageError(f"factorial spec {str(p)!r} must be a mapping with a non-empty 'factors' mapping")
     for k, v in raw["factors"].items():
         if not isinstance(v, list) or not v:
-            raise ValueError(f"factor {k!r} must list at least one level; got {v!r}")
+            raise UsageError(f"factor {k!r} must list at least one level; got {v!r}")
     if "max_num_seqs" in raw["factors"]:
         bad = [q for q in raw["factors"]["max_num_seqs"] if not (isinstance(q, int) and 4 <= q <= 256)]
         if bad:
-            raise ValueError(f"max_num_seqs levels must be ints in 4..256 (queue depth); got {bad}")
+            raise UsageError(f"max_num_seqs levels must be ints in 4..256 (queue depth); got {bad}")
     if "concurrency" in raw["factors"]:
         bad = [c for c in raw["factors"]["concurrency"] if not (isinstance(c, int) and not isinstance(c, bool)
                                                                and c >= 1)]
         if bad:
-            raise ValueError(f"concurrency levels must be ints >= 1 (client --max-concurrency); got {bad}")
+            raise UsageError(f"concurrency levels must be ints >= 1 (client --max-concurrency); got {bad}")
     reps = _check_reps(raw.get("reps", 1), raw["factors"])
     design = raw.get("design", "full")
     if design not in ("full", "fractional"):
-        raise ValueError(f"design={design!r} must be 'full' or 'fractional'")
+        raise UsageError(f"design={design!r} must be 'full' or 'fractional'")
     base = p.resolve().parent
     out = Path(raw.get("out_dir", f"results/{p.stem}"))
     return FactorialSpec(name=str(raw.get("name", p.stem)), out_dir=out if out.is_absolute() else base / out,
@@ -131,9 +138,9 @@ def load_factorial_spec(path) -> FactorialSpec:
 def _check_reps(reps, factors: dict) -> int:
     """`reps` if it is a valid repetition count for `factors` (a spec's own or an override), else ValueError."""
     if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise ValueError(f"reps must be an int >= 1; got {reps!r}")
+        raise UsageError(f"reps must be an int >= 1; got {reps!r}")
     if reps > 1 and "concurrency" not in factors:
-        raise ValueError("reps repeats benches against one server: it needs a 'concurrency' factor")
+        raise UsageError("reps repeats benches against one server: it needs a 'concurrency' factor")
     return reps
 
 
@@ -151,10 +158,10 @@ def design_points(factors: dict[str, list], design: str = "full", fraction_p: in
     multi = [n for n in names if len(factors[n]) != 2]
     k = len(two)
     if not 1 <= fraction_p < k:
-        raise ValueError(f"fraction_p={fraction_p} must be in [1, {k - 1}] for {k} two-level factors {two}")
+        raise UsageError(f"fraction_p={fraction_p} must be in [1, {k - 1}] for {k} two-level factors {two}")
     nbase = k - fraction_p
     if fraction_p > nbase and fraction_p > 1:
-        raise ValueError(f"fraction_p={fraction_p} is too large for {k} two-level factors (at most {k // 2})")
+        raise UsageError(f"fraction_p={fraction_p} is too large for {k} two-level factors (at most {k // 2})")
     rows = []
     for signs in itertools.product((-1, 1), repeat=nbase):
         gen = []
@@ -208,7 +215,7 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
         print("no 'command' in the spec: nothing to run (plan only)", file=out)
         return summary
     if bg is not None and "{bench_grid}" not in spec.command:
-        raise ValueError("a spec with a 'concurrency' factor runs benches against one server: its command must "
+        raise UsageError("a spec with a 'concurrency' factor runs benches against one server: its command must "
                          "pass {bench_grid}")
     for p in runnable:
         grid = {("backend" if k == "moe_backend" else k): [v] for k, v in p.items()}

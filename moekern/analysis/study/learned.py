@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moekern.errors import UsageError
+
 TARGETS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")
 BACKENDS = ("moekern", "vllm", "flashinfer")
 FEATURES = ("hidden_size", "intermediate_size", "num_experts", "top_k", "num_layers", "total_params_b",
@@ -155,7 +157,7 @@ def training_table(results) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
 
         df = collect_results(src)
         if df.empty:
-            raise ValueError(f"no bench result JSON under {str(results)!r}")
+            raise UsageError(f"no bench result JSON under {str(results)!r}")
         runs, _ = load_runs(src)  # attaches measured_cv from the gate logs
         cv = {Path(r.path).stem: r.measured_cv for r in runs}
         df["measured_cv"] = [cv.get(rid, m) for rid, m in zip(df["run_id"], df.get("measured_cv", [None] * len(df)))]

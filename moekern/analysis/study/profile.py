@@ -40,6 +40,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekern.errors import UsageError
+
 CATEGORIES = ("routing", "align", "expert_gemm", "combine", "attention", "communication", "other")
 _RULES = [
     ("communication", r"nccl|all_?to_?all|all_?reduce|all_?gather|reduce_?scatter|deep_?ep|pplx|nvshmem|"
@@ -160,11 +162,14 @@ def profile_callable(fn, out_dir, warmup: int = 2, iters: int = 5, device: str =
 def read_trace(path) -> ProfileTable:
     """Per-kernel table of a Chrome-trace JSON (optionally .gz): kernel/gpu_op events if any, else cpu_op."""
     p = Path(path)
-    raw = gzip.open(p, "rt", encoding="utf-8").read() if p.suffix == ".gz" else p.read_text(encoding="utf-8")
-    obj = json.loads(raw)
+    try:
+        raw = gzip.open(p, "rt", encoding="utf-8").read() if p.suffix == ".gz" else p.read_text(encoding="utf-8")
+        obj = json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UsageError(f"trace {str(p)!r} is not a Chrome-trace JSON: {exc}") from None
     events = obj.get("traceEvents", obj) if isinstance(obj, dict) else obj
     if not isinstance(events, list):
-        raise ValueError(f"trace {str(p)!r} has no traceEvents list")
+        raise UsageError(f"trace {str(p)!r} has no traceEvents list")
     complete = [e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e]
     for cats in (("kernel", "gpu_op"), ("cpu_op",)):
         sel = [e for e in complete if str(e.get("cat", "")).lower() in cats]
@@ -180,7 +185,7 @@ def read_trace(path) -> ProfileTable:
                 tab.notes.append("no GPU kernel events in the trace: cpu_op durations (inclusive, nested ops "
                                  "overlap) are shown instead")
             return tab
-    raise ValueError(f"trace {str(p)!r} has no complete ('X') kernel, gpu_op or cpu_op events")
+    raise UsageError(f"trace {str(p)!r} has no complete ('X') kernel, gpu_op or cpu_op events")
 
 
 # --------------------------------------------------------------------------------------------- workloads

@@ -19,11 +19,15 @@ Spec (YAML; see analysis/specs/sweep_example.yaml):
       max_num_batched_tokens: [2048, 4096, 8192, 16384]
       eplb: [false, true]
       dataset: ["datasets/*.jsonl"]          # globs expand (relative to the spec file)
+    datasets: {out: datasets, num: 8}        # optional: made on demand (see below)
     timeout_s: 3600
 
 The command runs in the spec file's folder. Template fields: every grid key and var, plus {result}
 (out_dir/runs/ID.json), {gate_log_dir} (out_dir/gate_logs/ID), {run_dir} (out_dir/work/ID, a scratch folder),
-{run_id}, {out_dir}, {dataset_name} (file stem), {eplb_flag}. A runner that writes a folder instead of one
+{run_id}, {out_dir}, {dataset_name} (file stem), {eplb_flag}. With `datasets: {out: DIR, num: N, seed: S,
+prompts: P}` (DIR relative to the spec file), a DIR that holds no *.jsonl yet is filled first, as
+`moekern datasets generate --num N --out DIR --seed S --prompts P` would (whitespace tokenizer where Mixtral's
+is not installed), so a fresh clone can plan and run the spec; existing datasets are never rewritten. A runner that writes a folder instead of one
 result file: set `collect: "serve_moekern.bench.json"` (a glob under {run_dir}) and the first match becomes
 {result}. A point whose result file exists is skipped (resume). After a run, the result JSON (if the runner
 wrote one) gets a "moekern" block with the point's configuration (moe_backend, max_num_seqs, ..., gate_log,
@@ -62,6 +66,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekern.errors import UsageError
+
 _SCORE = re.compile(r"^\d{3}_(\d+\.\d+)$")
 
 
@@ -88,6 +94,7 @@ class SweepSpec:
     base_dir: Path = Path(".")
     collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
     bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n}: client-side factors
+    datasets: dict | None = None  # {"out": Path, "num": n, "seed": s, "prompts": p}: generated when missing
 
 
 def load_spec(path) -> SweepSpec:
@@ -95,15 +102,20 @@ def load_spec(path) -> SweepSpec:
     import yaml
 
     p = Path(path)
-    raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not p.is_file():
+        raise UsageError(f"sweep spec {str(p)!r} " + ("is a folder, expected a YAML file" if p.is_dir() else "does not exist"))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"sweep spec {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"sweep spec {str(p)!r} must be a YAML mapping")
+        raise UsageError(f"sweep spec {str(p)!r} must be a YAML mapping")
     for key in ("command", "grid"):
         if key not in raw:
-            raise ValueError(f"sweep spec {str(p)!r} is missing {key!r}")
+            raise UsageError(f"sweep spec {str(p)!r} is missing {key!r}")
     grid = raw["grid"]
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError("grid must map each parameter to a non-empty list of values")
+        raise UsageError("grid must map each parameter to a non-empty list of values")
     base = p.resolve().parent
     out = Path(raw.get("out_dir", f"results/{p.stem}"))
     flag = raw.get("eplb_flag", {True: "--enable-eplb", False: ""})
@@ -111,7 +123,43 @@ def load_spec(path) -> SweepSpec:
     return SweepSpec(name=str(raw.get("name", p.stem)), out_dir=out if out.is_absolute() else base / out,
                      command=str(raw["command"]), grid=grid, vars=dict(raw.get("vars") or {}), eplb_flag=flag,
                      timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"),
-                     bench_grid=check_bench_grid(raw.get("bench_grid"), grid))
+                     bench_grid=check_bench_grid(raw.get("bench_grid"), grid),
+                     datasets=_check_datasets(raw.get("datasets"), base))
+
+
+def _check_datasets(raw, base: Path) -> dict | None:
+    """The spec's `datasets` mapping with defaults filled and `out` resolved, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw.get("out"):
+        raise UsageError(f"datasets must be a mapping with 'out' (and num, seed, prompts); got {raw!r}")
+    unknown = sorted(set(raw) - {"out", "num", "seed", "prompts"})
+    if unknown:
+        raise UsageError(f"datasets keys {unknown} unknown; expected out, num, seed, prompts")
+    d = {"num": 8, "seed": 0, "prompts": 100, **raw}
+    for key in ("num", "prompts"):
+        if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+            raise UsageError(f"datasets.{key} must be an int >= 1; got {d[key]!r}")
+    out = Path(str(d["out"]))
+    d["out"] = out if out.is_absolute() else base / out
+    return d
+
+
+def ensure_datasets(spec: SweepSpec, out=None) -> list[Path]:
+    """Generate the spec's `datasets` when their folder holds no *.jsonl yet; returns the files written
+    (none when they exist or the spec has no `datasets`)."""
+    d = spec.datasets
+    if d is None or sorted(Path(d["out"]).glob("*.jsonl")):
+        return []
+    from moekern.analysis.datasets.generate import generate_datasets
+    from moekern.analysis.datasets.predictor import ImbalancePredictor
+
+    pred = ImbalancePredictor()
+    infos = generate_datasets(d["num"], d["out"], d["seed"], d["prompts"], predictor=pred)
+    print(f"sweep {spec.name!r}: generated {len(infos)} datasets in {d['out']} (tokenizer {pred.tokenizer.name}; "
+          f"moekern datasets generate --num {d['num']} --seed {d['seed']} --prompts {d['prompts']})",
+          file=out or sys.stderr)
+    return [Path(i.path) for i in infos]
 
 
 CLIENT_FACTORS = ("concurrency", "dataset")  # vary per bench against one server
@@ -123,23 +171,23 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
     if bench_grid is None:
         return None
     if not isinstance(bench_grid, dict):
-        raise ValueError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
+        raise UsageError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
     unknown = sorted(set(bench_grid) - set(CLIENT_FACTORS) - {"reps"})
     if unknown:
-        raise ValueError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
+        raise UsageError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
     conc = bench_grid.get("concurrency")
     if not isinstance(conc, list) or not conc or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                                                          for c in conc):
-        raise ValueError(f"bench_grid.concurrency must be a non-empty list of ints >= 1; got {conc!r}")
+        raise UsageError(f"bench_grid.concurrency must be a non-empty list of ints >= 1; got {conc!r}")
     ds = bench_grid.get("dataset")
     if ds is not None and (not isinstance(ds, list) or not ds):
-        raise ValueError(f"bench_grid.dataset must be a non-empty list of files/globs; got {ds!r}")
+        raise UsageError(f"bench_grid.dataset must be a non-empty list of files/globs; got {ds!r}")
     reps = bench_grid.get("reps", 1)
     if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise ValueError(f"bench_grid.reps must be an int >= 1; got {reps!r}")
+        raise UsageError(f"bench_grid.reps must be an int >= 1; got {reps!r}")
     clash = sorted(set(grid or {}) & set(CLIENT_FACTORS))
     if clash:
-        raise ValueError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
+        raise UsageError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
     return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps}
 
 
@@ -221,7 +269,7 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
     keys = list(spec.grid)
     values = [_expand(spec.grid[k], spec.base_dir, k == "dataset") for k in keys]
     if any(not v for v in values):
-        raise ValueError(f"grid parameter {keys[[bool(v) for v in values].index(False)]!r} expanded to nothing "
+        raise UsageError(f"grid parameter {keys[[bool(v) for v in values].index(False)]!r} expanded to nothing "
                          "(a dataset glob that matches no file?)")
     points = []
     for combo in itertools.product(*values):
@@ -240,7 +288,7 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
             bg = spec.bench_grid
             datasets = _expand(bg["dataset"], spec.base_dir, True) if bg["dataset"] else [None]
             if not datasets:
-                raise ValueError("bench_grid.dataset expanded to nothing (a glob that matches no file?)")
+                raise UsageError("bench_grid.dataset expanded to nothing (a glob that matches no file?)")
             result_dir = spec.out_dir / "runs"
             flags = ["--concurrency-grid", ",".join(str(c) for c in bg["concurrency"]), "--grid-reps",
                      str(bg["reps"]), "--grid-prefix", run_id, "--result-dir", str(result_dir)]
@@ -252,11 +300,11 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
         try:
             cmd = shlex.split(spec.command.format(**fields))
         except KeyError as exc:
-            raise ValueError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
+            raise UsageError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
                              "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag"
                              + (", bench_grid, result_dir" if spec.bench_grid is not None else "")) from exc
         if spec.bench_grid is not None and "--result-dir" not in cmd:
-            raise ValueError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
+            raise UsageError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
         done = all(f.exists() for f in expected) if expected else result.exists()
         points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
     return points
@@ -298,6 +346,7 @@ def _annotate(point: SweepPoint, spec: SweepSpec, path: Path | None = None) -> N
 def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None) -> dict:
     """Run the points whose result is missing. Returns {"planned", "skipped", "ran", "failed"}."""
     out = out or sys.stdout
+    ensure_datasets(spec)
     points = plan(spec)
     todo = [p for p in points if not p.done]
     summary = {"planned": len(points), "skipped": len(points) - len(todo), "ran": 0, "failed": 0}

@@ -1,6 +1,6 @@
 """pytest-benchmark: moe_align_block_size-style alignment of topk_ids into expert blocks, every provider, one group per shape.
 
-    pytest benchmarks/bench_dispatch.py --benchmark-json=bench_dispatch.json
+    pytest benchmarks/bench_align.py --benchmark-json=bench_align.json
 
 Shapes and providers come from moekern.bench (the same as `moekern bench --ops align`); see conftest.py.
 """
