@@ -312,14 +312,14 @@ def test_fused_topk_bad_variant():
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(ValueError, match="variant='fast' must be one of"):
         fused_topk_cuda(x, 2, "softmax", True, None, 0, 0, 1.0, "fast")
-    with pytest.raises(RuntimeError, match="variant=7 must be 0"):
-        torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)
+    with pytest.raises(RuntimeError, match="variant=8 must be 0"):
+        torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 8)
 
 
 # Each C++ op's argument check, run in a fresh interpreter: a check that crashed the process (a signal) instead
 # of raising RuntimeError would otherwise take the whole pytest worker with it.
 _CPP_ERRORS = {
-    "topk_variant": ("torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 7)", "variant=7"),
+    "topk_variant": ("torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 8)", "variant=8"),
     "topk_k": ("torch.ops.moekern.fused_topk(x, 9, 0, True, None, 0, 0, 1.0)", "top_k=9"),
     "topk_cpu": ("torch.ops.moekern.fused_topk(x.cpu(), 2, 0, True, None, 0, 0, 1.0)", "CPU tensors"),
     "align_E": ("torch.ops.moekern.moe_align(ids, 0, 16, None)", "num_experts=0"),

@@ -5,8 +5,8 @@
 // routing/redux_topk.cuh (writing weights and ids, counting choices in shared memory), writes the counts,
 // and after a barrier lays the slots out with align's scatter (dispatch/align_scatter.cuh), reading the
 // ids it just wrote through L2. So the two kernels' launch gaps and the ids' round trip through a second
-// launch are gone. Bounds: M * top_k <= 8192 slots (align's one-chunk size) and M <= kRouteAlignMaxTokens
-// (above, one block routes too few tokens at a time: the caller runs the two kernels instead).
+// launch are gone. Bounds: M * top_k <= 8192 slots (align's one-chunk size) and M x L <= kRouteAlignMaxLanes
+// (above, one block routes too many tokens one after another: the caller runs the two kernels instead).
 #include "dispatch/align_scatter.cuh"
 #include "dispatch/route_align.h"
 #include "routing/redux_topk.cuh"
@@ -61,6 +61,7 @@ Error launch_typed(Args& a, const AlignOut& o, bool softmax, bool& unsupported, 
   if (a.E <= (EB)) {                                                                                        \
     if (!redux::group_lanes_for(a.E, a.G, (VV), (LL), &a.group_lanes)) return unsupported = true, kSuccess; \
     a.vec = redux::vector_loads_ok(a.logits, a.E, sizeof(T), (VV));                                          \
+    if (a.M * (LL) > kRouteAlignMaxLanes) return unsupported = true, kSuccess;                              \
     return launch_bucket<T, (VV), (LL)>(a, o, softmax, stream);                                             \
   }
   MOEKERN_ROUTE_ALIGN_BUCKETS(MOEKERN_ROUTE_ALIGN_CASE)
@@ -81,7 +82,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
   const int64_t n = M * top_k;
-  if (M < 1 || M > kRouteAlignMaxTokens || n > static_cast<int64_t>(kThreads) * kIPT) {
+  if (M < 1 || n > static_cast<int64_t>(kThreads) * kIPT) {
     *unsupported = true;
     return kSuccess;
   }

@@ -5,10 +5,11 @@
 
 namespace mk {
 
-// Tokens one launch routes: one block of 512 threads routes 16 tokens at a time at 32 lanes per token, so
-// above this a second grid-filling routing kernel followed by align is faster (measured:
-// benchmarks/bench_route_align.py).
-constexpr int64_t kRouteAlignMaxTokens = 256;
+// Token lanes (M x L, L = 32 lanes per token for E >= 32, 8 for E <= 8) one launch routes: its 512 threads take
+// 16 (L = 32) or 64 (L = 8) tokens at a time, one after another. On an H100 the one launch beat routing + align
+// up to M = 32 at L = 32 and M = 128 at L = 8, and lost from M = 128 at L = 32
+// (benchmarks/results/fastpath/h100-2026-12-07/).
+constexpr int64_t kRouteAlignMaxLanes = 1024;
 
 // E -> (V experts per lane, L lanes per token), the buckets of routing/redux_topk.cu.
 #define MOEKERN_ROUTE_ALIGN_BUCKETS(X) \
@@ -16,7 +17,7 @@ constexpr int64_t kRouteAlignMaxTokens = 256;
 
 // The values of launch_fused_topk followed by launch_align(ids, M * top_k, E, block_size, counts, ...): weights
 // [M, k] fp32, ids [M, k] int32, counts [E] int32, sorted [M*k + E*(B-1)], block_ids [ceil(that / B)],
-// num_post_pad [1]. Launches nothing and sets *unsupported when M is 0 or above kRouteAlignMaxTokens, M * top_k
+// num_post_pad [1]. Launches nothing and sets *unsupported when M is 0, M x L exceeds kRouteAlignMaxLanes, M * top_k
 // exceeds one align chunk (8192 slots), or the group geometry is not whole lanes per group: the caller then
 // runs the two kernels.
 Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,

@@ -1,8 +1,7 @@
 // The reduction-selection routing kernel (redux_topk.cuh has the algorithm) and its launcher.
 //
-// Grid: one block while M x L lanes fit kReduxSingleLanes (every decode batch of the registry models at
-// L = 32 up to M = 32; at L = 8, Mixtral, up to M = 128): its block writes every count, so the launch is the
-// whole op. Above, a grid that fills the GPU, grid-striding over tokens, with the ticket histogram
+// Grid: one block while each warp routes one token (M x L <= 512 lanes: M <= 16 at L = 32; at L = 8 and
+// top_k <= 2, Mixtral, up to M = 128): its block writes every count, so the launch is the whole op. Above, a grid that fills the GPU, grid-striding over tokens, with the ticket histogram
 // (histogram.cuh). The next token's logits are loaded before the current one is routed, so a warp's
 // loads overlap its selection rounds.
 //
@@ -22,7 +21,12 @@ using redux::Args;
 
 constexpr int kReduxThreads = 512;       // block size bound (<= 128 registers per thread)
 constexpr int kReduxMultiThreads = 256;  // block size of the multi-block grid
-constexpr int kReduxSingleLanes = 1024;  // auto: one block (grid-striding) while M * L fits this many lanes
+// auto: one block while every warp routes one token (M * L <= 512 lanes), or two when a token has at most two
+// rounds (top_k <= 2, Mixtral); above, the ticket grid. Measured on an H100 (benchmarks/results/fastpath/): a
+// warp's tokens run one after another, each a chain of dependent reductions (DeepSeek-V3: ~3.6 us), so a second
+// token per warp costs more than the ticket grid's tail except for the shortest chains.
+constexpr int kReduxSingleLanes = 512;
+constexpr int kReduxSingleLanesShortK = 1024;
 
 template <typename T, int V, int L, bool kSoftmax, bool kGrouped>
 __global__ void __launch_bounds__(kReduxThreads) redux_topk_kernel(const Args a) {
@@ -72,7 +76,9 @@ Error launch_typed(Args& a, bool softmax, int grid, bool& unsupported, Stream st
   if (a.E <= (EB)) {                                                                                        \
     if (!redux::group_lanes_for(a.E, a.G, (VV), (LL), &a.group_lanes)) return unsupported = true, kSuccess; \
     a.vec = redux::vector_loads_ok(a.logits, a.E, sizeof(T), (VV));                                          \
-    const bool single = grid == kReduxGridSingle || (grid == kReduxGridAuto && a.M * (LL) <= kReduxSingleLanes); \
+    const int64_t lanes = a.M * (LL);                                                                       \
+    const bool fits = lanes <= kReduxSingleLanes || (a.top_k <= 2 && lanes <= kReduxSingleLanesShortK);     \
+    const bool single = grid == kReduxGridSingle || (grid == kReduxGridAuto && fits);                        \
     a.slot = -1;                                                                                            \
     if (!single) {                                                                                          \
       a.slot = stream_slot(stream);                                                                         \

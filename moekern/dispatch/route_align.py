@@ -1,9 +1,10 @@
 """moekern.route_and_align: routing and the blocked dispatch layout in one call (one launch at decode sizes).
 
 Exactly `fused_topk(...)` followed by `align(topk_ids, E, block_size, expert_counts=...)` on the same inputs.
-On the cuda backend, while M <= 256 tokens and M * top_k <= 8192 slots it is ONE kernel launch
-(csrc/dispatch/route_align.cu: one block routes every token, counts in shared memory and scatters the slots);
-above, the routing kernel then align's kernel. The torch and triton backends compose their own fused_topk and
+On the cuda backend it is ONE kernel launch while M x L <= 1024 token lanes (L = 32 lanes per token for
+E >= 32: M <= 32; L = 8 for E <= 8: M <= 128) and M * top_k <= 8192 slots (csrc/dispatch/route_align.cu: one
+block routes every token, counts in shared memory and scatters the slots); above, the routing kernel then
+align's kernel. The torch and triton backends compose their own fused_topk and
 align.
 """
 
