@@ -184,6 +184,68 @@ def test_low_precision(dtype, device):
     assert _rel_err(out, ref) < LOWP_REL_TOL
 
 
+def _rounded_reference(x, w13, w2, topk_weights, topk_ids):
+    """fused_moe_reference with the kernel's documented rounding points (fused_moe's docstring): silu(gate)*up
+    rounded to x's dtype, each slot's weighted down-projection rounded to x's dtype, the k slots of a token
+    summed in fp32 and rounded once. All other math fp32."""
+    M, H = x.shape
+    inter = w13.shape[1] // 2
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if tok.numel():
+            h = x[tok].float() @ w13[e].float().t()
+            a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
+            y = (a @ w2[e].float().t()) * topk_weights[tok, slot].float().unsqueeze(1)
+            out.index_add_(0, tok, y.to(x.dtype).float())
+    return out.to(x.dtype)
+
+
+def _combine_case(dtype, device, seed, E, M, h, inter):
+    w13, w2 = _weights(E, h, inter, dtype=dtype, device=device, seed=seed)
+    x, logits = _inputs(M, E, h, dtype=dtype, device=device, seed=seed + 100)
+    w, ids = _route(logits, 8)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    return out, _rounded_reference(x, w13, w2, w, ids), fused_moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+
+
+# The k-way combine sums in fp32 and rounds once. Against the fp32 reference that is invisible: rounding the
+# per-slot outputs already costs ~3.4e-4 (fp16), and a combine summing the k = 8 slots one after another in
+# fp16 only raises that to ~6.2e-4. Against _rounded_reference, which rounds where the kernel does, the right
+# combine differs only where a GEMM's fp32 summation order flips a rounding. Measured norm-relative errors,
+# CPU interpreter, fp16, these inputs (seeds 0, 1, 2; E = k = 8, M = 16, H = 64, I = 32):
+#   right combine 0, 0, 0 (other inputs of this size: up to 2.1e-5);  sequential fp16 combine 5.9e-4, 6.1e-4,
+#   5.9e-4. 1e-4 sits 5x above the worst right value seen and 6x below the best wrong one.
+COMBINE_FP16_TOL = 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_combine_k8_fp16_sums_in_fp32(seed, device):
+    out, rounded, ref32 = _combine_case(torch.float16, device, seed, E=8, M=16, h=64, inter=32)
+    assert out.dtype == torch.float16
+    assert _rel_err(out, ref32) < LOWP_REL_TOL
+    assert _rel_err(out, rounded) < COMBINE_FP16_TOL
+
+
+# bf16 on a GPU (the interpreter has no bf16), olmoe-like widths (E = 64, k = 8, M = 256, H = 1024, I = 512).
+# Sequential bf16 combine vs _rounded_reference: 4.48e-3, 4.48e-3, 4.46e-3 (seeds 0, 1, 2; the kernel's
+# per-slot outputs emulated in torch on CPU, which equal _rounded_reference's, then summed in bf16 one slot
+# after another), while the fp32 reference cannot tell it (right 2.9e-3, wrong 4.8e-3, both < LOWP_REL_TOL).
+# The right kernel differs from _rounded_reference only by rounding flips of its fp32 GEMM order: at K = 1024
+# the fp32 sums differ by ~1e-6 relative, so ~1 element in 4000 crosses a bf16 rounding boundary (one ulp,
+# 2^-8), ~3e-5 norm-relative; 1e-3 leaves 30x for that and sits 4.5x below the wrong combine.
+COMBINE_BF16_TOL = 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_combine_k8_bf16_sums_in_fp32(seed):
+    out, rounded, ref32 = _combine_case(torch.bfloat16, "cuda", seed, E=64, M=256, h=1024, inter=512)
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out, ref32) < LOWP_REL_TOL
+    assert _rel_err(out, rounded) < COMBINE_BF16_TOL
+
+
 # Kernel variants (BlockConfig.fuse_silu / persistent / tma / group_m): each must give the same answer as the
 # reference within the same tolerances as the default kernel.
 VARIANTS = {
