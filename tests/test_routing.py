@@ -125,6 +125,12 @@ def test_reference_excluded_groups_rank_below_nan():
     _check_hand(out, [[2, 3]], [[1.0, 0.0]], [0, 0, 1, 1])
 
 
+def test_reference_rejects_unknown_scoring():
+    # fused_topk checks scoring before any backend; the reference, called directly, names it too.
+    with pytest.raises(ValueError, match=r"scoring='relu' must be one of \('softmax', 'sigmoid'\)"):
+        fused_topk_reference(torch.zeros(1, 4), 1, scoring="relu")
+
+
 def test_reference_grouped_one_expert_per_group():
     # E/G == 1: the group score is the expert's own score, so grouping with g >= k changes nothing.
     logits = torch.tensor([[0.3, 2.0, -1.0, 2.0, 0.5, 0.1]])
