@@ -10,7 +10,9 @@ import torch
 from moekern import _ext
 from moekern.dispatch.reference import align_sizes
 
-pytestmark = pytest.mark.skipif(_ext.extension_error() is not None, reason=f"skipped: {_ext.extension_error()}")
+# Without a GPU, a missing _C skips this file. With one, nothing here skips: a GPU machine must have built it.
+pytestmark = pytest.mark.skipif(_ext.extension_error() is not None and not torch.cuda.is_available(),
+                                reason=f"skipped: {_ext.extension_error()}")
 
 SCHEMAS = {
     "has_device_kernels": "moekern::has_device_kernels() -> bool",
@@ -38,9 +40,29 @@ def test_schema_registered(op):
 def test_has_device_kernels_matches_torch_build():
     has = torch.ops.moekern.has_device_kernels()
     assert isinstance(has, bool)
-    assert _ext.cuda_kernels_available() == has
+    assert _ext.cuda_kernels_available() == has  # the probe reports the op, read once at import
     if torch.version.cuda is None and torch.version.hip is None:
         assert has is False  # a CPU torch can only have built the bindings alone
+    if torch.cuda.is_available():
+        # setup.py builds the bindings alone when it finds no nvcc; on a GPU machine that build would make
+        # every cuda-backend test skip, so it fails here.
+        assert has is True, "a GPU is present but moekern._C was built without device kernels; rebuild it"
+
+
+@pytest.mark.gpu
+def test_gpu_machine_has_device_kernels():
+    """On a GPU machine the device kernels are built and run: fused_topk on a CUDA tensor gives the reference's
+    ids (ties broken to the lower index), which neither a CPU-only build nor a stub could."""
+    from moekern.routing.reference import fused_topk_reference
+
+    assert _ext.extension_error() is None, _ext.extension_error()
+    assert _ext.cuda_kernels_available(), "moekern._C was built without device kernels on a GPU machine"
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0, 0.1, 3.0, 0.0, -2.0]] * 3, device="cuda")
+    w, ids, counts = torch.ops.moekern.fused_topk(logits, 3, 0, True, None, 0, 0, 1.0)
+    ref = fused_topk_reference(logits.cpu(), 3)
+    assert ids.cpu().tolist() == [[5, 1, 3]] * 3 == ref[1].tolist()
+    assert counts.cpu().tolist() == ref[2].tolist()
+    torch.testing.assert_close(w.cpu(), ref[0], rtol=1e-5, atol=1e-6)
 
 
 def _cpu_calls():

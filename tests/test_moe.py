@@ -27,6 +27,9 @@ from moekern.models import get_model
 from moekern.routing import fused_topk_reference
 
 H, I = 32, 16
+# Backends with kernels of their own. backend="torch" runs fused_topk_reference + fused_moe_reference, the
+# references these tests compare with, so it is left out of comparisons ("auto" is "torch" on CPU).
+KERNEL_BACKENDS = ("triton", "cuda") if torch.cuda.is_available() else ("triton",)
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 LOWP_REL_TOL = 1e-2
 
@@ -100,7 +103,7 @@ def test_router_logits_path(device):
     x, logits = _inputs(M, E, device=device)
     w, ids = _route(logits, k)
     ref = fused_moe_reference(x, w13, w2, w, ids)
-    for backend in ("torch", "triton"):
+    for backend in KERNEL_BACKENDS:
         out = moekern.fused_moe(x, w13, w2, logits, k, backend=backend)
         torch.testing.assert_close(out, ref, **FP32_TOL)
 
@@ -116,7 +119,7 @@ def test_routing_kwargs_pass_through(device):
     ref = fused_moe_reference(x, w13, w2, w, ids)
     plain = fused_moe_reference(x, w13, w2, *_route(logits, k))
     assert _rel_err(plain, ref) > 1e-2  # the kwargs change the answer, so passing them is tested
-    for backend in ("torch", "triton"):
+    for backend in KERNEL_BACKENDS:
         out = moekern.fused_moe(x, w13, w2, logits, k, backend=backend, **kw)
         torch.testing.assert_close(out, ref, **FP32_TOL)
 
@@ -145,7 +148,10 @@ def test_zero_tokens(backend, device):
     assert out.shape == (0, H)
 
 
+@pytest.mark.gpu
 def test_auto_backend(device):
+    """On a GPU "auto" runs the kernels (routing and align on their own best backend, Triton experts); on CPU it
+    is the reference itself, so the test is GPU-only."""
     E, k, M = 8, 2, 5
     w13, w2 = _weights(E, device=device)
     x, logits = _inputs(M, E, device=device)
@@ -176,6 +182,66 @@ def test_low_precision(dtype, device):
     ref = fused_moe_reference(x.float(), w13.float(), w2.float(), w, ids)
     assert out.dtype == dtype
     assert _rel_err(out, ref) < LOWP_REL_TOL
+
+
+def _rounded_reference(x, w13, w2, topk_weights, topk_ids):
+    """fused_moe_reference with the kernel's documented rounding points (fused_moe's docstring): silu(gate)*up
+    rounded to x's dtype, each slot's weighted down-projection rounded to x's dtype, the k slots of a token
+    summed in fp32 and rounded once. All other math fp32."""
+    M, H = x.shape
+    inter = w13.shape[1] // 2
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if tok.numel():
+            h = x[tok].float() @ w13[e].float().t()
+            a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()
+            y = (a @ w2[e].float().t()) * topk_weights[tok, slot].float().unsqueeze(1)
+            out.index_add_(0, tok, y.to(x.dtype).float())
+    return out.to(x.dtype)
+
+
+def _combine_case(dtype, device, seed, E, M, h, inter):
+    w13, w2 = _weights(E, h, inter, dtype=dtype, device=device, seed=seed)
+    x, logits = _inputs(M, E, h, dtype=dtype, device=device, seed=seed + 100)
+    w, ids = _route(logits, 8)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton")
+    return out, _rounded_reference(x, w13, w2, w, ids), fused_moe_reference(x.float(), w13.float(), w2.float(), w, ids)
+
+
+# The k-way combine sums in fp32 and rounds once. Against the fp32 reference that is invisible: rounding the
+# per-slot outputs already costs ~3.4e-4 (fp16), and a combine summing the k = 8 slots one after another in
+# fp16 only raises that to ~6.2e-4. Against _rounded_reference, which rounds where the kernel does, the right
+# combine differs only where a GEMM's fp32 summation order flips a rounding. Measured norm-relative errors,
+# CPU interpreter, fp16, these inputs (seeds 0, 1, 2; E = k = 8, M = 16, H = 64, I = 32):
+#   right combine 0, 0, 0 (other inputs of this size: up to 2.1e-5);  sequential fp16 combine 5.9e-4, 6.1e-4,
+#   5.9e-4. 1e-4 sits 5x above the worst right value seen and 6x below the best wrong one.
+COMBINE_FP16_TOL = 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_combine_k8_fp16_sums_in_fp32(seed, device):
+    out, rounded, ref32 = _combine_case(torch.float16, device, seed, E=8, M=16, h=64, inter=32)
+    assert out.dtype == torch.float16
+    assert _rel_err(out, ref32) < LOWP_REL_TOL
+    assert _rel_err(out, rounded) < COMBINE_FP16_TOL
+
+
+# bf16 on a GPU (the interpreter has no bf16), olmoe-like widths (E = 64, k = 8, M = 256, H = 1024, I = 512).
+# Measured on an H100, norm-relative vs _rounded_reference, seeds 0, 1, 2: right kernel 4.2e-4, 4.6e-4,
+# 4.5e-4 (bf16 rounding flips from the GEMMs' order); sequential bf16 combine 4.49e-3, 4.49e-3, 4.47e-3.
+# The fp32 reference cannot tell them apart (2.9e-3 vs 4.8e-3, both < LOWP_REL_TOL). 1.5e-3 sits 3.3x above
+# the worst right value and 3x below the best wrong one.
+COMBINE_BF16_TOL = 1.5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_combine_k8_bf16_sums_in_fp32(seed):
+    out, rounded, ref32 = _combine_case(torch.bfloat16, "cuda", seed, E=64, M=256, h=1024, inter=512)
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out, ref32) < LOWP_REL_TOL
+    assert _rel_err(out, rounded) < COMBINE_BF16_TOL
 
 
 # Kernel variants (BlockConfig.fuse_silu / persistent / tma / group_m): each must give the same answer as the

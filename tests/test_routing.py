@@ -125,6 +125,12 @@ def test_reference_excluded_groups_rank_below_nan():
     _check_hand(out, [[2, 3]], [[1.0, 0.0]], [0, 0, 1, 1])
 
 
+def test_reference_rejects_unknown_scoring():
+    # fused_topk checks scoring before any backend; the reference, called directly, names it too.
+    with pytest.raises(ValueError, match=r"scoring='relu' must be one of \('softmax', 'sigmoid'\)"):
+        fused_topk_reference(torch.zeros(1, 4), 1, scoring="relu")
+
+
 def test_reference_grouped_one_expert_per_group():
     # E/G == 1: the group score is the expert's own score, so grouping with g >= k changes nothing.
     logits = torch.tensor([[0.3, 2.0, -1.0, 2.0, 0.5, 0.1]])
@@ -132,6 +138,37 @@ def test_reference_grouped_one_expert_per_group():
     b = fused_topk_reference(logits, 2)
     assert a[1].tolist() == b[1].tolist() == [[1, 3]]
     torch.testing.assert_close(a[0], b[0])
+
+
+# Hand-worked examples every backend must reproduce (reference, Triton, and the CUDA kernels on a GPU).
+HAND_BACKENDS = ["torch", "triton"] + (["cuda"] if HAS_GPU else [])  # a GPU build without kernels fails here
+
+
+@pytest.mark.parametrize("backend", HAND_BACKENDS)
+def test_hand_softmax_groups_scored_on_probabilities(backend):
+    # E=4 in G=2 groups of 2, keep g=1 group, k=2, softmax. Row 0 logits [2, 0 | 1, 1.5]:
+    #   exp = [7.389, 1.000 | 2.718, 4.482], Z = 15.589.
+    #   group score on probabilities (top-2 sum): g0 = 8.389 / Z = 0.538 > g1 = 7.200 / Z = 0.462 -> keep g0,
+    #   ids [0, 1], renormalized weights e^2 / (e^2 + 1) = 0.880797, 1 / (e^2 + 1) = 0.119203.
+    #   Scored on logits instead, g0 = 2 + 0 = 2 < g1 = 1 + 1.5 = 2.5 would keep g1: ids [3, 2].
+    #   (Ungrouped, the top 2 are [0, 3]: grouping matters here.)
+    # Row 1 is row 0 with the groups swapped: ids [2, 3] (logit sums would give [1, 0]).
+    x = torch.tensor([[2.0, 0.0, 1.0, 1.5], [1.0, 1.5, 2.0, 0.0]], device=DEVICE)
+    out = moekern.fused_topk(x, 2, num_expert_group=2, topk_group=1, backend=backend)
+    hi, lo = math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)
+    _check_hand([t.cpu() for t in out], [[0, 1], [2, 3]], [[hi, lo], [hi, lo]], [1, 1, 1, 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", HAND_BACKENDS)
+def test_hand_renormalize_tiny_sigmoid_weights(backend):
+    # sigmoid(x) = 1 / (1 + e^-x) ~ e^x for x << 0: logits [-20, -21, -30, -40] give scores 2.06e-9, 7.58e-10,
+    # 9.4e-14, 4.2e-18; k=2 picks ids [0, 1]. Renormalized: s0 / (s0 + s1) = e / (1 + e) = 0.7310586 and
+    # 1 / (1 + e) = 0.2689414 (to ~1e-9), times routed_scaling_factor 2.5. The sum 2.8e-9 is far below any
+    # epsilon a denominator might be padded with (sum + 1e-6 would give weights ~0.005).
+    x = torch.tensor([[-20.0, -21.0, -30.0, -40.0]], device=DEVICE)
+    out = moekern.fused_topk(x, 2, scoring="sigmoid", routed_scaling_factor=2.5, backend=backend)
+    e = math.e
+    _check_hand([t.cpu() for t in out], [[0, 1]], [[2.5 * e / (1 + e), 2.5 / (1 + e)]], [1, 1, 0, 0], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,6 +391,19 @@ def test_triton_m_zero_and_direct_call():
     assert w.shape == (0, 2) and ids.shape == (0, 2) and counts.tolist() == [0] * 8
 
 
+@pytest.mark.parametrize("backend", HAND_BACKENDS)
+@pytest.mark.parametrize("kw", [dict(), dict(scoring="sigmoid", renormalize=False),
+                                dict(scoring="sigmoid", num_expert_group=4, topk_group=2,
+                                     correction_bias=torch.zeros(8), routed_scaling_factor=2.5),
+                                dict(num_expert_group=2, topk_group=1)], ids=["softmax", "sigmoid", "grouped-bias",
+                                                                               "softmax-grouped"])
+def test_m_zero_every_option(backend, kw):
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out = moekern.fused_topk(torch.empty(0, 8, device=DEVICE), 2, backend=backend, **kw)
+    _assert_valid(out, 0, 8, 2)
+    assert out.expert_counts.cpu().tolist() == [0] * 8
+
+
 def test_triton_many_programs():
     # More rows than one program holds, the last program part-full (517 = 64 x 8 + 5 with BLOCK_M = 8):
     # exercises the row mask and the cross-program counts atomics.
@@ -424,7 +474,7 @@ def _make_logits(rng: np.random.Generator, style: str, M: int, E: int) -> np.nda
 @st.composite
 def routing_cases(draw):
     E = draw(st.one_of(st.integers(1, 20), st.sampled_from([60, 64, 128, 160, 256, 384, 512])))
-    M = draw(st.integers(0, 4))
+    M = draw(st.integers(1, 4))  # M = 0 returns before any kernel runs: test_m_zero_every_option covers it
     scoring = draw(st.sampled_from(["softmax", "sigmoid"]))
     G = g = None
     if draw(st.booleans()):
