@@ -243,3 +243,29 @@ def test_sweep_collects_from_run_dir(tmp_path):
     assert run_sweep(sp, progress=False)["ran"] == 1
     obj = json.loads(next((sp.out_dir / "runs").glob("*.json")).read_text())
     assert obj["mean_tpot_ms"] == 5.0 and obj["moekern"]["moe_backend"] == "moekern"
+
+
+def test_report_combines_ranks_as_asked(tmp_path, monkeypatch):
+    """`moekern report --combine-ranks` reaches the gate-log loader (two ranks without metadata)."""
+    from moekern.analysis.imbalance import metrics as M
+    from moekern.cli import main
+    from moekern.gatelog import GateRecord, write_records
+
+    (tmp_path / "r0.json").write_text(json.dumps({"mean_tpot_ms": 5.0, "mean_ttft_ms": 50.0, "output_throughput": 1.0,
+                                                  "duration": 1.0, "moekern": {"moe_backend": "x"}}))
+    logs = tmp_path / "gate_logs"
+    logs.mkdir()
+    for rank, counts in ((0, [2, 0]), (1, [0, 2])):
+        write_records(logs / f"gate_log.rank{rank}.jsonl",
+                      [GateRecord(s, 0, counts, 2, rank=rank, top_k=1) for s in range(3)])
+    seen = []
+    real = M.load_table
+
+    def spy(path, *a, **kw):
+        seen.append(kw.get("combine_ranks"))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(M, "load_table", spy)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md"), "--n-boot", "5",
+                 "--combine-ranks", "dedupe"]) == 0
+    assert seen and set(seen) == {"dedupe"}

@@ -116,6 +116,7 @@ def add_parser(sub) -> None:
                                                    "(default: metadata, else 2, 4, 8 where they divide E)")
     p.add_argument("--metadata", type=existing_file, default=None,
                    help="metadata.json to use instead of RESULTS_DIR/metadata.json")
+    add_combine_ranks(p)
     p.set_defaults(func=_report)
 
 
@@ -442,6 +443,7 @@ def _report(args) -> int:
         print(f"no RESULTS_DIR given: using the shipped real sample {src} (one H100 run, dummy weights)",
               file=sys.stderr)
     eps = list(args.ep_size) if args.ep_size else None
-    out = write_report(src, args.out, n_boot=args.n_boot, ep_size=eps, metadata=args.metadata)
+    out = write_report(src, args.out, n_boot=args.n_boot, ep_size=eps, metadata=args.metadata,
+                       combine_ranks=args.combine_ranks)
     print(f"report written to {out}")
     return 0

@@ -357,11 +357,12 @@ def _placement_items(g: str, table, ep_sizes, max_tokens: int | None = 1000) -> 
     return items, notes
 
 
-def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) -> Report:
+def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None, combine_ranks: str = "auto") -> Report:
     """Read RESULTS_DIR and make every plot and finding (matplotlib Agg, no display needed).
     ep_size: an int or a list of EP sizes for the per-rank sections (default: metadata "ep_sizes"/"ep_size",
     else every one of 2, 4, 8 that divides the number of experts). metadata: a metadata.json path to use
-    instead of RESULTS_DIR/metadata.json (for results folders that must stay as the run wrote them)."""
+    instead of RESULTS_DIR/metadata.json (for results folders that must stay as the run wrote them).
+    combine_ranks: how several ranks' records of one step count (moekern.analysis.imbalance.loads)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,7 +417,7 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None) ->
     tables = []
     for g in logs:
         try:
-            t = load_table(g)
+            t = load_table(g, combine_ranks=combine_ranks)
             tables.append((summarize(t).overall["step_cv"], g, t))
         except ValueError as exc:
             rep.notes.append(f"gate log {g} unusable: {exc}")
@@ -549,9 +550,10 @@ def render_markdown(rep: Report, image_dir: Path, rel: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(results_dir, out_path, n_boot: int = 500, ep_size=None, metadata=None) -> Path:
+def write_report(results_dir, out_path, n_boot: int = 500, ep_size=None, metadata=None,
+                 combine_ranks: str = "auto") -> Path:
     """Build and write the report; `.md` gives Markdown (+ a PNG folder beside it), anything else HTML."""
-    rep = build_report(results_dir, n_boot=n_boot, ep_size=ep_size, metadata=metadata)
+    rep = build_report(results_dir, n_boot=n_boot, ep_size=ep_size, metadata=metadata, combine_ranks=combine_ranks)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".md":
