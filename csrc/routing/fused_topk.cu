@@ -456,7 +456,13 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
   };
   if (variant == kTopkLegacy) return legacy();
   if (M == 0) return memset_async(counts, 0, sizeof(int32_t) * E, stream);
-  if (variant == kTopkAuto || variant >= kTopkRedux) {
+  // auto: the compact kernel where it measured faster than the reduction-selection kernel on an H100
+  // (benchmarks/results/fastpath/h100-2026-12-07/): E <= 8 at 128 < M <= 256 (its one block of a thread per
+  // token against the ticket grid: 2.73 vs 3.29 us), and ungrouped E in (32, 128] at large M, where its narrower
+  // teams leave fewer lanes idle (Qwen3 M = 4096: 7.18 vs 7.70 us, OLMoE 5.99 vs 7.38; at M = 1024 the new kernel
+  // was faster, so the switch is placed at M > 2048, between the two measured sizes).
+  const bool compact_faster = (E <= 8 && M > 128 && M <= 256) || (E > 32 && E <= 128 && G == 0 && M > 2048);
+  if ((variant == kTopkAuto && !compact_faster) || variant >= kTopkRedux) {
     const int grid = variant == kTopkReduxSingle ? kReduxGridSingle
                      : variant == kTopkReduxMulti ? kReduxGridMulti
                                                   : kReduxGridAuto;

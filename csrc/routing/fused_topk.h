@@ -12,8 +12,9 @@ constexpr int kTopkMaxK = 16;
 // Which kernel launch_fused_topk runs. kAuto is what the public op uses; the others exist so one GPU run
 // can compare the paths against the reference and each other (benchmarks/routing_variants.py).
 enum TopkVariant : int {
-  kTopkAuto = 0,         // the reduction-selection kernel (kTopkRedux) where its group geometry fits, else the
-                         // v2 compact kernel (one block while M * L <= 256 lanes, else the ticket grid), else v1
+  kTopkAuto = 0,         // the reduction-selection kernel (kTopkRedux) where its group geometry fits and it
+                         // measured faster, else the v2 compact kernel (one block while M * L <= 256 lanes,
+                         // else the ticket grid), else v1 (the table is in launch_fused_topk)
   kTopkLegacy = 1,       // v1 kernel (memset of counts + one warp per token), fused_topk_legacy.cu
   kTopkSingleBlock = 2,  // v2, forced to one block (grid-stride over all M tokens): tunes the crossover
   kTopkMultiBlock = 3,   // v2, forced to the multi-block grid with the ticket reduction: tunes the crossover

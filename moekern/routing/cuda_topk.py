@@ -10,7 +10,7 @@ graphs captured on one stream must not be replayed concurrently.
 
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
 moekern.fused_topk uses: the reduction-selection kernel, csrc/routing/redux_topk.cuh, where its group geometry
-fits, else the compact kernel), "redux" / "redux_single" / "redux_multi" (the reduction-selection kernel with its
+fits and it measured faster on an H100, else the compact kernel; the table is in csrc/routing/fused_topk.cu), "redux" / "redux_single" / "redux_multi" (the reduction-selection kernel with its
 own grid choice, or forced to one block / to the ticket grid), "compact" (the compact kernel: one block while
 M x team lanes <= 256, else the multi-block grid), "single_block" / "multi_block" (the compact kernel forced to
 one grid), "legacy" (the v1 kernel: memset + one warp per token). csrc/routing/NOTES.md has the measurements.
