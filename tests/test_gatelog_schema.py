@@ -134,3 +134,60 @@ def test_reader_skips_and_reports_invariant_breaking_records(tmp_path):
     invariant = [s for s in skipped if s.reason.startswith("schema invariant broken")]
     assert [s.line for s in invariant] == [3, 6]
     assert "sum(expert_counts)=9 != num_tokens*top_k=4*2=8" in invariant[1].reason
+
+
+# ---- survivors of the gate-log schema's mutation run (tools/mutation/survivors.md), each pinned here
+
+
+def test_line_defaults_are_rank_0_and_phase_unknown():
+    from moekern.gatelog.schema import format_line, line_pieces
+
+    obj = json.loads(format_line(line_pieces(3), 1, 2, None, [1, 1]))
+    assert (obj["step"], obj["layer"], obj["rank"], obj["phase"], obj["num_tokens"]) == (3, 1, 0, "unknown", 2)
+    assert obj["top_k"] is None  # unknown top_k is JSON null, and reads back as None
+    assert parse_record(json.dumps(obj)).top_k is None
+
+
+def test_missing_rank_and_phase_read_as_0_and_unknown():
+    line = json.dumps({"schema": "moekern.gatelog/1", "step": 0, "layer": 0, "num_tokens": 1, "top_k": 1,
+                       "expert_counts": [1, 0]})
+    r = parse_record(line)
+    assert (r.rank, r.phase) == (0, "unknown")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_undecodable_bytes_are_replaced_not_fatal(tmp_path, gz):
+    import gzip
+
+    good = GateRecord(0, 0, [1, 1], 1, top_k=2).to_json().encode()
+    bad = GateRecord(1, 0, [1, 1], 1, top_k=2, model="m").to_json().encode().replace(b'"m"', b'"\xff\xfe"')
+    data = good + b"\n" + bad + b"\n" + good.replace(b'"step":0', b'"step":2') + b"\n"
+    path = tmp_path / ("gate_log.rank0.jsonl" + (".gz" if gz else ""))
+    path.write_bytes(gzip.compress(data) if gz else data)
+    records, skipped = read_gate_log(path)
+    assert [r.step for r in records] == [0, 1, 2] and not skipped
+    assert records[1].model == "\ufffd\ufffd"
+
+
+def test_blank_lines_are_passed_over_not_the_end(tmp_path):
+    path = tmp_path / "gate_log.rank0.jsonl"
+    lines = [GateRecord(s, 0, [1, 1], 1, top_k=2).to_json() for s in range(2)]
+    path.write_text(lines[0] + "\n\n   \n" + lines[1] + "\n")
+    assert [r.step for r in read_gate_log(path)[0]] == [0, 1]
+
+
+def test_cut_off_gzip_names_its_file_and_the_first_lost_line(tmp_path):
+    import gzip
+
+    lines = "".join(GateRecord(s, 0, [1, 1], 1, top_k=2).to_json() + "\n" for s in range(400)).encode()
+    blob = gzip.compress(lines)
+    cut = tmp_path / "gate_log.rank0.jsonl.gz"
+    cut.write_bytes(blob[: len(blob) // 2])
+    records, skipped = read_gate_log(cut)
+    assert len(skipped) == 1 and skipped[0].path == str(cut)
+    assert skipped[0].line == len(records) + 1 and "unreadable from here on" in skipped[0].reason
+    nothing = tmp_path / "empty" / "gate_log.rank0.jsonl.gz"
+    nothing.parent.mkdir()
+    nothing.write_bytes(blob[:12])  # not even one line
+    records, skipped = read_gate_log(nothing)
+    assert records == [] and [(s.path, s.line) for s in skipped] == [(str(nothing), 1)]
