@@ -1,5 +1,5 @@
 """A/B the grouped-GEMM variants and tile configs of moekern.fused_moe against vLLM's fused_experts, in one
-GPU run, and print a ready-to-paste TUNED table of the winners.
+GPU run, and print the winners (the tile table itself is JSON: moekern/experts/tiles/sm90.json).
 
     python benchmarks/moe_variants.py --out benchmarks/results/<run>/        # GPU, < 6 min on an H100
     python benchmarks/moe_variants.py --host --out DIR                       # GPU: eager host overhead, M=1
@@ -91,13 +91,6 @@ def candidates(E: int, k: int, inter: int, H: int, M: int) -> list[tuple[str, tu
     add("unfused-128-persistent", B(128, 128, 64, 8, 8, 3, persistent=1, **unf), rep(g2_128, persistent=1))
     add("unfused-128-tma", B(128, 128, 64, 8, 8, 3, tma=True, **unf), rep(g2_128, tma=True))
     return out[:MAX_CANDIDATES]
-
-
-def _cfg_src(c: BlockConfig) -> str:
-    """configs.py source for one BlockConfig: positional core fields, variant fields only when not default."""
-    extra = "".join(f", {f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)[6:]
-                    if getattr(c, f.name) != f.default)
-    return f"_B({c.block_m}, {c.block_n}, {c.block_k}, {c.group_m}, {c.num_warps}, {c.num_stages}{extra})"
 
 
 def _rel_err(out, ref) -> float:
@@ -226,18 +219,14 @@ def run_search(models, tokens, out_dir, budget_s: float) -> None:
     g_best, _ = geomean("best_us")
     print(f"geomean over {n} shapes: today/vllm = {g_today}, best/vllm = {g_best}  (target <= 0.9)")
 
-    print("\n# ---- ready to paste into moekern/experts/configs.py TUNED (measured winners) ----")
-    by_key: dict = {}
+    print("\n# ---- measured winners (gemm1, gemm2 BlockConfig fields). The tile table is data:")
+    print("# moekern/experts/tiles/sm90.json; to keep a winner, run benchmarks/tune_moe_shapes.py on its shape and")
+    print("# `python benchmarks/tune_moe.py apply RESULTS.json` (or point MOEKERN_MOE_CONFIGS at the results) ----")
+    from tune_moe import cfg_text
+
     for (name, M), (best, key) in winners.items():
-        by_key.setdefault(key, (name, {}))[1][M] = best
-    print("TUNED: dict[tuple[int, int, int], dict[int, tuple[BlockConfig, BlockConfig]]] = {")
-    for key, (name, per_m) in by_key.items():
-        print(f"    {key}: {{  # {name}")
-        for M in sorted(per_m):
-            g1, g2 = (BlockConfig(**per_m[M]["gemm1"]), BlockConfig(**per_m[M]["gemm2"]))
-            print(f"        {M}: ({_cfg_src(g1)}, {_cfg_src(g2)}),  # {per_m[M]['name']} {per_m[M]['us']:.1f} us")
-        print("    },")
-    print("}")
+        g1, g2 = BlockConfig(**best["gemm1"]), BlockConfig(**best["gemm2"])
+        print(f"{name} {key} M={M}: {cfg_text(g1)}, {cfg_text(g2)}  # {best['name']} {best['us']:.1f} us")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "moe_variants.json"), "w") as f:
