@@ -192,55 +192,6 @@ Tensor3 fused_topk_cuda(const Tensor& logits, int64_t top_k, int64_t scoring, bo
                                  mk::kTopkAuto);
 }
 
-// fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
-// (dispatch/route_align.cu), else the two kernels. two_kernels = true forces the two (benchmarks, tests).
-Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
-                             const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale,
-                             int64_t block_size, bool two_kernels) {
-  const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
-  TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
-  const int64_t n = r.M * top_k, E = r.E;
-  const int64_t max_padded = n + E * (block_size - 1);
-  TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded, " must be < 2^31");
-  const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
-  const c10::cuda::OptionalCUDAGuard guard(r.logits.device());
-  const auto i32 = r.logits.options().dtype(at::kInt);
-  Tensor weights = at::empty({r.M, top_k}, r.logits.options().dtype(at::kFloat));
-  Tensor ids = at::empty({r.M, top_k}, i32);
-  Tensor counts = at::empty({E}, i32);
-  Tensor sorted = at::empty({max_padded}, i32);
-  Tensor block_ids = at::empty({max_blocks}, i32);
-  Tensor post_pad = at::empty({1}, i32);
-  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  bool unsupported = true;
-  if (!two_kernels) {
-    check_launch(mk::launch_route_align(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
-                                        static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
-                                        static_cast<int>(topk_group), static_cast<float>(scale),
-                                        weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
-                                        static_cast<int>(block_size), sorted.data_ptr<int32_t>(),
-                                        block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(), stream,
-                                        &unsupported),
-                 "route_and_align");
-  }
-  if (unsupported) {
-    check_launch(mk::launch_fused_topk(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
-                                       static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
-                                       static_cast<int>(topk_group), static_cast<float>(scale),
-                                       weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
-                                       stream, mk::kTopkAuto),
-                 "route_and_align (routing)");
-    const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E));
-    Tensor scratch = at::empty({scratch_elems}, i32);
-    check_launch(mk::launch_align(ids.data_ptr<int32_t>(), n, static_cast<int>(E), static_cast<int>(block_size),
-                                  counts.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(),
-                                  post_pad.data_ptr<int32_t>(), nullptr, nullptr,
-                                  scratch_elems ? scratch.data_ptr<int32_t>() : nullptr, stream),
-                 "route_and_align (align)");
-  }
-  return {weights, ids, counts, sorted, block_ids, post_pad};
-}
-
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                        const std::optional<Tensor>& expert_counts) {
   check_cuda(topk_ids, "topk_ids");
@@ -267,6 +218,44 @@ Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t bloc
                                 c10::cuda::getCurrentCUDAStream().stream()),
                "moe_align");
   return {sorted, block_ids, post_pad};
+}
+
+// fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
+// (dispatch/route_align.cu), else those two ops as they are. two_kernels = true forces the two (benchmarks, tests).
+Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
+                             const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale,
+                             int64_t block_size, bool two_kernels) {
+  if (!two_kernels) {
+    const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
+    TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
+    const int64_t E = r.E;
+    const int64_t max_padded = r.M * top_k + E * (block_size - 1);
+    TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded,
+                " must be < 2^31");
+    const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
+    const c10::cuda::OptionalCUDAGuard guard(r.logits.device());
+    const auto i32 = r.logits.options().dtype(at::kInt);
+    Tensor weights = at::empty({r.M, top_k}, r.logits.options().dtype(at::kFloat));
+    Tensor ids = at::empty({r.M, top_k}, i32);
+    Tensor counts = at::empty({E}, i32);
+    Tensor sorted = at::empty({max_padded}, i32);
+    Tensor block_ids = at::empty({max_blocks}, i32);
+    Tensor post_pad = at::empty({1}, i32);
+    bool unsupported = true;
+    check_launch(mk::launch_route_align(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
+                                        static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
+                                        static_cast<int>(topk_group), static_cast<float>(scale),
+                                        weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                        static_cast<int>(block_size), sorted.data_ptr<int32_t>(),
+                                        block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(),
+                                        c10::cuda::getCurrentCUDAStream().stream(), &unsupported),
+                 "route_and_align");
+    if (!unsupported) return {weights, ids, counts, sorted, block_ids, post_pad};
+  }
+  auto [weights, ids, counts] =
+      fused_topk_cuda(logits_in, top_k, scoring, renormalize, bias_in, num_groups, topk_group, scale);
+  auto [sorted, block_ids, post_pad] = moe_align_cuda(ids, logits_in.size(1), block_size, counts);
+  return {weights, ids, counts, sorted, block_ids, post_pad};
 }
 
 Tensor4 permute_cuda(const Tensor& hidden_in, const Tensor& topk_ids, int64_t num_experts,

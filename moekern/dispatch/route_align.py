@@ -4,8 +4,7 @@ Exactly `fused_topk(...)` followed by `align(topk_ids, E, block_size, expert_cou
 On the cuda backend it is ONE kernel launch while M x L <= 1024 token lanes (L = 32 lanes per token for
 E >= 32: M <= 32; L = 8 for E <= 8: M <= 128) and M * top_k <= 8192 slots (csrc/dispatch/route_align.cu: one
 block routes every token, counts in shared memory and scatters the slots); above, the routing kernel then
-align's kernel. The torch and triton backends compose their own fused_topk and
-align.
+align's kernel. The torch and triton backends run fused_topk and align on that backend.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ from typing import NamedTuple
 import torch
 
 from moekern._ext import extension_error, resolve_backend
-from moekern.dispatch.reference import align_reference, align_sizes
+from moekern.dispatch.reference import align_sizes
 from moekern.routing.api import MAX_EXPERTS, MAX_TOPK, validate_routing_args
-from moekern.routing.reference import fused_topk_reference
 
 _EXT_ERROR = extension_error()
 
@@ -94,23 +92,18 @@ def route_and_align(
                          f"num_experts={E}, top_k={top_k} (use backend='torch')")
     if chosen == "cuda" and not _HAS_OP:
         raise RuntimeError("backend='cuda' needs a moekern._C built with route_and_align (rebuild: pip install -e .)")
-    groups = None if num_expert_group in (None, 1) else num_expert_group
-    kept = topk_group if groups else None
-    scale = float(routed_scaling_factor)
     if chosen == "cuda" and M > 0:
+        groups = 0 if num_expert_group in (None, 1) else num_expert_group  # one group of every expert: none
         out = torch.ops.moekern.route_and_align(
             router_logits.contiguous(), int(top_k), 0 if scoring == "softmax" else 1, bool(renormalize),
-            correction_bias, int(groups or 0), int(kept or 0), scale, int(block_size))
+            correction_bias, int(groups), int(topk_group or 0) if groups else 0, float(routed_scaling_factor),
+            int(block_size))
         return RouteOutput(*out)
-    if chosen == "torch":
-        w, ids, counts = fused_topk_reference(
-            router_logits, top_k, scoring=scoring, renormalize=renormalize, correction_bias=correction_bias,
-            num_expert_group=groups, topk_group=kept, routed_scaling_factor=scale)
-        return RouteOutput(w, ids, counts, *align_reference(ids, E, block_size))
     from moekern.dispatch.api import align
     from moekern.routing.api import fused_topk
 
     r = fused_topk(router_logits, top_k, scoring=scoring, renormalize=renormalize, correction_bias=correction_bias,
-                   num_expert_group=groups, topk_group=kept, routed_scaling_factor=scale, backend=chosen)
+                   num_expert_group=num_expert_group, topk_group=topk_group,
+                   routed_scaling_factor=routed_scaling_factor, backend=chosen)
     a = align(r.topk_ids, E, block_size, expert_counts=r.expert_counts, backend=chosen, check_ids=False)
     return RouteOutput(*r, *a)
