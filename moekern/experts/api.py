@@ -166,11 +166,12 @@ def fused_moe(
             raise ValueError("expert_counts goes with precomputed topk_ids; routing from router_logits makes its own")
         k = top_k
 
-    cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config) if isinstance(k, int) \
-        and k >= 1 else (None, None)
+    # top_k that is not an int >= 1 gets no configs: the routing call below raises the error that names it
+    valid_k = isinstance(k, int) and k >= 1
+    cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config) if valid_k else (None, None)
     aligned = None
     if not precomputed:
-        if expert_backend == "triton" and _align_backend(stage_backend, dev, E) == "cuda" and cfg1 is not None:
+        if valid_k and expert_backend == "triton" and _align_backend(stage_backend, dev, E) == "cuda":
             # routing and align in one launch at decode sizes (moekern.route_and_align)
             from moekern.dispatch.route_align import route_and_align
 
@@ -181,8 +182,6 @@ def fused_moe(
 
             routing = fused_topk(router_logits, top_k, backend=stage_backend, **routing_kwargs)
             topk_weights, topk_ids, expert_counts = routing.topk_weights, routing.topk_ids, routing.expert_counts
-            if cfg1 is None:  # fused_topk accepted top_k: it is an int >= 1
-                cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config)
     if M == 0:
         return hidden_states.new_empty(0, H)
     if expert_backend == "torch":
