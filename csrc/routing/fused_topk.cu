@@ -137,67 +137,6 @@ struct TreeMax<0> {
   static __device__ __forceinline__ void run(K (&)[N]) {}
 };
 
-// 16 bytes of logits -> floats, by bit manipulation (no type punning of half/bf16 objects).
-template <typename T>
-struct Unpack;
-
-template <>
-struct Unpack<float> {
-  static constexpr int kPerVec = 4;
-  static __device__ __forceinline__ void run(const uint4& u, float* out) {
-    out[0] = __uint_as_float(u.x);
-    out[1] = __uint_as_float(u.y);
-    out[2] = __uint_as_float(u.z);
-    out[3] = __uint_as_float(u.w);
-  }
-};
-
-template <>
-struct Unpack<bf16_t> {  // bf16 is the upper half of an fp32: the conversion is a shift
-  static constexpr int kPerVec = 8;
-  static __device__ __forceinline__ void run(const uint4& u, float* out) {
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      out[2 * q] = __uint_as_float(w[q] << 16);
-      out[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
-    }
-  }
-};
-
-template <>
-struct Unpack<half_t> {
-  static constexpr int kPerVec = 8;
-  static __device__ __forceinline__ void run(const uint4& u, float* out) {
-    const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      out[2 * q] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] & 0xffffu)));
-      out[2 * q + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] >> 16)));
-    }
-  }
-};
-
-// This lane's V logits [base, base + V) of one row as fp32; experts >= E read as -inf (padding).
-template <typename T, int V>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int base, int E, bool vec, float (&x)[V]) {
-  constexpr int kPer = Unpack<T>::kPerVec;
-  static_assert(V % kPer == 0, "a lane's chunk must be whole 16-byte vectors");
-  if (vec && base + V <= E) {
-    const uint4* src = reinterpret_cast<const uint4*>(row + base);
-#pragma unroll
-    for (int j = 0; j < V / kPer; ++j) {
-      float tmp[kPer];
-      Unpack<T>::run(src[j], tmp);
-#pragma unroll
-      for (int q = 0; q < kPer; ++q) x[j * kPer + q] = tmp[q];
-    }
-  } else {  // row not 16-byte aligned (E * sizeof(T) % 16 != 0) or the last, partial chunk
-#pragma unroll
-    for (int i = 0; i < V; ++i) x[i] = base + i < E ? to_float(row[base + i]) : -INFINITY;
-  }
-}
-
 // ------------------------------------------------------------------------------------------ geometry
 
 struct Bucket {
@@ -232,7 +171,7 @@ __device__ __forceinline__ float score_chunk(const T* __restrict__ logits, int64
                                              bool vec, const float (&bias)[V], float (&w)[V], float (&sel)[V]) {
   float x[V];
   if (active) {
-    load_chunk<T, V>(logits + t * E, base, E, vec, x);
+    redux::load_lane<T, V>(logits + t * E, base, E, vec, x);  // vec: 16-byte aligned rows
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) x[i] = -INFINITY;
