@@ -11,7 +11,8 @@
 // (the totals come from expert_counts when given), scans the padded totals, and scatters: within a warp
 // step, lanes with the same expert find each other with match_any and rank by lane. Every CTA also writes
 // a grid-stride share of the sentinel padding, block_expert_ids and the tail, so no fill kernel runs.
-// n <= kThreads*16 (8192 slots, every decode batch) is one chunk: a single launch, no scratch.
+// n <= kThreads*16 (8192 slots) is one chunk: a single launch, no scratch; n <= kThreads (decode batches) takes
+// one slot per thread, so no warp steps through empty slots.
 //
 // Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
 // C > 1 chunks; C is kept <= ~256 by growing the chunk, so each CTA reads at most C*E chunk counts.
@@ -60,6 +61,7 @@ struct Plan {
 };
 
 Plan plan_for(int64_t n) {
+  if (n <= static_cast<int64_t>(kThreads) * kTinyIPT) return {kTinyIPT, 1};
   if (n <= static_cast<int64_t>(kThreads) * kLargeIPT) return {kLargeIPT, 1};
   const int64_t small_chunks = (n + kThreads * kSmallIPT - 1) / (kThreads * kSmallIPT);
   if (small_chunks <= 256) return {kSmallIPT, small_chunks};
@@ -97,6 +99,9 @@ Error launch_align(const int32_t* ids, int64_t n, int E, int B, const int32_t* e
   const int64_t max_blocks = (max_padded + B - 1) / B;
   const Plan p = plan_for(n);
   if (p.chunks > 1 && scratch == nullptr) return kInvalidValue;
+  if (p.ipt == kTinyIPT)
+    return launch_plan<kTinyIPT>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
+                                 offsets, scratch, p.chunks, max_padded, max_blocks, stream);
   if (p.ipt == kSmallIPT)
     return launch_plan<kSmallIPT>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
                                   offsets, scratch, p.chunks, max_padded, max_blocks, stream);

@@ -13,6 +13,7 @@ static_assert(kThreads == kDispatchMaxExperts, "the scans give each thread one e
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSkip = kDispatchMaxExperts;  // key of a slot that is out of range or has an invalid id
 constexpr int kKeyBits = 10;                // keys in [0, 512]
+constexpr int kTinyIPT = 1;                 // 512-slot chunks: decode batches (one step per warp, no idle steps)
 constexpr int kSmallIPT = 4;                // 2048-slot chunks
 constexpr int kLargeIPT = 16;               // 8192-slot chunks
 
@@ -70,9 +71,16 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   __shared__ int32_t s_cnt[kDispatchMaxExperts];           // slots of each expert
   __shared__ int32_t s_warp[kWarps];
   const int tid = threadIdx.x, lane = lane_id(), warp = tid / kWarpSize;
-  const int64_t warp_start = static_cast<int64_t>(chunk) * kThreads * IPT + static_cast<int64_t>(warp) * kWarpSize * IPT;
+  const int64_t chunk_start = static_cast<int64_t>(chunk) * kThreads * IPT;
+  const int64_t warp_start = chunk_start + static_cast<int64_t>(warp) * kWarpSize * IPT;
+  // Warps past the last slot of the chunk hold no slot: their histogram rows stay unused and they skip the
+  // scatter (decode batches fill one or two warps of the 16).
+  const int64_t left = n - chunk_start;
+  const int64_t warps_needed = (left + kWarpSize * IPT - 1) / (kWarpSize * IPT);
+  const int active_warps = left <= 0 ? 0 : static_cast<int>(warps_needed < kWarps ? warps_needed : kWarps);
 
-  for (int i = tid; i < kWarps * kDispatchMaxExperts; i += kThreads) (&s_hist[0][0])[i] = 0;
+  if (tid < E)
+    for (int w = 0; w < active_warps; ++w) s_hist[w][tid] = 0;
   int key[IPT];
 #pragma unroll
   for (int i = 0; i < IPT; ++i) {
@@ -91,8 +99,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   int prefix = 0, padded = 0, total = 0;
   if (e < E) {
     int own = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < active_warps; ++w) {
       const int c = s_hist[w][e];
       s_hist[w][e] = own;
       own += c;
@@ -122,7 +129,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
 
   // Scatter, one warp step (kWarpSize slots) at a time, in slot order.
 #pragma unroll
-  for (int i = 0; i < IPT; ++i) {
+  for (int i = 0; i < IPT && warp < active_warps; ++i) {
     const int k = key[i];
     const int64_t s = warp_start + static_cast<int64_t>(i) * kWarpSize + lane;
     const lane_mask_t peers = match_any<kKeyBits>(static_cast<unsigned>(k));
@@ -142,27 +149,18 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
 
   // Grid-stride share of the layout: sentinel pads of each run, the tail, block experts, totals.
   const int32_t sentinel = static_cast<int32_t>(n);
-  // One warp per expert writes its run's (< B) pads, so the stores of a warp are contiguous.
-  for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps)
+  // One warp per expert writes its run's (< B) pads and its run's block experts, so the stores of a warp are
+  // contiguous; the tail past the last run is a grid-stride fill.
+  for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
     for (int p = s_off[x] + s_cnt[x] + lane; p < s_off[x + 1]; p += kWarpSize) sorted[p] = sentinel;
+    if (block_ids != nullptr)
+      for (int b = s_off[x] / B + lane; b < s_off[x + 1] / B; b += kWarpSize) block_ids[b] = x;
+  }
   const int64_t gtid = static_cast<int64_t>(chunk) * kThreads + tid;
   const int64_t gstride = static_cast<int64_t>(num_chunks) * kThreads;
   for (int64_t p = total_padded + gtid; p < max_padded; p += gstride) sorted[p] = sentinel;
-  if (block_ids != nullptr) {
-    for (int64_t b = gtid; b < max_blocks; b += gstride) {
-      const int64_t pos = b * B;
-      int expert = -1;
-      if (pos < total_padded) {  // the last expert whose run starts at or before pos
-        int lo = 0, hi = E - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (s_off[mid] <= pos) lo = mid; else hi = mid - 1;
-        }
-        expert = lo;
-      }
-      block_ids[b] = expert;
-    }
-  }
+  if (block_ids != nullptr)
+    for (int64_t b = total_padded / B + gtid; b < max_blocks; b += gstride) block_ids[b] = -1;
   if (gtid == 0 && num_post_pad != nullptr) *num_post_pad = total_padded;
   if (chunk == 0 && offsets != nullptr)
     for (int x = tid; x <= E; x += kThreads) offsets[x] = s_off[x];

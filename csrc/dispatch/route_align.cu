@@ -18,7 +18,6 @@ namespace {
 
 using redux::Args;
 constexpr int kThreads = align_detail::kThreads;
-constexpr int kIPT = align_detail::kLargeIPT;
 
 struct AlignOut {
   int32_t* sorted;
@@ -28,7 +27,7 @@ struct AlignOut {
   int block_size;
 };
 
-template <typename T, int V, int L, bool kSoftmax, bool kGrouped>
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, int IPT>
 __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, const AlignOut o) {
   constexpr int kTeams = kWarpSize / L;
   __shared__ int s_hist[kTopkMaxExperts];
@@ -37,21 +36,29 @@ __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, con
   redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(a, t0, stride, s_hist);
   __syncthreads();  // every id of the launch is written (and visible to this block through L2)
   for (int e = threadIdx.x; e < a.E; e += kThreads) a.counts[e] = s_hist[e];
-  align_detail::align_scatter_block<kIPT>(a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted,
+  align_detail::align_scatter_block<IPT>(a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted,
                                           o.block_ids, o.num_post_pad, nullptr, nullptr, o.max_padded, o.max_blocks,
                                           0, 1, align_detail::LoadWrittenHere{});
 }
 
-template <typename T, int V, int L>
-Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
+template <typename T, int V, int L, int IPT>
+void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
   const bool grouped = a.G > 1;
   if (softmax) {
-    if (grouped) route_align_kernel<T, V, L, true, true><<<1, kThreads, 0, stream>>>(a, o);
-    else route_align_kernel<T, V, L, true, false><<<1, kThreads, 0, stream>>>(a, o);
+    if (grouped) route_align_kernel<T, V, L, true, true, IPT><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, true, false, IPT><<<1, kThreads, 0, stream>>>(a, o);
   } else {
-    if (grouped) route_align_kernel<T, V, L, false, true><<<1, kThreads, 0, stream>>>(a, o);
-    else route_align_kernel<T, V, L, false, false><<<1, kThreads, 0, stream>>>(a, o);
+    if (grouped) route_align_kernel<T, V, L, false, true, IPT><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, false, false, IPT><<<1, kThreads, 0, stream>>>(a, o);
   }
+}
+
+// Slots per thread of the scatter: one while the M x top_k slots fit the block's threads (decode), else align's
+// one-chunk size.
+template <typename T, int V, int L>
+Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
+  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, align_detail::kTinyIPT>(a, o, softmax, stream);
+  else launch_ipt<T, V, L, align_detail::kLargeIPT>(a, o, softmax, stream);
   return last_error();
 }
 
@@ -82,7 +89,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
   const int64_t n = M * top_k;
-  if (M < 1 || n > static_cast<int64_t>(kThreads) * kIPT) {
+  if (M < 1 || n > static_cast<int64_t>(kThreads) * align_detail::kLargeIPT) {
     *unsupported = true;
     return kSuccess;
   }

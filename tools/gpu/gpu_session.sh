@@ -12,7 +12,8 @@
 #   bash tools/gpu/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
 #   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align GPU tests
 #   bash tools/gpu/gpu_session.sh fastpath-memcheck # no vLLM: fused_moe GPU tests, compute-sanitizer memcheck
-#   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graph + eager), route_and_align, decode layer vs vLLM
+#   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graphs), route_and_align, decode layer vs vLLM
+#   bash tools/gpu/gpu_session.sh fastpath-eager    # eager routing vs vLLM, the plugin's token-for-token check
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
 #   bash tools/gpu/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
@@ -183,27 +184,37 @@ run_stage() {
     ;;
   fastpath-check)
     # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path and route_and_align
-    # against the torch reference, fused_moe (which routes through route_and_align), then compute-sanitizer.
-    build
+    # against the torch reference (fused_moe and compute-sanitizer: fastpath-memcheck).
+    versions; build
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_route_align.py tests/test_cuda_ops.py \
       -k "topk or route or align" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -25
     ;;
   fastpath-memcheck)
     build
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe.py 2>&1 | tail -4
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe.py 2>&1 | tee "$OUT/moe_tests.log" | tail -6
     timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu/memcheck_smoke.py \
       2>&1 | tee "$OUT/memcheck.log" | tail -6
     ;;
   fastpath-bench)
     # Side by side with vLLM in one process per script (needs the gpuenv): routing at the issue's 28 shapes in CUDA
-    # graphs and eager, route_and_align vs vLLM's routing + moe_align_block_size.
+    # graphs, route_and_align vs vLLM's routing + moe_align_block_size, the decode layer with its routing.
+    versions; build
+    timeout 180 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
+      --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -40
+    timeout 120 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
+      | tee "$OUT/route_align.log" | tail -28
+    timeout 200 python3 benchmarks/decode_layer.py --json "$OUT/decode_layer.json" 2>&1 \
+      | tee "$OUT/decode_layer.log" | tail -30
+    ;;
+  fastpath-eager)
+    # Eager routing (host launch cost included) against vLLM's, then the plugin's token-for-token check on the
+    # route_and_align path (needs the gpuenv).
     build
-    timeout 200 python3 benchmarks/routing_variants.py --variants auto,compact,legacy,redux_single,redux_multi \
-      --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -48
     timeout 120 python3 benchmarks/routing_variants.py --variants auto --no-triton --ms 1,16,64,256 --eager \
-      --json "$OUT/routing_eager.json" 2>&1 | tail -8
-    timeout 150 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
-      | tee "$OUT/route_align.log" | tail -30
+      --json "$OUT/routing_eager.json" 2>&1 | tee "$OUT/routing_eager.log" | tail -12
+    need_vllm fastpath-eager || return 0
+    timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 400 -rfEs tests/test_vllm_plugin.py 2>&1 \
+      | tee "$OUT/plugin_tests.log" | tail -15
     ;;
   ep-multi)
     # Issue 11: real ranks, one process per GPU (nvidia-h200-x2/-x4/-x8; multicast off, exported above): the

@@ -1,0 +1,184 @@
+"""The whole MoE layer with its routing at decode sizes: moekern.fused_moe against vLLM, side by side on one GPU.
+
+    python benchmarks/decode_layer.py [--models qwen3-30b-a3b,olmoe,...] [--ms 1,2,4,8,32,64] [--json out.json]
+    VLLM_TUNED_CONFIG_FOLDER=DIR python benchmarks/decode_layer.py ...   # vLLM with configs tuned for this GPU
+
+Providers, on the same bf16 hidden states, router logits and expert weights:
+  moekern  moekern.fused_moe(x, w13, w2, logits, top_k, <the model's routing>): route_and_align, two grouped GEMMs
+           (SiLU-and-mul fused into the first), the weighted combine
+  vllm     vLLM 0.26's routing (fused_topk, or the fused grouped top-k op for DeepSeek-V3) then fused_experts, with
+           the config vLLM picks for the shape (its shipped table, or VLLM_TUNED_CONFIG_FOLDER's when set)
+Both outputs are checked against moekern.experts.reference.fused_moe_reference on the reference routing
+(||out - ref|| / ||ref|| < 1e-2, the bf16 tolerance of tests/test_moe.py); a wrong provider is reported, not timed.
+Timing: moekern.bench.timing.time_calls, back-to-back calls replayed in a CUDA graph (as inside vLLM's decode
+graphs). The roofline is the time to read the weights of the experts the tokens use (3 x H x I bf16 each) plus
+the activations, at the device's measured copy bandwidth; a pure read can beat a copy, so fractions a little
+above 100 % are possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from routing_variants import _spec_args  # noqa: E402
+
+MODELS = ("qwen3-30b-a3b", "olmoe", "deepseek-v3", "mixtral")
+MS = (1, 2, 4, 8, 32, 64)
+REL_TOL = 1e-2
+
+
+def _routing_kwargs(a, bias) -> dict:
+    kw = dict(scoring=a["scoring"], renormalize=a["renormalize"], routed_scaling_factor=a["scale"],
+              correction_bias=bias)
+    if a["G"]:
+        kw.update(num_expert_group=a["G"], topk_group=a["g"])
+    return kw
+
+
+def _vllm_layer(a, bias):
+    """vLLM's routing + fused_experts for this model, or a string saying why it is skipped."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+
+        if a["G"]:
+            from vllm import _custom_ops as ops
+
+            b = bias if bias is not None else torch.zeros(a["E"], device="cuda")
+
+            def route(x):
+                return ops.grouped_topk(x, a["G"], a["g"], a["k"], a["renormalize"], a["scale"], b, 1)
+        else:
+            from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+
+            def route(x):
+                return fused_topk(x, x, a["k"], a["renormalize"])
+
+        def layer(x, logits, w13, w2):
+            w, ids = route(logits)[:2]
+            return fused_experts(x, w13, w2, w, ids)
+
+        return layer
+    except Exception as exc:
+        return f"skipped: vllm unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def roofline_us(experts_hit: int, M: int, H: int, inter: int, bytes_per_s: float) -> float:
+    """Microseconds to read the used experts' weights and the activations once, at bytes_per_s."""
+    return (experts_hit * 3 * H * inter * 2 + 2 * M * H * 2) / bytes_per_s * 1e6
+
+
+def run(models, ms) -> tuple[list[dict], float]:
+    import moekern
+    from moekern.bench.timing import measure_hbm_bandwidth, time_calls
+    from moekern.experts.reference import fused_moe_reference
+    from moekern.models.registry import get_model
+    from moekern.routing.reference import fused_topk_reference
+
+    dev = torch.device("cuda")
+    bw = measure_hbm_bandwidth(dev)
+    rows = []
+    for name in models:
+        a, spec = _spec_args(name), get_model(name)
+        E, H, inter = a["E"], spec.hidden_size, spec.intermediate_size
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=g, dtype=torch.bfloat16) * H ** -0.5)
+        w2 = (torch.randn(E, H, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter ** -0.5)
+        bias = torch.randn(E, device="cuda", generator=g).mul(0.1).to(torch.bfloat16).float() if a["has_bias"] else None
+        kw = _routing_kwargs(a, bias)
+        vllm = _vllm_layer(a, bias)
+        providers = {"moekern": lambda x, lg: moekern.fused_moe(x, w13, w2, lg, a["k"], **kw)}
+        if not isinstance(vllm, str):
+            providers["vllm"] = lambda x, lg: vllm(x, lg, w13, w2)
+        for M in ms:
+            x = torch.randn(M, H, device="cuda", generator=g, dtype=torch.bfloat16)
+            logits = torch.randn(M, E, device="cuda", generator=g, dtype=torch.bfloat16)
+            rw, rids, _ = fused_topk_reference(logits, a["k"], scoring=kw["scoring"], renormalize=kw["renormalize"],
+                                               correction_bias=bias, num_expert_group=a["G"] or None,
+                                               topk_group=a["g"] or None, routed_scaling_factor=a["scale"])
+            ref = fused_moe_reference(x, w13, w2, rw, rids)
+            hit = int(torch.unique(rids).numel())
+            roof = roofline_us(hit, M, H, inter, bw)
+            row = {"model": name, "M": M, "E": E, "k": a["k"], "H": H, "I": inter, "experts_hit": hit,
+                   "roofline_us": roof, "us": {}, "roofline_fraction": {}, "rel_err": {}, "notes": {}}
+            if isinstance(vllm, str):
+                row["notes"]["vllm"] = vllm
+            for pname, fn in providers.items():
+                try:
+                    err = rel_err(fn(x, logits), ref)
+                    row["rel_err"][pname] = err
+                    if not err < REL_TOL:
+                        row["notes"][pname] = f"WRONG: relative error {err:.3g} >= {REL_TOL}"
+                        continue
+                    t = time_calls([lambda fn=fn: fn(x, logits)], dev)
+                    row["us"][pname] = t.median_us
+                    row["roofline_fraction"][pname] = roof / t.median_us
+                    if t.method != "cuda-graph":
+                        row["notes"][pname] = t.note
+                except Exception as exc:
+                    row["notes"][pname] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    torch.cuda.synchronize()
+            us = row["us"]
+            if "moekern" in us and "vllm" in us:
+                row["ratio"] = us["moekern"] / us["vllm"]
+            rows.append(row)
+            cells = "  ".join(f"{p} {us[p]:7.2f} us ({100 * row['roofline_fraction'][p]:.0f} %)" for p in us)
+            ratio = f"  moekern/vllm {row['ratio']:.3f}" if "ratio" in row else ""
+            print(f"{name:<15}{M:>4} hit {hit:>3}  roof {roof:6.2f} us  {cells}{ratio}  "
+                  + "; ".join(f"{k}: {v}" for k, v in row["notes"].items()), flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+    return rows, bw
+
+
+def summary(rows) -> dict:
+    """Geometric mean and max of moekern / vLLM, per model and over all rows."""
+    out = {}
+    groups = {"all": rows, **{m: [r for r in rows if r["model"] == m] for m in dict.fromkeys(r["model"] for r in rows)}}
+    for label, rs in groups.items():
+        ratios = [r["ratio"] for r in rs if "ratio" in r]
+        if ratios:
+            out[label] = {"geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)), "max": max(ratios),
+                          "n": len(ratios)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("skipped: needs a CUDA GPU", file=sys.stderr)
+        return 0
+    tuned = os.environ.get("VLLM_TUNED_CONFIG_FOLDER") or None
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  vLLM configs: {tuned or 'shipped'}")
+    rows, bw = run([m for m in args.models.split(",") if m], [int(m) for m in args.ms.split(",") if m])
+    s = summary(rows)
+    for k, v in s.items():
+        print(f"moekern / vLLM, {k}: geomean {v['geomean']:.3f}, max {v['max']:.3f} over {v['n']} shapes")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
+                       "vllm_tuned_config_folder": tuned, "rows": rows, "summary": s}, f, indent=1)
+    wrong = [(r["model"], r["M"], k) for r in rows for k, v in r["notes"].items() if v.startswith("WRONG")]
+    if wrong:
+        print(f"WRONG results (not timed): {wrong}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
