@@ -433,6 +433,9 @@ def _fake_stack(tmp_path, env):
             rec.counts += 100
             return "dummy"
 
+        def shutdown(self):
+            return "shut"
+
     worker_mod = ModuleType("fake_gpu_worker")
     worker_mod.Worker = Worker
     hooks._patch_worker(worker_mod)
@@ -456,6 +459,26 @@ def test_routing_mode_uses_fused_topk_and_logs(tmp_path, fresh_hooks):
     for r in records:
         assert r.expert_counts == ref.expert_counts.tolist() and r.num_tokens == 5 and r.phase == "prefill"
         assert r.model == "fake"
+
+
+def test_worker_shutdown_writes_the_gate_log(tmp_path, fresh_hooks):
+    """vLLM's engine-core process ends without atexit handlers: a run shorter than the writer's flush interval
+    (here: never flushed by time) must still reach the file, through Worker.shutdown."""
+    env = {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path),
+           "MOEKERN_GATE_LOG_FLUSH_SECONDS": "3600", "MOEKERN_GATE_LOG_FLUSH_STEPS": "1000"}
+    cfg, layers, worker = _fake_stack(tmp_path, env)
+    worker.load_model()
+    for n in (5, 3):
+        sched = _sched(new=[(f"r{n}", n, 0)], num_sched={f"r{n}": n})
+        sched.total_num_scheduled_tokens = n
+        worker.execute_model(sched)
+    assert read_gate_log(tmp_path)[0] == []  # nothing written yet: the writer waits for more steps or time
+    assert worker.shutdown() == "shut"  # vLLM's own shutdown still runs
+    records, skipped = read_gate_log(tmp_path)
+    assert skipped == [] and sorted((r.step, r.layer, r.num_tokens) for r in records) == [
+        (0, 0, 5), (0, 1, 5), (1, 0, 3), (1, 1, 3)]
+    assert fresh_hooks["recorder"].ready is False
+    hooks.close_recorder()  # a second close (atexit, the multiprocessing finalizer) is harmless
 
 
 def test_dummy_batch_between_steps_does_not_leak_into_the_next(tmp_path, fresh_hooks):

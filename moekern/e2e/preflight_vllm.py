@@ -42,6 +42,7 @@ SIGNATURES = [
     (GPU_WORKER, "Worker.execute_model", ["self", "scheduler_output"], []),
     (GPU_WORKER, "Worker.load_model", ["self"], ["load_dummy_weights"]),
     (GPU_WORKER, "Worker.get_model", ["self"], []),  # MOEKERN_DUMMY_ROUTER_SEED reaches the model through it
+    (GPU_WORKER, "Worker.shutdown", ["self"], []),  # the gate log is written and closed there
     (LLM_MOD, "LLM.generate", ["self", "prompts", "sampling_params"], ["use_tqdm"]),
     (LLM_MOD, "LLM.collective_rpc", ["self", "method"], []),
     ("vllm.plugins", "load_general_plugins", [], []),
@@ -57,6 +58,8 @@ SOURCE_FACTS = [
     (RE, "RoutedExperts.__init__", ["self.apply_router_weight_on_input =", "self.activation ="]),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", ["self.worker.execute_model("]),
     ("vllm.v1.serial_utils", "run_method", ["getattr(obj, method)"]),
+    # the engine core shuts its executor (and so the worker) down before its process ends
+    ("vllm.v1.engine.core", "EngineCore.shutdown", ["self.model_executor.shutdown()"]),
 ]
 
 

@@ -18,6 +18,9 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
 
    Worker.execute_dummy_batch (if present: data parallelism's idle-rank forwards, outside any step): tell the
    gate log its buffer holds counts that are no step's.
+   Worker.shutdown: write and close the gate log. vLLM's engine-core process ends through multiprocessing
+   (os._exit, no atexit handlers), so without this a run shorter than the writer's flush interval left an
+   empty gate log; a multiprocessing finalizer covers processes that end without a worker shutdown.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
    between steps (moekern e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
@@ -347,9 +350,19 @@ def _patch_worker(module) -> None:
             logger.info("moekern: gate log -> %s (%d MoE layers)", rec.path, len(rec.layers))
         return out
 
+    orig_shutdown = getattr(Worker, "shutdown", None)
+
+    def shutdown(self, *args, **kwargs):
+        # The engine-core process ends through multiprocessing, which skips atexit handlers: the gate log's
+        # last steps (all of them, in a run shorter than flush_seconds) are written here, when vLLM shuts the
+        # worker down, within its grace period before it kills the process.
+        close_recorder()
+        return orig_shutdown(self, *args, **kwargs) if orig_shutdown is not None else None
+
     execute_model._moekern = True
     Worker.execute_model = execute_model
     Worker.load_model = load_model
+    Worker.shutdown = shutdown
     orig_dummy = getattr(Worker, "execute_dummy_batch", None)
     if orig_dummy is not None:
         def execute_dummy_batch(self, *args, **kwargs):
@@ -410,6 +423,7 @@ def install(cfg: PluginConfig) -> None:
         _STATE["config"] = cfg
         if cfg.gate_log:
             import atexit
+            import multiprocessing.util
 
             from moekern.gatelog.writer import GateLogRecorder
 
@@ -419,11 +433,28 @@ def install(cfg: PluginConfig) -> None:
                                   meta={"kernels": cfg.kernels, "skew": cfg.skew.describe() if cfg.skew else None,
                                         "dummy_router_seed": cfg.dummy_router_seed})
             _STATE["recorder"] = rec
-            atexit.register(rec.close)
+            atexit.register(close_recorder)
+            # Processes started by multiprocessing (vLLM's engine core) end with os._exit after running
+            # multiprocessing's own finalizers, not atexit's: register there too.
+            multiprocessing.util.Finalize(None, close_recorder, exitpriority=100)
     when_imported(MOE_RUNNER, _patch_moe_runner)
     when_imported(GPU_WORKER, _add_worker_rpc)
     if cfg.gate_log or cfg.dummy_router_seed is not None:
         when_imported(GPU_WORKER, _patch_worker)
+
+
+CLOSE_TIMEOUT_S = 3.0  # within vLLM's 5 s grace between terminating an engine process and killing it
+
+
+def close_recorder() -> None:
+    """Write what the gate log holds and close it (idempotent; never raises: it runs on shutdown paths)."""
+    rec = _STATE["recorder"]
+    if rec is None:
+        return
+    try:
+        rec.close(timeout=CLOSE_TIMEOUT_S)
+    except Exception:
+        logger.exception("moekern: closing the gate log failed")
 
 
 def _add_worker_rpc(module) -> None:

@@ -14,6 +14,8 @@
 #   bash tools/gpu/gpu_session.sh fastpath-memcheck # no vLLM: fused_moe GPU tests, compute-sanitizer memcheck
 #   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graphs), route_and_align, decode layer vs vLLM
 #   bash tools/gpu/gpu_session.sh fastpath-eager    # eager routing vs vLLM, the plugin's token-for-token check
+#   bash tools/gpu/gpu_session.sh fastpath-race     # no vLLM: racecheck + ncu stall sections of route_and_align
+#   bash tools/gpu/gpu_session.sh fastpath-profile  # no vLLM: per-kernel ncu + torch.profiler of the M=1 layer
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
 #   bash tools/gpu/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
@@ -205,6 +207,28 @@ run_stage() {
       | tee "$OUT/route_align.log" | tail -28
     timeout 200 python3 benchmarks/decode_layer.py --json "$OUT/decode_layer.json" 2>&1 \
       | tee "$OUT/decode_layer.log" | tail -30
+    ;;
+  fastpath-race)
+    # No vLLM: compute-sanitizer racecheck of route_and_align's one launch (routing teams, then align's scatter
+    # in shared memory) at decode shapes, and ncu's stall sections of that kernel at M=1.
+    versions; build
+    mkdir -p "$OUT/prof"
+    timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 tools/gpu/route_align_probe.py \
+      --ms 1,16,64,256 --iters 1 2>&1 | tee "$OUT/racecheck.log" | tail -22
+    timeout 150 ncu --kernel-name regex:route_align --launch-count 4 --section SpeedOfLight --section LaunchStats \
+      --section Occupancy --section WarpStateStats --section SchedulerStats python3 tools/gpu/route_align_probe.py \
+      --models qwen3-30b-a3b,deepseek-v3 --ms 1 --iters 2 > "$OUT/prof/ncu_route_align.txt" 2>&1
+    grep -E "route_align_kernel|Duration|Stall|Warp Cycles|Issued" "$OUT/prof/ncu_route_align.txt" | head -40
+    ;;
+  fastpath-profile)
+    # No vLLM: where the decode layer's time goes at M=1 (per-kernel ncu table and a torch.profiler timeline).
+    build
+    for model in qwen3-30b-a3b olmoe; do
+      timeout 120 python3 -m moekern.cli profile ncu --kind fused_moe --model "$model" --tokens 1 \
+        --out "$OUT/prof/ncu-$model-m1" 2>&1 | tail -12
+      timeout 90 python3 -m moekern.cli profile torch --kind fused_moe --model "$model" --tokens 1 \
+        --out "$OUT/prof/torch-$model-m1" 2>&1 | tail -14
+    done
     ;;
   fastpath-eager)
     # Eager routing (host launch cost included) against vLLM's, then the plugin's token-for-token check on the
