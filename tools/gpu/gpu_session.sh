@@ -215,10 +215,11 @@ run_stage() {
     mkdir -p "$OUT/prof"
     timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 python3 tools/gpu/route_align_probe.py \
       --ms 1,16,64,256 --iters 1 2>&1 | tee "$OUT/racecheck.log" | tail -22
-    timeout 150 ncu --kernel-name regex:route_align --launch-count 4 --section SpeedOfLight --section LaunchStats \
-      --section Occupancy --section WarpStateStats --section SchedulerStats python3 tools/gpu/route_align_probe.py \
-      --models qwen3-30b-a3b,deepseek-v3 --ms 1 --iters 2 > "$OUT/prof/ncu_route_align.txt" 2>&1
-    grep -E "route_align_kernel|Duration|Stall|Warp Cycles|Issued" "$OUT/prof/ncu_route_align.txt" | head -40
+    timeout 150 ncu --kernel-name regex:"route_align|align_scatter|redux_topk" --launch-count 12 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section SchedulerStats python3 tools/gpu/route_align_probe.py --models qwen3-30b-a3b,deepseek-v3 --ms 1,64 \
+      --iters 2 > "$OUT/prof/ncu_route_align.txt" 2>&1
+    grep -E "_kernel|Duration|Warp Cycles Per Issued|Issued Warp" "$OUT/prof/ncu_route_align.txt" | head -60
     ;;
   fastpath-profile)
     # No vLLM: where the decode layer's time goes at M=1 (per-kernel ncu table and a torch.profiler timeline).
