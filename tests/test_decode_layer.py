@@ -1,0 +1,41 @@
+"""benchmarks/decode_layer.py's arithmetic and its CPU behaviour (the timing itself needs a GPU)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decode_layer  # noqa: E402
+
+
+def test_roofline_counts_used_expert_weights_and_activations():
+    # Qwen3-30B-A3B at M=1 with 8 experts hit: 8 x 3 x 2048 x 768 x 2 B of weights = 75,497,472 B, plus x and
+    # out (2 x 1 x 2048 x 2 B = 8,192 B): 75,505,664 B at 3e12 B/s = 25.1685 us.
+    assert decode_layer.roofline_us(8, 1, 2048, 768, 3e12) == pytest.approx(25.168555, rel=1e-6)
+    # twice the experts, twice the weight bytes; the activations grow with M only
+    assert decode_layer.roofline_us(16, 1, 2048, 768, 3e12) == pytest.approx(
+        (16 * 3 * 2048 * 768 * 2 + 8192) / 3e12 * 1e6)
+
+
+def test_summary_geomean_and_max_per_model():
+    rows = [{"model": "a", "ratio": 0.5}, {"model": "a", "ratio": 2.0}, {"model": "b", "ratio": 1.25},
+            {"model": "b"}]  # a row without vLLM has no ratio and is left out
+    s = decode_layer.summary(rows)
+    assert s["a"] == {"geomean": pytest.approx(1.0), "max": 2.0, "n": 2}
+    assert s["b"]["n"] == 1 and s["all"]["n"] == 3
+    assert s["all"]["geomean"] == pytest.approx(math.exp((math.log(0.5) + math.log(2.0) + math.log(1.25)) / 3))
+
+
+def test_rel_err_is_relative_to_the_reference_norm():
+    ref = torch.tensor([[3.0, 4.0]])
+    assert decode_layer.rel_err(ref, ref) == 0.0
+    assert decode_layer.rel_err(torch.tensor([[3.0, 4.5]]), ref) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_cpu_run_says_it_needs_a_gpu(capsys):
+    assert decode_layer.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().err
