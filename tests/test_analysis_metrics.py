@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from moekern.analysis.imbalance import metrics as M
 from moekern.analysis.serving import metrics as S
 from moekern.analysis import stats
+from moekern.errors import UsageError
 from moekern.gatelog import GateRecord, write_records
 
 
@@ -220,3 +221,154 @@ def test_uniform_routing_cv_hand_values_and_simulation():
     counts = np.stack([np.bincount(p.reshape(-1), minlength=e) for p in picks])
     rms = math.sqrt(float(np.mean(M.cv(counts) ** 2)))
     assert rms == pytest.approx(M.uniform_routing_cv(n, e, k), rel=0.03)
+
+
+# ------------------------------------------------------------------ below one token, low precision, types
+def test_fewer_routed_tokens_than_experts():
+    # one token, top-2 of 8 experts: [1,1,0,0,0,0,0,0], mean 1/4; deviations 3/4 (x2), -1/4 (x6) ->
+    # variance (2 * 9/16 + 6 * 1/16) / 8 = 3/16 -> CV = sqrt(3/16) / (1/4) = sqrt(3)
+    c = [1, 1, 0, 0, 0, 0, 0, 0]
+    assert M.cv(c) == pytest.approx(math.sqrt(3), rel=1e-12)
+    assert M.max_mean(c) == pytest.approx(4.0, rel=1e-12)  # 1 / (1/4)
+    assert M.normalized_entropy(c) == pytest.approx(1 / 3, rel=1e-12)  # ln 2 / ln 8
+    assert M.gini(c) == pytest.approx(0.75, rel=1e-12)  # 12 unordered pairs differ by 1: 2 * 12 / (2 * 64 / 4)
+
+
+def test_fractional_loads_give_the_same_numbers():
+    # loads below one token (replicas splitting an expert's tokens, loads given as fractions): every metric
+    # is scale-free, so [1,2,3,6] / 100 has the numbers of test_worked_example_1236
+    c = [0.01, 0.02, 0.03, 0.06]
+    assert M.cv(c) == pytest.approx(math.sqrt(3.5) / 3, rel=1e-12)
+    assert M.max_min(c) == pytest.approx(6.0, rel=1e-12)
+    assert M.max_mean(c) == pytest.approx(2.0, rel=1e-12)
+    assert M.normalized_entropy(c) == pytest.approx(0.864787, abs=1e-6)
+    assert M.gini(c) == pytest.approx(1 / 3, rel=1e-12)
+
+
+def test_float32_counts_are_reduced_in_float64():
+    # counts handed over as float32 (a torch tensor's .numpy()): results are float64, to the last bits of
+    # the float64 worked example
+    c = np.array([[1, 2, 3, 6], [2, 2, 0, 0]], dtype=np.float32)
+    for name, f in M.METRIC_FUNCS.items():
+        out = f(c)
+        assert out.dtype == np.float64, name
+        np.testing.assert_array_equal(out, f(c.astype(np.float64)), err_msg=name)
+    assert M.cv(c[0]) == pytest.approx(math.sqrt(3.5) / 3, rel=1e-15)
+
+
+def test_one_vector_gives_a_python_float():
+    # a plain float, so that the numbers go into JSON as they are
+    for f in (*M.METRIC_FUNCS.values(), lambda c: M.uniform_routing_cv(16, 4, 2)):
+        v = f([1, 2, 3, 6])
+        assert type(v) is float
+        json.dumps(v)
+
+
+def test_uniform_routing_cv_edges():
+    assert M.uniform_routing_cv(1, 8, 2) == pytest.approx(math.sqrt(3))  # one token: sqrt((8 - 2) / (1 * 2))
+    assert M.uniform_routing_cv(16, 8, 1) == pytest.approx(math.sqrt(7 / 16))  # top-1: sqrt(7 / 16)
+    assert M.uniform_routing_cv(4, 1, 1) == 0.0  # one expert takes every token
+    for k in (0, [1, 0]):
+        with pytest.raises(ValueError, match="top_k"):
+            M.uniform_routing_cv(4, 8, k)
+
+
+# ------------------------------------------------------------------------------------- placements
+def test_one_rank_and_bad_ep_sizes():
+    assert M.contiguous_map(4, 1).tolist() == [0, 0, 0, 0]
+    assert M.round_robin_map(4, 1).tolist() == [0, 0, 0, 0]
+    np.testing.assert_allclose(M.rank_loads([1, 2, 3, 6], 1), [12])
+    for ep in (0, -2):
+        with pytest.raises(UsageError, match="ep_size"):
+            M.contiguous_map(8, ep)
+
+
+def test_rank_loads_map_checks():
+    c = [1, 2, 3, 6]
+    # maps held as float arrays (read back from JSON or a table) index like ints
+    np.testing.assert_allclose(M.rank_loads(c, 2, expert_to_rank=np.array([0.0, 1.0, 0.0, 1.0])), [4, 8])
+    np.testing.assert_allclose(M.rank_loads(c, 2, physical_to_logical=np.array([3.0, 0.0, 1.0, 2.0])), [7, 5])
+    # out of range, at either end and exactly at the bound, is a ValueError naming the map
+    for e2r in ([0, 0, 1, 2], [-1, 0, 1, 1]):
+        with pytest.raises(ValueError, match="expert_to_rank values"):
+            M.rank_loads(c, 2, expert_to_rank=e2r)
+    for p2l in ([0, 1, 2, 4], [0, 1, 2, -1]):
+        with pytest.raises(ValueError, match="physical_to_logical values"):
+            M.rank_loads(c, 2, physical_to_logical=p2l)
+
+
+# ---------------------------------------------------------------------------------- tables, summaries
+def test_table_from_counts_keeps_what_it_is_given():
+    # top_k 2: 2 tokens make 4 expert slots, so num_tokens is not the counts' sum
+    t = M.table_from_counts([[3, 1], [2, 2]], num_tokens=[2, 2], steps=[10, 20])
+    assert t.num_tokens.tolist() == [2, 2] and t.steps.tolist() == [10, 20]
+    assert t.phases == ["unknown", "unknown"] and t.present.dtype == bool and t.present.all()
+    assert M.table_from_counts([[3, 1], [2, 2]]).num_tokens.tolist() == [4, 4]  # default: the first layer's sum
+
+
+def _gappy_table():
+    """2 steps, 3 layers, 2 experts, 4 tokens a step: layer 0 [3,1] then [1,3]; layer 1 [2,0] then a missing
+    record (zeros, present False, as load_table leaves it); layer 2 saw no tokens."""
+    counts = np.array([[[3, 1], [2, 0], [0, 0]], [[1, 3], [0, 0], [0, 0]]], dtype=float)
+    t = M.table_from_counts(counts, num_tokens=[4, 4])
+    t.present[1, 1] = False
+    return t
+
+
+def test_summarize_skips_missing_records_and_idle_layers():
+    s = M.summarize(_gappy_table())
+    # step CVs: layer 0 CV([3,1]) = CV([1,3]) = 1/2 (mean 2, std 1); layer 1 CV([2,0]) = 1 (mean 1, std 1)
+    assert s.per_layer["step_cv"][:2] == pytest.approx([0.5, 1.0]) and math.isnan(s.per_layer["step_cv"][2])
+    # aggregated: layer 0 [4,4] -> CV 0, max/mean 1; layer 1 [2,0] -> CV 1, max/mean 2 (a missing record adds 0)
+    assert s.per_layer["agg_cv"][:2] == pytest.approx([0.0, 1.0]) and math.isnan(s.per_layer["agg_cv"][2])
+    assert s.per_layer["agg_max_mean"][:2] == pytest.approx([1.0, 2.0])
+    assert s.overall["step_cv"] == pytest.approx(0.75) and s.overall["agg_cv"] == pytest.approx(0.5)
+    np.testing.assert_allclose(M.per_step_metric(_gappy_table()), [[0.5, 1.0, np.nan], [0.5, np.nan, np.nan]])
+
+
+def test_summary_fields_and_to_dict():
+    s = M.summarize(_gappy_table())
+    d = s.to_dict()
+    assert set(d) == {"definition", "overall", "per_layer", "steps_used", "steps_dropped", "max_tokens",
+                      "num_layers", "num_experts", "runs"}
+    assert (d["definition"], d["steps_used"], d["steps_dropped"], d["max_tokens"]) == ("moekern", 2, 0, 1000)
+    assert (d["num_layers"], d["num_experts"], d["runs"]) == (3, 2, [])
+
+
+def test_every_step_filtered_out():
+    t = _gappy_table()  # 4 tokens a step, so max_tokens=3 keeps none
+    s = M.summarize(t, max_tokens=3)
+    assert (s.steps_used, s.steps_dropped) == (0, 2)
+    for name, vals in s.per_layer.items():
+        assert len(vals) == 3 and all(math.isnan(v) for v in vals), name
+    assert all(math.isnan(v) for v in s.overall.values())
+    assert M.per_step_metric(t, "cv", max_tokens=3).shape == (0, 3)
+    out = M.rank_load_summary(t, ep_size=2, max_tokens=3)
+    assert out["rank_tokens"] == [0.0, 0.0] and math.isnan(out["step_max_mean"]) and math.isnan(out["agg_max_mean"])
+
+
+def test_summarize_as_passes_max_tokens_on():
+    t = M.table_from_counts([[2000, 0], [3, 1]], num_tokens=[2000, 4])  # step 0 a warm-up batch
+    assert M.summarize_as(t).to_dict() == M.summarize(t).to_dict()  # the default definition is moekern's
+    assert M.summarize_as(t, "moekern", 1000).steps_dropped == 1
+    assert M.summarize_as(t, "moekern", None).steps_dropped == 0
+    assert M.summarize_as(t, "seed").definition == "seed"
+
+
+def test_rank_load_summary_placements_and_missing_records():
+    # 2 steps, 2 layers, 4 experts on 2 ranks. step 0: layer 0 [1,2,3,6], layer 1 [6,3,2,1];
+    # step 1: layer 0 [4,0,0,0], layer 1 missing (zeros, present False)
+    counts = np.array([[[1, 2, 3, 6], [6, 3, 2, 1]], [[4, 0, 0, 0], [0, 0, 0, 0]]], dtype=float)
+    t = M.table_from_counts(counts, num_tokens=[12, 4])
+    t.present[1, 1] = False
+    # contiguous (experts 0,1 on rank 0): rank loads [3,9], [9,3], [4,0] -> max/mean 1.5, 1.5, 2;
+    # per layer over steps: layer 0 [7,9] -> 9/8, layer 1 [9,3] -> 1.5
+    out = M.rank_load_summary(t, ep_size=2)
+    assert out["rank_tokens"] == [16.0, 12.0]
+    assert out["step_max_mean"] == pytest.approx(5 / 3) and out["agg_max_mean"] == pytest.approx((9 / 8 + 1.5) / 2)
+    # round robin (expert e on rank e % 2): [4,8], [8,4], [4,0] -> 4/3, 4/3, 2
+    rr = M.rank_load_summary(t, ep_size=2, expert_to_rank=M.round_robin_map(4, 2))
+    assert rr["rank_tokens"] == [16.0, 12.0] and rr["step_max_mean"] == pytest.approx(14 / 9)
+    # slots [3,0 | 1,2]: rank 0 holds experts 3 and 0: [7,5], [7,5], [4,0] -> 7/6, 7/6, 2
+    p = M.rank_load_summary(t, ep_size=2, physical_to_logical=[3, 0, 1, 2])
+    assert p["rank_tokens"] == [18.0, 10.0] and p["step_max_mean"] == pytest.approx(13 / 9)

@@ -210,6 +210,32 @@ def test_seed_definitions_exactly(tmp_path):
     assert seed.overall["agg_cv"] == pytest.approx(tot.std() / (tot.mean() + 1e-10), rel=1e-12)
 
 
+def test_seed_edges(tmp_path):
+    # 2 layers, 4 experts. step 0 (2000 tokens): [500]*4, [2000,0,0,0]; step 1 (1 token): [1,0,0,0] and a
+    # missing record (zeros, present False); step 2 (0 tokens): zeros, zeros
+    counts = np.array([[[500] * 4, [2000, 0, 0, 0]], [[1, 0, 0, 0], [0] * 4], [[0] * 4, [0] * 4]], dtype=float)
+    t = M.table_from_counts(counts, num_tokens=[2000, 1, 0])
+    t.present[1, 1] = False
+    seed = M.seed_summary(t)
+    # per-step: the 5 present records: CV 0, sqrt(3), sqrt(3) ([1,0,0,0]: mean 1/4, variance 3/16), 0, 0
+    assert seed.overall["step_cv"] == pytest.approx(2 * math.sqrt(3) / 5, rel=1e-9)
+    # aggregated: steps 1, 2 kept, the missing record adds nothing: [1,0,0,0] (one token in all) -> sqrt(3)
+    assert seed.overall["agg_cv"] == pytest.approx(math.sqrt(3), rel=1e-9)
+    assert (seed.per_layer, seed.steps_used, seed.steps_dropped, seed.max_tokens) == ({}, 2, 1, 1000)
+    assert (seed.num_layers, seed.num_experts, seed.runs) == (2, 4, [])
+    # kept steps that saw no tokens, or no kept step at all: no aggregated CV (NaN, not the 0 of 0 / 1e-10)
+    zero_kept = M.seed_summary(M.table_from_counts([[5, 3], [0, 0]], num_tokens=[2000, 0]))
+    assert zero_kept.overall["step_cv"] == pytest.approx(0.125)  # CV([5,3]) = 1/4 and 0, averaged
+    assert math.isnan(zero_kept.overall["agg_cv"])
+    warmup_only = M.table_from_counts([[5, 3]], num_tokens=[2000])
+    assert math.isnan(M.seed_summary(warmup_only).overall["agg_cv"])
+    empty = M.seed_summary(warmup_only.select([False]))  # no rows at all
+    assert math.isnan(empty.overall["step_cv"]) and math.isnan(empty.overall["agg_cv"])
+    _two_runs(tmp_path)
+    assert M.seed_summary(M.load_table(tmp_path)).runs == ["a", "b"]
+
+
+
 def test_metrics_definition_seed_cli(tmp_path, capsys):
     _seed_log(tmp_path / "run" / "gate_log.rank0.jsonl")
     assert main(["metrics", str(tmp_path / "run"), "--definition", "seed", "--json"]) == 0
