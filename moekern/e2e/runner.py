@@ -120,6 +120,7 @@ def run(args) -> int:
             "result": str(args.result) if args.result else None,
             "serve_grid": ({"concurrency": args.concurrency_grid, "datasets": [str(d) for d in args.datasets or []],
                             "reps": args.grid_reps, "result_dir": str(args.result_dir),
+                            "skews": [list(k) for k in args.skews] if args.skews else None,
                             "queue_depth": "client --max-concurrency; server max_num_seqs fixed per server"}
                            if args.concurrency_grid else None)}
     try:

@@ -9,7 +9,9 @@ total_input_tokens / duration.
 
 Our runs add metadata (as --metadata or merged by the runner): moe_backend (kernel backend: "moekern",
 "vllm", "flashinfer", ...; falls back to "backend"), max_num_seqs, max_num_batched_tokens, eplb
-(true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic.
+(true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic, and from
+the serve grid's skews routing_skew, measured_cv_step and measured_cv_agg (the prior study's two CV methods
+over the bench's own gate-log window).
 Strings such as "16" or "true" are converted. A missing metric is NaN, never an error.
 
 `moekern e2e` output folders are read as they are: a `serve_{arm}.bench.json` without a
@@ -58,6 +60,9 @@ class RunResult:
     measured_cv: float | None = None
     gate_log: str | None = None
     synthetic: bool = False
+    routing_skew: str | None = None  # the serve grid's skew name (moekern e2e --skews)
+    measured_cv_step: float | None = None  # the prior study's per-step CV of the bench's gate-log window
+    measured_cv_agg: float | None = None  # ... and its aggregated CV (moekern.e2e.cards.window_cv)
     path: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -126,7 +131,10 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
     score = _num(_get(obj, "predicted_score"))
     cv = _num(_get(obj, "measured_cv"))
     known = {"moe_backend", "kernel_backend", "max_num_seqs", "max_num_batched_tokens", "eplb", "enable_eplb",
-             "dataset", "predicted_score", "measured_cv", "gate_log", "synthetic"}
+             "dataset", "predicted_score", "measured_cv", "gate_log", "synthetic", "routing_skew",
+             "measured_cv_step", "measured_cv_agg"}
+    cv_step, cv_agg = _num(_get(obj, "measured_cv_step")), _num(_get(obj, "measured_cv_agg"))
+    skew = _get(obj, "routing_skew")
     extra = {k: v for k, v in obj.items() if k in ("model_id", "date", "num_prompts", "label") or
              (isinstance(v, str) and k not in known and k not in m)}
     return RunResult(
@@ -135,7 +143,10 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
         max_num_batched_tokens=_int(_get(obj, "max_num_batched_tokens")),
         eplb=_bool(_get(obj, "eplb", "enable_eplb")), dataset=_get(obj, "dataset"),
         predicted_score=score if math.isfinite(score) else None, measured_cv=cv if math.isfinite(cv) else None,
-        gate_log=_get(obj, "gate_log"), synthetic=bool(_bool(_get(obj, "synthetic"))), path=path, extra=extra)
+        gate_log=_get(obj, "gate_log"), synthetic=bool(_bool(_get(obj, "synthetic"))), path=path, extra=extra,
+        routing_skew=None if skew is None else str(skew),
+        measured_cv_step=cv_step if math.isfinite(cv_step) else None,
+        measured_cv_agg=cv_agg if math.isfinite(cv_agg) else None)
 
 
 def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,

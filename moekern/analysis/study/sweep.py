@@ -191,11 +191,12 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
     return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps}
 
 
-def grid_point_name(prefix: str, concurrency: int, dataset, rep: int) -> str:
-    """The file stem of one bench of a bench grid: `{prefix}_c{concurrency}_d{dataset stem|random}_r{rep}`
-    (`moekern e2e` writes it, the sweep expects it)."""
+def grid_point_name(prefix: str, concurrency: int, dataset, rep: int, skew: str | None = None) -> str:
+    """The file stem of one bench of a bench grid: `{prefix}[_k{skew name}]_c{concurrency}_d{dataset
+    stem|random}_r{rep}` (`moekern e2e` writes it, the sweep expects it)."""
     d = _slug(dataset) if dataset else "random"
-    return f"{prefix}_c{int(concurrency)}_d{d}_r{int(rep)}"
+    k = f"_k{skew}" if skew else ""
+    return f"{prefix}{k}_c{int(concurrency)}_d{d}_r{int(rep)}"
 
 
 @dataclass(frozen=True)
