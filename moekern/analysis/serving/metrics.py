@@ -154,13 +154,17 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
     """Every bench result JSON under `results_dir` (recursively; files without any serving metric, e.g.
     metadata.json, are ignored). With `attach_cv`, a run whose `gate_log` path exists (relative to its JSON
     file or the results dir) and has no measured_cv gets the overall per-step CV of its gate logs (the
-    study's headline number), computed with the `max_tokens` warm-up filter. Returns (runs, skipped [(path, reason)])."""
+    study's headline number), computed with the `max_tokens` warm-up filter. A `moekern sweep` output folder
+    (sweep_status.jsonl beside runs/) is read from runs/ only. Returns (runs, skipped [(path, reason)])."""
     root = Path(results_dir)
     if not root.is_dir():
         raise UsageError(f"results_dir={str(root)!r} is not a directory")
     runs, skipped = [], []
     logs: dict = {}  # each gate log parsed once: a server's grid shares one log among all its benches
-    for f in sorted(root.rglob("*.json")):
+    # A `moekern sweep` output folder: its results are runs/; work/ holds each runner's raw bench JSON again
+    # (without the "moekern" block), which would count every bench twice.
+    src = root / "runs" if (root / "sweep_status.jsonl").is_file() and (root / "runs").is_dir() else root
+    for f in sorted(src.rglob("*.json")):
         if "gate_logs" in f.parts or f.name.endswith(".failed.json"):
             continue
         try:
