@@ -428,3 +428,22 @@ def test_serve_grid_with_skews_one_server_cards_and_both_cvs(tmp_path, monkeypat
     n = len(state["cmds"])
     assert run_serve_grid_arm(args, "vllm", out, deadline=time.time() + 3600)["already_done"] == 2
     assert len(state["cmds"]) == n
+
+
+def test_runner_stops_its_servers_on_sigterm(tmp_path):
+    """moekern e2e turns SIGTERM (a sweep's timeout, `timeout` around a device stage) into SystemExit, so the
+    `finally` that stops a server started in its own session runs."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "r.py"
+    script.write_text("import time\nfrom moekern.e2e.cli import stop_on_sigterm\nstop_on_sigterm()\n"
+                      "try:\n    print('serving', flush=True)\n    time.sleep(30)\n"
+                      "finally:\n    print('server stopped', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "serving"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert out.strip() == "server stopped" and proc.returncode == 128 + signal.SIGTERM
