@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +33,9 @@ def environment_info(run=subprocess.run) -> dict:
         try:
             versions[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            versions[key] = None
+            # a package put on sys.path without its metadata (the GPU machine's staged vLLM): its __version__
+            # when this process imported it already (the runner imports torch and vLLM for its own record)
+            versions[key] = getattr(sys.modules.get(key), "__version__", None)
     gpu = None
     try:
         if run is subprocess.run and shutil.which("nvidia-smi") is None:
@@ -43,6 +46,12 @@ def environment_info(run=subprocess.run) -> dict:
         gpu = "; ".join(lines) if out.returncode == 0 and lines else None
     except (OSError, subprocess.SubprocessError):
         gpu = None
+    torch = sys.modules.get("torch")
+    if gpu is None and torch is not None:
+        try:
+            gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # a broken CUDA setup must not cost the bench its card
+            gpu = None
     return {"gpu": gpu, "versions": versions, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

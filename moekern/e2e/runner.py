@@ -138,7 +138,8 @@ def run(args) -> int:
             [(arm, None) for arm in arms]
         per_round: dict[str, list] = {}
         for arm, round_no in order:
-            if arm.startswith("moekern") and ep is None:
+            if (arm.startswith("moekern") or getattr(args, "skews", None)) and ep is None:
+                # --skews needs the plugin in every arm: it applies and switches the skew
                 results[mode][arm] = {"skipped": "moekern's vllm.general_plugins entry point is not installed "
                                                  "(pip install --no-build-isolation -e .)"}
                 continue
