@@ -198,6 +198,23 @@ def test_imbalance_grid_spec_renders_real_commands(capsys):
     assert "48 points, 0 done" in out and out.count("--budget-s 450") == 48
 
 
+def test_imbalance_grid_real_spec_renders_checkpoint_commands(dataset):
+    """analysis/specs/imbalance_grid_real.yaml: the same grid on a real checkpoint, datasets per bench, no skew."""
+    from moekern.analysis.study.sweep import load_spec, plan
+
+    spec = load_spec(REPO / "analysis" / "specs" / "imbalance_grid_real.yaml")
+    assert spec.datasets["num"] == 50 and spec.bench_grid["skews"] is None
+    spec.bench_grid["dataset"] = [str(dataset)]  # the generated datasets are absent here
+    points = plan(spec)
+    assert len(points) == 48
+    for p in (points[0], points[-1]):
+        args = ready_args([a.replace("__budget_left_s__", "400") for a in p.command[3:]])
+        args.model_dir = Path(p.command[p.command.index("--model-dir") + 1])
+        kw = engine_kwargs(args, p.params["backend"])
+        assert kw["load_format"] == "auto" and kw["model"] == "/models/Mixtral-8x7B-v0.1"
+        assert args.skews is None and args.dummy_router_seed is None and args.datasets == [dataset]
+
+
 def test_sweep_keeps_runner_metadata(tmp_path):
     """A runner's own 'moekern' block (moekern e2e --result) survives the sweep's annotation, which adds only
     the keys it lacks."""
