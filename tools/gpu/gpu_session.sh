@@ -27,7 +27,7 @@
 #   bash tools/gpu/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
 #   bash tools/gpu/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
 #   bash tools/gpu/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
-#   bash tools/gpu/gpu_session.sh knob-grid    # issue 31's imbalance grid, resumable: as many servers as fit (~9 min)
+#   bash tools/gpu/gpu_session.sh knob-grid    # issue 31's imbalance grid, resumable: as many servers as fit (~8.5 min)
 # Several stages run in order in one call: `bash tools/gpu/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash tools/gpu/flashinfer_aot.sh, hours on 2 cores, resumable)
@@ -417,7 +417,7 @@ run_stage() {
   knob-grid)
     # Issue 31's grid (analysis/specs/imbalance_grid.yaml): 48 servers (4 max_num_seqs x 4 max_num_batched_tokens x
     # 3 backends), each running 3 routing skews as benches; ~2 min per server, ~95 min in all over ~12 calls.
-    # Each call runs the servers that fit in KNOB_GRID_BUDGET_S (default 510 s, counted from this stage's start,
+    # Each call runs the servers that fit in KNOB_GRID_BUDGET_S (default 450 s, counted from this stage's start,
     # so build and preflight come out of it) and stops cleanly: `moekern sweep --budget-s` starts no server with
     # less than the spec's min_point_s left and hands each server the seconds left (its own --budget-s), and
     # `timeout` only backs that up (its SIGTERM makes moekern e2e stop its server before it exits). Results accumulate in results/imbalance_grid (the spec's out_dir, git-ignored)
@@ -428,7 +428,7 @@ run_stage() {
     # everything is already there. Finished benches are skipped, a server whose benches all exist is not started.
     # KNOB_GRID_BACKENDS (default vllm,moekern, plus flashinfer when FlashInfer's CUTLASS MoE module is installed
     # ahead of time or built by fi-warmup) limits the backends; PREFLIGHT=0 skips the hook check.
-    local t0=$SECONDS budget=${KNOB_GRID_BUDGET_S:-510}
+    local t0=$SECONDS budget=${KNOB_GRID_BUDGET_S:-450}
     versions; build
     local backends=${KNOB_GRID_BACKENDS:-}
     if [ -z "$backends" ]; then
@@ -446,7 +446,8 @@ run_stage() {
     local left=$(( budget - (SECONDS - t0) ))
     if [ "$left" -lt 200 ]; then echo "knob-grid: ${left} s left after build/preflight; nothing started"; return 0; fi
     echo "knob-grid: backends $backends, ${left} s of budget"
-    timeout -k 90 $(( left + 240 )) python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --no-progress \
+    # a server overruns its budget by its stop (<= 30 s): the backstop stays inside a 600 s device call
+    timeout -k 20 $(( left + 60 )) python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --no-progress \
       --budget-s "$left" --only "backend=$backends" 2>&1 | tee "$OUT/knob_grid.log" | tail -20
     python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --dry-run 2>/dev/null | head -1
     mkdir -p "$OUT/knob_grid"
