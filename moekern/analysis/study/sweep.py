@@ -482,7 +482,7 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out
         log = spec.out_dir / "logs" / f"{p.run_id}.log"
         # the runner stops itself by {budget_left_s}; this timeout only catches a hung one
         timeout = spec.timeout_s if left is None else min(spec.timeout_s or math.inf, left + 120.0)
-        if bar is None and progress:
+        if bar is None:  # no tqdm bar (--no-progress, or a log file): one line per point
             print(f"sweep {spec.name!r}: [{summary['skipped'] + i + 1}/{len(points)}] {p.run_id}"
                   + (f" ({left:.0f} s of budget left)" if left is not None else ""), file=out, flush=True)
         try:
