@@ -344,7 +344,8 @@ def test_child_switches_once_per_skew_block_and_fails_points_of_a_failed_switch(
     assert ran == ["p0", "p1", "p3", "p4"]
     prog = read_progress(tmp_path / "progress.jsonl")
     assert prog["p2"]["rc"] == 1 and "skew switch to 'zipf:bad' failed: RuntimeError: no such skew" in prog["p2"]["error"]
-    assert prog["p0"]["skew_in_force"] == "uniform!" and "skew_in_force" not in prog["p1"]
+    assert prog["p0"]["skew_in_force"] == prog["p1"]["skew_in_force"] == "uniform!"
+    assert "skew_switch_s" in prog["p0"] and "skew_switch_s" not in prog["p1"]  # one switch per block
     assert prog["p1"]["skew"] == "uniform" and prog["p4"]["skew"] == "hot:0:0.5"
 
 

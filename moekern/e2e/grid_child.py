@@ -28,6 +28,7 @@ def child_bench_grid(spec_path: str, bench=None, switch=None) -> int:
         if bench is None:
             return 3
     switch = switch or switch_skew
+    in_force = None
     skew_now = None  # the server starts with the first skew, but it is switched to explicitly: checked early
     fd = spec.get("marker_fd")
 
@@ -46,10 +47,10 @@ def child_bench_grid(spec_path: str, bench=None, switch=None) -> int:
             if pt.get("skew") is not None and pt["skew"] != skew_now:
                 t0 = time.time()
                 try:
-                    row["skew_in_force"] = switch(spec["rpc_url"], pt["skew"])
+                    in_force = switch(spec["rpc_url"], pt["skew"])
                     skew_now = pt["skew"]
                     row["skew_switch_s"] = round(time.time() - t0, 3)
-                    print(f"skew -> {pt['skew']} ({row['skew_in_force']}) in {row['skew_switch_s']} s", flush=True)
+                    print(f"skew -> {pt['skew']} ({in_force}) in {row['skew_switch_s']} s", flush=True)
                 except Exception as exc:
                     skew_now = None
                     err = f"skew switch to {pt['skew']!r} failed: {type(exc).__name__}: {exc}"[:2000]
@@ -59,7 +60,7 @@ def child_bench_grid(spec_path: str, bench=None, switch=None) -> int:
                     prog.flush()
                     continue
             if pt.get("skew") is not None:
-                row["skew"] = skew_now
+                row.update(skew=skew_now, skew_in_force=in_force)  # what the workers reported at the switch
             mark(f"{GRID_POINT_START} {pt['name']}")
             t0 = time.time()
             try:
