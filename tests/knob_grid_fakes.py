@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from e2e_fakes import FakeProc, fake_server, flag_value, ready_args
+from e2e_fakes import JIT_MOE_VERBOSE, FakeProc, fake_server, flag_value, log_text, ready_args
 
 from moekern.e2e.grid import run_serve_grid_arm
 from moekern.e2e.grid_child import child_bench_grid
@@ -30,9 +30,10 @@ def throughput(seqs: int, backend: str, skew: str) -> float:
 
 
 def make_knob_grid_folder(root: Path, monkeypatch, seqs=(8, 32), tokens=(2048, 8192), backends=("vllm", "moekern"),
-                          outlier: str | None = None, seed: int = 0) -> Path:
+                          outlier: str | None = None, unsteady: str | None = None, seed: int = 0) -> Path:
     """Run the serve grid once per (max_num_seqs, max_num_batched_tokens, backend) into `root` with fakes.
-    `outlier`: the run_id stem (without .json) of one bench whose throughput is multiplied by 5."""
+    `outlier`: the run_id stem (without .json) of one bench whose throughput is multiplied by 5; `unsteady`: one
+    whose server logs a JIT compile while it is measured (its result says steady_state false)."""
     rng = np.random.default_rng(seed)
     state = {}
 
@@ -53,6 +54,9 @@ def make_knob_grid_folder(root: Path, monkeypatch, seqs=(8, 32), tokens=(2048, 8
         thr = throughput(state["seqs"], state["backend"], skew) * (1 + 0.01 * rng.standard_normal())
         if outlier is not None and name == f"{outlier}.bench.json":
             thr *= 5
+        if unsteady is not None and name == f"{unsteady}.bench.json":
+            state["log"].write(log_text(JIT_MOE_VERBOSE))
+            state["log"].flush()
         Path(flag_value(argv, "--result-dir"), name).write_text(json.dumps({
             "duration": 64 * 128 / thr, "completed": 64, "failed": 0, "total_input_tokens": 65536,
             "total_output_tokens": 8192, "output_throughput": thr, "request_throughput": thr / 128,
@@ -63,7 +67,7 @@ def make_knob_grid_folder(root: Path, monkeypatch, seqs=(8, 32), tokens=(2048, 8
 
     def popen(cmd, stdout, **kw):
         if cmd[:2] == ["vllm", "serve"]:
-            state.update(env=kw["env"], steps=0, skew=kw["env"]["MOEKERN_ROUTING_SKEW"])
+            state.update(env=kw["env"], steps=0, skew=kw["env"]["MOEKERN_ROUTING_SKEW"], log=stdout)
             Path(kw["env"]["MOEKERN_GATE_LOG_DIR"]).mkdir(parents=True)
             return FakeProc(rc=None)
         if "moekern.e2e.grid_child" in cmd:

@@ -17,7 +17,8 @@ def grid_folder(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
         root = tmp_path_factory.mktemp("knob_grid")
-        make_knob_grid_folder(root, mp, outlier="s8_b2048_moekern_khot_c64_drandom_r0")
+        make_knob_grid_folder(root, mp, outlier="s8_b2048_moekern_khot_c64_drandom_r0",
+                              unsteady="s32_b8192_vllm_kuniform_c64_drandom_r0")
     finally:
         mp.undo()
     return root
@@ -58,6 +59,7 @@ def test_knob_grid_table_median_per_cell_and_iqr_outlier_left_out(grid_folder):
     assert t.loc[32, 8192] == pytest.approx(want, rel=0.03)
     t, n_out = knob_grid_table(df, "output_throughput", "vllm")
     assert n_out == 0 and t.loc[32, 2048] > t.loc[8, 2048]
+    assert df.steady_state.tolist().count(False) == 1  # the bench that compiled while measured
 
 
 def test_cv_by_skew_table_spans_the_skews(grid_folder):
@@ -71,9 +73,10 @@ def test_cv_by_skew_table_spans_the_skews(grid_folder):
 
 
 def test_anova_names_knobs_skew_and_backend(grid_folder):
-    from moekern.analysis.study.factorial import FACTORS, anova_all
+    from moekern.analysis.study.factorial import FACTORS, anova_all, steady_rows
 
-    df = _df(grid_folder)
+    df, unsteady = steady_rows(_df(grid_folder))
+    assert unsteady == ["s32_b8192_vllm_kuniform_c64_drandom_r0"]
     from moekern.analysis.stats import iqr_mask
 
     keep = iqr_mask(df.output_throughput.to_numpy(float))
@@ -105,6 +108,9 @@ def test_report_builds_the_knob_grid_sections(grid_folder, tmp_path):
     assert knob.count("<img") == 3  # TTFT, TPOT, throughput
     anova = text.split("<h2>ANOVA")[1].split("<h2>")[0]
     assert "C(routing_skew)" in anova and "C(max_num_batched_tokens)" in anova
+    assert "(n=23)" in anova and "1 run(s) with steady_state false left out" in anova
+    assert "knob-grid sections: 1 run(s) left out, JIT-compiled while measured (steady_state false): " \
+           "s32_b8192_vllm_kuniform_c64_drandom_r0" in text
 
 
 def test_report_without_knobs_or_skews_adds_no_knob_sections(tmp_path):

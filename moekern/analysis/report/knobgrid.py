@@ -10,7 +10,8 @@ max-num-batched-tokens x routing skew x MoE backend needs beyond the general rep
 - a table of the measured CV per skew and backend (median, min, max), the range the skew factor reached.
 
 A folder gets these sections when its runs record both knobs with >= 2 values each (heatmaps) or a measured
-CV of either method (scatters, table). The ANOVA (report/study.py) takes routing_skew as a factor beside the
+CV of either method (scatters, table). Runs whose result says `steady_state: false` (kernels JIT-compiled while
+measured) are left out of them, and named in a note. The ANOVA (report/study.py) takes routing_skew as a factor beside the
 knobs and the backend.
 """
 
@@ -92,6 +93,12 @@ def cv_by_skew_table(df) -> tuple[list[str], list[list[str]]] | None:
 def add_knob_grid_sections(rep, df, backends: list[str], metrics, scatter) -> None:
     """Append the sections of the module docstring to `rep` (an analysis.report.Report); `metrics` the
     report's (column, label) pairs, `scatter(df, x, label) -> PNG` its IQR-filtered scatter."""
+    from moekern.analysis.study.factorial import steady_rows
+
+    df, unsteady = steady_rows(df)
+    if unsteady:
+        rep.notes.append(f"knob-grid sections: {len(unsteady)} run(s) left out, JIT-compiled while measured "
+                         f"(steady_state false): {', '.join(unsteady[:6])}{' ...' if len(unsteady) > 6 else ''}")
     if all(k in df for k in KNOBS) and all(df[k].dropna().nunique() >= 2 for k in KNOBS):
         rep.sections.append(("Knob grid per backend (max-num-seqs x max-num-batched-tokens)",
                              [("img", knob_heatmap(df, m, label, backends)) for m, label in metrics

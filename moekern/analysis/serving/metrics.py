@@ -63,6 +63,7 @@ class RunResult:
     routing_skew: str | None = None  # the serve grid's skew name (moekern e2e --skews)
     measured_cv_step: float | None = None  # the prior study's per-step CV of the bench's gate-log window
     measured_cv_agg: float | None = None  # ... and its aggregated CV (moekern.e2e.cards.window_cv)
+    steady_state: bool | None = None  # False: kernels JIT-compiled while it was measured (moekern e2e)
     path: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -132,7 +133,7 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
     cv = _num(_get(obj, "measured_cv"))
     known = {"moe_backend", "kernel_backend", "max_num_seqs", "max_num_batched_tokens", "eplb", "enable_eplb",
              "dataset", "predicted_score", "measured_cv", "gate_log", "synthetic", "routing_skew",
-             "measured_cv_step", "measured_cv_agg"}
+             "measured_cv_step", "measured_cv_agg", "steady_state"}
     cv_step, cv_agg = _num(_get(obj, "measured_cv_step")), _num(_get(obj, "measured_cv_agg"))
     skew = _get(obj, "routing_skew")
     extra = {k: v for k, v in obj.items() if k in ("model_id", "date", "num_prompts", "label") or
@@ -146,7 +147,8 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
         gate_log=_get(obj, "gate_log"), synthetic=bool(_bool(_get(obj, "synthetic"))), path=path, extra=extra,
         routing_skew=None if skew is None else str(skew),
         measured_cv_step=cv_step if math.isfinite(cv_step) else None,
-        measured_cv_agg=cv_agg if math.isfinite(cv_agg) else None)
+        measured_cv_agg=cv_agg if math.isfinite(cv_agg) else None,
+        steady_state=_bool(_get(obj, "steady_state")))
 
 
 def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
