@@ -127,3 +127,41 @@ def test_report_without_knobs_or_skews_adds_no_knob_sections(tmp_path):
     heads = [h for h, _ in rep.sections]
     assert not any(h.startswith(("Knob grid", "Measured imbalance per routing skew")) for h in heads)
     assert not any("measured CV" in h for h in heads) and not math.isnan(len(heads))
+
+
+def test_first_half_estimates_the_full_grids_main_effects(tmp_path, monkeypatch):
+    """The half the imbalance spec runs first (half_first) is a balanced half fraction of the 4 x 4 knob grid:
+    the ANOVA finds the same main effects in it as in the full grid, and each knob level's mean throughput
+    agrees with the full grid's. A checkerboard half could not: one contrast of each knob aliased."""
+    from moekern.analysis.serving.metrics import load_runs, runs_dataframe
+    from moekern.analysis.study.factorial import fit_anova
+    from moekern.analysis.study.sweep import SweepSpec, in_first_half
+
+    seqs, tokens = (8, 16, 32, 64), (2048, 4096, 8192, 16384)
+    make_knob_grid_folder(tmp_path, monkeypatch, seqs=seqs, tokens=tokens)
+    full = runs_dataframe(load_runs(tmp_path)[0])
+    assert len(full) == 16 * 2 * 3
+    spec = SweepSpec("g", tmp_path, "", {"max_num_seqs": list(seqs), "max_num_batched_tokens": list(tokens)},
+                     half_first=["max_num_seqs", "max_num_batched_tokens"])
+    first = full.apply(lambda r: in_first_half(spec, {"max_num_seqs": r.max_num_seqs,
+                                                      "max_num_batched_tokens": r.max_num_batched_tokens}), axis=1)
+    half = full[first]
+    checker = full[(full.max_num_seqs.map(seqs.index) + full.max_num_batched_tokens.map(tokens.index)) % 2 == 0]
+    with pytest.raises(ValueError, match="too few for main effects"):
+        fit_anova(checker, ["max_num_seqs", "max_num_batched_tokens"], "output_throughput", interactions=1)
+    assert len(half) == 48 and half.groupby("max_num_seqs").max_num_batched_tokens.nunique().eq(2).all()
+    factors = ["moe_backend", "max_num_seqs", "max_num_batched_tokens", "routing_skew"]
+    # the synthetic effects multiply: on the log scale they add, as the main-effects model assumes
+    full = full.assign(log_thr=np.log(full.output_throughput), log_ttft=np.log(full.mean_ttft_ms))
+    half = full[first]
+    for response, strong, none in (("log_thr", ("max_num_seqs", "routing_skew", "moe_backend"),
+                                    "max_num_batched_tokens"),
+                                   ("log_ttft", ("max_num_batched_tokens",), "max_num_seqs")):
+        p_full = fit_anova(full, factors, response, interactions=1).table["PR(>F)"]
+        p_half = fit_anova(half, factors, response, interactions=1).table["PR(>F)"]
+        for f in strong:
+            assert p_full[f] < 1e-6 and p_half[f] < 1e-6, (response, f)
+        assert p_full[none] > 1e-3 and p_half[none] > 1e-3, (response, none)  # no such effect was built in
+    m_full = full.groupby("max_num_seqs").output_throughput.mean()
+    m_half = half.groupby("max_num_seqs").output_throughput.mean()
+    assert (abs(m_half / m_full - 1) < 0.03).all()

@@ -72,3 +72,12 @@ def test_bench_grid_skews_render_as_runner_flags(tmp_path, capsys):
     (p,) = plan(load_spec(spec))
     assert p.command[p.command.index("--skews") + 1] == "u=uniform,h=hot:0:0.5"
     assert [f.name for f in p.expected] == ["vllm_ku_c8_drandom_r0.json", "vllm_kh_c8_drandom_r0.json"]
+
+
+@pytest.mark.parametrize("half", ["[a]", "[a, a]", "[a, c]", "[a, dataset]", "[a, b2]"])
+def test_half_first_is_checked(tmp_path, half):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("command: echo {a}\ngrid: {a: [1, 2, 3], b: [4, 5, 6], b2: [1, 2], dataset: [x, y, z]}\n"
+                    f"half_first: {half}\n")
+    with pytest.raises(ValueError, match=r"half_first must name two grid keys \(not dataset\) of >= 3 levels"):
+        load_spec(spec)

@@ -184,6 +184,9 @@ def test_imbalance_grid_spec_renders_real_commands(capsys):
     assert len(points) == 48 and sum(len(p.expected) for p in points) == 144
     assert [p.params["backend"] for p in points[:3]] == ["vllm", "moekern", "flashinfer"]
     assert {p.params["max_num_seqs"] for p in points[:3]} == {8}
+    first = {(p.params["max_num_seqs"], p.params["max_num_batched_tokens"]) for p in points[:24]}
+    assert first == {(8, 2048), (8, 4096), (16, 4096), (16, 8192), (32, 8192), (32, 16384), (64, 16384),
+                     (64, 2048)}  # half_first: level i of max_num_seqs with levels i, i+1 (mod 4) of the other
     for p in points[::5] + [points[-1]]:
         args = ready_args([a.replace("__budget_left_s__", "400") for a in p.command[3:]])
         kw = engine_kwargs(args, p.params["backend"])

@@ -62,6 +62,13 @@ Time budget (`run_sweep(budget_s=...)`, `moekern sweep --budget-s S`): a point s
 {budget_left_s} is the budget left when the point starts, for the runner's own --budget-s, so a runner stops
 its server cleanly at the deadline instead of being killed with it; points left over stay for the next
 invocation (resume). `only` (`--only KEY=V1,V2`) runs a subset of a grid key's values.
+
+Half first (`half_first: [KEY_A, KEY_B]`, >= 3 levels each): the points of `in_first_half` (level i of A
+with the ceil(n_B / 2) levels i, i+1, ... of B, cyclically) run before the others, each half in grid order. A
+run stopped after the first half is then a balanced half fraction: every level of A meets half the levels of B
+and every level of B half of A's, the other factors fully crossed, and the A-B pairs chain all levels together
+(a checkerboard would not: it splits into two blocks and aliases one contrast of A with one of B), so every
+main effect stays estimable; the A x B interaction is partly aliased. The second half completes the grid.
 """
 
 from __future__ import annotations
@@ -107,6 +114,7 @@ class SweepSpec:
     collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
     bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n, "skews": {...}}
     min_point_s: float = 180.0  # with a time budget: the least time left in which a point is started
+    half_first: list | None = None  # [KEY_A, KEY_B]: a connected half of their grid runs first
     datasets: dict | None = None  # {"out": Path, "num": n, "seed": s, "prompts": p}: generated when missing
 
 
@@ -138,7 +146,17 @@ def load_spec(path) -> SweepSpec:
                      timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"),
                      bench_grid=check_bench_grid(raw.get("bench_grid"), grid),
                      datasets=_check_datasets(raw.get("datasets"), base),
-                     min_point_s=_positive(raw.get("min_point_s", 180.0), "min_point_s"))
+                     min_point_s=_positive(raw.get("min_point_s", 180.0), "min_point_s"),
+                     half_first=_check_half_first(raw.get("half_first"), grid))
+
+
+def _check_half_first(keys, grid: dict) -> list | None:
+    if keys is None:
+        return None
+    if (not isinstance(keys, list) or len(keys) != 2 or len(set(map(str, keys))) != 2
+            or not all(k in grid and k != "dataset" and len(grid[k]) >= 3 for k in keys)):
+        raise UsageError(f"half_first must name two grid keys (not dataset) of >= 3 levels each; got {keys!r}")
+    return [str(k) for k in keys]
 
 
 def _positive(v, name: str) -> float:
@@ -348,7 +366,18 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
             raise UsageError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
         done = all(f.exists() for f in expected) if expected else result.exists()
         points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
+    if spec.half_first:
+        a, b = spec.half_first
+
+        points.sort(key=lambda p: not in_first_half(spec, p.params))  # stable: grid order within each half
     return points
+
+
+def in_first_half(spec: SweepSpec, params: dict) -> bool:
+    """Whether a point (grid params) is in the half `half_first` runs first (module docstring)."""
+    a, b = spec.half_first
+    n_b = len(spec.grid[b])
+    return (spec.grid[b].index(params[b]) - spec.grid[a].index(params[a])) % n_b < (n_b + 1) // 2
 
 
 def predicted_score_from_name(path) -> float | None:
