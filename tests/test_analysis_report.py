@@ -65,11 +65,11 @@ def test_sweep_plan_dry_run_and_resume(tmp_path, capsys):
     assert not (spec.out_dir / "runs").exists()  # dry run touches nothing
 
     s = run_sweep(spec, progress=False)
-    assert s == {"planned": 8, "skipped": 0, "ran": 8, "failed": 0}
+    assert s == {"planned": 8, "skipped": 0, "ran": 8, "failed": 0, "left": 0}
     obj = json.loads((spec.out_dir / "runs" / f"{p0.run_id}.json").read_text())
     assert obj["moekern"]["moe_backend"] == "moekern" and obj["moekern"]["max_num_seqs"] == 8
     assert obj["moekern"]["predicted_score"] == pytest.approx(0.2) and obj["moekern"]["eplb"] is False
-    assert run_sweep(spec, progress=False) == {"planned": 8, "skipped": 8, "ran": 0, "failed": 0}  # resume
+    assert run_sweep(spec, progress=False) == {"planned": 8, "skipped": 8, "ran": 0, "failed": 0, "left": 0}  # resume
 
     # the results feed load_runs: CV attached from each run's gate log
     from moekern.analysis.imbalance.metrics import cv
@@ -86,6 +86,51 @@ def test_sweep_failures_are_retried(tmp_path):
     status = [json.loads(l) for l in (spec.out_dir / "sweep_status.jsonl").read_text().splitlines()]
     assert sum(not x["ok"] for x in status) == 4 and "exit code 3" in status[-1]["reason"]
     assert run_sweep(spec, progress=False)["skipped"] == 4  # failed points run again
+
+
+def test_sweep_budget_stops_before_a_point_that_cannot_fit_and_only_selects(tmp_path, capsys):
+    """--budget-s: no point starts with less than min_point_s left (they stay for the next invocation);
+    {budget_left_s} reaches the command; --only runs a subset of one grid key's values."""
+    from moekern.analysis.study.sweep import parse_only
+
+    p = _spec(tmp_path, [8, 16])
+    p.write_text(p.read_text().replace("{eplb_flag}", "{eplb_flag} --left {budget_left_s}")
+                 + "min_point_s: 1000\n")
+    spec = load_spec(p)
+    s = run_sweep(spec, progress=False, budget_s=500)
+    assert s == {"planned": 8, "skipped": 0, "ran": 0, "failed": 0, "left": 8}
+    assert "under min_point_s 1000: stopping; 8 point(s) left" in capsys.readouterr().out
+    spec.min_point_s = 1.0
+    s = run_sweep(spec, progress=False, budget_s=500, only=parse_only(["max_num_seqs=16", "eplb=False"]))
+    assert s["planned"] == 2 and s["ran"] == 2 and s["left"] == 0
+    assert sorted(f.stem for f in (spec.out_dir / "runs").glob("*.json")) == \
+        ["moekern_s16_eplb0_d000_0.2000", "moekern_s16_eplb0_d001_0.7000"]
+    run_sweep(spec, dry_run=True, budget_s=321)
+    assert "--left 321" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--only backend=vllm: 'vllm' is not among \\['moekern'\\]"):
+        run_sweep(spec, only=parse_only(["backend=vllm"]), dry_run=True)
+    with pytest.raises(ValueError, match="'tp' is no grid key"):
+        run_sweep(spec, only=parse_only(["tp=2"]), dry_run=True)
+    with pytest.raises(ValueError, match="must be KEY=V1"):
+        parse_only(["backend"])
+    with pytest.raises(ValueError, match="budget_s=0 must be > 0"):
+        run_sweep(spec, budget_s=0)
+
+
+def test_sweep_point_past_its_timeout_gets_sigterm_first(tmp_path):
+    """A point past its timeout is asked to stop (SIGTERM: moekern e2e then stops its servers) before it is
+    killed; the sweep records the timeout and moves on."""
+    import subprocess
+
+    from moekern.analysis.study.sweep import run_point
+
+    script = tmp_path / "slow.py"
+    script.write_text("import signal, sys, time\n"
+                      "signal.signal(signal.SIGTERM, lambda s, f: (print('stopping servers', flush=True), sys.exit(143)))\n"
+                      "print('started', flush=True)\ntime.sleep(30)\n")
+    with open(tmp_path / "log", "w") as fh, pytest.raises(subprocess.TimeoutExpired):
+        run_point([sys.executable, str(script)], fh, tmp_path, timeout=1.5)
+    assert (tmp_path / "log").read_text().split() == ["started", "stopping", "servers"]
 
 
 def test_sweep_bad_template(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,3 +48,36 @@ def test_datasets_key_is_checked_and_optional(tmp_path):
     (tmp_path / "typo.yaml").write_text(base + "datasets: {out: d, count: 3}\n")
     with pytest.raises(ValueError, match=r"\['count'\] unknown"):
         load_spec(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("skews, match", [
+    ("{hot: 'hot:0:1.5'}", "bench_grid.skews.hot='hot:0:1.5': hot fraction must be in (0, 1)"),
+    ("{'a b': uniform}", "bench_grid.skews name 'a b' must be letters"),
+    ("[uniform]", "bench_grid.skews must map names to skews"),
+])
+def test_bench_grid_skews_are_checked(tmp_path, skews, match):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("command: echo {bench_grid}\ngrid: {backend: [vllm]}\n"
+                    f"bench_grid: {{concurrency: [8], skews: {skews}}}\n")
+    with pytest.raises(ValueError, match=re.escape(match)):
+        load_spec(spec)
+
+
+def test_bench_grid_skews_render_as_runner_flags(tmp_path, capsys):
+    from moekern.analysis.study.sweep import plan
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("command: echo {bench_grid}\ngrid: {backend: [vllm]}\n"
+                    "bench_grid: {concurrency: [8], skews: {u: uniform, h: 'hot:0:0.5'}}\n")
+    (p,) = plan(load_spec(spec))
+    assert p.command[p.command.index("--skews") + 1] == "u=uniform,h=hot:0:0.5"
+    assert [f.name for f in p.expected] == ["vllm_ku_c8_drandom_r0.json", "vllm_kh_c8_drandom_r0.json"]
+
+
+@pytest.mark.parametrize("half", ["[a]", "[a, a]", "[a, c]", "[a, dataset]", "[a, b2]"])
+def test_half_first_is_checked(tmp_path, half):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("command: echo {a}\ngrid: {a: [1, 2, 3], b: [4, 5, 6], b2: [1, 2], dataset: [x, y, z]}\n"
+                    f"half_first: {half}\n")
+    with pytest.raises(ValueError, match=r"half_first must name two grid keys \(not dataset\) of >= 3 levels"):
+        load_spec(spec)

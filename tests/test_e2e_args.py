@@ -14,7 +14,7 @@ from moekern.e2e import cli
 from moekern.e2e.args import parse_args
 from moekern.e2e.arms import (CAPTURE_SIZES, arm_env, bench_command, capture_sizes, engine_kwargs, gate_log_dir,
                               serve_command)
-from moekern.e2e.grid import grid_prefix
+from moekern.e2e.grid import grid_points, grid_prefix
 from moekern.e2e.offline import offline_spec, read_dataset_prompts
 from moekern.e2e.plan import FULL, MIN_PASS_S, QUICK, Workload, offline_pass_s, plan_seconds, plan_text, serve_run_s
 from moekern.e2e.results import copy_moe_configs, write_result
@@ -172,6 +172,50 @@ def test_sweep_example_renders_the_real_command(dataset, capsys):
     assert f"[todo] {points[0].run_id}: python -m moekern.e2e --model" in out
     assert f"--result /nonexistent/sweep/runs/{points[0].run_id}.json" in out
     assert out.count("python -m moekern.e2e --model mixtral-8x7b-4l --mode serve --arms") == len(points)
+
+
+def test_imbalance_grid_spec_renders_real_commands(capsys):
+    """analysis/specs/imbalance_grid.yaml (issue 31): 48 servers, knob point outermost, each a `moekern e2e`
+    command with the point's knobs and backend, the three skews inside it, and 3 expected result files."""
+    from moekern.analysis.study.sweep import load_spec, plan, run_sweep
+
+    spec = load_spec(REPO / "analysis" / "specs" / "imbalance_grid.yaml")
+    points = plan(spec)
+    assert len(points) == 48 and sum(len(p.expected) for p in points) == 144
+    assert [p.params["backend"] for p in points[:3]] == ["vllm", "moekern", "flashinfer"]
+    assert {p.params["max_num_seqs"] for p in points[:3]} == {8}
+    first = {(p.params["max_num_seqs"], p.params["max_num_batched_tokens"]) for p in points[:24]}
+    assert first == {(8, 2048), (8, 4096), (16, 4096), (16, 8192), (32, 8192), (32, 16384), (64, 16384),
+                     (64, 2048)}  # half_first: level i of max_num_seqs with levels i, i+1 (mod 4) of the other
+    for p in points[::5] + [points[-1]]:
+        args = ready_args([a.replace("__budget_left_s__", "400") for a in p.command[3:]])
+        kw = engine_kwargs(args, p.params["backend"])
+        assert kw["max_num_seqs"] == p.params["max_num_seqs"] and kw["max_model_len"] == 4096
+        assert kw["max_num_batched_tokens"] == p.params["max_num_batched_tokens"]
+        assert args.skews == [("uniform", "uniform"), ("moderate", "hot:0:0.05"), ("hot", "hot:0:0.5")]
+        assert args.concurrency_grid == [64] and args.budget_s == 400 and args.dummy_router_seed == 0
+        assert sorted(pt["result"] for pt in grid_points(args, p.params["backend"])) == sorted(p.expected)
+    spec.out_dir = Path("/nonexistent/grid")
+    run_sweep(spec, dry_run=True, budget_s=450)
+    out = capsys.readouterr().out
+    assert "48 points, 0 done" in out and out.count("--budget-s 450") == 48
+
+
+def test_imbalance_grid_real_spec_renders_checkpoint_commands(dataset):
+    """analysis/specs/imbalance_grid_real.yaml: the same grid on a real checkpoint, datasets per bench, no skew."""
+    from moekern.analysis.study.sweep import load_spec, plan
+
+    spec = load_spec(REPO / "analysis" / "specs" / "imbalance_grid_real.yaml")
+    assert spec.datasets["num"] == 50 and spec.bench_grid["skews"] is None
+    spec.bench_grid["dataset"] = [str(dataset)]  # the generated datasets are absent here
+    points = plan(spec)
+    assert len(points) == 48
+    for p in (points[0], points[-1]):
+        args = ready_args([a.replace("__budget_left_s__", "400") for a in p.command[3:]])
+        args.model_dir = Path(p.command[p.command.index("--model-dir") + 1])
+        kw = engine_kwargs(args, p.params["backend"])
+        assert kw["load_format"] == "auto" and kw["model"] == "/models/Mixtral-8x7B-v0.1"
+        assert args.skews is None and args.dummy_router_seed is None and args.datasets == [dataset]
 
 
 def test_sweep_keeps_runner_metadata(tmp_path):

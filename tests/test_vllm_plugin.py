@@ -564,6 +564,76 @@ def test_off_mode_with_gate_log_and_skew_keeps_vllm_routing(tmp_path, fresh_hook
     assert all(r.phase == "unknown" or r.phase == "decode" for r in records)
 
 
+def test_routing_skew_switch_by_rpc_name_rewrites_the_bias_in_place(tmp_path, fresh_hooks):
+    """Worker.moekern_routing_skew(skew): the serve grid's skew switch. The device bias keeps its storage (CUDA
+    graphs replay reads it at its captured address) and the next step routes on the new skew's logits."""
+    env = {"MOEKERN_GATE_LOG_DIR": str(tmp_path), "MOEKERN_ROUTING_SKEW": "uniform"}
+    cfg, layers, worker = _fake_stack(tmp_path, env)
+    mod = ModuleType("fake_gpu_worker4")
+    mod.Worker = type(worker)
+    hooks._add_worker_rpc(mod)
+    worker.load_model()
+    sched = _sched(cached=[("a", 9)], num_sched={"a": 1})
+    sched.total_num_scheduled_tokens = 4
+    worker.execute_model(sched)
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(layers[0].router.calls[-1], logits)  # uniform: zero bias
+    ptrs = [h.bias.data_ptr() for h in fresh_hooks["layers"]]
+    assert worker.moekern_routing_skew() == {"skew": "uniform", "layers": 2, "biases_rewritten": 0}
+    assert worker.moekern_routing_skew("hot:3:0.9") == {"skew": "hot:3:0.9@1.0", "layers": 2,
+                                                        "biases_rewritten": 2}
+    assert [h.bias.data_ptr() for h in fresh_hooks["layers"]] == ptrs
+    worker.execute_model(sched)
+    hot = skew_bias(parse_skew("hot:3:0.9"), 8)
+    assert hot[3] > 2.0  # ln(0.9 * 7 / 0.1): a bias far above these logits' spread
+    for layer in layers:
+        torch.testing.assert_close(layer.router.calls[-1], logits + hot)
+    assert worker.moekern_routing_skew("zipf:1.0", "3")["skew"] == "zipf:1.0@1.0 (seed 3)"
+    assert fresh_hooks["recorder"].meta["skew"] == "zipf:1.0@1.0 (seed 3)"
+    with pytest.raises(ValueError, match="skew='hot:3:2.0'.*fraction"):
+        worker.moekern_routing_skew("hot:3:2.0")
+    with pytest.raises(ValueError, match="seed='x' must be an int"):
+        worker.moekern_routing_skew("uniform", "x")
+
+
+def test_routing_skew_switch_refuses_an_engine_started_without_skew(tmp_path, fresh_hooks):
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing"})
+    with pytest.raises(ValueError, match="started without MOEKERN_ROUTING_SKEW.*MOEKERN_ROUTING_SKEW=uniform"):
+        hooks.set_routing_skew(worker, "hot:0:0.5")
+    assert all(h.skew is None for h in fresh_hooks["layers"])
+
+
+def test_gate_log_switch_takes_the_dev_endpoints_string_args(tmp_path, fresh_hooks):
+    """vLLM serve's POST /collective_rpc forwards JSON args as they came (its docs ask for strings)."""
+    cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_GATE_LOG_DIR": str(tmp_path)})
+    worker.load_model()
+    assert hooks.gate_log_switch(worker, "false")["gate_log"] is False
+    assert hooks.gate_log_switch(worker, "1")["gate_log"] is True
+    with pytest.raises(ValueError, match="on='maybe' must be true or false"):
+        hooks.gate_log_switch(worker, "maybe")
+
+
+@pytest.mark.parametrize("spec, nominal, dummy", [
+    ("uniform", (0.0, 0.02), (0.0, 0.02)),
+    ("hot:0:0.05", (0.18, 0.26), (0.36, 0.40)),   # one cold expert: 7 of 8 share the load when it is overridden
+    ("hot:0:0.5", (0.74, 0.83), (1.11, 1.16)),    # the hot expert is every token's first choice
+    ("zipf:1.0", (0.62, 0.72), (1.70, 1.76)),     # overridden: a fixed top-2
+])
+def test_expected_load_cv_of_the_study_skews(spec, nominal, dummy):
+    """The aggregated CV each skew gives with E=8, top-2: nominal (router noise = beta) and dummy weights (the
+    bias overrides a router whose logits barely vary). Hard-override values: one cold expert
+    std([0, 1/7 x 7]) / (1/8) = 0.378; hot: loads [1, 1/7 x 7] -> 1.134; fixed top-2 [1, 1, 0 x 6] -> sqrt(3)."""
+    from moekern.vllm.config import expected_load_cv
+
+    sk = parse_skew(spec)
+    lo, hi = nominal
+    assert lo <= expected_load_cv(sk, 8, 2) <= hi
+    lo, hi = dummy
+    assert lo <= expected_load_cv(sk, 8, 2, noise_scale=1e-3) <= hi
+    with pytest.raises(ValueError, match="top_k=9 must be in"):
+        expected_load_cv(sk, 8, 9)
+
+
 def test_plugin_off_installs_nothing(fresh_hooks, monkeypatch):
     for k in [k for k in os.environ if k.startswith("MOEKERN_")]:
         monkeypatch.delenv(k)

@@ -103,6 +103,11 @@ def add_parser(sub) -> None:
     p.add_argument("spec", type=existing_file, help="sweep YAML spec (analysis/specs/sweep_example.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="start no point with less than the spec's min_point_s of S seconds left (the rest stays for "
+                        "the next invocation); {budget_left_s} in the command gets the seconds left")
+    p.add_argument("--only", action="append", metavar="KEY=V1,V2",
+                   help="run only the points whose grid KEY is one of these values (repeatable)")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="HTML/Markdown report of a results directory")
@@ -424,9 +429,10 @@ def _placement(args) -> int:
 
 
 def _sweep(args) -> int:
-    from moekern.analysis.study.sweep import load_spec, run_sweep
+    from moekern.analysis.study.sweep import load_spec, parse_only, run_sweep
 
-    summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress)
+    summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress,
+                        budget_s=args.budget_s, only=parse_only(args.only))
     if not args.dry_run:
         print(json.dumps(summary))
     return 1 if summary["failed"] else 0

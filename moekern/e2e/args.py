@@ -30,6 +30,32 @@ def _path_list(text: str) -> list[Path]:
     return vals
 
 
+def _skew_list(text: str) -> list[tuple[str, str]]:
+    """`NAME=SKEW,...` (SKEW in MOEKERN_ROUTING_SKEW's syntax) as [(name, skew)], each skew checked."""
+    import re
+
+    from moekern.vllm.config import parse_skew
+
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, eq, skew = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z0-9.+-]+", name) or not skew.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=SKEW items (NAME of letters, digits, '.', '+', '-'); "
+                                             f"got {item!r}")
+        try:
+            parse_skew(skew, name=name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        out.append((name, skew.strip()))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected NAME=SKEW[,NAME=SKEW...]; got {text!r}")
+    if len({n for n, _ in out}) != len(out):
+        raise argparse.ArgumentTypeError(f"skew names must differ; got {[n for n, _ in out]}")
+    return out
+
+
 DESCRIPTION = ("End-to-end A/B on vLLM 0.26 with dummy weights: vLLM's Triton MoE vs FlashInfer CUTLASS MoE vs "
                "moekern, offline (LLM.generate) and served (vllm serve + vllm bench serve)")
 
@@ -110,6 +136,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", type=_path_list, metavar="A.jsonl,B.jsonl",
                    help="serve grid: the datasets (`moekern datasets generate` files); default random tokens")
     p.add_argument("--grid-reps", type=int, default=1, help="serve grid: repetitions of every point (default 1)")
+    p.add_argument("--skews", type=_skew_list, metavar="NAME=SKEW,...",
+                   help="serve grid: routing skews run inside each server (e.g. uniform=uniform,hot=hot:0:0.5): it "
+                        "starts with the first, then the plugin re-draws its routers' skew between benches through "
+                        "vLLM's POST /collective_rpc (VLLM_SERVER_DEV_MODE=1), the gate log paused around each switch")
     p.add_argument("--grid-prefix", help="serve grid: result-name prefix (default ARM_sMAXNUMSEQS[...]; one arm only)")
     p.add_argument("--result-dir", type=Path, help="serve grid: where the per-bench result JSON files go")
     p.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate; run nothing")
@@ -191,7 +221,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
 
 
 def _check_grid_args(p, args, modes) -> None:
-    grid_only = [f for f in ("datasets", "grid_prefix", "result_dir") if getattr(args, f) is not None]
+    grid_only = [f for f in ("datasets", "grid_prefix", "result_dir", "skews") if getattr(args, f, None) is not None]
     if args.concurrency_grid is None:
         if grid_only or args.grid_reps != 1:
             p.error(f"--{(grid_only or ['grid_reps'])[0].replace('_', '-')} belongs to a serve grid: it needs "

@@ -23,7 +23,20 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from moekern.e2e.runner import run
 
+    stop_on_sigterm()
     return run(args)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a sweep's timeout, `timeout` around a device stage) raises SystemExit(143) in the main thread,
+    so the runner's `finally` blocks stop the servers it started in their own sessions instead of leaving them
+    holding the GPU for the next run."""
+    import signal
+
+    def _stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,15 @@ the lines interleave, never overwrite), so the JIT events of each point are coun
 wall-clock window [time.time() before, after] of each point for the gate-log CV
 (moekern.analysis.serving.metrics). The per-point result files are written by this process after the server stopped (temp file + rename: a
 point is either complete or absent); a point whose result file exists is skipped (resume).
+
+Routing skews (--skews NAME=SKEW,...) are a factor INSIDE one server: it starts with the first skew
+(MOEKERN_ROUTING_SKEW, so its CUDA graphs capture the bias add) and VLLM_SERVER_DEV_MODE=1, and the child
+switches skews between benches through vLLM serve's POST /collective_rpc (grid_child.switch_skew: gate log
+paused, Worker.moekern_routing_skew rewrites every layer's bias in place, gate log resumed). Points run rep,
+then skew, then dataset, then concurrency, so a server switches len(skews) times per rep. Each point's result
+carries its skew, the skew the workers reported, its measured CV by both of the prior study's methods
+(measured_cv_step, measured_cv_agg: moekern.analysis.imbalance.metrics.seed_summary over the gate-log records
+inside its window) and a workload card (cards.py) beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import time
 from pathlib import Path
 
 from moekern.e2e import procs
+from moekern.e2e.cards import environment_info, window_cv, workload_card, write_card
 from moekern.e2e.arms import PACKAGE_ROOT, arm_env, bench_command, engine_kwargs, gate_log_dir, serve_command
 from moekern.e2e.plan import SERVER_STOP_S, dataset_input_len, grid_timing
 from moekern.e2e.results import result_metadata, write_json_atomic
@@ -31,14 +41,22 @@ from moekern.e2e.warmup import GRID_POINT_END, GRID_POINT_START, count_jit_betwe
 
 
 def grid_points(args, arm: str) -> list[dict]:
-    """The arm's bench grid: dicts name, concurrency, dataset (Path | None), rep, result (Path)."""
+    """The arm's bench grid: dicts name, concurrency, dataset (Path | None), rep, skew ((name, skew) | None),
+    result (Path); in run order (rep, skew, dataset, concurrency)."""
     from moekern.analysis.study.sweep import grid_point_name
 
     prefix = args.grid_prefix or grid_prefix(args, arm)
     datasets = args.datasets or [None]
-    return [{"name": grid_point_name(prefix, c, d, r), "concurrency": c, "dataset": d, "rep": r,
-             "result": Path(args.result_dir) / f"{grid_point_name(prefix, c, d, r)}.json"}
-            for r in range(args.grid_reps) for d in datasets for c in args.concurrency_grid]
+    skews = getattr(args, "skews", None) or [None]
+    points = []
+    for r in range(args.grid_reps):
+        for k in skews:
+            for d in datasets:
+                for c in args.concurrency_grid:
+                    name = grid_point_name(prefix, c, d, r, skew=k[0] if k else None)
+                    points.append({"name": name, "concurrency": c, "dataset": d, "rep": r, "skew": k,
+                                   "result": Path(args.result_dir) / f"{name}.json"})
+    return points
 
 
 def grid_prefix(args, arm: str) -> str:
@@ -86,6 +104,9 @@ def grid_result_metadata(args, arm: str, pt: dict, prog: dict, gate_dir: Path | 
         meta["dataset_path"] = str(pt["dataset"])
     if "gate_log" in meta:
         meta["gate_log_window"] = [prog["start"], prog["end"]]
+    if pt.get("skew"):
+        meta.update(routing_skew=pt["skew"][0], routing_skew_spec=pt["skew"][1],
+                    routing_skew_in_force=prog.get("skew_in_force"))
     if jit is None:
         meta.update(jit_during_measurement=None, steady_state=False)
     else:
@@ -115,6 +136,10 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     gdir = None if base is None else base / f"server_{t0:.0f}"
     env = arm_env(arm, out, gdir, router_seed=args.dummy_router_seed,
                   moe_configs=getattr(args, "moe_configs", None))
+    skews = getattr(args, "skews", None)
+    if skews:
+        env["MOEKERN_ROUTING_SKEW"] = skews[0][1]  # a bias add in the captured graphs; switched per point
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # mounts POST /collective_rpc (and vLLM's other dev endpoints)
     log = out / f"serve_{arm}.server.log"
     r["cmd"] = " ".join(cmd)
     progress = work / "progress.jsonl"
@@ -136,10 +161,12 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
                 est = bench_run_seconds(args.serve_prompts, in_len or args.input_len, args.output_len,
                                         pt["concurrency"], args.max_num_seqs, timing) + timing.point_overhead_s
                 points.append({"name": pt["name"], "estimate_s": est,
+                               "skew": pt["skew"][1] if pt.get("skew") else None,
                                "argv": bench_command(pa, port, work, f"{pt['name']}.bench.json")[3:]})
             # the server's stop comes after the deadline check of the last point
             spec = {"points": points, "marker_fd": fh.fileno(), "deadline": deadline - SERVER_STOP_S,
-                    "progress": str(progress), "in_process": True}
+                    "progress": str(progress), "in_process": True,
+                    "rpc_url": f"http://127.0.0.1:{port}/collective_rpc"}
             for in_process in (True, False):
                 spec["in_process"] = in_process
                 spec_path = work / "grid.spec.json"
@@ -160,6 +187,8 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
     prog = read_progress(progress)
     r["jit_during_measurement"] = (count_jit_events(text) or {}).get("jit")
     r["gate_log_dir"] = str(gdir) if gdir is not None else None
+    env_info = environment_info()
+    logs: dict = {}  # the server's gate log, parsed once for all its points' windows
     for pt in todo:
         row = prog.get(pt["name"])
         raw = work / f"{pt['name']}.bench.json"
@@ -173,6 +202,9 @@ def run_serve_grid_arm(args, arm: str, out: Path, deadline: float) -> dict:
         obj = json.loads(raw.read_text())
         obj["moekern"] = {**obj.get("moekern", {}),
                           **grid_result_metadata(args, arm, pt, row, gdir, jit, server_id)}
+        if gdir is not None:
+            obj["moekern"].update(window_cv(gdir, (row["start"], row["end"]), logs))
+        write_card(pt["result"], workload_card(args, arm, obj, env_info))
         write_json_atomic(pt["result"], obj)
         r["points_written"].append(str(pt["result"]))
         if not obj["moekern"]["steady_state"]:

@@ -122,7 +122,9 @@ def grid_plan_estimate(args, num_arms: int) -> float:
     lens = [dataset_input_len(d) for d in args.datasets or []]
     lens = [x for x in lens if x is not None]
     in_len = sum(lens) / len(lens) if lens else args.input_len
-    return grid_plan_seconds(num_arms, args.concurrency_grid, len(args.datasets or [None]), args.grid_reps,
+    # a skew switch is two RPCs between benches (~0.1 s): each skew counts as one more pass over the datasets
+    num_blocks = len(args.datasets or [None]) * len(getattr(args, "skews", None) or [None])
+    return grid_plan_seconds(num_arms, args.concurrency_grid, num_blocks, args.grid_reps,
                              args.serve_prompts, in_len, args.output_len, args.max_num_seqs, grid_timing(),
                              preflight=not args.no_preflight)
 
@@ -134,9 +136,11 @@ def plan_text(args) -> str:
     if getattr(args, "concurrency_grid", None):
         arms = args.arm_plan["serve"]
         est = grid_plan_estimate(args, len(arms))
-        n = len(args.concurrency_grid) * len(args.datasets or [None]) * args.grid_reps
+        skews = getattr(args, "skews", None) or []
+        n = len(args.concurrency_grid) * len(args.datasets or [None]) * max(1, len(skews)) * args.grid_reps
+        sk = f" x {len(skews)} skew(s) {[k for k, _ in skews]}" if skews else ""
         lines.append(f"plan serve grid: {len(arms)} arm(s) x one server each, 1 warm-up + {n} benches per server "
-                     f"(concurrency {args.concurrency_grid} x {len(args.datasets or [None])} dataset(s) x "
+                     f"(concurrency {args.concurrency_grid} x {len(args.datasets or [None])} dataset(s){sk} x "
                      f"{args.grid_reps} rep(s)), {args.serve_prompts} prompts x {args.output_len} out each; "
                      f"~{est / 60:.1f} min in all{'' if args.no_preflight else ' with preflight'} (estimate "
                      f"from mixtral-8x7b-4l on an H100)")

@@ -120,6 +120,7 @@ def run(args) -> int:
             "result": str(args.result) if args.result else None,
             "serve_grid": ({"concurrency": args.concurrency_grid, "datasets": [str(d) for d in args.datasets or []],
                             "reps": args.grid_reps, "result_dir": str(args.result_dir),
+                            "skews": [list(k) for k in args.skews] if args.skews else None,
                             "queue_depth": "client --max-concurrency; server max_num_seqs fixed per server"}
                            if args.concurrency_grid else None)}
     try:
@@ -137,7 +138,8 @@ def run(args) -> int:
             [(arm, None) for arm in arms]
         per_round: dict[str, list] = {}
         for arm, round_no in order:
-            if arm.startswith("moekern") and ep is None:
+            if (arm.startswith("moekern") or getattr(args, "skews", None)) and ep is None:
+                # --skews needs the plugin in every arm: it applies and switches the skew
                 results[mode][arm] = {"skipped": "moekern's vllm.general_plugins entry point is not installed "
                                                  "(pip install --no-build-isolation -e .)"}
                 continue

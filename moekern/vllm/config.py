@@ -215,6 +215,33 @@ def skew_probabilities(skew: RoutingSkew, num_experts: int) -> list[float]:
     raise ValueError(f"unknown skew kind {skew.kind!r}")
 
 
+def expected_load_cv(skew: RoutingSkew, num_experts: int, top_k: int, noise_scale: float | None = None,
+                     tokens: int = 200_000, seed: int = 0) -> float:
+    """The aggregated CV (population std / mean of the expert loads summed over tokens) that `skew` gives with
+    top-`top_k` routing when the router's own logits are a constant plus i.i.d. Gumbel(0, noise_scale) noise
+    per (token, expert): a Monte-Carlo estimate over `tokens` tokens (seeded; +-0.01 at the default size).
+
+    noise_scale=None means skew.beta, the model the bias is calibrated for (first choices drawn from
+    skew_probabilities). A noise_scale far below beta models dummy weights, whose logits spread ~0.01-0.1 (or
+    less): the bias then overrides the router (hot: the hot expert is every token's first choice; one cold
+    expert: it is never chosen), and the router's own order only breaks ties among equal biases. Real routers
+    add their own imbalance; the gate log measures the sum."""
+    import numpy as np
+
+    if not (1 <= top_k <= num_experts):
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    scale = skew.beta if noise_scale is None else float(noise_scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"noise_scale={noise_scale} must be a finite number > 0")
+    bias = np.array([0.0] * num_experts if skew.kind == "uniform" else
+                    [skew.beta * math.log(p) for p in skew_probabilities(skew, num_experts)])
+    rng = np.random.default_rng(seed)
+    logits = bias + rng.gumbel(0.0, scale, size=(tokens, num_experts))
+    chosen = np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+    loads = np.bincount(chosen.ravel(), minlength=num_experts).astype(np.float64)
+    return float(loads.std() / loads.mean())
+
+
 def skew_bias(skew: RoutingSkew, num_experts: int, device=None):
     """The [E] fp32 logit bias b_e = beta * ln(p_e / p_ref) (p_ref: the uniform/cold level, so most entries are 0)."""
     import torch

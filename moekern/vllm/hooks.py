@@ -23,7 +23,9 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    empty gate log; a multiprocessing finalizer covers processes that end without a worker shutdown.
 4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
-   between steps (moekern e2e --gate-log-paired). A method name, not a function: vLLM 0.26's engine-core
+   between steps (moekern e2e --gate-log-paired); Worker.moekern_routing_skew(skew) re-draws the synthetic
+   routing skew of a running engine (the serve grid's --skews, through `vllm serve`'s POST /collective_rpc,
+   which vLLM 0.26 mounts when VLLM_SERVER_DEV_MODE=1: entrypoints/serve/dev/rpc/api_router.py). A method name, not a function: vLLM 0.26's engine-core
    client serializes collective_rpc's `method` with msgpack, which refuses functions unless
    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (v1/serial_utils.py enc_hook).
 
@@ -122,6 +124,7 @@ class LayerHook:
     def __init__(self, index: int, name: str, router, cfg: PluginConfig, recorder):
         self.index, self.name, self.router, self.cfg, self.recorder = index, name, router, cfg, recorder
         self.plans: dict[int, RoutingPlan | None] = {}
+        self.skew = cfg.skew  # set_routing_skew replaces it (and the bias's values) inside a running engine
         self.bias = None
         self.experts_decision: bool | None = None
 
@@ -141,10 +144,10 @@ class LayerHook:
 
     def route(self, orig, hidden_states, router_logits, indices_type, input_ids):
         logits = router_logits
-        if self.cfg.skew is not None:
+        if self.skew is not None:
             E = logits.shape[-1]
             if self.bias is None or self.bias.shape[0] != E or self.bias.device != logits.device:
-                self.bias = skew_bias(self.cfg.skew, E, device=logits.device)
+                self.bias = skew_bias(self.skew, E, device=logits.device)
             logits = torch.add(self.bias, logits)  # fp32 [M, E]: one kernel, graph-capturable
         plan = self.plan(logits.shape[-1]) if self.cfg.kernels != "off" else None
         if plan is not None:
@@ -458,24 +461,83 @@ def close_recorder() -> None:
 
 
 def _add_worker_rpc(module) -> None:
-    """Give vLLM's Worker `moekern_plugin_summary` and `moekern_gate_log` methods, so collective_rpc can name
-    them by string."""
+    """Give vLLM's Worker `moekern_plugin_summary`, `moekern_gate_log` and `moekern_routing_skew` methods, so
+    collective_rpc can name them by string."""
     if not hasattr(module.Worker, "moekern_plugin_summary"):
         module.Worker.moekern_plugin_summary = plugin_summary
     if not hasattr(module.Worker, "moekern_gate_log"):
         module.Worker.moekern_gate_log = gate_log_switch
+    if not hasattr(module.Worker, "moekern_routing_skew"):
+        module.Worker.moekern_routing_skew = set_routing_skew
 
 
-def gate_log_switch(worker=None, on: bool | None = None) -> dict:
+def _on_off(on) -> bool | None:
+    """collective_rpc's argument as a bool: vLLM serve's dev endpoint (POST /collective_rpc) forwards its JSON
+    args as they came, and its docs ask callers for strings, so "true"/"false"/"1"/"0" count too."""
+    if on is None or isinstance(on, bool):
+        return on
+    text = str(on).strip().lower()
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"on={on!r} must be true or false (a bool or its string)")
+
+
+def gate_log_switch(worker=None, on: bool | str | None = None) -> dict:
     """Worker.moekern_gate_log: `collective_rpc("moekern_gate_log", args=(on,))` pauses (False) or resumes
     (True) this worker's gate log between steps; None only reports. Returns {"gate_log": bool | None (no gate
     log in this process), "steps": steps recorded so far}."""
+    on = _on_off(on)
     rec = _STATE["recorder"]
     if rec is None:
         return {"gate_log": None, "steps": 0}
     if on is not None:
         rec.set_paused(not on)
     return {"gate_log": not rec.paused, "steps": rec.stats.steps}
+
+
+def set_routing_skew(worker=None, skew: str | None = None, seed: int | str = 0) -> dict:
+    """Worker.moekern_routing_skew: `collective_rpc("moekern_routing_skew", args=("hot:0:0.5",))` re-draws
+    every hooked layer's routing skew in a running engine (`skew` in MOEKERN_ROUTING_SKEW's syntax; `seed` the
+    zipf permutation's). None only reports.
+
+    The bias is overwritten in place (`copy_`), never replaced: CUDA graphs captured at start-up read the
+    tensor at its address, so a new tensor would be ignored by every replayed step. That also means the engine
+    must have started with a skew (MOEKERN_ROUTING_SKEW set, `uniform` is enough): without one no bias add was
+    captured, and this raises ValueError instead of silently changing nothing. Call it between steps (vLLM
+    runs collective_rpc between them); pause the gate log around it (moekern_gate_log) so no step mixes two
+    skews. Returns {"skew": the skew now in force (RoutingSkew.describe()), "layers": hooked layers,
+    "biases_rewritten": layers whose device bias was rewritten (the others build theirs at their next step)}."""
+    from moekern.vllm.config import parse_skew
+
+    hooks = _STATE["layers"]
+    cfg = _STATE["config"]
+    if skew is not None:
+        try:
+            seed_value = int(seed)
+        except (TypeError, ValueError):
+            raise ValueError(f"seed={seed!r} must be an int") from None
+        new = parse_skew(str(skew), seed=seed_value, name="skew")
+        if new is None:
+            raise ValueError(f"skew={skew!r} is empty: name a skew ('uniform' for none)")
+        if hooks and (cfg is None or cfg.skew is None):
+            raise ValueError("this engine started without MOEKERN_ROUTING_SKEW, so its captured CUDA graphs add no "
+                             "routing bias; start it with MOEKERN_ROUTING_SKEW=uniform to switch skews at run time")
+        rewritten = 0
+        for hook in hooks:
+            if hook.bias is not None:
+                hook.bias.copy_(skew_bias(new, hook.bias.shape[0], device=hook.bias.device))
+                rewritten += 1
+            hook.skew = new
+        rec = _STATE["recorder"]
+        if rec is not None:
+            rec.meta["skew"] = new.describe()
+        logger.info("moekern: routing skew -> %s (%d layers, %d biases rewritten)", new.describe(), len(hooks),
+                    rewritten)
+        return {"skew": new.describe(), "layers": len(hooks), "biases_rewritten": rewritten}
+    now = hooks[0].skew if hooks else getattr(cfg, "skew", None)
+    return {"skew": now.describe() if now is not None else None, "layers": len(hooks), "biases_rewritten": 0}
 
 
 def plugin_summary(worker=None) -> dict:

@@ -27,6 +27,7 @@
 #   bash tools/gpu/gpu_session.sh gpu-tests-vllm  # GPU tests that need vLLM (token-for-token check, EP adapter)
 #   bash tools/gpu/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
 #   bash tools/gpu/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
+#   bash tools/gpu/gpu_session.sh knob-grid    # issue 31's imbalance grid, resumable: as many servers as fit (~8.5 min)
 # Several stages run in order in one call: `bash tools/gpu/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash tools/gpu/flashinfer_aot.sh, hours on 2 cores, resumable)
@@ -117,7 +118,7 @@ need_vllm() {
 
 run_stage() {
   case "$1" in  # the stages that compare against (or run inside) vLLM
-  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-multi|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial)
+  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-multi|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial|knob-grid)
     need_vllm "$1" || return 0 ;;
   esac
   case "$1" in
@@ -412,6 +413,45 @@ run_stage() {
     timeout 500 python3 -m moekern.cli factorial analysis/specs/factorial_h100_small.yaml \
       ${FACTORIAL_REPS:+--reps "$FACTORIAL_REPS"} 2>&1 | tee "$OUT/factorial.log" | tail -30
     cp -r results/factorial_h100_small "$OUT/factorial" 2>/dev/null || true
+    ;;
+  knob-grid)
+    # Issue 31's grid (analysis/specs/imbalance_grid.yaml): 48 servers (4 max_num_seqs x 4 max_num_batched_tokens x
+    # 3 backends), each running 3 routing skews as benches; ~2 min per server, ~95 min in all over ~12 calls.
+    # Each call runs the servers that fit in KNOB_GRID_BUDGET_S (default 450 s, counted from this stage's start,
+    # so build and preflight come out of it) and stops cleanly: `moekern sweep --budget-s` starts no server with
+    # less than the spec's min_point_s left and hands each server the seconds left (its own --budget-s), and
+    # `timeout` only backs that up (its SIGTERM makes moekern e2e stop its server before it exits). Results accumulate in results/imbalance_grid (the spec's out_dir, git-ignored)
+    # and go back as $OUT/knob_grid.tgz (runs/ with cards, gate_logs/, logs/, sweep_status.jsonl, work/ without
+    # model copies and server logs). Resume in the next call or session: unpack each returned knob_grid.tgz over
+    # results/imbalance_grid here (tar xzf knob_grid.tgz --strip-components 1 -C results/imbalance_grid) and carry
+    # results/imbalance_grid/runs (run's carry; the result files are what resume reads); on a machine still warm
+    # everything is already there. Finished benches are skipped, a server whose benches all exist is not started.
+    # KNOB_GRID_BACKENDS (default vllm,moekern, plus flashinfer when FlashInfer's CUTLASS MoE module is installed
+    # ahead of time or built by fi-warmup) limits the backends; PREFLIGHT=0 skips the hook check.
+    local t0=$SECONDS budget=${KNOB_GRID_BUDGET_S:-450}
+    versions; build
+    local backends=${KNOB_GRID_BACKENDS:-}
+    if [ -z "$backends" ]; then
+      backends=vllm,moekern
+      if bash tools/gpu/fiaot.sh installed >/dev/null 2>&1 || \
+         grep -q "^cutlass_fused_moe: build+first call .*: ok" /tmp/fi_warmup.log 2>/dev/null; then
+        backends=vllm,moekern,flashinfer
+      else
+        echo "knob-grid: FlashInfer's CUTLASS MoE module is not installed (carry .fiaot/ or run fi-warmup): flashinfer points wait"
+      fi
+    fi
+    if [ "${PREFLIGHT:-1}" != 0 ]; then
+      timeout 80 python3 -m moekern.e2e.preflight --arms "$backends" --mode serve --model mixtral-8x7b-4l 2>&1 | tail -3
+    fi
+    local left=$(( budget - (SECONDS - t0) ))
+    if [ "$left" -lt 200 ]; then echo "knob-grid: ${left} s left after build/preflight; nothing started"; return 0; fi
+    echo "knob-grid: backends $backends, ${left} s of budget"
+    # a server overruns its budget by its stop (<= 30 s): the backstop stays inside a 600 s device call
+    timeout -k 20 $(( left + 60 )) python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --no-progress \
+      --budget-s "$left" --only "backend=$backends" 2>&1 | tee "$OUT/knob_grid.log" | tail -20
+    python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --dry-run 2>/dev/null | head -1
+    mkdir -p "$OUT/knob_grid"
+    (cd results/imbalance_grid && tar cf - --exclude='work/*/models' --exclude='*.server.log' . ) | tar xf - -C "$OUT/knob_grid"
     ;;
   *) echo "unknown stage $1"; return 2 ;;
   esac

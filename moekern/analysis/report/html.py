@@ -9,7 +9,8 @@ metadata marked synthetic puts a SYNTHETIC banner atop the report; "caveats" are
 Contents: a per-run table of serving metrics (TTFT, TPOT, ITL mean/median/p99, throughputs); serving
 metrics vs max-num-seqs and vs max-num-batched-tokens per backend, and vs measured imbalance (CV) and
 predicted score, with IQR (Tukey 1.5) outliers drawn as red crosses and left out of the trend lines and
-statistics; per gate log: imbalance metrics overall, per phase and per layer, per-step CV over the run,
+statistics; for a knob grid (report/knobgrid.py) a heatmap of max-num-seqs x max-num-batched-tokens per backend,
+the metrics vs each bench's measured CV by both of the prior study's methods and the CV reached per skew; per gate log: imbalance metrics overall, per phase and per layer, per-step CV over the run,
 a layer x expert heatmap; per-rank load under each EP size and the placement advice; a table of findings
 with 95% bootstrap CIs.
 
@@ -411,6 +412,9 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None, co
             rep.sections.append((f"Serving metrics vs {label}", [("img", _scatter_plot(df, x, label))]))
         elif n:
             rep.notes.append(f"no plot vs {label}: {n} run(s) have it (a trend needs >= 3 runs with >= 2 values)")
+    from moekern.analysis.report.knobgrid import add_knob_grid_sections
+
+    add_knob_grid_sections(rep, df, _by_backend(df), PLOT_METRICS, _scatter_plot)
     linked = {str(Path(r.gate_log).resolve()) for r in runs if r.gate_log and Path(r.gate_log).exists()}
     found = {str(f.parent.resolve()) for f in gatelog.gate_log_files(root)} if root.is_dir() else set()
     logs = sorted(linked | found)

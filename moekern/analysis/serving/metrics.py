@@ -9,7 +9,9 @@ total_input_tokens / duration.
 
 Our runs add metadata (as --metadata or merged by the runner): moe_backend (kernel backend: "moekern",
 "vllm", "flashinfer", ...; falls back to "backend"), max_num_seqs, max_num_batched_tokens, eplb
-(true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic.
+(true/false), dataset, predicted_score, measured_cv, gate_log (path of the run's gate logs), synthetic, and from
+the serve grid's skews routing_skew, measured_cv_step and measured_cv_agg (the prior study's two CV methods
+over the bench's own gate-log window).
 Strings such as "16" or "true" are converted. A missing metric is NaN, never an error.
 
 `moekern e2e` output folders are read as they are: a `serve_{arm}.bench.json` without a
@@ -58,6 +60,10 @@ class RunResult:
     measured_cv: float | None = None
     gate_log: str | None = None
     synthetic: bool = False
+    routing_skew: str | None = None  # the serve grid's skew name (moekern e2e --skews)
+    measured_cv_step: float | None = None  # the prior study's per-step CV of the bench's gate-log window
+    measured_cv_agg: float | None = None  # ... and its aggregated CV (moekern.e2e.cards.window_cv)
+    steady_state: bool | None = None  # False: kernels JIT-compiled while it was measured (moekern e2e)
     path: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -126,7 +132,10 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
     score = _num(_get(obj, "predicted_score"))
     cv = _num(_get(obj, "measured_cv"))
     known = {"moe_backend", "kernel_backend", "max_num_seqs", "max_num_batched_tokens", "eplb", "enable_eplb",
-             "dataset", "predicted_score", "measured_cv", "gate_log", "synthetic"}
+             "dataset", "predicted_score", "measured_cv", "gate_log", "synthetic", "routing_skew",
+             "measured_cv_step", "measured_cv_agg", "steady_state"}
+    cv_step, cv_agg = _num(_get(obj, "measured_cv_step")), _num(_get(obj, "measured_cv_agg"))
+    skew = _get(obj, "routing_skew")
     extra = {k: v for k, v in obj.items() if k in ("model_id", "date", "num_prompts", "label") or
              (isinstance(v, str) and k not in known and k not in m)}
     return RunResult(
@@ -135,7 +144,11 @@ def parse_bench_result(obj: dict, run_id: str = "", path: str = "") -> RunResult
         max_num_batched_tokens=_int(_get(obj, "max_num_batched_tokens")),
         eplb=_bool(_get(obj, "eplb", "enable_eplb")), dataset=_get(obj, "dataset"),
         predicted_score=score if math.isfinite(score) else None, measured_cv=cv if math.isfinite(cv) else None,
-        gate_log=_get(obj, "gate_log"), synthetic=bool(_bool(_get(obj, "synthetic"))), path=path, extra=extra)
+        gate_log=_get(obj, "gate_log"), synthetic=bool(_bool(_get(obj, "synthetic"))), path=path, extra=extra,
+        routing_skew=None if skew is None else str(skew),
+        measured_cv_step=cv_step if math.isfinite(cv_step) else None,
+        measured_cv_agg=cv_agg if math.isfinite(cv_agg) else None,
+        steady_state=_bool(_get(obj, "steady_state")))
 
 
 def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
@@ -143,13 +156,17 @@ def load_runs(results_dir: str | os.PathLike, attach_cv: bool = True,
     """Every bench result JSON under `results_dir` (recursively; files without any serving metric, e.g.
     metadata.json, are ignored). With `attach_cv`, a run whose `gate_log` path exists (relative to its JSON
     file or the results dir) and has no measured_cv gets the overall per-step CV of its gate logs (the
-    study's headline number), computed with the `max_tokens` warm-up filter. Returns (runs, skipped [(path, reason)])."""
+    study's headline number), computed with the `max_tokens` warm-up filter. A `moekern sweep` output folder
+    (sweep_status.jsonl beside runs/) is read from runs/ only. Returns (runs, skipped [(path, reason)])."""
     root = Path(results_dir)
     if not root.is_dir():
         raise UsageError(f"results_dir={str(root)!r} is not a directory")
     runs, skipped = [], []
     logs: dict = {}  # each gate log parsed once: a server's grid shares one log among all its benches
-    for f in sorted(root.rglob("*.json")):
+    # A `moekern sweep` output folder: its results are runs/; work/ holds each runner's raw bench JSON again
+    # (without the "moekern" block), which would count every bench twice.
+    src = root / "runs" if (root / "sweep_status.jsonl").is_file() and (root / "runs").is_dir() else root
+    for f in sorted(src.rglob("*.json")):
         if "gate_logs" in f.parts or f.name.endswith(".failed.json"):
             continue
         try:

@@ -59,7 +59,7 @@ import numpy as np
 from moekern.errors import UsageError
 
 FACTORS = ("model", "moe_backend", "layout", "gpus", "max_num_seqs", "max_num_batched_tokens", "dataset", "eplb",
-           "concurrency")
+           "concurrency", "routing_skew")
 CLIENT_FACTORS = ("concurrency", "dataset")  # per bench, against one server (module docstring)
 RESPONSES = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")
 

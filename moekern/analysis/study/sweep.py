@@ -51,6 +51,24 @@ and renders {bench_grid} as `moekern e2e`'s flags (`--concurrency-grid 8,32,128 
 bench, named by `grid_point_name` (ID_c{concurrency}_d{dataset stem}_r{rep}.json), with its own "moekern"
 block; a point is done when all its files exist, and the runner skips files that exist (resume per bench).
 `GridTiming`/`grid_plan_seconds` estimate such a plan (`moekern e2e` prints the same estimate).
+
+Routing skews inside one server: `bench_grid: {skews: {uniform: uniform, hot: "hot:0:0.5"}}` (name -> the
+plugin's MOEKERN_ROUTING_SKEW syntax) renders as `--skews uniform=uniform,hot=hot:0:0.5`; the runner starts each
+server with the first skew and switches between benches (moekern.e2e.grid), and each file's name carries its
+skew (`..._k{name}_c...`).
+
+Time budget (`run_sweep(budget_s=...)`, `moekern sweep --budget-s S`): a point starts only when at least
+`min_point_s` (spec key, default 180: a server start, its warm-up and one bench) is left; the template field
+{budget_left_s} is the budget left when the point starts, for the runner's own --budget-s, so a runner stops
+its server cleanly at the deadline instead of being killed with it; points left over stay for the next
+invocation (resume). `only` (`--only KEY=V1,V2`) runs a subset of a grid key's values.
+
+Half first (`half_first: [KEY_A, KEY_B]`, >= 3 levels each): the points of `in_first_half` (level i of A
+with the ceil(n_B / 2) levels i, i+1, ... of B, cyclically) run before the others, each half in grid order. A
+run stopped after the first half is then a balanced half fraction: every level of A meets half the levels of B
+and every level of B half of A's, the other factors fully crossed, and the A-B pairs chain all levels together
+(a checkerboard would not: it splits into two blocks and aliases one contrast of A with one of B), so every
+main effect stays estimable; the A x B interaction is partly aliased. The second half completes the grid.
 """
 
 from __future__ import annotations
@@ -58,6 +76,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -93,7 +112,9 @@ class SweepSpec:
     timeout_s: float | None = None
     base_dir: Path = Path(".")
     collect: str | None = None  # glob under {run_dir}: copied to {result} when the runner writes a folder
-    bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n}: client-side factors
+    bench_grid: dict | None = None  # {"concurrency": [...], "dataset": [...], "reps": n, "skews": {...}}
+    min_point_s: float = 180.0  # with a time budget: the least time left in which a point is started
+    half_first: list | None = None  # [KEY_A, KEY_B]: a connected half of their grid runs first
     datasets: dict | None = None  # {"out": Path, "num": n, "seed": s, "prompts": p}: generated when missing
 
 
@@ -124,7 +145,24 @@ def load_spec(path) -> SweepSpec:
                      command=str(raw["command"]), grid=grid, vars=dict(raw.get("vars") or {}), eplb_flag=flag,
                      timeout_s=raw.get("timeout_s"), base_dir=base, collect=raw.get("collect"),
                      bench_grid=check_bench_grid(raw.get("bench_grid"), grid),
-                     datasets=_check_datasets(raw.get("datasets"), base))
+                     datasets=_check_datasets(raw.get("datasets"), base),
+                     min_point_s=_positive(raw.get("min_point_s", 180.0), "min_point_s"),
+                     half_first=_check_half_first(raw.get("half_first"), grid))
+
+
+def _check_half_first(keys, grid: dict) -> list | None:
+    if keys is None:
+        return None
+    if (not isinstance(keys, list) or len(keys) != 2 or len(set(map(str, keys))) != 2
+            or not all(k in grid and k != "dataset" and len(grid[k]) >= 3 for k in keys)):
+        raise UsageError(f"half_first must name two grid keys (not dataset) of >= 3 levels each; got {keys!r}")
+    return [str(k) for k in keys]
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise UsageError(f"{name} must be a number > 0; got {v!r}")
+    return float(v)
 
 
 def _check_datasets(raw, base: Path) -> dict | None:
@@ -172,9 +210,22 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
         return None
     if not isinstance(bench_grid, dict):
         raise UsageError(f"bench_grid must be a mapping; got {type(bench_grid).__name__}")
-    unknown = sorted(set(bench_grid) - set(CLIENT_FACTORS) - {"reps"})
+    unknown = sorted(set(bench_grid) - set(CLIENT_FACTORS) - {"reps", "skews"})
     if unknown:
-        raise UsageError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps']}")
+        raise UsageError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps', 'skews']}")
+    skews = bench_grid.get("skews")
+    if skews is not None:
+        from moekern.vllm.config import parse_skew
+
+        if not isinstance(skews, dict) or not skews:
+            raise UsageError(f"bench_grid.skews must map names to skews (e.g. {{hot: 'hot:0:0.5'}}); got {skews!r}")
+        for name, text in skews.items():
+            if not re.fullmatch(r"[A-Za-z0-9.+-]+", str(name)):
+                raise UsageError(f"bench_grid.skews name {name!r} must be letters, digits, '.', '+' or '-'")
+            try:
+                parse_skew(str(text), name=f"bench_grid.skews.{name}")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
     conc = bench_grid.get("concurrency")
     if not isinstance(conc, list) or not conc or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                                                          for c in conc):
@@ -188,14 +239,16 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
     clash = sorted(set(grid or {}) & set(CLIENT_FACTORS))
     if clash:
         raise UsageError(f"grid keys {clash} vary per bench: with bench_grid they belong there, not in grid")
-    return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps}
+    return {"concurrency": list(conc), "dataset": list(ds) if ds else None, "reps": reps,
+            "skews": {str(k): str(v) for k, v in skews.items()} if skews else None}
 
 
-def grid_point_name(prefix: str, concurrency: int, dataset, rep: int) -> str:
-    """The file stem of one bench of a bench grid: `{prefix}_c{concurrency}_d{dataset stem|random}_r{rep}`
-    (`moekern e2e` writes it, the sweep expects it)."""
+def grid_point_name(prefix: str, concurrency: int, dataset, rep: int, skew: str | None = None) -> str:
+    """The file stem of one bench of a bench grid: `{prefix}[_k{skew name}]_c{concurrency}_d{dataset
+    stem|random}_r{rep}` (`moekern e2e` writes it, the sweep expects it)."""
     d = _slug(dataset) if dataset else "random"
-    return f"{prefix}_c{int(concurrency)}_d{d}_r{int(rep)}"
+    k = f"_k{skew}" if skew else ""
+    return f"{prefix}{k}_c{int(concurrency)}_d{d}_r{int(rep)}"
 
 
 @dataclass(frozen=True)
@@ -278,6 +331,7 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
         result = spec.out_dir / "runs" / f"{run_id}.json"
         gate = spec.out_dir / "gate_logs" / run_id
         fields = {**spec.vars, **params, "result": str(result), "gate_log_dir": str(gate), "run_id": run_id,
+                  "budget_left_s": BUDGET_LEFT,
                   "run_dir": str(spec.out_dir / "work" / run_id),
                   "out_dir": str(spec.out_dir),
                   "eplb_flag": spec.eplb_flag.get(_truthy(params.get("eplb", False)), "")}
@@ -294,20 +348,36 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
                      str(bg["reps"]), "--grid-prefix", run_id, "--result-dir", str(result_dir)]
             if datasets != [None]:
                 flags[2:2] = ["--datasets", ",".join(datasets)]
+            skews = list(bg.get("skews") or {})
+            if skews:
+                flags += ["--skews", ",".join(f"{k}={v}" for k, v in bg["skews"].items())]
             fields.update(bench_grid=shlex.join(flags), result_dir=str(result_dir))
-            expected = [result_dir / f"{grid_point_name(run_id, c, d, r)}.json"
-                        for r in range(bg["reps"]) for d in datasets for c in bg["concurrency"]]
+            expected = [result_dir / f"{grid_point_name(run_id, c, d, r, skew=k)}.json"
+                        for r in range(bg["reps"]) for k in (skews or [None]) for d in datasets
+                        for c in bg["concurrency"]]
         try:
             cmd = shlex.split(spec.command.format(**fields))
         except KeyError as exc:
             raise UsageError(f"command template uses {{{exc.args[0]}}}, which is neither a grid key, a var, "
-                             "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag"
+                             "nor one of result, gate_log_dir, run_dir, run_id, out_dir, dataset_name, eplb_flag, "
+                             "budget_left_s"
                              + (", bench_grid, result_dir" if spec.bench_grid is not None else "")) from exc
         if spec.bench_grid is not None and "--result-dir" not in cmd:
             raise UsageError("a bench_grid spec's command must pass {bench_grid} (the runner's grid flags)")
         done = all(f.exists() for f in expected) if expected else result.exists()
         points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
+    if spec.half_first:
+        a, b = spec.half_first
+
+        points.sort(key=lambda p: not in_first_half(spec, p.params))  # stable: grid order within each half
     return points
+
+
+def in_first_half(spec: SweepSpec, params: dict) -> bool:
+    """Whether a point (grid params) is in the half `half_first` runs first (module docstring)."""
+    a, b = spec.half_first
+    n_b = len(spec.grid[b])
+    return (spec.grid[b].index(params[b]) - spec.grid[a].index(params[a])) % n_b < (n_b + 1) // 2
 
 
 def predicted_score_from_name(path) -> float | None:
@@ -343,19 +413,77 @@ def _annotate(point: SweepPoint, spec: SweepSpec, path: Path | None = None) -> N
     tmp.replace(path)  # never a half-written result
 
 
-def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None) -> dict:
-    """Run the points whose result is missing. Returns {"planned", "skipped", "ran", "failed"}."""
+BUDGET_LEFT = "__budget_left_s__"  # {budget_left_s} until the point starts; then the seconds left
+
+
+def select_points(points: list[SweepPoint], spec: SweepSpec, only: dict | None) -> list[SweepPoint]:
+    """The points whose params match `only` ({grid key: [values, as strings]}); UsageError for a key that
+    is no grid key or a value the grid does not have."""
+    if not only:
+        return points
+    for key, vals in only.items():
+        if key not in spec.grid:
+            raise UsageError(f"--only {key}=...: {key!r} is no grid key; the grid has {list(spec.grid)}")
+        have = {str(v) for v in spec.grid[key]}
+        bad = [v for v in vals if v not in have]
+        if bad:
+            raise UsageError(f"--only {key}={','.join(vals)}: {bad[0]!r} is not among {sorted(have)}")
+    return [p for p in points if all(str(p.params[k]) in vals for k, vals in only.items())]
+
+
+def parse_only(items) -> dict:
+    """`--only KEY=V1,V2` items -> {KEY: [V1, V2]}; UsageError for a malformed item."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, vals = str(item).partition("=")
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not eq or not key.strip() or not values:
+            raise UsageError(f"--only {item!r} must be KEY=V1[,V2...]")
+        out.setdefault(key.strip(), []).extend(values)
+    return out
+
+
+def _with_budget(cmd: list[str], left_s: float | None, timeout_s) -> list[str]:
+    fill = str(int(left_s)) if left_s is not None else str(int(timeout_s or 86400))
+    return [a.replace(BUDGET_LEFT, fill) for a in cmd]
+
+
+def run_point(cmd: list[str], log, cwd, timeout: float | None, grace_s: float = 60.0) -> int:
+    """Run one point's command (output to the open file `log`); past `timeout`, SIGTERM it and allow `grace_s`
+    for it to stop what it started (moekern e2e stops its servers on SIGTERM) before SIGKILL, then raise
+    subprocess.TimeoutExpired. Returns the exit code."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out=None, budget_s: float | None = None,
+              only: dict | None = None) -> dict:
+    """Run the points whose result is missing (those matching `only`), starting none with less than
+    spec.min_point_s of `budget_s` left. Returns {"planned", "skipped", "ran", "failed", "left"}."""
     out = out or sys.stdout
+    if budget_s is not None and not budget_s > 0:
+        raise UsageError(f"budget_s={budget_s} must be > 0")
+    t_start = time.time()
     ensure_datasets(spec)
-    points = plan(spec)
+    points = select_points(plan(spec), spec, only)
     todo = [p for p in points if not p.done]
-    summary = {"planned": len(points), "skipped": len(points) - len(todo), "ran": 0, "failed": 0}
+    summary = {"planned": len(points), "skipped": len(points) - len(todo), "ran": 0, "failed": 0, "left": 0}
     if dry_run:
         print(f"sweep {spec.name!r}: {len(points)} points, {summary['skipped']} done (skipped), "
               f"{len(todo)} to run; results -> {spec.out_dir / 'runs'}", file=out)
         for p in points:
             extra = f" ({len(p.expected)} benches on one server)" if p.expected else ""
-            print(f"[{'done' if p.done else 'todo'}] {p.run_id}{extra}: {shlex.join(p.command)}", file=out)
+            print(f"[{'done' if p.done else 'todo'}] {p.run_id}{extra}: "
+                  f"{shlex.join(_with_budget(p.command, budget_s, spec.timeout_s))}", file=out)
         return summary
     for sub in ("runs", "logs", "gate_logs"):
         (spec.out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -368,19 +496,31 @@ def run_sweep(spec: SweepSpec, dry_run: bool = False, progress: bool = True, out
         except ImportError:
             bar = None
     status_path = spec.out_dir / "sweep_status.jsonl"
-    for p in todo:
+    for i, p in enumerate(todo):
+        left = None if budget_s is None else budget_s - (time.time() - t_start)
+        if left is not None and left < spec.min_point_s:
+            summary["left"] = len(todo) - i
+            print(f"sweep {spec.name!r}: {left:.0f} s of the {budget_s:.0f} s budget left, under min_point_s "
+                  f"{spec.min_point_s:.0f}: stopping; {summary['left']} point(s) left for the next invocation",
+                  file=out)
+            break
         p.gate_log_dir.mkdir(parents=True, exist_ok=True)
         run_dir = spec.out_dir / "work" / p.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         log = spec.out_dir / "logs" / f"{p.run_id}.log"
+        # the runner stops itself by {budget_left_s}; this timeout only catches a hung one
+        timeout = spec.timeout_s if left is None else min(spec.timeout_s or math.inf, left + 120.0)
+        if bar is None:  # no tqdm bar (--no-progress, or a log file): one line per point
+            print(f"sweep {spec.name!r}: [{summary['skipped'] + i + 1}/{len(points)}] {p.run_id}"
+                  + (f" ({left:.0f} s of budget left)" if left is not None else ""), file=out, flush=True)
         try:
             with open(log, "w", encoding="utf-8") as fh:
-                rc = subprocess.run(p.command, stdout=fh, stderr=subprocess.STDOUT, cwd=spec.base_dir,
-                                    timeout=spec.timeout_s).returncode
+                rc = run_point(_with_budget(p.command, left, spec.timeout_s), fh, spec.base_dir,
+                               None if timeout == math.inf else timeout)
             reason = "" if rc == 0 else f"exit code {rc}"
         except subprocess.TimeoutExpired:
-            rc, reason = -1, f"timed out after {spec.timeout_s} s"
+            rc, reason = -1, f"timed out after {timeout:.0f} s"
         except OSError as exc:
             rc, reason = -1, f"could not start: {exc}"
         if p.expected:
