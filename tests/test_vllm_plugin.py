@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from moekern.gatelog import read_gate_log
 from moekern.routing import fused_topk
 from moekern.vllm import config_from_env, parse_skew, register, skew_bias, skew_probabilities
-from moekern.vllm import hooks
+from moekern.vllm import hooks, worker_rpc
 from moekern.vllm.routing_map import classify_phase, plan_routing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,7 +511,7 @@ def test_gate_log_switch_pauses_steps_by_rpc_name(tmp_path, fresh_hooks):
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing", "MOEKERN_GATE_LOG_DIR": str(tmp_path)})
     mod = ModuleType("fake_gpu_worker3")
     mod.Worker = type(worker)
-    hooks._add_worker_rpc(mod)
+    worker_rpc.add_worker_rpc(mod)
     worker.load_model()
     sched = _sched(new=[("a", 5, 0)], num_sched={"a": 5})
     sched.total_num_scheduled_tokens = 5
@@ -571,7 +571,7 @@ def test_routing_skew_switch_by_rpc_name_rewrites_the_bias_in_place(tmp_path, fr
     cfg, layers, worker = _fake_stack(tmp_path, env)
     mod = ModuleType("fake_gpu_worker4")
     mod.Worker = type(worker)
-    hooks._add_worker_rpc(mod)
+    worker_rpc.add_worker_rpc(mod)
     worker.load_model()
     sched = _sched(cached=[("a", 9)], num_sched={"a": 1})
     sched.total_num_scheduled_tokens = 4
@@ -599,7 +599,7 @@ def test_routing_skew_switch_by_rpc_name_rewrites_the_bias_in_place(tmp_path, fr
 def test_routing_skew_switch_refuses_an_engine_started_without_skew(tmp_path, fresh_hooks):
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing"})
     with pytest.raises(ValueError, match="started without MOEKERN_ROUTING_SKEW.*MOEKERN_ROUTING_SKEW=uniform"):
-        hooks.set_routing_skew(worker, "hot:0:0.5")
+        worker_rpc.set_routing_skew(worker, "hot:0:0.5")
     assert all(h.skew is None for h in fresh_hooks["layers"])
 
 
@@ -607,10 +607,10 @@ def test_gate_log_switch_takes_the_dev_endpoints_string_args(tmp_path, fresh_hoo
     """vLLM serve's POST /collective_rpc forwards JSON args as they came (its docs ask for strings)."""
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_GATE_LOG_DIR": str(tmp_path)})
     worker.load_model()
-    assert hooks.gate_log_switch(worker, "false")["gate_log"] is False
-    assert hooks.gate_log_switch(worker, "1")["gate_log"] is True
+    assert worker_rpc.gate_log_switch(worker, "false")["gate_log"] is False
+    assert worker_rpc.gate_log_switch(worker, "1")["gate_log"] is True
     with pytest.raises(ValueError, match="on='maybe' must be true or false"):
-        hooks.gate_log_switch(worker, "maybe")
+        worker_rpc.gate_log_switch(worker, "maybe")
 
 
 @pytest.mark.parametrize("spec, nominal, dummy", [
@@ -647,7 +647,7 @@ def test_worker_summary_method_for_collective_rpc_by_name(tmp_path, fresh_hooks,
     cfg, layers, worker = _fake_stack(tmp_path, {"MOEKERN_KERNELS": "routing"})
     mod = ModuleType("fake_gpu_worker2")
     mod.Worker = type(worker)
-    hooks._add_worker_rpc(mod)
+    worker_rpc.add_worker_rpc(mod)
     sched = _sched(new=[("a", 3, 0)], num_sched={"a": 3})
     sched.total_num_scheduled_tokens = 3
     worker.execute_model(sched)

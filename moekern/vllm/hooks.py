@@ -21,7 +21,7 @@ post-import hook (`when_imported`), so register() itself imports nothing from vL
    Worker.shutdown: write and close the gate log. vLLM's engine-core process ends through multiprocessing
    (os._exit, no atexit handlers), so without this a run shorter than the writer's flush interval left an
    empty gate log; a multiprocessing finalizer covers processes that end without a worker shutdown.
-4. Worker.moekern_plugin_summary (a method we add): what the plugin did in that worker, for
+4. Worker.moekern_plugin_summary (a method we add; these live in moekern/vllm/worker_rpc.py): what the plugin did in that worker, for
    `llm.collective_rpc("moekern_plugin_summary")`; Worker.moekern_gate_log(on) pauses/resumes the gate log
    between steps (moekern e2e --gate-log-paired); Worker.moekern_routing_skew(skew) re-draws the synthetic
    routing skew of a running engine (the serve grid's --skews, through `vllm serve`'s POST /collective_rpc,
@@ -446,6 +446,12 @@ def install(cfg: PluginConfig) -> None:
         when_imported(GPU_WORKER, _patch_worker)
 
 
+def _add_worker_rpc(module) -> None:
+    from moekern.vllm.worker_rpc import add_worker_rpc
+
+    add_worker_rpc(module)
+
+
 CLOSE_TIMEOUT_S = 3.0  # within vLLM's 5 s grace between terminating an engine process and killing it
 
 
@@ -458,105 +464,3 @@ def close_recorder() -> None:
         rec.close(timeout=CLOSE_TIMEOUT_S)
     except Exception:
         logger.exception("moekern: closing the gate log failed")
-
-
-def _add_worker_rpc(module) -> None:
-    """Give vLLM's Worker `moekern_plugin_summary`, `moekern_gate_log` and `moekern_routing_skew` methods, so
-    collective_rpc can name them by string."""
-    if not hasattr(module.Worker, "moekern_plugin_summary"):
-        module.Worker.moekern_plugin_summary = plugin_summary
-    if not hasattr(module.Worker, "moekern_gate_log"):
-        module.Worker.moekern_gate_log = gate_log_switch
-    if not hasattr(module.Worker, "moekern_routing_skew"):
-        module.Worker.moekern_routing_skew = set_routing_skew
-
-
-def _on_off(on) -> bool | None:
-    """collective_rpc's argument as a bool: vLLM serve's dev endpoint (POST /collective_rpc) forwards its JSON
-    args as they came, and its docs ask callers for strings, so "true"/"false"/"1"/"0" count too."""
-    if on is None or isinstance(on, bool):
-        return on
-    text = str(on).strip().lower()
-    if text in ("1", "true", "on", "yes"):
-        return True
-    if text in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"on={on!r} must be true or false (a bool or its string)")
-
-
-def gate_log_switch(worker=None, on: bool | str | None = None) -> dict:
-    """Worker.moekern_gate_log: `collective_rpc("moekern_gate_log", args=(on,))` pauses (False) or resumes
-    (True) this worker's gate log between steps; None only reports. Returns {"gate_log": bool | None (no gate
-    log in this process), "steps": steps recorded so far}."""
-    on = _on_off(on)
-    rec = _STATE["recorder"]
-    if rec is None:
-        return {"gate_log": None, "steps": 0}
-    if on is not None:
-        rec.set_paused(not on)
-    return {"gate_log": not rec.paused, "steps": rec.stats.steps}
-
-
-def set_routing_skew(worker=None, skew: str | None = None, seed: int | str = 0) -> dict:
-    """Worker.moekern_routing_skew: `collective_rpc("moekern_routing_skew", args=("hot:0:0.5",))` re-draws
-    every hooked layer's routing skew in a running engine (`skew` in MOEKERN_ROUTING_SKEW's syntax; `seed` the
-    zipf permutation's). None only reports.
-
-    The bias is overwritten in place (`copy_`), never replaced: CUDA graphs captured at start-up read the
-    tensor at its address, so a new tensor would be ignored by every replayed step. That also means the engine
-    must have started with a skew (MOEKERN_ROUTING_SKEW set, `uniform` is enough): without one no bias add was
-    captured, and this raises ValueError instead of silently changing nothing. Call it between steps (vLLM
-    runs collective_rpc between them); pause the gate log around it (moekern_gate_log) so no step mixes two
-    skews. Returns {"skew": the skew now in force (RoutingSkew.describe()), "layers": hooked layers,
-    "biases_rewritten": layers whose device bias was rewritten (the others build theirs at their next step)}."""
-    from moekern.vllm.config import parse_skew
-
-    hooks = _STATE["layers"]
-    cfg = _STATE["config"]
-    if skew is not None:
-        try:
-            seed_value = int(seed)
-        except (TypeError, ValueError):
-            raise ValueError(f"seed={seed!r} must be an int") from None
-        new = parse_skew(str(skew), seed=seed_value, name="skew")
-        if new is None:
-            raise ValueError(f"skew={skew!r} is empty: name a skew ('uniform' for none)")
-        if hooks and (cfg is None or cfg.skew is None):
-            raise ValueError("this engine started without MOEKERN_ROUTING_SKEW, so its captured CUDA graphs add no "
-                             "routing bias; start it with MOEKERN_ROUTING_SKEW=uniform to switch skews at run time")
-        rewritten = 0
-        for hook in hooks:
-            if hook.bias is not None:
-                hook.bias.copy_(skew_bias(new, hook.bias.shape[0], device=hook.bias.device))
-                rewritten += 1
-            hook.skew = new
-        rec = _STATE["recorder"]
-        if rec is not None:
-            rec.meta["skew"] = new.describe()
-        logger.info("moekern: routing skew -> %s (%d layers, %d biases rewritten)", new.describe(), len(hooks),
-                    rewritten)
-        return {"skew": new.describe(), "layers": len(hooks), "biases_rewritten": rewritten}
-    now = hooks[0].skew if hooks else getattr(cfg, "skew", None)
-    return {"skew": now.describe() if now is not None else None, "layers": len(hooks), "biases_rewritten": 0}
-
-
-def plugin_summary(worker=None) -> dict:
-    """What the plugin did in this process: Worker.moekern_plugin_summary, i.e. fn(worker) under vLLM's
-    collective_rpc("moekern_plugin_summary"). Plain JSON types only (msgpack carries it back)."""
-    rec = _STATE["recorder"]
-    return {
-        "installed": _STATE["installed"],
-        "kernels": getattr(_STATE["config"], "kernels", None),
-        "dummy_router_seed": getattr(_STATE["config"], "dummy_router_seed", None),
-        "moe_configs": os.environ.get("MOEKERN_MOE_CONFIGS") or None,  # tuned tiles laid over fused_moe's table
-        "layers": [{"index": h.index, "name": h.name, "router": type(h.router).__name__,
-                    "moekern_routing": {str(E): (p.why if p else None) for E, p in h.plans.items()},
-                    "moekern_experts": h.experts_decision} for h in _STATE["layers"]],
-        "gate_log": None if rec is None else {"path": str(rec.path), "steps": rec.stats.steps,
-                                              "dropped_steps": rec.stats.dropped_steps,
-                                              "host_us_per_step": rec.stats.host_us_per_step,
-                                              "host_split_us_per_step": rec.stats.host_split_us_per_step,
-                                              "writer_cpu_seconds": round(rec.stats.writer_cpu_seconds, 3),
-                                              "writer_wakeups": rec.stats.wakeups,
-                                              "snapshot": rec.snapshot_why},
-    }
