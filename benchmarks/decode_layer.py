@@ -79,12 +79,43 @@ def roofline_us(experts_hit: int, M: int, H: int, inter: int, bytes_per_s: float
     return (experts_hit * 3 * H * inter * 2 + 2 * M * H * 2) / bytes_per_s * 1e6
 
 
+def bench_inputs(name: str, ms, device="cuda"):
+    """This bench's tensors for one model: (w13 [E, 2I, H] bf16, w2 [E, H, I] bf16, bias [E] fp32 or None,
+    steps {M: (x [M, H] bf16, logits [M, E] bf16)}), drawn from one generator seeded 0 in this order: w13, w2,
+    the bias (models with a correction bias), then x and logits for each M in `ms` order. So the same `ms` list
+    gives the same tensors to every script that calls this (benchmarks/tune_vllm.py times vLLM's configs on them)."""
+    from moekern.models.registry import get_model
+
+    a, spec = _spec_args(name), get_model(name)
+    E, H, inter = a["E"], spec.hidden_size, spec.intermediate_size
+    g = torch.Generator(device=device).manual_seed(0)
+    w13 = (torch.randn(E, 2 * inter, H, device=device, generator=g, dtype=torch.bfloat16) * H ** -0.5)
+    w2 = (torch.randn(E, H, inter, device=device, generator=g, dtype=torch.bfloat16) * inter ** -0.5)
+    bias = torch.randn(E, device=device, generator=g).mul(0.1).to(torch.bfloat16).float() if a["has_bias"] else None
+    steps = {}
+    for M in ms:
+        x = torch.randn(M, H, device=device, generator=g, dtype=torch.bfloat16)
+        steps[M] = (x, torch.randn(M, E, device=device, generator=g, dtype=torch.bfloat16))
+    return w13, w2, bias, steps
+
+
+def reference_layer(name: str, bias, x, logits, w13, w2):
+    """The model's reference routing of logits and the reference layer output on it:
+    (topk_weights [M, k] fp32, topk_ids [M, k], out [M, H])."""
+    from moekern.experts.reference import fused_moe_reference
+    from moekern.routing.reference import fused_topk_reference
+
+    a = _spec_args(name)
+    rw, rids, _ = fused_topk_reference(logits, a["k"], scoring=a["scoring"], renormalize=a["renormalize"],
+                                       correction_bias=bias, num_expert_group=a["G"] or None,
+                                       topk_group=a["g"] or None, routed_scaling_factor=a["scale"])
+    return rw, rids, fused_moe_reference(x, w13, w2, rw, rids)
+
+
 def run(models, ms) -> tuple[list[dict], float]:
     import moekern
     from moekern.bench.timing import measure_hbm_bandwidth, time_calls
-    from moekern.experts.reference import fused_moe_reference
     from moekern.models.registry import get_model
-    from moekern.routing.reference import fused_topk_reference
 
     dev = torch.device("cuda")
     bw = measure_hbm_bandwidth(dev)
@@ -92,22 +123,15 @@ def run(models, ms) -> tuple[list[dict], float]:
     for name in models:
         a, spec = _spec_args(name), get_model(name)
         E, H, inter = a["E"], spec.hidden_size, spec.intermediate_size
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13 = (torch.randn(E, 2 * inter, H, device="cuda", generator=g, dtype=torch.bfloat16) * H ** -0.5)
-        w2 = (torch.randn(E, H, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter ** -0.5)
-        bias = torch.randn(E, device="cuda", generator=g).mul(0.1).to(torch.bfloat16).float() if a["has_bias"] else None
+        w13, w2, bias, steps = bench_inputs(name, ms)
         kw = _routing_kwargs(a, bias)
         vllm = _vllm_layer(a, bias)
         providers = {"moekern": lambda x, lg: moekern.fused_moe(x, w13, w2, lg, a["k"], **kw)}
         if not isinstance(vllm, str):
             providers["vllm"] = lambda x, lg: vllm(x, lg, w13, w2)
         for M in ms:
-            x = torch.randn(M, H, device="cuda", generator=g, dtype=torch.bfloat16)
-            logits = torch.randn(M, E, device="cuda", generator=g, dtype=torch.bfloat16)
-            rw, rids, _ = fused_topk_reference(logits, a["k"], scoring=kw["scoring"], renormalize=kw["renormalize"],
-                                               correction_bias=bias, num_expert_group=a["G"] or None,
-                                               topk_group=a["g"] or None, routed_scaling_factor=a["scale"])
-            ref = fused_moe_reference(x, w13, w2, rw, rids)
+            x, logits = steps[M]
+            rw, rids, ref = reference_layer(name, bias, x, logits, w13, w2)
             hit = int(torch.unique(rids).numel())
             roof = roofline_us(hit, M, H, inter, bw)
             row = {"model": name, "M": M, "E": E, "k": a["k"], "H": H, "I": inter, "experts_hit": hit,
