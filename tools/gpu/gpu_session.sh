@@ -28,6 +28,8 @@
 #   bash tools/gpu/gpu_session.sh diffusion-vllm  # diffusion bench incl. vLLM's fused_experts backend
 #   bash tools/gpu/gpu_session.sh factorial    # issue 12's small real factorial through the serve grid (~8 min)
 #   bash tools/gpu/gpu_session.sh knob-grid    # issue 31's imbalance grid, resumable: as many servers as fit (~8.5 min)
+#   bash tools/gpu/gpu_session.sh vllm-tune    # vLLM's fused_experts over its tuner's 1920 configs, resumable (~8 min)
+#   bash tools/gpu/gpu_session.sh vllm-tuned-bench  # decode_layer.py vs vLLM shipped configs, then vs the tuned ones
 # Several stages run in order in one call: `bash tools/gpu/gpu_session.sh build-test probe ep`.
 # FlashInfer's CUTLASS MoE module takes longer to build than a device session lasts (> 15 min of nvcc on 16
 # cores): build it on the CPU machine instead (bash tools/gpu/flashinfer_aot.sh, hours on 2 cores, resumable)
@@ -118,7 +120,7 @@ need_vllm() {
 
 run_stage() {
   case "$1" in  # the stages that compare against (or run inside) vLLM
-  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-multi|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial|knob-grid)
+  tune|routing-variants|ep-vllm|bench-all|e2e-offline|e2e-serve|e2e-multi|e2e-olmoe|gpu-tests-vllm|diffusion-vllm|factorial|knob-grid|vllm-tune|vllm-tuned-bench)
     need_vllm "$1" || return 0 ;;
   esac
   case "$1" in
@@ -452,6 +454,55 @@ run_stage() {
     python3 -m moekern.cli sweep analysis/specs/imbalance_grid.yaml --dry-run 2>/dev/null | head -1
     mkdir -p "$OUT/knob_grid"
     (cd results/imbalance_grid && tar cf - --exclude='work/*/models' --exclude='*.server.log' . ) | tar xf - -C "$OUT/knob_grid"
+    ;;
+  vllm-tune)
+    # vLLM's own fused_experts timed over every config of vLLM's tuner (benchmarks/tune_vllm.py; 1920 configs per
+    # model and M, checked against the reference first), the best per M written as the files vLLM reads from
+    # VLLM_TUNED_CONFIG_FOLDER. Resumable over many calls: results/vllm_tune/tune_vllm.jsonl (git-ignored) gains a
+    # line per measurement and a rerun skips what it holds for this GPU. It goes back as $OUT/tune_vllm.jsonl.gz,
+    # with the config files of the complete M so far ($OUT/vllm_tune_configs.tgz). Resume in a later call or
+    # session: put the returned tune_vllm.jsonl.gz at results/vllm_tune/tune_vllm.jsonl.gz and carry it (a few MB;
+    # this stage unpacks it); on a machine still warm it is already there. VLLM_TUNE_MODELS and VLLM_TUNE_MS pick
+    # the selection (default: the four models, M 1,2,4,8,16,32,64,256,1024,4096; the decode M first is the reduced
+    # mode of tools/gpu/README.md), VLLM_TUNE_BUDGET_S the seconds (default 480, from this stage's start, vLLM's
+    # import included). Run it with the call's timeout_s 600. No moekern build needed (the reference is torch).
+    local t0=$SECONDS budget=${VLLM_TUNE_BUDGET_S:-480} res=results/vllm_tune
+    versions
+    mkdir -p "$res"
+    if [ ! -s "$res/tune_vllm.jsonl" ] && [ -s "$res/tune_vllm.jsonl.gz" ]; then
+      gunzip -c "$res/tune_vllm.jsonl.gz" > "$res/tune_vllm.jsonl"
+    fi
+    local left=$(( budget - (SECONDS - t0) ))
+    # the runner stops itself before --budget-s; timeout only backs that up (its SIGTERM stops the compile workers)
+    timeout -k 20 $(( left + 60 )) python3 benchmarks/tune_vllm.py run --jsonl "$res/tune_vllm.jsonl" \
+      --budget-s "$left" ${VLLM_TUNE_MODELS:+--models "$VLLM_TUNE_MODELS"} ${VLLM_TUNE_MS:+--ms "$VLLM_TUNE_MS"} \
+      2>&1 | tee "$OUT/vllm_tune.log" | tail -40
+    python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$OUT/vllm_tune_configs" 2>&1 | tail -8
+    gzip -c "$res/tune_vllm.jsonl" > "$OUT/tune_vllm.jsonl.gz"
+    ;;
+  vllm-tuned-bench)
+    # benchmarks/decode_layer.py twice in one call on one GPU: vLLM with its shipped configs (none for our bf16
+    # H100 shapes: its default rule), then vLLM with the tuned files (VLLM_TUNED_CONFIG_FOLDER). The files:
+    # VLLM_TUNED_DIR if set, else written here from results/vllm_tune/tune_vllm.jsonl(.gz) (left by vllm-tune in
+    # this call, or carried). VLLM_BENCH_MS (default 1,2,4,8,16,32,64) should be a prefix of the tuning's M list:
+    # decode_layer.py then draws the very tensors the configs were tuned on. Compare only M that the files hold.
+    versions; build
+    local res=results/vllm_tune dir=${VLLM_TUNED_DIR:-$OUT/vllm_tuned_configs} ms=${VLLM_BENCH_MS:-1,2,4,8,16,32,64}
+    if [ -z "${VLLM_TUNED_DIR:-}" ]; then
+      if [ ! -s "$res/tune_vllm.jsonl" ] && [ -s "$res/tune_vllm.jsonl.gz" ]; then
+        mkdir -p "$res"; gunzip -c "$res/tune_vllm.jsonl.gz" > "$res/tune_vllm.jsonl"
+      fi
+      python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$dir" 2>&1 | tail -8
+    fi
+    if ! ls "$dir"/E=*.json >/dev/null 2>&1; then
+      echo "vllm-tuned-bench: no tuned config file in $dir (run vllm-tune until some M is complete)"; return 0
+    fi
+    dir=$(cd "$dir" && pwd)  # vLLM joins the folder with the file name: make it absolute
+    mkdir -p "$OUT/vllm_tuned_bench"
+    timeout 270 env -u VLLM_TUNED_CONFIG_FOLDER python3 benchmarks/decode_layer.py --ms "$ms" \
+      --json "$OUT/vllm_tuned_bench/shipped.json" 2>&1 | tee "$OUT/vllm_tuned_bench/shipped.log" | tail -32
+    timeout 270 env VLLM_TUNED_CONFIG_FOLDER="$dir" python3 benchmarks/decode_layer.py --ms "$ms" \
+      --json "$OUT/vllm_tuned_bench/tuned.json" 2>&1 | tee "$OUT/vllm_tuned_bench/tuned.log" | tail -32
     ;;
   *) echo "unknown stage $1"; return 2 ;;
   esac
