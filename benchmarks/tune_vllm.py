@@ -6,8 +6,9 @@
     VLLM_TUNED_CONFIG_FOLDER=DIR python benchmarks/decode_layer.py ...    # vLLM with those configs
 
 vLLM 0.26 ships no bf16 H100 fused_moe config for our TP=1 shapes, so without one it runs its default rule. This
-tunes vLLM's Triton fused_experts the way vLLM's tuner does (benchmarks/kernels/benchmark_moe.py --tune; the space
-is in vllm_tuned_configs.py: 1920 configs, where it came from and what vLLM prunes: nothing on CUDA), and writes
+tunes vLLM's Triton fused_experts the way vLLM's tuner does (benchmarks/kernels/benchmark_moe.py --tune of
+vllm-project/vllm at commit 71acd375e8b6, get_configs_compute_bound; re-implemented in vllm_tuned_configs.py:
+1920 configs, of which vLLM's tuner prunes none on CUDA for bf16), and writes
 the winners as the files vLLM reads from VLLM_TUNED_CONFIG_FOLDER (E={E},N={I},device_name={GPU}.json).
 
 `run`, per model (mixtral, qwen3-30b-a3b, olmoe, deepseek-v3 by default; TP=1, bf16) and config, for every M of
@@ -144,6 +145,7 @@ def tune(models, ms, jsonl: str, open_backend, device: str, *, budget_s: float, 
     space = search_space() if space is None else list(space)
     records = [r for r in read_results(jsonl)[1] if r["device"] == device]  # another GPU's results do not count
     os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
+    drop_cut_off_line(jsonl)
     with open(jsonl, "a") as out:
         run = _Run(out, records, device, budget_s, clock, log)
         out.write(json.dumps({"meta": dict(meta or {}, device=device, models=list(models), ms=list(ms),
@@ -169,6 +171,16 @@ def tune(models, ms, jsonl: str, open_backend, device: str, *, budget_s: float, 
     log(f"measured {run.measured} in {run.used():.0f} s; "
         + (f"stopped ({run.stopped}); rerun to resume" if run.stopped else "selection complete"))
     return {"stopped": run.stopped, "measured": run.measured, "left": left}
+
+
+def drop_cut_off_line(path: str) -> None:
+    """Truncate a last line without its newline (a run killed while writing it), so appending continues whole lines."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _screen(run: _Run, model, ms, todo, backend, warmer, progress_every, later) -> None:

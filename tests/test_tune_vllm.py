@@ -210,6 +210,16 @@ def test_budget_stops_before_a_config_and_resume_measures_the_rest_once(tmp_path
     assert len(keys) == len(set(keys)) == 8
 
 
+def test_a_line_cut_off_by_a_kill_is_dropped_before_the_resume_appends(tmp_path):
+    path, first = run(tmp_path, FakeBackend(Clock()), budget_s=5, finalists=0)  # one config at two M: 4 s
+    assert first["measured"] == 2
+    text = Path(path).read_text()
+    Path(path).write_text(text + text.splitlines()[-1][:25])  # a kill in the middle of a fifth line
+    path, res = run(tmp_path, FakeBackend(Clock()), finalists=0)
+    assert res["measured"] == 6
+    assert len(vtc.read_results(path)[1]) == 8  # every line whole again, none lost or doubled
+
+
 def test_another_gpus_results_do_not_count_as_done(tmp_path):
     run(tmp_path, FakeBackend(Clock()), finalists=0)
     b = FakeBackend(Clock())
@@ -354,3 +364,81 @@ def test_real_vllm_kernel_two_configs_and_vllms_file_name(tmp_path):
     assert len(first) == 2 and all(r["status"] == "ok" and r["rel_err"] < 1e-2 and r["us"] > 0 for r in first)
     assert all(r["status"] in ("ok", "error") for r in recs)
     assert all(math.isfinite(r["us"]) for r in recs if r["status"] == "ok")
+
+
+def test_compile_only_kernel_compiles_with_the_launch_grid_and_launches_nothing():
+    import tune_vllm_gpu
+
+    class Kernel:
+        def __init__(self):
+            self.calls = []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.calls.append(("warmup", args, grid, kwargs))
+
+        def run(self, *args, **kwargs):
+            self.calls.append(("run",))
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: self.run(*a, grid=grid, **k)
+
+    k = Kernel()
+    stand_in = tune_vllm_gpu._CompileOnly(k)
+    grid = (lambda meta: (4,))
+    stand_in[grid](1, 2, BLOCK_SIZE_M=16, num_warps=4)
+    assert k.calls == [("warmup", (1, 2), grid, {"BLOCK_SIZE_M": 16, "num_warps": 4})]
+    assert stand_in.calls is k.calls  # other attributes are the kernel's
+
+
+@pytest.mark.gpu
+def test_real_vllm_kernel_with_compile_workers(tmp_path):
+    pytest.importorskip("vllm")
+    import tune_vllm_gpu
+
+    device, meta = tune_vllm.gpu_device()
+    space = [(32, 64, 128, 16, 4, 4), (16, 128, 64, 1, 8, 3)]
+    warmer = tune_vllm_gpu.CompileWorkers(2, [2])
+    try:
+        res = tune_vllm.tune(["qwen3-30b-a3b"], [2], str(tmp_path / "r.jsonl"), tune_vllm.VllmExperts, device,
+                             budget_s=300, finalists=0, space=space, meta=meta, warmer=warmer, log=lambda m: None)
+    finally:
+        warmer.stop()
+    recs = vtc.read_results(str(tmp_path / "r.jsonl"))[1]
+    assert res["stopped"] is None and warmer.failed == 0
+    assert [r["status"] for r in recs] == ["ok", "ok"] and all(r["rel_err"] < 1e-2 for r in recs)
+    print("first call (s), compiled ahead:", [r["first_s"] for r in recs])
+
+
+# ------------------------------------------------------------------ the device stage's resume plumbing
+
+
+def test_vllm_tune_stage_unpacks_the_carried_results_and_sends_them_back(tmp_path):
+    """gpu_session.sh vllm-tune in a copy of the checkout on a CPU, against a stand-in `vllm` package: the carried
+    results/vllm_tune/tune_vllm.jsonl.gz is unpacked for the runner (which says it needs a GPU here), the config
+    files of its complete M are written under $OUT and the results go back as $OUT/tune_vllm.jsonl.gz."""
+    import gzip
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path / "checkout"
+    (work / "tools").mkdir(parents=True)
+    shutil.copytree(repo / "tools" / "gpu", work / "tools" / "gpu")
+    for name in ("benchmarks", "moekern"):
+        (work / name).symlink_to(repo / name)
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text("__version__ = 'stand-in'\n")
+    lines = [json.dumps({"meta": {"device": H100, "triton": "3.6.0"}})]
+    lines += [json.dumps(r) for r in _records("olmoe", (1,))]
+    (work / "results" / "vllm_tune").mkdir(parents=True)
+    with gzip.open(work / "results" / "vllm_tune" / "tune_vllm.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), MOEKERN_OUT_TAR="0", PYTHONPATH=f"{tmp_path / 'fake'}:{repo}",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", "tools/gpu/gpu_session.sh", "vllm-tune"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "needs a CUDA GPU" in proc.stdout + proc.stderr
+    assert (out / "vllm_tune_configs" / "E=64,N=1024,device_name=NVIDIA_H100_80GB_HBM3.json").exists()
+    with gzip.open(out / "tune_vllm.jsonl.gz", "rt") as f:
+        assert f.read().splitlines() == lines

@@ -477,8 +477,10 @@ run_stage() {
     timeout -k 20 $(( left + 60 )) python3 benchmarks/tune_vllm.py run --jsonl "$res/tune_vllm.jsonl" \
       --budget-s "$left" ${VLLM_TUNE_MODELS:+--models "$VLLM_TUNE_MODELS"} ${VLLM_TUNE_MS:+--ms "$VLLM_TUNE_MS"} \
       2>&1 | tee "$OUT/vllm_tune.log" | tail -40
-    python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$OUT/vllm_tune_configs" 2>&1 | tail -8
-    gzip -c "$res/tune_vllm.jsonl" > "$OUT/tune_vllm.jsonl.gz"
+    if [ -s "$res/tune_vllm.jsonl" ]; then
+      python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$OUT/vllm_tune_configs" 2>&1 | tail -8
+      gzip -c "$res/tune_vllm.jsonl" > "$OUT/tune_vllm.jsonl.gz"
+    fi
     ;;
   vllm-tuned-bench)
     # benchmarks/decode_layer.py twice in one call on one GPU: vLLM with its shipped configs (none for our bf16
