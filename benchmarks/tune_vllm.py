@@ -93,12 +93,12 @@ def measure(backend, model: str, M: int, cfg, phase: str, device: str) -> dict:
         if phase == "screen":
             c0 = time.perf_counter()
             err = float(backend.check(M, cfg))
-            rec.update(first_s=round(time.perf_counter() - c0, 3), rel_err=err)
+            rec.update(first_s=round(time.perf_counter() - c0, 3), rel_err=float(f"{err:.4g}"))
             if not err < REL_TOL:  # NaN included
                 rec["status"] = "wrong"
                 return rec
         t = backend.time(M, cfg, phase == "final")
-        rec.update(status="ok", us=t.median_us, method=t.method)
+        rec.update(status="ok", us=round(t.median_us, 3), method=t.method)
     except Exception as exc:  # noqa: BLE001  (out of resources, compile error: recorded, the run goes on)
         rec.update(status="error", error=one_line(exc))
     return rec
@@ -186,7 +186,7 @@ def drop_cut_off_line(path: str) -> None:
 def _screen(run: _Run, model, ms, todo, backend, warmer, progress_every, later) -> None:
     """Check and screen-time each config of todo at every M it lacks; stop before a config past the budget."""
     if warmer is not None:
-        warmer.start(model, todo)
+        warmer.start(model, [(c, [M for M in ms if (model, M, c, "screen") not in run.done]) for c in todo])
     for i, cfg in enumerate(todo):
         if run.per_config is not None and run.used() + run.per_config > run.budget_s:
             run.stopped = (f"budget: {run.used():.0f} s used, a config takes ~{run.per_config:.1f} s, "

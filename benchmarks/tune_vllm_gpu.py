@@ -96,9 +96,9 @@ def _worker_init(ms):
     _WORKER["ms"] = list(ms)
 
 
-def _worker_compile(model: str, cfg) -> str | None:
-    """Compile one config's kernels for every M (their specializations follow M): weights of one expert seen as E
-    (stride 0: the same Triton specialization as E real experts, a fraction of the memory), random routing."""
+def _worker_compile(model: str, cfg, ms) -> str | None:
+    """Compile one config's kernels for the M given (their specializations follow M): weights of one expert seen as
+    E (stride 0: the same Triton specialization as E real experts, a fraction of the memory), random routing."""
     from vllm.model_executor.layers.fused_moe import fused_experts, override_config
 
     if _WORKER.get("model") != model:
@@ -107,13 +107,14 @@ def _worker_compile(model: str, cfg) -> str | None:
         s = moe_shape(model)
         w13 = torch.randn(1, 2 * s.N, s.H, device="cuda", dtype=torch.bfloat16).expand(s.E, -1, -1)
         w2 = torch.randn(1, s.H, s.N, device="cuda", dtype=torch.bfloat16).expand(s.E, -1, -1)
-        steps = [(torch.randn(M, s.H, device="cuda", dtype=torch.bfloat16),
-                  torch.rand(M, s.top_k, device="cuda"),
-                  torch.randint(0, s.E, (M, s.top_k), device="cuda", dtype=torch.int32)) for M in _WORKER["ms"]]
+        steps = {M: (torch.randn(M, s.H, device="cuda", dtype=torch.bfloat16),
+                     torch.rand(M, s.top_k, device="cuda"),
+                     torch.randint(0, s.E, (M, s.top_k), device="cuda", dtype=torch.int32)) for M in _WORKER["ms"]}
         _WORKER.update(model=model, state=(w13, w2, steps))
     w13, w2, steps = _WORKER["state"]
     errors = []
-    for x, w, ids in steps:
+    for M in ms:
+        x, w, ids = steps[M]
         try:
             with override_config(config_dict(cfg)):
                 fused_experts(x, w13, w2, w, ids)
@@ -132,10 +133,11 @@ class CompileWorkers:
         self.n, self.ms, self.pool, self.jobs, self.failed = n, list(ms), None, {}, 0
         self._ctx = multiprocessing.get_context("spawn")  # CUDA in workers needs spawn
 
-    def start(self, model, cfgs):
+    def start(self, model, work):
+        """work: (config, the M it still lacks), in the order the timing will ask for them."""
         if self.pool is None:
             self.pool = self._ctx.Pool(self.n, initializer=_worker_init, initargs=(self.ms,))
-        self.jobs = {(model, c): self.pool.apply_async(_worker_compile, (model, c)) for c in cfgs}
+        self.jobs = {(model, c): self.pool.apply_async(_worker_compile, (model, c, ms)) for c, ms in work}
 
     def wait(self, model, cfg, timeout_s: float = 300):
         job = self.jobs.pop((model, cfg), None)

@@ -166,6 +166,28 @@ def test_every_config_checked_then_timed_once(tmp_path):
     assert all(r["status"] == "ok" and r["us"] > 0 and r["phase"] == "screen" for r in recs)
 
 
+def test_compile_workers_get_the_missing_m_and_each_config_waits_for_its_compile(tmp_path):
+    class Warmer:
+        def __init__(self, calls):
+            self.calls, self.work = calls, None
+
+        def start(self, model, work):
+            self.work = work
+
+        def wait(self, model, cfg):
+            self.calls.append(("wait", None, cfg))
+
+    path = str(tmp_path / "r.jsonl")
+    _write_jsonl(path, _records("olmoe", (1,), space=SPACE[:1]))  # config 0 done at M=1 (on this device)
+    b = FakeBackend(Clock())
+    warmer = Warmer(b.calls)
+    tune_vllm.tune(["olmoe"], [1, 2], path, lambda m, ms: b, H100, budget_s=1e9, finalists=0, space=SPACE,
+                   warmer=warmer, clock=b.clock, log=lambda m: None)
+    assert warmer.work == [(SPACE[0], [2])] + [(c, [1, 2]) for c in SPACE[1:]]
+    firsts = [i for i, c in enumerate(b.calls) if c[0] == "check" and (c[1] == 1 or c[2] == SPACE[0])]
+    assert [b.calls[i - 1] for i in firsts] == [("wait", None, c) for c in SPACE]
+
+
 def test_wrong_and_failing_configs_are_recorded_and_never_picked(tmp_path):
     wrong, oor, nan = SPACE[0], SPACE[1], SPACE[2]
     b = FakeBackend(Clock(), errs={wrong: 0.5, nan: float("nan")},
