@@ -14,7 +14,8 @@ the winners as the files vLLM reads from VLLM_TUNED_CONFIG_FOLDER (E={E},N={I},d
 `run`, per model (mixtral, qwen3-30b-a3b, olmoe, deepseek-v3 by default; TP=1, bf16) and config, for every M of
 --ms (default 1,2,4,8,16,32,64,256,1024,4096):
   inputs     benchmarks/decode_layer.py's (bench_inputs: the same tensors as decode_layer.py run with the same
-             --ms list), routed by the model's reference routing (decode_layer.reference_layer);
+             --ms list), routed once by the model's reference routing (decode_layer.reference_layer; vLLM's
+             tuner times its routing with each call, a cost no config changes, left out here);
   call       vllm.model_executor.layers.fused_moe.fused_experts under vLLM's override_config(config), the hook
              vLLM's tuner uses, so the config goes through vLLM's own launch code;
   check      once per (config, M), before timing: ||out - ref|| / ||ref|| < 1e-2 against
