@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moekern.analysis.study.sweep import load_spec, plan, run_sweep
+from moekern.analysis.study.sweep import load_spec, plan
+from moekern.analysis.study.sweep_run import run_sweep
 
 SAMPLE = Path(__file__).resolve().parents[1] / "moekern" / "data" / "sample_results"  # real, one H100 run
 SYNTHETIC = Path(__file__).resolve().parents[1] / "moekern" / "data" / "synthetic_results"  # known effects
@@ -91,7 +92,7 @@ def test_sweep_failures_are_retried(tmp_path):
 def test_sweep_budget_stops_before_a_point_that_cannot_fit_and_only_selects(tmp_path, capsys):
     """--budget-s: no point starts with less than min_point_s left (they stay for the next invocation);
     {budget_left_s} reaches the command; --only runs a subset of one grid key's values."""
-    from moekern.analysis.study.sweep import parse_only
+    from moekern.analysis.study.sweep_run import parse_only
 
     p = _spec(tmp_path, [8, 16])
     p.write_text(p.read_text().replace("{eplb_flag}", "{eplb_flag} --left {budget_left_s}")
@@ -122,7 +123,7 @@ def test_sweep_point_past_its_timeout_gets_sigterm_first(tmp_path):
     killed; the sweep records the timeout and moves on."""
     import subprocess
 
-    from moekern.analysis.study.sweep import run_point
+    from moekern.analysis.study.sweep_run import run_point
 
     script = tmp_path / "slow.py"
     script.write_text("import signal, sys, time\n"

@@ -150,7 +150,8 @@ def test_result_metadata_is_what_the_analysis_groups_by(dataset, tmp_path):
 def test_sweep_example_renders_the_real_command(dataset, capsys):
     """Every point of analysis/specs/sweep_example.yaml is a command `moekern e2e` accepts, with the point's
     values in the engine it would start."""
-    from moekern.analysis.study.sweep import load_spec, plan, run_sweep
+    from moekern.analysis.study.sweep import load_spec, plan
+    from moekern.analysis.study.sweep_run import run_sweep
 
     spec = load_spec(REPO / "analysis" / "specs" / "sweep_example.yaml")
     assert spec.collect is None
@@ -177,7 +178,8 @@ def test_sweep_example_renders_the_real_command(dataset, capsys):
 def test_imbalance_grid_spec_renders_real_commands(capsys):
     """analysis/specs/imbalance_grid.yaml (issue 31): 48 servers, knob point outermost, each a `moekern e2e`
     command with the point's knobs and backend, the three skews inside it, and 3 expected result files."""
-    from moekern.analysis.study.sweep import load_spec, plan, run_sweep
+    from moekern.analysis.study.sweep import load_spec, plan
+    from moekern.analysis.study.sweep_run import run_sweep
 
     spec = load_spec(REPO / "analysis" / "specs" / "imbalance_grid.yaml")
     points = plan(spec)
@@ -221,7 +223,8 @@ def test_imbalance_grid_real_spec_renders_checkpoint_commands(dataset):
 def test_sweep_keeps_runner_metadata(tmp_path):
     """A runner's own 'moekern' block (moekern e2e --result) survives the sweep's annotation, which adds only
     the keys it lacks."""
-    from moekern.analysis.study.sweep import load_spec, run_sweep
+    from moekern.analysis.study.sweep import load_spec
+    from moekern.analysis.study.sweep_run import run_sweep
 
     (tmp_path / "r.py").write_text(
         "import json, sys, pathlib\n"

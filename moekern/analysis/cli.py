@@ -429,7 +429,8 @@ def _placement(args) -> int:
 
 
 def _sweep(args) -> int:
-    from moekern.analysis.study.sweep import load_spec, parse_only, run_sweep
+    from moekern.analysis.study.sweep import load_spec
+    from moekern.analysis.study.sweep_run import parse_only, run_sweep
 
     summary = run_sweep(load_spec(args.spec), dry_run=args.dry_run, progress=not args.no_progress,
                         budget_s=args.budget_s, only=parse_only(args.only))

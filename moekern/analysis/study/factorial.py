@@ -188,7 +188,8 @@ def run_factorial(spec: FactorialSpec, dry_run: bool = False, out=None) -> dict:
     "ran", "failed", "skipped"}."""
     import sys
 
-    from moekern.analysis.study.sweep import SweepSpec, run_sweep
+    from moekern.analysis.study.sweep import SweepSpec
+    from moekern.analysis.study.sweep_run import run_sweep
 
     out = out or sys.stdout
     pts = design_points(spec.server_factors, spec.design, spec.fraction_p)
