@@ -1,5 +1,5 @@
 """The gate-log loader (moekern.analysis.imbalance.loads) field by field: what a LoadTable keeps through
-select/by_run/pool_runs, the options of load_table (one file, phase, time window, cache), the lines it skips
+select/pool_runs, the options of load_table (one file, phase, time window, cache), the lines it skips
 and says so, how ranks are combined and what it says it did, and the per-step JSON layout. Small logs
 written here; every expected number is read off the records in the comments."""
 
@@ -39,7 +39,7 @@ def test_loaded_runs_keep_their_fields(tmp_path):
     assert t.rank_combine == {"a": "1 rank", "b": "1 rank"} and t.present.dtype == bool
 
 
-def test_select_and_by_run_keep_every_field(tmp_path):
+def test_select_keeps_every_field(tmp_path):
     _two_runs(tmp_path)
     t = M.load_table(tmp_path)
     sub = t.select(np.array([False, True, True, False]))  # run a step 1, run b step 0
@@ -47,12 +47,6 @@ def test_select_and_by_run_keep_every_field(tmp_path):
     assert sub.steps.tolist() == [1, 0] and sub.num_tokens.tolist() == [4, 4]
     assert sub.phases == ["decode", "decode"] and sub.runs == ["a", "b"]
     assert (sub.skipped, sub.source, sub.rank_combine) == (t.skipped, t.source, t.rank_combine)
-    parts = t.by_run()
-    assert list(parts) == ["a", "b"]
-    assert parts["a"].counts[:, 0].tolist() == [[3, 1, 0, 0], [2, 2, 0, 0]] and parts["a"].runs == ["a", "a"]
-    assert parts["b"].counts[:, 0].tolist() == [[0, 0, 1, 3], [1, 1, 1, 1]] and parts["b"].steps.tolist() == [0, 1]
-    array_table = M.table_from_counts([[1, 1]])
-    assert array_table.by_run() == {"": array_table}
 
 
 def test_pool_runs_pads_and_names(tmp_path):

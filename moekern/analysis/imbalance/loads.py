@@ -78,13 +78,6 @@ class LoadTable:
         return LoadTable(self.counts[mask], self.present[mask], self.steps[mask], self.num_tokens[mask],
                          pick(self.phases), self.skipped, self.source, pick(self.runs), self.rank_combine)
 
-    def by_run(self) -> dict[str, "LoadTable"]:
-        """{run: its rows}, in row order; a table from an array is one run named ""."""
-        if not self.runs:
-            return {"": self}
-        runs = np.asarray(self.runs)
-        return {r: self.select(runs == r) for r in self.run_names}
-
 
 COMBINE_RANKS = ("auto", "sum", "dedupe")
 
