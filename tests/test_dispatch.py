@@ -113,6 +113,46 @@ def test_permute_unpermute_worked_example():
         torch.testing.assert_close(out.cpu(), want, rtol=1e-6, atol=1e-6)
 
 
+def test_references_ignore_the_default_device_and_dtype():
+    """The references make every tensor on the inputs' device and accumulate in fp32 whatever torch's defaults
+    are (a default device set to meta, as torch.device("meta") does for model init, and a float64 default).
+    The expected values are the worked examples above."""
+    ids = ids_tensor([[2, 0], [1, 2], [0, 2]], "cpu")
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    # one token, k = 3: fp32 sums 1e8 + 1 -> 1e8 (fp32 spacing is 8 there), then - 1e8 -> 0; fp64 would give 1
+    y = torch.tensor([[1e8], [1.0], [-1e8]])
+    one_token = ids_tensor([[0, 1, 2]], "cpu")
+    ones = torch.ones(1, 3)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            a = align_reference(ids, 4, 2)
+            permuted, layout = permute_reference(x, ids, 3)
+            _, one_layout = permute_reference(y, one_token, 3)
+            out = unpermute_reference(y, one_layout, ones)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for t in (*a, permuted, layout.sorted_slots, layout.slot_to_row, layout.expert_offsets, out):
+        assert t.device.type == "cpu"
+    assert a.sorted_token_ids.tolist() == [1, 4, 2, 6, 0, 3, 5, 6, 6, 6]
+    assert a.block_expert_ids.tolist() == [0, 1, 2, 2, -1] and a.num_tokens_post_padded.tolist() == [8]
+    assert layout.slot_to_row.tolist() == [3, 0, 2, 4, 1, 5] and layout.expert_offsets.tolist() == [0, 2, 3, 6]
+    assert permuted.tolist() == [[1, 10], [3, 30], [2, 20], [1, 10], [2, 20], [3, 30]]
+    assert out.dtype == torch.float32 and out.tolist() == [[0.0]]
+
+
+def test_torch_unpermute_sums_in_fp32_and_rounds_once_to_the_output_dtype():
+    # fp16 output, one token, k = 3: 1 + 2^-11 + 2^-11 = 1 + 2^-10 in fp32, exact in fp16; summed in fp16,
+    # 1 + 2^-11 is a tie that rounds to even (1.0) twice, giving 1.0
+    ids = ids_tensor([[0, 1, 2]], "cpu")
+    y = torch.tensor([[1.0], [2.0 ** -11], [2.0 ** -11]], dtype=torch.float16)
+    _, layout = permute_reference(y, ids, 3)
+    w = torch.ones(1, 3)
+    for got in (unpermute_reference(y, layout, w), unpermute(y, layout, w, backend="torch")):
+        assert got.dtype == torch.float16 and got.tolist() == [[1.0 + 2.0 ** -10]]
+
+
 def test_public_exports():
     assert moekern.align is align and moekern.permute is permute and moekern.unpermute is unpermute
     assert moekern.AlignOutput is AlignOutput and moekern.PermuteLayout is PermuteLayout
