@@ -1,5 +1,5 @@
 """The gate-log loader (moekern.analysis.imbalance.loads) field by field: what a LoadTable keeps through
-select/by_run/pool_runs, the options of load_table (one file, phase, time window, cache), the lines it skips
+select/pool_runs, the options of load_table (one file, phase, time window, cache), the lines it skips
 and says so, how ranks are combined and what it says it did, and the per-step JSON layout. Small logs
 written here; every expected number is read off the records in the comments."""
 
@@ -39,7 +39,7 @@ def test_loaded_runs_keep_their_fields(tmp_path):
     assert t.rank_combine == {"a": "1 rank", "b": "1 rank"} and t.present.dtype == bool
 
 
-def test_select_and_by_run_keep_every_field(tmp_path):
+def test_select_keeps_every_field(tmp_path):
     _two_runs(tmp_path)
     t = M.load_table(tmp_path)
     sub = t.select(np.array([False, True, True, False]))  # run a step 1, run b step 0
@@ -47,12 +47,6 @@ def test_select_and_by_run_keep_every_field(tmp_path):
     assert sub.steps.tolist() == [1, 0] and sub.num_tokens.tolist() == [4, 4]
     assert sub.phases == ["decode", "decode"] and sub.runs == ["a", "b"]
     assert (sub.skipped, sub.source, sub.rank_combine) == (t.skipped, t.source, t.rank_combine)
-    parts = t.by_run()
-    assert list(parts) == ["a", "b"]
-    assert parts["a"].counts[:, 0].tolist() == [[3, 1, 0, 0], [2, 2, 0, 0]] and parts["a"].runs == ["a", "a"]
-    assert parts["b"].counts[:, 0].tolist() == [[0, 0, 1, 3], [1, 1, 1, 1]] and parts["b"].steps.tolist() == [0, 1]
-    array_table = M.table_from_counts([[1, 1]])
-    assert array_table.by_run() == {"": array_table}
 
 
 def test_pool_runs_pads_and_names(tmp_path):
@@ -198,12 +192,37 @@ def test_per_step_json_fields(tmp_path):
     assert t.steps.tolist() == [0, 1, 2] and t.phases == ["decode", "unknown", "unknown"]
     assert t.counts.tolist() == [[[3, 1, 0, 0], [1, 1, 1, 1]], [[0] * 4, [0, 0, 2, 2]], [[2, 2, 0, 0], [0] * 4]]
     assert t.present.tolist() == [[True, True], [False, True], [True, False]] and t.present.dtype == bool
-    assert t.num_tokens.tolist() == [2, 0, 4]  # step 1's first layer was skipped: 0 / top_k
+    assert t.num_tokens.tolist() == [2, 2, 4]  # step 1's layer 0 was skipped: layer 1's sum 4 / top_k 2
     assert t.source == str(x) and t.rank_combine == {"x": "per-step JSON: one record per step"}
     broken, *bad_layers = t.skipped
     assert broken[0] == str(x / "step_0003.json") and broken[1].startswith("JSONDecodeError: ")
     assert bad_layers == [("step 1", "layer 0: bad counts (len 2, expected 4)"),
-                          ("step 2", "layer 1: bad counts (len 4, expected 4)")]
+                          ("step 2", "layer 1: bad counts (negative: -1)")]
+
+
+def test_per_step_json_tokens_from_the_first_valid_layer(tmp_path):
+    # every layer routes the step's tokens, so a bad first layer must not make the step look empty (0 tokens
+    # would pass any warm-up filter); a step with no valid layer has no count to take tokens from: 0
+    x = tmp_path / "x"
+    _step(x / "step_0000.json", {"step": 0, "layers": {"0": [9, -9, 0], "1": [6, 0, 0], "2": [1, 1, 1]}, "top_k": 2})
+    _step(x / "step_0001.json", {"step": 1, "layers": {"1": [5, 1, 0], "2": [2, 2, 2]}})  # no layer 0 at all
+    _step(x / "step_0002.json", {"step": 2, "layers": {"0": [1, 1]}})  # its only layer too short
+    t = M.load_runs(tmp_path)["x"]
+    assert t.present.tolist() == [[False, True, True], [False, True, True], [False, False, False]]
+    assert t.num_tokens.tolist() == [3, 6, 0]  # 6 / top_k 2; layer 1's sum 6; nothing valid
+
+
+def test_per_step_json_repeated_step_keeps_the_first_file(tmp_path):
+    # as a second gate-log record for one (rank, step, layer): the first file (in name order) is kept, the
+    # other listed, so no step is counted twice
+    x = tmp_path / "x"
+    _step(x / "a.json", {"step": 1, "layers": {"0": [1, 3]}})
+    _step(x / "b.json", {"step": 0, "layers": {"0": [2, 2]}})
+    _step(x / "c.json", {"step": 1, "layers": {"0": [4, 0]}})
+    t = M.load_runs(tmp_path)["x"]
+    assert t.steps.tolist() == [0, 1] and t.counts[:, 0].tolist() == [[2, 2], [1, 3]]
+    assert t.num_tokens.tolist() == [4, 4]
+    assert t.skipped == [(str(x / "c.json"), f"a second file for step 1 (the first, {str(x / 'a.json')!r}, is kept)")]
 
 
 def test_per_step_json_among_other_files(tmp_path):

@@ -47,6 +47,14 @@ def test_worked_example_one_hot_expert():
     assert M.gini(c) == pytest.approx(0.75)  # (E - 1) / E
 
 
+def test_entropy_of_one_hot_loads_is_plus_zero():
+    # -sum(p ln p) over [0, 1, 0] is -(0.0) = -0.0, which reports and JSON print as "-0.0"
+    assert math.copysign(1.0, M.normalized_entropy([0, 5, 0])) == 1.0
+    assert json.dumps(M.normalized_entropy([0, 5, 0])) == "0.0"
+    rows = M.normalized_entropy([[0, 3], [7, 0], [1, 1]])
+    assert not np.signbit(rows).any() and rows.tolist() == [0.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("c", [[4, 4, 4, 4], [5], [0, 0, 7, 0][2:3]])
 def test_perfect_balance_and_single_expert(c):
     assert M.all_metrics(c) == pytest.approx({"cv": 0.0, "max_min": 1.0, "max_mean": 1.0, "entropy": 1.0,

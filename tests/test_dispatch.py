@@ -6,6 +6,8 @@ shapes; the multi-program align path is reached there by calling triton_ops with
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -111,6 +113,46 @@ def test_permute_unpermute_worked_example():
         # token 0: 0.5*3*x0 + 0.25*1*x0 = 1.75 x0; token 1: 1*2*x1 + 2*3*x1 = 8 x1; token 2: 0*1*x2 + 1*3*x2 = 3 x2
         want = torch.tensor([[1.75, 17.5], [16.0, 160.0], [9.0, 90.0]])
         torch.testing.assert_close(out.cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_references_ignore_the_default_device_and_dtype():
+    """The references make every tensor on the inputs' device and accumulate in fp32 whatever torch's defaults
+    are (a default device set to meta, as torch.device("meta") does for model init, and a float64 default).
+    The expected values are the worked examples above."""
+    ids = ids_tensor([[2, 0], [1, 2], [0, 2]], "cpu")
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    # one token, k = 3: fp32 sums 1e8 + 1 -> 1e8 (fp32 spacing is 8 there), then - 1e8 -> 0; fp64 would give 1
+    y = torch.tensor([[1e8], [1.0], [-1e8]])
+    one_token = ids_tensor([[0, 1, 2]], "cpu")
+    ones = torch.ones(1, 3)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            a = align_reference(ids, 4, 2)
+            permuted, layout = permute_reference(x, ids, 3)
+            _, one_layout = permute_reference(y, one_token, 3)
+            out = unpermute_reference(y, one_layout, ones)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for t in (*a, permuted, layout.sorted_slots, layout.slot_to_row, layout.expert_offsets, out):
+        assert t.device.type == "cpu"
+    assert a.sorted_token_ids.tolist() == [1, 4, 2, 6, 0, 3, 5, 6, 6, 6]
+    assert a.block_expert_ids.tolist() == [0, 1, 2, 2, -1] and a.num_tokens_post_padded.tolist() == [8]
+    assert layout.slot_to_row.tolist() == [3, 0, 2, 4, 1, 5] and layout.expert_offsets.tolist() == [0, 2, 3, 6]
+    assert permuted.tolist() == [[1, 10], [3, 30], [2, 20], [1, 10], [2, 20], [3, 30]]
+    assert out.dtype == torch.float32 and out.tolist() == [[0.0]]
+
+
+def test_torch_unpermute_sums_in_fp32_and_rounds_once_to_the_output_dtype():
+    # fp16 output, one token, k = 3: 1 + 2^-11 + 2^-11 = 1 + 2^-10 in fp32, exact in fp16; summed in fp16,
+    # 1 + 2^-11 is a tie that rounds to even (1.0) twice, giving 1.0
+    ids = ids_tensor([[0, 1, 2]], "cpu")
+    y = torch.tensor([[1.0], [2.0 ** -11], [2.0 ** -11]], dtype=torch.float16)
+    _, layout = permute_reference(y, ids, 3)
+    w = torch.ones(1, 3)
+    for got in (unpermute_reference(y, layout, w), unpermute(y, layout, w, backend="torch")):
+        assert got.dtype == torch.float16 and got.tolist() == [[1.0 + 2.0 ** -10]]
 
 
 def test_public_exports():
@@ -420,6 +462,129 @@ def test_unpermute_bad_inputs():
         unpermute(permuted, layout._replace(slot_to_row=layout.slot_to_row[:3]), w, backend="torch")
 
 
+def _raises_exactly(exc, message):
+    return pytest.raises(exc, match="^" + re.escape(message) + "$")
+
+
+def test_error_messages_name_the_argument_and_what_was_expected():
+    x = torch.zeros(4, 8)
+    permuted, layout = permute(x, _ids(), 4, backend="torch")
+    w = torch.ones(4, 2)
+    with _raises_exactly(TypeError, "hidden_states must be a torch.Tensor [rows, H] fp32|fp16|bf16; got list"):
+        permute([[0.0] * 8] * 4, _ids(), 4, backend="torch")
+    with _raises_exactly(ValueError, "hidden_states must have 4 rows (topk_ids.shape[0]); got shape (3, 8)"):
+        permute(torch.zeros(3, 8), _ids(), 4, backend="torch")
+    with _raises_exactly(TypeError, "expert_output must be a torch.Tensor [rows, H] fp32|fp16|bf16; got list"):
+        unpermute(permuted.tolist(), layout, w, backend="torch", skip_missing_rows=True)
+    with _raises_exactly(ValueError, "expert_output must have 8 rows (num_tokens * top_k of layout); got shape (7, 8)"):
+        unpermute(permuted[:7], layout, w, backend="torch")
+    with _raises_exactly(TypeError, "topk_weights must be a torch.Tensor [4, 2] float; got list"):
+        unpermute(permuted, layout, w.tolist(), backend="torch")
+    with _raises_exactly(ValueError, "topk_weights is on meta but expert_output is on cpu; expected the same device"):
+        unpermute(permuted, layout, w.to("meta"), backend="torch")
+    with _raises_exactly(ValueError,
+                         "layout.slot_to_row is on meta but expert_output is on cpu; expected the same device"):
+        unpermute(permuted, layout._replace(slot_to_row=layout.slot_to_row.to("meta")), w, backend="torch")
+    with _raises_exactly(TypeError, "layout.sorted_slots must be a torch.Tensor [8] int32; got list"):
+        unpermute(permuted, layout._replace(sorted_slots=layout.sorted_slots.tolist()), w, backend="torch")
+    with _raises_exactly(TypeError, "topk_ids must be a torch.Tensor [M, k] int32|int64; got list"):
+        align(_ids().tolist(), 4, 16, backend="torch")
+    with _raises_exactly(TypeError, "expert_counts must be a torch.Tensor [4] int32; got list"):
+        align(_ids(), 4, 16, expert_counts=[8, 0, 0, 0], backend="torch")
+    with _raises_exactly(ValueError, "expert_counts is on meta but topk_ids is on cpu; expected the same device"):
+        align(_ids(), 4, 16, expert_counts=torch.zeros(4, dtype=torch.int32, device="meta"), backend="torch")
+    with _raises_exactly(ValueError, "topk_ids is on meta but hidden_states is on cpu; expected the same device"):
+        permute(x, _ids().to("meta"), 4, backend="torch")
+
+
+def test_slot_count_limit():
+    # fewer than 2**31 - E * 256 slots (int32 indices with room for the padding); expand() makes the ids without
+    # memory, and a bad block_size (checked right after the ids) shows that the count itself passed
+    E = 4
+    limit = 2 ** 31 - E * 256
+    with _raises_exactly(ValueError, f"topk_ids has {limit} slots; expected fewer than 2**31 (int32 indices)"):
+        align(torch.zeros(1, 1, dtype=torch.int32).expand(limit, 1), E, 3, backend="torch")
+    with pytest.raises(ValueError, match="block_size=3 must be a power of two"):
+        align(torch.zeros(1, 1, dtype=torch.int32).expand(limit - 1, 1), E, 3, backend="torch")
+
+
+def test_permute_checks_expert_counts_on_torch():
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"expert_counts must equal bincount\(topk_ids, minlength=4\)"):
+        permute(x, _ids(), 4, expert_counts=torch.tensor([7, 1, 0, 0], dtype=torch.int32), backend="torch")
+    with pytest.raises(ValueError, match=r"expert_counts must have shape \(4,\)"):
+        permute(x, _ids(), 4, expert_counts=torch.zeros(3, dtype=torch.int32), backend="torch")
+
+
+def test_default_backend_runs_cpu_tensors_on_torch():
+    # backend defaults to "auto", the torch reference for CPU tensors: the worked examples above
+    ids = ids_tensor([[2, 0], [1, 2], [0, 2]], "cpu")
+    assert align(ids, 4, 2).block_expert_ids.tolist() == [0, 1, 2, 2, -1]
+    permuted, layout = permute(torch.tensor([[1.0], [2.0], [3.0]]), ids, 3)
+    assert permuted.tolist() == [[1], [3], [2], [1], [2], [3]] and layout.slot_to_row.tolist() == [3, 0, 2, 4, 1, 5]
+    # rows 3 and 0 (token 0's slots) weigh 1 and 2, the other tokens 0
+    w = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
+    assert unpermute(permuted, layout, w).tolist() == [[3.0], [0.0], [0.0]]
+
+
+def test_exact_expert_counts_with_an_idle_last_expert_are_accepted():
+    # the worked example's counts [2, 1, 3, 0]: bincount without minlength would stop at expert 2
+    ids = ids_tensor([[2, 0], [1, 2], [0, 2]], "cpu")
+    out = align(ids, 4, 2, expert_counts=torch.tensor([2, 1, 3, 0], dtype=torch.int32), backend="torch")
+    assert out.sorted_token_ids.tolist()[:8] == [1, 4, 2, 6, 0, 3, 5, 6]
+
+
+def test_triton_align_runs_the_kernel_with_the_given_counts(monkeypatch):
+    """backend="triton" launches the kernel for any slot (one included) and hands it expert_counts, so it skips
+    its histogram; with no slot there is nothing to launch (the reference's fills)."""
+    calls = []
+    kernel = triton_ops.align_triton
+
+    def spy(topk_ids, num_experts, block_size, expert_counts):
+        calls.append(expert_counts)
+        return kernel(topk_ids, num_experts, block_size, expert_counts)
+
+    monkeypatch.setattr(triton_ops, "align_triton", spy)
+    empty = align(torch.empty(0, 2, dtype=torch.int32, device=DEV), 4, 2, backend="triton")
+    assert empty.num_tokens_post_padded.tolist() == [0] and calls == []
+    assert align(ids_tensor([[3]]), 4, 2, backend="triton").sorted_token_ids.cpu().tolist()[:2] == [0, 1]
+    assert calls == [None]
+    counts = torch.tensor([2, 1, 3, 0], dtype=torch.int32, device=DEV)
+    out = align(ids_tensor([[2, 0], [1, 2], [0, 2]]), 4, 2, expert_counts=counts, backend="triton")
+    assert out.sorted_token_ids.cpu().tolist()[:8] == [1, 4, 2, 6, 0, 3, 5, 6]
+    assert len(calls) == 2 and calls[1] is counts
+
+
+def test_triton_permute_runs_the_kernel_with_the_given_counts(monkeypatch):
+    """As for align: the kernel for any token (one included), handed expert_counts; nothing to launch for none."""
+    calls = []
+    kernel = triton_ops.permute_triton
+
+    def spy(hidden_states, topk_ids, num_experts, expert_counts):
+        calls.append(expert_counts)
+        return kernel(hidden_states, topk_ids, num_experts, expert_counts)
+
+    monkeypatch.setattr(triton_ops, "permute_triton", spy)
+    permuted, _ = permute(torch.zeros(0, 2, device=DEV), torch.empty(0, 2, dtype=torch.int32, device=DEV), 3,
+                          backend="triton")
+    assert permuted.shape == (0, 2) and calls == []
+    permuted, layout = permute(torch.tensor([[5.0]], device=DEV), ids_tensor([[2, 0]]), 3, backend="triton")
+    assert permuted.cpu().tolist() == [[5.0], [5.0]] and layout.sorted_slots.cpu().tolist() == [1, 0]
+    assert calls == [None]
+    counts = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEV)
+    permute(torch.tensor([[5.0]], device=DEV), ids_tensor([[2, 0]]), 3, expert_counts=counts, backend="triton")
+    assert len(calls) == 2 and calls[1] is counts
+
+
+def test_triton_takes_512_experts():
+    # the kernels' largest E (513 is refused: test_too_many_experts_for_triton); slot i of token 0 -> expert 511 - i
+    ids = ids_tensor([[511, 0]])
+    out = align(ids, 512, 1, backend="triton")
+    assert out.sorted_token_ids.cpu().tolist()[:2] == [1, 0] and out.num_tokens_post_padded.cpu().tolist() == [2]
+    permuted, layout = permute(torch.tensor([[5.0]], device=DEV), ids, 512, backend="triton")
+    assert layout.expert_offsets.cpu().tolist() == [0] + [1] * 511 + [2]
+
+
 def test_bad_inputs_raise_before_any_kernel_on_triton(monkeypatch):
     """Validation runs before the backend is even imported: a failing launch would show up as another error."""
     def boom(*a, **k):
@@ -560,6 +725,20 @@ def test_gpu_model_shapes_agree(model, M, backend):
     y = torch.randn(M * k, H, device="cuda", generator=gen).to(torch.bfloat16)
     torch.testing.assert_close(unpermute(y, l_got, w, backend=backend), unpermute(y, l_want, w, backend="torch"),
                                rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_beyond_the_kernel_limits():
+    # auto on a GPU falls back to the torch reference past E = 512; naming a kernel backend there is refused,
+    # the compiled one included (on CPU, backend="cuda" is refused earlier as unavailable)
+    ids = torch.tensor([[512, 0]], dtype=torch.int32, device="cuda")
+    out = align(ids, 513, 1)
+    assert out.sorted_token_ids.cpu().tolist()[:2] == [1, 0]
+    permuted, layout = permute(torch.tensor([[5.0]], device="cuda"), ids, 513)
+    assert layout.sorted_slots.cpu().tolist() == [1, 0]
+    for backend in _gpu_backends():
+        with pytest.raises(ValueError, match=f"backend='{backend}' covers num_experts <= 512"):
+            align(ids, 513, 1, backend=backend)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moekern
-from moekern.ep.reference import apply_experts, combine_reference, dispatch_reference, payload_reference
+from moekern.ep.reference import RecvReference, apply_experts, combine_reference, dispatch_reference, payload_reference
 
 SKEWS = ("uniform", "zipf", "one_rank", "empty_rank")
 
@@ -340,6 +340,76 @@ def test_nccl_path_single_rank_gpu():
     check_recv(out, dispatch_reference(xs, ids, ws, E)[0], "gpu W=1")
     y = apply_experts(out.expert_x, global_ids(out, 0, E, 1), expert_fn)
     assert torch.equal(moekern.ep.combine(y, handle).cpu(), combine_reference(xs, ids, ws, E, expert_fn)[0])
+
+
+# ------------------------------------------------------------------------------ the reference, by hand
+
+
+def test_dispatch_reference_worked_example_and_ranks():
+    # W = 2, E = 4: rank 0 owns experts 0, 1, rank 1 owns 2, 3 (local ids 0, 1)
+    xs = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 6.0]])]
+    ids = [torch.tensor([[0, 2], [1, 0]], dtype=torch.int32), torch.tensor([[3, 2]], dtype=torch.int32)]
+    ws = [torch.tensor([[0.5, 0.25], [1.0, 2.0]]), torch.tensor([[0.75, 1.5]])]
+    # rank 0 receives rank 0's tokens 0 (expert 0) and 1 (experts 1, 0); rank 1's token has nothing there
+    want0 = ([[1, 2], [3, 4]], [[0, -1], [1, 0]], [[0.5, 0.0], [1.0, 2.0]], [0, 0], [0, 1])
+    # rank 1 receives rank 0's token 0 (expert 2 -> local 0) and rank 1's token 0 (experts 3, 2 -> 1, 0)
+    want1 = ([[1, 2], [5, 6]], [[-1, 0], [1, 0]], [[0.0, 0.25], [0.75, 1.5]], [0, 1], [0, 0])
+    dtypes = (torch.float32, torch.int32, torch.float32, torch.int32, torch.int32)
+
+    def check(ref, want):
+        for name, t, w, dt in zip(RecvReference._fields, ref, want, dtypes):
+            assert t.dtype == dt and t.tolist() == w, name
+
+    for ranks, want in ((None, (want0, want1)), ([0], (want0, None)), ([1], (None, want1))):
+        refs = dispatch_reference(xs, ids, ws, 4, ranks=ranks)
+        assert len(refs) == 2, ranks
+        for ref, w in zip(refs, want):
+            assert (ref is None) == (w is None), ranks
+            if w is not None:
+                check(ref, w)
+
+
+def test_references_send_the_fp8_round_trip():
+    # per-token e4m3 with scale amax / 448 = 1: 17 lies halfway between e4m3's 16 and 18 (3 mantissa bits,
+    # spacing 2 in [16, 32)) and rounds to the even 16; 448 is e4m3's largest finite value, exact
+    xs = [torch.tensor([[448.0, 17.0]]), torch.empty(0, 2)]
+    ids = [torch.tensor([[0]], dtype=torch.int32), torch.empty(0, 1, dtype=torch.int32)]
+    ws = [torch.tensor([[0.5]]), torch.empty(0, 1)]
+    for fp8, seen in ((True, [[448.0, 16.0]]), (False, [[448.0, 17.0]])):
+        assert dispatch_reference(xs, ids, ws, 2, fp8=fp8)[0].recv_x.tolist() == seen
+        # expert 0 multiplies by 1, weight 1/2
+        assert combine_reference(xs, ids, ws, 2, expert_fn, fp8=fp8)[0].tolist() == [[v / 2 for v in seen[0]]]
+
+
+def test_combine_reference_rounds_each_ranks_partial_to_the_dtype():
+    # bf16 (spacing 2^-7 at 1), W = 2, E = 4, one token on rank 0 choosing experts 0, 1 (rank 0) and 2
+    # (rank 1), all weights 1, outputs 1, 2^-8, 2^-8: rank 0's partial 1 + 2^-8 is a tie that rounds to the
+    # even 1.0, rank 1's is 2^-8, and 1.0 + 2^-8 rounds to 1.0 again. Summed without rounding the partials:
+    # 1 + 2^-7, exact in bf16.
+    scale = [1.0, 2.0 ** -8, 2.0 ** -8, 1.0]
+    xs = [torch.ones(1, 1, dtype=torch.bfloat16), torch.empty(0, 1, dtype=torch.bfloat16)]
+    ids = [torch.tensor([[0, 1, 2]], dtype=torch.int32), torch.empty(0, 3, dtype=torch.int32)]
+    ws = [torch.ones(1, 3), torch.empty(0, 3)]
+    outs = combine_reference(xs, ids, ws, 4, lambda x, e: x * scale[e], ranks=[0])
+    assert outs[1] is None and outs[0].dtype == torch.bfloat16 and outs[0].tolist() == [[1.0]]
+
+
+def test_combine_reference_sums_in_fp32_whatever_the_default_dtype():
+    # W = 3, E = 9; x = 1, weights 1; expert outputs 1e8, 1, -1e8 (fp32 spacing at 1e8 is 8, so 1e8 + 1 is 1e8):
+    # token 0 sends one to each rank (the sum over ranks), token 1 all three to rank 0 (the sum in one rank);
+    # fp32 gives 0 for both, fp64 would give 1
+    scale = [1e8, 1.0, -1e8, 1.0, 1.0, 1.0, -1e8, 1.0, 1.0]
+    xs = [torch.ones(2, 1), torch.empty(0, 1), torch.empty(0, 1)]
+    ids = [torch.tensor([[0, 3, 6], [0, 1, 2]], dtype=torch.int32)] + [torch.empty(0, 3, dtype=torch.int32)] * 2
+    ws = [torch.ones(2, 3), torch.empty(0, 3), torch.empty(0, 3)]
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        outs = combine_reference(xs, ids, ws, 9, lambda x, e: x * scale[e], ranks=[0])
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert len(outs) == 3 and outs[1] is None and outs[2] is None  # one entry per rank, None where not asked
+    assert outs[0].dtype == torch.float32 and outs[0].tolist() == [[0.0], [0.0]]
 
 
 # ------------------------------------------------------------------------------------- vLLM adapter

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -346,6 +347,75 @@ def test_fast_path_noncontiguous_routing(device):
     torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w.half().float(), ids), **FP32_TOL)
 
 
+def test_noncontiguous_int32_ids_on_triton():
+    # int32 ids that are already the kernels' dtype but strided (a column slice): made contiguous, same answer
+    E, k, M = 8, 2, 5
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    ids32 = torch.stack([ids, ids], dim=2)[:, :, 0].to(torch.int32)
+    ids32 = torch.stack([ids32, ids32], dim=2)[:, :, 0]
+    assert ids32.dtype == torch.int32 and not ids32.is_contiguous()
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids32, backend="triton")
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_weight_messages_name_the_argument():
+    E, M = 4, 3
+    w13, w2 = _weights(E)
+    x, _ = _inputs(M, E)
+    pre = dict(topk_weights=torch.ones(M, 1), topk_ids=torch.zeros(M, 1, dtype=torch.int32), backend="torch")
+    for args, msg in [((x.tolist(), w13, w2), "hidden_states must be a torch.Tensor; got list"),
+                      ((x, w13.tolist(), w2), "w13 must be a torch.Tensor; got list"),
+                      ((x, w13, w2.tolist()), "w2 must be a torch.Tensor; got list"),
+                      ((x, w13, w2.half()), "w2.dtype must equal hidden_states.dtype=torch.float32; got torch.float16")]:
+        with pytest.raises((TypeError, ValueError), match="^" + re.escape(msg) + "$"):
+            moekern.fused_moe(*args, **pre)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_expert_and_an_intermediate_of_one(backend):
+    # the smallest layer the checks allow: E = 1, I = 1 (w13 has 2 rows: gate, up)
+    w13, w2 = _weights(1, inter=1)
+    x, _ = _inputs(3, 1)
+    w, ids = torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int32)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend=backend)
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
+def test_torch_and_default_backend_on_cpu_are_the_reference():
+    # backend defaults to "auto", which on CPU tensors is the torch reference itself, bit for bit (the Triton
+    # kernels under the interpreter sum in another order, so they would not pass)
+    E, k, M = 8, 2, 5
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    want = fused_moe_reference(x, w13, w2, w, ids)
+    assert torch.equal(moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids), want)
+    assert torch.equal(moekern.fused_moe(x, w13, w2, logits, k), want)
+    assert torch.equal(moekern.fused_moe(x, w13, w2, logits, k, backend="torch"), want)
+
+
+def test_unknown_routing_keyword_is_named():
+    E, M = 4, 3
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    msg = ("fused_moe got unexpected keyword argument(s) ['renormalise']; routing takes ('scoring', 'renormalize', "
+           "'correction_bias', 'num_expert_group', 'topk_group', 'routed_scaling_factor')")
+    with pytest.raises(TypeError, match="^" + re.escape(msg) + "$"):
+        moekern.fused_moe(x, w13, w2, logits, 2, renormalise=True)
+
+
+def test_triton_past_512_experts_is_refused_by_align():
+    # the Triton experts have no E limit of their own; align's kernels stop at 512 and say so
+    E, k, M = 513, 2, 2
+    w13, w2 = _weights(E, h=4, inter=2)
+    x, _ = _inputs(M, E, h=4)
+    ids = torch.tensor([[0, 512], [1, 2]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^backend='triton' covers num_experts <= 512; got num_experts=513"):
+        moekern.fused_moe(x, w13, w2, topk_weights=torch.ones(M, k), topk_ids=ids, backend="triton")
+
+
 def test_config_lookup_cached():
     from moekern.experts.configs import _lookup_in
 
@@ -428,6 +498,8 @@ def _bad_cases():
         ("only ids", (x, w13, w2), dict(topk_ids=ids), ValueError, "go together"),
         ("ids range", (x, w13, w2), dict(topk_weights=w, topk_ids=ids + E), ValueError, r"must lie in \[0, num_experts=4\)"),
         ("ids negative", (x, w13, w2), dict(topk_weights=w, topk_ids=ids - E), ValueError, "must lie in"),
+        ("id at E", (x, w13, w2), dict(topk_weights=w, topk_ids=torch.tensor([[0, 1], [2, 3], [1, E]])), ValueError,
+         r"got values in \[0, 4\]"),
         ("ids rows", (x, w13, w2), dict(topk_weights=w[:2], topk_ids=ids[:2]), ValueError, r"shape \[M=3, k\]"),
         ("ids/weights shape", (x, w13, w2), dict(topk_weights=w[:, :1], topk_ids=ids), ValueError, "same shape"),
         ("float ids", (x, w13, w2), dict(topk_weights=w, topk_ids=ids.float()), TypeError, "int32 or int64"),

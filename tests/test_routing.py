@@ -171,6 +171,50 @@ def test_hand_renormalize_tiny_sigmoid_weights(backend):
     _check_hand([t.cpu() for t in out], [[0, 1]], [[2.5 * e / (1 + e), 2.5 / (1 + e)]], [1, 1, 0, 0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", HAND_BACKENDS)
+def test_hand_keeping_every_group_is_no_grouping(backend):
+    # topk_group = num_expert_group keeps every group (also G = g = 1): the plain top 2 of softmax
+    # [1, 4 | 2, 3], ids [1, 3], weights e^4 / Z and e^3 / Z with Z = e + e^2 + e^3 + e^4 (renormalize off)
+    x = torch.tensor([[1.0, 4.0, 2.0, 3.0]], device=DEVICE)
+    z = sum(math.exp(v) for v in (1, 2, 3, 4))
+    for groups in (dict(num_expert_group=2, topk_group=2), dict(num_expert_group=1, topk_group=1)):
+        out = moekern.fused_topk(x, 2, renormalize=False, backend=backend, **groups)
+        _check_hand([t.cpu() for t in out], [[1, 3]], [[math.exp(4) / z, math.exp(3) / z]], [0, 1, 0, 1], rtol=1e-5)
+
+
+def test_default_backend_routes_cpu_tensors():
+    # backend defaults to "auto", which is the torch reference for CPU tensors (the example above, ungrouped)
+    out = moekern.fused_topk(torch.tensor([[1.0, 4.0, 2.0, 3.0]]), 2, renormalize=False)
+    z = sum(math.exp(v) for v in (1, 2, 3, 4))
+    _check_hand(out, [[1, 3]], [[math.exp(4) / z, math.exp(3) / z]], [0, 1, 0, 1], rtol=1e-5)
+
+
+def test_triton_at_the_kernel_limits():
+    # E = 512 and top_k = 16 are the largest the kernels take (one past them is refused: test_bad_arguments).
+    # Logits e / 64 rise with e: the top 16 are experts 511 down to 496; renormalized softmax weights
+    # e^(j/64) / sum_{i<16} e^(i/64) for 511 - j.
+    x = (torch.arange(512, dtype=torch.float32) / 64).unsqueeze(0).to(DEVICE)
+    out = moekern.fused_topk(x, 16, backend="triton")
+    top = [511 - j for j in range(16)]
+    z = sum(math.exp(v / 64) for v in top)
+    counts = [0] * 496 + [1] * 16
+    _check_hand([t.cpu() for t in out], [top], [[math.exp(v / 64) / z for v in top]], counts, rtol=1e-5)
+
+
+def test_m_zero_outputs_on_the_inputs_device():
+    # made on the logits' device and in the documented dtypes, not torch's defaults (here meta and float64)
+    x = torch.empty(0, 8)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            out = moekern.fused_topk(x, 2)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert all(t.device.type == "cpu" for t in out)
+    _assert_valid(out, 0, 8, 2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Comparison of a backend with the reference, excluding only near-ties that fp32 exp can flip.
 # ---------------------------------------------------------------------------------------------------
@@ -569,6 +613,8 @@ BAD_ARGS = [
     ("bias-with-softmax", _X, 2, dict(correction_bias=torch.zeros(8)), ValueError,
      "correction_bias is defined for scoring='sigmoid' only"),
     ("scoring", _X, 2, dict(scoring="relu"), ValueError, "scoring='relu' must be one of"),
+    # no token to route: checked all the same, before the empty outputs are made
+    ("scoring-M0", torch.randn(0, 8), 2, dict(scoring="relu"), ValueError, "scoring='relu' must be one of"),
     ("scale-inf", _X, 2, dict(routed_scaling_factor=INF), ValueError, "routed_scaling_factor=inf must be finite"),
     ("scale-type", _X, 2, dict(routed_scaling_factor="2"), TypeError, "routed_scaling_factor must be a float"),
     ("backend-unknown", _X, 2, dict(backend="cutlass"), ValueError, "backend='cutlass' must be one of"),
@@ -615,6 +661,19 @@ def test_gpu_backend_standard_shapes(backend, name, M):
     x, k, kw = _model_case(name, M, torch.bfloat16, "cuda", seed=M)
     # Near-ties within ~8 ulps are rare with these inputs: allow at most 1% of rows to be excluded.
     check_backend(x, k, backend, max_excluded=max(1, M // 100), **kw)
+
+
+@pytest.mark.gpu
+def test_gpu_beyond_the_kernel_limits():
+    # auto on a GPU falls back to the torch reference past E = 512 or top_k = 16; naming a kernel backend there
+    # is refused, the compiled one included (on CPU, backend="cuda" is refused earlier as unavailable)
+    x = torch.arange(513, dtype=torch.float32, device="cuda").unsqueeze(0) / 64
+    for k in (2, 17):
+        out = moekern.fused_topk(x, k)
+        assert out.topk_ids.cpu().tolist() == [[512 - j for j in range(k)]]
+    for backend in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' covers num_experts <= 512"):
+            moekern.fused_topk(x, 2, backend=backend)
 
 
 @pytest.mark.gpu

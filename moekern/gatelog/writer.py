@@ -305,6 +305,8 @@ class GateLogRecorder:
             return
         if self.sample is None:
             self.ensure_buffer(topk_ids.device)
+        if not self._in_step:
+            self._dirty = True  # as for the counts: a sample from outside a step must not reach the next one
         n = min(self.topk_sample, topk_ids.shape[0])
         k = min(topk_ids.shape[1], self.sample.shape[2])
         if n:

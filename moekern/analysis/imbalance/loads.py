@@ -10,8 +10,8 @@ are summed (`_rank_groups`; `combine_ranks="sum" | "dedupe"` overrides).
 
 Inputs: gate logs (moekern.gatelog/1 JSONL, one file per rank), or a directory of per-step JSON files
 (`*.json`), each `{"step": s, "layers": {"0": [counts...], "1": [...]}, "num_tokens": n}` (num_tokens
-optional: sum(counts of the first layer) / top_k when "top_k" is given, else sum(counts of the first
-layer)).
+optional: sum(counts of the first layer with valid counts) / top_k when "top_k" is given, else that sum).
+One row per step: a second file with the same "step" is skipped and listed, the first in name order kept.
 
 numpy only; no torch, no vLLM.
 """
@@ -77,13 +77,6 @@ class LoadTable:
         pick = lambda xs: [x for x, m in zip(xs, mask) if m] if xs else []  # noqa: E731
         return LoadTable(self.counts[mask], self.present[mask], self.steps[mask], self.num_tokens[mask],
                          pick(self.phases), self.skipped, self.source, pick(self.runs), self.rank_combine)
-
-    def by_run(self) -> dict[str, "LoadTable"]:
-        """{run: its rows}, in row order; a table from an array is one run named ""."""
-        if not self.runs:
-            return {"": self}
-        runs = np.asarray(self.runs)
-        return {r: self.select(runs == r) for r in self.run_names}
 
 
 COMBINE_RANKS = ("auto", "sum", "dedupe")
@@ -304,15 +297,22 @@ def pool_runs(runs: dict[str, LoadTable], source: str) -> LoadTable:
 
 def _load_step_json_dir(p: Path) -> LoadTable:
     rows, skipped = [], []
+    first_file: dict[int, Path] = {}  # step -> the file that gave it: a step is one row, as in a gate log
     for f in sorted(p.glob("*.json")):
         try:
             obj = json.loads(f.read_text(encoding="utf-8"))
             layers = {int(k): [float(x) for x in v] for k, v in obj["layers"].items()}
             if not layers:
                 raise ValueError("no layers")
-            rows.append((int(obj["step"]), layers, obj.get("num_tokens"), obj.get("top_k"), obj.get("phase")))
+            step = int(obj["step"])
         except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             skipped.append((str(f), f"{type(exc).__name__}: {exc}"))
+            continue
+        if step in first_file:
+            skipped.append((str(f), f"a second file for step {step} (the first, {str(first_file[step])!r}, is kept)"))
+            continue
+        first_file[step] = f
+        rows.append((step, layers, obj.get("num_tokens"), obj.get("top_k"), obj.get("phase")))
     if not rows:
         raise UsageError(f"no valid per-step JSON files under {str(p)!r} ({len(skipped)} skipped)")
     e = max(len(v) for _, layers, *_ in rows for v in layers.values())
@@ -325,11 +325,14 @@ def _load_step_json_dir(p: Path) -> LoadTable:
     for i, (step, layers, nt, top_k, _) in enumerate(rows):
         for l, v in layers.items():
             if len(v) != e or any(x < 0 for x in v):
-                skipped.append((f"step {step}", f"layer {l}: bad counts (len {len(v)}, expected {e})"))
+                why = f"len {len(v)}, expected {e}" if len(v) != e else f"negative: {min(v):g}"
+                skipped.append((f"step {step}", f"layer {l}: bad counts ({why})"))
                 continue
             counts[i, l_idx[l]] = v
             present[i, l_idx[l]] = True
-        first = counts[i, 0].sum()
+        # every layer routes the step's tokens: the first layer whose counts are valid (0 when none is)
+        valid = np.flatnonzero(present[i])
+        first = counts[i, valid[0]].sum() if valid.size else 0.0
         num_tokens[i] = float(nt) if nt is not None else (first / top_k if top_k else first)
     return LoadTable(counts, present, np.asarray([r[0] for r in rows]), num_tokens,
                      [r[4] or "unknown" for r in rows], skipped, str(p))

@@ -110,7 +110,8 @@ def normalized_entropy(c) -> np.ndarray | float:
     e = a.shape[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         p = a / np.where(total > 0, total, 1.0)
-        h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+        # 0.0 - sum, not -sum: one expert holding every token gives sum = 0.0, whose negation prints "-0.0"
+        h = 0.0 - np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
     out = np.full(h.shape, 1.0) if e == 1 else h / math.log(e)
     out = np.where(_zero_mask(a), np.nan, out)
     return _scalar(out)

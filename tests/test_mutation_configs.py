@@ -1,0 +1,78 @@
+"""The mutation campaign's configs (tools/mutation/*.cfg) select the tests they say they select.
+
+Each config's `pytest_add_cli_args_test_selection` is collected by pytest itself (one subprocess, every config
+in turn) and the hypothesis tests it would run are compared with the ones it means to keep: a `-k "not
+property"` reads as "no hypothesis" but lets through every @given test whose name lacks the word
+(test_align_properties, test_permute_then_unpermute_is_identity, ...), each of which multiplies the time of
+every mutant it covers. hypothesis marks each @given test `hypothesis`, so `-m "not hypothesis"` is exact.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "tools" / "mutation").glob("*.cfg"))
+
+# The hypothesis tests a config runs on purpose: fast ones that judge the mutated module best.
+KEPT = {
+    # 60 examples over numpy vectors against brute-force definitions of every metric
+    "metrics.cfg": {"tests/test_analysis_metrics.py::test_properties_against_brute_force"},
+    # the serializer against an independent reference, the schema's main judge (a mutant takes ~0.5 s with them)
+    "gatelog-schema.cfg": {
+        "tests/test_gatelog_schema.py::test_serializer_equals_the_reference_and_round_trips",
+        "tests/test_gatelog_writer.py::test_python_step_lines_equal_an_independent_reference",
+        "tests/test_gatelog_writer.py::test_cpp_formatter_equals_the_python_serializer",
+        "tests/test_analysis_metrics.py::test_properties_against_brute_force",
+    },
+    # the selection its survivors.md section was made with (its `-k` matches "reference" in their names)
+    "routing-reference.cfg": {
+        "tests/test_routing.py::test_property_reference_invariants",
+        "tests/test_routing.py::test_property_triton_matches_reference",
+    },
+}
+
+_COLLECT = r"""
+import json, sys
+import pytest
+
+class Recorder:
+    def __init__(self):
+        self.hyp = []
+    def pytest_collection_finish(self, session):
+        self.hyp = sorted({i.nodeid.split("[")[0] for i in session.items if i.get_closest_marker("hypothesis")})
+
+out = {}
+for name, args in json.loads(sys.argv[1]).items():
+    rec = Recorder()
+    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args], plugins=[rec])
+    out[name] = {"code": int(code), "hypothesis": rec.hyp}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _selection(cfg: Path) -> list[str]:
+    parser = configparser.ConfigParser()
+    parser.read(cfg)
+    return parser["mutmut"].get("pytest_add_cli_args_test_selection", "").split("\n")
+
+
+def test_every_config_runs_only_the_hypothesis_tests_it_means_to():
+    assert CONFIGS, "no tools/mutation/*.cfg found"
+    selections = {cfg.name: [a for a in _selection(cfg) if a] for cfg in CONFIGS}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _COLLECT, json.dumps(selections)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, f"collection did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    got = json.loads(line[0][len("RESULT "):])
+    for name, res in got.items():
+        assert res["code"] == 0, f"{name}: its test selection does not collect (pytest exit code {res['code']})"
+    wrong = {name: sorted(set(res["hypothesis"]) ^ KEPT.get(name, set())) for name, res in got.items()}
+    wrong = {name: diff for name, diff in wrong.items() if diff}
+    assert not wrong, f"hypothesis tests run but not meant to, or meant to but not run: {wrong}"
