@@ -1010,3 +1010,18 @@ def test_writer_thread_is_a_named_daemon(tmp_path):
     threads = [t for t in threading.enumerate() if t.name == "moekern-gatelog-r3"]
     assert len(threads) == 1 and threads[0].daemon
     rec.close()
+
+
+def test_host_buffers_stay_on_the_cpu_under_a_default_device(tmp_path):
+    """The host ring, the top-k sample's host ring and the marks are CPU (pinned on a GPU) whatever default
+    device the caller set: a `with torch.device(...)` around the model must not move them."""
+    with torch.device("meta"):
+        rec = GateLogRecorder(tmp_path, rank=0, model="m", topk_sample=2)
+        rec.register_layer("model.layers.0.mlp.experts", 4, 2)
+        rec.ensure_buffer("cpu")
+    try:
+        assert rec._host.device.type == "cpu"
+        assert rec._host_sample.device.type == "cpu"
+        assert rec._marks.device.type == "cpu"
+    finally:
+        rec.close()

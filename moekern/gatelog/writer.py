@@ -209,13 +209,13 @@ class GateLogRecorder:
         # forward and in the step hooks outside it.
         with torch.inference_mode(False):
             self.counts = torch.zeros(L, W, dtype=torch.int32, device=device)
-            self._host = torch.zeros(self.queue_slots, L, W, dtype=torch.int32, pin_memory=pin)
+            self._host = torch.zeros(self.queue_slots, L, W, dtype=torch.int32, device="cpu", pin_memory=pin)
             if self.topk_sample:
                 K = max(li.top_k for li in self.layers)
                 self.sample = torch.full((L, self.topk_sample, K), -1, dtype=torch.int32, device=device)
                 self._host_sample = torch.full((self.queue_slots, L, self.topk_sample, K), -1, dtype=torch.int32,
-                                               pin_memory=pin)
-            self._marks = torch.full((self.queue_slots,), -1, dtype=torch.int64, pin_memory=pin)
+                                               device="cpu", pin_memory=pin)
+            self._marks = torch.full((self.queue_slots,), -1, dtype=torch.int64, device="cpu", pin_memory=pin)
         self._snapshot, self.snapshot_why = self._pick_snapshot(device)
         self._format = _format_op()
         self._num_experts = [li.num_experts for li in self.layers]
