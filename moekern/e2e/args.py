@@ -32,16 +32,14 @@ def _path_list(text: str) -> list[Path]:
 
 def _skew_list(text: str) -> list[tuple[str, str]]:
     """`NAME=SKEW,...` (SKEW in MOEKERN_ROUTING_SKEW's syntax) as [(name, skew)], each skew checked."""
-    import re
-
-    from moekern.vllm.config import parse_skew
+    from moekern.vllm.config import SKEW_NAME, parse_skew
 
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         name, eq, skew = item.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z0-9.+-]+", name) or not skew.strip():
+        if not eq or not SKEW_NAME.fullmatch(name) or not skew.strip():
             raise argparse.ArgumentTypeError(f"expected NAME=SKEW items (NAME of letters, digits, '.', '+', '-'); "
                                              f"got {item!r}")
         try:

@@ -42,10 +42,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 KERNEL_MODES = ("off", "routing", "all")
 SNAPSHOT_MODES = ("auto", "kernel", "torch")
+# A grid's name for a skew (moekern e2e --skews NAME=SKEW, a sweep's bench_grid.skews): it becomes part of file names
+SKEW_NAME = re.compile(r"[A-Za-z0-9.+-]+")
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,7 @@ def expected_load_cv(skew: RoutingSkew, num_experts: int, top_k: int, noise_scal
     scale = skew.beta if noise_scale is None else float(noise_scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"noise_scale={noise_scale} must be a finite number > 0")
-    bias = np.array([0.0] * num_experts if skew.kind == "uniform" else
-                    [skew.beta * math.log(p) for p in skew_probabilities(skew, num_experts)])
+    bias = np.array(skew_bias_values(skew, num_experts))  # the bias the plugin adds (skew_bias)
     rng = np.random.default_rng(seed)
     logits = bias + rng.gumbel(0.0, scale, size=(tokens, num_experts))
     chosen = np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
@@ -242,16 +244,19 @@ def expected_load_cv(skew: RoutingSkew, num_experts: int, top_k: int, noise_scal
     return float(loads.std() / loads.mean())
 
 
-def skew_bias(skew: RoutingSkew, num_experts: int, device=None):
-    """The [E] fp32 logit bias b_e = beta * ln(p_e / p_ref) (p_ref: the uniform/cold level, so most entries are 0)."""
-    import torch
-
+def skew_bias_values(skew: RoutingSkew, num_experts: int) -> list[float]:
+    """The [E] logit bias b_e = beta * ln(p_e / p_ref) (p_ref: the uniform/cold level, so most entries are 0)."""
     p = skew_probabilities(skew, num_experts)
     if skew.kind == "uniform":
-        b = [0.0] * num_experts
-    elif skew.kind == "zipf":
-        b = [skew.beta * math.log(pe / max(p)) for pe in p]  # the rank-0 expert gets 0, others negative
-    else:  # hot: only the hot expert moves
-        ref = p[(skew.expert + 1) % num_experts] if num_experts > 1 else p[0]
-        b = [skew.beta * math.log(pe / ref) if e == skew.expert else 0.0 for e, pe in enumerate(p)]
-    return torch.tensor(b, dtype=torch.float32, device=device)
+        return [0.0] * num_experts
+    if skew.kind == "zipf":
+        return [skew.beta * math.log(pe / max(p)) for pe in p]  # the rank-0 expert gets 0, others negative
+    ref = p[(skew.expert + 1) % num_experts] if num_experts > 1 else p[0]  # hot: only the hot expert moves
+    return [skew.beta * math.log(pe / ref) if e == skew.expert else 0.0 for e, pe in enumerate(p)]
+
+
+def skew_bias(skew: RoutingSkew, num_experts: int, device=None):
+    """skew_bias_values as an [E] fp32 tensor on `device`."""
+    import torch
+
+    return torch.tensor(skew_bias_values(skew, num_experts), dtype=torch.float32, device=device)

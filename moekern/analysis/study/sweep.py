@@ -85,6 +85,7 @@ from pathlib import Path
 from moekern.errors import UsageError
 
 _SCORE = re.compile(r"^\d{3}_(\d+\.\d+)$")
+BUDGET_LEFT = "__budget_left_s__"  # {budget_left_s} until the point starts; then the seconds left
 
 
 @dataclass
@@ -212,12 +213,12 @@ def check_bench_grid(bench_grid, grid: dict | None = None) -> dict | None:
         raise UsageError(f"bench_grid keys {unknown} unknown; expected {list(CLIENT_FACTORS) + ['reps', 'skews']}")
     skews = bench_grid.get("skews")
     if skews is not None:
-        from moekern.vllm.config import parse_skew
+        from moekern.vllm.config import SKEW_NAME, parse_skew
 
         if not isinstance(skews, dict) or not skews:
             raise UsageError(f"bench_grid.skews must map names to skews (e.g. {{hot: 'hot:0:0.5'}}); got {skews!r}")
         for name, text in skews.items():
-            if not re.fullmatch(r"[A-Za-z0-9.+-]+", str(name)):
+            if not SKEW_NAME.fullmatch(str(name)):
                 raise UsageError(f"bench_grid.skews name {name!r} must be letters, digits, '.', '+' or '-'")
             try:
                 parse_skew(str(text), name=f"bench_grid.skews.{name}")
@@ -364,8 +365,6 @@ def plan(spec: SweepSpec) -> list[SweepPoint]:
         done = all(f.exists() for f in expected) if expected else result.exists()
         points.append(SweepPoint(run_id, params, cmd, result, gate, done, expected))
     if spec.half_first:
-        a, b = spec.half_first
-
         points.sort(key=lambda p: not in_first_half(spec, p.params))  # stable: grid order within each half
     return points
 
@@ -409,5 +408,3 @@ def _annotate(point: SweepPoint, spec: SweepSpec, path: Path | None = None) -> N
     tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
     tmp.replace(path)  # never a half-written result
 
-
-BUDGET_LEFT = "__budget_left_s__"  # {budget_left_s} until the point starts; then the seconds left
