@@ -534,17 +534,24 @@ def test_exact_expert_counts_with_an_idle_last_expert_are_accepted():
     assert out.sorted_token_ids.tolist()[:8] == [1, 4, 2, 6, 0, 3, 5, 6]
 
 
+def _spy_on_expert_counts(monkeypatch, name: str) -> list:
+    """Wrap triton_ops.NAME (whose last argument is expert_counts) so each call appends that argument to the
+    returned list, then runs the kernel."""
+    calls = []
+    kernel = getattr(triton_ops, name)
+
+    def spy(*args):
+        calls.append(args[-1])
+        return kernel(*args)
+
+    monkeypatch.setattr(triton_ops, name, spy)
+    return calls
+
+
 def test_triton_align_runs_the_kernel_with_the_given_counts(monkeypatch):
     """backend="triton" launches the kernel for any slot (one included) and hands it expert_counts, so it skips
     its histogram; with no slot there is nothing to launch (the reference's fills)."""
-    calls = []
-    kernel = triton_ops.align_triton
-
-    def spy(topk_ids, num_experts, block_size, expert_counts):
-        calls.append(expert_counts)
-        return kernel(topk_ids, num_experts, block_size, expert_counts)
-
-    monkeypatch.setattr(triton_ops, "align_triton", spy)
+    calls = _spy_on_expert_counts(monkeypatch, "align_triton")
     empty = align(torch.empty(0, 2, dtype=torch.int32, device=DEV), 4, 2, backend="triton")
     assert empty.num_tokens_post_padded.tolist() == [0] and calls == []
     assert align(ids_tensor([[3]]), 4, 2, backend="triton").sorted_token_ids.cpu().tolist()[:2] == [0, 1]
@@ -557,14 +564,7 @@ def test_triton_align_runs_the_kernel_with_the_given_counts(monkeypatch):
 
 def test_triton_permute_runs_the_kernel_with_the_given_counts(monkeypatch):
     """As for align: the kernel for any token (one included), handed expert_counts; nothing to launch for none."""
-    calls = []
-    kernel = triton_ops.permute_triton
-
-    def spy(hidden_states, topk_ids, num_experts, expert_counts):
-        calls.append(expert_counts)
-        return kernel(hidden_states, topk_ids, num_experts, expert_counts)
-
-    monkeypatch.setattr(triton_ops, "permute_triton", spy)
+    calls = _spy_on_expert_counts(monkeypatch, "permute_triton")
     permuted, _ = permute(torch.zeros(0, 2, device=DEV), torch.empty(0, 2, dtype=torch.int32, device=DEV), 3,
                           backend="triton")
     assert permuted.shape == (0, 2) and calls == []
