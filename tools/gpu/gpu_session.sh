@@ -69,6 +69,14 @@ if [ -d /tmp/fiearly/flashinfer ]; then export PYTHONPATH=/tmp/fiearly${PYTHONPA
 # .fiaot/: installed into every FlashInfer here once all its parts have arrived (tools/gpu/fiaot.sh).
 bash tools/gpu/fiaot.sh install || true
 
+unpack_tune_results() {
+  # vllm-tune's results file from the carried .gz (a later call or session), unless it is already there
+  mkdir -p "$1"
+  if [ ! -s "$1/tune_vllm.jsonl" ] && [ -s "$1/tune_vllm.jsonl.gz" ]; then
+    gunzip -c "$1/tune_vllm.jsonl.gz" > "$1/tune_vllm.jsonl"
+  fi
+}
+
 build() {
   # (a build older than the newest op is rebuilt: the check names it)
   if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.route_and_align" 2>/dev/null; then
@@ -468,10 +476,7 @@ run_stage() {
     # import included). Run it with the call's timeout_s 600. No moekern build needed (the reference is torch).
     local t0=$SECONDS budget=${VLLM_TUNE_BUDGET_S:-480} res=results/vllm_tune
     versions
-    mkdir -p "$res"
-    if [ ! -s "$res/tune_vllm.jsonl" ] && [ -s "$res/tune_vllm.jsonl.gz" ]; then
-      gunzip -c "$res/tune_vllm.jsonl.gz" > "$res/tune_vllm.jsonl"
-    fi
+    unpack_tune_results "$res"
     local left=$(( budget - (SECONDS - t0) ))
     # the runner stops itself before --budget-s; timeout only backs that up (its SIGTERM stops the compile workers)
     timeout -k 20 $(( left + 60 )) python3 benchmarks/tune_vllm.py run --jsonl "$res/tune_vllm.jsonl" \
@@ -491,9 +496,7 @@ run_stage() {
     versions; build
     local res=results/vllm_tune dir=${VLLM_TUNED_DIR:-$OUT/vllm_tuned_configs} ms=${VLLM_BENCH_MS:-1,2,4,8,16,32,64}
     if [ -z "${VLLM_TUNED_DIR:-}" ]; then
-      if [ ! -s "$res/tune_vllm.jsonl" ] && [ -s "$res/tune_vllm.jsonl.gz" ]; then
-        mkdir -p "$res"; gunzip -c "$res/tune_vllm.jsonl.gz" > "$res/tune_vllm.jsonl"
-      fi
+      unpack_tune_results "$res"
       python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$dir" 2>&1 | tail -8
     fi
     if ! ls "$dir"/E=*.json >/dev/null 2>&1; then
