@@ -3,6 +3,7 @@ single-launch / chunked paths forced), moekern cuda (if built) and vLLM's moe_al
 
     python benchmarks/align_variants.py                      # model shapes x M in {1, 64, 4096} x B in {16, 64, 128}
     python benchmarks/align_variants.py --small-n-sweep      # single-launch vs chunked crossover (sets SMALL_N)
+    python benchmarks/align_variants.py --plans              # every plan of the cuda align (moe_align_variant)
     python benchmarks/align_variants.py --json out.json      # also write the rows
 
 Timing: each provider's call is captured `--inner` times back to back in one CUDA graph; the graph is replayed
@@ -38,6 +39,29 @@ def routed_ids(M: int, E: int, k: int, seed: int) -> torch.Tensor:
     return torch.topk(logits, k, dim=1).indices.to(torch.int32)
 
 
+# --plans: the cuda align with its slots per thread forced (0 = its default plan; 1-16: chunks of 512 x that
+# many slots, one launch for one chunk, a histogram launch first for several) and the ballot matcher ("b").
+PLANS = [(spt, ballot) for spt in (0, 1, 2, 4, 8, 16) for ballot in (False, True)]
+
+
+def plan_name(spt: int, ballot: bool) -> str:
+    return f"cuda-p{spt}{'b' if ballot else ''}"
+
+
+def plan_providers():
+    """The cuda align's plans, then vLLM's moe_align_block_size: name -> (make, reason)."""
+    if not _ext.cuda_kernels_available():
+        why = f"skipped: {_ext.extension_error() or 'built without device kernels'}"
+        return {plan_name(*p): (None, why) for p in PLANS}
+    out = {}
+    for spt, ballot in PLANS:
+        out[plan_name(spt, ballot)] = (
+            lambda ids, E, B, spt=spt, ballot=ballot: (
+                lambda: torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot)), "")
+    out["vllm"] = providers(False)["vllm"]
+    return out
+
+
 def providers(small_n_sweep: bool):
     """name -> (make(ids, E, B) -> zero-arg call, or None, reason)."""
     out = {}
@@ -67,7 +91,7 @@ def providers(small_n_sweep: bool):
 def check(name: str, got, ids: torch.Tensor, E: int, B: int) -> None:
     want = align_reference(ids, E, B)
     post = int(want[2])
-    if name.startswith("moekern") or name.startswith("triton"):
+    if name.startswith(("moekern", "triton", "cuda")):
         for field, x, y in zip(("sorted_token_ids", "block_expert_ids", "num_tokens_post_padded"), want, got):
             if not torch.equal(x, y):
                 raise AssertionError(f"{name}: {field} differs from the reference (E={E}, B={B}, M*k={ids.numel()})")
@@ -148,6 +172,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small-n-sweep", action="store_true",
                     help="time the forced single-launch and chunked triton paths from 512 to 16K slots")
+    ap.add_argument("--plans", action="store_true",
+                    help="time every plan of the cuda align (slots per thread, matcher) from 8 to 32K slots")
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--inner", type=int, default=20, help="calls per captured graph")
     ap.add_argument("--reps", type=int, default=200, help="graph replays (the median is reported)")
@@ -156,13 +182,19 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("skipped: align_variants.py needs a CUDA GPU")
         return 0
-    provs = providers(args.small_n_sweep)
+    if args.small_n_sweep and args.plans:
+        ap.error("--small-n-sweep and --plans are two different sweeps: pick one")
+    provs = plan_providers() if args.plans else providers(args.small_n_sweep)
     for name, (make, why) in provs.items():
         if make is None:
             print(f"{name}: {why}")
     if args.small_n_sweep:
         shapes = [(f"E{E} k8", n // 8, E, 8) for E in (8, 64, 128, 256) for n in (512, 1024, 2048, 4096, 8192, 16384)]
         baseline = "triton-chunked"
+    elif args.plans:
+        shapes = [(f"E{E} k{k}", M, E, k) for E, k in ((8, 2), (64, 8), (128, 8), (256, 8))
+                  for M in (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)]
+        baseline = plan_name(0, False)
     else:
         shapes = [(m, M, *MODELS[m]) for m in MODELS for M in (1, 64, 4096)]
         baseline = "vllm"

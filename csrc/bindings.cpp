@@ -69,6 +69,9 @@ Tensor3 fused_topk_variant_cpu(const Tensor&, int64_t, int64_t, bool, const std:
   no_cpu_kernel("fused_topk_variant");
 }
 Tensor3 moe_align_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&) { no_cpu_kernel("moe_align"); }
+Tensor3 moe_align_variant_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&, int64_t, bool) {
+  no_cpu_kernel("moe_align_variant");
+}
 Tensor4 permute_cpu(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&) {
   no_cpu_kernel("permute");
 }
@@ -192,11 +195,15 @@ Tensor3 fused_topk_cuda(const Tensor& logits, int64_t top_k, int64_t scoring, bo
                                  mk::kTopkAuto);
 }
 
-Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
-                       const std::optional<Tensor>& expert_counts) {
+Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
+                               const std::optional<Tensor>& expert_counts, int64_t slots_per_thread,
+                               bool ballot_match) {
   check_cuda(topk_ids, "topk_ids");
   check_num_experts(num_experts);
   TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
+  TORCH_CHECK(slots_per_thread == 0 || slots_per_thread == 1 || slots_per_thread == 2 || slots_per_thread == 4 ||
+                  slots_per_thread == 8 || slots_per_thread == 16,
+              "slots_per_thread=", slots_per_thread, " must be 0 (the default plan), 1, 2, 4, 8 or 16");
   const Tensor ids = ids_as_int32(topk_ids);
   const int64_t n = ids.numel(), E = num_experts;
   const int64_t max_padded = n + E * (block_size - 1);
@@ -210,14 +217,21 @@ Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t bloc
   Tensor sorted = at::empty({max_padded}, i32);
   Tensor block_ids = at::empty({max_blocks}, i32);
   Tensor post_pad = at::empty({1}, i32);
-  const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E));
+  const int spt = static_cast<int>(slots_per_thread);
+  const int64_t scratch_elems = mk::align_scratch_elems(n, static_cast<int>(E), spt);
   Tensor scratch = at::empty({scratch_elems}, i32);
-  check_launch(mk::launch_align(ids.data_ptr<int32_t>(), n, static_cast<int>(E), static_cast<int>(block_size), counts,
-                                sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(),
-                                nullptr, nullptr, scratch_elems ? scratch.data_ptr<int32_t>() : nullptr,
-                                c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(mk::launch_align_variant(ids.data_ptr<int32_t>(), n, static_cast<int>(E), static_cast<int>(block_size),
+                                        counts, sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(),
+                                        post_pad.data_ptr<int32_t>(), nullptr, nullptr,
+                                        scratch_elems ? scratch.data_ptr<int32_t>() : nullptr,
+                                        c10::cuda::getCurrentCUDAStream().stream(), spt, ballot_match),
                "moe_align");
   return {sorted, block_ids, post_pad};
+}
+
+Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
+                       const std::optional<Tensor>& expert_counts) {
+  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false);
 }
 
 // fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
@@ -448,6 +462,13 @@ TORCH_LIBRARY(moekern, m) {
   m.def(
       "moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
       "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
+  // Internal: moe_align with its plan forced (slots_per_thread 0 = the default plan, else 1/2/4/8/16: chunks of
+  // 512 x that many slots; ballot_match: rank equal experts by ballots instead of the hardware match), so tests
+  // and benchmarks/align_variants.py --plans can check and time every plan in one run.
+  m.def(
+      "moe_align_variant(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts, "
+      "int slots_per_thread, bool ballot_match) -> "
+      "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
   m.def(
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
       "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)");
@@ -466,6 +487,7 @@ TORCH_LIBRARY_IMPL(moekern, CPU, m) {
   m.impl("fused_topk", &fused_topk_cpu);
   m.impl("fused_topk_variant", &fused_topk_variant_cpu);
   m.impl("moe_align", &moe_align_cpu);
+  m.impl("moe_align_variant", &moe_align_variant_cpu);
   m.impl("route_and_align", &route_and_align_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
@@ -479,6 +501,7 @@ TORCH_LIBRARY_IMPL(moekern, CUDA, m) {
   m.impl("fused_topk", &fused_topk_cuda);
   m.impl("fused_topk_variant", &fused_topk_variant_cuda);
   m.impl("moe_align", &moe_align_cuda);
+  m.impl("moe_align_variant", &moe_align_variant_cuda);
   m.impl("route_and_align", &route_and_align_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);

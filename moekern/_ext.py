@@ -40,6 +40,17 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+def has_op(name: str) -> bool:
+    """Whether moekern._C registers torch.ops.moekern.<name> (a _C built before the op existed must still import)."""
+    if _EXTENSION_ERROR is not None:
+        return False
+    try:
+        getattr(torch.ops.moekern, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def cuda_kernels_available() -> bool:
     """True when moekern._C was built with device (CUDA or HIP) kernels."""
     return _DEVICE_KERNELS

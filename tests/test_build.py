@@ -24,6 +24,11 @@ SCHEMAS = {
         "moekern::moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
         "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)"
     ),
+    "moe_align_variant": (
+        "moekern::moe_align_variant(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts, "
+        "int slots_per_thread, bool ballot_match) -> "
+        "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)"
+    ),
     "permute": (
         "moekern::permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "
         "(Tensor permuted, Tensor sorted_slots, Tensor slot_to_row, Tensor expert_offsets)"
@@ -70,6 +75,7 @@ def _cpu_calls():
     return {
         "fused_topk": lambda: torch.ops.moekern.fused_topk(torch.randn(2, 4), 2, 0, True, None, 0, 0, 1.0),
         "moe_align": lambda: torch.ops.moekern.moe_align(ids, 4, 16, None),
+        "moe_align_variant": lambda: torch.ops.moekern.moe_align_variant(ids, 4, 16, None, 4, True),
         "permute": lambda: torch.ops.moekern.permute(torch.randn(2, 8), ids, 4, None),
         "unpermute": lambda: torch.ops.moekern.unpermute(
             torch.randn(4, 8), torch.arange(4, dtype=torch.int32), torch.ones(2, 2)
@@ -101,12 +107,12 @@ def test_fake_fused_topk_shapes():
 def test_fake_moe_align_shapes(M, k, E, B):
     from moekern.dispatch import cuda_ops  # noqa: F401
 
-    sorted_ids, blocks, post = torch.ops.moekern.moe_align(
-        torch.empty(M, k, device="meta", dtype=torch.int32), E, B, None
-    )
+    ids = torch.empty(M, k, device="meta", dtype=torch.int32)
     max_padded, max_blocks = align_sizes(M * k, E, B)
-    assert sorted_ids.shape == (max_padded,) and blocks.shape == (max_blocks,) and post.shape == (1,)
-    assert sorted_ids.dtype == blocks.dtype == post.dtype == torch.int32
+    for sorted_ids, blocks, post in (torch.ops.moekern.moe_align(ids, E, B, None),
+                                     torch.ops.moekern.moe_align_variant(ids, E, B, None, 2, False)):
+        assert sorted_ids.shape == (max_padded,) and blocks.shape == (max_blocks,) and post.shape == (1,)
+        assert sorted_ids.dtype == blocks.dtype == post.dtype == torch.int32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,7 +1,8 @@
 """GPU tests of the cuda backend (moekern._C) against the plain-PyTorch references: fused_topk, moe_align,
 permute, unpermute at the four standard model shapes and M in {1, 8, 64, 4096}, plus ties, NaN/-inf,
 skewed routings (every slot on one expert, most experts empty), odd sizes and every chunking path of
-align (one CTA up to 8192 slots, 2048-slot and 8192-slot chunks above).
+align (one CTA up to 8192 slots, 2048-slot and 8192-slot chunks above), and every plan the benchmarks can force
+(moe_align_variant).
 
 Ids, counts, indices and copied rows must be exactly equal; weights within rtol=atol=1e-5 (fp32 math in a
 different summation order); unpermute within one rounding of the output dtype.
@@ -398,6 +399,36 @@ def test_align_chunking_paths(M, k, E):
     _assert_align(_ids("uniform", M, k, E, seed=1), E, 1)
 
 
+ALIGN_PLANS = [(spt, ballot) for spt in (0, 1, 2, 4, 8, 16) for ballot in (False, True)]
+
+
+@pytest.mark.parametrize("E", [1, 8, 128, 256, 512])
+def test_align_every_plan_gives_the_reference(E):
+    """Every forced plan (slots per thread 1-16: one CTA, or a histogram launch and several CTAs; hardware or
+    ballot match) lays out the same slots as the reference, at the slot counts where the default plan changes
+    its slots per thread (512, 1024, 2048, 4096, 8192) and one past each, with and without expert_counts."""
+    for n in (1, 300, 512, 513, 1024, 1025, 2048, 2049, 4096, 4100, 8192, 8193, 20000):
+        for kind in ("uniform", "one_expert"):
+            ids = _ids(kind, n, 1, E, seed=n + E)
+            B = 16 if n % 2 else 64
+            ref = align_reference(ids, E, B)
+            counts = torch.bincount(ids.flatten().long(), minlength=E).to(torch.int32)
+            for spt, ballot in ALIGN_PLANS:
+                got = torch.ops.moekern.moe_align_variant(ids, E, B, counts if kind == "uniform" else None, spt,
+                                                          ballot)
+                for a, b, name in zip(got, ref, ("sorted", "blocks", "post_pad")):
+                    assert torch.equal(a, b), (n, kind, E, spt, ballot, name)
+
+
+def test_align_variant_refuses_a_bad_plan():
+    ids = _ids("uniform", 8, 2, 8)
+    with pytest.raises(RuntimeError, match="slots_per_thread=3"):
+        torch.ops.moekern.moe_align_variant(ids, 8, 16, None, 3, False)
+    with pytest.raises(RuntimeError, match="moe_align"):  # 2^21 slots at one per thread: 4097 chunks
+        torch.ops.moekern.moe_align_variant(torch.zeros(2**21 + 512, 1, dtype=torch.int32, device="cuda"), 8, 1,
+                                            None, 1, False)
+
+
 @pytest.mark.parametrize("B", [1, 3, 256])
 def test_align_odd_block_sizes_and_empty(B):
     _assert_align(_ids("uniform", 37, 3, 7), 7, B)
@@ -438,6 +469,28 @@ def test_permute_unpermute_standard_shapes(model, M, kind, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     assert got.dtype == dtype and got.shape == (M, H)
     torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_unpermute_rows_past_the_output_contribute_nothing(dtype):
+    """expert_output may hold fewer rows than slots (a caller that computed only the first N rows): slots whose row
+    is >= N add nothing, the row exactly at N included. The rows past N exist in memory here (a view of a larger
+    tensor, filled with large values), so reading one of them changes the result."""
+    from moekern.dispatch.cuda_ops import unpermute_cuda
+
+    M, k, E, H = 33, 4, 8, 64
+    g = torch.Generator(device="cuda").manual_seed(11)
+    ids = _ids("uniform", M, k, E, seed=11)
+    slot_to_row, layout = _assert_permute(torch.randn(M, H, device="cuda", generator=g).to(dtype), ids, E)
+    weights = torch.rand(M, k, device="cuda", generator=g)
+    for N in (M * k - 1, M * k // 2, 1, 0):
+        backing = torch.full((M * k + 1, H), 1000.0, device="cuda", dtype=dtype)
+        backing[:N] = torch.randn(N, H, device="cuda", generator=g).to(dtype)
+        expert_output = backing[:N]
+        got = unpermute_cuda(expert_output, slot_to_row, weights)
+        ref = unpermute_reference(expert_output, layout, weights)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(got, ref, **tol, msg=lambda m, N=N: f"N={N}: {m}")
 
 
 @pytest.mark.parametrize("dtype,H", [(torch.float16, 7), (torch.float32, 3), (torch.bfloat16, 1), (torch.float16, 12),

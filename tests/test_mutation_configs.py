@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tools" / "mutation").glob("*.cfg"))
 
@@ -76,3 +78,31 @@ def test_every_config_runs_only_the_hypothesis_tests_it_means_to():
     wrong = {name: sorted(set(res["hypothesis"]) ^ KEPT.get(name, set())) for name, res in got.items()}
     wrong = {name: diff for name, diff in wrong.items() if diff}
     assert not wrong, f"hypothesis tests run but not meant to, or meant to but not run: {wrong}"
+
+
+# ------------------------------------------------------------------------------------------ kernel mutants
+def _kernel_mutants():
+    sys.path.insert(0, str(ROOT / "tools" / "mutation"))
+    try:
+        import kernel_mutants
+    finally:
+        sys.path.pop(0)
+    return kernel_mutants
+
+
+def test_kernel_mutants_apply_to_the_sources():
+    """Each planted kernel bug still finds its line exactly once: an edited kernel must not leave a mutant that
+    silently changes nothing (or two places) on the next GPU run."""
+    assert _kernel_mutants().check_sources() == []
+
+
+@pytest.mark.parametrize("name", [m.name for m in _kernel_mutants().MUTANTS])
+def test_kernel_mutant_selects_gpu_tests(name):
+    """The tests a kernel mutant runs exist and are GPU tests (collected here, skipped without a GPU): a selection
+    that collects nothing would report no verdict on the GPU machine."""
+    mutant = next(m for m in _kernel_mutants().MUTANTS if m.name == name)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
+                           "gpu", *mutant.tests], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(collected) >= 3, proc.stdout[-2000:]

@@ -206,6 +206,22 @@ def test_cuda_ties_nan_skew_and_odd_sizes():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("E,k,M", [(8, 5, 128), (8, 8, 128), (16, 16, 64), (16, 9, 60), (5, 5, 128), (8, 2, 128)])
+def test_cuda_one_launch_at_two_slots_per_thread(E, k, M):
+    """Small expert counts route up to 128 tokens in the one launch (M x L <= 1024 lanes), so M * k reaches 513-1024
+    slots: the scatter's two-slots-per-thread plan (and, at (8, 2, 128), one slot per thread at the lane limit)."""
+    g = torch.Generator(device="cuda").manual_seed(E * 1000 + M)
+    x = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
+    x[::7, E - 1] += 30.0  # a hot expert: long runs next to short ones
+    for kw in (dict(scoring="softmax", renormalize=True), dict(scoring="sigmoid", renormalize=False)):
+        for block in (1, 16, 64):
+            want = _reference(x, k, block, **kw)
+            _assert_equal(_cuda(x, k, block, **kw), want)
+            _assert_equal(_cuda(x, k, block, two_kernels=True, **kw), want)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_cuda_graph_replay(model):
     spec = get_model(model)

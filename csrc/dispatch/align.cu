@@ -11,8 +11,12 @@
 // (the totals come from expert_counts when given), scans the padded totals, and scatters: within a warp
 // step, lanes with the same expert find each other with match_any and rank by lane. Every CTA also writes
 // a grid-stride share of the sentinel padding, block_expert_ids and the tail, so no fill kernel runs.
-// n <= kThreads*16 (8192 slots) is one chunk: a single launch, no scratch; n <= kThreads (decode batches) takes
-// one slot per thread, so no warp steps through empty slots.
+// n <= kThreads*16 (8192 slots) is one chunk: a single launch, no scratch. Its slots per thread (IPT) are the
+// fewest powers of two that hold n (1 up to 512 slots, 2, 4, 8, 16 up to 8192), so every warp holds slots and
+// each walks as few dependent scatter steps as the chunk allows: with 16 per thread at 2,048 slots, 4 warps
+// walked 16 steps while 12 waited at the next barrier (ncu, benchmarks/results/fastpath/h100-2026-12-07-vllm).
+// launch_align_variant forces the slots per thread and the matcher, so benchmarks/align_variants.py --plans
+// can time every plan against this one.
 //
 // Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
 // C > 1 chunks; C is kept <= ~256 by growing the chunk, so each CTA reads at most C*E chunk counts.
@@ -43,7 +47,7 @@ chunk_hist_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int32_t* __
   for (int e = threadIdx.x; e < E; e += kThreads) chunk_hist[static_cast<int64_t>(blockIdx.x) * E + e] = s_hist[e];
 }
 
-template <int IPT>
+template <int IPT, typename Match>
 __global__ void __launch_bounds__(kThreads)
 align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                      const int32_t* __restrict__ expert_counts, const int32_t* __restrict__ chunk_hist,
@@ -52,23 +56,39 @@ align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                      int64_t max_blocks) {
   align_scatter_block<IPT>(ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row,
                            offsets, max_padded, max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
-                           LoadReadOnly{});
+                           LoadReadOnly{}, Match{});
 }
 
 struct Plan {
   int ipt;
   int64_t chunks;
+  bool ballot = false;
 };
 
+constexpr int64_t kMaxVariantChunks = 4096;  // a forced plan's chunks: each CTA sums up to chunks * E counts
+
 Plan plan_for(int64_t n) {
-  if (n <= static_cast<int64_t>(kThreads) * kTinyIPT) return {kTinyIPT, 1};
-  if (n <= static_cast<int64_t>(kThreads) * kLargeIPT) return {kLargeIPT, 1};
+  for (int ipt = kTinyIPT; ipt <= kLargeIPT; ipt *= 2)
+    if (n <= static_cast<int64_t>(kThreads) * ipt) return {ipt, 1};
   const int64_t small_chunks = (n + kThreads * kSmallIPT - 1) / (kThreads * kSmallIPT);
   if (small_chunks <= 256) return {kSmallIPT, small_chunks};
   return {kLargeIPT, (n + kThreads * kLargeIPT - 1) / (kThreads * kLargeIPT)};
 }
 
-template <int IPT>
+// ipt 0: the plan above; else chunks of kThreads * ipt slots (ipt a power of two <= kLargeIPT). chunks 0: invalid.
+Plan plan_with(int64_t n, int ipt, bool ballot) {
+  if (ipt == 0) {
+    Plan p = plan_for(n);
+    p.ballot = ballot;
+    return p;
+  }
+  if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0, ballot};
+  const int64_t per = static_cast<int64_t>(kThreads) * ipt;
+  const int64_t chunks = n <= per ? 1 : (n + per - 1) / per;
+  return {ipt, chunks <= kMaxVariantChunks ? chunks : 0, ballot};
+}
+
+template <int IPT, typename Match>
 Error launch_plan(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts, int32_t* sorted,
                   int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                   int32_t* scratch, int64_t chunks, int64_t max_padded, int64_t max_blocks, Stream stream) {
@@ -77,36 +97,58 @@ Error launch_plan(const int32_t* ids, int64_t n, int E, int B, const int32_t* ex
     chunk_hist_kernel<IPT><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(ids, n, E, scratch);
     chunk_hist = scratch;
   }
-  align_scatter_kernel<IPT><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+  align_scatter_kernel<IPT, Match><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
       ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row, offsets, max_padded,
       max_blocks);
   return last_error();
 }
 
+template <typename Match>
+Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
+                   int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
+                   int32_t* scratch, int64_t max_padded, int64_t max_blocks, Stream stream) {
+#define MOEKERN_ALIGN_PLAN(IPT)                                                                                   \
+  if (p.ipt == (IPT))                                                                                            \
+    return launch_plan<(IPT), Match>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,  \
+                                     offsets, scratch, p.chunks, max_padded, max_blocks, stream);
+  MOEKERN_ALIGN_PLAN(1)
+  MOEKERN_ALIGN_PLAN(2)
+  MOEKERN_ALIGN_PLAN(4)
+  MOEKERN_ALIGN_PLAN(8)
+  MOEKERN_ALIGN_PLAN(16)
+#undef MOEKERN_ALIGN_PLAN
+  return kInvalidValue;
+}
+
 }  // namespace
 
-int64_t align_scratch_elems(int64_t n, int E) {
-  const Plan p = plan_for(n);
+int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread) {
+  const Plan p = plan_with(n, slots_per_thread, false);
   return p.chunks > 1 ? p.chunks * E : 0;
+}
+
+Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
+                           int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row,
+                           int32_t* offsets, int32_t* scratch, Stream stream, int slots_per_thread,
+                           bool ballot_match) {
+  if (E < 1 || E > kDispatchMaxExperts || B < 1 || n < 0) return kInvalidValue;
+  const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
+  if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
+  const int64_t max_blocks = (max_padded + B - 1) / B;
+  const Plan p = plan_with(n, slots_per_thread, ballot_match);
+  if (p.chunks < 1 || (p.chunks > 1 && scratch == nullptr)) return kInvalidValue;
+  if (p.ballot)
+    return launch_match<MatchBallot>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
+                                     offsets, scratch, max_padded, max_blocks, stream);
+  return launch_match<MatchHardware>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
+                                     offsets, scratch, max_padded, max_blocks, stream);
 }
 
 Error launch_align(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts, int32_t* sorted,
                    int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                    int32_t* scratch, Stream stream) {
-  if (E < 1 || E > kDispatchMaxExperts || B < 1 || n < 0) return kInvalidValue;
-  const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
-  if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
-  const int64_t max_blocks = (max_padded + B - 1) / B;
-  const Plan p = plan_for(n);
-  if (p.chunks > 1 && scratch == nullptr) return kInvalidValue;
-  if (p.ipt == kTinyIPT)
-    return launch_plan<kTinyIPT>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
-                                 offsets, scratch, p.chunks, max_padded, max_blocks, stream);
-  if (p.ipt == kSmallIPT)
-    return launch_plan<kSmallIPT>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
-                                  offsets, scratch, p.chunks, max_padded, max_blocks, stream);
-  return launch_plan<kLargeIPT>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
-                                offsets, scratch, p.chunks, max_padded, max_blocks, stream);
+  return launch_align_variant(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row, offsets,
+                              scratch, stream, 0, false);
 }
 
 }  // namespace mk

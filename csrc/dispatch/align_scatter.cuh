@@ -15,7 +15,7 @@ constexpr int kSkip = kDispatchMaxExperts;  // key of a slot that is out of rang
 constexpr int kKeyBits = 10;                // keys in [0, 512]
 constexpr int kTinyIPT = 1;                 // 512-slot chunks: decode batches (one step per warp, no idle steps)
 constexpr int kSmallIPT = 4;                // 2048-slot chunks
-constexpr int kLargeIPT = 16;               // 8192-slot chunks
+constexpr int kLargeIPT = 16;               // 8192-slot chunks: the largest one-launch chunk
 
 // Exclusive block-wide prefix sum; every thread must call it. `total` gets the sum of all v.
 __device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int& total) {
@@ -43,6 +43,30 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int& tot
 }
 
 
+// Lanes of the warp step holding the same key (kSkip included). The hardware match is one instruction whose
+// cost grows with the distinct keys of the step; MatchBallot intersects one ballot per bit of the keys in
+// use (E and kSkip fold into bit_width(E) bits), a fixed chain of ~8-10 ballots. Which is faster is measured
+// (benchmarks/align_variants.py --plans), not assumed.
+struct MatchHardware {
+  __device__ __forceinline__ lane_mask_t operator()(unsigned key, int /*E*/) const {
+    return match_any<kKeyBits>(key);
+  }
+};
+
+struct MatchBallot {
+  __device__ __forceinline__ lane_mask_t operator()(unsigned key, int E) const {
+    const unsigned k = key == static_cast<unsigned>(kSkip) ? static_cast<unsigned>(E) : key;  // keys in [0, E]
+    const int bits = 32 - __clz(E);
+    lane_mask_t peers = ~static_cast<lane_mask_t>(0);
+    for (int b = 0; b < bits; ++b) {  // warp-uniform bound
+      const bool bit = (k >> b) & 1u;
+      const lane_mask_t set = ballot(bit);
+      peers &= bit ? set : ~set;
+    }
+    return peers;
+  }
+};
+
 struct LoadReadOnly {  // ids written before the launch
   __device__ __forceinline__ int operator()(const int32_t* p) const { return *p; }
 };
@@ -56,18 +80,20 @@ struct LoadWrittenHere {  // ids written earlier in the same launch by other thr
 };
 
 // One chunk (CTA) of the scatter: `chunk` of `num_chunks`, kThreads threads. load_id reads one routed id: a
-// kernel that wrote the ids itself passes a load that bypasses the non-coherent cache.
-template <int IPT, typename LoadId>
+// kernel that wrote the ids itself passes a load that bypasses the non-coherent cache. match: MatchHardware
+// or MatchBallot.
+template <int IPT, typename LoadId, typename Match = MatchHardware>
 __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t n, int E, int B,
                                                     const int32_t* __restrict__ expert_counts,
                                                     const int32_t* __restrict__ chunk_hist, int32_t* __restrict__ sorted,
                                                     int32_t* __restrict__ block_ids, int32_t* __restrict__ num_post_pad,
                                                     int32_t* __restrict__ slot_to_row, int32_t* __restrict__ offsets,
                                                     int64_t max_padded, int64_t max_blocks, int chunk, int num_chunks,
-                                                    LoadId load_id) {
+                                                    LoadId load_id, Match match = Match{}) {
   __shared__ int32_t s_hist[kWarps][kDispatchMaxExperts];  // per-warp counts, then running positions
   __shared__ int32_t s_base[kDispatchMaxExperts];          // first position of this chunk's slots of e
   __shared__ int32_t s_off[kDispatchMaxExperts + 1];       // padded offset of each expert's run
+  __shared__ int32_t s_blk[kDispatchMaxExperts + 1];       // its first block (s_off / B), then the used blocks
   __shared__ int32_t s_cnt[kDispatchMaxExperts];           // slots of each expert
   __shared__ int32_t s_warp[kWarps];
   const int tid = threadIdx.x, lane = lane_id(), warp = tid / kWarpSize;
@@ -96,7 +122,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
 
   // One thread per expert: per-warp exclusive prefix, this chunk's prefix over earlier chunks, totals.
   const int e = tid;
-  int prefix = 0, padded = 0, total = 0;
+  int prefix = 0, blocks = 0, total = 0;
   if (e < E) {
     int own = 0;
     for (int w = 0; w < active_warps; ++w) {
@@ -115,16 +141,23 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
         for (int c = chunk; c < num_chunks; ++c) total += chunk_hist[static_cast<int64_t>(c) * E + e];
       }
     }
-    padded = (total + B - 1) / B * B;
+    blocks = (total + B - 1) / B;
   }
-  int total_padded;
-  const int off = block_exclusive_scan(padded, s_warp, total_padded);
+  // Scan the block counts, not the padded sizes: the layout below then needs no division by B.
+  int total_blocks;
+  const int blk = block_exclusive_scan(blocks, s_warp, total_blocks);
+  const int total_padded = total_blocks * B;
   if (e < E) {
+    const int off = blk * B;
     s_off[e] = off;
+    s_blk[e] = blk;
     s_base[e] = off + prefix;
     s_cnt[e] = total;
   }
-  if (tid == 0) s_off[E] = total_padded;
+  if (tid == 0) {
+    s_off[E] = total_padded;
+    s_blk[E] = total_blocks;
+  }
   __syncthreads();
 
   // Scatter, one warp step (kWarpSize slots) at a time, in slot order.
@@ -132,7 +165,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   for (int i = 0; i < IPT && warp < active_warps; ++i) {
     const int k = key[i];
     const int64_t s = warp_start + static_cast<int64_t>(i) * kWarpSize + lane;
-    const lane_mask_t peers = match_any<kKeyBits>(static_cast<unsigned>(k));
+    const lane_mask_t peers = match(static_cast<unsigned>(k), E);
     if (k != kSkip) {
       const int64_t pos = static_cast<int64_t>(s_base[k]) + s_hist[warp][k] + popc(peers & lanemask_lt());
       if (pos < max_padded) {  // only inconsistent expert_counts could make it otherwise
@@ -147,20 +180,24 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
     syncwarp();
   }
 
-  // Grid-stride share of the layout: sentinel pads of each run, the tail, block experts, totals.
+  // Grid-stride share of the layout: sentinel pads of each run, the tail, block experts, totals. Positions are
+  // 32-bit: max_padded < 2^31 (checked by the launchers) and a grid stride is < 2^28, so p + stride < 2^32.
   const int32_t sentinel = static_cast<int32_t>(n);
   // One warp per expert writes its run's (< B) pads and its run's block experts, so the stores of a warp are
-  // contiguous; the tail past the last run is a grid-stride fill.
+  // contiguous; an expert without slots has neither and costs its warp three shared loads. The tail past the
+  // last run is a grid-stride fill.
   for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
-    for (int p = s_off[x] + s_cnt[x] + lane; p < s_off[x + 1]; p += kWarpSize) sorted[p] = sentinel;
+    const int run_end = s_off[x + 1];
+    for (int p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
     if (block_ids != nullptr)
-      for (int b = s_off[x] / B + lane; b < s_off[x + 1] / B; b += kWarpSize) block_ids[b] = x;
+      for (int b = s_blk[x] + lane; b < s_blk[x + 1]; b += kWarpSize) block_ids[b] = x;
   }
-  const int64_t gtid = static_cast<int64_t>(chunk) * kThreads + tid;
-  const int64_t gstride = static_cast<int64_t>(num_chunks) * kThreads;
-  for (int64_t p = total_padded + gtid; p < max_padded; p += gstride) sorted[p] = sentinel;
+  const unsigned gtid = static_cast<unsigned>(chunk) * kThreads + tid;
+  const unsigned gstride = static_cast<unsigned>(num_chunks) * kThreads;
+  const unsigned tail_end = static_cast<unsigned>(max_padded), blocks_end = static_cast<unsigned>(max_blocks);
+  for (unsigned p = static_cast<unsigned>(total_padded) + gtid; p < tail_end; p += gstride) sorted[p] = sentinel;
   if (block_ids != nullptr)
-    for (int64_t b = total_padded / B + gtid; b < max_blocks; b += gstride) block_ids[b] = -1;
+    for (unsigned b = static_cast<unsigned>(total_blocks) + gtid; b < blocks_end; b += gstride) block_ids[b] = -1;
   if (gtid == 0 && num_post_pad != nullptr) *num_post_pad = total_padded;
   if (chunk == 0 && offsets != nullptr)
     for (int x = tid; x <= E; x += kThreads) offsets[x] = s_off[x];

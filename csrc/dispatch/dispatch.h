@@ -7,8 +7,9 @@ namespace mk {
 
 constexpr int kDispatchMaxExperts = 512;
 
-// Int32 elements of device scratch launch_align needs for n = M*k slots (0: none, pass nullptr).
-int64_t align_scratch_elems(int64_t n, int E);
+// Int32 elements of device scratch launch_align needs for n = M*k slots (0: none, pass nullptr);
+// slots_per_thread as in launch_align_variant.
+int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread = 0);
 
 // Groups the n flattened slots of `ids` ([n] int32, values in [0, E)) by expert, in slot order within
 // an expert, each expert's run padded with the sentinel n to a multiple of B:
@@ -23,6 +24,15 @@ int64_t align_scratch_elems(int64_t n, int E);
 Error launch_align(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts, int32_t* sorted,
                    int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                    int32_t* scratch, Stream stream);
+
+// launch_align with its plan forced, for tests and benchmarks/align_variants.py: slots_per_thread 0 is launch_align's
+// own plan, 1/2/4/8/16 cut the slots into chunks of 512 * that many (one launch for one chunk, else a
+// histogram launch first; kInvalidValue past 4096 chunks); ballot_match ranks equal experts within a warp
+// step by ballots instead of the hardware match. Every plan gives the same output.
+Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
+                           int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row,
+                           int32_t* offsets, int32_t* scratch, Stream stream, int slots_per_thread,
+                           bool ballot_match);
 
 // dst[r] = src[sorted_slots[r] / top_k] for r < n, rows of row_bytes bytes (zeros where the slot is
 // outside [0, n)); 16-byte vectors when row_bytes and both pointers allow it.

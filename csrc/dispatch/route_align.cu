@@ -5,8 +5,8 @@
 // routing/redux_topk.cuh (writing weights and ids, counting choices in shared memory), writes the counts,
 // and after a barrier lays the slots out with align's scatter (dispatch/align_scatter.cuh), reading the
 // ids it just wrote through L2. So the two kernels' launch gaps and the ids' round trip through a second
-// launch are gone. Bounds: M * top_k <= 8192 slots (align's one-chunk size) and M x L <= kRouteAlignMaxLanes
-// (above, one block routes too many tokens one after another: the caller runs the two kernels instead).
+// launch are gone. Bounds: M x L <= kRouteAlignMaxLanes (above, one block routes too many tokens one after another:
+// the caller runs the two kernels instead), which keeps M * top_k <= 1024 slots, two per thread of the scatter.
 #include "dispatch/align_scatter.cuh"
 #include "dispatch/route_align.h"
 #include "routing/redux_topk.cuh"
@@ -53,12 +53,13 @@ void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
   }
 }
 
-// Slots per thread of the scatter: one while the M x top_k slots fit the block's threads (decode), else align's
-// one-chunk size.
+// Slots per thread of the scatter: one while the M x top_k slots fit the block's threads, else two. M x L <=
+// kRouteAlignMaxLanes keeps M x top_k <= 1024 in every bucket (L = 32: M <= 32 and top_k <= 16; L = 16: E <= 16;
+// L = 8: E <= 8), so every warp of the scatter holds slots (align.cu's plan, at these sizes).
 template <typename T, int V, int L>
 Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
-  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, align_detail::kTinyIPT>(a, o, softmax, stream);
-  else launch_ipt<T, V, L, align_detail::kLargeIPT>(a, o, softmax, stream);
+  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, 1>(a, o, softmax, stream);
+  else launch_ipt<T, V, L, 2>(a, o, softmax, stream);
   return last_error();
 }
 
@@ -89,7 +90,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
   const int64_t n = M * top_k;
-  if (M < 1 || n > static_cast<int64_t>(kThreads) * align_detail::kLargeIPT) {
+  if (M < 1 || n > static_cast<int64_t>(kThreads) * 2) {
     *unsupported = true;
     return kSuccess;
   }

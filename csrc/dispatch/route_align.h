@@ -18,7 +18,7 @@ constexpr int64_t kRouteAlignMaxLanes = 1024;
 // The values of launch_fused_topk followed by launch_align(ids, M * top_k, E, block_size, counts, ...): weights
 // [M, k] fp32, ids [M, k] int32, counts [E] int32, sorted [M*k + E*(B-1)], block_ids [ceil(that / B)],
 // num_post_pad [1]. Launches nothing and sets *unsupported when M is 0, M x L exceeds kRouteAlignMaxLanes, M * top_k
-// exceeds one align chunk (8192 slots), or the group geometry is not whole lanes per group: the caller then
+// exceeds 1024 slots (two per thread of the scatter; not reached within kRouteAlignMaxLanes), or the group geometry is not whole lanes per group: the caller then
 // runs the two kernels.
 Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,
                          const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,

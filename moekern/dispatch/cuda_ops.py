@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from moekern._ext import extension_error
+from moekern._ext import extension_error, has_op
 
 # Checked once at import: the wrappers then read a constant, which torch.compile traces through.
 _EXT_ERROR = extension_error()
@@ -45,6 +45,13 @@ if _EXT_ERROR is None:
     @torch.library.register_fake("moekern::unpermute")
     def _unpermute_fake(expert_output, slot_to_row, topk_weights):
         return expert_output.new_empty((topk_weights.shape[0], expert_output.shape[1]))
+
+
+if _EXT_ERROR is None and has_op("moe_align_variant"):
+
+    @torch.library.register_fake("moekern::moe_align_variant")
+    def _moe_align_variant_fake(topk_ids, num_experts, block_size, expert_counts, slots_per_thread, ballot_match):
+        return _moe_align_fake(topk_ids, num_experts, block_size, expert_counts)
 
 
 def _require_extension(name: str) -> None:

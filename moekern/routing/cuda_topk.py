@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moekern._ext import extension_error
+from moekern._ext import extension_error, has_op
 from moekern.routing.reference import empty_routing_outputs
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
@@ -36,14 +36,7 @@ if _EXT_ERROR is None:
     def _fused_topk_fake(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale):
         return empty_routing_outputs(logits, top_k)
 
-    def _has_op(name: str) -> bool:  # a _C built before the op existed must still import
-        try:
-            getattr(torch.ops.moekern, name)
-        except (AttributeError, RuntimeError):
-            return False
-        return True
-
-    if _has_op("fused_topk_variant"):
+    if has_op("fused_topk_variant"):
 
         @torch.library.register_fake("moekern::fused_topk_variant")
         def _fused_topk_variant_fake(logits, top_k, scoring, renormalize, bias, num_groups, topk_group, scale,

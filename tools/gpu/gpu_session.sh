@@ -16,6 +16,9 @@
 #   bash tools/gpu/gpu_session.sh fastpath-eager    # eager routing vs vLLM, the plugin's token-for-token check
 #   bash tools/gpu/gpu_session.sh fastpath-race     # no vLLM: racecheck + ncu stall sections of route_and_align
 #   bash tools/gpu/gpu_session.sh fastpath-profile  # no vLLM: per-kernel ncu + torch.profiler of the M=1 layer
+#   bash tools/gpu/gpu_session.sh align-plans       # every plan of the cuda align (slots per thread, matcher) timed
+#   bash tools/gpu/gpu_session.sh fastpath-source   # no vLLM: ncu per-instruction stalls of route_and_align's kernels
+#   bash tools/gpu/gpu_session.sh gpu-mutants       # no vLLM: planted .cu bugs, each must fail the GPU tests
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
 #   bash tools/gpu/gpu_session.sh bench-all    # moekern vs vLLM, every op and model (needs the gpuenv staged)
@@ -79,7 +82,7 @@ unpack_tune_results() {
 
 build() {
   # (a build older than the newest op is rebuilt: the check names it)
-  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.route_and_align" 2>/dev/null; then
+  if python3 -c "import torch, moekern._C; assert torch.ops.moekern.has_device_kernels(); torch.ops.moekern.moe_align_variant" 2>/dev/null; then
     echo "moekern._C already built"; return 0
   fi
   MOEKERN_REQUIRE_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -30
@@ -196,11 +199,12 @@ run_stage() {
       --json "$OUT/routing_variants.json" 2>&1 | tee "$OUT/routing_variants.log" | tail -45
     ;;
   fastpath-check)
-    # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path and route_and_align
-    # against the torch reference (fused_moe and compute-sanitizer: fastpath-memcheck).
+    # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path, route_and_align, every
+    # align plan and permute/unpermute against the torch reference (fused_moe and compute-sanitizer:
+    # fastpath-memcheck).
     versions; build
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_route_align.py tests/test_cuda_ops.py \
-      -k "topk or route or align" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -25
+      -k "topk or route or align or permute" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -25
     ;;
   fastpath-memcheck)
     build
@@ -211,13 +215,45 @@ run_stage() {
   fastpath-bench)
     # Side by side with vLLM in one process per script (needs the gpuenv): routing at the issue's 28 shapes in CUDA
     # graphs, route_and_align vs vLLM's routing + moe_align_block_size, the decode layer with its routing.
+    # FASTPATH_SKIP_ROUTING=1 leaves out the routing table (for a change that touches align alone).
     versions; build
-    timeout 180 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
-      --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -40
+    if [ "${FASTPATH_SKIP_ROUTING:-0}" != "1" ]; then
+      timeout 180 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
+        --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -40
+    fi
     timeout 120 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
       | tee "$OUT/route_align.log" | tail -28
     timeout 200 python3 benchmarks/decode_layer.py --json "$OUT/decode_layer.json" 2>&1 \
       | tee "$OUT/decode_layer.log" | tail -30
+    ;;
+  align-plans)
+    # No vLLM needed (its column is filled when staged): every plan of the cuda align (slots per thread 1-16, one
+    # CTA or a histogram launch + several, hardware or ballot match) beside the default plan, 8 to 32K slots.
+    build
+    timeout 300 python3 benchmarks/align_variants.py --plans --block-sizes 16 64 --reps 100 \
+      --json "$OUT/align_plans.json" 2>&1 | tee "$OUT/align_plans.log" | tail -80
+    ;;
+  fastpath-source)
+    # No vLLM: where route_and_align's one launch (M=1) and align's scatter (M=256) spend their cycles, per
+    # SASS instruction (ncu's PC sampling: warp stall reasons and executed instructions per line).
+    build
+    mkdir -p "$OUT/prof"
+    for target in "route_align qwen3-30b-a3b 1" "route_align deepseek-v3 1" "align_scatter qwen3-30b-a3b 256"; do
+      read -r kname model m <<< "$target"
+      rep="$OUT/prof/src_${kname}_${model}_m$m"
+      timeout 120 ncu --kernel-name "regex:$kname" --launch-count 1 --section SourceCounters --section WarpStateStats \
+        --section SpeedOfLight --import-source yes -f -o "$rep" python3 tools/gpu/route_align_probe.py \
+        --models "$model" --ms "$m" --iters 1 > "$rep.log" 2>&1 || tail -5 "$rep.log"
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv" 2>&1 \
+        || ncu -i "$rep.ncu-rep" --page details > "$rep.details.txt" 2>&1
+      ls -la "$rep".* | awk '{print $5, $9}'
+    done
+    ;;
+  gpu-mutants)
+    # No vLLM: planted bugs in the .cu kernels, each judged by the GPU tests (tools/mutation/kernel_mutants.py), in
+    # a scratch copy with its own build, so this checkout's moekern._C is never touched.
+    timeout 420 python3 tools/mutation/kernel_mutants.py --json "$OUT/kernel_mutants.json" \
+      --log "$OUT/kernel_mutants.log" 2>&1 | tail -12
     ;;
   fastpath-race)
     # No vLLM: compute-sanitizer racecheck of route_and_align's one launch (routing teams, then align's scatter

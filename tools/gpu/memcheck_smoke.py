@@ -9,7 +9,8 @@ Sections (each prints its wall time; the whole script is meant to stay well unde
   1. routing, cuda backend: every kernel path (auto, single_block, multi_block, legacy, and "compact", auto's
      other name) against the torch reference, incl. DeepSeek-V3 grouped selection, the 512-expert bucket,
      the group geometry that falls back to v1, and M large enough for the multi-block ticket reduction;
-  2. routing, align, permute, unpermute and a small fused_moe, triton and cuda backends;
+  2. routing, align, permute, unpermute and a small fused_moe, triton and cuda backends, and every plan of the
+     cuda align (moe_align_variant);
   3. expert parallel, the peer-write path (Triton kernels that store into other ranks' receive buffers),
      W = 4 ranks emulated on this GPU: dispatch and combine (both layouts) against moekern/ep/reference.py.
   4. the EP low-latency mode, same ranks: exact combine, and an overflowing capacity (drops must stay in bounds).
@@ -117,6 +118,18 @@ def routing_dispatch_moe(be):
     yr = fused_moe_reference(x, w13, w2, r.topk_weights, r.topk_ids)
     rel = ((y.float() - yr.float()).norm() / yr.float().norm()).item()
     assert rel < 2e-2, rel
+
+
+def align_plans():
+    """Every plan of the cuda align (moe_align_variant: 1-16 slots per thread, one CTA or several after a
+    histogram launch, hardware or ballot match) at slot counts just past each plan's chunk, odd block sizes."""
+    for n, E, B in ((1, 1, 1), (513, 7, 3), (1025, 128, 16), (2049, 256, 64), (4097, 512, 1), (8193, 60, 128)):
+        ids = torch.randint(0, E, (n, 1), device=DEV, dtype=torch.int32)
+        ref = align_reference(ids, E, B)
+        for spt in (0, 1, 2, 4, 8, 16):
+            for ballot in (False, True):
+                got = torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot)
+                assert all(torch.equal(x, y) for x, y in zip(got, ref)), ("align plan", n, E, B, spt, ballot)
 
 
 # ------------------------------------------------------------------------------------------ 3. EP peer writes
@@ -229,6 +242,7 @@ def main():
     sections = []
     if "cuda" in backends:
         sections.append(("cuda routing, every variant", routing_cuda_variants))
+        sections.append(("cuda align, every plan", align_plans))
     else:
         print("memcheck smoke: moekern._C has no device kernels; cuda routing and the cuda backend are not run")
     for be in backends:

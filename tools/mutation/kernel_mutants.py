@@ -1,0 +1,191 @@
+"""Planted bugs in the device kernels (csrc/**/*.cu, *.cuh), each of which the GPU tests must catch.
+
+mutmut mutates Python only, and the CPU suite never runs a kernel, so a bug in a .cu file is caught, if at all,
+by the GPU tests on the next GPU run. This script checks that they do: it copies the checkout (sources only) to
+a scratch folder, builds moekern._C there once, then for each mutant below swaps one line, rebuilds
+incrementally (ninja recompiles only the files that include the changed one), runs the GPU tests that should
+judge it, and puts the line back. The checkout's own build is never touched.
+
+    python tools/mutation/kernel_mutants.py [--work /tmp/moekern-kernel-mutants] [--json OUT] [NAME ...]
+    python tools/mutation/kernel_mutants.py --list        # the mutants, no GPU needed
+
+A mutant is "killed" when its tests fail, "survived" when they pass (a hole in the GPU tests), "build failed"
+when the mutated source does not compile (no verdict). Exit code 1 when any mutant survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments that must fail on the mutant
+    what: str
+
+
+# Cheapest rebuild first (align.cu and permute.cu alone; histogram.cuh: the two routing files; align_scatter.cuh and
+# redux_topk.cuh also recompile route_align.cu, the longest file), so a run cut short has judged the most mutants.
+MUTANTS = (
+    Mutant(
+        "align-chunk-hist-drops-expert-0", "csrc/dispatch/align.cu",
+        "if (e >= 0 && e < E) atomicAdd(&s_hist[e], 1);", "if (e > 0 && e < E) atomicAdd(&s_hist[e], 1);",
+        ("tests/test_cuda_ops.py", "-k", "align"),
+        "the per-chunk histogram of the several-chunk plan skips expert 0: later chunks' prefixes are short",
+    ),
+    Mutant(
+        "unpermute-reads-the-row-past-the-output", "csrc/dispatch/permute.cu",
+        "if (row < 0 || row >= num_rows) continue;", "if (row < 0 || row > num_rows) continue;",
+        ("tests/test_cuda_ops.py", "-k", "unpermute"),
+        "a slot whose row is exactly expert_output's row count is summed (one row past the tensor) instead of "
+        "skipped",
+    ),
+    Mutant(
+        "histogram-grid-drops-single-counts", "csrc/routing/histogram.cuh",
+        "if (c != 0) atomicAdd(&acc[e], c);", "if (c > 1) atomicAdd(&acc[e], c);",
+        ("tests/test_cuda_ops.py", "-k", "topk"),
+        "the multi-block routing grid leaves out a block's experts chosen exactly once: counts too low",
+    ),    Mutant(
+        "align-unstable-rank", "csrc/dispatch/align_scatter.cuh",
+        "popc(peers & lanemask_lt())", "(popc(peers) - 1 - popc(peers & lanemask_lt()))",
+        ("tests/test_cuda_ops.py", "-k", "align"),
+        "slots of one expert within a warp step ranked from the last lane: still grouped by expert, but not in "
+        "slot order (vLLM's layout is unordered; ours must equal the stable reference)",
+    ),
+    Mutant(
+        "routing-lane-ties-to-the-higher-index", "csrc/routing/redux_topk.cuh",
+        "    if (key[i] > bk) {\n      bk = key[i];\n      bi = i;\n    }\n  }\n\n  float res_w",
+        "    if (key[i] >= bk) {\n      bk = key[i];\n      bi = i;\n    }\n  }\n\n  float res_w",
+        ("tests/test_cuda_ops.py", "tests/test_route_align.py", "-k", "topk or route"),
+        "equal scores held by one lane go to its higher expert index first (the reference: the lower index)",
+    ),
+)
+
+
+def check_sources(root: Path = ROOT) -> list[str]:
+    """Problems with the mutant table against the sources at `root` (each `old` must occur exactly once)."""
+    problems = []
+    for m in MUTANTS:
+        path = root / m.path
+        if not path.is_file():
+            problems.append(f"{m.name}: {m.path} does not exist")
+            continue
+        hits = path.read_text().count(m.old)
+        if hits != 1:
+            problems.append(f"{m.name}: the line to change occurs {hits} times in {m.path} (must be once)")
+    names = [m.name for m in MUTANTS]
+    if len(set(names)) != len(names):
+        problems.append("mutant names repeat")
+    return problems
+
+
+def _copy_sources(work: Path) -> None:
+    """The checkout's tracked and untracked-but-not-ignored files, without build outputs, into work/."""
+    skip = {".git", "build", ".gpuenv", ".whl", ".fiwhl", ".fiaot", "results", "__pycache__", ".venv"}
+
+    def ignore(folder, names):  # results/ and benchmarks/results/: outputs, not sources
+        return [n for n in names if n in skip or n.endswith((".so", ".pyc"))]
+
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(ROOT, work, ignore=ignore)
+
+
+def _build(work: Path, log: Path) -> tuple[bool, float]:
+    env = dict(os.environ, MOEKERN_REQUIRE_EXTENSION="1")
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    t0 = time.time()
+    with log.open("a") as f:
+        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=work, env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+    return proc.returncode == 0, time.time() - t0
+
+
+def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int:
+    env = dict(os.environ, PYTHONPATH=str(work))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", *tests]
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+
+
+def _imports_from(work: Path) -> bool:
+    code = "import moekern, moekern._C, torch; print(moekern.__file__); assert torch.ops.moekern.has_device_kernels()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=dict(os.environ, PYTHONPATH=str(work)),
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.strip().startswith(str(work))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moekern-kernel-mutants"))
+    ap.add_argument("--json", type=Path, help="write the verdicts here")
+    ap.add_argument("--log", type=Path, default=None, help="build and test output (default: WORK.log)")
+    ap.add_argument("--list", action="store_true", help="print the mutants and check they apply; no GPU needed")
+    args = ap.parse_args(argv)
+
+    problems = check_sources()
+    if args.list or problems:
+        for m in MUTANTS:
+            print(f"{m.name:<42} {m.path:<34} {m.what}")
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 1 if problems else 0
+    unknown = sorted(set(args.names) - {m.name for m in MUTANTS})
+    if unknown:
+        print(f"error: unknown mutant(s) {', '.join(unknown)}; --list shows them", file=sys.stderr)
+        return 2
+    todo = [m for m in MUTANTS if not args.names or m.name in args.names]
+    log = args.log or args.work.with_suffix(".log")
+    log.write_text("")
+
+    _copy_sources(args.work)
+    ok, secs = _build(args.work, log)
+    print(f"clean build in {args.work}: {'ok' if ok else 'FAILED'} ({secs:.0f} s)", flush=True)
+    if not ok or not _imports_from(args.work):
+        print(f"error: the scratch copy does not build or import its own moekern._C; see {log}", file=sys.stderr)
+        return 2
+
+    verdicts = []
+    for m in todo:
+        path = args.work / m.path
+        original = path.read_text()
+        path.write_text(original.replace(m.old, m.new, 1))
+        try:
+            built, secs = _build(args.work, log)
+            if not built:
+                verdict, rc = "build failed", None
+            else:
+                rc = _run_tests(args.work, m.tests, log)
+                verdict = "killed" if rc == 1 else "survived" if rc == 0 else f"error (pytest exit {rc})"
+        finally:
+            path.write_text(original)
+        verdicts.append(dict(asdict(m), verdict=verdict, build_s=round(secs, 1), pytest_rc=rc))
+        print(f"{m.name:<42} {verdict:<14} (rebuild {secs:.0f} s)", flush=True)
+        if args.json:  # after every mutant: a run cut short keeps its verdicts
+            args.json.write_text(json.dumps(verdicts, indent=1))
+    survived = [v["name"] for v in verdicts if v["verdict"] == "survived"]
+    print(f"{sum(v['verdict'] == 'killed' for v in verdicts)} of {len(verdicts)} killed"
+          + (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
