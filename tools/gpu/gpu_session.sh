@@ -270,8 +270,9 @@ run_stage() {
     ;;
   fastpath-profile)
     # No vLLM: where the decode layer's time goes at M=1 (per-kernel ncu table and a torch.profiler timeline).
+    # FASTPATH_PROFILE_MODELS: a comma list (default qwen3-30b-a3b,olmoe).
     build
-    for model in qwen3-30b-a3b olmoe; do
+    for model in $(echo "${FASTPATH_PROFILE_MODELS:-qwen3-30b-a3b,olmoe}" | tr ',' ' '); do
       timeout 120 python3 -m moekern.cli profile ncu --kind fused_moe --model "$model" --tokens 1 \
         --out "$OUT/prof/ncu-$model-m1" 2>&1 | tail -12
       timeout 90 python3 -m moekern.cli profile torch --kind fused_moe --model "$model" --tokens 1 \
