@@ -125,11 +125,20 @@ def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int:
         return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
 
 
-def _imports_from(work: Path) -> bool:
-    code = "import moekern, moekern._C, torch; print(moekern.__file__); assert torch.ops.moekern.has_device_kernels()"
+def _imports_from(work: Path, log: Path) -> bool:
+    """Whether a test process started in work/ imports work's moekern and its device kernels (not an installed
+    checkout's); the child's output goes to the log either way."""
+    code = ("import os, torch, moekern, moekern._C; "
+            "print('MOEKERN_AT', os.path.realpath(moekern.__file__)); "
+            "print('DEVICE_KERNELS', torch.ops.moekern.has_device_kernels())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=dict(os.environ, PYTHONPATH=str(work)),
                           capture_output=True, text=True)
-    return proc.returncode == 0 and proc.stdout.strip().startswith(str(work))
+    with log.open("a") as f:
+        f.write(f"\n$ import check (exit {proc.returncode})\n{proc.stdout}{proc.stderr}\n")
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("MOEKERN_AT ", "DEVICE_")))
+    root = os.path.realpath(work)
+    return (proc.returncode == 0 and lines.get("MOEKERN_AT", "").startswith(root + os.sep)
+            and lines.get("DEVICE_KERNELS") == "True")
 
 
 def main(argv=None) -> int:
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
     _copy_sources(args.work)
     ok, secs = _build(args.work, log)
     print(f"clean build in {args.work}: {'ok' if ok else 'FAILED'} ({secs:.0f} s)", flush=True)
-    if not ok or not _imports_from(args.work):
+    if not ok or not _imports_from(args.work, log):
         print(f"error: the scratch copy does not build or import its own moekern._C; see {log}", file=sys.stderr)
         return 2
 
