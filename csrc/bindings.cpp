@@ -17,7 +17,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "dispatch/align_plan.h"
 #include "gatelog/format.h"
 
 #ifdef MOEKERN_WITH_DEVICE
@@ -36,6 +38,15 @@ using Tensor = at::Tensor;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The plan moe_align and permute launch by for num_slots slots and num_experts experts: [slots per thread,
+// chunks] (dispatch/align_plan.h), host arithmetic only, so CPU tests read the table.
+std::vector<int64_t> align_plan(int64_t num_slots, int64_t num_experts) {
+  TORCH_CHECK(num_slots >= 0, "num_slots=", num_slots, " must be >= 0");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= 512, "num_experts=", num_experts, " must be in [1, 512]");
+  const mk::AlignPlan p = mk::align_default_plan(num_slots, static_cast<int>(num_experts));
+  return {p.ipt, p.chunks};
+}
 
 bool has_device_kernels() {
 #ifdef MOEKERN_WITH_DEVICE
@@ -444,6 +455,7 @@ bool gatelog_host_mapped(const Tensor& host) {
 
 TORCH_LIBRARY(moekern, m) {
   m.def("has_device_kernels() -> bool", &has_device_kernels);
+  m.def("align_plan(int num_slots, int num_experts) -> int[]", &align_plan);
   m.def(
       "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(_ext.extension_error() is not None and not torch
 
 SCHEMAS = {
     "has_device_kernels": "moekern::has_device_kernels() -> bool",
+    "align_plan": "moekern::align_plan(int num_slots, int num_experts) -> int[]",
     "fused_topk": (
         "moekern::fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, "
         "int num_groups, int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)"
@@ -68,6 +69,39 @@ def test_gpu_machine_has_device_kernels():
     assert ids.cpu().tolist() == [[5, 1, 3]] * 3 == ref[1].tolist()
     assert counts.cpu().tolist() == ref[2].tolist()
     torch.testing.assert_close(w.cpu(), ref[0], rtol=1e-5, atol=1e-6)
+
+
+# (slots, experts) -> [slots per thread, chunks]: the boundaries of the measured table in csrc/dispatch/align_plan.h
+ALIGN_PLANS = {
+    (0, 8): [1, 1], (512, 512): [1, 1],                        # one slot per thread, one CTA
+    (513, 128): [2, 1], (1024, 64): [2, 1],                    # two per thread while E <= 128
+    (513, 256): [1, 2], (1024, 129): [1, 2],                   # E > 128: two 512-slot chunks
+    (1025, 8): [4, 1], (2049, 8): [8, 1], (4096, 8): [8, 1],   # E <= 8: one CTA up to 4096 slots
+    (4097, 8): [1, 9], (1025, 9): [1, 3], (1025, 128): [1, 3],
+    (32768, 64): [1, 64], (32769, 64): [4, 17],                # past 32K slots: 2048-slot chunks ...
+    (524288, 8): [4, 256], (524289, 8): [16, 65],              # ... while at most 256, then 8192-slot chunks
+}
+
+
+@pytest.mark.parametrize("n,E", sorted(ALIGN_PLANS))
+def test_align_plan_table(n, E):
+    assert torch.ops.moekern.align_plan(n, E) == ALIGN_PLANS[(n, E)]
+
+
+def test_align_plan_holds_every_slot_in_the_fewest_chunks():
+    for n in [*range(0, 3000, 7), 8191, 8192, 8193, 32767, 32768, 32769, 10**6, 2**31 - 1]:
+        for E in (1, 8, 9, 64, 128, 129, 256, 512):
+            ipt, chunks = torch.ops.moekern.align_plan(n, E)
+            per = 512 * ipt
+            assert ipt in (1, 2, 4, 8, 16) and chunks >= 1, (n, E, ipt, chunks)
+            assert chunks * per >= n and (chunks == 1 or (chunks - 1) * per < n), (n, E, ipt, chunks)
+            assert n > 2**19 or chunks <= 256, (n, E, chunks)  # each CTA sums at most chunks x E counts
+
+
+@pytest.mark.parametrize("n,E,match", [(-1, 8, "num_slots=-1"), (8, 0, "num_experts=0"), (8, 513, "num_experts=513")])
+def test_align_plan_bad_arguments(n, E, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moekern.align_plan(n, E)
 
 
 def _cpu_calls():

@@ -1,8 +1,8 @@
 """GPU tests of the cuda backend (moekern._C) against the plain-PyTorch references: fused_topk, moe_align,
 permute, unpermute at the four standard model shapes and M in {1, 8, 64, 4096}, plus ties, NaN/-inf,
 skewed routings (every slot on one expert, most experts empty), odd sizes and every chunking path of
-align (one CTA up to 8192 slots, 2048-slot and 8192-slot chunks above), and every plan the benchmarks can force
-(moe_align_variant).
+align (torch.ops.moekern.align_plan: one CTA, 512-, 2048- and 8192-slot chunks), and every plan the benchmarks
+can force (moe_align_variant).
 
 Ids, counts, indices and copied rows must be exactly equal; weights within rtol=atol=1e-5 (fp32 math in a
 different summation order); unpermute within one rounding of the output dtype.
@@ -390,10 +390,12 @@ def test_align_with_expert_counts(model):
         _assert_align(ids, spec.num_experts, 64, counts)
 
 
-@pytest.mark.parametrize("M,k", [(1024, 8), (1025, 8), (4097, 1), (65536, 8), (65537, 8), (131072, 8)])
+@pytest.mark.parametrize("M,k", [(65, 8), (1024, 8), (1025, 8), (4096, 1), (4097, 1), (4096, 8), (4097, 8), (65536, 8),
+                                 (65537, 8), (131072, 8)])
 @pytest.mark.parametrize("E", [8, 256, 512])
 def test_align_chunking_paths(M, k, E):
-    # 8192 slots: the last single-CTA size; 8200: first two-launch; 524288/524296: 2048 vs 8192 chunks.
+    # E = 8: one CTA up to 4096 slots, 512-slot chunks above; E >= 256: 512-slot chunks from 513 slots; past 32K
+    # slots 2048-slot chunks, and 8192-slot chunks past 524288 (torch.ops.moekern.align_plan).
     for kind in ("uniform", "one_expert"):
         _assert_align(_ids(kind, M, k, E, seed=M), E, 16)
     _assert_align(_ids("uniform", M, k, E, seed=1), E, 1)

@@ -11,16 +11,18 @@
 // (the totals come from expert_counts when given), scans the padded totals, and scatters: within a warp
 // step, lanes with the same expert find each other with match_any and rank by lane. Every CTA also writes
 // a grid-stride share of the sentinel padding, block_expert_ids and the tail, so no fill kernel runs.
-// n <= kThreads*16 (8192 slots) is one chunk: a single launch, no scratch. Its slots per thread (IPT) are the
-// fewest powers of two that hold n (1 up to 512 slots, 2, 4, 8, 16 up to 8192), so every warp holds slots and
-// each walks as few dependent scatter steps as the chunk allows: with 16 per thread at 2,048 slots, 4 warps
-// walked 16 steps while 12 waited at the next barrier (ncu, benchmarks/results/fastpath/h100-2026-12-07-vllm).
-// launch_align_variant forces the slots per thread and the matcher, so benchmarks/align_variants.py --plans
-// can time every plan against this one.
+// Plans (dispatch/align_plan.h has the table and the measurements behind it): one chunk (a single launch, no
+// scratch) while its CTA's serial share of the layout stays cheaper than a second launch, else chunks of 512
+// slots. Slots per thread are chosen so every warp of a CTA holds slots: with 16 per thread at 2,048 slots, 4
+// warps walked 16 dependent scatter steps while 12 waited at the next barrier (ncu,
+// benchmarks/results/fastpath/h100-2026-12-07-vllm). launch_align_variant forces a plan and the matcher, so
+// benchmarks/align_variants.py --plans times every plan against the default.
 //
 // Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
-// C > 1 chunks; C is kept <= ~256 by growing the chunk, so each CTA reads at most C*E chunk counts.
+// C > 1 chunks; the default plan keeps C <= 256 up to 2^19 slots by growing the chunk, so each CTA reads at most
+// C*E chunk counts.
 
+#include "dispatch/align_plan.h"
 #include "dispatch/align_scatter.cuh"
 
 namespace mk {
@@ -59,6 +61,8 @@ align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                            LoadReadOnly{}, Match{});
 }
 
+static_assert(kAlignThreads == kThreads && kAlignMaxIPT == kLargeIPT, "align_plan.h describes this kernel");
+
 struct Plan {
   int ipt;
   int64_t chunks;
@@ -67,24 +71,15 @@ struct Plan {
 
 constexpr int64_t kMaxVariantChunks = 4096;  // a forced plan's chunks: each CTA sums up to chunks * E counts
 
-Plan plan_for(int64_t n) {
-  for (int ipt = kTinyIPT; ipt <= kLargeIPT; ipt *= 2)
-    if (n <= static_cast<int64_t>(kThreads) * ipt) return {ipt, 1};
-  const int64_t small_chunks = (n + kThreads * kSmallIPT - 1) / (kThreads * kSmallIPT);
-  if (small_chunks <= 256) return {kSmallIPT, small_chunks};
-  return {kLargeIPT, (n + kThreads * kLargeIPT - 1) / (kThreads * kLargeIPT)};
-}
-
-// ipt 0: the plan above; else chunks of kThreads * ipt slots (ipt a power of two <= kLargeIPT). chunks 0: invalid.
-Plan plan_with(int64_t n, int ipt, bool ballot) {
+// ipt 0: the default plan (align_plan.h); else chunks of kThreads * ipt slots (ipt a power of two <= kLargeIPT).
+// chunks 0: invalid.
+Plan plan_with(int64_t n, int E, int ipt, bool ballot) {
   if (ipt == 0) {
-    Plan p = plan_for(n);
-    p.ballot = ballot;
-    return p;
+    const AlignPlan d = align_default_plan(n, E);
+    return {d.ipt, d.chunks, ballot};
   }
   if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0, ballot};
-  const int64_t per = static_cast<int64_t>(kThreads) * ipt;
-  const int64_t chunks = n <= per ? 1 : (n + per - 1) / per;
+  const int64_t chunks = align_chunks(n, ipt);
   return {ipt, chunks <= kMaxVariantChunks ? chunks : 0, ballot};
 }
 
@@ -123,7 +118,7 @@ Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, c
 }  // namespace
 
 int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread) {
-  const Plan p = plan_with(n, slots_per_thread, false);
+  const Plan p = plan_with(n, E, slots_per_thread, false);
   return p.chunks > 1 ? p.chunks * E : 0;
 }
 
@@ -135,7 +130,7 @@ Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const in
   const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
   if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
   const int64_t max_blocks = (max_padded + B - 1) / B;
-  const Plan p = plan_with(n, slots_per_thread, ballot_match);
+  const Plan p = plan_with(n, E, slots_per_thread, ballot_match);
   if (p.chunks < 1 || (p.chunks > 1 && scratch == nullptr)) return kInvalidValue;
   if (p.ballot)
     return launch_match<MatchBallot>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,

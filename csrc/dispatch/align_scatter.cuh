@@ -13,9 +13,7 @@ static_assert(kThreads == kDispatchMaxExperts, "the scans give each thread one e
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSkip = kDispatchMaxExperts;  // key of a slot that is out of range or has an invalid id
 constexpr int kKeyBits = 10;                // keys in [0, 512]
-constexpr int kTinyIPT = 1;                 // 512-slot chunks: decode batches (one step per warp, no idle steps)
-constexpr int kSmallIPT = 4;                // 2048-slot chunks
-constexpr int kLargeIPT = 16;               // 8192-slot chunks: the largest one-launch chunk
+constexpr int kLargeIPT = 16;               // the most slots per thread: 8192-slot chunks
 
 // Exclusive block-wide prefix sum; every thread must call it. `total` gets the sum of all v.
 __device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int& total) {

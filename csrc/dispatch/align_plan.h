@@ -1,0 +1,51 @@
+// The plan of moe_align / permute for n slots and E experts: how many slots each of a CTA's 512 threads takes
+// (IPT), and so how many chunks (CTAs) there are. Host-only and torch-free, so align.cu launches by it and
+// bindings.cpp shows it to the CPU tests (torch.ops.moekern.align_plan).
+//
+// Why these plans. One chunk is one launch, but its CTA does the whole layout alone (per-expert prefixes, the
+// scan, every pad and block id) on one SM; several chunks add a histogram launch and spread that work. Measured
+// on an H100 (benchmarks/results/fastpath/h100-2026-12-07-align-plans/align_plans.json, every plan at E in
+// {8, 64, 128, 256}, 2 to 32K slots, B 16 and 64, CUDA-graph replay): up to 512 slots one chunk of one slot per
+// thread; up to 1,024 slots one chunk of two per thread for E <= 128 (4.7 vs 5.3 us at E = 64; at E = 256 two
+// chunks win, 7.1 vs 8.3); for E <= 8 (Mixtral) one chunk up to 4,096 slots (3.8 vs 4.8 us at 2,048: little
+// per-expert work); above, chunks of 512 slots (one per thread) up to 32K slots: 5.7-6.2 us at 8,192 slots where
+// one chunk took 12-17 us. Past 32K slots (not measured) the earlier rule: chunks of 2,048 slots while there are
+// at most 256, else of 8,192.
+#pragma once
+
+#include <cstdint>
+
+namespace mk {
+
+constexpr int kAlignThreads = 512;
+constexpr int kAlignMaxIPT = 16;
+
+struct AlignPlan {
+  int ipt;         // slots per thread: 1, 2, 4, 8 or 16
+  int64_t chunks;  // CTAs of kAlignThreads * ipt slots each (>= 1)
+};
+
+// Chunks of kAlignThreads * ipt slots that hold n slots (at least one).
+inline int64_t align_chunks(int64_t n, int ipt) {
+  const int64_t per = static_cast<int64_t>(kAlignThreads) * ipt;
+  return n <= per ? 1 : (n + per - 1) / per;
+}
+
+// The smallest power-of-two IPT (<= kAlignMaxIPT) whose one chunk holds n slots; 0 if none does.
+inline int align_one_chunk_ipt(int64_t n) {
+  for (int ipt = 1; ipt <= kAlignMaxIPT; ipt *= 2)
+    if (n <= static_cast<int64_t>(kAlignThreads) * ipt) return ipt;
+  return 0;
+}
+
+inline AlignPlan align_default_plan(int64_t n, int E) {
+  if (n <= kAlignThreads) return {1, 1};
+  if (n <= 2 * kAlignThreads && E <= 128) return {2, 1};
+  if (n <= 8 * kAlignThreads && E <= 8) return {align_one_chunk_ipt(n), 1};
+  if (n <= 64 * kAlignThreads) return {1, align_chunks(n, 1)};
+  const int64_t chunks4 = align_chunks(n, 4);
+  if (chunks4 <= 256) return {4, chunks4};
+  return {kAlignMaxIPT, align_chunks(n, kAlignMaxIPT)};
+}
+
+}  // namespace mk
