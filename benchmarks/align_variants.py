@@ -40,12 +40,14 @@ def routed_ids(M: int, E: int, k: int, seed: int) -> torch.Tensor:
 
 
 # --plans: the cuda align with its slots per thread forced (0 = its default plan; 1-16: chunks of 512 x that
-# many slots, one launch for one chunk, a histogram launch first for several) and the ballot matcher ("b").
-PLANS = [(spt, ballot) for spt in (0, 1, 2, 4, 8, 16) for ballot in (False, True)]
+# many slots, one launch for one chunk, a histogram launch first for several), the ballot matcher ("b") and the
+# pads written by one thread per expert ("t").
+PLANS = [(spt, ballot, pads) for spt in (0, 1, 2, 4, 8, 16) for ballot, pads in
+         ((False, False), (True, False), (False, True))]
 
 
-def plan_name(spt: int, ballot: bool) -> str:
-    return f"cuda-p{spt}{'b' if ballot else ''}"
+def plan_name(spt: int, ballot: bool, pads: bool = False) -> str:
+    return f"cuda-p{spt}{'b' if ballot else ''}{'t' if pads else ''}"
 
 
 def plan_providers():
@@ -54,10 +56,10 @@ def plan_providers():
         why = f"skipped: {_ext.extension_error() or 'built without device kernels'}"
         return {plan_name(*p): (None, why) for p in PLANS}
     out = {}
-    for spt, ballot in PLANS:
-        out[plan_name(spt, ballot)] = (
-            lambda ids, E, B, spt=spt, ballot=ballot: (
-                lambda: torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot)), "")
+    for spt, ballot, pads in PLANS:
+        out[plan_name(spt, ballot, pads)] = (
+            lambda ids, E, B, spt=spt, ballot=ballot, pads=pads: (
+                lambda: torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot, pads)), "")
     out["vllm"] = providers(False)["vllm"]
     return out
 
@@ -173,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--small-n-sweep", action="store_true",
                     help="time the forced single-launch and chunked triton paths from 512 to 16K slots")
     ap.add_argument("--plans", action="store_true",
-                    help="time every plan of the cuda align (slots per thread, matcher) from 8 to 32K slots")
+                    help="time every plan of the cuda align (slots per thread, matcher, pads) from 8 to 32K slots")
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--inner", type=int, default=20, help="calls per captured graph")
     ap.add_argument("--reps", type=int, default=200, help="graph replays (the median is reported)")
@@ -194,7 +196,7 @@ def main(argv=None):
     elif args.plans:
         shapes = [(f"E{E} k{k}", M, E, k) for E, k in ((8, 2), (64, 8), (128, 8), (256, 8))
                   for M in (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)]
-        baseline = plan_name(0, False)
+        baseline = plan_name(0, False, False)
     else:
         shapes = [(m, M, *MODELS[m]) for m in MODELS for M in (1, 64, 4096)]
         baseline = "vllm"

@@ -80,7 +80,7 @@ Tensor3 fused_topk_variant_cpu(const Tensor&, int64_t, int64_t, bool, const std:
   no_cpu_kernel("fused_topk_variant");
 }
 Tensor3 moe_align_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&) { no_cpu_kernel("moe_align"); }
-Tensor3 moe_align_variant_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&, int64_t, bool) {
+Tensor3 moe_align_variant_cpu(const Tensor&, int64_t, int64_t, const std::optional<Tensor>&, int64_t, bool, bool) {
   no_cpu_kernel("moe_align_variant");
 }
 Tensor4 permute_cpu(const Tensor&, const Tensor&, int64_t, const std::optional<Tensor>&) {
@@ -208,13 +208,14 @@ Tensor3 fused_topk_cuda(const Tensor& logits, int64_t top_k, int64_t scoring, bo
 
 Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                                const std::optional<Tensor>& expert_counts, int64_t slots_per_thread,
-                               bool ballot_match) {
+                               bool ballot_match, bool thread_pads) {
   check_cuda(topk_ids, "topk_ids");
   check_num_experts(num_experts);
   TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
   TORCH_CHECK(slots_per_thread == 0 || slots_per_thread == 1 || slots_per_thread == 2 || slots_per_thread == 4 ||
                   slots_per_thread == 8 || slots_per_thread == 16,
               "slots_per_thread=", slots_per_thread, " must be 0 (the default plan), 1, 2, 4, 8 or 16");
+  TORCH_CHECK(!(ballot_match && thread_pads), "ballot_match and thread_pads are separate variants: set one");
   const Tensor ids = ids_as_int32(topk_ids);
   const int64_t n = ids.numel(), E = num_experts;
   const int64_t max_padded = n + E * (block_size - 1);
@@ -235,14 +236,14 @@ Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int6
                                         counts, sorted.data_ptr<int32_t>(), block_ids.data_ptr<int32_t>(),
                                         post_pad.data_ptr<int32_t>(), nullptr, nullptr,
                                         scratch_elems ? scratch.data_ptr<int32_t>() : nullptr,
-                                        c10::cuda::getCurrentCUDAStream().stream(), spt, ballot_match),
+                                        c10::cuda::getCurrentCUDAStream().stream(), spt, ballot_match, thread_pads),
                "moe_align");
   return {sorted, block_ids, post_pad};
 }
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                        const std::optional<Tensor>& expert_counts) {
-  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false);
+  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false, false);
 }
 
 // fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
@@ -475,11 +476,12 @@ TORCH_LIBRARY(moekern, m) {
       "moe_align(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts) -> "
       "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
   // Internal: moe_align with its plan forced (slots_per_thread 0 = the default plan, else 1/2/4/8/16: chunks of
-  // 512 x that many slots; ballot_match: rank equal experts by ballots instead of the hardware match), so tests
-  // and benchmarks/align_variants.py --plans can check and time every plan in one run.
+  // 512 x that many slots; ballot_match: rank equal experts by ballots instead of the hardware match;
+  // thread_pads: one thread per expert writes its pads and block experts), so tests and
+  // benchmarks/align_variants.py --plans can check and time every plan in one run.
   m.def(
       "moe_align_variant(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts, "
-      "int slots_per_thread, bool ballot_match) -> "
+      "int slots_per_thread, bool ballot_match, bool thread_pads=False) -> "
       "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)");
   m.def(
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, Tensor? expert_counts) -> "

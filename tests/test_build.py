@@ -27,7 +27,7 @@ SCHEMAS = {
     ),
     "moe_align_variant": (
         "moekern::moe_align_variant(Tensor topk_ids, int num_experts, int block_size, Tensor? expert_counts, "
-        "int slots_per_thread, bool ballot_match) -> "
+        "int slots_per_thread, bool ballot_match, bool thread_pads=False) -> "
         "(Tensor sorted_token_ids, Tensor block_expert_ids, Tensor num_tokens_post_padded)"
     ),
     "permute": (

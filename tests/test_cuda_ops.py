@@ -401,31 +401,36 @@ def test_align_chunking_paths(M, k, E):
     _assert_align(_ids("uniform", M, k, E, seed=1), E, 1)
 
 
-ALIGN_PLANS = [(spt, ballot) for spt in (0, 1, 2, 4, 8, 16) for ballot in (False, True)]
+# (slots per thread, ballot match, pads by thread): every variant moe_align_variant can force
+ALIGN_PLANS = [(spt, ballot, pads) for spt in (0, 1, 2, 4, 8, 16) for ballot, pads in
+               ((False, False), (True, False), (False, True))]
 
 
 @pytest.mark.parametrize("E", [1, 8, 128, 256, 512])
 def test_align_every_plan_gives_the_reference(E):
     """Every forced plan (slots per thread 1-16: one CTA, or a histogram launch and several CTAs; hardware or
-    ballot match) lays out the same slots as the reference, at the slot counts where the default plan changes
-    its slots per thread (512, 1024, 2048, 4096, 8192) and one past each, with and without expert_counts."""
+    ballot match; pads by warp or by thread) lays out the same slots as the reference, at the slot counts where
+    a plan changes its slots per thread (512, 1024, 2048, 4096, 8192) and one past each, with and without
+    expert_counts."""
     for n in (1, 300, 512, 513, 1024, 1025, 2048, 2049, 4096, 4100, 8192, 8193, 20000):
         for kind in ("uniform", "one_expert"):
             ids = _ids(kind, n, 1, E, seed=n + E)
             B = 16 if n % 2 else 64
             ref = align_reference(ids, E, B)
             counts = torch.bincount(ids.flatten().long(), minlength=E).to(torch.int32)
-            for spt, ballot in ALIGN_PLANS:
+            for spt, ballot, pads in ALIGN_PLANS:
                 got = torch.ops.moekern.moe_align_variant(ids, E, B, counts if kind == "uniform" else None, spt,
-                                                          ballot)
+                                                          ballot, pads)
                 for a, b, name in zip(got, ref, ("sorted", "blocks", "post_pad")):
-                    assert torch.equal(a, b), (n, kind, E, spt, ballot, name)
+                    assert torch.equal(a, b), (n, kind, E, spt, ballot, pads, name)
 
 
 def test_align_variant_refuses_a_bad_plan():
     ids = _ids("uniform", 8, 2, 8)
     with pytest.raises(RuntimeError, match="slots_per_thread=3"):
         torch.ops.moekern.moe_align_variant(ids, 8, 16, None, 3, False)
+    with pytest.raises(RuntimeError, match="separate variants"):
+        torch.ops.moekern.moe_align_variant(ids, 8, 16, None, 0, True, True)
     with pytest.raises(RuntimeError, match="moe_align"):  # 2^21 slots at one per thread: 4097 chunks
         torch.ops.moekern.moe_align_variant(torch.zeros(2**21 + 512, 1, dtype=torch.int32, device="cuda"), 8, 1,
                                             None, 1, False)

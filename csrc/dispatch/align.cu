@@ -49,16 +49,16 @@ chunk_hist_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int32_t* __
   for (int e = threadIdx.x; e < E; e += kThreads) chunk_hist[static_cast<int64_t>(blockIdx.x) * E + e] = s_hist[e];
 }
 
-template <int IPT, typename Match>
+template <int IPT, typename Match, bool kThreadPads>
 __global__ void __launch_bounds__(kThreads)
 align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                      const int32_t* __restrict__ expert_counts, const int32_t* __restrict__ chunk_hist,
                      int32_t* __restrict__ sorted, int32_t* __restrict__ block_ids, int32_t* __restrict__ num_post_pad,
                      int32_t* __restrict__ slot_to_row, int32_t* __restrict__ offsets, int64_t max_padded,
                      int64_t max_blocks) {
-  align_scatter_block<IPT>(ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row,
-                           offsets, max_padded, max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
-                           LoadReadOnly{}, Match{});
+  align_scatter_block<IPT, LoadReadOnly, Match, kThreadPads>(
+      ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row, offsets, max_padded,
+      max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), LoadReadOnly{}, Match{});
 }
 
 static_assert(kAlignThreads == kThreads && kAlignMaxIPT == kLargeIPT, "align_plan.h describes this kernel");
@@ -67,23 +67,24 @@ struct Plan {
   int ipt;
   int64_t chunks;
   bool ballot = false;
+  bool thread_pads = false;
 };
 
 constexpr int64_t kMaxVariantChunks = 4096;  // a forced plan's chunks: each CTA sums up to chunks * E counts
 
 // ipt 0: the default plan (align_plan.h); else chunks of kThreads * ipt slots (ipt a power of two <= kLargeIPT).
 // chunks 0: invalid.
-Plan plan_with(int64_t n, int E, int ipt, bool ballot) {
+Plan plan_with(int64_t n, int E, int ipt, bool ballot, bool thread_pads) {
   if (ipt == 0) {
     const AlignPlan d = align_default_plan(n, E);
-    return {d.ipt, d.chunks, ballot};
+    return {d.ipt, d.chunks, ballot, thread_pads};
   }
-  if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0, ballot};
+  if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0, ballot, thread_pads};
   const int64_t chunks = align_chunks(n, ipt);
-  return {ipt, chunks <= kMaxVariantChunks ? chunks : 0, ballot};
+  return {ipt, chunks <= kMaxVariantChunks ? chunks : 0, ballot, thread_pads};
 }
 
-template <int IPT, typename Match>
+template <int IPT, typename Match, bool kThreadPads>
 Error launch_plan(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts, int32_t* sorted,
                   int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                   int32_t* scratch, int64_t chunks, int64_t max_padded, int64_t max_blocks, Stream stream) {
@@ -92,20 +93,21 @@ Error launch_plan(const int32_t* ids, int64_t n, int E, int B, const int32_t* ex
     chunk_hist_kernel<IPT><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(ids, n, E, scratch);
     chunk_hist = scratch;
   }
-  align_scatter_kernel<IPT, Match><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+  align_scatter_kernel<IPT, Match, kThreadPads><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
       ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row, offsets, max_padded,
       max_blocks);
   return last_error();
 }
 
-template <typename Match>
+template <typename Match, bool kThreadPads>
 Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
                    int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                    int32_t* scratch, int64_t max_padded, int64_t max_blocks, Stream stream) {
 #define MOEKERN_ALIGN_PLAN(IPT)                                                                                   \
   if (p.ipt == (IPT))                                                                                            \
-    return launch_plan<(IPT), Match>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,  \
-                                     offsets, scratch, p.chunks, max_padded, max_blocks, stream);
+    return launch_plan<(IPT), Match, kThreadPads>(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,    \
+                                                  slot_to_row, offsets, scratch, p.chunks, max_padded, max_blocks, \
+                                                  stream);
   MOEKERN_ALIGN_PLAN(1)
   MOEKERN_ALIGN_PLAN(2)
   MOEKERN_ALIGN_PLAN(4)
@@ -118,32 +120,35 @@ Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, c
 }  // namespace
 
 int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread) {
-  const Plan p = plan_with(n, E, slots_per_thread, false);
+  const Plan p = plan_with(n, E, slots_per_thread, false, false);
   return p.chunks > 1 ? p.chunks * E : 0;
 }
 
 Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
                            int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row,
                            int32_t* offsets, int32_t* scratch, Stream stream, int slots_per_thread,
-                           bool ballot_match) {
-  if (E < 1 || E > kDispatchMaxExperts || B < 1 || n < 0) return kInvalidValue;
+                           bool ballot_match, bool thread_pads) {
+  if (E < 1 || E > kDispatchMaxExperts || B < 1 || n < 0 || (ballot_match && thread_pads)) return kInvalidValue;
   const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
   if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
   const int64_t max_blocks = (max_padded + B - 1) / B;
-  const Plan p = plan_with(n, E, slots_per_thread, ballot_match);
+  const Plan p = plan_with(n, E, slots_per_thread, ballot_match, thread_pads);
   if (p.chunks < 1 || (p.chunks > 1 && scratch == nullptr)) return kInvalidValue;
   if (p.ballot)
-    return launch_match<MatchBallot>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
-                                     offsets, scratch, max_padded, max_blocks, stream);
-  return launch_match<MatchHardware>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row,
-                                     offsets, scratch, max_padded, max_blocks, stream);
+    return launch_match<MatchBallot, false>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,
+                                            slot_to_row, offsets, scratch, max_padded, max_blocks, stream);
+  if (p.thread_pads)
+    return launch_match<MatchHardware, true>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,
+                                             slot_to_row, offsets, scratch, max_padded, max_blocks, stream);
+  return launch_match<MatchHardware, false>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,
+                                            slot_to_row, offsets, scratch, max_padded, max_blocks, stream);
 }
 
 Error launch_align(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts, int32_t* sorted,
                    int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                    int32_t* scratch, Stream stream) {
   return launch_align_variant(ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad, slot_to_row, offsets,
-                              scratch, stream, 0, false);
+                              scratch, stream, 0, false, false);
 }
 
 }  // namespace mk

@@ -79,8 +79,9 @@ struct LoadWrittenHere {  // ids written earlier in the same launch by other thr
 
 // One chunk (CTA) of the scatter: `chunk` of `num_chunks`, kThreads threads. load_id reads one routed id: a
 // kernel that wrote the ids itself passes a load that bypasses the non-coherent cache. match: MatchHardware
-// or MatchBallot.
-template <int IPT, typename LoadId, typename Match = MatchHardware>
+// or MatchBallot. kThreadPads: each expert's pads and block experts are written by one thread instead of one warp
+// (see the layout below; a variant, timed by benchmarks/align_variants.py --plans).
+template <int IPT, typename LoadId, typename Match = MatchHardware, bool kThreadPads = false>
 __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t n, int E, int B,
                                                     const int32_t* __restrict__ expert_counts,
                                                     const int32_t* __restrict__ chunk_hist, int32_t* __restrict__ sorted,
@@ -184,11 +185,22 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   // One warp per expert writes its run's (< B) pads and its run's block experts, so the stores of a warp are
   // contiguous; an expert without slots has neither and costs its warp three shared loads. The tail past the
   // last run is a grid-stride fill.
-  for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
-    const int run_end = s_off[x + 1];
-    for (int p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
-    if (block_ids != nullptr)
-      for (int b = s_blk[x] + lane; b < s_blk[x + 1]; b += kWarpSize) block_ids[b] = x;
+  // kThreadPads: thread x of the CTA whose turn it is (x % num_chunks) writes expert x's pads and blocks one at
+  // a time: at decode sizes most experts have no slots, and then cost one test instead of a warp's pass.
+  if constexpr (kThreadPads) {
+    const int x = tid;
+    if (x < E && x % num_chunks == chunk) {
+      for (int p = s_off[x] + s_cnt[x]; p < s_off[x + 1]; ++p) sorted[p] = sentinel;
+      if (block_ids != nullptr)
+        for (int b = s_blk[x]; b < s_blk[x + 1]; ++b) block_ids[b] = x;
+    }
+  } else {
+    for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
+      const int run_end = s_off[x + 1];
+      for (int p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
+      if (block_ids != nullptr)
+        for (int b = s_blk[x] + lane; b < s_blk[x + 1]; b += kWarpSize) block_ids[b] = x;
+    }
   }
   const unsigned gtid = static_cast<unsigned>(chunk) * kThreads + tid;
   const unsigned gstride = static_cast<unsigned>(num_chunks) * kThreads;

@@ -28,11 +28,12 @@ Error launch_align(const int32_t* ids, int64_t n, int E, int B, const int32_t* e
 // launch_align with its plan forced, for tests and benchmarks/align_variants.py: slots_per_thread 0 is launch_align's
 // own plan, 1/2/4/8/16 cut the slots into chunks of 512 * that many (one launch for one chunk, else a
 // histogram launch first; kInvalidValue past 4096 chunks); ballot_match ranks equal experts within a warp
-// step by ballots instead of the hardware match. Every plan gives the same output.
+// step by ballots instead of the hardware match; thread_pads writes each expert's pads and block experts from
+// one thread instead of one warp (not with ballot_match: kInvalidValue). Every plan gives the same output.
 Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
                            int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row,
                            int32_t* offsets, int32_t* scratch, Stream stream, int slots_per_thread,
-                           bool ballot_match);
+                           bool ballot_match, bool thread_pads = false);
 
 // dst[r] = src[sorted_slots[r] / top_k] for r < n, rows of row_bytes bytes (zeros where the slot is
 // outside [0, n)); 16-byte vectors when row_bytes and both pointers allow it.

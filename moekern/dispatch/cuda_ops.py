@@ -52,7 +52,8 @@ if _EXT_ERROR is None:
 if _EXT_ERROR is None and has_op("moe_align_variant"):
 
     @torch.library.register_fake("moekern::moe_align_variant")
-    def _moe_align_variant_fake(topk_ids, num_experts, block_size, expert_counts, slots_per_thread, ballot_match):
+    def _moe_align_variant_fake(topk_ids, num_experts, block_size, expert_counts, slots_per_thread, ballot_match,
+                                thread_pads=False):
         return _moe_align_fake(topk_ids, num_experts, block_size, expert_counts)
 
 

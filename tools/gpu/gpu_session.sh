@@ -228,7 +228,8 @@ run_stage() {
     ;;
   align-plans)
     # No vLLM needed (its column is filled when staged): every plan of the cuda align (slots per thread 1-16, one
-    # CTA or a histogram launch + several, hardware or ballot match) beside the default plan, 8 to 32K slots.
+    # CTA or a histogram launch + several, hardware or ballot match, pads by warp or thread) beside the default
+    # plan, 8 to 32K slots.
     build
     timeout 300 python3 benchmarks/align_variants.py --plans --block-sizes 16 64 --reps 100 \
       --json "$OUT/align_plans.json" 2>&1 | tee "$OUT/align_plans.log" | tail -80

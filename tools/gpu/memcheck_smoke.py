@@ -122,14 +122,15 @@ def routing_dispatch_moe(be):
 
 def align_plans():
     """Every plan of the cuda align (moe_align_variant: 1-16 slots per thread, one CTA or several after a
-    histogram launch, hardware or ballot match) at slot counts just past each plan's chunk, odd block sizes."""
+    histogram launch, hardware or ballot match, pads by warp or by thread) at slot counts just past each plan's
+    chunk, odd block sizes."""
     for n, E, B in ((1, 1, 1), (513, 7, 3), (1025, 128, 16), (2049, 256, 64), (4097, 512, 1), (8193, 60, 128)):
         ids = torch.randint(0, E, (n, 1), device=DEV, dtype=torch.int32)
         ref = align_reference(ids, E, B)
         for spt in (0, 1, 2, 4, 8, 16):
-            for ballot in (False, True):
-                got = torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot)
-                assert all(torch.equal(x, y) for x, y in zip(got, ref)), ("align plan", n, E, B, spt, ballot)
+            for ballot, pads in ((False, False), (True, False), (False, True)):
+                got = torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot, pads)
+                assert all(torch.equal(x, y) for x, y in zip(got, ref)), ("align plan", n, E, B, spt, ballot, pads)
 
 
 # ------------------------------------------------------------------------------------------ 3. EP peer writes
