@@ -58,6 +58,20 @@ def _rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
+def _spy(monkeypatch, module, name: str) -> list:
+    """Wrap module.name (looked up at call time by the code under test) so it records each call's (args, kwargs)
+    and then runs as before."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("E", [4, 8, 60])
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("M", [1, 8])
@@ -396,6 +410,34 @@ def test_torch_and_default_backend_on_cpu_are_the_reference():
     assert torch.equal(moekern.fused_moe(x, w13, w2, logits, k, backend="torch"), want)
 
 
+def test_precomputed_routing_on_another_device_is_named():
+    # a meta tensor stands in for another device (check_ids=False: a meta tensor has no values to range-check)
+    E, k, M = 4, 2, 3
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    for name, pre in [("topk_weights", dict(topk_weights=w.to("meta"), topk_ids=ids)),
+                      ("topk_ids", dict(topk_weights=w, topk_ids=ids.to("meta")))]:
+        msg = f"{name} is on meta but hidden_states is on cpu"
+        with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+            moekern.fused_moe(x, w13, w2, **pre, backend="torch", check_ids=False)
+
+
+def test_torch_backend_runs_without_triton(monkeypatch):
+    # backend="torch" asks nothing of Triton: with the interpreter off, CPU tensors still run on the reference,
+    # while backend="triton" is refused (which shows the interpreter really is off)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read when the backend is checked, not at import
+    E, k, M = 8, 2, 5
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    want = fused_moe_reference(x, w13, w2, w, ids)
+    assert torch.equal(moekern.fused_moe(x, w13, w2, logits, k, backend="torch"), want)
+    assert torch.equal(moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="torch"), want)
+    with pytest.raises(RuntimeError, match=r"^backend='triton' is unavailable on this machine: the triton backend"):
+        moekern.fused_moe(x, w13, w2, logits, k, backend="triton")
+
+
 def test_unknown_routing_keyword_is_named():
     E, M = 4, 3
     w13, w2 = _weights(E)
@@ -511,6 +553,8 @@ def _bad_cases():
         ("unknown kwarg", (x, w13, w2, logits, k), dict(renormalise=True), TypeError, "unexpected keyword"),
         ("backend", (x, w13, w2, logits, k), dict(backend="cutlass"), ValueError, "backend='cutlass'"),
         ("routing check", (x, w13, w2, logits, 5), {}, ValueError, "top_k=5 must be <= num_experts=4"),
+        # not an int: no configs are looked up for it, so routing's own check is the one that speaks
+        ("top_k str", (x, w13, w2, logits, "2"), {}, TypeError, r"^top_k must be an int; got str '2'$"),
     ]
 
 
@@ -638,20 +682,64 @@ def test_precomputed_expert_counts_reach_align(monkeypatch, device):
     """The histogram is handed on to align (which then skips its own count), not dropped."""
     import moekern.dispatch.triton_ops as triton_ops
 
-    seen = []
-    real = triton_ops.align_triton
-
-    def spy(topk_ids, num_experts, block_size, expert_counts=None, **kw):
-        seen.append(expert_counts)
-        return real(topk_ids, num_experts, block_size, expert_counts, **kw)
-
-    monkeypatch.setattr(triton_ops, "align_triton", spy)
+    aligns = _spy(monkeypatch, triton_ops, "align_triton")
     E, k, M = 8, 2, 6
     w13, w2 = _weights(E, device=device)
     x, logits = _inputs(M, E, device=device)
     w, ids, counts = fused_topk_reference(logits, k)
     moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts, backend="triton")
-    assert len(seen) == 1 and seen[0] is counts
+    assert len(aligns) == 1 and aligns[0][0][3] is counts
+
+
+# ------------------------------------------------------------------- which kernels run
+def test_triton_backend_runs_each_stage_in_triton(monkeypatch):
+    """backend="triton" from router_logits: fused_topk's Triton kernel, align's Triton kernel with gemm1's block_m,
+    then the grouped GEMMs with get_configs' pick for this call (block_config=None), each once. The answer alone
+    cannot tell: routing by the reference or other tiles give it too."""
+    import moekern.dispatch.triton_ops as triton_ops
+    import moekern.experts.triton_gemm as triton_gemm
+    import moekern.routing.triton_topk as triton_topk
+
+    E, k, M, inter = 8, 2, 5, 24
+    w13, w2 = _weights(E, inter=inter)
+    x, logits = _inputs(M, E)
+    # fp32 and fp16 tiles differ here in num_stages only, which the interpreter ignores: only the configs show it
+    cfgs = get_configs(M, E, k, inter, H, torch.float32, torch.device("cpu"))
+    assert cfgs != get_configs(M, E, k, inter, H, torch.float16, torch.device("cpu"))
+    routing = _spy(monkeypatch, triton_topk, "fused_topk_triton")
+    aligns = _spy(monkeypatch, triton_ops, "align_triton")
+    experts = _spy(monkeypatch, triton_gemm, "moe_experts_triton")
+    out = moekern.fused_moe(x, w13, w2, logits, k, backend="triton")
+    assert len(routing) == 1 and [args[2] for args, _ in aligns] == [cfgs[0].block_m]
+    assert [args[-2:] for args, _ in experts] == [cfgs]
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, *_route(logits, k)), **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_gpu_cuda_stages_feed_the_triton_experts(backend, monkeypatch):
+    """On CUDA tensors "cuda" and "auto" route and align in one route_and_align call (block size: gemm1's block_m)
+    and run the Triton experts on that layout, with no second align; with precomputed ids, align_cuda gets the
+    caller's expert_counts. The answer alone cannot tell: the reference, a second align or a recount give it too."""
+    import moekern.dispatch.cuda_ops as cuda_ops
+    import moekern.dispatch.route_align as route_align
+    import moekern.experts.triton_gemm as triton_gemm
+
+    E, k, M = 8, 2, 7
+    w13, w2 = _weights(E, device="cuda")
+    x, logits = _inputs(M, E, device="cuda")
+    w, ids, counts = fused_topk_reference(logits, k)
+    ref = fused_moe_reference(x, w13, w2, w, ids)
+    block_m = get_configs(M, E, k, I, H, torch.float32, x.device)[0].block_m
+    fused = _spy(monkeypatch, route_align, "route_and_align")
+    aligns = _spy(monkeypatch, cuda_ops, "align_cuda")
+    experts = _spy(monkeypatch, triton_gemm, "moe_experts_triton")
+    out = moekern.fused_moe(x, w13, w2, logits, k, backend=backend)
+    assert [kw["block_size"] for _, kw in fused] == [block_m] and aligns == [] and len(experts) == 1
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts, backend=backend)
+    assert len(fused) == 1 and len(aligns) == 1 and aligns[0][0][3] is counts and len(experts) == 2
+    torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
 def _tune_row(M, us, today_us, block_m=64, E=8, inter=14336, H=4096):
