@@ -742,6 +742,18 @@ def test_gpu_cuda_stages_feed_the_triton_experts(backend, monkeypatch):
     torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
+@pytest.mark.gpu
+def test_gpu_auto_past_the_routing_kernels_top_k_limit():
+    """top_k = 17 (past the routing kernels' 16) on CUDA with "auto": routing falls back as fused_topk's "auto" does,
+    instead of route_and_align(backend="cuda") refusing the k."""
+    E, k, M = 32, 17, 5
+    w13, w2 = _weights(E, device="cuda")
+    x, logits = _inputs(M, E, device="cuda")
+    w, ids, _ = fused_topk_reference(logits, k)
+    out = moekern.fused_moe(x, w13, w2, logits, k, backend="auto")
+    torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
+
+
 def _tune_row(M, us, today_us, block_m=64, E=8, inter=14336, H=4096):
     cfg = dataclasses.asdict(BlockConfig(block_m, 128, 64, 1, 4, 3))
     return dict(model="mixtral", M=M, E=E, I=inter, H=H, today_us=today_us,

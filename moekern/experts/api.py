@@ -20,6 +20,7 @@ import torch
 from moekern._checks import check_topk_pair
 from moekern._ext import BACKENDS, backend_unavailable_reason, resolve_backend
 from moekern.experts.configs import BlockConfig, get_configs
+from moekern.routing.api import MAX_TOPK
 
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ROUTING_KWARGS = ("scoring", "renormalize", "correction_bias", "num_expert_group", "topk_group",
@@ -171,8 +172,10 @@ def fused_moe(
     cfg1, cfg2 = get_configs(M, E, k, inter, H, hidden_states.dtype, dev, block_config) if valid_k else (None, None)
     aligned = None
     if not precomputed:
-        if valid_k and expert_backend == "triton" and _align_backend(stage_backend, dev, E) == "cuda":
-            # routing and align in one launch at decode sizes (moekern.route_and_align)
+        if (valid_k and k <= MAX_TOPK and expert_backend == "triton"
+                and _align_backend(stage_backend, dev, E) == "cuda"):
+            # routing and align in one launch at decode sizes (moekern.route_and_align); past the routing kernels'
+            # top_k limit fused_topk's "auto" falls back to torch, so the branch below routes
             from moekern.dispatch.route_align import route_and_align
 
             r = route_and_align(router_logits, top_k, block_size=cfg1.block_m, backend="cuda", **routing_kwargs)
