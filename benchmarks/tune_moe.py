@@ -106,8 +106,9 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
                      table=None) -> list[tuple[str, tuple[BlockConfig, BlockConfig]]]:
     """<= max_candidates named (gemm1, gemm2) pairs for one shape, most informative first (a time budget cuts
     from the end): today's pick, vLLM's default (as its unfused structure, and as our fused kernel at the
-    same shared memory per stage), the heuristic, the table rows of the neighbouring buckets, then one-step
-    neighbours of today's pick (block_m x2 and /2, group_m, warps, stages, fused/unfused)."""
+    same shared memory per stage), at decode sizes (M <= 16) today's pick with half the N tile, the heuristic, the
+    table rows of the neighbouring buckets, then one-step neighbours of today's pick (block_m x2 and /2, group_m,
+    warps, stages, fused/unfused)."""
     table = tuned_table() if table is None else table
     vllm_cfg = vllm_cfg or vllm_default_bf16(num_tokens, num_experts)
     out: list[tuple[str, tuple[BlockConfig, BlockConfig]]] = []
@@ -129,6 +130,11 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
     v1, v2 = from_vllm_config(vllm_cfg)
     add("vllm-default", v1, v2)
     add("vllm-tile-fused", dataclasses.replace(v1, fuse_silu=True, block_n=max(16, v1.block_n // 2)), v2)
+    rep = dataclasses.replace
+    if num_tokens <= 16:
+        # decode sizes: few M-blocks, so the N tiles set the program count (Qwen3 M=1: 96 programs of 16 x 64 left
+        # 91 % of the warps idle under ncu, and vLLM's own tuner picks BLOCK_N 32 there)
+        add("today-bn-div2", rep(t1, block_n=max(16, t1.block_n // 2)), rep(t2, block_n=max(16, t2.block_n // 2)))
     add("heuristic", *default_configs(num_tokens, num_experts, top_k, inter, hidden, torch.bfloat16))
     rows = table.get((num_experts, inter, hidden), {})
     if rows:
@@ -137,7 +143,6 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
             if b != here:
                 add(f"tuned[{b}]", *rows[b])
                 break
-    rep = dataclasses.replace
     up = min(128, t1.block_m * 2)  # 256-row tiles with two fp32 accumulators spill registers
     add("today-bm-x2", rep(t1, block_m=up, num_warps=max(t1.num_warps, 8 if up >= 128 else 4)),
         rep(t2, block_m=up, num_warps=max(t2.num_warps, 8 if up >= 128 else 4)))

@@ -77,6 +77,18 @@ def test_shape_candidates(name, M):
     assert len(tune.shape_candidates(*args, max_candidates=5)) == 5
 
 
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_decode_candidates_halve_the_n_tile(M):
+    """At decode sizes the program count is set by the N tiles: one candidate is today's pick with half of them."""
+    spec = get_model("qwen3-30b-a3b")
+    args = (M, spec.num_experts, spec.top_k, spec.intermediate_size, spec.hidden_size)
+    (t1, t2), cands = tune.today_pair(*args)[1], dict(tune.shape_candidates(*args))
+    g1, g2 = cands["today-bn-div2"]
+    assert (g1.block_n, g2.block_n) == (max(16, t1.block_n // 2), max(16, t2.block_n // 2))
+    assert dataclasses.replace(g1, block_n=t1.block_n) == t1
+    assert "today-bn-div2" not in dict(tune.shape_candidates(64, *args[1:]))
+
+
 def test_today_pair_matches_get_configs_rule():
     # Qwen3 M=256 (no 256 row): 64 and 1024 are equally far in log2, the smaller bucket wins.
     spec = get_model("qwen3-30b-a3b")
