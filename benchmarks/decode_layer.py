@@ -11,7 +11,8 @@ Providers, on the same bf16 hidden states, router logits and expert weights:
 Both outputs are checked against moekern.experts.reference.fused_moe_reference on the reference routing
 (||out - ref|| / ||ref|| < 1e-2, the bf16 tolerance of tests/test_moe.py); a wrong provider is reported, not timed.
 Timing: moekern.bench.timing.time_calls, back-to-back calls replayed in a CUDA graph (as inside vLLM's decode
-graphs). The roofline is the time to read the weights of the experts the tokens use (3 x H x I bf16 each) plus
+graphs), repeated over --rounds rounds that alternate the providers' order; each provider's time is the median
+of its rounds, and the row keeps every round's time (`rounds_us`), so a drift between providers or runs shows. The roofline is the time to read the weights of the experts the tokens use (3 x H x I bf16 each) plus
 the activations, at the device's measured copy bandwidth; a pure read can beat a copy, so fractions a little
 above 100 % are possible.
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -112,7 +114,21 @@ def reference_layer(name: str, bias, x, logits, w13, w2):
     return rw, rids, fused_moe_reference(x, w13, w2, rw, rids)
 
 
-def run(models, ms) -> tuple[list[dict], float]:
+def interleaved_medians(timers: dict, rounds: int) -> tuple[dict, dict]:
+    """timers: name -> zero-argument call returning one timing (us). Runs `rounds` rounds, the providers in order on
+    even rounds and reversed on odd ones (neither always goes first after a warm or a cold GPU); returns (median
+    per name, every round's times per name)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    names = list(timers)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(timers[n]())
+    return {n: statistics.median(t) for n, t in times.items()}, times
+
+
+def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
     import moekern
     from moekern.bench.timing import measure_hbm_bandwidth, time_calls
     from moekern.models.registry import get_model
@@ -138,6 +154,7 @@ def run(models, ms) -> tuple[list[dict], float]:
                    "roofline_us": roof, "us": {}, "roofline_fraction": {}, "rel_err": {}, "notes": {}}
             if isinstance(vllm, str):
                 row["notes"]["vllm"] = vllm
+            timers = {}
             for pname, fn in providers.items():
                 try:
                     err = rel_err(fn(x, logits), ref)
@@ -145,14 +162,23 @@ def run(models, ms) -> tuple[list[dict], float]:
                     if not err < REL_TOL:
                         row["notes"][pname] = f"WRONG: relative error {err:.3g} >= {REL_TOL}"
                         continue
-                    t = time_calls([lambda fn=fn: fn(x, logits)], dev)
-                    row["us"][pname] = t.median_us
-                    row["roofline_fraction"][pname] = roof / t.median_us
-                    if t.method != "cuda-graph":
-                        row["notes"][pname] = t.note
+
+                    def timer(fn=fn, pname=pname):
+                        t = time_calls([lambda: fn(x, logits)], dev)
+                        if t.method != "cuda-graph":
+                            row["notes"][pname] = t.note
+                        return t.median_us
+
+                    timers[pname] = timer  # compiled by the check above; each timing captures its own graph
                 except Exception as exc:
                     row["notes"][pname] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     torch.cuda.synchronize()
+            if timers:
+                medians, per_round = interleaved_medians(timers, rounds)
+                row["rounds_us"] = per_round
+                for pname, t in medians.items():
+                    row["us"][pname] = t
+                    row["roofline_fraction"][pname] = roof / t
             us = row["us"]
             if "moekern" in us and "vllm" in us:
                 row["ratio"] = us["moekern"] / us["vllm"]
@@ -183,20 +209,26 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--json", default=None)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timings per provider and shape, in alternating provider order; the median is reported")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1; got {args.rounds}")
     if not torch.cuda.is_available():
         print("skipped: needs a CUDA GPU", file=sys.stderr)
         return 0
     tuned = os.environ.get("VLLM_TUNED_CONFIG_FOLDER") or None
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  vLLM configs: {tuned or 'shipped'}")
-    rows, bw = run([m for m in args.models.split(",") if m], [int(m) for m in args.ms.split(",") if m])
+    rows, bw = run([m for m in args.models.split(",") if m], [int(m) for m in args.ms.split(",") if m],
+                   args.rounds)
     s = summary(rows)
     for k, v in s.items():
         print(f"moekern / vLLM, {k}: geomean {v['geomean']:.3f}, max {v['max']:.3f} over {v['n']} shapes")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
-                       "vllm_tuned_config_folder": tuned, "rows": rows, "summary": s}, f, indent=1)
+                       "vllm_tuned_config_folder": tuned, "rounds": args.rounds, "rows": rows, "summary": s}, f,
+                      indent=1)
     wrong = [(r["model"], r["M"], k) for r in rows for k, v in r["notes"].items() if v.startswith("WRONG")]
     if wrong:
         print(f"WRONG results (not timed): {wrong}", file=sys.stderr)

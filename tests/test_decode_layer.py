@@ -39,3 +39,27 @@ def test_rel_err_is_relative_to_the_reference_norm():
 def test_cpu_run_says_it_needs_a_gpu(capsys):
     assert decode_layer.main([]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_rounds_alternate_the_order_and_report_the_median():
+    calls = []
+    seq = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+
+    def timer(name):
+        def t():
+            calls.append(name)
+            return next(seq[name])
+        return t
+
+    medians, per_round = decode_layer.interleaved_medians({"a": timer("a"), "b": timer("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert medians == {"a": 3.0, "b": 4.0} and per_round == {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
+    with pytest.raises(ValueError, match="rounds=0"):
+        decode_layer.interleaved_medians({"a": timer("a")}, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_bad_rounds_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        decode_layer.main(["--rounds", "0"])
+    assert info.value.code == 2 and "--rounds must be >= 1" in capsys.readouterr().err

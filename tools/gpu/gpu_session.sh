@@ -223,7 +223,7 @@ run_stage() {
     fi
     timeout 120 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
       | tee "$OUT/route_align.log" | tail -28
-    timeout 200 python3 benchmarks/decode_layer.py --json "$OUT/decode_layer.json" 2>&1 \
+    timeout 300 python3 benchmarks/decode_layer.py --json "$OUT/decode_layer.json" 2>&1 \
       | tee "$OUT/decode_layer.log" | tail -30
     ;;
   align-plans)
