@@ -384,7 +384,7 @@ def test_align_standard_shapes(model, M, B, kind):
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_align_with_expert_counts(model):
     spec = get_model(model)
-    for M in (8, 4096, 70000):  # one CTA, 2048-slot chunks, 8192-slot chunks
+    for M in (8, 4096, 70000):  # one CTA, 512-slot chunks, 8192-slot chunks (torch.ops.moekern.align_plan)
         ids = _ids("routed", M, spec.top_k, spec.num_experts, seed=M)
         counts = torch.bincount(ids.flatten(), minlength=spec.num_experts).to(torch.int32)
         _assert_align(ids, spec.num_experts, 64, counts)

@@ -106,3 +106,12 @@ def test_kernel_mutant_selects_gpu_tests(name):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
     assert len(collected) >= 3, proc.stdout[-2000:]
+
+
+def test_kernel_mutants_refuse_a_work_folder_that_holds_or_sits_in_the_checkout(tmp_path):
+    km = _kernel_mutants()
+    assert "would be deleted" in km.check_work_dir(ROOT)
+    assert "would be deleted" in km.check_work_dir(ROOT.parent)
+    assert "copy itself" in km.check_work_dir(ROOT / "tools" / "mutation" / "scratch")
+    assert km.check_work_dir(tmp_path / "mutants") is None
+    assert km.main(["--work", str(ROOT)]) == 2 and (ROOT / ".git").exists()

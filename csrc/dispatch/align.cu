@@ -13,10 +13,10 @@
 // a grid-stride share of the sentinel padding, block_expert_ids and the tail, so no fill kernel runs.
 // Plans (dispatch/align_plan.h has the table and the measurements behind it): one chunk (a single launch, no
 // scratch) while its CTA's serial share of the layout stays cheaper than a second launch, else chunks of 512
-// slots. Slots per thread are chosen so every warp of a CTA holds slots: with 16 per thread at 2,048 slots, 4
-// warps walked 16 dependent scatter steps while 12 waited at the next barrier (ncu,
-// benchmarks/results/fastpath/h100-2026-12-07-vllm). launch_align_variant forces a plan and the matcher, so
-// benchmarks/align_variants.py --plans times every plan against the default.
+// slots. Slots per thread are the fewest that hold a chunk, so as many warps as possible share its slots: with 16
+// per thread at 2,048 slots, 4 warps walked 16 dependent scatter steps while 12 waited at the next barrier (ncu,
+// benchmarks/results/fastpath/h100-2026-12-07-vllm). launch_align_variant forces a plan, the matcher and the pad
+// writers, so benchmarks/align_variants.py --plans times every plan against the default.
 //
 // Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
 // C > 1 chunks; the default plan keeps C <= 256 up to 2^19 slots by growing the chunk, so each CTA reads at most

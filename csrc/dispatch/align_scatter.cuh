@@ -134,7 +134,10 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
     } else {
       for (int c = 0; c < chunk; ++c) prefix += chunk_hist[static_cast<int64_t>(c) * E + e];
       if (expert_counts != nullptr) {
-        total = expert_counts[e];
+        // a caller's counts are trusted only this far: clamped to [0, n], so the scan cannot go negative or wrap
+        // for one expert; every write below is also bounded by max_padded / max_blocks
+        const int c = expert_counts[e];
+        total = c < 0 ? 0 : (c > n ? static_cast<int>(n) : c);
       } else {
         total = prefix;
         for (int c = chunk; c < num_chunks; ++c) total += chunk_hist[static_cast<int64_t>(c) * E + e];
@@ -167,7 +170,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
     const lane_mask_t peers = match(static_cast<unsigned>(k), E);
     if (k != kSkip) {
       const int64_t pos = static_cast<int64_t>(s_base[k]) + s_hist[warp][k] + popc(peers & lanemask_lt());
-      if (pos < max_padded) {  // only inconsistent expert_counts could make it otherwise
+      if (pos >= 0 && pos < max_padded) {  // only inconsistent expert_counts could make it otherwise
         sorted[pos] = static_cast<int32_t>(s);
         if (slot_to_row != nullptr) slot_to_row[s] = static_cast<int32_t>(pos);
       }
@@ -180,32 +183,38 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   }
 
   // Grid-stride share of the layout: sentinel pads of each run, the tail, block experts, totals. Positions are
-  // 32-bit: max_padded < 2^31 (checked by the launchers) and a grid stride is < 2^28, so p + stride < 2^32.
+  // unsigned 32-bit and every write is bounded by max_padded / max_blocks: max_padded < 2^31 (checked by the
+  // launchers) and a step is a warp or a grid stride (< 2^28), so p + step < 2^32; with inconsistent expert_counts
+  // a run can reach past the buffers, and the bounds keep its writes inside them.
   const int32_t sentinel = static_cast<int32_t>(n);
-  // One warp per expert writes its run's (< B) pads and its run's block experts, so the stores of a warp are
-  // contiguous; an expert without slots has neither and costs its warp three shared loads. The tail past the
-  // last run is a grid-stride fill.
+  const unsigned pad_end = static_cast<unsigned>(max_padded), blocks_end = static_cast<unsigned>(max_blocks);
   // kThreadPads: thread x of the CTA whose turn it is (x % num_chunks) writes expert x's pads and blocks one at
   // a time: at decode sizes most experts have no slots, and then cost one test instead of a warp's pass.
+  // Otherwise one warp per expert writes its run's (< B) pads and its block experts, so the stores of a warp are
+  // contiguous. The tail past the last run is a grid-stride fill.
   if constexpr (kThreadPads) {
     const int x = tid;
     if (x < E && x % num_chunks == chunk) {
-      for (int p = s_off[x] + s_cnt[x]; p < s_off[x + 1]; ++p) sorted[p] = sentinel;
-      if (block_ids != nullptr)
-        for (int b = s_blk[x]; b < s_blk[x + 1]; ++b) block_ids[b] = x;
+      const unsigned run_end = min(static_cast<unsigned>(s_off[x + 1]), pad_end);
+      for (unsigned p = s_off[x] + s_cnt[x]; p < run_end; ++p) sorted[p] = sentinel;
+      if (block_ids != nullptr) {
+        const unsigned blk_end = min(static_cast<unsigned>(s_blk[x + 1]), blocks_end);
+        for (unsigned b = s_blk[x]; b < blk_end; ++b) block_ids[b] = x;
+      }
     }
   } else {
     for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
-      const int run_end = s_off[x + 1];
-      for (int p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
-      if (block_ids != nullptr)
-        for (int b = s_blk[x] + lane; b < s_blk[x + 1]; b += kWarpSize) block_ids[b] = x;
+      const unsigned run_end = min(static_cast<unsigned>(s_off[x + 1]), pad_end);
+      for (unsigned p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
+      if (block_ids != nullptr) {
+        const unsigned blk_end = min(static_cast<unsigned>(s_blk[x + 1]), blocks_end);
+        for (unsigned b = s_blk[x] + lane; b < blk_end; b += kWarpSize) block_ids[b] = x;
+      }
     }
   }
   const unsigned gtid = static_cast<unsigned>(chunk) * kThreads + tid;
   const unsigned gstride = static_cast<unsigned>(num_chunks) * kThreads;
-  const unsigned tail_end = static_cast<unsigned>(max_padded), blocks_end = static_cast<unsigned>(max_blocks);
-  for (unsigned p = static_cast<unsigned>(total_padded) + gtid; p < tail_end; p += gstride) sorted[p] = sentinel;
+  for (unsigned p = static_cast<unsigned>(total_padded) + gtid; p < pad_end; p += gstride) sorted[p] = sentinel;
   if (block_ids != nullptr)
     for (unsigned b = static_cast<unsigned>(total_blocks) + gtid; b < blocks_end; b += gstride) block_ids[b] = -1;
   if (gtid == 0 && num_post_pad != nullptr) *num_post_pad = total_padded;

@@ -55,7 +55,7 @@ void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
 
 // Slots per thread of the scatter: one while the M x top_k slots fit the block's threads, else two. M x L <=
 // kRouteAlignMaxLanes keeps M x top_k <= 1024 in every bucket (L = 32: M <= 32 and top_k <= 16; L = 16: E <= 16;
-// L = 8: E <= 8), so every warp of the scatter holds slots (align.cu's plan, at these sizes).
+// L = 8: E <= 8), so as many warps as possible share the scatter (align.cu's plan, at these sizes).
 template <typename T, int V, int L>
 Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
   if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, 1>(a, o, softmax, stream);

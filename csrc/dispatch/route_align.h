@@ -5,8 +5,8 @@
 
 namespace mk {
 
-// Token lanes (M x L, L = 32 lanes per token for E >= 32, 8 for E <= 8) one launch routes: its 512 threads take
-// 16 (L = 32) or 64 (L = 8) tokens at a time, one after another. On an H100 the one launch beat routing + align
+// Token lanes (M x L, L = 32 lanes per token for E >= 32, 16 for E <= 16, 8 for E <= 8) one launch routes: its 512
+// threads take 16 (L = 32), 32 (L = 16) or 64 (L = 8) tokens at a time, one after another. On an H100 the one launch beat routing + align
 // up to M = 32 at L = 32 and M = 128 at L = 8, and lost from M = 128 at L = 32
 // (benchmarks/results/fastpath/h100-2026-12-07/).
 constexpr int64_t kRouteAlignMaxLanes = 1024;

@@ -131,6 +131,14 @@ def align_plans():
             for ballot, pads in ((False, False), (True, False), (False, True)):
                 got = torch.ops.moekern.moe_align_variant(ids, E, B, None, spt, ballot, pads)
                 assert all(torch.equal(x, y) for x, y in zip(got, ref)), ("align plan", n, E, B, spt, ballot, pads)
+    # Inconsistent expert_counts through the raw op (moekern.align checks them; the op does not): the layout is
+    # then meaningless, but every write must stay inside the outputs (memcheck is the judge here).
+    ids = torch.zeros(600, 1, device=DEV, dtype=torch.int32)
+    for bad in (5000, -5000, 2**30):
+        counts = torch.zeros(256, device=DEV, dtype=torch.int32)
+        counts[0], counts[255] = bad, -bad
+        for spt, ballot, pads in ((0, False, False), (1, False, False), (1, False, True), (2, True, False)):
+            torch.ops.moekern.moe_align_variant(ids, 256, 16, counts, spt, ballot, pads)
 
 
 # ------------------------------------------------------------------------------------------ 3. EP peer writes

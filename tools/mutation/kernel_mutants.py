@@ -10,7 +10,8 @@ judge it, and puts the line back. The checkout's own build is never touched.
     python tools/mutation/kernel_mutants.py --list        # the mutants, no GPU needed
 
 A mutant is "killed" when its tests fail, "survived" when they pass (a hole in the GPU tests), "build failed"
-when the mutated source does not compile (no verdict). Exit code 1 when any mutant survives.
+when the mutated source does not compile and "timeout" when its tests run past 15 minutes (no verdict). Exit
+code 1 when any mutant survives. --work must lie outside the checkout: it is deleted and refilled.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ MUTANTS = (
         "if (c != 0) atomicAdd(&acc[e], c);", "if (c > 1) atomicAdd(&acc[e], c);",
         ("tests/test_cuda_ops.py", "-k", "topk"),
         "the multi-block routing grid leaves out a block's experts chosen exactly once: counts too low",
-    ),    Mutant(
+    ),
+    Mutant(
         "align-unstable-rank", "csrc/dispatch/align_scatter.cuh",
         "popc(peers & lanemask_lt())", "(popc(peers) - 1 - popc(peers & lanemask_lt()))",
         ("tests/test_cuda_ops.py", "-k", "align"),
@@ -105,6 +107,17 @@ def _copy_sources(work: Path) -> None:
     shutil.copytree(ROOT, work, ignore=ignore)
 
 
+def check_work_dir(work: Path, root: Path = ROOT) -> str | None:
+    """Why `work` cannot be the scratch copy (it is deleted and refilled), or None: it must not be the checkout,
+    hold it, or sit inside it."""
+    w, r = work.resolve(), root.resolve()
+    if w == r or r.is_relative_to(w):
+        return f"--work {work} is or holds the checkout {r}: it would be deleted"
+    if w.is_relative_to(r):
+        return f"--work {work} is inside the checkout {r}: the copy would copy itself"
+    return None
+
+
 def _build(work: Path, log: Path) -> tuple[bool, float]:
     env = dict(os.environ, MOEKERN_REQUIRE_EXTENSION="1")
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
@@ -116,13 +129,17 @@ def _build(work: Path, log: Path) -> tuple[bool, float]:
     return proc.returncode == 0, time.time() - t0
 
 
-def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int:
+def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int | None:
     env = dict(os.environ, PYTHONPATH=str(work))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", *tests]
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        try:
+            return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            f.write("\n(timed out after 900 s)\n")
+            return None
 
 
 def _imports_from(work: Path, log: Path) -> bool:
@@ -161,8 +178,12 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown mutant(s) {', '.join(unknown)}; --list shows them", file=sys.stderr)
         return 2
+    bad_work = check_work_dir(args.work)
+    if bad_work:
+        print(f"error: {bad_work}; pick a folder outside it (default /tmp/moekern-kernel-mutants)", file=sys.stderr)
+        return 2
     todo = [m for m in MUTANTS if not args.names or m.name in args.names]
-    log = args.log or args.work.with_suffix(".log")
+    log = args.log or args.work.parent / f"{args.work.name}.log"
     log.write_text("")
 
     _copy_sources(args.work)
@@ -183,7 +204,8 @@ def main(argv=None) -> int:
                 verdict, rc = "build failed", None
             else:
                 rc = _run_tests(args.work, m.tests, log)
-                verdict = "killed" if rc == 1 else "survived" if rc == 0 else f"error (pytest exit {rc})"
+                verdict = ("killed" if rc == 1 else "survived" if rc == 0 else "timeout" if rc is None
+                           else f"error (pytest exit {rc})")
         finally:
             path.write_text(original)
         verdicts.append(dict(asdict(m), verdict=verdict, build_s=round(secs, 1), pytest_rc=rc))
