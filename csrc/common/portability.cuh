@@ -170,21 +170,25 @@ __device__ __forceinline__ lane_mask_t lanemask_lt() {
   return (static_cast<lane_mask_t>(1) << lane_id()) - 1;
 }
 
-// Lanes of the (fully active) warp holding the same `key` as this lane, key < 2^bits. CUDA uses the
-// hardware match; HIP has none, so it intersects one ballot per key bit (the radix-sort trick).
-template <int kBits>
-__device__ __forceinline__ lane_mask_t match_any(unsigned key) {
-#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  return __match_any_sync(0xffffffffu, key);
-#else
+// Lanes of the (fully active) warp holding the same `key` as this lane, key < 2^bits, by intersecting one ballot
+// per key bit (the radix-sort trick); `bits` must be the same on every lane.
+__device__ __forceinline__ lane_mask_t match_any_ballots(unsigned key, int bits) {
   lane_mask_t peers = ~static_cast<lane_mask_t>(0);
-#pragma unroll
-  for (int b = 0; b < kBits; ++b) {
+  for (int b = 0; b < bits; ++b) {  // unrolled where bits is a constant (match_any<kBits> on HIP)
     const bool bit = (key >> b) & 1u;
     const lane_mask_t set = ballot(bit);
     peers &= bit ? set : ~set;
   }
   return peers;
+}
+
+// The same, key < 2^kBits: CUDA uses the hardware match; HIP has none, so it takes the ballots.
+template <int kBits>
+__device__ __forceinline__ lane_mask_t match_any(unsigned key) {
+#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  return __match_any_sync(0xffffffffu, key);
+#else
+  return match_any_ballots(key, kBits);
 #endif
 }
 

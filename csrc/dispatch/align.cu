@@ -63,25 +63,15 @@ align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
 
 static_assert(kAlignThreads == kThreads && kAlignMaxIPT == kLargeIPT, "align_plan.h describes this kernel");
 
-struct Plan {
-  int ipt;
-  int64_t chunks;
-  bool ballot = false;
-  bool thread_pads = false;
-};
-
 constexpr int64_t kMaxVariantChunks = 4096;  // a forced plan's chunks: each CTA sums up to chunks * E counts
 
 // ipt 0: the default plan (align_plan.h); else chunks of kThreads * ipt slots (ipt a power of two <= kLargeIPT).
 // chunks 0: invalid.
-Plan plan_with(int64_t n, int E, int ipt, bool ballot, bool thread_pads) {
-  if (ipt == 0) {
-    const AlignPlan d = align_default_plan(n, E);
-    return {d.ipt, d.chunks, ballot, thread_pads};
-  }
-  if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0, ballot, thread_pads};
+AlignPlan plan_with(int64_t n, int E, int ipt) {
+  if (ipt == 0) return align_default_plan(n, E);
+  if (ipt < 0 || ipt > kLargeIPT || (ipt & (ipt - 1)) != 0) return {ipt, 0};
   const int64_t chunks = align_chunks(n, ipt);
-  return {ipt, chunks <= kMaxVariantChunks ? chunks : 0, ballot, thread_pads};
+  return {ipt, chunks <= kMaxVariantChunks ? chunks : 0};
 }
 
 template <int IPT, typename Match, bool kThreadPads>
@@ -100,7 +90,7 @@ Error launch_plan(const int32_t* ids, int64_t n, int E, int B, const int32_t* ex
 }
 
 template <typename Match, bool kThreadPads>
-Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
+Error launch_match(const AlignPlan& p, const int32_t* ids, int64_t n, int E, int B, const int32_t* expert_counts,
                    int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad, int32_t* slot_to_row, int32_t* offsets,
                    int32_t* scratch, int64_t max_padded, int64_t max_blocks, Stream stream) {
 #define MOEKERN_ALIGN_PLAN(IPT)                                                                                   \
@@ -120,7 +110,7 @@ Error launch_match(const Plan& p, const int32_t* ids, int64_t n, int E, int B, c
 }  // namespace
 
 int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread) {
-  const Plan p = plan_with(n, E, slots_per_thread, false, false);
+  const AlignPlan p = plan_with(n, E, slots_per_thread);
   return p.chunks > 1 ? p.chunks * E : 0;
 }
 
@@ -132,12 +122,12 @@ Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const in
   const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
   if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
   const int64_t max_blocks = (max_padded + B - 1) / B;
-  const Plan p = plan_with(n, E, slots_per_thread, ballot_match, thread_pads);
+  const AlignPlan p = plan_with(n, E, slots_per_thread);
   if (p.chunks < 1 || (p.chunks > 1 && scratch == nullptr)) return kInvalidValue;
-  if (p.ballot)
+  if (ballot_match)
     return launch_match<MatchBallot, false>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,
                                             slot_to_row, offsets, scratch, max_padded, max_blocks, stream);
-  if (p.thread_pads)
+  if (thread_pads)
     return launch_match<MatchHardware, true>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,
                                              slot_to_row, offsets, scratch, max_padded, max_blocks, stream);
   return launch_match<MatchHardware, false>(p, ids, n, E, B, expert_counts, sorted, block_ids, num_post_pad,

@@ -54,14 +54,7 @@ struct MatchHardware {
 struct MatchBallot {
   __device__ __forceinline__ lane_mask_t operator()(unsigned key, int E) const {
     const unsigned k = key == static_cast<unsigned>(kSkip) ? static_cast<unsigned>(E) : key;  // keys in [0, E]
-    const int bits = 32 - __clz(E);
-    lane_mask_t peers = ~static_cast<lane_mask_t>(0);
-    for (int b = 0; b < bits; ++b) {  // warp-uniform bound
-      const bool bit = (k >> b) & 1u;
-      const lane_mask_t set = ballot(bit);
-      peers &= bit ? set : ~set;
-    }
-    return peers;
+    return match_any_ballots(k, 32 - __clz(E));  // E is the same on every lane
   }
 };
 
@@ -188,29 +181,24 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   // a run can reach past the buffers, and the bounds keep its writes inside them.
   const int32_t sentinel = static_cast<int32_t>(n);
   const unsigned pad_end = static_cast<unsigned>(max_padded), blocks_end = static_cast<unsigned>(max_blocks);
-  // kThreadPads: thread x of the CTA whose turn it is (x % num_chunks) writes expert x's pads and blocks one at
-  // a time: at decode sizes most experts have no slots, and then cost one test instead of a warp's pass.
-  // Otherwise one warp per expert writes its run's (< B) pads and its block experts, so the stores of a warp are
-  // contiguous. The tail past the last run is a grid-stride fill.
+  // Expert x's run pads [s_off[x] + s_cnt[x], s_off[x + 1]) and blocks [s_blk[x], s_blk[x + 1]), written from
+  // `first` on in steps of `step`.
+  const auto write_run = [&](int x, unsigned first, unsigned step) {
+    const unsigned run_end = min(static_cast<unsigned>(s_off[x + 1]), pad_end);
+    for (unsigned p = s_off[x] + s_cnt[x] + first; p < run_end; p += step) sorted[p] = sentinel;
+    if (block_ids != nullptr) {
+      const unsigned blk_end = min(static_cast<unsigned>(s_blk[x + 1]), blocks_end);
+      for (unsigned b = s_blk[x] + first; b < blk_end; b += step) block_ids[b] = x;
+    }
+  };
+  // kThreadPads: thread x of the CTA whose turn it is (x % num_chunks) writes expert x's run one position at a
+  // time: at decode sizes most experts have no slots, and then cost one test instead of a warp's pass. Otherwise
+  // one warp per expert writes its run, so the stores of a warp are contiguous. The tail past the last run is a
+  // grid-stride fill.
   if constexpr (kThreadPads) {
-    const int x = tid;
-    if (x < E && x % num_chunks == chunk) {
-      const unsigned run_end = min(static_cast<unsigned>(s_off[x + 1]), pad_end);
-      for (unsigned p = s_off[x] + s_cnt[x]; p < run_end; ++p) sorted[p] = sentinel;
-      if (block_ids != nullptr) {
-        const unsigned blk_end = min(static_cast<unsigned>(s_blk[x + 1]), blocks_end);
-        for (unsigned b = s_blk[x]; b < blk_end; ++b) block_ids[b] = x;
-      }
-    }
+    if (tid < E && tid % num_chunks == chunk) write_run(tid, 0u, 1u);
   } else {
-    for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) {
-      const unsigned run_end = min(static_cast<unsigned>(s_off[x + 1]), pad_end);
-      for (unsigned p = s_off[x] + s_cnt[x] + lane; p < run_end; p += kWarpSize) sorted[p] = sentinel;
-      if (block_ids != nullptr) {
-        const unsigned blk_end = min(static_cast<unsigned>(s_blk[x + 1]), blocks_end);
-        for (unsigned b = s_blk[x] + lane; b < blk_end; b += kWarpSize) block_ids[b] = x;
-      }
-    }
+    for (int x = chunk * kWarps + warp; x < E; x += num_chunks * kWarps) write_run(x, lane, kWarpSize);
   }
   const unsigned gtid = static_cast<unsigned>(chunk) * kThreads + tid;
   const unsigned gstride = static_cast<unsigned>(num_chunks) * kThreads;

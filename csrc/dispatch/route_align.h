@@ -6,8 +6,8 @@
 namespace mk {
 
 // Token lanes (M x L, L = 32 lanes per token for E >= 32, 16 for E <= 16, 8 for E <= 8) one launch routes: its 512
-// threads take 16 (L = 32), 32 (L = 16) or 64 (L = 8) tokens at a time, one after another. On an H100 the one launch beat routing + align
-// up to M = 32 at L = 32 and M = 128 at L = 8, and lost from M = 128 at L = 32
+// threads take 16 (L = 32), 32 (L = 16) or 64 (L = 8) tokens at a time, one after another. On an H100 the one
+// launch beat routing + align up to M = 32 at L = 32 and M = 128 at L = 8, and lost from M = 128 at L = 32
 // (benchmarks/results/fastpath/h100-2026-12-07/).
 constexpr int64_t kRouteAlignMaxLanes = 1024;
 
@@ -18,8 +18,8 @@ constexpr int64_t kRouteAlignMaxLanes = 1024;
 // The values of launch_fused_topk followed by launch_align(ids, M * top_k, E, block_size, counts, ...): weights
 // [M, k] fp32, ids [M, k] int32, counts [E] int32, sorted [M*k + E*(B-1)], block_ids [ceil(that / B)],
 // num_post_pad [1]. Launches nothing and sets *unsupported when M is 0, M x L exceeds kRouteAlignMaxLanes, M * top_k
-// exceeds 1024 slots (two per thread of the scatter; not reached within kRouteAlignMaxLanes), or the group geometry is not whole lanes per group: the caller then
-// runs the two kernels.
+// exceeds 1024 slots (two per thread of the scatter; not reached within kRouteAlignMaxLanes), or the group
+// geometry is not whole lanes per group: the caller then runs the two kernels.
 Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,
                          const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,
                          int32_t* counts, int block_size, int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad,
