@@ -12,9 +12,10 @@ Both outputs are checked against moekern.experts.reference.fused_moe_reference o
 (||out - ref|| / ||ref|| < 1e-2, the bf16 tolerance of tests/test_moe.py); a wrong provider is reported, not timed.
 Timing: moekern.bench.timing.time_calls, back-to-back calls replayed in a CUDA graph (as inside vLLM's decode
 graphs), repeated over --rounds rounds that alternate the providers' order; each provider's time is the median
-of its rounds, and the row keeps every round's time (`rounds_us`), so a drift between providers or runs shows. The roofline is the time to read the weights of the experts the tokens use (3 x H x I bf16 each) plus
-the activations, at the device's measured copy bandwidth; a pure read can beat a copy, so fractions a little
-above 100 % are possible.
+of its rounds, and the row keeps every round's time (`rounds_us`), so a drift between providers or runs shows.
+The roofline is the time to read the weights of the experts the tokens use (3 x H x I bf16 each) plus the
+activations, at the device's measured copy bandwidth; a pure read can beat a copy, so fractions a little above
+100 % are possible.
 """
 
 from __future__ import annotations
