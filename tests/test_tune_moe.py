@@ -87,6 +87,11 @@ def test_decode_candidates_halve_the_n_tile(M):
     assert (g1.block_n, g2.block_n) == (max(16, t1.block_n // 2), max(16, t2.block_n // 2))
     assert dataclasses.replace(g1, block_n=t1.block_n) == t1
     assert "today-bn-div2" not in dict(tune.shape_candidates(64, *args[1:]))
+    if M <= 4:  # a quarter of the N tile too, only where each expert holds about one slot
+        q1, q2 = cands["today-bn-div4"]
+        assert (q1.block_n, q2.block_n) == (max(16, t1.block_n // 4), max(16, t2.block_n // 4))
+    else:
+        assert "today-bn-div4" not in cands
 
 
 def test_today_pair_matches_get_configs_rule():
