@@ -356,6 +356,8 @@ def compile_one(task: tuple[dict, int]) -> dict:
                                   options=options.__dict__)
         if "cubin" not in compiled.asm:
             raise RuntimeError("no cubin produced")
+        if "pdl" in launch["tags"] and "griddepcontrol.wait" not in compiled.asm.get("ptx", ""):
+            raise RuntimeError("launched with PDL=True but its PTX has no griddepcontrol.wait")
         smem = compiled.metadata.shared
         if smem > SMEM_LIMIT[cc]:
             raise RuntimeError(f"needs {smem} bytes of shared memory; sm_{cc} allows {SMEM_LIMIT[cc]} per block "
@@ -402,14 +404,35 @@ def _worker_init():
     import triton  # noqa: F401
 
 
+def pdl_variants(launches: list[dict], archs: list[int]) -> list[dict]:
+    """The interpreter never launches with programmatic dependent launch (PDL=False: its gdc_* inline asm does not
+    run there), so for sm_90 compile one launch of each kernel that has a PDL constexpr again with PDL=True and the
+    launch_pdl option, as a Hopper GPU launches it; compile_one then checks its PTX holds griddepcontrol."""
+    if not any(cc >= 90 for cc in archs):
+        return []
+    out, seen = [], set()
+    for launch in launches:
+        kid = kernel_id(launch)
+        if kid in seen or not any(p["name"] == "PDL" and p["constexpr"] for p in launch["params"]):
+            continue
+        seen.add(kid)
+        params = [dict(p, arg={"value": True}) if p["name"] == "PDL" else p for p in launch["params"]]
+        out.append(dict(launch, params=params, options=dict(launch["options"], launch_pdl=True),
+                        tags=sorted(set(launch["tags"]) | {"pdl"})))
+    return out
+
+
 def compile_main(specs_path: str, archs: list[int], jobs: int) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("the compile step must run without TRITON_INTERPRET (main() starts it that way)")
     with open(specs_path) as f:
         launches = json.load(f)
     tasks, skipped = [], []
+    launches = launches + pdl_variants(launches, archs)
     for launch in launches:
         for cc in archs:
+            if cc < 90 and "pdl" in launch["tags"]:
+                continue  # programmatic dependent launch: sm_90 and later only
             if cc < 90 and "hopper_only" in launch["tags"]:
                 why = "TMA descriptor" if any("desc" in p["arg"] for p in launch["params"]) else "sm_90-tuned config"
                 skipped.append(f"skip sm_{cc} {kernel_id(launch)} {_label(launch)} ({why}: Hopper only)")

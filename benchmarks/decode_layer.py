@@ -5,7 +5,9 @@
 
 Providers, on the same bf16 hidden states, router logits and expert weights:
   moekern  moekern.fused_moe(x, w13, w2, logits, top_k, <the model's routing>): route_and_align, two grouped GEMMs
-           (SiLU-and-mul fused into the first), the weighted combine
+           (SiLU-and-mul fused into the first), the weighted combine, chained by programmatic dependent launch
+           (PDL) on sm_90 and later
+  moekern-nopdl  the same with PDL off (MOEKERN_PDL=0); only on GPUs with PDL. pdl_speedup = its time / moekern's
   vllm     vLLM 0.26's routing (fused_topk, or the fused grouped top-k op for DeepSeek-V3) then fused_experts, with
            the config vLLM picks for the shape (its shipped table, or VLLM_TUNED_CONFIG_FOLDER's when set)
 Both outputs are checked against moekern.experts.reference.fused_moe_reference on the reference routing
@@ -115,6 +117,20 @@ def reference_layer(name: str, bias, x, logits, w13, w2):
     return rw, rids, fused_moe_reference(x, w13, w2, rw, rids)
 
 
+def _without_pdl(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with programmatic dependent launch off (MOEKERN_PDL=0, read by fused_moe at every call;
+    inside a CUDA-graph capture the captured launches keep the setting)."""
+    before = os.environ.get("MOEKERN_PDL")
+    os.environ["MOEKERN_PDL"] = "0"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ["MOEKERN_PDL"]
+        else:
+            os.environ["MOEKERN_PDL"] = before
+
+
 def interleaved_medians(timers: dict, rounds: int) -> tuple[dict, dict]:
     """timers: name -> zero-argument call returning one timing (us). Runs `rounds` rounds, the providers in order on
     even rounds and reversed on odd ones (neither always goes first after a warm or a cold GPU); returns (median
@@ -132,6 +148,7 @@ def interleaved_medians(timers: dict, rounds: int) -> tuple[dict, dict]:
 def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
     import moekern
     from moekern.bench.timing import measure_hbm_bandwidth, time_calls
+    from moekern.experts.triton_gemm import use_pdl
     from moekern.models.registry import get_model
 
     dev = torch.device("cuda")
@@ -144,6 +161,8 @@ def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
         kw = _routing_kwargs(a, bias)
         vllm = _vllm_layer(a, bias)
         providers = {"moekern": lambda x, lg: moekern.fused_moe(x, w13, w2, lg, a["k"], **kw)}
+        if use_pdl(dev):
+            providers["moekern-nopdl"] = lambda x, lg: _without_pdl(moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
         if not isinstance(vllm, str):
             providers["vllm"] = lambda x, lg: vllm(x, lg, w13, w2)
         for M in ms:
@@ -183,6 +202,8 @@ def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
             us = row["us"]
             if "moekern" in us and "vllm" in us:
                 row["ratio"] = us["moekern"] / us["vllm"]
+            if "moekern" in us and "moekern-nopdl" in us:
+                row["pdl_speedup"] = us["moekern-nopdl"] / us["moekern"]
             rows.append(row)
             cells = "  ".join(f"{p} {us[p]:7.2f} us ({100 * row['roofline_fraction'][p]:.0f} %)" for p in us)
             ratio = f"  moekern/vllm {row['ratio']:.3f}" if "ratio" in row else ""

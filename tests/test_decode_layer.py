@@ -1,6 +1,7 @@
 """benchmarks/decode_layer.py's arithmetic and its CPU behaviour (the timing itself needs a GPU)."""
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -63,3 +64,14 @@ def test_bad_rounds_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as info:
         decode_layer.main(["--rounds", "0"])
     assert info.value.code == 2 and "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_without_pdl_sets_the_switch_for_the_call_only(monkeypatch):
+    seen = []
+    monkeypatch.setenv("MOEKERN_PDL", "1")
+    assert decode_layer._without_pdl(lambda a, b=0: seen.append(os.environ["MOEKERN_PDL"]) or a + b, 2, b=3) == 5
+    assert seen == ["0"] and os.environ["MOEKERN_PDL"] == "1"
+    monkeypatch.delenv("MOEKERN_PDL")
+    with pytest.raises(ZeroDivisionError):
+        decode_layer._without_pdl(lambda: 1 / 0)
+    assert "MOEKERN_PDL" not in os.environ

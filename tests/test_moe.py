@@ -812,3 +812,57 @@ def test_cuda_backend_on_cpu_names_cuda_not_triton(interpret, monkeypatch):
         moekern.fused_moe(x, w13, w2, router_logits=logits, top_k=2, backend="cuda")
     msg = str(exc.value)
     assert "backend='cuda'" in msg and "CUDA" in msg and "triton" not in msg.lower(), msg
+
+
+def test_pdl_only_on_cuda_and_off_with_the_switch(monkeypatch):
+    """Programmatic dependent launch: never on CPU tensors; on a capable CUDA device unless MOEKERN_PDL=0, read at
+    every call (decode_layer.py times both in one process)."""
+    import moekern.experts.triton_gemm as tg
+
+    monkeypatch.delenv("MOEKERN_PDL", raising=False)
+    assert not tg.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: True)
+    assert tg.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setenv("MOEKERN_PDL", "0")
+    assert not tg.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setenv("MOEKERN_PDL", "1")
+    assert tg.use_pdl(torch.device("cuda", 0)) and not tg.use_pdl(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral"])
+@pytest.mark.parametrize("M", [1, 4, 300])
+def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, monkeypatch):
+    """The layer from logits captured once in a CUDA graph, replayed on new inputs: with programmatic dependent launch
+    (route_and_align -> GEMM1 -> GEMM2 -> combine, each waiting for the one before) it gives what the same layer
+    gives without it, and the reference. On sm_90 the GEMM must really have been compiled with griddepcontrol."""
+    import moekern.experts.triton_gemm as tg
+
+    spec, w13, w2 = _model_weights(name)
+    E, k, hidden = spec.num_experts, spec.top_k, spec.hidden_size
+    x = torch.zeros(M, hidden, dtype=torch.bfloat16, device="cuda")
+    logits = torch.zeros(M, E, device="cuda")
+    kw = spec.routing_kwargs()
+    monkeypatch.setenv("MOEKERN_PDL", "1")
+    moekern.fused_moe(x, w13, w2, logits, k, **kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moekern.fused_moe(x, w13, w2, logits, k, **kw)
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn_like(x))
+        logits.copy_(torch.randn_like(logits))
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("MOEKERN_PDL", "0")
+        plain = moekern.fused_moe(x, w13, w2, logits, k, **kw)
+        monkeypatch.setenv("MOEKERN_PDL", "1")
+        w, ids, _ = moekern.fused_topk(logits, k, backend="torch", **kw)
+        ref = fused_moe_reference(x.float(), w13, w2, w, ids)
+        assert _rel_err(out, ref) < LOWP_REL_TOL
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    if torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None:
+        assert tg.use_pdl(x.device)
+        ptx = [kern.asm.get("ptx", "") for cache in tg._grouped_gemm_kernel.device_caches.values()
+               for kern in cache[0].values()]
+        assert any("griddepcontrol.wait" in p for p in ptx), "no GEMM compiled with PDL"

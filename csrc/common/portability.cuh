@@ -192,6 +192,16 @@ __device__ __forceinline__ lane_mask_t match_any(unsigned key) {
 #endif
 }
 
+// Programmatic dependent launch (sm_90 and later): once every block of this grid has run this, a kernel launched
+// after it with the programmatic-stream-serialization attribute (fused_moe's Triton GEMMs) may start its blocks;
+// they wait (griddepcontrol.wait) for this whole grid to finish before reading or writing memory. So the next
+// kernel's launch and block start overlap this one instead of following it. A no-op on older GPUs and on HIP.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

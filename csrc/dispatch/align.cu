@@ -56,6 +56,7 @@ align_scatter_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int B,
                      int32_t* __restrict__ sorted, int32_t* __restrict__ block_ids, int32_t* __restrict__ num_post_pad,
                      int32_t* __restrict__ slot_to_row, int32_t* __restrict__ offsets, int64_t max_padded,
                      int64_t max_blocks) {
+  allow_dependent_launch();  // align's last launch: fused_moe's GEMM1 (launched with PDL) may start its blocks
   align_scatter_block<IPT, LoadReadOnly, Match, kThreadPads>(
       ids, n, E, B, expert_counts, chunk_hist, sorted, block_ids, num_post_pad, slot_to_row, offsets, max_padded,
       max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), LoadReadOnly{}, Match{});

@@ -30,6 +30,7 @@ struct AlignOut {
 template <typename T, int V, int L, bool kSoftmax, bool kGrouped, int IPT>
 __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, const AlignOut o) {
   constexpr int kTeams = kWarpSize / L;
+  allow_dependent_launch();  // fused_moe's GEMM1 (launched with PDL) starts its blocks while this one routes
   __shared__ int s_hist[kTopkMaxExperts];
   const int64_t stride = static_cast<int64_t>(kThreads / kWarpSize) * kTeams;
   const int64_t t0 = static_cast<int64_t>(threadIdx.x / kWarpSize) * kTeams;

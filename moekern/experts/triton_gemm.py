@@ -8,8 +8,8 @@ block and one BLOCK_N column tile:
          two fp32 accumulators; epilogue writes silu(gate) * up to intermediate[slot]. Fusing SiLU-and-mul
          halves the intermediate's write and read and drops a launch.
   GEMM2  A rows = intermediate[slot], B = w2[e]; epilogue multiplies by topk_weights[slot] and writes
-         per_slot_out[slot]. The combine is then a sum over k of per_slot_out viewed as [M, k, H], accumulated in
-         fp32 inside one reduction kernel.
+         per_slot_out[slot]. The combine (_combine_kernel) then sums the k rows of each token in fp32 and
+         rounds once.
 Programs whose block starts past num_tokens_post_padded return at once; sentinel rows are masked on load
 (A) and store (C). The grid covers the worst-case number of blocks, which depends on (M, k, E, BLOCK_M)
 only, so no host sync is needed to launch. Programs are ordered in groups of GROUP_M M-blocks per N tile,
@@ -38,12 +38,18 @@ device allocator unlike tl.make_tensor_descriptor), for the weight side only.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from moekern.experts.configs import BlockConfig
+
+try:  # griddepcontrol (programmatic dependent launch) from Triton 3.3 on
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -163,7 +169,14 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # Launched with programmatic dependent launch: this grid's blocks start while the previous kernel (route_and_align,
+        # align or GEMM1) still runs, and wait here, before any memory access, until it has finished. The next kernel
+        # (GEMM2, the combine) may start its own blocks as soon as all of these have started.
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -197,6 +210,37 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, N, stride_in, stride_out, BLOCK: 
 SILU_BLOCK = 1024  # columns per program of the unfused SiLU-and-mul
 
 
+@triton.jit
+def _combine_kernel(per_slot_ptr, out_ptr, H, stride_in, stride_out, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
+    """out[t, h] = sum over j < TOP_K of per_slot[t * TOP_K + j, h], in fp32, rounded once to out's dtype."""
+    if PDL:
+        gdc_wait()  # GEMM2 writes per_slot
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(per_slot_ptr + (t * TOP_K + j) * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+COMBINE_BLOCK = 512  # columns per program of the combine (Qwen3 M=1: 4 programs of 8 loads each)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int | None) -> bool:
+    if gdc_wait is None or torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether fused_moe's Triton kernels launch with programmatic dependent launch on `device`: CUDA, sm_90 or
+    later, unless MOEKERN_PDL=0 (read at every call, so a benchmark can time both in one process)."""
+    return device.type == "cuda" and os.environ.get("MOEKERN_PDL", "1") != "0" and _pdl_capable(device.index)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -205,7 +249,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded, *, n, k,
-            num_slots, a_div, fuse_silu, mul_weight, cfg: BlockConfig):
+            num_slots, a_div, fuse_silu, mul_weight, cfg: BlockConfig, pdl: bool = False):
     """One grouped GEMM: c[slot, :n] = epilogue(a[slot // a_div] @ b[expert]^T). fuse_silu: b holds 2n rows."""
     num_m_blocks = block_expert_ids.numel()
     tiles = num_m_blocks * triton.cdiv(n, cfg.block_n)
@@ -228,8 +272,8 @@ def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_token
         A_DIV=a_div, FUSE_SILU=fuse_silu, MUL_WEIGHT=mul_weight,
         IEEE_FP32=a.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
         PERSISTENT=cfg.persistent > 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
 
 
@@ -244,19 +288,19 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-          num_tokens_post_padded, top_k: int, cfg: BlockConfig) -> torch.Tensor:
+          num_tokens_post_padded, top_k: int, cfg: BlockConfig, pdl: bool = False) -> torch.Tensor:
     """intermediate [slots, I] = silu(x W_gate^T) * (x W_up^T) per slot, fused or split by cfg.fuse_silu."""
     num_slots, inter = intermediate.shape
     hidden = hidden_states.shape[1]
     if cfg.fuse_silu:
         _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
                 num_tokens_post_padded, n=inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=True,
-                mul_weight=False, cfg=cfg)
+                mul_weight=False, cfg=cfg, pdl=pdl)
         return intermediate
     gate_up = torch.empty(num_slots, 2 * inter, dtype=intermediate.dtype, device=intermediate.device)
     _launch(hidden_states, w13, gate_up, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=2 * inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=False,
-            mul_weight=False, cfg=cfg)
+            mul_weight=False, cfg=cfg, pdl=pdl)
     return silu_and_mul(gate_up, intermediate)
 
 
@@ -282,15 +326,19 @@ def moe_experts_triton(
     inter = w2.shape[2]
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
+    pdl = use_pdl(dev)
     intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
     gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-          num_tokens_post_padded, top_k, cfg1)
+          num_tokens_post_padded, top_k, cfg1, pdl=pdl)
     per_slot = torch.empty(num_slots, H, dtype=dtype, device=dev)
     _launch(intermediate, w2, per_slot, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=H, k=inter, num_slots=num_slots, a_div=1, fuse_silu=False,
-            mul_weight=True, cfg=cfg2)
+            mul_weight=True, cfg=cfg2, pdl=pdl)
     if top_k == 1:
         return per_slot
-    # One reduction kernel: torch accumulates a bf16/fp16 sum in fp32 and rounds once on the store, so this equals
-    # .sum(dtype=torch.float32).to(dtype) (bit for bit on CPU, tested) without the second, casting launch.
-    return per_slot.view(M, top_k, H).sum(dim=1)
+    out = torch.empty(M, H, dtype=dtype, device=dev)
+    if M:
+        block = min(COMBINE_BLOCK, triton.next_power_of_2(H))
+        _combine_kernel[(M, triton.cdiv(H, block))](per_slot, out, H, per_slot.stride(0), out.stride(0), TOP_K=top_k,
+                                                    BLOCK=block, PDL=pdl, launch_pdl=pdl)
+    return out
