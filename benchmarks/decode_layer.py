@@ -246,6 +246,10 @@ def main(argv=None) -> int:
     s = summary(rows)
     for k, v in s.items():
         print(f"moekern / vLLM, {k}: geomean {v['geomean']:.3f}, max {v['max']:.3f} over {v['n']} shapes")
+    gains = [r["pdl_speedup"] for r in rows if "pdl_speedup" in r]
+    if gains:
+        print(f"PDL: moekern-nopdl / moekern geomean {math.exp(sum(map(math.log, gains)) / len(gains)):.3f}, "
+              f"min {min(gains):.3f}, max {max(gains):.3f} over {len(gains)} shapes")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
