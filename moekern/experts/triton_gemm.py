@@ -197,8 +197,11 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, N, stride_in, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, N, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[r, n] = silu(gate_up[r, n]) * gate_up[r, N + n], in fp32, rounded once to out's dtype."""
+    if PDL:  # between the unfused GEMM1 and GEMM2 of a PDL chain (see _grouped_gemm_kernel)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -230,7 +233,8 @@ COMBINE_BLOCK = 512  # columns per program of the combine (Qwen3 M=1: 4 programs
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(device_index: int | None) -> bool:
-    if gdc_wait is None or torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1":
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if gdc_wait is None or torch.version.hip is not None or interpreted:
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
@@ -273,18 +277,23 @@ def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_token
         IEEE_FP32=a.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
         PERSISTENT=cfg.persistent > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_option(pdl),
     )
 
 
-def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """out [rows, I] = silu(gate_up[:, :I]) * gate_up[:, I:], fp32 math; gate_up: [rows, 2I], K stride 1."""
     rows, inter = out.shape
     if rows:
         block = min(SILU_BLOCK, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
-                                                               out.stride(0), BLOCK=block)
+                                                               out.stride(0), BLOCK=block, PDL=pdl, **_pdl_option(pdl))
     return out
+
+
+def _pdl_option(pdl: bool) -> dict:
+    """The launch option, passed only when on: Triton's AMD backend has no launch_pdl and rejects the keyword."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
@@ -301,7 +310,7 @@ def gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, bloc
     _launch(hidden_states, w13, gate_up, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=2 * inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=False,
             mul_weight=False, cfg=cfg, pdl=pdl)
-    return silu_and_mul(gate_up, intermediate)
+    return silu_and_mul(gate_up, intermediate, pdl=pdl)
 
 
 def moe_experts_triton(
@@ -340,5 +349,5 @@ def moe_experts_triton(
     if M:
         block = min(COMBINE_BLOCK, triton.next_power_of_2(H))
         _combine_kernel[(M, triton.cdiv(H, block))](per_slot, out, H, per_slot.stride(0), out.stride(0), TOP_K=top_k,
-                                                    BLOCK=block, PDL=pdl, launch_pdl=pdl)
+                                                    BLOCK=block, PDL=pdl, **_pdl_option(pdl))
     return out
