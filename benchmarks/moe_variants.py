@@ -300,7 +300,7 @@ def run_compile_only(models, tokens) -> None:
                         continue
                     const = dict(A_DIV=k if gemm == 1 else 1, FUSE_SILU=fuse, MUL_WEIGHT=gemm == 2, IEEE_FP32=False,
                                  EVEN_K=key[3], USE_TMA=cfg.tma, PERSISTENT=cfg.persistent > 0, BLOCK_M=cfg.block_m,
-                                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PDL=False)
                     sig = {}
                     for p in params:
                         if p in const:
@@ -322,7 +322,7 @@ def run_compile_only(models, tokens) -> None:
                         smem, status = -1, f"FAILED {type(exc).__name__}: {str(exc)[:160]}"
                     seen[key] = (smem, status)
                     worst = max(worst, smem)
-                    print(f"{name:14s} M={M:5d} {cname:24s} gemm{gemm} smem={smem:7d} {status}  {_cfg_src(cfg)}",
+                    print(f"{name:14s} M={M:5d} {cname:24s} gemm{gemm} smem={smem:7d} {status}  {cfg}",
                           flush=True)
     bad = [s for s in seen.values() if s[1] != "ok"]
     print(f"{len(seen)} kernels compiled for sm_90; {len(bad)} not ok; max shared memory {worst} bytes")

@@ -863,6 +863,42 @@ def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, monkeypatch):
         torch.testing.assert_close(out, plain, rtol=0, atol=0)
     if torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None:
         assert tg.use_pdl(x.device)
-        ptx = [kern.asm.get("ptx", "") for cache in tg._grouped_gemm_kernel.device_caches.values()
-               for kern in cache[0].values()]
-        assert any("griddepcontrol.wait" in p for p in ptx), "no GEMM compiled with PDL"
+        for kernel in (tg._grouped_gemm_kernel, tg._combine_kernel):
+            compiled = [kern for cache in kernel.device_caches.values() for kern in cache[0].values()]
+            assert any(kern.metadata.launch_pdl and "griddepcontrol.wait" in kern.asm.get("ptx", "")
+                       for kern in compiled), f"{kernel.fn.__name__}: no variant compiled and launched with PDL"
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keywords, runs nothing."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((self.name, kw))
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("fuse_silu", [True, False])
+def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, monkeypatch):
+    """A kernel compiled with PDL=True must be launched with launch_pdl (else its blocks wait for nothing and the
+    chain is serial), and launch_pdl must not be passed when off (Triton's AMD backend rejects the keyword)."""
+    import moekern.experts.triton_gemm as tg
+
+    launches = []
+    for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
+        monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
+    monkeypatch.setattr(tg, "use_pdl", lambda device: pdl)
+    E, k, M = 4, 2, 3
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    cfg = BlockConfig(16, 32, 32, 1, 4, 2, fuse_silu=fuse_silu)
+    al = moekern.align(ids, E, cfg.block_m, backend="torch")
+    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, dataclasses.replace(cfg, fuse_silu=False))
+    names = [n for n, _ in launches]
+    assert names == ["_grouped_gemm_kernel"] + ([] if fuse_silu else ["_silu_and_mul_kernel"]) + \
+        ["_grouped_gemm_kernel", "_combine_kernel"]
+    for name, kw in launches:
+        assert kw["PDL"] is pdl and kw.get("launch_pdl", False) is pdl and ("launch_pdl" in kw) == pdl, name
