@@ -356,8 +356,10 @@ def compile_one(task: tuple[dict, int]) -> dict:
                                   options=options.__dict__)
         if "cubin" not in compiled.asm:
             raise RuntimeError("no cubin produced")
-        if "pdl" in launch["tags"] and "griddepcontrol.wait" not in compiled.asm.get("ptx", ""):
-            raise RuntimeError("launched with PDL=True but its PTX has no griddepcontrol.wait")
+        if "pdl" in launch["tags"]:
+            problem = pdl_order_problem(compiled.asm.get("ptx", ""))
+            if problem:
+                raise RuntimeError(problem)
         smem = compiled.metadata.shared
         if smem > SMEM_LIMIT[cc]:
             raise RuntimeError(f"needs {smem} bytes of shared memory; sm_{cc} allows {SMEM_LIMIT[cc]} per block "
@@ -406,20 +408,43 @@ def _worker_init():
 
 def pdl_variants(launches: list[dict], archs: list[int]) -> list[dict]:
     """The interpreter never launches with programmatic dependent launch (PDL=False: its gdc_* inline asm does not
-    run there), so for sm_90 compile one launch of each kernel that has a PDL constexpr again with PDL=True and the
-    launch_pdl option, as a Hopper GPU launches it; compile_one then checks its PTX holds griddepcontrol."""
+    run there), so for sm_90 compile each kernel that has a PDL constexpr again with PDL=True and the launch_pdl
+    option, as a Hopper GPU launches it: one launch per combination of its other boolean constexprs (persistent,
+    TMA, fused SiLU, ... change where the first memory access sits). compile_one then checks the PTX."""
     if not any(cc >= 90 for cc in archs):
         return []
     out, seen = [], set()
     for launch in launches:
-        kid = kernel_id(launch)
-        if kid in seen or not any(p["name"] == "PDL" and p["constexpr"] for p in launch["params"]):
+        if not any(p["name"] == "PDL" and p["constexpr"] for p in launch["params"]):
             continue
-        seen.add(kid)
+        flags = tuple((p["name"], p["arg"].get("value")) for p in launch["params"]
+                      if p["constexpr"] and p["name"] != "PDL" and isinstance(p["arg"].get("value"), bool))
+        key = (kernel_id(launch), flags)
+        if key in seen:
+            continue
+        seen.add(key)
         params = [dict(p, arg={"value": True}) if p["name"] == "PDL" else p for p in launch["params"]]
         out.append(dict(launch, params=params, options=dict(launch["options"], launch_pdl=True),
                         tags=sorted(set(launch["tags"]) | {"pdl"})))
     return out
+
+
+# A global or shared-memory-to-global access, an atomic or a prefetch in PTX (ld.param / ld.shared are not memory
+# another kernel writes).
+_MEMORY_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:ld\.global|st\.global|cp\.async|atom\.|red\.|prefetch|"
+                        r"ld\.volatile\.global|mbarrier\.try_wait|cp\.reduce)", re.M)
+
+
+def pdl_order_problem(ptx: str) -> str | None:
+    """Why a PDL kernel's PTX is unsafe, or None: it must execute griddepcontrol.wait before any global memory
+    access (the previous kernel may still be writing what it reads, or reading what it overwrites)."""
+    at = ptx.find("griddepcontrol.wait")
+    if at < 0:
+        return "launched with PDL=True but its PTX has no griddepcontrol.wait"
+    early = _MEMORY_OP.search(ptx[:at])
+    if early:
+        return f"a memory access before griddepcontrol.wait: {early.group(0).strip()!r}"
+    return None
 
 
 def compile_main(specs_path: str, archs: list[int], jobs: int) -> int:

@@ -170,3 +170,32 @@ def test_every_moekern_kernel_is_found():
 def test_bad_arguments(bad_arch):
     rc, out = _run("--arch", bad_arch, "--ops", "none", timeout=60)
     assert rc == 2 and "--arch" in out, out
+
+
+def test_pdl_variants_one_per_flag_combination_and_the_wait_comes_first():
+    """Each kernel with a PDL constexpr is compiled again for sm_90 with PDL=True and launch_pdl, once per combination
+    of its other boolean constexprs; a PTX that touches global memory before griddepcontrol.wait is refused."""
+    check = _load_check()
+
+    def launch(name, persistent, block):
+        return {"module": "m", "name": name, "file": "f", "tags": [], "options": {"num_warps": 4},
+                "params": [{"name": "x", "constexpr": False, "arg": {"tensor": "bfloat16", "aligned": True}},
+                           {"name": "PERSISTENT", "constexpr": True, "arg": {"value": persistent}},
+                           {"name": "BLOCK", "constexpr": True, "arg": {"value": block}},
+                           {"name": "PDL", "constexpr": True, "arg": {"value": False}}]}
+
+    plain = {**launch("other", False, 16), "params": launch("other", False, 16)["params"][:3]}
+    launches = [launch("k", False, 16), launch("k", False, 32), launch("k", True, 16), plain]
+    out = check.pdl_variants(launches, [90, 80])
+    assert [(v["name"], v["params"][1]["arg"]["value"]) for v in out] == [("k", False), ("k", True)]
+    assert all(v["options"]["launch_pdl"] and "pdl" in v["tags"] and v["params"][3]["arg"] == {"value": True}
+               for v in out)
+    assert launches[0]["params"][3]["arg"] == {"value": False}  # the captured launch itself is untouched
+    assert check.pdl_variants(launches, [80]) == []
+
+    good = "ld.param.u64 %rd1, [p];\n\tgriddepcontrol.wait;\n\tld.global.v4.b32 {%r1}, [%rd1];\n"
+    assert check.pdl_order_problem(good) is None
+    assert "no griddepcontrol.wait" in check.pdl_order_problem("ld.param.u64 %rd1, [p];\n")
+    early = "\t@%p1 ld.global.b32 %r2, [%rd1];\n\tgriddepcontrol.wait;\n"
+    assert "ld.global" in check.pdl_order_problem(early)
+    assert "cp.async" in check.pdl_order_problem("\tcp.async.ca.shared.global [%r1], [%rd1], 16;\ngriddepcontrol.wait;")
