@@ -26,6 +26,10 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
+Programmatic dependent launch (sm_90+, CUDA; use_pdl): every kernel here launches with launch_pdl and its PDL
+constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own successor launch), so
+its blocks are resident while the kernel before it finishes and touch memory only after it has.
+
 Bounds. Weights must be contiguous ([E, 2I, H], [E, H, I], K stride 1); A rows may have any row stride.
 Row and expert offsets are int64 (DeepSeek-V3's w13 has 7.5e9 elements). Accumulation is fp32 through
 tl.dot; fp32 inputs use input_precision="ieee" so tests compare to an fp32 reference without TF32 error.
