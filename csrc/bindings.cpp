@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -40,12 +41,16 @@ using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The plan moe_align and permute launch by for num_slots slots and num_experts experts: [slots per thread,
-// chunks] (dispatch/align_plan.h), host arithmetic only, so CPU tests read the table.
-std::vector<int64_t> align_plan(int64_t num_slots, int64_t num_experts) {
+// chunks, pads by thread (1) or by warp (0) at block_size] (dispatch/align_plan.h), host arithmetic only, so CPU
+// tests read the table.
+std::vector<int64_t> align_plan(int64_t num_slots, int64_t num_experts, int64_t block_size) {
   TORCH_CHECK(num_slots >= 0, "num_slots=", num_slots, " must be >= 0");
   TORCH_CHECK(num_experts >= 1 && num_experts <= 512, "num_experts=", num_experts, " must be in [1, 512]");
+  TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
   const mk::AlignPlan p = mk::align_default_plan(num_slots, static_cast<int>(num_experts));
-  return {p.ipt, p.chunks};
+  const bool thread_pads = mk::align_default_thread_pads(num_slots, static_cast<int>(num_experts),
+                                                         static_cast<int>(std::min<int64_t>(block_size, 1 << 30)));
+  return {p.ipt, p.chunks, thread_pads ? 1 : 0};
 }
 
 bool has_device_kernels() {
@@ -243,7 +248,9 @@ Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int6
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                        const std::optional<Tensor>& expert_counts) {
-  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false, false);
+  const bool thread_pads = mk::align_default_thread_pads(topk_ids.numel(), static_cast<int>(num_experts),
+                                                         static_cast<int>(block_size));
+  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false, thread_pads);
 }
 
 // fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
@@ -456,7 +463,7 @@ bool gatelog_host_mapped(const Tensor& host) {
 
 TORCH_LIBRARY(moekern, m) {
   m.def("has_device_kernels() -> bool", &has_device_kernels);
-  m.def("align_plan(int num_slots, int num_experts) -> int[]", &align_plan);
+  m.def("align_plan(int num_slots, int num_experts, int block_size=16) -> int[]", &align_plan);
   m.def(
       "fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)");

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(_ext.extension_error() is not None and not torch
 
 SCHEMAS = {
     "has_device_kernels": "moekern::has_device_kernels() -> bool",
-    "align_plan": "moekern::align_plan(int num_slots, int num_experts) -> int[]",
+    "align_plan": "moekern::align_plan(int num_slots, int num_experts, int block_size=16) -> int[]",
     "fused_topk": (
         "moekern::fused_topk(Tensor logits, int top_k, int scoring, bool renormalize, Tensor? bias, "
         "int num_groups, int topk_group, float scale) -> (Tensor weights, Tensor ids, Tensor counts)"
@@ -85,23 +85,40 @@ ALIGN_PLANS = {
 
 @pytest.mark.parametrize("n,E", sorted(ALIGN_PLANS))
 def test_align_plan_table(n, E):
-    assert torch.ops.moekern.align_plan(n, E) == ALIGN_PLANS[(n, E)]
+    assert torch.ops.moekern.align_plan(n, E)[:2] == ALIGN_PLANS[(n, E)]
 
 
 def test_align_plan_holds_every_slot_in_the_fewest_chunks():
     for n in [*range(0, 3000, 7), 8191, 8192, 8193, 32767, 32768, 32769, 10**6, 2**31 - 1]:
         for E in (1, 8, 9, 64, 128, 129, 256, 512):
-            ipt, chunks = torch.ops.moekern.align_plan(n, E)
+            ipt, chunks, _ = torch.ops.moekern.align_plan(n, E)
             per = 512 * ipt
             assert ipt in (1, 2, 4, 8, 16) and chunks >= 1, (n, E, ipt, chunks)
             assert chunks * per >= n and (chunks == 1 or (chunks - 1) * per < n), (n, E, ipt, chunks)
             assert n > 2**19 or chunks <= 256, (n, E, chunks)  # each CTA sums at most chunks x E counts
 
 
-@pytest.mark.parametrize("n,E,match", [(-1, 8, "num_slots=-1"), (8, 0, "num_experts=0"), (8, 513, "num_experts=513")])
-def test_align_plan_bad_arguments(n, E, match):
+# (slots, experts, block size) -> pads and block ids by one thread per expert (1) or one warp (0): the measured rule
+# of align_default_thread_pads (thread writer where E >= 64, <= 1024 slots, 2 <= B <= 16)
+THREAD_PADS = {
+    (8, 128, 16): 1, (1024, 64, 16): 1, (1024, 256, 2): 1, (0, 512, 16): 1,
+    (8, 63, 16): 0, (8, 8, 16): 0,                    # few experts: the warp writer
+    (1025, 128, 16): 0, (4096, 256, 16): 0,           # past 1024 slots
+    (8, 128, 17): 0, (8, 128, 64): 0, (8, 128, 1): 0,  # other block sizes (B = 1: permute)
+}
+
+
+@pytest.mark.parametrize("n,E,B", sorted(THREAD_PADS))
+def test_align_plan_thread_pads(n, E, B):
+    plan = torch.ops.moekern.align_plan(n, E, B)
+    assert plan[2] == THREAD_PADS[(n, E, B)] and plan[:2] == torch.ops.moekern.align_plan(n, E)[:2]
+
+
+@pytest.mark.parametrize("n,E,B,match", [(-1, 8, 16, "num_slots=-1"), (8, 0, 16, "num_experts=0"),
+                                         (8, 513, 16, "num_experts=513"), (8, 8, 0, "block_size=0")])
+def test_align_plan_bad_arguments(n, E, B, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.moekern.align_plan(n, E)
+        torch.ops.moekern.align_plan(n, E, B)
 
 
 def _cpu_calls():

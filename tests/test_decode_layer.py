@@ -66,12 +66,13 @@ def test_bad_rounds_is_a_one_line_error(capsys):
     assert info.value.code == 2 and "--rounds must be >= 1" in capsys.readouterr().err
 
 
-def test_without_pdl_sets_the_switch_for_the_call_only(monkeypatch):
+def test_with_pdl_sets_the_switch_for_the_call_only(monkeypatch):
     seen = []
     monkeypatch.setenv("MOEKERN_PDL", "1")
-    assert decode_layer._without_pdl(lambda a, b=0: seen.append(os.environ["MOEKERN_PDL"]) or a + b, 2, b=3) == 5
-    assert seen == ["0"] and os.environ["MOEKERN_PDL"] == "1"
+    assert decode_layer._with_pdl(False, lambda a, b=0: seen.append(os.environ["MOEKERN_PDL"]) or a + b, 2, b=3) == 5
+    assert decode_layer._with_pdl(True, lambda: seen.append(os.environ["MOEKERN_PDL"])) is None
+    assert seen == ["0", "1"] and os.environ["MOEKERN_PDL"] == "1"
     monkeypatch.delenv("MOEKERN_PDL")
     with pytest.raises(ZeroDivisionError):
-        decode_layer._without_pdl(lambda: 1 / 0)
+        decode_layer._with_pdl(True, lambda: 1 / 0)
     assert "MOEKERN_PDL" not in os.environ

@@ -814,19 +814,28 @@ def test_cuda_backend_on_cpu_names_cuda_not_triton(interpret, monkeypatch):
     assert "backend='cuda'" in msg and "CUDA" in msg and "triton" not in msg.lower(), msg
 
 
-def test_pdl_only_on_cuda_and_off_with_the_switch(monkeypatch):
-    """Programmatic dependent launch: never on CPU tensors; on a capable CUDA device unless MOEKERN_PDL=0, read at
-    every call (decode_layer.py times both in one process)."""
+def test_pdl_only_on_cuda_for_small_experts_unless_switched(monkeypatch):
+    """Programmatic dependent launch: never on CPU tensors; on a capable CUDA device for experts of at most
+    PDL_MAX_EXPERT_BYTES (Qwen3's 6.3 MB yes, Mixtral's 235 MB no); MOEKERN_PDL=1 / 0 force it on / off for every
+    size, read at every call (decode_layer.py times both in one process)."""
     import moekern.experts.triton_gemm as tg
 
+    cuda = torch.device("cuda", 0)
+    small = torch.empty(2, 1536, 2048, dtype=torch.bfloat16, device="meta")     # Qwen3-30B-A3B's w13
+    large = torch.empty(2, 28672, 4096, dtype=torch.bfloat16, device="meta")    # Mixtral-8x7B's
+    edge = torch.empty(2, 4096, 2048, dtype=torch.bfloat16, device="meta")      # exactly 16 MiB per expert
     monkeypatch.delenv("MOEKERN_PDL", raising=False)
-    assert not tg.use_pdl(torch.device("cpu"))
+    assert not tg.use_pdl(torch.device("cpu"), small)
     monkeypatch.setattr(tg, "_pdl_capable", lambda index: True)
-    assert tg.use_pdl(torch.device("cuda", 0))
+    assert tg.use_pdl(cuda, small) and tg.use_pdl(cuda, edge) and tg.use_pdl(cuda)
+    assert not tg.use_pdl(cuda, large)
+    assert not tg.use_pdl(cuda, torch.empty(2, 4097, 2048, dtype=torch.bfloat16, device="meta"))
     monkeypatch.setenv("MOEKERN_PDL", "0")
-    assert not tg.use_pdl(torch.device("cuda", 0))
+    assert not tg.use_pdl(cuda, small) and not tg.use_pdl(cuda)
     monkeypatch.setenv("MOEKERN_PDL", "1")
-    assert tg.use_pdl(torch.device("cuda", 0)) and not tg.use_pdl(torch.device("cpu"))
+    assert tg.use_pdl(cuda, large) and not tg.use_pdl(torch.device("cpu"), large)
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: False)
+    assert not tg.use_pdl(cuda, small)
 
 
 @pytest.mark.gpu
@@ -889,7 +898,7 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     launches = []
     for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
         monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
-    monkeypatch.setattr(tg, "use_pdl", lambda device: pdl)
+    monkeypatch.setattr(tg, "use_pdl", lambda device, w13=None: pdl)
     E, k, M = 4, 2, 3
     w13, w2 = _weights(E)
     x, logits = _inputs(M, E)

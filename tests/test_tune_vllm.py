@@ -464,3 +464,6 @@ def test_vllm_tune_stage_unpacks_the_carried_results_and_sends_them_back(tmp_pat
     assert (out / "vllm_tune_configs" / "E=64,N=1024,device_name=NVIDIA_H100_80GB_HBM3.json").exists()
     with gzip.open(out / "tune_vllm.jsonl.gz", "rt") as f:
         assert f.read().splitlines() == lines
+    # the runner appended to $OUT/tune_vllm.jsonl (what a call cut off by its time limit brings back); once the
+    # stage ends it goes back packed only
+    assert not (out / "tune_vllm.jsonl").exists()

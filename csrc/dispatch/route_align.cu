@@ -7,6 +7,7 @@
 // ids it just wrote through L2. So the two kernels' launch gaps and the ids' round trip through a second
 // launch are gone. Bounds: M x L <= kRouteAlignMaxLanes (above, one block routes too many tokens one after another:
 // the caller runs the two kernels instead), which keeps M * top_k <= 1024 slots, two per thread of the scatter.
+#include "dispatch/align_plan.h"
 #include "dispatch/align_scatter.cuh"
 #include "dispatch/route_align.h"
 #include "routing/redux_topk.cuh"
@@ -27,7 +28,7 @@ struct AlignOut {
   int block_size;
 };
 
-template <typename T, int V, int L, bool kSoftmax, bool kGrouped, int IPT>
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, int IPT, bool kThreadPads>
 __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, const AlignOut o) {
   constexpr int kTeams = kWarpSize / L;
   allow_dependent_launch();  // fused_moe's GEMM1 (launched with PDL) starts its blocks while this one routes
@@ -37,30 +38,43 @@ __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, con
   redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(a, t0, stride, s_hist);
   __syncthreads();  // every id of the launch is written (and visible to this block through L2)
   for (int e = threadIdx.x; e < a.E; e += kThreads) a.counts[e] = s_hist[e];
-  align_detail::align_scatter_block<IPT>(a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted,
-                                          o.block_ids, o.num_post_pad, nullptr, nullptr, o.max_padded, o.max_blocks,
-                                          0, 1, align_detail::LoadWrittenHere{});
+  align_detail::align_scatter_block<IPT, align_detail::LoadWrittenHere, align_detail::MatchHardware, kThreadPads>(
+      a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted, o.block_ids, o.num_post_pad, nullptr,
+      nullptr, o.max_padded, o.max_blocks, 0, 1, align_detail::LoadWrittenHere{});
 }
 
-template <typename T, int V, int L, int IPT>
+template <typename T, int V, int L, int IPT, bool kThreadPads>
 void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
   const bool grouped = a.G > 1;
   if (softmax) {
-    if (grouped) route_align_kernel<T, V, L, true, true, IPT><<<1, kThreads, 0, stream>>>(a, o);
-    else route_align_kernel<T, V, L, true, false, IPT><<<1, kThreads, 0, stream>>>(a, o);
+    if (grouped) route_align_kernel<T, V, L, true, true, IPT, kThreadPads><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, true, false, IPT, kThreadPads><<<1, kThreads, 0, stream>>>(a, o);
   } else {
-    if (grouped) route_align_kernel<T, V, L, false, true, IPT><<<1, kThreads, 0, stream>>>(a, o);
-    else route_align_kernel<T, V, L, false, false, IPT><<<1, kThreads, 0, stream>>>(a, o);
+    if (grouped) route_align_kernel<T, V, L, false, true, IPT, kThreadPads><<<1, kThreads, 0, stream>>>(a, o);
+    else route_align_kernel<T, V, L, false, false, IPT, kThreadPads><<<1, kThreads, 0, stream>>>(a, o);
   }
+}
+
+template <typename T, int V, int L, bool kThreadPads>
+void launch_pads(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
+  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, 1, kThreadPads>(a, o, softmax, stream);
+  else launch_ipt<T, V, L, 2, kThreadPads>(a, o, softmax, stream);
 }
 
 // Slots per thread of the scatter: one while the M x top_k slots fit the block's threads, else two. M x L <=
 // kRouteAlignMaxLanes keeps M x top_k <= 1024 in every bucket (L = 32: M <= 32 and top_k <= 16; L = 16: E <= 16;
-// L = 8: E <= 8), so as many warps as possible share the scatter (align.cu's plan, at these sizes).
+// L = 8: E <= 8), so as many warps as possible share the scatter (align.cu's plan, at these sizes). Pads and block
+// ids by one thread per expert where align's default plan does so (align_default_thread_pads: E >= 64, B <= 16);
+// only the buckets of E >= 64 (V >= 2) compile that twin.
 template <typename T, int V, int L>
 Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
-  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, 1>(a, o, softmax, stream);
-  else launch_ipt<T, V, L, 2>(a, o, softmax, stream);
+  if constexpr (V >= 2) {
+    if (align_default_thread_pads(a.M * a.top_k, a.E, o.block_size)) {
+      launch_pads<T, V, L, true>(a, o, softmax, stream);
+      return last_error();
+    }
+  }
+  launch_pads<T, V, L, false>(a, o, softmax, stream);
   return last_error();
 }
 

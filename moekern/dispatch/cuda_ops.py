@@ -7,8 +7,8 @@ arguments (ids in range, counts consistent); the ops re-check shapes, dtypes and
 
 Launches: align and the permute layout are one kernel up to 512 slots (M*k; 1,024 for E <= 128, 4,096 for
 E <= 8) and two above (a per-chunk histogram, then scan + stable scatter over many CTAs), measured on an H100
-(csrc/dispatch/align_plan.h; torch.ops.moekern.align_plan(n, E) gives [slots per thread, chunks]); permute adds
-one row-gather kernel, unpermute is one kernel.
+(csrc/dispatch/align_plan.h; torch.ops.moekern.align_plan(n, E, B) gives [slots per thread, chunks, pads by
+thread]); permute adds one row-gather kernel, unpermute is one kernel.
 expert_counts (the routing kernel's histogram) spares the cross-chunk total; the per-chunk counts that
 keep the order stable are still needed, so it does not remove the histogram launch.
 """

@@ -26,9 +26,10 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
-Programmatic dependent launch (sm_90+, CUDA; use_pdl): every kernel here launches with launch_pdl and its PDL
-constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own successor launch), so
-its blocks are resident while the kernel before it finishes and touch memory only after it has.
+Programmatic dependent launch (sm_90+, CUDA, experts up to 16 MiB each; use_pdl): every kernel here launches with
+launch_pdl and its PDL constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own
+successor launch), so its blocks are resident while the kernel before it finishes and touch memory only after
+it has.
 
 Bounds. Weights must be contiguous ([E, 2I, H], [E, H, I], K stride 1); A rows may have any row stride.
 Row and expert offsets are int64 (DeepSeek-V3's w13 has 7.5e9 elements). Accumulation is fp32 through
@@ -243,10 +244,26 @@ def _pdl_capable(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether fused_moe's Triton kernels launch with programmatic dependent launch on `device`: CUDA, sm_90 or
-    later, unless MOEKERN_PDL=0 (read at every call, so a benchmark can time both in one process)."""
-    return device.type == "cuda" and os.environ.get("MOEKERN_PDL", "1") != "0" and _pdl_capable(device.index)
+# Programmatic dependent launch pays where the layer is a chain of short kernels and costs where each expert's weights
+# are large. Measured on an H100 (benchmarks/results/fastpath/h100-2026-12-07-pdl/decode_layer.json, CUDA graphs,
+# 3 alternating rounds within 1 %): on, Qwen3-30B-A3B (6.3 MB of w13 per expert) and OLMoE (8.4 MB) ran 0.2-5.3 %
+# faster at every M from 1 to 64 (Qwen3 M=1 40.3 vs 42.4 us); Mixtral (235 MB) and DeepSeek-V3 (59 MB) ran up to
+# 6 % slower at M = 1 (Mixtral 261 vs 246 us), within 1.6 % either way above. Both expert sizes between were not
+# measured; the threshold sits between the two groups.
+PDL_MAX_EXPERT_BYTES = 16 << 20
+
+
+def use_pdl(device: torch.device, w13: torch.Tensor | None = None) -> bool:
+    """Whether fused_moe's Triton kernels launch with programmatic dependent launch on `device` for experts `w13`
+    ([E, 2I, H]): CUDA, sm_90 or later, and experts of at most PDL_MAX_EXPERT_BYTES each (w13 None: the device
+    alone). MOEKERN_PDL=1 turns it on for every expert size, MOEKERN_PDL=0 off; read at every call, so a benchmark
+    can time both in one process."""
+    if device.type != "cuda" or not _pdl_capable(device.index):
+        return False
+    switch = os.environ.get("MOEKERN_PDL", "")
+    if switch in ("0", "1"):
+        return switch == "1"
+    return w13 is None or w13[0].numel() * w13.element_size() <= PDL_MAX_EXPERT_BYTES
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,7 +356,7 @@ def moe_experts_triton(
     inter = w2.shape[2]
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
-    pdl = use_pdl(dev)
+    pdl = use_pdl(dev, w13)
     intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
     gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
           num_tokens_post_padded, top_k, cfg1, pdl=pdl)

@@ -507,8 +507,9 @@ run_stage() {
     # VLLM_TUNED_CONFIG_FOLDER. Resumable over many calls: results/vllm_tune/tune_vllm.jsonl (git-ignored) gains a
     # line per measurement and a rerun skips what it holds for this GPU. It goes back as $OUT/tune_vllm.jsonl.gz,
     # with the config files of the complete M so far ($OUT/vllm_tune_configs.tgz). Resume in a later call or
-    # session: put the returned tune_vllm.jsonl.gz at results/vllm_tune/tune_vllm.jsonl.gz and carry it (a few MB;
-    # this stage unpacks it); on a machine still warm it is already there. VLLM_TUNE_MODELS and VLLM_TUNE_MS pick
+    # session: put the returned tune_vllm.jsonl.gz at results/vllm_tune/tune_vllm.jsonl.gz (or, from a call cut
+    # off by its time limit, the returned plain tune_vllm.jsonl at results/vllm_tune/tune_vllm.jsonl) and carry
+    # results/vllm_tune (a few MB; this stage unpacks it); on a machine still warm it is already there. VLLM_TUNE_MODELS and VLLM_TUNE_MS pick
     # the selection (default: the four models, M 1,2,4,8,16,32,64,256,1024,4096; the decode M first is the reduced
     # mode of tools/gpu/README.md), VLLM_TUNE_BUDGET_S the seconds (default 480, from this stage's start, vLLM's
     # import included). Run it with the call's timeout_s 600. No moekern build needed (the reference is torch).
@@ -516,13 +517,17 @@ run_stage() {
     versions
     unpack_tune_results "$res"
     local left=$(( budget - (SECONDS - t0) ))
-    # the runner stops itself before --budget-s; timeout only backs that up (its SIGTERM stops the compile workers)
-    timeout -k 20 $(( left + 60 )) python3 benchmarks/tune_vllm.py run --jsonl "$res/tune_vllm.jsonl" \
+    # The runner appends to a copy under $OUT: a call cut off by its time limit still brings back every line measured
+    # (as $OUT/tune_vllm.jsonl; a cut-off last line is dropped on resume). The runner stops itself before
+    # --budget-s; timeout only backs that up (its SIGTERM stops the compile workers).
+    if [ -s "$res/tune_vllm.jsonl" ]; then cp "$res/tune_vllm.jsonl" "$OUT/tune_vllm.jsonl"; fi
+    timeout -k 20 $(( left + 60 )) python3 benchmarks/tune_vllm.py run --jsonl "$OUT/tune_vllm.jsonl" \
       --budget-s "$left" ${VLLM_TUNE_MODELS:+--models "$VLLM_TUNE_MODELS"} ${VLLM_TUNE_MS:+--ms "$VLLM_TUNE_MS"} \
       2>&1 | tee "$OUT/vllm_tune.log" | tail -40
-    if [ -s "$res/tune_vllm.jsonl" ]; then
+    if [ -s "$OUT/tune_vllm.jsonl" ]; then
+      cp "$OUT/tune_vllm.jsonl" "$res/tune_vllm.jsonl"
       python3 benchmarks/tune_vllm.py write "$res/tune_vllm.jsonl" --out "$OUT/vllm_tune_configs" 2>&1 | tail -8
-      gzip -c "$res/tune_vllm.jsonl" > "$OUT/tune_vllm.jsonl.gz"
+      gzip -c "$res/tune_vllm.jsonl" > "$OUT/tune_vllm.jsonl.gz" && rm "$OUT/tune_vllm.jsonl"
     fi
     ;;
   vllm-tuned-bench)
