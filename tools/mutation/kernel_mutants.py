@@ -69,6 +69,14 @@ MUTANTS = (
         "slot order (vLLM's layout is unordered; ours must equal the stable reference)",
     ),
     Mutant(
+        "thread-pads-skip-each-runs-first-position", "csrc/dispatch/align_scatter.cuh",
+        "if (tid < E && tid % num_chunks == chunk) write_run(tid, 0u, 1u);",
+        "if (tid < E && tid % num_chunks == chunk) write_run(tid, 1u, 1u);",
+        ("tests/test_cuda_ops.py", "tests/test_route_align.py", "-k", "align or route"),
+        "the one-thread-per-expert writer (align's default and route_and_align's one launch at E >= 64, <= 1024 "
+        "slots, B <= 16) leaves every expert's first pad and first block id unwritten (torch.empty garbage)",
+    ),
+    Mutant(
         "routing-lane-ties-to-the-higher-index", "csrc/routing/redux_topk.cuh",
         "    if (key[i] > bk) {\n      bk = key[i];\n      bi = i;\n    }\n  }\n\n  float res_w",
         "    if (key[i] >= bk) {\n      bk = key[i];\n      bi = i;\n    }\n  }\n\n  float res_w",
