@@ -119,6 +119,10 @@ def drive_moe(cap):
     for cfg in (base, BlockConfig(16, 64, 64, 1, 4, 3, fuse_silu=False), BlockConfig(16, 64, 64, 8, 4, 3, persistent=2),
                 BlockConfig(32, 64, 64, 8, 4, 3, fuse_silu=False, persistent=1)):
         layer(4, 8, 2, 128, 128, torch.bfloat16, cfg)
+    # split-K GEMM1 (fp32 partials) and the GEMM2 that reduces them as it loads: even and ragged K, fp16 too
+    for dtype, H, inter in ((torch.bfloat16, 128, 128), (torch.bfloat16, 40, 24), (torch.float16, 128, 128)):
+        layer(2, 8, 2, H, inter, dtype, (BlockConfig(16, 128, 64, 1, 4, 3, fuse_silu=False, split_k=4),
+                                         BlockConfig(16, 64, 64, 1, 4, 3)))
     # TMA descriptors, and the table tuned on (and only used on) sm_90
     with HopperOnly(cap, "_grouped_gemm_kernel"):
         for cfg in (BlockConfig(16, 64, 64, 1, 4, 3, tma=True),

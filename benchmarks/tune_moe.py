@@ -106,9 +106,10 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
                      table=None) -> list[tuple[str, tuple[BlockConfig, BlockConfig]]]:
     """<= max_candidates named (gemm1, gemm2) pairs for one shape, most informative first (a time budget cuts
     from the end): today's pick, vLLM's default (as its unfused structure, and as our fused kernel at the
-    same shared memory per stage), at decode sizes (M <= 16) today's pick with half the N tile (a quarter too at M <= 4), the heuristic, the
-    table rows of the neighbouring buckets, then one-step neighbours of today's pick (block_m x2 and /2, group_m,
-    warps, stages, fused/unfused)."""
+    same shared memory per stage), at decode sizes (M <= 16) today's pick with half the N tile (at M <= 4 also
+    split-K GEMM1s over 4, 2 and 8 K shares, half of GEMM1's N tile alone, and a quarter of both), the
+    heuristic, the table rows of the neighbouring buckets, then one-step neighbours of today's pick (block_m x2
+    and /2, group_m, warps, stages, fused/unfused)."""
     table = tuned_table() if table is None else table
     vllm_cfg = vllm_cfg or vllm_default_bf16(num_tokens, num_experts)
     out: list[tuple[str, tuple[BlockConfig, BlockConfig]]] = []
@@ -135,7 +136,15 @@ def shape_candidates(num_tokens: int, num_experts: int, top_k: int, inter: int, 
         # decode sizes: few M-blocks, so the N tiles set the program count (Qwen3 M=1: 96 programs of 16 x 64 left
         # 91 % of the warps idle under ncu, and vLLM's own tuner picks BLOCK_N 32 there)
         add("today-bn-div2", rep(t1, block_n=max(16, t1.block_n // 2)), rep(t2, block_n=max(16, t2.block_n // 2)))
-        if num_tokens <= 4:  # one slot per expert: a quarter of the N tile gives 4x the programs (384 for Qwen3 M=1)
+        if num_tokens <= 4:
+            # about one slot per expert: more GEMM1 programs over the same weights, either by K shares (split-K:
+            # fp32 partials over 2I columns, the unfused tile twice as wide, reduced by GEMM2's loads) or by a
+            # narrower N tile of GEMM1 alone (GEMM2 as today, so GEMM1's program count is what changes)
+            wide = min(256, 2 * t1.block_n) if t1.fuse_silu else t1.block_n
+            for splits in (4, 2, 8):
+                add(f"today-split{splits}", rep(t1, fuse_silu=False, block_n=wide, split_k=splits, persistent=0,
+                                                tma=False), t2)
+            add("today-g1-bn-div2", rep(t1, block_n=max(16, t1.block_n // 2)), t2)
             add("today-bn-div4", rep(t1, block_n=max(16, t1.block_n // 4)), rep(t2, block_n=max(16, t2.block_n // 4)))
     add("heuristic", *default_configs(num_tokens, num_experts, top_k, inter, hidden, torch.bfloat16))
     rows = table.get((num_experts, inter, hidden), {})

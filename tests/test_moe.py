@@ -268,12 +268,18 @@ VARIANTS = {
     "unfused-persistent-group": dict(fuse_silu=False, persistent=1, group_m=4),
     "fused-tma": dict(tma=True),
     "unfused-tma-persistent": dict(fuse_silu=False, tma=True, persistent=2),
+    # gemm1 over K shares into fp32 partials, reduced with SiLU-and-mul by gemm2's A loads; with 8 shares of 2-3 K
+    # blocks most shares are empty and must still count (as zeros)
+    "split-k2": dict(fuse_silu=False, split_k=2),
+    "split-k8": dict(fuse_silu=False, split_k=8),
 }
 
 
 def _variant(name, block_m=16, block_n=16, block_k=16, group_m=1):
+    """(gemm1, gemm2) of a variant: gemm2 the same tile without gemm1's split_k."""
     kw = {"group_m": group_m, **VARIANTS[name]}  # a variant's own group_m wins
-    return BlockConfig(block_m, block_n, block_k, kw.pop("group_m"), 4, 1, **kw)
+    g1 = BlockConfig(block_m, block_n, block_k, kw.pop("group_m"), 4, 1, **kw)
+    return g1, dataclasses.replace(g1, split_k=1)
 
 
 @settings(max_examples=12, deadline=None)
@@ -319,7 +325,7 @@ def test_variants_match_reference(variant, h, inter, M, E, k, block_m, device):
     torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, w, ids), **FP32_TOL)
 
 
-@pytest.mark.parametrize("variant", ["fused", "unfused", "unfused-tma-persistent"])
+@pytest.mark.parametrize("variant", ["fused", "unfused", "unfused-tma-persistent", "split-k2"])
 def test_variants_low_precision(variant, device):
     if device == "cpu" and variant.endswith("tma-persistent"):
         pytest.skip("fp16 descriptor loads in the interpreter add nothing over the fp32 test; runs on a GPU")
@@ -516,6 +522,17 @@ def test_block_config_errors():
         get_configs(4, 4, 2, 16, 32, torch.float32, dev, (BlockConfig(block_m=16), BlockConfig(block_m=32)))
     with pytest.raises(TypeError, match="block_config must be"):
         get_configs(4, 4, 2, 16, 32, torch.float32, dev, {"block_m": 16})
+    split = BlockConfig(fuse_silu=False, split_k=4)
+    assert get_configs(4, 4, 2, 16, 32, torch.float32, dev, (split, BlockConfig()))[0] is split
+    with pytest.raises(ValueError, match="gemm2.split_k=4 must be 1"):  # one config for both GEMMs
+        get_configs(4, 4, 2, 16, 32, torch.float32, dev, split)
+    for bad, match in ((dict(split_k=3), "split_k=3 must be 1, 2, 4 or 8"),
+                       (dict(split_k=True), "split_k=True must be 1, 2, 4 or 8"),
+                       (dict(split_k=2), "split_k=2 needs fuse_silu=False"),
+                       (dict(split_k=2, fuse_silu=False, persistent=1), "split_k=2 needs fuse_silu=False, persistent=0"),
+                       (dict(split_k=2, fuse_silu=False, tma=True), "split_k=2 needs")):
+        with pytest.raises(ValueError, match=match):
+            get_configs(4, 4, 2, 16, 32, torch.float32, dev, (BlockConfig(**bad), BlockConfig()))
 
 
 def _bad_cases():
@@ -740,6 +757,24 @@ def test_gpu_cuda_stages_feed_the_triton_experts(backend, monkeypatch):
     out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, expert_counts=counts, backend=backend)
     assert len(fused) == 1 and len(aligns) == 1 and aligns[0][0][3] is counts and len(experts) == 2
     torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,M", [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 4), ("olmoe", 2), ("deepseek-v3", 1)])
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_gpu_split_k_gemm1_at_model_shapes(name, M, split_k):
+    """Split-K GEMM1 (fp32 partials) with gemm2 reducing them as it loads, compiled for the GPU at decode shapes."""
+    spec, w13, w2 = _model_weights(name)
+    torch.manual_seed(M + split_k)
+    x = torch.randn(M, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    w, ids, _ = moekern.fused_topk(torch.randn(M, spec.num_experts, device="cuda"), spec.top_k, backend="torch",
+                                   **spec.routing_kwargs())
+    pair = (BlockConfig(16, 64, 128, 1, 4, 3, fuse_silu=False, split_k=split_k), BlockConfig(16, 64, 128, 1, 4, 3))
+    out = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton", block_config=pair)
+    plain = moekern.fused_moe(x, w13, w2, topk_weights=w, topk_ids=ids, backend="triton",
+                              block_config=(BlockConfig(16, 64, 128, 1, 4, 3), BlockConfig(16, 64, 128, 1, 4, 3)))
+    ref = fused_moe_reference(x.float(), w13, w2, w, ids)
+    assert _rel_err(out, ref) < LOWP_REL_TOL and _rel_err(out, plain) < LOWP_REL_TOL
 
 
 @pytest.mark.gpu

@@ -87,11 +87,17 @@ def test_decode_candidates_halve_the_n_tile(M):
     assert (g1.block_n, g2.block_n) == (max(16, t1.block_n // 2), max(16, t2.block_n // 2))
     assert dataclasses.replace(g1, block_n=t1.block_n) == t1
     assert "today-bn-div2" not in dict(tune.shape_candidates(64, *args[1:]))
-    if M <= 4:  # a quarter of the N tile too, only where each expert holds about one slot
+    if M <= 4:  # only where each expert holds about one slot: a quarter of the N tile, split-K, GEMM1's tile alone
         q1, q2 = cands["today-bn-div4"]
         assert (q1.block_n, q2.block_n) == (max(16, t1.block_n // 4), max(16, t2.block_n // 4))
+        for splits in (2, 4, 8):
+            s1, s2 = cands[f"today-split{splits}"]
+            assert (s1.split_k, s1.fuse_silu, s2) == (splits, False, t2)
+            assert s1.block_n == (2 * t1.block_n if t1.fuse_silu else t1.block_n)  # 2I columns, same programs
+        h1, h2 = cands["today-g1-bn-div2"]
+        assert h1 == dataclasses.replace(t1, block_n=max(16, t1.block_n // 2)) and h2 == t2
     else:
-        assert "today-bn-div4" not in cands
+        assert not {"today-bn-div4", "today-split4", "today-g1-bn-div2"} & set(cands)
 
 
 def test_today_pair_matches_get_configs_rule():
@@ -246,6 +252,8 @@ def _good_row(**kw):
     ([_good_row(gemm1={"blockm": 16})], r"row 0 .*gemm1: .*blockm.*BlockConfig fields are"),
     ([_good_row(gemm2=[16, 64])], r"row 0 .*gemm2=\[16, 64\] must be an object"),
     ([_good_row(gemm1={"block_m": 16, "fuse_silu": 1})], r"row 0 .*fuse_silu=1 must be a bool"),
+    ([_good_row(gemm2={"block_m": 16, "fuse_silu": False, "split_k": 2})], r"row 0 .*gemm2.split_k=2 must be 1"),
+    ([_good_row(gemm1={"block_m": 16, "split_k": 2})], r"row 0 .*gemm1.split_k=2 needs fuse_silu=False"),
     ([{k: v for k, v in _good_row().items() if k != "gemm2"}], r"row 0 .*missing fields \['gemm2'\]"),
     ([_good_row(gemm_1={})], r"row 0 .*unknown fields \['gemm_1'\]"),
     ([_good_row(E=0)], r"row 0 .*E=0 must be an int >= 1"),

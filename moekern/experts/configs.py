@@ -6,7 +6,8 @@ GEMM2 (down, routing weight fused): per program a [block_m, block_n] tile of the
 
 block_m is shared by both GEMMs: it is the padding unit of moekern.align, so one alignment serves both.
 
-A BlockConfig also selects the kernel variant (see triton_gemm.py): fuse_silu (gemm1: fused gate+up+SiLU
+A BlockConfig also selects the kernel variant (see triton_gemm.py): split_k (gemm1: K shares into fp32 partials
+that gemm2 reduces with SiLU-and-mul as it loads them), fuse_silu (gemm1: fused gate+up+SiLU
 with two accumulators, or one accumulator over 2I columns + a SiLU-and-mul kernel), persistent (programs
 per SM of a persistent grid; 0 = one program per tile), tma (weights through TMA descriptors). So a table
 row can pick a variant per shape, and benchmarks/moe_variants.py A/Bs them without code edits.
@@ -55,6 +56,7 @@ class BlockConfig:
     fuse_silu: bool = True  # gemm1 only: False = one accumulator over 2I columns + a SiLU-and-mul kernel
     persistent: int = 0  # > 0: a grid of (SM count x persistent) programs looping over the used tiles
     tma: bool = False  # weight tiles through a Hopper TMA tensor descriptor (guarded; off by default)
+    split_k: int = 1  # gemm1 only, > 1: programs per tile over K shares into fp32 partials that gemm2 reduces
 
     def validate(self, name: str = "block_config") -> None:
         for field_name in ("block_m", "block_n", "block_k"):
@@ -74,6 +76,11 @@ class BlockConfig:
                 raise ValueError(f"{name}.{field_name}={getattr(self, field_name)!r} must be a bool")
         if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or not 0 <= self.persistent <= 8:
             raise ValueError(f"{name}.persistent={self.persistent!r} must be an int in [0, 8] (programs per SM)")
+        if self.split_k not in (1, 2, 4, 8) or isinstance(self.split_k, bool):
+            raise ValueError(f"{name}.split_k={self.split_k!r} must be 1, 2, 4 or 8")
+        if self.split_k > 1 and (self.fuse_silu or self.persistent or self.tma):
+            raise ValueError(f"{name}.split_k={self.split_k} needs fuse_silu=False, persistent=0 and tma=False "
+                             "(its partials are gate and up over 2I columns, reduced by gemm2)")
 
 
 SM90_TILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles", "sm90.json")
@@ -128,6 +135,8 @@ def _row_from_json(obj) -> TileRow:
     if pair[0].block_m != pair[1].block_m:
         raise ValueError(f"gemm1.block_m={pair[0].block_m} and gemm2.block_m={pair[1].block_m} must be equal "
                          "(both GEMMs share one alignment)")
+    if pair[1].split_k != 1:
+        raise ValueError(f"gemm2.split_k={pair[1].split_k} must be 1 (split_k is a gemm1 variant)")
     for f in ("model", "note"):
         if not isinstance(obj.get(f, ""), str):
             raise ValueError(f"{f}={obj[f]!r} must be a string")
@@ -280,6 +289,9 @@ def get_configs(
                 f"block_config: gemm1.block_m={pair[0].block_m} and gemm2.block_m={pair[1].block_m} must be "
                 "equal (both GEMMs share one alignment)"
             )
+        if pair[1].split_k != 1:
+            raise ValueError(f"block_config: gemm2.split_k={pair[1].split_k} must be 1 (split_k is a gemm1 variant; "
+                             "pass a (gemm1, gemm2) pair)")
         return pair
     return _lookup_configs(num_tokens, num_experts, top_k, inter, hidden, dtype, device)
 

@@ -23,6 +23,11 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
   persistent (programs per SM; default 0 = off)  a fixed grid of SMs x persistent programs walks the
          used tiles (num_tokens_post_padded / BLOCK_M blocks, read on the device), GROUP_M-swizzled the
          same way: no programs for padded blocks, no partial last wave.
+  split_k (gemm1; default 1)  > 1: split_k programs per GEMM1 tile, each over its share of K (H), write fp32
+         gate/up partials [split_k, slots, 2I] (no epilogue); GEMM2 (A_SPLIT) sums the partials, applies
+         SiLU-and-mul and rounds to the weights' dtype as it loads its A tiles. More programs stream the same
+         weights at decode sizes, where 8 slots give GEMM1 96 programs for 132 SMs; no counters, no extra launch.
+         Needs fuse_silu=False, persistent=0, tma=False; gemm2's split_k stays 1.
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
@@ -60,12 +65,15 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 @triton.jit
 def _gemm_tile(
     a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
-    pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
+    pid_m, pid_n, N, K, num_slots, stride_am, stride_as, stride_be, stride_bn, stride_cm, rows_per_expert,
+    kb_lo, kb_hi,
     A_DIV: tl.constexpr, FUSE_SILU: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE_FP32: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, A_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile of M-block pid_m (a used block: its expert is >= 0)."""
+    """One [BLOCK_M, BLOCK_N] output tile of M-block pid_m (a used block: its expert is >= 0), summed over the K
+    blocks [kb_lo, kb_hi). A_SPLIT > 0: a holds A_SPLIT fp32 partial [slots, 2K] gate/up products of a split-K
+    GEMM1 (stride_as apart); the A tile is silu(sum of gates) * (sum of ups), rounded to the weights' dtype."""
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
@@ -75,7 +83,7 @@ def _gemm_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (kb_lo * BLOCK_K + offs_k)[None, :]
     if USE_TMA:
         # Rows of the [E * rows_per_expert, K] weight view; a tile that runs past N reads the next rows
         # (up rows, or the next expert's): valid memory, masked on store. The K tail is zero-filled.
@@ -84,18 +92,27 @@ def _gemm_tile(
     else:
         # Wrapped columns load valid weight rows; their results are masked on store. Saves a mask per load.
         offs_bn = (offs_n % N).to(tl.int64)
-        b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None]
+        b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + (kb_lo * BLOCK_K + offs_k)[:, None]
         b_row = 0
     up_shift = N * stride_bn  # fused GEMM1: the up projection's rows follow the gate's
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(kb_lo, kb_hi):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            a_ok = row_ok[:, None]
         else:
             k_ok = offs_k < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a_ok = row_ok[:, None] & k_ok[None, :]
+        if A_SPLIT > 0:
+            gate = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for s in tl.static_range(A_SPLIT):
+                gate += tl.load(a_ptrs + s * stride_as, mask=a_ok, other=0.0)
+                up += tl.load(a_ptrs + s * stride_as + K, mask=a_ok, other=0.0)
+            a = (gate * tl.sigmoid(gate) * up).to(b_ptr.dtype.element_ty)
+        else:
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
         if USE_TMA:
             b = tl.trans(b_desc.load([b_row, kb * BLOCK_K]))
         elif EVEN_K:
@@ -159,9 +176,11 @@ def _grouped_gemm_kernel(
     num_slots,  # M * top_k; also the sentinel value
     num_m_blocks,  # len(block_expert_ids): the grid's worst case
     stride_am,
+    stride_as,  # A_SPLIT: between A's partial products
     stride_be,
     stride_bn,
     stride_cm,
+    stride_cs,  # SPLIT_K > 1: between C's partial products
     rows_per_expert,  # N_total = b.shape[1]
     A_DIV: tl.constexpr,
     FUSE_SILU: tl.constexpr,
@@ -170,6 +189,8 @@ def _grouped_gemm_kernel(
     EVEN_K: tl.constexpr,
     USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: programs per tile, each over its share of K, into C's SPLIT_K partials (fp32)
+    A_SPLIT: tl.constexpr,  # > 0: A is a split-K GEMM1's partials (see _gemm_tile)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -184,21 +205,28 @@ def _grouped_gemm_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
+    k_blocks = tl.cdiv(K, BLOCK_K)
     if PERSISTENT:
         # A fixed grid walks the used tiles only (align pads num_tokens_post_padded to BLOCK_M).
         used_m_blocks = tl.load(num_tokens_post_padded_ptr) // BLOCK_M
         for tile in range(pid, used_m_blocks * num_n_blocks, tl.num_programs(0)):
             pid_m, pid_n = _swizzle(tile, used_m_blocks, num_n_blocks, GROUP_M)
             _gemm_tile(a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
-                       pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
-                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+                       pid_m, pid_n, N, K, num_slots, stride_am, stride_as, stride_be, stride_bn, stride_cm,
+                       rows_per_expert, 0, k_blocks,
+                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, A_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        pid_m, pid_n = _swizzle(pid, num_m_blocks, num_n_blocks, GROUP_M)
+        # SPLIT_K consecutive programs share a tile, split s taking K blocks [s * per, (s + 1) * per): a split past
+        # K's end sums nothing and still writes its (zero) partial, which the reader adds.
+        split = pid % SPLIT_K
+        per = tl.cdiv(k_blocks, SPLIT_K)
+        pid_m, pid_n = _swizzle(pid // SPLIT_K, num_m_blocks, num_n_blocks, GROUP_M)
         # align's contract: every block below num_tokens_post_padded has a real expert (>= 0).
         if pid_m * BLOCK_M < tl.load(num_tokens_post_padded_ptr):
-            _gemm_tile(a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, block_expert_ids_ptr,
-                       pid_m, pid_n, N, K, num_slots, stride_am, stride_be, stride_bn, stride_cm, rows_per_expert,
-                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            _gemm_tile(a_ptr, b_ptr, b_desc, c_ptr + split * stride_cs, topk_weights_ptr, sorted_token_ids_ptr,
+                       block_expert_ids_ptr, pid_m, pid_n, N, K, num_slots, stride_am, stride_as, stride_be,
+                       stride_bn, stride_cm, rows_per_expert, split * per, tl.minimum(split * per + per, k_blocks),
+                       A_DIV, FUSE_SILU, MUL_WEIGHT, IEEE_FP32, EVEN_K, USE_TMA, A_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -274,14 +302,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded, *, n, k,
-            num_slots, a_div, fuse_silu, mul_weight, cfg: BlockConfig, pdl: bool = False):
-    """One grouped GEMM: c[slot, :n] = epilogue(a[slot // a_div] @ b[expert]^T). fuse_silu: b holds 2n rows."""
+            num_slots, a_div, fuse_silu, mul_weight, cfg: BlockConfig, pdl: bool = False, a_split: int = 0):
+    """One grouped GEMM: c[slot, :n] = epilogue(a[slot // a_div] @ b[expert]^T). fuse_silu: b holds 2n rows.
+    cfg.split_k > 1: c is [split_k, slots, n] fp32, one partial product per K share. a_split > 0: a is such a
+    GEMM1's [a_split, slots, 2k] partials, reduced with SiLU-and-mul as the A tiles load."""
     num_m_blocks = block_expert_ids.numel()
     tiles = num_m_blocks * triton.cdiv(n, cfg.block_n)
     if cfg.persistent:
         grid = (max(1, min(tiles, _num_sms(a.device) * cfg.persistent)),)
     else:
-        grid = (tiles,)
+        grid = (tiles * cfg.split_k,)
+    stride_as, stride_am = (a.stride(0), a.stride(1)) if a_split else (0, a.stride(0))
+    stride_cs, stride_cm = (c.stride(0), c.stride(1)) if cfg.split_k > 1 else (0, c.stride(0))
     b_desc = b
     if cfg.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -293,10 +325,10 @@ def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_token
     _grouped_gemm_kernel[grid](
         a, b, b_desc, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
         n, k, num_slots, num_m_blocks,
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0), b.shape[1],
+        stride_am, stride_as, b.stride(0), b.stride(1), stride_cm, stride_cs, b.shape[1],
         A_DIV=a_div, FUSE_SILU=fuse_silu, MUL_WEIGHT=mul_weight,
-        IEEE_FP32=a.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
-        PERSISTENT=cfg.persistent > 0,
+        IEEE_FP32=b.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
+        PERSISTENT=cfg.persistent > 0, SPLIT_K=cfg.split_k, A_SPLIT=a_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_option(pdl),
     )
@@ -357,13 +389,20 @@ def moe_experts_triton(
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
     pdl = use_pdl(dev, w13)
-    intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
-    gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-          num_tokens_post_padded, top_k, cfg1, pdl=pdl)
+    if cfg1.split_k > 1:
+        # split-K GEMM1: fp32 gate/up partials; GEMM2 reduces them with SiLU-and-mul as it loads its A tiles
+        intermediate = torch.empty(cfg1.split_k, num_slots, 2 * inter, dtype=torch.float32, device=dev)
+        _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
+                num_tokens_post_padded, n=2 * inter, k=H, num_slots=num_slots, a_div=top_k, fuse_silu=False,
+                mul_weight=False, cfg=cfg1, pdl=pdl)
+    else:
+        intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
+        gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
+              num_tokens_post_padded, top_k, cfg1, pdl=pdl)
     per_slot = torch.empty(num_slots, H, dtype=dtype, device=dev)
     _launch(intermediate, w2, per_slot, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=H, k=inter, num_slots=num_slots, a_div=1, fuse_silu=False,
-            mul_weight=True, cfg=cfg2, pdl=pdl)
+            mul_weight=True, cfg=cfg2, pdl=pdl, a_split=cfg1.split_k if cfg1.split_k > 1 else 0)
     if top_k == 1:
         return per_slot
     out = torch.empty(M, H, dtype=dtype, device=dev)
