@@ -248,8 +248,10 @@ Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int6
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                        const std::optional<Tensor>& expert_counts) {
-  const bool thread_pads = mk::align_default_thread_pads(topk_ids.numel(), static_cast<int>(num_experts),
-                                                         static_cast<int>(block_size));
+  // (num_experts and block_size are checked by moe_align_variant_cuda; clamped here so the casts cannot wrap)
+  const bool thread_pads = mk::align_default_thread_pads(
+      topk_ids.numel(), static_cast<int>(std::clamp<int64_t>(num_experts, 0, 1 << 30)),
+      static_cast<int>(std::clamp<int64_t>(block_size, 0, 1 << 30)));
   return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false, thread_pads);
 }
 

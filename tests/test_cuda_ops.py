@@ -372,7 +372,7 @@ def _assert_align(ids, E, B, counts=None):
 
 
 @pytest.mark.parametrize("kind", ["routed", "one_expert", "few_experts"])
-@pytest.mark.parametrize("B", [16, 64, 128])
+@pytest.mark.parametrize("B", [4, 16, 64, 128])  # <= 16: pads by thread at E >= 64 and <= 1024 slots
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_align_standard_shapes(model, M, B, kind):
@@ -439,6 +439,7 @@ def test_align_variant_refuses_a_bad_plan():
 @pytest.mark.parametrize("B", [1, 3, 256])
 def test_align_odd_block_sizes_and_empty(B):
     _assert_align(_ids("uniform", 37, 3, 7), 7, B)
+    _assert_align(_ids("uniform", 37, 3, 128), 128, B)  # E >= 64: the thread writer where B <= 16
     _assert_align(torch.empty(0, 4, dtype=torch.int32, device="cuda"), 16, B)
 
 

@@ -933,7 +933,8 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     launches = []
     for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
         monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
-    monkeypatch.setattr(tg, "use_pdl", lambda device, w13=None: pdl)
+    asked = []
+    monkeypatch.setattr(tg, "use_pdl", lambda device, w13=None: asked.append(w13) or pdl)
     E, k, M = 4, 2, 3
     w13, w2 = _weights(E)
     x, logits = _inputs(M, E)
@@ -946,3 +947,4 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
         ["_grouped_gemm_kernel", "_combine_kernel"]
     for name, kw in launches:
         assert kw["PDL"] is pdl and kw.get("launch_pdl", False) is pdl and ("launch_pdl" in kw) == pdl, name
+    assert len(asked) == 1 and asked[0] is w13  # the expert-size rule sees the layer's own weights

@@ -434,10 +434,12 @@ def test_real_vllm_kernel_with_compile_workers(tmp_path):
 # ------------------------------------------------------------------ the device stage's resume plumbing
 
 
-def test_vllm_tune_stage_unpacks_the_carried_results_and_sends_them_back(tmp_path):
+@pytest.mark.parametrize("carried", ["gz", "plain-cut-line", "stale-plain-and-gz", "nothing"])
+def test_vllm_tune_stage_unpacks_the_carried_results_and_sends_them_back(tmp_path, carried):
     """gpu_session.sh vllm-tune in a copy of the checkout on a CPU, against a stand-in `vllm` package: the carried
-    results/vllm_tune/tune_vllm.jsonl.gz is unpacked for the runner (which says it needs a GPU here), the config
-    files of its complete M are written under $OUT and the results go back as $OUT/tune_vllm.jsonl.gz."""
+    results (a finished call's .gz, a cut call's plain file ending in a cut line, or both, the newer one holding
+    more lines) reach the runner (which says it needs a GPU here), the config files of its complete M are written
+    under $OUT and the results go back as $OUT/tune_vllm.jsonl.gz; with nothing carried nothing goes back."""
     import gzip
     import shutil
     import subprocess
@@ -452,18 +454,31 @@ def test_vllm_tune_stage_unpacks_the_carried_results_and_sends_them_back(tmp_pat
     (tmp_path / "fake" / "vllm" / "__init__.py").write_text("__version__ = 'stand-in'\n")
     lines = [json.dumps({"meta": {"device": H100, "triton": "3.6.0"}})]
     lines += [json.dumps(r) for r in _records("olmoe", (1,))]
-    (work / "results" / "vllm_tune").mkdir(parents=True)
-    with gzip.open(work / "results" / "vllm_tune" / "tune_vllm.jsonl.gz", "wt") as f:
-        f.write("\n".join(lines) + "\n")
+    res = work / "results" / "vllm_tune"
+    res.mkdir(parents=True)
+    if carried in ("gz", "stale-plain-and-gz"):
+        with gzip.open(res / "tune_vllm.jsonl.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    if carried == "stale-plain-and-gz":  # an older cut call's file, fewer lines than the later .gz
+        (res / "tune_vllm.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    if carried == "plain-cut-line":
+        (res / "tune_vllm.jsonl").write_text("\n".join(lines) + '\n{"model": "olmo')
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), MOEKERN_OUT_TAR="0", PYTHONPATH=f"{tmp_path / 'fake'}:{repo}",
                CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", "tools/gpu/gpu_session.sh", "vllm-tune"], cwd=work, env=env, capture_output=True,
                           text=True, timeout=300)
     assert "needs a CUDA GPU" in proc.stdout + proc.stderr
+    if carried == "nothing":
+        assert not (out / "tune_vllm.jsonl.gz").exists() and not (out / "vllm_tune_configs").exists()
+        return
+    assert ("is newer than" in proc.stdout) == (carried == "stale-plain-and-gz")
     assert (out / "vllm_tune_configs" / "E=64,N=1024,device_name=NVIDIA_H100_80GB_HBM3.json").exists()
     with gzip.open(out / "tune_vllm.jsonl.gz", "rt") as f:
-        assert f.read().splitlines() == lines
+        back = f.read().splitlines()
+    # the runner drops a cut-off last line before it appends (here it stops at once: no GPU), so only the whole
+    # lines are sure to come back
+    assert back[:len(lines)] == lines and len(back) <= len(lines) + 1
     # the runner appended to $OUT/tune_vllm.jsonl (what a call cut off by its time limit brings back); once the
     # stage ends it goes back packed only
     assert not (out / "tune_vllm.jsonl").exists()

@@ -53,7 +53,7 @@ inline AlignPlan align_default_plan(int64_t n, int E) {
 // each (37 % / 44 % of route_and_align's M = 1 instructions for Qwen3 / DeepSeek-V3), where the thread writer spends
 // one test. Measured on an H100 at B = 16 (benchmarks/results/fastpath/h100-2026-12-07-pdl/align_plans.json, the
 // default plan with either writer): the thread writer takes 0.51-0.89x the time for every E >= 64 up to 1,024
-// slots (E = 256, 128 slots: 3.34 vs 6.56 us; E = 128, 8 slots: 2.80 vs 3.72), 1.09-1.16x at E = 8, and 0.87-1.09x
+// slots (E = 256, 128 slots: 3.34 vs 6.56 us; E = 128, 8 slots: 2.80 vs 3.72), 1.08-1.16x at E = 8, and 0.87-1.09x
 // from 2,048 slots (slower from 8,192 at every E). Block sizes above 16 (more pads per expert for one thread) and B = 1 (permute: no pads,
 // a block id per slot) were not measured: they keep the warp writer.
 inline bool align_default_thread_pads(int64_t n, int E, int B) {

@@ -57,8 +57,11 @@ void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
 
 template <typename T, int V, int L, bool kThreadPads>
 void launch_pads(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
-  if (a.M * a.top_k <= kThreads) launch_ipt<T, V, L, 1, kThreadPads>(a, o, softmax, stream);
-  else launch_ipt<T, V, L, 2, kThreadPads>(a, o, softmax, stream);
+  // L = 32 buckets hold M <= 32 tokens of top_k <= 16: at most 512 slots, so only L < 32 compiles the two-slot twin
+  if constexpr (L < 32) {
+    if (a.M * a.top_k > kThreads) return launch_ipt<T, V, L, 2, kThreadPads>(a, o, softmax, stream);
+  }
+  launch_ipt<T, V, L, 1, kThreadPads>(a, o, softmax, stream);
 }
 
 // Slots per thread of the scatter: one while the M x top_k slots fit the block's threads, else two. M x L <=

@@ -74,10 +74,16 @@ if [ -d /tmp/fiearly/flashinfer ]; then export PYTHONPATH=/tmp/fiearly${PYTHONPA
 bash tools/gpu/fiaot.sh install || true
 
 unpack_tune_results() {
-  # vllm-tune's results file from the carried .gz (a later call or session), unless it is already there
+  # vllm-tune's results file: the carried plain file (from a call cut off by its time limit) or the carried .gz
+  # (a finished call), whichever holds more lines (the file is only ever appended to, so that one is newer)
   mkdir -p "$1"
-  if [ ! -s "$1/tune_vllm.jsonl" ] && [ -s "$1/tune_vllm.jsonl.gz" ]; then
-    gunzip -c "$1/tune_vllm.jsonl.gz" > "$1/tune_vllm.jsonl"
+  local plain="$1/tune_vllm.jsonl" gz="$1/tune_vllm.jsonl.gz" n_plain=0 n_gz
+  [ -s "$gz" ] || return 0
+  [ -s "$plain" ] && n_plain=$(wc -l < "$plain")
+  n_gz=$(gunzip -c "$gz" | wc -l)
+  if [ "$n_gz" -gt "$n_plain" ]; then
+    [ "$n_plain" -gt 0 ] && echo "vllm-tune: $gz ($n_gz lines) is newer than $plain ($n_plain lines): using it"
+    gunzip -c "$gz" > "$plain"
   fi
 }
 
@@ -522,7 +528,8 @@ run_stage() {
     # with the config files of the complete M so far ($OUT/vllm_tune_configs.tgz). Resume in a later call or
     # session: put the returned tune_vllm.jsonl.gz at results/vllm_tune/tune_vllm.jsonl.gz (or, from a call cut
     # off by its time limit, the returned plain tune_vllm.jsonl at results/vllm_tune/tune_vllm.jsonl) and carry
-    # results/vllm_tune (a few MB; this stage unpacks it); on a machine still warm it is already there. VLLM_TUNE_MODELS and VLLM_TUNE_MS pick
+    # results/vllm_tune (a few MB; this stage uses whichever of the two holds more lines). On a machine still warm
+    # after a finished call it is already there; after a cut call, carry the returned file even there. VLLM_TUNE_MODELS and VLLM_TUNE_MS pick
     # the selection (default: the four models, M 1,2,4,8,16,32,64,256,1024,4096; the decode M first is the reduced
     # mode of tools/gpu/README.md), VLLM_TUNE_BUDGET_S the seconds (default 480, from this stage's start, vLLM's
     # import included). Run it with the call's timeout_s 600. No moekern build needed (the reference is torch).
