@@ -948,3 +948,63 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     for name, kw in launches:
         assert kw["PDL"] is pdl and kw.get("launch_pdl", False) is pdl and ("launch_pdl" in kw) == pdl, name
     assert len(asked) == 1 and asked[0] is w13  # the expert-size rule sees the layer's own weights
+
+
+@pytest.mark.parametrize("field,good,bad", [
+    ("block_m", (16, 256), (8, 24, 512, True, 16.0)),
+    ("block_n", (16, 256), (0, 48, 512, "64")),
+    ("block_k", (16, 256), (15, 257, 512)),
+    ("group_m", (1, 64), (0, -1, True, 1.5)),
+    ("num_warps", (1, 2, 16), (0, 3, 12, 32, True)),
+    ("num_stages", (1, 7), (0, -2, False)),
+    ("persistent", (0, 1, 8), (-1, 9, True)),
+    ("split_k", (1,), (0, 3, 16, True)),
+])
+def test_block_config_validate_boundaries(field, good, bad):
+    """Each field's last valid and first invalid values (and wrong types): what the kernels can compile."""
+    for v in good:
+        dataclasses.replace(BlockConfig(), **{field: v}).validate()
+    for v in bad:
+        with pytest.raises(ValueError, match=f"{field}={v!r}"):
+            dataclasses.replace(BlockConfig(), **{field: v}).validate()
+
+
+# default_configs' rule (configs.py): block_m by tokens per expert (M*k/E) with M <= 32 always 16; GROUP_M 8 from
+# 256 tokens per expert; one tile shape per block_m; fp32 halves the tiles; N/K tiles shrink to tiny problems.
+_BM16 = (BlockConfig(16, 128, 128, 1, 4, 3), BlockConfig(16, 64, 128, 1, 4, 4))
+_BM32 = (BlockConfig(32, 128, 128, 1, 4, 3), BlockConfig(32, 128, 128, 1, 4, 4))
+_BM64 = (BlockConfig(64, 64, 128, 1, 4, 4), BlockConfig(64, 128, 128, 1, 4, 4))
+
+
+def _bm128(group_m):
+    return (BlockConfig(128, 128, 64, group_m, 8, 3), BlockConfig(128, 128, 64, group_m, 8, 3))
+
+
+@pytest.mark.parametrize("M,E,k,want", [
+    (32, 1, 1, _BM16),     # M <= 32: 16 whatever the tokens per expert (32 here)
+    (33, 1, 1, _BM64),     # 33 per expert
+    (48, 8, 2, _BM16),     # 12 per expert
+    (49, 8, 2, _BM32),     # 12.25
+    (96, 8, 2, _BM32),     # 24
+    (97, 8, 2, _BM64),     # 24.25
+    (383, 8, 2, _BM64),    # 95.75
+    (384, 8, 2, _bm128(1)),   # 96
+    (1023, 8, 2, _bm128(1)),  # 255.75
+    (1024, 8, 2, _bm128(8)),  # 256: GROUP_M 8
+])
+def test_default_configs_rule(M, E, k, want):
+    assert default_configs(M, E, k, 14336, 4096, torch.bfloat16) == want
+    assert default_configs(M, E, k, 14336, 4096, torch.float16) == want
+    g1, g2 = default_configs(M, E, k, 14336, 4096, torch.float32)  # fp32: N <= 64, K 32, 4 warps, 2 stages
+    for got, base in ((g1, want[0]), (g2, want[1])):
+        assert got == BlockConfig(base.block_m, min(base.block_n, 64), 32, base.group_m, 4, 2)
+
+
+def test_default_configs_shrink_to_tiny_problems():
+    # gemm1: N = I, K = H; gemm2: N = H, K = I; each tile at most the next power of two of its side, at least 16
+    g1, g2 = default_configs(4, 8, 2, 24, 40, torch.bfloat16)
+    assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (32, 64, 64, 32)
+    g1, g2 = default_configs(4, 8, 2, 8, 16, torch.bfloat16)
+    assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (16, 16, 16, 16)
+    g1, g2 = default_configs(4, 8, 2, 129, 4096, torch.bfloat16)
+    assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (128, 128, 64, 128)
