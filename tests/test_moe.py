@@ -516,8 +516,13 @@ def test_tuned_table_entries_valid():
 
 def test_block_config_errors():
     dev = torch.device("cpu")
-    with pytest.raises(ValueError, match="block_m=24 must be a power of two"):
+    with pytest.raises(ValueError, match=r"block_config\[gemm1\].block_m=24 must be a power of two"):
         get_configs(4, 4, 2, 16, 32, torch.float32, dev, BlockConfig(block_m=24))
+    with pytest.raises(ValueError, match=r"block_config\[gemm2\].num_warps=3"):
+        get_configs(4, 4, 2, 16, 32, torch.float32, dev, (BlockConfig(), BlockConfig(num_warps=3)))
+    for bad in ((BlockConfig(),) * 3, (BlockConfig(), {"block_m": 16}), [BlockConfig(), BlockConfig()]):
+        with pytest.raises(TypeError, match="block_config must be"):
+            get_configs(4, 4, 2, 16, 32, torch.float32, dev, bad)
     with pytest.raises(ValueError, match="must be equal"):
         get_configs(4, 4, 2, 16, 32, torch.float32, dev, (BlockConfig(block_m=16), BlockConfig(block_m=32)))
     with pytest.raises(TypeError, match="block_config must be"):
@@ -1008,3 +1013,5 @@ def test_default_configs_shrink_to_tiny_problems():
     assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (16, 16, 16, 16)
     g1, g2 = default_configs(4, 8, 2, 129, 4096, torch.bfloat16)
     assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (128, 128, 64, 128)
+    g1, g2 = default_configs(4, 8, 2, 17, 33, torch.bfloat16)  # one past a power of two rounds up
+    assert (g1.block_n, g1.block_k, g2.block_n, g2.block_k) == (32, 64, 64, 32)

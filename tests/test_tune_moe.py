@@ -109,6 +109,7 @@ def test_today_pair_matches_get_configs_rule():
     assert name == "tuned[64]" and pair == rows[64]
     assert cfgmod.tuned_bucket({1: 0, 64: 0, 1024: 0}, 4096) == 1024
     assert cfgmod.tuned_bucket({1: 0, 64: 0, 1024: 0}, 8) == 1  # tie 1 vs 64
+    assert cfgmod.tuned_bucket({1: 0, 2: 0, 4: 0}, 1) == 1 and cfgmod.tuned_bucket({1: 0, 2: 0, 4: 0}, 0) == 1
     name, _ = tune.today_pair(4, 7, 2, 16, 32)
     assert name == "heuristic"
 
@@ -260,6 +261,8 @@ def _good_row(**kw):
     ([_good_row(M=True)], r"row 0 .*M=True must be an int >= 1"),
     ([_good_row(I="64")], r"row 0 .*I='64' must be an int >= 1"),
     ([_good_row(note=3)], r"row 0 .*note=3 must be a string"),
+    ([_good_row(model=["mixtral"])], r"row 0 .*model=\['mixtral'\] must be a string"),
+    ([_good_row(gemm2={"block_m": 16, "warps": 4})], r"row 0 .*gemm2: .*warps.*BlockConfig fields are \['block_m'"),
     ([_good_row(), _good_row(note="again")], r"row 1 .*\(8, 64, 32, 16\) repeats row 0"),
     (["x"], r"row 0: expected an object"),
 ])

@@ -206,10 +206,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _pow2_at_most(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
