@@ -966,12 +966,15 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     ("split_k", (1,), (0, 3, 16, True)),
 ])
 def test_block_config_validate_boundaries(field, good, bad):
-    """Each field's last valid and first invalid values (and wrong types): what the kernels can compile."""
+    """Each field's last valid and first invalid values (and wrong types): what the kernels can compile. The
+    message starts with the config's name (block_config unless the caller names it)."""
     for v in good:
         dataclasses.replace(BlockConfig(), **{field: v}).validate()
     for v in bad:
-        with pytest.raises(ValueError, match=f"{field}={v!r}"):
+        with pytest.raises(ValueError, match=rf"^block_config[. ].*{field}={re.escape(repr(v))}"):
             dataclasses.replace(BlockConfig(), **{field: v}).validate()
+        with pytest.raises(ValueError, match=rf"^gemm9[. ].*{field}="):
+            dataclasses.replace(BlockConfig(), **{field: v}).validate("gemm9")
 
 
 # default_configs' rule (configs.py): block_m by tokens per expert (M*k/E) with M <= 32 always 16; GROUP_M 8 from

@@ -170,6 +170,27 @@ def test_merge_tuned_rules():
         tune.merge_tuned(table, bad)
 
 
+def test_merge_tuned_skips_unmeasured_rows_and_keeps_going():
+    """A row without a best, without today's time or without the best's time is skipped, and rows after it still
+    apply; a gain of exactly min_gain applies; a bad winner is named by GEMM."""
+    table = {}
+    win = (B(64, 128, 64, 1, 8, 3), B(64, 128, 64, 1, 8, 3))
+    no_best_us = _row(8, 64, 32, 2, 50.0, 1.0, *win)
+    no_best_us["best"]["us"] = None
+    rows = [
+        dict(_row(8, 64, 32, 1, None, 1.0, *win)),  # best but no today
+        no_best_us,                                   # today but no best time
+        dict(model="m", E=8, I=64, H=32, M=4, today_us=50.0),  # today but no best
+        _row(8, 64, 32, 16, 50.0, 25.0, *win),        # exactly 50 % faster at min_gain 0.5: applied
+        _row(8, 64, 32, 32, 50.0, 25.000001, *win),   # just under: not applied
+    ]
+    new, applied = tune.merge_tuned(table, rows, min_gain=0.5)
+    assert applied == [(8, 64, 32, 16)] and new == {(8, 64, 32): {16: win}}
+    for gemm, pair in (("gemm1", (B(24), B(16))), ("gemm2", (B(16), B(16, num_warps=3)))):
+        with pytest.raises(ValueError, match=rf"best\.{gemm}\."):
+            tune.merge_tuned(table, [_row(8, 64, 32, 16, 50.0, 1.0, *pair)])
+
+
 # ---- the tile table (JSON) ----------------------------------------------------------------------------------
 # Rows read off the table as it stood before it became JSON (the Python literal in configs.py), by hand.
 KNOWN_ROWS = {
