@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -226,7 +225,7 @@ def summary(rows) -> dict:
     for label, rs in groups.items():
         ratios = [r["ratio"] for r in rs if "ratio" in r]
         if ratios:
-            out[label] = {"geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)), "max": max(ratios),
+            out[label] = {"geomean": statistics.geometric_mean(ratios), "max": max(ratios),
                           "n": len(ratios)}
     return out
 
@@ -253,7 +252,7 @@ def main(argv=None) -> int:
         print(f"moekern / vLLM, {k}: geomean {v['geomean']:.3f}, max {v['max']:.3f} over {v['n']} shapes")
     gains = [r["pdl_speedup"] for r in rows if "pdl_speedup" in r]
     if gains:
-        print(f"PDL: time without / with geomean {math.exp(sum(map(math.log, gains)) / len(gains)):.3f}, "
+        print(f"PDL: time without / with geomean {statistics.geometric_mean(gains):.3f}, "
               f"min {min(gains):.3f}, max {max(gains):.3f} over {len(gains)} shapes")
     if args.json:
         with open(args.json, "w") as f:

@@ -48,9 +48,7 @@ std::vector<int64_t> align_plan(int64_t num_slots, int64_t num_experts, int64_t 
   TORCH_CHECK(num_experts >= 1 && num_experts <= 512, "num_experts=", num_experts, " must be in [1, 512]");
   TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
   const mk::AlignPlan p = mk::align_default_plan(num_slots, static_cast<int>(num_experts));
-  const bool thread_pads = mk::align_default_thread_pads(num_slots, static_cast<int>(num_experts),
-                                                         static_cast<int>(std::min<int64_t>(block_size, 1 << 30)));
-  return {p.ipt, p.chunks, thread_pads ? 1 : 0};
+  return {p.ipt, p.chunks, mk::align_default_thread_pads(num_slots, num_experts, block_size) ? 1 : 0};
 }
 
 bool has_device_kernels() {
@@ -248,11 +246,8 @@ Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int6
 
 Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                        const std::optional<Tensor>& expert_counts) {
-  // (num_experts and block_size are checked by moe_align_variant_cuda; clamped here so the casts cannot wrap)
-  const bool thread_pads = mk::align_default_thread_pads(
-      topk_ids.numel(), static_cast<int>(std::clamp<int64_t>(num_experts, 0, 1 << 30)),
-      static_cast<int>(std::clamp<int64_t>(block_size, 0, 1 << 30)));
-  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false, thread_pads);
+  return moe_align_variant_cuda(topk_ids, num_experts, block_size, expert_counts, 0, false,
+                                mk::align_default_thread_pads(topk_ids.numel(), num_experts, block_size));
 }
 
 // fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block

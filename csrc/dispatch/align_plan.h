@@ -54,9 +54,10 @@ inline AlignPlan align_default_plan(int64_t n, int E) {
 // one test. Measured on an H100 at B = 16 (benchmarks/results/fastpath/h100-2026-12-07-pdl/align_plans.json, the
 // default plan with either writer): the thread writer takes 0.51-0.89x the time for every E >= 64 up to 1,024
 // slots (E = 256, 128 slots: 3.34 vs 6.56 us; E = 128, 8 slots: 2.80 vs 3.72), 1.08-1.16x at E = 8, and 0.87-1.09x
-// from 2,048 slots (slower from 8,192 at every E). Block sizes above 16 (more pads per expert for one thread) and B = 1 (permute: no pads,
-// a block id per slot) were not measured: they keep the warp writer.
-inline bool align_default_thread_pads(int64_t n, int E, int B) {
+// from 2,048 slots (slower from 8,192 at every E). Block sizes above 16 (more pads per expert for one thread) and
+// B = 1 (permute: no pads, a block id per slot) were not measured: they keep the warp writer. 64-bit arguments, so
+// the ops can ask before they check (and cast) num_experts and block_size.
+inline bool align_default_thread_pads(int64_t n, int64_t E, int64_t B) {
   return E >= 64 && n <= 2 * kAlignThreads && B >= 2 && B <= 16;
 }
 

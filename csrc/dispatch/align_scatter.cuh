@@ -73,7 +73,7 @@ struct LoadWrittenHere {  // ids written earlier in the same launch by other thr
 // One chunk (CTA) of the scatter: `chunk` of `num_chunks`, kThreads threads. load_id reads one routed id: a
 // kernel that wrote the ids itself passes a load that bypasses the non-coherent cache. match: MatchHardware
 // or MatchBallot. kThreadPads: each expert's pads and block experts are written by one thread instead of one warp
-// (see the layout below; a variant, timed by benchmarks/align_variants.py --plans).
+// (see the layout below; the default where align_plan.h's align_default_thread_pads says so).
 template <int IPT, typename LoadId, typename Match = MatchHardware, bool kThreadPads = false>
 __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t n, int E, int B,
                                                     const int32_t* __restrict__ expert_counts,

@@ -2,9 +2,9 @@
 
 Exactly `fused_topk(...)` followed by `align(topk_ids, E, block_size, expert_counts=...)` on the same inputs.
 On the cuda backend it is ONE kernel launch while M x L <= 1024 token lanes (L = 32 lanes per token for
-E >= 32: M <= 32; L = 16 for E <= 16: M <= 64; L = 8 for E <= 8: M <= 128), which keeps M * top_k <= 1024 slots (csrc/dispatch/route_align.cu:
-one block routes every token, counts in shared memory and scatters the slots); above, the routing kernel then
-align's kernel. The torch and triton backends run fused_topk and align on that backend.
+E >= 32: M <= 32; L = 16 for E <= 16: M <= 64; L = 8 for E <= 8: M <= 128), which keeps M * top_k <= 1024 slots
+(csrc/dispatch/route_align.cu: one block routes every token, counts in shared memory and scatters the slots);
+above, the routing kernel then align's kernel. The torch and triton backends run fused_topk and align on that backend.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekern._ext import interpreting
 from moekern.experts.configs import BlockConfig
 
 try:  # griddepcontrol (programmatic dependent launch) from Triton 3.3 on
@@ -266,8 +267,7 @@ COMBINE_BLOCK = 512  # columns per program of the combine (Qwen3 M=1: 4 programs
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(device_index: int | None) -> bool:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    if gdc_wait is None or torch.version.hip is not None or interpreted:
+    if gdc_wait is None or torch.version.hip is not None or interpreting():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
@@ -349,21 +349,27 @@ def _pdl_option(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-          num_tokens_post_padded, top_k: int, cfg: BlockConfig, pdl: bool = False) -> torch.Tensor:
-    """intermediate [slots, I] = silu(x W_gate^T) * (x W_up^T) per slot, fused or split by cfg.fuse_silu."""
-    num_slots, inter = intermediate.shape
-    hidden = hidden_states.shape[1]
+def gemm1(hidden_states, w13, inter: int, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+          top_k: int, cfg: BlockConfig, pdl: bool = False) -> torch.Tensor:
+    """GEMM2's A: silu(x W_gate^T) * (x W_up^T) per slot as [slots, I] in x's dtype, fused or split by
+    cfg.fuse_silu; with cfg.split_k > 1 the unreduced fp32 gate/up partials [split_k, slots, 2I] instead."""
+    num_slots, hidden = hidden_states.shape[0] * top_k, hidden_states.shape[1]
+    dev, dtype = hidden_states.device, hidden_states.dtype
     if cfg.fuse_silu:
+        intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
         _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
                 num_tokens_post_padded, n=inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=True,
                 mul_weight=False, cfg=cfg, pdl=pdl)
         return intermediate
-    gate_up = torch.empty(num_slots, 2 * inter, dtype=intermediate.dtype, device=intermediate.device)
+    split = cfg.split_k > 1
+    gate_up = (torch.empty(cfg.split_k, num_slots, 2 * inter, dtype=torch.float32, device=dev) if split
+               else torch.empty(num_slots, 2 * inter, dtype=dtype, device=dev))
     _launch(hidden_states, w13, gate_up, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=2 * inter, k=hidden, num_slots=num_slots, a_div=top_k, fuse_silu=False,
             mul_weight=False, cfg=cfg, pdl=pdl)
-    return silu_and_mul(gate_up, intermediate, pdl=pdl)
+    if split:  # GEMM2 reduces the partials with SiLU-and-mul as it loads its A tiles
+        return gate_up
+    return silu_and_mul(gate_up, torch.empty(num_slots, inter, dtype=dtype, device=dev), pdl=pdl)
 
 
 def moe_experts_triton(
@@ -389,16 +395,8 @@ def moe_experts_triton(
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
     pdl = use_pdl(dev, w13)
-    if cfg1.split_k > 1:
-        # split-K GEMM1: fp32 gate/up partials; GEMM2 reduces them with SiLU-and-mul as it loads its A tiles
-        intermediate = torch.empty(cfg1.split_k, num_slots, 2 * inter, dtype=torch.float32, device=dev)
-        _launch(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-                num_tokens_post_padded, n=2 * inter, k=H, num_slots=num_slots, a_div=top_k, fuse_silu=False,
-                mul_weight=False, cfg=cfg1, pdl=pdl)
-    else:
-        intermediate = torch.empty(num_slots, inter, dtype=dtype, device=dev)
-        gemm1(hidden_states, w13, intermediate, topk_weights, sorted_token_ids, block_expert_ids,
-              num_tokens_post_padded, top_k, cfg1, pdl=pdl)
+    intermediate = gemm1(hidden_states, w13, inter, topk_weights, sorted_token_ids, block_expert_ids,
+                         num_tokens_post_padded, top_k, cfg1, pdl=pdl)
     per_slot = torch.empty(num_slots, H, dtype=dtype, device=dev)
     _launch(intermediate, w2, per_slot, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=H, k=inter, num_slots=num_slots, a_div=1, fuse_silu=False,
