@@ -878,6 +878,27 @@ def test_pdl_only_on_cuda_for_small_experts_unless_switched(monkeypatch):
     assert not tg.use_pdl(cuda, small)
 
 
+def test_pdl_stages_gemm1_mode_keeps_pdl_for_gemm1_alone(monkeypatch):
+    """MOEKERN_PDL=gemm1: GEMM1 launches with PDL for every expert size, every later kernel without; the other
+    settings give both stages use_pdl's answer; never on CPU or a device without PDL."""
+    import moekern.experts.triton_gemm as tg
+
+    cuda = torch.device("cuda", 0)
+    small = torch.empty(2, 1536, 2048, dtype=torch.bfloat16, device="meta")
+    large = torch.empty(2, 28672, 4096, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: True)
+    monkeypatch.delenv("MOEKERN_PDL", raising=False)
+    assert tg.pdl_stages(cuda, small) == (True, True) and tg.pdl_stages(cuda, large) == (False, False)
+    monkeypatch.setenv("MOEKERN_PDL", "gemm1")
+    assert tg.pdl_stages(cuda, small) == (True, False) and tg.pdl_stages(cuda, large) == (True, False)
+    assert tg.pdl_stages(torch.device("cpu"), small) == (False, False)
+    monkeypatch.setenv("MOEKERN_PDL", "1")
+    assert tg.pdl_stages(cuda, large) == (True, True)
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: False)
+    monkeypatch.setenv("MOEKERN_PDL", "gemm1")
+    assert tg.pdl_stages(cuda, small) == (False, False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral"])
 @pytest.mark.parametrize("M", [1, 4, 300])
@@ -940,6 +961,7 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
         monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
     asked = []
     monkeypatch.setattr(tg, "use_pdl", lambda device, w13=None: asked.append(w13) or pdl)
+    monkeypatch.delenv("MOEKERN_PDL", raising=False)
     E, k, M = 4, 2, 3
     w13, w2 = _weights(E)
     x, logits = _inputs(M, E)
@@ -953,6 +975,28 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     for name, kw in launches:
         assert kw["PDL"] is pdl and kw.get("launch_pdl", False) is pdl and ("launch_pdl" in kw) == pdl, name
     assert len(asked) == 1 and asked[0] is w13  # the expert-size rule sees the layer's own weights
+
+
+@pytest.mark.parametrize("fuse_silu", [True, False])
+def test_pdl_gemm1_mode_launches_gemm1_alone_with_pdl(fuse_silu, monkeypatch):
+    """pdl_stages (True, False): GEMM1 compiled and launched with PDL, the SiLU-and-mul, GEMM2 and the combine
+    without (each then starts after the kernel before it has finished)."""
+    import moekern.experts.triton_gemm as tg
+
+    launches = []
+    for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
+        monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
+    monkeypatch.setattr(tg, "pdl_stages", lambda device, w13=None: (True, False))
+    E, k, M = 4, 2, 3
+    w13, w2 = _weights(E)
+    x, logits = _inputs(M, E)
+    w, ids = _route(logits, k)
+    cfg = BlockConfig(16, 32, 32, 1, 4, 2, fuse_silu=fuse_silu)
+    al = moekern.align(ids, E, cfg.block_m, backend="torch")
+    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, dataclasses.replace(cfg, fuse_silu=False))
+    pdl = [kw["PDL"] for _, kw in launches]
+    assert pdl == [True] + [False] * (len(launches) - 1) and len(launches) == 4 - fuse_silu
+    assert [("launch_pdl" in kw) for _, kw in launches] == pdl
 
 
 @pytest.mark.parametrize("field,good,bad", [

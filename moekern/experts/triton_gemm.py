@@ -34,7 +34,7 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
 Programmatic dependent launch (sm_90+, CUDA, experts up to 16 MiB each; use_pdl): every kernel here launches with
 launch_pdl and its PDL constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own
 successor launch), so its blocks are resident while the kernel before it finishes and touch memory only after
-it has.
+it has. MOEKERN_PDL=gemm1 keeps it for GEMM1 alone (pdl_stages), to time the two overlaps apart.
 
 Bounds. Weights must be contiguous ([E, 2I, H], [E, H, I], K stride 1); A rows may have any row stride.
 Row and expert offsets are int64 (DeepSeek-V3's w13 has 7.5e9 elements). Accumulation is fp32 through
@@ -285,13 +285,24 @@ def use_pdl(device: torch.device, w13: torch.Tensor | None = None) -> bool:
     """Whether fused_moe's Triton kernels launch with programmatic dependent launch on `device` for experts `w13`
     ([E, 2I, H]): CUDA, sm_90 or later, and experts of at most PDL_MAX_EXPERT_BYTES each (w13 None: the device
     alone). MOEKERN_PDL=1 turns it on for every expert size, MOEKERN_PDL=0 off; read at every call, so a benchmark
-    can time both in one process."""
+    can time both in one process. (MOEKERN_PDL=gemm1: see pdl_stages.)"""
     if device.type != "cuda" or not _pdl_capable(device.index):
         return False
     switch = os.environ.get("MOEKERN_PDL", "")
     if switch in ("0", "1"):
         return switch == "1"
     return w13 is None or w13[0].numel() * w13.element_size() <= PDL_MAX_EXPERT_BYTES
+
+
+def pdl_stages(device: torch.device, w13: torch.Tensor | None = None) -> tuple[bool, bool]:
+    """(GEMM1, the rest): whether GEMM1 launches with PDL (its blocks start during route_and_align's tail), and
+    whether the SiLU-and-mul, GEMM2 and the combine do (each overlapping the kernel before). Both as use_pdl, except
+    MOEKERN_PDL=gemm1: GEMM1 only, so every later kernel starts after the one before has finished, as without PDL
+    (isolates the cost PDL has at M = 1 with large experts: which of the two overlaps pays and which costs)."""
+    if os.environ.get("MOEKERN_PDL") == "gemm1":
+        return device.type == "cuda" and _pdl_capable(device.index), False
+    on = use_pdl(device, w13)
+    return on, on
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,9 +361,10 @@ def _pdl_option(pdl: bool) -> dict:
 
 
 def gemm1(hidden_states, w13, inter: int, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
-          top_k: int, cfg: BlockConfig, pdl: bool = False) -> torch.Tensor:
+          top_k: int, cfg: BlockConfig, pdl: bool = False, pdl_silu: bool | None = None) -> torch.Tensor:
     """GEMM2's A: silu(x W_gate^T) * (x W_up^T) per slot as [slots, I] in x's dtype, fused or split by
-    cfg.fuse_silu; with cfg.split_k > 1 the unreduced fp32 gate/up partials [split_k, slots, 2I] instead."""
+    cfg.fuse_silu; with cfg.split_k > 1 the unreduced fp32 gate/up partials [split_k, slots, 2I] instead.
+    pdl: the GEMM's launch; pdl_silu: the unfused SiLU-and-mul's (None: as pdl)."""
     num_slots, hidden = hidden_states.shape[0] * top_k, hidden_states.shape[1]
     dev, dtype = hidden_states.device, hidden_states.dtype
     if cfg.fuse_silu:
@@ -369,7 +381,8 @@ def gemm1(hidden_states, w13, inter: int, topk_weights, sorted_token_ids, block_
             mul_weight=False, cfg=cfg, pdl=pdl)
     if split:  # GEMM2 reduces the partials with SiLU-and-mul as it loads its A tiles
         return gate_up
-    return silu_and_mul(gate_up, torch.empty(num_slots, inter, dtype=dtype, device=dev), pdl=pdl)
+    return silu_and_mul(gate_up, torch.empty(num_slots, inter, dtype=dtype, device=dev),
+                        pdl=pdl if pdl_silu is None else pdl_silu)
 
 
 def moe_experts_triton(
@@ -394,9 +407,9 @@ def moe_experts_triton(
     inter = w2.shape[2]
     num_slots = M * top_k
     dev, dtype = hidden_states.device, hidden_states.dtype
-    pdl = use_pdl(dev, w13)
+    pdl_first, pdl = pdl_stages(dev, w13)
     intermediate = gemm1(hidden_states, w13, inter, topk_weights, sorted_token_ids, block_expert_ids,
-                         num_tokens_post_padded, top_k, cfg1, pdl=pdl)
+                         num_tokens_post_padded, top_k, cfg1, pdl=pdl_first, pdl_silu=pdl)
     per_slot = torch.empty(num_slots, H, dtype=dtype, device=dev)
     _launch(intermediate, w2, per_slot, topk_weights, sorted_token_ids, block_expert_ids,
             num_tokens_post_padded, n=H, k=inter, num_slots=num_slots, a_div=1, fuse_silu=False,
