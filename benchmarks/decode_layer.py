@@ -6,10 +6,10 @@
 Providers, on the same bf16 hidden states, router logits and expert weights:
   moekern  moekern.fused_moe(x, w13, w2, logits, top_k, <the model's routing>): route_and_align, two grouped GEMMs
            (SiLU-and-mul fused into the first), the weighted combine, chained by programmatic dependent launch
-           (PDL) on sm_90 and later for experts of at most 16 MiB (moekern.experts.triton_gemm.use_pdl)
-  moekern-nopdl / moekern-pdl  the same with PDL forced off (MOEKERN_PDL=0) where moekern has it on, or forced on
-           (MOEKERN_PDL=1) where it is off; only on GPUs with PDL. pdl_speedup = time without PDL / time with it
-  moekern-pdl-gemm1  where PDL is off by default (large experts): PDL into GEMM1 only (MOEKERN_PDL=gemm1)
+           (PDL) on sm_90 and later: into GEMM1 always, the kernels after it for experts of at most 16 MiB
+           (moekern.experts.triton_gemm.pdl_stages)
+  moekern-nopdl  the same with PDL off (MOEKERN_PDL=0); only on GPUs with PDL. pdl_speedup = its time / moekern's
+  moekern-pdl    for experts above 16 MiB, PDL through the whole chain (MOEKERN_PDL=1)
   vllm     vLLM 0.26's routing (fused_topk, or the fused grouped top-k op for DeepSeek-V3) then fused_experts, with
            the config vLLM picks for the shape (its shipped table, or VLLM_TUNED_CONFIG_FOLDER's when set)
 Both outputs are checked against moekern.experts.reference.fused_moe_reference on the reference routing
@@ -118,11 +118,11 @@ def reference_layer(name: str, bias, x, logits, w13, w2):
     return rw, rids, fused_moe_reference(x, w13, w2, rw, rids)
 
 
-def _with_pdl(on: bool | str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with programmatic dependent launch forced on or off (MOEKERN_PDL=1/0, or a mode such as
-    "gemm1", read by fused_moe at every call; inside a CUDA-graph capture the captured launches keep the setting)."""
+def _with_pdl(on: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with programmatic dependent launch forced on or off (MOEKERN_PDL=1/0, read by fused_moe at
+    every call; inside a CUDA-graph capture the captured launches keep the setting)."""
     before = os.environ.get("MOEKERN_PDL")
-    os.environ["MOEKERN_PDL"] = on if isinstance(on, str) else "1" if on else "0"
+    os.environ["MOEKERN_PDL"] = "1" if on else "0"
     try:
         return fn(*args, **kwargs)
     finally:
@@ -162,13 +162,12 @@ def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
         kw = _routing_kwargs(a, bias)
         vllm = _vllm_layer(a, bias)
         providers = {"moekern": lambda x, lg: moekern.fused_moe(x, w13, w2, lg, a["k"], **kw)}
-        if use_pdl(dev):  # the other PDL setting than fused_moe's default for these experts
-            other = "moekern-nopdl" if use_pdl(dev, w13) else "moekern-pdl"
-            providers[other] = lambda x, lg, on=other == "moekern-pdl": _with_pdl(
-                on, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
-            if other == "moekern-pdl":  # large experts: PDL into GEMM1 only (moekern.experts.triton_gemm.pdl_stages)
-                providers["moekern-pdl-gemm1"] = lambda x, lg: _with_pdl(
-                    "gemm1", moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
+        if use_pdl(dev):  # the PDL settings other than fused_moe's default for these experts
+            providers["moekern-nopdl"] = lambda x, lg: _with_pdl(
+                False, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
+            if not use_pdl(dev, w13):  # large experts: PDL into GEMM1 alone by default, here the whole chain
+                providers["moekern-pdl"] = lambda x, lg: _with_pdl(
+                    True, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
         if not isinstance(vllm, str):
             providers["vllm"] = lambda x, lg: vllm(x, lg, w13, w2)
         for M in ms:
@@ -210,8 +209,6 @@ def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
                 row["ratio"] = us["moekern"] / us["vllm"]
             if "moekern" in us and "moekern-nopdl" in us:
                 row["pdl_speedup"] = us["moekern-nopdl"] / us["moekern"]
-            elif "moekern" in us and "moekern-pdl" in us:
-                row["pdl_speedup"] = us["moekern"] / us["moekern-pdl"]
             rows.append(row)
             cells = "  ".join(f"{p} {us[p]:7.2f} us ({100 * row['roofline_fraction'][p]:.0f} %)" for p in us)
             ratio = f"  moekern/vllm {row['ratio']:.3f}" if "ratio" in row else ""

@@ -764,6 +764,21 @@ def test_gpu_cuda_stages_feed_the_triton_experts(backend, monkeypatch):
     torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
+def test_split_a_stages_fit_the_partial_tiles_in_shared_memory():
+    """GEMM2 over split-K partials: num_stages - 1 pipelined copies of the B tile (bf16) and 2 * split fp32 A tiles
+    must fit; the H100 run that failed (split 8, 16 x 64 x 128, 3 stages: 288 KiB > 227 KiB) gets 2 stages."""
+    from moekern.experts.triton_gemm import split_a_stages
+
+    h100 = 232448
+    cfg = BlockConfig(16, 64, 128, 1, 4, 3)
+    assert split_a_stages(cfg, 8, 2, h100) == 2      # (16 + 128) KiB per stage
+    assert split_a_stages(cfg, 4, 2, h100) == 3      # (16 + 64) KiB: 2 copies fit, 3 stages kept
+    assert split_a_stages(dataclasses.replace(cfg, num_stages=4), 4, 2, h100) == 3   # the tune's M=2 failure
+    assert split_a_stages(dataclasses.replace(cfg, num_stages=5), 2, 2, h100) == 5   # (16 + 32) KiB x 4 fits
+    assert split_a_stages(BlockConfig(64, 256, 256, 1, 4, 4), 8, 2, h100) == 1       # nothing fits twice
+    assert split_a_stages(cfg, 8, 2, None) == 3      # no device limit known (CPU, interpreter): as configured
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,M", [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 4), ("olmoe", 2), ("deepseek-v3", 1)])
 @pytest.mark.parametrize("split_k", [2, 4, 8])
@@ -878,9 +893,9 @@ def test_pdl_only_on_cuda_for_small_experts_unless_switched(monkeypatch):
     assert not tg.use_pdl(cuda, small)
 
 
-def test_pdl_stages_gemm1_mode_keeps_pdl_for_gemm1_alone(monkeypatch):
-    """MOEKERN_PDL=gemm1: GEMM1 launches with PDL for every expert size, every later kernel without; the other
-    settings give both stages use_pdl's answer; never on CPU or a device without PDL."""
+def test_pdl_stages_gemm1_for_every_size_the_rest_for_small_experts(monkeypatch):
+    """GEMM1 launches with PDL on a capable device for every expert size, the kernels after it only for small
+    experts; MOEKERN_PDL=gemm1 keeps GEMM1's alone, =1 all, =0 none; never on CPU or a device without PDL."""
     import moekern.experts.triton_gemm as tg
 
     cuda = torch.device("cuda", 0)
@@ -888,12 +903,15 @@ def test_pdl_stages_gemm1_mode_keeps_pdl_for_gemm1_alone(monkeypatch):
     large = torch.empty(2, 28672, 4096, dtype=torch.bfloat16, device="meta")
     monkeypatch.setattr(tg, "_pdl_capable", lambda index: True)
     monkeypatch.delenv("MOEKERN_PDL", raising=False)
-    assert tg.pdl_stages(cuda, small) == (True, True) and tg.pdl_stages(cuda, large) == (False, False)
+    assert tg.pdl_stages(cuda, small) == (True, True) and tg.pdl_stages(cuda, large) == (True, False)
+    assert tg.pdl_stages(torch.device("cpu"), small) == (False, False)
     monkeypatch.setenv("MOEKERN_PDL", "gemm1")
     assert tg.pdl_stages(cuda, small) == (True, False) and tg.pdl_stages(cuda, large) == (True, False)
-    assert tg.pdl_stages(torch.device("cpu"), small) == (False, False)
+    assert not tg.use_pdl(cuda, small)
     monkeypatch.setenv("MOEKERN_PDL", "1")
     assert tg.pdl_stages(cuda, large) == (True, True)
+    monkeypatch.setenv("MOEKERN_PDL", "0")
+    assert tg.pdl_stages(cuda, small) == (False, False)
     monkeypatch.setattr(tg, "_pdl_capable", lambda index: False)
     monkeypatch.setenv("MOEKERN_PDL", "gemm1")
     assert tg.pdl_stages(cuda, small) == (False, False)
@@ -960,8 +978,7 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
         monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
     asked = []
-    monkeypatch.setattr(tg, "use_pdl", lambda device, w13=None: asked.append(w13) or pdl)
-    monkeypatch.delenv("MOEKERN_PDL", raising=False)
+    monkeypatch.setattr(tg, "pdl_stages", lambda device, w13=None: asked.append(w13) or (pdl, pdl))
     E, k, M = 4, 2, 3
     w13, w2 = _weights(E)
     x, logits = _inputs(M, E)

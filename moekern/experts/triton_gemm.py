@@ -27,14 +27,17 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
          gate/up partials [split_k, slots, 2I] (no epilogue); GEMM2 (A_SPLIT) sums the partials, applies
          SiLU-and-mul and rounds to the weights' dtype as it loads its A tiles. More programs stream the same
          weights at decode sizes, where 8 slots give GEMM1 96 programs for 132 SMs; no counters, no extra launch.
-         Needs fuse_silu=False, persistent=0, tma=False; gemm2's split_k stays 1.
+         Needs fuse_silu=False, persistent=0, tma=False; gemm2's split_k stays 1, and its num_stages is cut to what
+         fits the partial tiles in shared memory (split_a_stages). Measured on an H100 it lost at every decode
+         shape tried (Qwen3-30B-A3B M=1: 77 us with 2 shares vs 36.5 fused; see experts/NOTES.md).
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
 Programmatic dependent launch (sm_90+, CUDA, experts up to 16 MiB each; use_pdl): every kernel here launches with
 launch_pdl and its PDL constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own
 successor launch), so its blocks are resident while the kernel before it finishes and touch memory only after
-it has. MOEKERN_PDL=gemm1 keeps it for GEMM1 alone (pdl_stages), to time the two overlaps apart.
+it has. Experts larger than 16 MiB keep PDL for GEMM1 alone (pdl_stages): the overlap of GEMM1 with GEMM2 costs
+there at M = 1.
 
 Bounds. Weights must be contiguous ([E, 2I, H], [E, H, I], K stride 1); A rows may have any row stride.
 Row and expert offsets are int64 (DeepSeek-V3's w13 has 7.5e9 elements). Accumulation is fp32 through
@@ -272,37 +275,36 @@ def _pdl_capable(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-# Programmatic dependent launch pays where the layer is a chain of short kernels and costs where each expert's weights
-# are large. Measured on an H100 (benchmarks/results/fastpath/h100-2026-12-07-pdl/decode_layer.json, CUDA graphs,
-# 3 alternating rounds within 1 %): on, Qwen3-30B-A3B (6.3 MB of w13 per expert) and OLMoE (8.4 MB) ran 0.2-5.3 %
-# faster at every M from 1 to 64 (Qwen3 M=1 40.3 vs 42.4 us); Mixtral (235 MB) and DeepSeek-V3 (59 MB) ran up to
-# 6 % slower at M = 1 (Mixtral 261 vs 246 us), within 1.6 % either way above. Both expert sizes between were not
-# measured; the threshold sits between the two groups.
+# Programmatic dependent launch pays where the layer is a chain of short kernels; with large experts only its first
+# overlap does. Measured on an H100 (benchmarks/results/fastpath/h100-2026-12-07-pdl/decode_layer.json and
+# ../h100-2026-12-07-pdl-stages/decode_layer.json, CUDA graphs, 3 alternating rounds within 1 %): the whole chain
+# with PDL made Qwen3-30B-A3B (6.3 MB of w13 per expert) and OLMoE (8.4 MB) 0.2-5.3 % faster at every M from 1 to
+# 64 (Qwen3 M=1 37.5 vs 39.7 us), but Mixtral (235 MB) and DeepSeek-V3 (59 MB) up to 9 % slower at M = 1 (Mixtral
+# 260.8 vs 239.2 us). With PDL into GEMM1 alone those two are never slower than without PDL (Mixtral M=1 239.2,
+# DeepSeek-V3 M=1 241.2 vs 242.4 us): the cost is GEMM2 starting its blocks while GEMM1's long blocks still hold
+# the SMs. Expert sizes between the two groups were not measured; the threshold sits between them.
 PDL_MAX_EXPERT_BYTES = 16 << 20
 
 
 def use_pdl(device: torch.device, w13: torch.Tensor | None = None) -> bool:
-    """Whether fused_moe's Triton kernels launch with programmatic dependent launch on `device` for experts `w13`
-    ([E, 2I, H]): CUDA, sm_90 or later, and experts of at most PDL_MAX_EXPERT_BYTES each (w13 None: the device
-    alone). MOEKERN_PDL=1 turns it on for every expert size, MOEKERN_PDL=0 off; read at every call, so a benchmark
-    can time both in one process. (MOEKERN_PDL=gemm1: see pdl_stages.)"""
+    """Whether the kernels after GEMM1 (SiLU-and-mul, GEMM2, the combine) launch with programmatic dependent launch
+    on `device` for experts `w13` ([E, 2I, H]): CUDA, sm_90 or later, and experts of at most PDL_MAX_EXPERT_BYTES
+    each (w13 None: the device alone). MOEKERN_PDL=1 turns it on for every expert size, MOEKERN_PDL=0 or gemm1
+    off; read at every call, so a benchmark can time the settings in one process. GEMM1's own launch: pdl_stages."""
     if device.type != "cuda" or not _pdl_capable(device.index):
         return False
     switch = os.environ.get("MOEKERN_PDL", "")
-    if switch in ("0", "1"):
+    if switch in ("0", "1", "gemm1"):
         return switch == "1"
     return w13 is None or w13[0].numel() * w13.element_size() <= PDL_MAX_EXPERT_BYTES
 
 
 def pdl_stages(device: torch.device, w13: torch.Tensor | None = None) -> tuple[bool, bool]:
-    """(GEMM1, the rest): whether GEMM1 launches with PDL (its blocks start during route_and_align's tail), and
-    whether the SiLU-and-mul, GEMM2 and the combine do (each overlapping the kernel before). Both as use_pdl, except
-    MOEKERN_PDL=gemm1: GEMM1 only, so every later kernel starts after the one before has finished, as without PDL
-    (isolates the cost PDL has at M = 1 with large experts: which of the two overlaps pays and which costs)."""
-    if os.environ.get("MOEKERN_PDL") == "gemm1":
-        return device.type == "cuda" and _pdl_capable(device.index), False
-    on = use_pdl(device, w13)
-    return on, on
+    """(GEMM1, the rest): whether GEMM1 launches with PDL (its blocks start during route_and_align's tail: on for
+    every expert size where the device has PDL, unless MOEKERN_PDL=0), and whether the kernels after it do (use_pdl;
+    MOEKERN_PDL=gemm1 keeps GEMM1's alone for every expert size)."""
+    first = device.type == "cuda" and _pdl_capable(device.index) and os.environ.get("MOEKERN_PDL") != "0"
+    return first, use_pdl(device, w13)
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,6 +312,25 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # interpreter: a small fixed grid still exercises the persistent loop
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on `device` (Triton's own limit); None off a GPU."""
+    if device.type != "cuda" or interpreting():
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
+def split_a_stages(cfg: BlockConfig, a_split: int, b_itemsize: int, smem_limit: int | None) -> int:
+    """GEMM2's pipeline depth when it reduces a split-K GEMM1's partials. Triton keeps num_stages - 1 copies of each
+    loaded tile in shared memory, and GEMM2's A side is then 2 * a_split fp32 tiles per K block, so a deep pipeline
+    overflows it (split 8, 16 x 128 tiles, 3 stages: 288 KiB against an H100's 227 KiB). The depth is cut to what
+    fits (at least 1: no pipelining); smem_limit None leaves cfg.num_stages."""
+    if smem_limit is None:
+        return cfg.num_stages
+    per_stage = cfg.block_n * cfg.block_k * b_itemsize + 2 * a_split * cfg.block_m * cfg.block_k * 4
+    return max(1, min(cfg.num_stages, 1 + smem_limit // per_stage))
 
 
 def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded, *, n, k,
@@ -325,6 +346,7 @@ def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_token
         grid = (tiles * cfg.split_k,)
     stride_as, stride_am = (a.stride(0), a.stride(1)) if a_split else (0, a.stride(0))
     stride_cs, stride_cm = (c.stride(0), c.stride(1)) if cfg.split_k > 1 else (0, c.stride(0))
+    stages = split_a_stages(cfg, a_split, b.element_size(), _max_shared_mem(a.device)) if a_split else cfg.num_stages
     b_desc = b
     if cfg.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -341,7 +363,7 @@ def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_token
         IEEE_FP32=b.dtype == torch.float32, EVEN_K=k % cfg.block_k == 0, USE_TMA=cfg.tma,
         PERSISTENT=cfg.persistent > 0, SPLIT_K=cfg.split_k, A_SPLIT=a_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_option(pdl),
+        num_warps=cfg.num_warps, num_stages=stages, **_pdl_option(pdl),
     )
 
 
