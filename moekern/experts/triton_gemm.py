@@ -33,7 +33,7 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
-Programmatic dependent launch (sm_90+, CUDA, experts up to 16 MiB each; use_pdl): every kernel here launches with
+Programmatic dependent launch (sm_90+, CUDA; pdl_stages, use_pdl): every kernel here launches with
 launch_pdl and its PDL constexpr set, starts with gdc_wait() (the GEMMs and the SiLU-and-mul first let their own
 successor launch), so its blocks are resident while the kernel before it finishes and touch memory only after
 it has. Experts larger than 16 MiB keep PDL for GEMM1 alone (pdl_stages): the overlap of GEMM1 with GEMM2 costs

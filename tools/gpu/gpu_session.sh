@@ -11,7 +11,7 @@
 #   bash tools/gpu/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
 #   bash tools/gpu/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
 #   bash tools/gpu/gpu_session.sh routing-variants  # CUDA routing paths (auto/legacy/single/multi) + one-node floor vs vLLM
-#   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align GPU tests
+#   bash tools/gpu/gpu_session.sh fastpath-check    # no vLLM: build, routing / route_and_align / split-K / PDL GPU tests
 #   bash tools/gpu/gpu_session.sh fastpath-memcheck # no vLLM: fused_moe GPU tests, compute-sanitizer memcheck
 #   bash tools/gpu/gpu_session.sh fastpath-bench    # routing (graphs), route_and_align, decode layer vs vLLM
 #   bash tools/gpu/gpu_session.sh fastpath-eager    # eager routing vs vLLM, the plugin's token-for-token check
@@ -219,11 +219,14 @@ run_stage() {
     ;;
   fastpath-check)
     # The decode fast path's correctness on this GPU, no vLLM: every routing kernel path, route_and_align, every
-    # align plan and permute/unpermute against the torch reference (fused_moe and compute-sanitizer:
-    # fastpath-memcheck).
+    # align plan and permute/unpermute against the torch reference; then the layer's split-K and PDL paths and the
+    # backend choice past the kernels' limits (all of fused_moe and compute-sanitizer: fastpath-memcheck).
     versions; build
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_route_align.py tests/test_cuda_ops.py \
       -k "topk or route or align or permute" 2>&1 | tee "$OUT/fastpath_tests.log" | tail -25
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe.py tests/test_routing.py \
+      tests/test_dispatch.py -k "split_k or pdl or beyond_the_kernel_limits" 2>&1 | tee "$OUT/fastpath_layer_tests.log" \
+      | tail -12
     ;;
   fastpath-memcheck)
     build
