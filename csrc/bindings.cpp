@@ -221,8 +221,8 @@ Tensor3 moe_align_variant_cuda(const Tensor& topk_ids, int64_t num_experts, int6
   TORCH_CHECK(!(ballot_match && thread_pads), "ballot_match and thread_pads are separate variants: set one");
   const Tensor ids = ids_as_int32(topk_ids);
   const int64_t n = ids.numel(), E = num_experts;
-  const int64_t max_padded = n + E * (block_size - 1);
-  TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded,
+  const int64_t max_padded = mk::align_max_padded(n, E, block_size);
+  TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + min(M*k, num_experts)*(block_size-1) = ", max_padded,
               " must be < 2^31");
   const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
   const c10::cuda::OptionalCUDAGuard guard(ids.device());
@@ -259,8 +259,8 @@ Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t sco
     const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
     TORCH_CHECK(block_size >= 1, "block_size=", block_size, " must be >= 1");
     const int64_t E = r.E;
-    const int64_t max_padded = r.M * top_k + E * (block_size - 1);
-    TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + num_experts*(block_size-1) = ", max_padded,
+    const int64_t max_padded = mk::align_max_padded(r.M * top_k, E, block_size);
+    TORCH_CHECK(max_padded < (int64_t{1} << 31), "M*k + min(M*k, num_experts)*(block_size-1) = ", max_padded,
                 " must be < 2^31");
     const int64_t max_blocks = (max_padded + block_size - 1) / block_size;
     const c10::cuda::OptionalCUDAGuard guard(r.logits.device());

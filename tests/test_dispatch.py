@@ -87,6 +87,29 @@ def test_align_worked_example():
         assert out.num_tokens_post_padded.cpu().tolist() == [8], backend
 
 
+def test_align_sizes_hold_min_slots_experts_runs():
+    """len(sorted_token_ids) = n + min(n, E) * (B - 1): at most min(n, E) experts hold slots and each pads fewer
+    than B. The expert GEMMs launch a program per block of it, so decode sizes get few (Qwen3 M=1: 8, not 121)."""
+    assert align_sizes(8, 128, 16) == (128, 8)             # Qwen3-30B-A3B, M = 1
+    assert align_sizes(8, 256, 16) == (128, 8)             # DeepSeek-V3, M = 1
+    assert align_sizes(2048, 128, 16) == (2048 + 128 * 15, -(-(2048 + 128 * 15) // 16))  # n >= E: E runs pad
+    assert align_sizes(2, 8, 64) == (2 + 2 * 63, 2)        # Mixtral, M = 1
+    assert align_sizes(0, 64, 16) == (0, 0)
+    assert align_sizes(37, 5, 1) == (37, 37)                # B = 1 (permute): no pads
+
+
+@pytest.mark.parametrize("backend", ["torch", *ACCEL])
+def test_align_fills_the_bound_when_every_slot_has_its_own_expert(backend):
+    """The bound is tight: n < E slots on n different experts pad to n whole blocks, every entry of
+    sorted_token_ids and every block used."""
+    n, E, B = 6, 64, 8
+    ids = torch.tensor([[3, 60, 0], [17, 5, 41]], dtype=torch.int32, device=DEV)
+    out = align(ids, E, B, backend=backend)
+    assert out.sorted_token_ids.numel() == n * B and int(out.num_tokens_post_padded) == n * B
+    assert bool((out.block_expert_ids.cpu() >= 0).all()) and out.block_expert_ids.numel() == n
+    check_align_invariants(ids, E, B, out)
+
+
 def test_align_block_size_one_is_the_stable_sort():
     ids = ids_tensor([[1, 0], [1, 0], [0, 1]], "cpu")  # slots: 1,0,1,0,0,1
     for backend in ["torch", *ACCEL]:
@@ -677,7 +700,7 @@ def test_too_many_experts_for_triton():
     with pytest.raises(ValueError, match="num_experts <= 512"):
         align(torch.zeros(1, 1, dtype=torch.int32, device=DEV), 513, 16, backend="triton")
     out = align(torch.zeros(1, 1, dtype=torch.int32), 513, 16, backend="auto")  # auto falls back to torch on CPU
-    assert out.sorted_token_ids.shape == (1 + 513 * 15,)
+    assert out.sorted_token_ids.shape == (1 + 1 * 15,)  # one slot: one expert pads, not 513
 
 
 @pytest.mark.skipif(HAS_GPU, reason="CPU-only check")

@@ -18,7 +18,7 @@
 // benchmarks/results/fastpath/h100-2026-12-07-vllm). launch_align_variant forces a plan, the matcher and the pad
 // writers, so benchmarks/align_variants.py --plans times every plan against the default.
 //
-// Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + E*(B-1) < 2^31. Scratch: C*E int32 for
+// Bounds: 1 <= E <= 512 (one expert per thread in the scans), n + min(n, E)*(B-1) < 2^31. Scratch: C*E int32 for
 // C > 1 chunks; the default plan keeps C <= 256 up to 2^19 slots by growing the chunk, so each CTA reads at most
 // C*E chunk counts.
 
@@ -120,7 +120,7 @@ Error launch_align_variant(const int32_t* ids, int64_t n, int E, int B, const in
                            int32_t* offsets, int32_t* scratch, Stream stream, int slots_per_thread,
                            bool ballot_match, bool thread_pads) {
   if (E < 1 || E > kDispatchMaxExperts || B < 1 || n < 0 || (ballot_match && thread_pads)) return kInvalidValue;
-  const int64_t max_padded = n + static_cast<int64_t>(E) * (B - 1);
+  const int64_t max_padded = align_max_padded(n, E, B);
   if (max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
   const int64_t max_blocks = (max_padded + B - 1) / B;
   const AlignPlan p = plan_with(n, E, slots_per_thread);

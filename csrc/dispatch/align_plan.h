@@ -61,4 +61,12 @@ inline bool align_default_thread_pads(int64_t n, int64_t E, int64_t B) {
   return E >= 64 && n <= 2 * kAlignThreads && B >= 2 && B <= 16;
 }
 
+// Length of align's sorted ids for n slots, E experts, block size B: at most min(n, E) experts hold slots and each
+// pads fewer than B, so n + min(n, E) * (B - 1) holds every layout. The expert GEMMs launch a program per block of
+// it, so the bound matters at decode: Qwen3-30B-A3B at M = 1 (8 slots, E = 128, B = 16) gets 8 blocks, where
+// n + E * (B - 1) gave 121 (113 programs per N tile that only read the used-block count and exit).
+inline int64_t align_max_padded(int64_t n, int64_t E, int64_t B) {
+  return n + (n < E ? n : E) * (B - 1);
+}
+
 }  // namespace mk

@@ -13,7 +13,7 @@ int64_t align_scratch_elems(int64_t n, int E, int slots_per_thread = 0);
 
 // Groups the n flattened slots of `ids` ([n] int32, values in [0, E)) by expert, in slot order within
 // an expert, each expert's run padded with the sentinel n to a multiple of B:
-//   sorted [n + E*(B-1)]            slots, sentinel-padded (B = 1: a plain stable argsort)
+//   sorted [n + min(n,E)*(B-1)]     slots, sentinel-padded (B = 1: a plain stable argsort)
 //   block_ids [ceil(len(sorted)/B)] expert of each B-block, -1 past the used blocks   (nullable)
 //   num_post_pad [1]                sum_e ceil(count_e/B)*B                            (nullable)
 //   slot_to_row [n]                 the position of each slot in `sorted`              (nullable)

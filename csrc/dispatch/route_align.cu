@@ -116,7 +116,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   o.sorted = sorted;
   o.block_ids = block_ids;
   o.num_post_pad = num_post_pad;
-  o.max_padded = n + static_cast<int64_t>(E) * (block_size - 1);
+  o.max_padded = align_max_padded(n, E, block_size);
   o.max_blocks = (o.max_padded + block_size - 1) / block_size;
   o.block_size = block_size;
   if (o.max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;

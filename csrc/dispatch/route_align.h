@@ -16,7 +16,7 @@ constexpr int64_t kRouteAlignMaxLanes = 1024;
   X(8, 1, 8) X(16, 1, 16) X(32, 1, 32) X(64, 2, 32) X(128, 4, 32) X(256, 8, 32) X(512, 16, 32)
 
 // The values of launch_fused_topk followed by launch_align(ids, M * top_k, E, block_size, counts, ...): weights
-// [M, k] fp32, ids [M, k] int32, counts [E] int32, sorted [M*k + E*(B-1)], block_ids [ceil(that / B)],
+// [M, k] fp32, ids [M, k] int32, counts [E] int32, sorted [M*k + min(M*k, E)*(B-1)], block_ids [ceil(that / B)],
 // num_post_pad [1]. Launches nothing and sets *unsupported when M is 0, M x L exceeds kRouteAlignMaxLanes, M * top_k
 // exceeds 1024 slots (two per thread of the scatter; not reached within kRouteAlignMaxLanes), or the group
 // geometry is not whole lanes per group: the caller then runs the two kernels.

@@ -141,9 +141,9 @@ def align(
     backend: "auto" | "torch" | "triton" | "cuda". check_ids: see the module docstring.
 
     Returns AlignOutput (the layout of vLLM's moe_align_block_size):
-      sorted_token_ids [M*k + E*(B-1)] int32: each expert's slots in increasing order, padded with the
-        sentinel M*k to a multiple of B; experts in index order; experts with no slots take no blocks.
-      block_expert_ids [ceil((M*k + E*(B-1)) / B)] int32: the expert of each block, -1 past the used ones.
+      sorted_token_ids [M*k + min(M*k, E)*(B-1)] int32: each expert's slots in increasing order, padded with
+        the sentinel M*k to a multiple of B; experts in index order; experts with no slots take no blocks.
+      block_expert_ids [ceil(len(sorted_token_ids) / B)] int32: the expert of each block, -1 past the used ones.
       num_tokens_post_padded [1] int32: sum_e ceil(count_e / B) * B.
     """
     _check_int("num_experts", num_experts, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from moekern._ext import extension_error, has_op
+from moekern.dispatch.reference import align_sizes
 
 # Checked once at import: the wrappers then read a constant, which torch.compile traces through.
 _EXT_ERROR = extension_error()
@@ -26,8 +27,7 @@ if _EXT_ERROR is None:
 
     @torch.library.register_fake("moekern::moe_align")
     def _moe_align_fake(topk_ids, num_experts, block_size, expert_counts):
-        max_padded = topk_ids.numel() + num_experts * (block_size - 1)
-        max_blocks = -(-max_padded // block_size)
+        max_padded, max_blocks = align_sizes(topk_ids.numel(), num_experts, block_size)
         return (
             topk_ids.new_empty((max_padded,), dtype=torch.int32),
             topk_ids.new_empty((max_blocks,), dtype=torch.int32),
@@ -67,7 +67,7 @@ def align_cuda(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids: [M, k] int32 CUDA in [0, E); E <= 512; block_size >= 1; expert_counts: [E] int32 or None.
 
-    Returns (sorted_token_ids [M*k + E*(B-1)] int32, block_expert_ids [ceil((M*k + E*(B-1))/B)] int32,
+    Returns (sorted_token_ids [M*k + min(M*k, E)*(B-1)] int32, block_expert_ids [ceil(that / B)] int32,
     num_tokens_post_padded [1] int32), equal to moekern.dispatch.reference.align_reference.
     """
     _require_extension("align_cuda")

@@ -4,10 +4,12 @@ Flattened slots: slot i = token * top_k + j is token `token`'s j-th choice, expe
 Every backend orders the slots of one expert by i (token order), experts by index.
 
 align (for blocked grouped GEMMs, the layout vLLM's moe_align_block_size also produces):
-  sorted_token_ids [M*k + E*(B-1)] int32: expert 0's slots, padded with the sentinel M*k up to a multiple
-    of B, then expert 1's, ...; experts with no slots take no blocks; entries past
-    num_tokens_post_padded are also the sentinel.
-  block_expert_ids [ceil((M*k + E*(B-1)) / B)] int32: the expert of each block; -1 past the used blocks.
+  sorted_token_ids [M*k + min(M*k, E)*(B-1)] int32: expert 0's slots, padded with the sentinel M*k up to a
+    multiple of B, then expert 1's, ...; experts with no slots take no blocks; entries past
+    num_tokens_post_padded are also the sentinel. (At most min(M*k, E) experts hold slots and each pads
+    fewer than B: the length holds every layout, and is short at decode sizes, where the expert GEMMs launch
+    a program per block of it.)
+  block_expert_ids [ceil(len(sorted_token_ids) / B)] int32: the expert of each block; -1 past the used blocks.
   num_tokens_post_padded [1] int32: sum over experts of ceil(count_e / B) * B.
   The sizes are fixed by (M, k, E, B) alone, so the outputs can live in CUDA-graph-captured buffers.
 
@@ -30,8 +32,8 @@ import torch
 
 
 class AlignOutput(NamedTuple):
-    sorted_token_ids: torch.Tensor  # [M*k + E*(B-1)] int32, sentinel M*k
-    block_expert_ids: torch.Tensor  # [ceil((M*k + E*(B-1)) / B)] int32, -1 past the used blocks
+    sorted_token_ids: torch.Tensor  # [M*k + min(M*k, E)*(B-1)] int32, sentinel M*k
+    block_expert_ids: torch.Tensor  # [ceil(len(sorted_token_ids) / B)] int32, -1 past the used blocks
     num_tokens_post_padded: torch.Tensor  # [1] int32
 
 
@@ -44,8 +46,9 @@ class PermuteLayout(NamedTuple):
 
 
 def align_sizes(num_slots: int, num_experts: int, block_size: int) -> tuple[int, int]:
-    """(len(sorted_token_ids), len(block_expert_ids)) for M*k = num_slots."""
-    max_padded = num_slots + num_experts * (block_size - 1)
+    """(len(sorted_token_ids), len(block_expert_ids)) for M*k = num_slots: at most min(num_slots, num_experts)
+    experts hold slots, and each pads fewer than block_size."""
+    max_padded = num_slots + min(num_slots, num_experts) * (block_size - 1)
     return max_padded, -(-max_padded // block_size)
 
 

@@ -46,8 +46,8 @@ class RouteOutput(NamedTuple):
     topk_weights: torch.Tensor  # [M, k] fp32
     topk_ids: torch.Tensor  # [M, k] int32
     expert_counts: torch.Tensor  # [E] int32
-    sorted_token_ids: torch.Tensor  # [M*k + E*(B-1)] int32, sentinel M*k
-    block_expert_ids: torch.Tensor  # [ceil((M*k + E*(B-1)) / B)] int32, -1 past the used blocks
+    sorted_token_ids: torch.Tensor  # [M*k + min(M*k, E)*(B-1)] int32, sentinel M*k
+    block_expert_ids: torch.Tensor  # [ceil(len(sorted_token_ids) / B)] int32, -1 past the used blocks
     num_tokens_post_padded: torch.Tensor  # [1] int32
 
 
@@ -84,7 +84,7 @@ def route_and_align(
     M, E = router_logits.shape
     max_padded, _ = align_sizes(M * top_k, E, block_size)
     if max_padded >= 2**31:
-        raise ValueError(f"M*top_k + num_experts*(block_size-1) = {max_padded} must be < 2^31")
+        raise ValueError(f"M*top_k + min(M*top_k, num_experts)*(block_size-1) = {max_padded} must be < 2^31")
     in_limits = E <= MAX_EXPERTS and top_k <= MAX_TOPK
     chosen = resolve_backend(backend, router_logits.device, cuda_ok=in_limits and _HAS_OP, triton_ok=in_limits)
     if chosen in ("cuda", "triton") and not in_limits:

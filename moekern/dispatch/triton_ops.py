@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moekern.dispatch.reference import align_sizes
+
 SMALL_N = 4096  # at or below this many slots one launch does the whole align (one program sorts all keys)
 MAX_SMALL_N = 16384  # cap of small_n: one program sorts next_pow2(N) keys; above it the chunks run
 MIN_CHUNK = 1024  # slots per chunk of the multi-launch path, at least ...
@@ -265,14 +267,14 @@ def _warps(keys: int) -> int:
 def _counting_sort(topk_ids, num_experts, block_size, expert_counts, *, write_inverse, write_blocks,
                    chunk=None, small_n=SMALL_N, table_reads=TABLE_READS):
     """Shared by align (block_size B, blocks) and permute (B = 1, inverse). Returns
-    (sorted [N + E*(B-1)], inverse [N] or None, block_expert_ids or None, offsets [E+1], post [1]).
+    (sorted [N + min(N, E)*(B-1)], inverse [N] or None, block_expert_ids or None, offsets [E+1], post [1]).
 
     chunk (a power of two), small_n (capped at MAX_SMALL_N) and table_reads choose the path; tests use them
     to reach every path at tiny sizes, the defaults pick it from N."""
     dev = topk_ids.device
     n = topk_ids.numel()
-    max_padded = n + num_experts * (block_size - 1)
-    num_blocks = -(-max_padded // block_size) if write_blocks else 0
+    max_padded, num_blocks = align_sizes(n, num_experts, block_size)
+    num_blocks = num_blocks if write_blocks else 0
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)  # the kernels write every entry
     inverse = torch.empty(n, dtype=torch.int32, device=dev) if write_inverse else None
     blocks = torch.empty(num_blocks, dtype=torch.int32, device=dev) if write_blocks else None
