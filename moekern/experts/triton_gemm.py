@@ -29,7 +29,8 @@ Variants, chosen by BlockConfig fields so that one benchmark run can A/B them (c
          weights at decode sizes, where 8 slots give GEMM1 96 programs for 132 SMs; no counters, no extra launch.
          Needs fuse_silu=False, persistent=0, tma=False; gemm2's split_k stays 1, and its num_stages is cut to what
          fits the partial tiles in shared memory (split_a_stages). Measured on an H100 it lost at every decode
-         shape tried (Qwen3-30B-A3B M=1: 77 us with 2 shares vs 36.5 fused; see experts/NOTES.md).
+         shape tried (Qwen3-30B-A3B M=1: 77 us with 2 shares vs 36.5 fused), before align's layout was cut to
+         the used experts, which removes the likely cause (experts/NOTES.md).
   tma (default False)  weight tiles through a host-made TensorDescriptor (Hopper TMA) over w viewed as
          [E * N_total, K]; the A side stays a pointer gather (rows by slot). Needs K * itemsize % 16 == 0.
 
