@@ -994,6 +994,39 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     assert len(asked) == 1 and asked[0] is w13  # the expert-size rule sees the layer's own weights
 
 
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid, runs nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.grids.append(grid)
+
+
+@pytest.mark.parametrize("E,k,M,B", [(128, 8, 1, 16), (256, 8, 2, 16), (8, 2, 1, 16), (64, 8, 64, 16)])
+def test_gemm_grids_cover_the_used_blocks_bound_only(E, k, M, B, monkeypatch):
+    """At decode sizes both GEMMs launch programs for at most min(M*k, E) padded runs (align's layout length), not
+    for every expert's: Qwen3-30B-A3B at M = 1 gets 8 M-blocks per N tile, where n + E*(B-1) gave 121."""
+    import moekern.experts.triton_gemm as tg
+
+    grids = []
+    monkeypatch.setattr(tg, "_grouped_gemm_kernel", _GridSpy(grids))
+    monkeypatch.setattr(tg, "_combine_kernel", _GridSpy([]))
+    w13, w2 = _weights(E, h=32, inter=32)
+    x, logits = _inputs(M, E, h=32)
+    w, ids = _route(logits, k)
+    cfg = BlockConfig(B, 32, 32, 1, 4, 2)
+    al = moekern.align(ids, E, B, backend="torch")
+    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, cfg)
+    n = M * k
+    blocks = -(-(n + min(n, E) * (B - 1)) // B)
+    assert al[1].numel() == blocks
+    assert grids == [(blocks * 1,), (blocks * 1,)]  # one N tile of 32 for 2I = 64 fused / H = 32
+    if (E, M) == (128, 1):
+        assert blocks == 8
+
+
 @pytest.mark.parametrize("fuse_silu", [True, False])
 def test_pdl_gemm1_mode_launches_gemm1_alone_with_pdl(fuse_silu, monkeypatch):
     """pdl_stages (True, False): GEMM1 compiled and launched with PDL, the SiLU-and-mul, GEMM2 and the combine
