@@ -6,7 +6,7 @@
 #   bash tools/gpu/gpu_session.sh own          # no vLLM needed: ep + diffusion + profile + ncu below
 #   bash tools/gpu/gpu_session.sh ep|diffusion|profile|ncu   # one of those
 #   bash tools/gpu/gpu_session.sh tune         # fused_moe tiles for the losing shapes vs vLLM, then re-bench moe
-#   bash tools/gpu/gpu_session.sh decode-tune  # no vLLM needed: decode tiles at M <= 4 (split-K too), then the layer
+#   bash tools/gpu/gpu_session.sh decode-tune  # no vLLM needed: decode tiles (TUNE_SHAPES, default Qwen3/OLMoE M <= 4), then the layer
 #   bash tools/gpu/gpu_session.sh ep-vllm      # the EP adapter inside vLLM's modular kernel at W=1
 #   bash tools/gpu/gpu_session.sh ep-multi     # issue 11 on a multi-GPU kind: EP bench W=2/4/8 + tests
 #   bash tools/gpu/gpu_session.sh e2e-multi    # the plugin at tensor / expert parallelism 2 (multi-GPU kind, vLLM)
@@ -204,11 +204,15 @@ run_stage() {
     # N tile alone, ... among the candidates), the winners written into this checkout's tile table (--apply), then
     # the decode layer timed with them in the same call. Edits here do not come back: commit the returned
     # tune/tune_moe_shapes.json with `python benchmarks/tune_moe.py apply` on the CPU machine.
+    # TUNE_SHAPES (model:M,...) picks the shapes; the layer is then timed for those models and M.
     versions; build
+    local shapes=${TUNE_SHAPES:-qwen3-30b-a3b:1,qwen3-30b-a3b:2,qwen3-30b-a3b:4,olmoe:1,olmoe:2,olmoe:4}
+    local models ms
+    models=$(echo "$shapes" | tr ',' '\n' | cut -d: -f1 | awk '!seen[$0]++' | paste -sd, -)
+    ms=$(echo "$shapes" | tr ',' '\n' | cut -d: -f2 | sort -n | uniq | paste -sd, -)
     timeout 220 python3 benchmarks/tune_moe_shapes.py --out "$OUT/tune" --budget-s 170 --max-candidates 12 --apply \
-      --shapes "${TUNE_SHAPES:-qwen3-30b-a3b:1,qwen3-30b-a3b:2,qwen3-30b-a3b:4,olmoe:1,olmoe:2,olmoe:4}" \
-      2>&1 | tee "$OUT/tune.log" | tail -30
-    timeout 200 python3 benchmarks/decode_layer.py --models qwen3-30b-a3b,olmoe --ms 1,2,4 \
+      --shapes "$shapes" 2>&1 | tee "$OUT/tune.log" | tail -30
+    timeout 200 python3 benchmarks/decode_layer.py --models "$models" --ms "$ms" \
       --json "$OUT/decode_tuned.json" 2>&1 | tee "$OUT/decode_tuned.log" | tail -12
     ;;
   routing-variants)
