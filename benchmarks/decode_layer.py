@@ -118,6 +118,21 @@ def reference_layer(name: str, bias, x, logits, w13, w2):
     return rw, rids, fused_moe_reference(x, w13, w2, rw, rids)
 
 
+def pdl_providers(device: torch.device, w13) -> dict[str, bool]:
+    """The PDL settings timed beside fused_moe's default for experts w13 ({provider: MOEKERN_PDL on?}): none where
+    the default launches anything with PDL, and the whole chain where the default stops after GEMM1 (large experts);
+    nothing on a device without PDL."""
+    from moekern.experts.triton_gemm import pdl_stages, use_pdl
+
+    first, rest = pdl_stages(device, w13)
+    out = {}
+    if first or rest:
+        out["moekern-nopdl"] = False
+    if first and not rest and use_pdl(device):  # capable, and the size rule (or the switch) stopped the chain
+        out["moekern-pdl"] = True
+    return out
+
+
 def _with_pdl(on: bool, fn, *args, **kwargs):
     """fn(*args, **kwargs) with programmatic dependent launch forced on or off (MOEKERN_PDL=1/0, read by fused_moe at
     every call; inside a CUDA-graph capture the captured launches keep the setting)."""
@@ -149,7 +164,6 @@ def interleaved_medians(timers: dict, rounds: int) -> tuple[dict, dict]:
 def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
     import moekern
     from moekern.bench.timing import measure_hbm_bandwidth, time_calls
-    from moekern.experts.triton_gemm import use_pdl
     from moekern.models.registry import get_model
 
     dev = torch.device("cuda")
@@ -162,12 +176,8 @@ def run(models, ms, rounds: int = 3) -> tuple[list[dict], float]:
         kw = _routing_kwargs(a, bias)
         vllm = _vllm_layer(a, bias)
         providers = {"moekern": lambda x, lg: moekern.fused_moe(x, w13, w2, lg, a["k"], **kw)}
-        if use_pdl(dev):  # the PDL settings other than fused_moe's default for these experts
-            providers["moekern-nopdl"] = lambda x, lg: _with_pdl(
-                False, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
-            if not use_pdl(dev, w13):  # large experts: PDL into GEMM1 alone by default, here the whole chain
-                providers["moekern-pdl"] = lambda x, lg: _with_pdl(
-                    True, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
+        for pname, on in pdl_providers(dev, w13).items():
+            providers[pname] = lambda x, lg, on=on: _with_pdl(on, moekern.fused_moe, x, w13, w2, lg, a["k"], **kw)
         if not isinstance(vllm, str):
             providers["vllm"] = lambda x, lg: vllm(x, lg, w13, w2)
         for M in ms:

@@ -76,3 +76,24 @@ def test_with_pdl_sets_the_switch_for_the_call_only(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         decode_layer._with_pdl(True, lambda: 1 / 0)
     assert "MOEKERN_PDL" not in os.environ
+
+
+def test_pdl_providers_time_the_settings_the_default_leaves_out(monkeypatch):
+    """Small experts (whole chain by default): no PDL beside it; large experts (GEMM1 alone by default): no PDL and
+    the whole chain; MOEKERN_PDL=gemm1 keeps 'none' only; a device without PDL: nothing."""
+    import moekern.experts.triton_gemm as tg
+
+    cuda = torch.device("cuda", 0)
+    small = torch.empty(2, 1536, 2048, dtype=torch.bfloat16, device="meta")   # Qwen3-30B-A3B's w13
+    large = torch.empty(2, 28672, 4096, dtype=torch.bfloat16, device="meta")  # Mixtral's
+    monkeypatch.delenv("MOEKERN_PDL", raising=False)
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: True)
+    assert decode_layer.pdl_providers(cuda, small) == {"moekern-nopdl": False}
+    assert decode_layer.pdl_providers(cuda, large) == {"moekern-nopdl": False, "moekern-pdl": True}
+    monkeypatch.setenv("MOEKERN_PDL", "gemm1")
+    assert decode_layer.pdl_providers(cuda, small) == {"moekern-nopdl": False}
+    monkeypatch.setenv("MOEKERN_PDL", "0")
+    assert decode_layer.pdl_providers(cuda, large) == {}
+    monkeypatch.delenv("MOEKERN_PDL")
+    monkeypatch.setattr(tg, "_pdl_capable", lambda index: False)
+    assert decode_layer.pdl_providers(cuda, large) == {}

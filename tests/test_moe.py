@@ -918,12 +918,14 @@ def test_pdl_stages_gemm1_for_every_size_the_rest_for_small_experts(monkeypatch)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["1", "gemm1", None])
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral"])
 @pytest.mark.parametrize("M", [1, 4, 300])
-def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, monkeypatch):
+def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, mode, monkeypatch):
     """The layer from logits captured once in a CUDA graph, replayed on new inputs: with programmatic dependent launch
-    (route_and_align -> GEMM1 -> GEMM2 -> combine, each waiting for the one before) it gives what the same layer
-    gives without it, and the reference. On sm_90 the GEMM must really have been compiled with griddepcontrol."""
+    (route_and_align -> GEMM1 -> GEMM2 -> combine, each waiting for the one before; MOEKERN_PDL=1, =gemm1 and the
+    default, which is GEMM1 alone for Mixtral) it gives what the same layer gives without it, and the reference. On
+    sm_90 the GEMM must really have been compiled with griddepcontrol."""
     import moekern.experts.triton_gemm as tg
 
     spec, w13, w2 = _model_weights(name)
@@ -931,7 +933,14 @@ def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, monkeypatch):
     x = torch.zeros(M, hidden, dtype=torch.bfloat16, device="cuda")
     logits = torch.zeros(M, E, device="cuda")
     kw = spec.routing_kwargs()
-    monkeypatch.setenv("MOEKERN_PDL", "1")
+
+    def set_mode():
+        if mode is None:
+            monkeypatch.delenv("MOEKERN_PDL", raising=False)
+        else:
+            monkeypatch.setenv("MOEKERN_PDL", mode)
+
+    set_mode()
     moekern.fused_moe(x, w13, w2, logits, k, **kw)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -944,12 +953,12 @@ def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, monkeypatch):
         torch.cuda.synchronize()
         monkeypatch.setenv("MOEKERN_PDL", "0")
         plain = moekern.fused_moe(x, w13, w2, logits, k, **kw)
-        monkeypatch.setenv("MOEKERN_PDL", "1")
+        set_mode()
         w, ids, _ = moekern.fused_topk(logits, k, backend="torch", **kw)
         ref = fused_moe_reference(x.float(), w13, w2, w, ids)
         assert _rel_err(out, ref) < LOWP_REL_TOL
         torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    if torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None:
+    if mode == "1" and torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None:
         assert tg.use_pdl(x.device)
         for kernel in (tg._grouped_gemm_kernel, tg._combine_kernel):
             compiled = [kern for cache in kernel.device_caches.values() for kern in cache[0].values()]

@@ -301,8 +301,9 @@ def use_pdl(device: torch.device, w13: torch.Tensor | None = None) -> bool:
 
 
 def pdl_stages(device: torch.device, w13: torch.Tensor | None = None) -> tuple[bool, bool]:
-    """(GEMM1, the rest): whether GEMM1 launches with PDL (its blocks start during route_and_align's tail: on for
-    every expert size where the device has PDL, unless MOEKERN_PDL=0), and whether the kernels after it do (use_pdl;
+    """(GEMM1, the rest): whether GEMM1 launches with PDL (on for every expert size where the device has PDL, unless
+    MOEKERN_PDL=0; its blocks start during the tail of the kernel before it where that kernel triggers early:
+    route_and_align or the CUDA align's last kernel), and whether the kernels after it do (use_pdl;
     MOEKERN_PDL=gemm1 keeps GEMM1's alone for every expert size)."""
     first = device.type == "cuda" and _pdl_capable(device.index) and os.environ.get("MOEKERN_PDL") != "0"
     return first, use_pdl(device, w13)
@@ -325,13 +326,16 @@ def _max_shared_mem(device: torch.device) -> int | None:
 
 def split_a_stages(cfg: BlockConfig, a_split: int, b_itemsize: int, smem_limit: int | None) -> int:
     """GEMM2's pipeline depth when it reduces a split-K GEMM1's partials. Triton keeps num_stages - 1 copies of each
-    loaded tile in shared memory, and GEMM2's A side is then 2 * a_split fp32 tiles per K block, so a deep pipeline
-    overflows it (split 8, 16 x 128 tiles, 3 stages: 288 KiB against an H100's 227 KiB). The depth is cut to what
-    fits (at least 1: no pipelining); smem_limit None leaves cfg.num_stages."""
+    loaded tile in shared memory (its pipelining of plain loads, as at the decode tiles' block_m 16), and GEMM2's A
+    side is then 2 * a_split fp32 tiles per K block, so a deep pipeline overflows it (split 8, 16 x 128 tiles, 3
+    stages: 288 KiB against an H100's 227 KiB). The depth is cut to what fits beside a margin of one B tile and one
+    A tile in the weights' dtype (the dot operands, the epilogue's layout conversion), at least 1 (no pipelining);
+    smem_limit None leaves cfg.num_stages."""
     if smem_limit is None:
         return cfg.num_stages
     per_stage = cfg.block_n * cfg.block_k * b_itemsize + 2 * a_split * cfg.block_m * cfg.block_k * 4
-    return max(1, min(cfg.num_stages, 1 + smem_limit // per_stage))
+    usable = smem_limit - (cfg.block_n + cfg.block_m) * cfg.block_k * b_itemsize
+    return max(1, min(cfg.num_stages, 1 + max(usable, 0) // per_stage))
 
 
 def _launch(a, b, c, topk_weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded, *, n, k,

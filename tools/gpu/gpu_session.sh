@@ -204,10 +204,13 @@ run_stage() {
     # N tile alone, ... among the candidates), the winners written into this checkout's tile table (--apply), then
     # the decode layer timed with them in the same call. Edits here do not come back: commit the returned
     # tune/tune_moe_shapes.json with `python benchmarks/tune_moe.py apply` on the CPU machine.
-    # TUNE_SHAPES (model:M,...) picks the shapes; the layer is then timed for those models and M.
-    versions; build
+    # TUNE_SHAPES (model:M,...) picks the shapes; the layer is then timed for every model of it at every M of it.
     local shapes=${TUNE_SHAPES:-qwen3-30b-a3b:1,qwen3-30b-a3b:2,qwen3-30b-a3b:4,olmoe:1,olmoe:2,olmoe:4}
     local models ms
+    if echo "$shapes" | tr ',' '\n' | grep -qv '^[a-z0-9.-]*:[0-9][0-9]*$'; then
+      echo "decode-tune: TUNE_SHAPES=$shapes: each entry must be model:M (e.g. mixtral:2)"; return 2
+    fi
+    versions; build
     models=$(echo "$shapes" | tr ',' '\n' | cut -d: -f1 | awk '!seen[$0]++' | paste -sd, -)
     ms=$(echo "$shapes" | tr ',' '\n' | cut -d: -f2 | sort -n | uniq | paste -sd, -)
     timeout 220 python3 benchmarks/tune_moe_shapes.py --out "$OUT/tune" --budget-s 170 --max-candidates 12 --apply \
