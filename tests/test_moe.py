@@ -967,13 +967,28 @@ def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, mode, monkeypatch):
 
 
 class _LaunchSpy:
-    """Stands in for a Triton kernel: records each launch's keywords, runs nothing."""
+    """Stands in for a Triton kernel: records each launch's (name, grid, keywords), runs nothing."""
 
     def __init__(self, name, launches):
         self.name, self.launches = name, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kw: self.launches.append((self.name, kw))
+        return lambda *args, **kw: self.launches.append((self.name, grid, kw))
+
+
+def _spied_layer_launches(monkeypatch, cfg1, cfg2, E=4, k=2, M=3, h=H, inter=I):
+    """moe_experts_triton on a routed layer with every Triton kernel replaced by a _LaunchSpy: its launches."""
+    import moekern.experts.triton_gemm as tg
+
+    launches = []
+    for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
+        monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
+    w13, w2 = _weights(E, h=h, inter=inter)
+    x, logits = _inputs(M, E, h=h)
+    w, ids = _route(logits, k)
+    al = moekern.align(ids, E, cfg1.block_m, backend="torch")
+    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg1, cfg2)
+    return launches, w13, al
 
 
 @pytest.mark.parametrize("pdl", [True, False])
@@ -983,54 +998,28 @@ def test_every_launch_pairs_the_pdl_constexpr_with_launch_pdl(pdl, fuse_silu, mo
     chain is serial), and launch_pdl must not be passed when off (Triton's AMD backend rejects the keyword)."""
     import moekern.experts.triton_gemm as tg
 
-    launches = []
-    for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
-        monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
     asked = []
     monkeypatch.setattr(tg, "pdl_stages", lambda device, w13=None: asked.append(w13) or (pdl, pdl))
-    E, k, M = 4, 2, 3
-    w13, w2 = _weights(E)
-    x, logits = _inputs(M, E)
-    w, ids = _route(logits, k)
     cfg = BlockConfig(16, 32, 32, 1, 4, 2, fuse_silu=fuse_silu)
-    al = moekern.align(ids, E, cfg.block_m, backend="torch")
-    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, dataclasses.replace(cfg, fuse_silu=False))
-    names = [n for n, _ in launches]
+    launches, w13, _ = _spied_layer_launches(monkeypatch, cfg, dataclasses.replace(cfg, fuse_silu=False))
+    names = [n for n, _, _ in launches]
     assert names == ["_grouped_gemm_kernel"] + ([] if fuse_silu else ["_silu_and_mul_kernel"]) + \
         ["_grouped_gemm_kernel", "_combine_kernel"]
-    for name, kw in launches:
+    for name, _, kw in launches:
         assert kw["PDL"] is pdl and kw.get("launch_pdl", False) is pdl and ("launch_pdl" in kw) == pdl, name
     assert len(asked) == 1 and asked[0] is w13  # the expert-size rule sees the layer's own weights
-
-
-class _GridSpy:
-    """Stands in for a Triton kernel: records each launch's grid, runs nothing."""
-
-    def __init__(self, grids):
-        self.grids = grids
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.grids.append(grid)
 
 
 @pytest.mark.parametrize("E,k,M,B", [(128, 8, 1, 16), (256, 8, 2, 16), (8, 2, 1, 16), (64, 8, 64, 16)])
 def test_gemm_grids_cover_the_used_blocks_bound_only(E, k, M, B, monkeypatch):
     """At decode sizes both GEMMs launch programs for at most min(M*k, E) padded runs (align's layout length), not
     for every expert's: Qwen3-30B-A3B at M = 1 gets 8 M-blocks per N tile, where n + E*(B-1) gave 121."""
-    import moekern.experts.triton_gemm as tg
-
-    grids = []
-    monkeypatch.setattr(tg, "_grouped_gemm_kernel", _GridSpy(grids))
-    monkeypatch.setattr(tg, "_combine_kernel", _GridSpy([]))
-    w13, w2 = _weights(E, h=32, inter=32)
-    x, logits = _inputs(M, E, h=32)
-    w, ids = _route(logits, k)
     cfg = BlockConfig(B, 32, 32, 1, 4, 2)
-    al = moekern.align(ids, E, B, backend="torch")
-    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, cfg)
+    launches, _, al = _spied_layer_launches(monkeypatch, cfg, cfg, E=E, k=k, M=M, h=32, inter=32)
     n = M * k
     blocks = -(-(n + min(n, E) * (B - 1)) // B)
     assert al[1].numel() == blocks
+    grids = [grid for name, grid, _ in launches if name == "_grouped_gemm_kernel"]
     assert grids == [(blocks * 1,), (blocks * 1,)]  # one N tile of 32 for 2I = 64 fused / H = 32
     if (E, M) == (128, 1):
         assert blocks == 8
@@ -1042,20 +1031,12 @@ def test_pdl_gemm1_mode_launches_gemm1_alone_with_pdl(fuse_silu, monkeypatch):
     without (each then starts after the kernel before it has finished)."""
     import moekern.experts.triton_gemm as tg
 
-    launches = []
-    for name in ("_grouped_gemm_kernel", "_combine_kernel", "_silu_and_mul_kernel"):
-        monkeypatch.setattr(tg, name, _LaunchSpy(name, launches))
     monkeypatch.setattr(tg, "pdl_stages", lambda device, w13=None: (True, False))
-    E, k, M = 4, 2, 3
-    w13, w2 = _weights(E)
-    x, logits = _inputs(M, E)
-    w, ids = _route(logits, k)
     cfg = BlockConfig(16, 32, 32, 1, 4, 2, fuse_silu=fuse_silu)
-    al = moekern.align(ids, E, cfg.block_m, backend="torch")
-    tg.moe_experts_triton(x, w13, w2, w.reshape(-1), al[0], al[1], al[2], k, cfg, dataclasses.replace(cfg, fuse_silu=False))
-    pdl = [kw["PDL"] for _, kw in launches]
+    launches, _, _ = _spied_layer_launches(monkeypatch, cfg, dataclasses.replace(cfg, fuse_silu=False))
+    pdl = [kw["PDL"] for _, _, kw in launches]
     assert pdl == [True] + [False] * (len(launches) - 1) and len(launches) == 4 - fuse_silu
-    assert [("launch_pdl" in kw) for _, kw in launches] == pdl
+    assert [("launch_pdl" in kw) for _, _, kw in launches] == pdl
 
 
 @pytest.mark.parametrize("field,good,bad", [

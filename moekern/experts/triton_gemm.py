@@ -276,6 +276,10 @@ def _pdl_capable(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _pdl_device(device: torch.device) -> bool:
+    return device.type == "cuda" and _pdl_capable(device.index)
+
+
 # Programmatic dependent launch pays where the layer is a chain of short kernels; with large experts only its first
 # overlap does. Measured on an H100 (benchmarks/results/fastpath/h100-2026-12-07-pdl/decode_layer.json and
 # ../h100-2026-12-07-pdl-stages/decode_layer.json, CUDA graphs, 3 alternating rounds within 1 %): the whole chain
@@ -292,7 +296,7 @@ def use_pdl(device: torch.device, w13: torch.Tensor | None = None) -> bool:
     on `device` for experts `w13` ([E, 2I, H]): CUDA, sm_90 or later, and experts of at most PDL_MAX_EXPERT_BYTES
     each (w13 None: the device alone). MOEKERN_PDL=1 turns it on for every expert size, MOEKERN_PDL=0 or gemm1
     off; read at every call, so a benchmark can time the settings in one process. GEMM1's own launch: pdl_stages."""
-    if device.type != "cuda" or not _pdl_capable(device.index):
+    if not _pdl_device(device):
         return False
     switch = os.environ.get("MOEKERN_PDL", "")
     if switch in ("0", "1", "gemm1"):
@@ -305,8 +309,9 @@ def pdl_stages(device: torch.device, w13: torch.Tensor | None = None) -> tuple[b
     MOEKERN_PDL=0; its blocks start during the tail of the kernel before it where that kernel triggers early:
     route_and_align or the CUDA align's last kernel), and whether the kernels after it do (use_pdl;
     MOEKERN_PDL=gemm1 keeps GEMM1's alone for every expert size)."""
-    first = device.type == "cuda" and _pdl_capable(device.index) and os.environ.get("MOEKERN_PDL") != "0"
+    first = _pdl_device(device) and os.environ.get("MOEKERN_PDL") != "0"
     return first, use_pdl(device, w13)
+
 
 
 @functools.lru_cache(maxsize=None)
