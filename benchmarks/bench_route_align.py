@@ -3,7 +3,8 @@
     python benchmarks/bench_route_align.py [--models ...] [--ms 1,16,64,256,1024,4096] [--json out.json]
 
 Providers, on the same inputs and block size (the block_m moekern.fused_moe picks for the shape):
-  moekern-one   moekern.route_and_align(backend="cuda"): one launch while M <= 256 (csrc/dispatch/route_align.cu)
+  moekern-one   moekern.route_and_align(backend="cuda"): one launch (one block, or the grid tier while its blocks fit
+                the GPU at once: csrc/dispatch/route_align.cu)
   moekern-two   the same op forced to two launches (routing kernel, then align's)
   vllm          vLLM 0.26's fused_topk (grouped_topk for DeepSeek-V3) then moe_align_block_size
 moekern paths are checked against the torch reference (ids, counts, layout exactly; weights 1e-5) before they are

@@ -250,8 +250,8 @@ Tensor3 moe_align_cuda(const Tensor& topk_ids, int64_t num_experts, int64_t bloc
                                 mk::align_default_thread_pads(topk_ids.numel(), num_experts, block_size));
 }
 
-// fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block
-// (dispatch/route_align.cu), else those two ops as they are. two_kernels = true forces the two (benchmarks, tests).
+// fused_topk followed by moe_align(ids, E, block_size, counts): one launch while the tokens fit one block or a grid
+// whose blocks are all resident (dispatch/route_align.cu), else those two ops as they are. two_kernels = true forces the two (benchmarks, tests).
 Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t scoring, bool renormalize,
                              const std::optional<Tensor>& bias_in, int64_t num_groups, int64_t topk_group, double scale,
                              int64_t block_size, bool two_kernels) {
@@ -271,6 +271,8 @@ Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t sco
     Tensor sorted = at::empty({max_padded}, i32);
     Tensor block_ids = at::empty({max_blocks}, i32);
     Tensor post_pad = at::empty({1}, i32);
+    const int64_t scratch_elems = mk::route_align_scratch_elems(r.M, static_cast<int>(E));
+    Tensor scratch = at::empty({scratch_elems}, i32);
     bool unsupported = true;
     check_launch(mk::launch_route_align(r.logits.data_ptr(), r.dtype, r.M, static_cast<int>(E), static_cast<int>(top_k),
                                         static_cast<int>(scoring), renormalize, r.bias_ptr, static_cast<int>(num_groups),
@@ -278,6 +280,7 @@ Tensor6 route_and_align_cuda(const Tensor& logits_in, int64_t top_k, int64_t sco
                                         weights.data_ptr<float>(), ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
                                         static_cast<int>(block_size), sorted.data_ptr<int32_t>(),
                                         block_ids.data_ptr<int32_t>(), post_pad.data_ptr<int32_t>(),
+                                        scratch_elems > 0 ? scratch.data_ptr<int32_t>() : nullptr,
                                         c10::cuda::getCurrentCUDAStream().stream(), &unsupported),
                  "route_and_align");
     if (!unsupported) return {weights, ids, counts, sorted, block_ids, post_pad};

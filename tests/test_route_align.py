@@ -224,18 +224,19 @@ def test_cuda_one_launch_at_two_slots_per_thread(E, k, M):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("model", STANDARD_MODELS)
-def test_cuda_graph_replay(model):
+@pytest.mark.parametrize("M", [32, 256])  # one block; the grid tier (its barrier must reset between replays)
+def test_cuda_graph_replay(model, M):
     spec = get_model(model)
     E, k = spec.num_experts, spec.top_k
     kw = _routing_kwargs(model, E, device="cuda")
-    x = torch.randn(32, E, device="cuda").to(torch.bfloat16)
+    x = torch.randn(M, E, device="cuda").to(torch.bfloat16)
     moekern.route_and_align(x, k, block_size=16, backend="cuda", **kw)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moekern.route_and_align(x, k, block_size=16, backend="cuda", **kw)
     for seed in range(3):
-        x.copy_(torch.randn(32, E, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        x.copy_(torch.randn(M, E, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
         graph.replay()
         torch.cuda.synchronize()
         _assert_equal(moekern.RouteOutput(*out), _reference(x, k, 16, **kw))

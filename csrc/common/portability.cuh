@@ -11,8 +11,13 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
-#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__) || defined(__HIP_PLATFORM_HCC__) || defined(USE_ROCM)
+#if defined(MOEKERN_SIMT_EMULATION)
+// The CPU emulator's stand-ins for the CUDA names (tools/simt/simt_emulation.h): the kernels' CUDA path, run by
+// fibers on a machine without a GPU, for tests only.
+#include "simt_emulation.h"
+#elif defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__) || defined(__HIP_PLATFORM_HCC__) || defined(USE_ROCM)
 #define MOEKERN_HIP 1
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
@@ -113,7 +118,7 @@ using lane_mask_t = unsigned int;
   }
 
 // ---------------------------------------------------------------- device part
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(MOEKERN_SIMT_EMULATION)
 namespace mk {
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -185,7 +190,7 @@ __device__ __forceinline__ lane_mask_t match_any_ballots(unsigned key, int bits)
 // The same, key < 2^kBits: CUDA uses the hardware match; HIP has none, so it takes the ballots.
 template <int kBits>
 __device__ __forceinline__ lane_mask_t match_any(unsigned key) {
-#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#if !defined(MOEKERN_HIP) && ((defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700) || defined(MOEKERN_SIMT_EMULATION))
   return __match_any_sync(0xffffffffu, key);
 #else
   return match_any_ballots(key, kBits);
@@ -199,6 +204,41 @@ __device__ __forceinline__ lane_mask_t match_any(unsigned key) {
 __device__ __forceinline__ void allow_dependent_launch() {
 #if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// A spinning thread's pause between two polls of a flag that another block sets (a grid barrier).
+__device__ __forceinline__ void spin_pause() {
+#if defined(MOEKERN_HIP)
+  __builtin_amdgcn_s_sleep(1);
+#elif defined(MOEKERN_SIMT_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700)
+  __nanosleep(32);
+#endif
+}
+
+// Launches `kernel` with every block resident at once (a cooperative launch: the runtime refuses a grid that does not
+// fit instead of queueing blocks), so blocks may wait for each other at a grid barrier. The caller sizes the grid by
+// num_sms() * max_active_blocks(). Captured into CUDA graphs as a cooperative kernel node.
+template <typename... P, typename... A>
+inline Error launch_cooperative(void (*kernel)(P...), unsigned grid, unsigned block, Stream stream, A&&... args) {
+#if defined(MOEKERN_SIMT_EMULATION)
+  ::mk_simt::Launch(grid, block, 0, stream)(kernel, std::forward<A>(args)...);
+  return last_error();
+#elif defined(MOEKERN_HIP)
+  void* ptrs[] = {const_cast<void*>(static_cast<const void*>(&args))...};
+  return hipLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(block), ptrs, 0, stream);
+#else
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 #endif
 }
 

@@ -70,18 +70,21 @@ struct LoadWrittenHere {  // ids written earlier in the same launch by other thr
 #endif
 };
 
-// One chunk (CTA) of the scatter: `chunk` of `num_chunks`, kThreads threads. load_id reads one routed id: a
-// kernel that wrote the ids itself passes a load that bypasses the non-coherent cache. match: MatchHardware
-// or MatchBallot. kThreadPads: each expert's pads and block experts are written by one thread instead of one warp
-// (see the layout below; the default where align_plan.h's align_default_thread_pads says so).
+// One chunk (CTA) of the scatter: `chunk` of `num_chunks`, kThreads threads. load_id reads one routed id and the
+// chunk counts: a kernel that wrote them itself passes a load that bypasses the non-coherent cache. match:
+// MatchHardware or MatchBallot. kThreadPads: each expert's pads and block experts are written by one thread instead
+// of one warp (see the layout below; the default where align_plan.h's align_default_thread_pads says so).
+// chunk_slots: the slots of a chunk (0: kThreads * IPT; fewer when each chunk is one routing block's tokens).
+// counts_out: chunk 0 writes every expert's total there (nullable).
 template <int IPT, typename LoadId, typename Match = MatchHardware, bool kThreadPads = false>
 __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t n, int E, int B,
                                                     const int32_t* __restrict__ expert_counts,
-                                                    const int32_t* __restrict__ chunk_hist, int32_t* __restrict__ sorted,
+                                                    const int32_t* chunk_hist, int32_t* __restrict__ sorted,
                                                     int32_t* __restrict__ block_ids, int32_t* __restrict__ num_post_pad,
                                                     int32_t* __restrict__ slot_to_row, int32_t* __restrict__ offsets,
                                                     int64_t max_padded, int64_t max_blocks, int chunk, int num_chunks,
-                                                    LoadId load_id, Match match = Match{}) {
+                                                    LoadId load_id, Match match = Match{}, int64_t chunk_slots = 0,
+                                                    int32_t* __restrict__ counts_out = nullptr) {
   __shared__ int32_t s_hist[kWarps][kDispatchMaxExperts];  // per-warp counts, then running positions
   __shared__ int32_t s_base[kDispatchMaxExperts];          // first position of this chunk's slots of e
   __shared__ int32_t s_off[kDispatchMaxExperts + 1];       // padded offset of each expert's run
@@ -89,11 +92,13 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
   __shared__ int32_t s_cnt[kDispatchMaxExperts];           // slots of each expert
   __shared__ int32_t s_warp[kWarps];
   const int tid = threadIdx.x, lane = lane_id(), warp = tid / kWarpSize;
-  const int64_t chunk_start = static_cast<int64_t>(chunk) * kThreads * IPT;
+  const int64_t per_chunk = chunk_slots > 0 ? chunk_slots : static_cast<int64_t>(kThreads) * IPT;
+  const int64_t chunk_start = static_cast<int64_t>(chunk) * per_chunk;
+  const int64_t chunk_end = chunk_start + per_chunk < n ? chunk_start + per_chunk : n;
   const int64_t warp_start = chunk_start + static_cast<int64_t>(warp) * kWarpSize * IPT;
   // Warps past the last slot of the chunk hold no slot: their histogram rows stay unused and they skip the
   // scatter (decode batches fill one or two warps of the 16).
-  const int64_t left = n - chunk_start;
+  const int64_t left = chunk_end - chunk_start;
   const int64_t warps_needed = (left + kWarpSize * IPT - 1) / (kWarpSize * IPT);
   const int active_warps = left <= 0 ? 0 : static_cast<int>(warps_needed < kWarps ? warps_needed : kWarps);
 
@@ -103,7 +108,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
 #pragma unroll
   for (int i = 0; i < IPT; ++i) {
     const int64_t s = warp_start + static_cast<int64_t>(i) * kWarpSize + lane;
-    const int e = s < n ? load_id(ids + s) : -1;
+    const int e = s < chunk_end ? load_id(ids + s) : -1;
     key[i] = (e >= 0 && e < E) ? e : kSkip;
   }
   __syncthreads();
@@ -125,7 +130,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
     if (chunk_hist == nullptr) {
       total = own;
     } else {
-      for (int c = 0; c < chunk; ++c) prefix += chunk_hist[static_cast<int64_t>(c) * E + e];
+      for (int c = 0; c < chunk; ++c) prefix += load_id(chunk_hist + static_cast<int64_t>(c) * E + e);
       if (expert_counts != nullptr) {
         // a caller's counts are trusted only this far: clamped to [0, n], so the scan cannot go negative or wrap
         // for one expert; every write below is also bounded by max_padded / max_blocks
@@ -133,10 +138,11 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
         total = c < 0 ? 0 : (c > n ? static_cast<int>(n) : c);
       } else {
         total = prefix;
-        for (int c = chunk; c < num_chunks; ++c) total += chunk_hist[static_cast<int64_t>(c) * E + e];
+        for (int c = chunk; c < num_chunks; ++c) total += load_id(chunk_hist + static_cast<int64_t>(c) * E + e);
       }
     }
     blocks = (total + B - 1) / B;
+    if (counts_out != nullptr && chunk == 0) counts_out[e] = total;
   }
   // Scan the block counts, not the padded sizes: the layout below then needs no division by B.
   int total_blocks;
@@ -167,7 +173,7 @@ __device__ __forceinline__ void align_scatter_block(const int32_t* ids, int64_t 
         sorted[pos] = static_cast<int32_t>(s);
         if (slot_to_row != nullptr) slot_to_row[s] = static_cast<int32_t>(pos);
       }
-    } else if (s < n && slot_to_row != nullptr) {
+    } else if (s < chunk_end && slot_to_row != nullptr) {
       slot_to_row[s] = -1;
     }
     syncwarp();

@@ -1,15 +1,23 @@
 // Routing and moe_align in ONE launch at decode sizes: what fused_topk followed by align(..., expert_counts=)
 // computes, with the same values.
 //
-// One block of align's 512 threads routes every token with the reduction-selection teams of
-// routing/redux_topk.cuh (writing weights and ids, counting choices in shared memory), writes the counts,
-// and after a barrier lays the slots out with align's scatter (dispatch/align_scatter.cuh), reading the
-// ids it just wrote through L2. So the two kernels' launch gaps and the ids' round trip through a second
-// launch are gone. Bounds: M x L <= kRouteAlignMaxLanes (above, one block routes too many tokens one after another:
-// the caller runs the two kernels instead), which keeps M * top_k <= 1024 slots, two per thread of the scatter.
+// One block (M x L <= kRouteAlignMaxLanes): align's 512 threads route every token with the reduction-selection teams
+// of routing/redux_topk.cuh (writing weights and ids, counting choices in shared memory), write the counts, and
+// after a barrier lay the slots out with align's scatter (dispatch/align_scatter.cuh), reading the ids just written
+// through L2. So the two kernels' launch gaps and the ids' round trip through a second launch are gone.
+//
+// Grid (above, while the blocks fit the GPU at once): block b routes the tokens [b T, (b + 1) T) with one token per
+// team (T = 16 teams of warps x tokens per warp), so its slots are the b-th chunk of T x top_k; it writes its
+// chunk's expert counts, all blocks meet at a grid barrier (a cooperative launch: every block is resident), and each
+// scatters its own chunk with align's several-chunk path (prefix over the earlier chunks' counts; chunk 0 writes the
+// totals as the counts). One launch where routing + align took two or three (routing, align's chunk histogram, its
+// scatter): DeepSeek-V3 at M = 64 and 256 lost to vLLM's two kernels that way (1.29x, 1.43x). Bounds: at most
+// kRouteAlignGridMaxBlocks blocks (M <= 256 at L = 32) and no more than can be resident (num_sms x occupancy);
+// past that the caller runs the two kernels.
 #include "dispatch/align_plan.h"
 #include "dispatch/align_scatter.cuh"
 #include "dispatch/route_align.h"
+#include "common/stream_slot.h"
 #include "routing/redux_topk.cuh"
 
 #include <algorithm>
@@ -42,6 +50,109 @@ __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, con
       a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, nullptr, o.sorted, o.block_ids, o.num_post_pad, nullptr,
       nullptr, o.max_padded, o.max_blocks, 0, 1, align_detail::LoadWrittenHere{});
 }
+
+// ------------------------------------------------------------------------------------------ grid tier
+
+constexpr int kGridSlots = 32;  // grid barriers per device, one per stream (common/stream_slot.h)
+// Arrivals (atomicInc wraps them back to 0 on the last) and the barrier's generation (the last arrival moves it on):
+// zero at module load, and every launch leaves the arrivals at 0, so a graph replay starts clean.
+__device__ unsigned g_grid_arrived[kGridSlots] = {};
+__device__ unsigned g_grid_gen[kGridSlots] = {};
+struct GridSlotTag {};
+
+// Every block of the (co-resident) grid waits here until all have arrived; writes before it are visible after it.
+__device__ __forceinline__ void grid_barrier(int slot) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile unsigned* gen = &g_grid_gen[slot];
+    const unsigned seen = *gen;  // read before arriving: it cannot move on until this block has arrived
+    __threadfence();             // this block's ids, weights and chunk counts before its arrival
+    const unsigned last = gridDim.x - 1;
+    if (atomicInc(&g_grid_arrived[slot], last) == last) {
+      atomicAdd(&g_grid_gen[slot], 1u);
+    } else {
+      while (*gen == seen) spin_pause();
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+struct GridArgs {
+  int32_t* chunk_hist;  // [blocks, E]: each block's expert counts
+  int64_t tokens_per_block;
+  int slot;
+};
+
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
+__global__ void __launch_bounds__(kThreads) route_align_grid_kernel(const Args a, const AlignOut o, const GridArgs g) {
+  constexpr int kTeams = kWarpSize / L;
+  allow_dependent_launch();  // every block is resident before GEMM1's blocks can start
+  __shared__ int s_hist[kTopkMaxExperts];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.tokens_per_block;
+  Args mine = a;  // this block's tokens: the routing loop stops at its last one
+  mine.M = first + g.tokens_per_block < a.M ? first + g.tokens_per_block : a.M;
+  const int64_t stride = static_cast<int64_t>(kThreads / kWarpSize) * kTeams;
+  const int64_t t0 = first + static_cast<int64_t>(threadIdx.x / kWarpSize) * kTeams;
+  redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(mine, t0, stride, s_hist);
+  __syncthreads();
+  for (int e = threadIdx.x; e < a.E; e += kThreads) g.chunk_hist[static_cast<int64_t>(blockIdx.x) * a.E + e] = s_hist[e];
+  grid_barrier(g.slot);
+  align_detail::align_scatter_block<1, align_detail::LoadWrittenHere, align_detail::MatchHardware, kThreadPads>(
+      a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, g.chunk_hist, o.sorted, o.block_ids, o.num_post_pad, nullptr,
+      nullptr, o.max_padded, o.max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
+      align_detail::LoadWrittenHere{}, align_detail::MatchHardware{}, g.tokens_per_block * a.top_k, a.counts);
+}
+
+// Tokens per block of the grid tier: one per team (a block's slots then fit one per thread: 16 x 16 at L = 32 and
+// top_k <= 16, 64 x 8 at L = 8).
+template <int L>
+constexpr int64_t grid_tokens_per_block() {
+  return static_cast<int64_t>(kThreads / kWarpSize) * (kWarpSize / L);
+}
+
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
+Error launch_grid_tier(const Args& a, const AlignOut& o, int32_t* chunk_hist, int blocks, Stream stream) {
+  GridArgs g;
+  g.chunk_hist = chunk_hist;
+  g.tokens_per_block = grid_tokens_per_block<L>();
+  g.slot = stream_slot_of<GridSlotTag, kGridSlots>(stream);
+  if (g.slot < 0) return kInvalidValue;  // the launcher checked for a free slot first
+  return launch_cooperative(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>,
+                            static_cast<unsigned>(blocks), static_cast<unsigned>(kThreads), stream, a, o, g);
+}
+
+// Blocks the grid tier can keep resident at once (one per SM at 512 threads where registers allow no more).
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
+int64_t grid_tier_capacity() {
+  static const int64_t cap = static_cast<int64_t>(num_sms()) *
+      max_active_blocks(reinterpret_cast<const void*>(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>),
+                        kThreads);
+  return cap;
+}
+
+template <typename T, int V, int L, bool kThreadPads>
+Error launch_grid_pads(const Args& a, const AlignOut& o, int32_t* chunk_hist, bool softmax, bool& unsupported,
+                       Stream stream) {
+  const int64_t blocks = (a.M + grid_tokens_per_block<L>() - 1) / grid_tokens_per_block<L>();
+  const bool grouped = a.G > 1;
+#define MOEKERN_GRID_TIER(SM, GR)                                                                     \
+  if (softmax == (SM) && grouped == (GR)) {                                                         \
+    if (blocks > kRouteAlignGridMaxBlocks || blocks > grid_tier_capacity<T, V, L, SM, GR, kThreadPads>() || \
+        chunk_hist == nullptr ||                                                                    \
+        stream_slot_of<GridSlotTag, kGridSlots>(stream) < 0)                                        \
+      return unsupported = true, kSuccess;                                                          \
+    return launch_grid_tier<T, V, L, SM, GR, kThreadPads>(a, o, chunk_hist, static_cast<int>(blocks), stream); \
+  }
+  MOEKERN_GRID_TIER(true, true)
+  MOEKERN_GRID_TIER(true, false)
+  MOEKERN_GRID_TIER(false, true)
+  MOEKERN_GRID_TIER(false, false)
+#undef MOEKERN_GRID_TIER
+  return unsupported = true, kSuccess;
+}
+
+// ------------------------------------------------------------------------------------------ one block
 
 template <typename T, int V, int L, int IPT, bool kThreadPads>
 void launch_ipt(const Args& a, const AlignOut& o, bool softmax, Stream stream) {
@@ -81,13 +192,24 @@ Error launch_bucket(const Args& a, const AlignOut& o, bool softmax, Stream strea
   return last_error();
 }
 
+template <typename T, int V, int L>
+Error launch_grid_bucket(const Args& a, const AlignOut& o, int32_t* chunk_hist, bool softmax, bool& unsupported,
+                         Stream stream) {
+  if constexpr (V >= 2) {
+    if (align_default_thread_pads(a.M * a.top_k, a.E, o.block_size))
+      return launch_grid_pads<T, V, L, true>(a, o, chunk_hist, softmax, unsupported, stream);
+  }
+  return launch_grid_pads<T, V, L, false>(a, o, chunk_hist, softmax, unsupported, stream);
+}
+
 template <typename T>
-Error launch_typed(Args& a, const AlignOut& o, bool softmax, bool& unsupported, Stream stream) {
+Error launch_typed(Args& a, const AlignOut& o, int32_t* chunk_hist, bool softmax, bool& unsupported, Stream stream) {
 #define MOEKERN_ROUTE_ALIGN_CASE(EB, VV, LL)                                                                \
   if (a.E <= (EB)) {                                                                                        \
     if (!redux::group_lanes_for(a.E, a.G, (VV), (LL), &a.group_lanes)) return unsupported = true, kSuccess; \
     a.vec = redux::vector_loads_ok(a.logits, a.E, sizeof(T), (VV));                                          \
-    if (a.M * (LL) > kRouteAlignMaxLanes) return unsupported = true, kSuccess;                              \
+    if (a.M * (LL) > kRouteAlignMaxLanes)                                                                   \
+      return launch_grid_bucket<T, (VV), (LL)>(a, o, chunk_hist, softmax, unsupported, stream);             \
     return launch_bucket<T, (VV), (LL)>(a, o, softmax, stream);                                             \
   }
   MOEKERN_ROUTE_ALIGN_BUCKETS(MOEKERN_ROUTE_ALIGN_CASE)
@@ -97,10 +219,19 @@ Error launch_typed(Args& a, const AlignOut& o, bool softmax, bool& unsupported, 
 
 }  // namespace
 
+int64_t route_align_scratch_elems(int64_t M, int E) {
+  if (E < 1 || E > kTopkMaxExperts || M < 1) return 0;
+  const int L = route_align_lanes(E);
+  if (M * L <= kRouteAlignMaxLanes) return 0;
+  const int64_t per_block = static_cast<int64_t>(kThreads / kWarpSize) * (kWarpSize / L);
+  const int64_t blocks = (M + per_block - 1) / per_block;
+  return blocks <= kRouteAlignGridMaxBlocks ? blocks * E : 0;
+}
+
 Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring, bool renormalize,
                          const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,
                          int32_t* counts, int block_size, int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad,
-                         Stream stream, bool* unsupported) {
+                         int32_t* scratch, Stream stream, bool* unsupported) {
   *unsupported = false;
   if (E < 1 || E > kTopkMaxExperts || top_k < 1 || top_k > kTopkMaxK || top_k > E || M < 0 || block_size < 1 ||
       (scoring != 0 && scoring != 1))
@@ -108,7 +239,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   const int G = num_groups > 1 ? num_groups : 0;
   if (G > 1 && (E % G != 0 || topk_group < 1 || topk_group > G)) return kInvalidValue;
   const int64_t n = M * top_k;
-  if (M < 1 || n > static_cast<int64_t>(kThreads) * 2) {
+  if (M < 1) {
     *unsupported = true;
     return kSuccess;
   }
@@ -121,7 +252,7 @@ Error launch_route_align(const void* logits, DType dtype, int64_t M, int E, int 
   o.block_size = block_size;
   if (o.max_padded >= (static_cast<int64_t>(1) << 31)) return kInvalidValue;
   Args a = redux::make_args(logits, M, E, top_k, renormalize, bias, G, topk_group, scale, weights, ids, counts);
-  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, o, scoring == 0, *unsupported, stream));
+  MOEKERN_DISPATCH_FLOAT(dtype, T, return launch_typed<T>(a, o, scratch, scoring == 0, *unsupported, stream));
   return kInvalidValue;
 }
 

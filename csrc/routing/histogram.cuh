@@ -12,10 +12,8 @@
 // captured on different streams.
 #pragma once
 
+#include "common/stream_slot.h"
 #include "routing/fused_topk.h"
-
-#include <mutex>
-#include <vector>
 
 namespace mk {
 namespace {
@@ -53,29 +51,10 @@ __device__ __forceinline__ void publish_counts(const int* s_hist, int& s_last, i
   }
 }
 
-// The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are
-// all taken (the caller then needs another way to count: a memset and atomics).
-inline int stream_slot(Stream stream) {
-  int dev = 0;
-  if (current_device(&dev) != kSuccess) return -1;
-  struct Owner {
-    int dev;
-    Stream stream;
-    int slot;
-  };
-  static std::mutex mu;
-  static std::vector<Owner> owners;
-  const std::lock_guard<std::mutex> lock(mu);
-  int used = 0;
-  for (const Owner& o : owners) {
-    if (o.dev != dev) continue;
-    if (o.stream == stream) return o.slot;
-    ++used;
-  }
-  if (used >= kHistSlots) return -1;
-  owners.push_back(Owner{dev, stream, used});
-  return used;
-}
+// The accumulator slot of (current device, stream), assigned on first use; -1 when the device's slots are all
+// taken (the caller then needs another way to count: a memset and atomics).
+struct HistSlotTag {};
+inline int stream_slot(Stream stream) { return stream_slot_of<HistSlotTag, kHistSlots>(stream); }
 
 }  // namespace
 }  // namespace mk

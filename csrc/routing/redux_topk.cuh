@@ -17,8 +17,8 @@
 //
 // Grouped selection (DeepSeek-V3): a group is S = (E/G)/V whole lanes (S a power of two <= L; other
 // geometries use another kernel). Each lane takes the multiset top-2 of its group scores, log2(S) shuffle
-// merges give the group's top-2 sum on all its lanes (the same fp32 a + b as torch), and topk_group rounds
-// of the same two reductions pick the kept groups (ties to the lower group).
+// merges give the group's top-2 sum on all its lanes (the same fp32 a + b as torch), and a group is kept when
+// fewer than topk_group groups rank above it (ties to the lower group): G independent shuffles per lane.
 //
 // Exactness: the same fp32 operations as the reference on the values that decide selection (sigmoid is
 // 1 / (1 + expf(-x)) as torch computes it, no fast math), so ids and counts equal the reference; weights
@@ -52,7 +52,7 @@ struct Args {
 
 // Reductions over the aligned team of L lanes holding this lane; every lane of the warp calls them (loops
 // are warp-uniform), every lane of a team gets the team's result.
-#if !defined(MOEKERN_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if !defined(MOEKERN_HIP) && ((defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MOEKERN_SIMT_EMULATION))
 #define MOEKERN_HAS_REDUX 1  // redux.sync: a whole-warp integer max/min in one instruction
 #else
 #define MOEKERN_HAS_REDUX 0
@@ -238,16 +238,17 @@ __device__ __forceinline__ void route_token(const Args& a, int64_t t, bool activ
     }
     const int grp = tl / S;
     const bool single = E / a.G == 1;  // one expert per group: its score alone
-    unsigned gkey = (active && grp < a.G) ? ordered_bits(rank_key(single ? top1 : top1 + top2)) : 0u;
-    bool kept = false;
-    for (int r = 0; r < a.g; ++r) {
-      const unsigned m = team_max<L>(gkey);
-      const int win = team_min<L>(gkey == m && gkey != 0u ? grp : INT_MAX);
-      if (win == grp) {
-        kept = true;
-        gkey = 0u;
-      }
+    const unsigned gkey = (active && grp < a.G) ? ordered_bits(rank_key(single ? top1 : top1 + top2)) : 0u;
+    // A group is kept when fewer than topk_group groups rank above it (a larger key, or the same key and a lower
+    // group): every lane reads the G group keys with independent shuffles, no chain of dependent reductions.
+    int above = 0;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      if (j >= a.G) break;  // warp-uniform: every lane shuffles the same times
+      const unsigned o = L > 1 ? shfl(gkey, team0 + j * S) : gkey;
+      above += (o > gkey || (o == gkey && j < grp)) ? 1 : 0;
     }
+    const bool kept = gkey != 0u && above < a.g;
     if (!kept) {
 #pragma unroll
       for (int i = 0; i < V; ++i) key[i] = 0u;

@@ -1,11 +1,12 @@
 """moekern.route_and_align: routing and the blocked dispatch layout in one call (one launch at decode sizes).
 
 Exactly `fused_topk(...)` followed by `align(topk_ids, E, block_size, expert_counts=...)` on the same inputs.
-On the cuda backend it is ONE kernel launch while M x L <= 1024 token lanes (L = 32 lanes per token for
-E >= 32: M <= 32; L = 16 for E <= 16: M <= 64; L = 8 for E <= 8: M <= 128), which keeps M * top_k <= 1024 slots
-(csrc/dispatch/route_align.cu: one block routes every token, counts in shared memory and scatters the slots);
-above, the routing kernel then align's kernel. The torch and triton backends run fused_topk and align on that backend.
-"""
+On the cuda backend it is ONE kernel launch (csrc/dispatch/route_align.cu): one block while M x L <= 1024 token
+lanes (L = 32 lanes per token for E >= 32: M <= 32; L = 16 for E <= 16: M <= 64; L = 8 for E <= 8: M <= 128), which
+routes every token, counts in shared memory and scatters the slots; above, a grid of up to 16 blocks that each
+route 16 teams' tokens and scatter their own chunk after a grid barrier (M <= 256 for E >= 32, M <= 1024 for E <= 8);
+past that, the routing kernel then align's kernel. The torch and triton backends run fused_topk
+and align on that backend."""
 
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ judge it, and puts the line back. The checkout's own build is never touched.
 
     python tools/mutation/kernel_mutants.py [--work /tmp/moekern-kernel-mutants] [--json OUT] [NAME ...]
     python tools/mutation/kernel_mutants.py --list        # the mutants, no GPU needed
+    python tools/mutation/kernel_mutants.py --simt        # no GPU: judged by the CPU emulation's tests instead
+
+--simt judges every mutant by tests/test_simt_kernels.py, which runs the same CUDA source on the CPU under the SIMT
+emulator (tools/simt/): a rebuild of the emulation (~15 s) instead of moekern._C, no GPU. The GPU tests stay the
+judges of what the emulator cannot see (memory ordering, the real compiler).
 
 A mutant is "killed" when its tests fail, "survived" when they pass (a hole in the GPU tests), "build failed"
 when the mutated source does not compile and "timeout" when its tests run past 15 minutes (no verdict). Exit
@@ -83,6 +88,21 @@ MUTANTS = (
         ("tests/test_cuda_ops.py", "tests/test_route_align.py", "-k", "topk or route"),
         "equal scores held by one lane go to its higher expert index first (the reference: the lower index)",
     ),
+    Mutant(
+        "routing-groups-tie-to-the-higher-group", "csrc/routing/redux_topk.cuh",
+        "above += (o > gkey || (o == gkey && j < grp)) ? 1 : 0;",
+        "above += (o > gkey || (o == gkey && j > grp)) ? 1 : 0;",
+        ("tests/test_cuda_ops.py", "tests/test_route_align.py", "-k", "topk or route"),
+        "grouped routing (DeepSeek-V3) keeps the higher of two groups with equal scores (the reference: the lower)",
+    ),
+    Mutant(
+        "route-align-grid-chunk-in-tokens", "csrc/dispatch/route_align.cu",
+        "align_detail::LoadWrittenHere{}, align_detail::MatchHardware{}, g.tokens_per_block * a.top_k, a.counts);",
+        "align_detail::LoadWrittenHere{}, align_detail::MatchHardware{}, g.tokens_per_block, a.counts);",
+        ("tests/test_route_align.py", "-k", "cuda"),
+        "route_and_align's grid tier gives each block's chunk its token count instead of its slot count: blocks "
+        "scatter the wrong slots",
+    ),
 )
 
 
@@ -150,6 +170,23 @@ def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int | None:
             return None
 
 
+SIMT_TESTS = ("tests/test_simt_kernels.py",)
+
+
+def _run_simt_tests(work: Path, log: Path) -> int | None:
+    """The CPU emulation's tests in work/ (their first test builds the emulation of work's sources)."""
+    env = dict(os.environ, PYTHONPATH=str(work), MOEKERN_SIMT_CACHE=str(work / ".simt-cache"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SIMT_TESTS]
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            f.write("\n(timed out after 900 s)\n")
+            return None
+
+
 def _imports_from(work: Path, log: Path) -> bool:
     """Whether a test process started in work/ imports work's moekern and its device kernels (not an installed
     checkout's); the child's output goes to the log either way."""
@@ -173,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the verdicts here")
     ap.add_argument("--log", type=Path, default=None, help="build and test output (default: WORK.log)")
     ap.add_argument("--list", action="store_true", help="print the mutants and check they apply; no GPU needed")
+    ap.add_argument("--simt", action="store_true",
+                    help="judge by the CPU emulation's tests (tests/test_simt_kernels.py) instead of the GPU tests")
     args = ap.parse_args(argv)
 
     problems = check_sources()
@@ -195,11 +234,18 @@ def main(argv=None) -> int:
     log.write_text("")
 
     _copy_sources(args.work)
-    ok, secs = _build(args.work, log)
-    print(f"clean build in {args.work}: {'ok' if ok else 'FAILED'} ({secs:.0f} s)", flush=True)
-    if not ok or not _imports_from(args.work, log):
-        print(f"error: the scratch copy does not build or import its own moekern._C; see {log}", file=sys.stderr)
-        return 2
+    if args.simt:
+        rc = _run_simt_tests(args.work, log)
+        print(f"unmutated emulation tests in {args.work}: {'ok' if rc == 0 else 'FAILED'}", flush=True)
+        if rc != 0:
+            print(f"error: the emulation's tests fail before any mutant; see {log}", file=sys.stderr)
+            return 2
+    else:
+        ok, secs = _build(args.work, log)
+        print(f"clean build in {args.work}: {'ok' if ok else 'FAILED'} ({secs:.0f} s)", flush=True)
+        if not ok or not _imports_from(args.work, log):
+            print(f"error: the scratch copy does not build or import its own moekern._C; see {log}", file=sys.stderr)
+            return 2
 
     verdicts = []
     for m in todo:
@@ -207,17 +253,22 @@ def main(argv=None) -> int:
         original = path.read_text()
         path.write_text(original.replace(m.old, m.new, 1))
         try:
-            built, secs = _build(args.work, log)
-            if not built:
-                verdict, rc = "build failed", None
+            if args.simt:  # the emulation is rebuilt by the tests' first fixture: a failed build is an error
+                t0 = time.time()
+                built, rc = True, _run_simt_tests(args.work, log)
+                secs = time.time() - t0
             else:
-                rc = _run_tests(args.work, m.tests, log)
+                built, secs = _build(args.work, log)
+                rc = _run_tests(args.work, m.tests, log) if built else None
+            if not built:
+                verdict = "build failed"
+            else:
                 verdict = ("killed" if rc == 1 else "survived" if rc == 0 else "timeout" if rc is None
                            else f"error (pytest exit {rc})")
         finally:
             path.write_text(original)
         verdicts.append(dict(asdict(m), verdict=verdict, build_s=round(secs, 1), pytest_rc=rc))
-        print(f"{m.name:<42} {verdict:<14} (rebuild {secs:.0f} s)", flush=True)
+        print(f"{m.name:<42} {verdict:<14} ({'rebuild + tests' if args.simt else 'rebuild'} {secs:.0f} s)", flush=True)
         if args.json:  # after every mutant: a run cut short keeps its verdicts
             args.json.write_text(json.dumps(verdicts, indent=1))
     survived = [v["name"] for v in verdicts if v["verdict"] == "survived"]

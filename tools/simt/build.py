@@ -1,0 +1,115 @@
+"""Build the CPU emulation of moekern's routing and dispatch kernels (tools/simt/simt_emulation.h has the why).
+
+The .cu sources are compiled as C++20 by the host compiler, unchanged except for one textual rewrite: a launch
+``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::mk_simt::Launch(grid, block, smem, stream)(kernel,
+args)``, the one piece of CUDA syntax no header can stand in for. The library is cached by a hash of every
+input, outside the source tree.
+
+    python tools/simt/build.py            # prints the library's path (builds it if needed)
+
+From Python: ``from tools.simt.build import library_path`` (tests/test_simt_kernels.py loads it with ctypes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+# The kernels the emulator runs: routing (every variant) and dispatch (align, route_and_align, permute).
+SOURCES = sorted((ROOT / "csrc" / "routing").glob("*.cu")) + sorted((ROOT / "csrc" / "dispatch").glob("*.cu"))
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-DMOEKERN_SIMT_EMULATION", "-Wno-unknown-pragmas", "-Wno-attributes"]
+# callee (a name, maybe with template arguments holding no angle brackets of their own), then the launch
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+class BuildError(RuntimeError):
+    """The host compiler is missing or rejected a source."""
+
+
+def rewrite_launches(text: str) -> str:
+    """Every ``k<<<cfg>>>(args)`` of a .cu source as ``::mk_simt::Launch(cfg)(k, args)``."""
+
+    def sub(m: re.Match) -> str:
+        return f"::mk_simt::Launch({m.group(2)})({m.group(1)}, "
+
+    out = _LAUNCH.sub(sub, text)
+    if "<<<" in out:
+        line = out[: out.index("<<<")].count("\n") + 1
+        raise BuildError(f"a kernel launch at line {line} is not in the form kernel<<<...>>>(...)")
+    return out
+
+
+def compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise BuildError("no C++ compiler found (set CXX); the SIMT emulation needs one with C++20")
+    return cxx
+
+
+def _digest(cxx: str) -> str:
+    h = hashlib.sha256()
+    h.update(" ".join([cxx, *FLAGS]).encode())
+    for p in [*SOURCES, *sorted((ROOT / "csrc").rglob("*.h")), *sorted((ROOT / "csrc").rglob("*.cuh")),
+              HERE / "simt_emulation.h", HERE / "entry.cpp", Path(__file__)]:
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MOEKERN_SIMT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moekern", "simt")
+    return Path(base)
+
+
+def library_path(jobs: int | None = None) -> Path:
+    """The emulated kernels' shared library, built first if this source tree's build is not cached."""
+    cxx = compiler()
+    out = cache_dir() / _digest(cxx) / "libmoekern_simt.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        work = Path(tmp)
+        units = []
+        for src in SOURCES:
+            unit = work / (src.parent.name + "_" + src.stem + ".cpp")
+            unit.write_text(f'#line 1 "{src.relative_to(ROOT)}"\n' + rewrite_launches(src.read_text()))
+            units.append(unit)
+        units.append(HERE / "entry.cpp")
+        inc = ["-I", str(ROOT / "csrc"), "-I", str(HERE)]
+
+        def compile_one(unit: Path) -> Path:
+            obj = work / (unit.stem + ".o")
+            r = subprocess.run([cxx, *FLAGS, *inc, "-x", "c++", "-c", str(unit), "-o", str(obj)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise BuildError(f"{unit.name}: {cxx} failed:\n{r.stderr[-4000:]}")
+            return obj
+
+        workers = jobs or max(1, min(len(units), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            objs = list(pool.map(compile_one, units))
+        tmp_lib = work / out.name
+        r = subprocess.run([cxx, "-shared", *[str(o) for o in objs], "-o", str(tmp_lib)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise BuildError(f"link failed:\n{r.stderr[-4000:]}")
+        os.replace(tmp_lib, out)  # atomic: a concurrent build finds a whole library or none
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(library_path())
+    except BuildError as e:
+        sys.exit(f"simt build: {e}")
