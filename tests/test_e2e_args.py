@@ -239,8 +239,8 @@ def test_sweep_keeps_runner_metadata(tmp_path):
     assert meta["run_id"] == "vllm_s8" and meta["sweep"] == "s"
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x7b-4l", "qwen3-30b-a3b-8l", "olmoe-1b-7b", "deepseek-v2-lite-8l",
-                                  "deepseek-v3-2l"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b-4l", "qwen3-30b-a3b-8l", "qwen3-30b-a3b-48l", "olmoe-1b-7b",
+                                  "deepseek-v2-lite-8l", "deepseek-v3-2l"])
 def test_committed_configs_are_current_and_load(name):
     """moekern/e2e/configs/*/config.json are what make_configs.py writes today (hf_config of the registry
     for the registry models), and transformers reads them with the registry's shapes."""

@@ -23,6 +23,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 MODELS = {
     "mixtral-8x7b-4l": ("mixtral", 4, "TRITON_ATTN"),
     "qwen3-30b-a3b-8l": ("qwen3-30b-a3b", 8, "TRITON_ATTN"),
+    # full depth (~61 GB of bf16 weights: fits one 80 GB GPU with a small KV cache): single-stream decode, where the
+    # 8-layer model is host-bound
+    "qwen3-30b-a3b-48l": ("qwen3-30b-a3b", 48, "TRITON_ATTN"),
     "olmoe-1b-7b": ("olmoe", 16, "TRITON_ATTN"),
     "deepseek-v2-lite-8l": (None, 8, "TRITON_MLA"),
     "deepseek-v3-2l": ("deepseek-v3", 2, "TRITON_MLA"),

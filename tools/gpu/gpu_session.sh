@@ -449,6 +449,9 @@ run_stage() {
     ;;
   e2e-serve)
     versions; build
+    # Single-stream decode on the full-depth Qwen3-30B-A3B (issue 29's TPOT target; ~61 GB of dummy weights):
+    # E2E_ARGS="--model qwen3-30b-a3b-48l --max-num-seqs 1 --concurrency 1 --serve-prompts 16 --output-len 128
+    # --gpu-mem 0.92"; the summary gives serve.moekern_tpot_vs_vllm.
     # shellcheck disable=SC2086  # E2E_ARGS is a list of flags (e.g. --max-num-seqs 256)
     timeout 590 python3 -m moekern.e2e --quick --mode serve --arms "${SERVE_ARMS:-vllm,moekern}" \
       --budget-s 470 ${E2E_ARGS:-} --out "$OUT/e2e" 2>&1 \

@@ -386,7 +386,7 @@ def build_report(results_dir, n_boot: int = 500, ep_size=None, metadata=None, co
     runs, skipped = load_runs(root)
     if not runs:
         raise UsageError(f"results_dir={str(root)!r} holds no bench result JSON files (vllm bench serve "
-                         f"--save-result output, or run_e2e.py's)")
+                         f"--save-result output, or moekern e2e's)")
     df = runs_dataframe(runs)
     synthetic = bool(meta.get("synthetic")) or any(r.synthetic for r in runs)
     rep = Report(title=meta.get("title", f"moekern serving and imbalance report: {root.name}"), synthetic=synthetic,
