@@ -920,7 +920,7 @@ def test_pdl_stages_gemm1_for_every_size_the_rest_for_small_experts(monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["1", "gemm1", None])
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral"])
-@pytest.mark.parametrize("M", [1, 4, 300])
+@pytest.mark.parametrize("M", [1, 4, 64, 300])  # 64: route_and_align's grid tier at E >= 32 (300: Mixtral's)
 def test_gpu_pdl_layer_replayed_in_a_cuda_graph(name, M, mode, monkeypatch):
     """The layer from logits captured once in a CUDA graph, replayed on new inputs: with programmatic dependent launch
     (route_and_align -> GEMM1 -> GEMM2 -> combine, each waiting for the one before; MOEKERN_PDL=1, =gemm1 and the

@@ -22,7 +22,9 @@
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
 #include <hip/hip_bfloat16.h>
+#include <hip/hip_cooperative_groups.h>
 #else
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -216,13 +218,26 @@ __device__ __forceinline__ void spin_pause() {
 #endif
 }
 
+// Every thread of every block of a cooperative launch (launch_cooperative) waits here until all have arrived; writes
+// before it are visible after it. The runtime's own grid barrier: it needs no state of ours, so launches on several
+// streams, or graph replays, never share one.
+__device__ __forceinline__ void grid_sync() {
+#if defined(MOEKERN_SIMT_EMULATION)
+  __syncthreads();
+  if (threadIdx.x == 0) ::mk_simt::grid_barrier_now()->arrive_and_wait();
+  __syncthreads();
+#else
+  cooperative_groups::this_grid().sync();
+#endif
+}
+
 // Launches `kernel` with every block resident at once (a cooperative launch: the runtime refuses a grid that does not
-// fit instead of queueing blocks), so blocks may wait for each other at a grid barrier. The caller sizes the grid by
-// num_sms() * max_active_blocks(). Captured into CUDA graphs as a cooperative kernel node.
+// fit instead of queueing blocks), so blocks may meet at grid_sync(). The caller sizes the grid by num_sms() *
+// max_active_blocks(). Captured into CUDA graphs as a cooperative kernel node.
 template <typename... P, typename... A>
 inline Error launch_cooperative(void (*kernel)(P...), unsigned grid, unsigned block, Stream stream, A&&... args) {
 #if defined(MOEKERN_SIMT_EMULATION)
-  ::mk_simt::Launch(grid, block, 0, stream)(kernel, std::forward<A>(args)...);
+  ::mk_simt::Launch(grid, block, 0, stream, /*cooperative=*/true)(kernel, std::forward<A>(args)...);
   return last_error();
 #elif defined(MOEKERN_HIP)
   void* ptrs[] = {const_cast<void*>(static_cast<const void*>(&args))...};

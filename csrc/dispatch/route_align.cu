@@ -6,21 +6,22 @@
 // after a barrier lay the slots out with align's scatter (dispatch/align_scatter.cuh), reading the ids just written
 // through L2. So the two kernels' launch gaps and the ids' round trip through a second launch are gone.
 //
-// Grid (above, while the blocks fit the GPU at once): block b routes the tokens [b T, (b + 1) T) with one token per
-// team (T = 16 teams of warps x tokens per warp), so its slots are the b-th chunk of T x top_k; it writes its
-// chunk's expert counts, all blocks meet at a grid barrier (a cooperative launch: every block is resident), and each
-// scatters its own chunk with align's several-chunk path (prefix over the earlier chunks' counts; chunk 0 writes the
-// totals as the counts). One launch where routing + align took two or three (routing, align's chunk histogram, its
+// Grid (above, while the blocks fit the GPU at once): block b routes the tokens [b T, (b + 1) T), one per team of L
+// lanes (T = 512 / L: 16 tokens at L = 32, 64 at L = 8), so its slots are the b-th chunk of T x top_k; it writes its
+// chunk's expert counts, all blocks meet at the runtime's grid barrier (a cooperative launch: every block is
+// resident; no state of ours, so concurrent launches and graph replays cannot share one), and each scatters its own
+// chunk with align's several-chunk path (prefix over the earlier chunks' counts; chunk 0 writes the totals as the
+// counts). One launch where routing + align took two or three (routing, align's chunk histogram, its
 // scatter): DeepSeek-V3 at M = 64 and 256 lost to vLLM's two kernels that way (1.29x, 1.43x). Bounds: at most
 // kRouteAlignGridMaxBlocks blocks (M <= 256 at L = 32) and no more than can be resident (num_sms x occupancy);
 // past that the caller runs the two kernels.
 #include "dispatch/align_plan.h"
 #include "dispatch/align_scatter.cuh"
 #include "dispatch/route_align.h"
-#include "common/stream_slot.h"
 #include "routing/redux_topk.cuh"
 
 #include <algorithm>
+#include <atomic>
 
 namespace mk {
 namespace {
@@ -53,35 +54,9 @@ __global__ void __launch_bounds__(kThreads) route_align_kernel(const Args a, con
 
 // ------------------------------------------------------------------------------------------ grid tier
 
-constexpr int kGridSlots = 32;  // grid barriers per device, one per stream (common/stream_slot.h)
-// Arrivals (atomicInc wraps them back to 0 on the last) and the barrier's generation (the last arrival moves it on):
-// zero at module load, and every launch leaves the arrivals at 0, so a graph replay starts clean.
-__device__ unsigned g_grid_arrived[kGridSlots] = {};
-__device__ unsigned g_grid_gen[kGridSlots] = {};
-struct GridSlotTag {};
-
-// Every block of the (co-resident) grid waits here until all have arrived; writes before it are visible after it.
-__device__ __forceinline__ void grid_barrier(int slot) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    volatile unsigned* gen = &g_grid_gen[slot];
-    const unsigned seen = *gen;  // read before arriving: it cannot move on until this block has arrived
-    __threadfence();             // this block's ids, weights and chunk counts before its arrival
-    const unsigned last = gridDim.x - 1;
-    if (atomicInc(&g_grid_arrived[slot], last) == last) {
-      atomicAdd(&g_grid_gen[slot], 1u);
-    } else {
-      while (*gen == seen) spin_pause();
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
-
 struct GridArgs {
   int32_t* chunk_hist;  // [blocks, E]: each block's expert counts
   int64_t tokens_per_block;
-  int slot;
 };
 
 template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
@@ -97,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) route_align_grid_kernel(const Args a
   redux::route_block_tokens<T, V, L, kSoftmax, kGrouped>(mine, t0, stride, s_hist);
   __syncthreads();
   for (int e = threadIdx.x; e < a.E; e += kThreads) g.chunk_hist[static_cast<int64_t>(blockIdx.x) * a.E + e] = s_hist[e];
-  grid_barrier(g.slot);
+  grid_sync();  // every chunk's counts (and ids) are written
   align_detail::align_scatter_block<1, align_detail::LoadWrittenHere, align_detail::MatchHardware, kThreadPads>(
       a.ids, a.M * a.top_k, a.E, o.block_size, nullptr, g.chunk_hist, o.sorted, o.block_ids, o.num_post_pad, nullptr,
       nullptr, o.max_padded, o.max_blocks, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
@@ -111,24 +86,39 @@ constexpr int64_t grid_tokens_per_block() {
   return static_cast<int64_t>(kThreads / kWarpSize) * (kWarpSize / L);
 }
 
+// Blocks the grid tier can keep resident at once on the current device (one per SM at 512 threads where registers
+// allow no more), asked once per device.
 template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
-Error launch_grid_tier(const Args& a, const AlignOut& o, int32_t* chunk_hist, int blocks, Stream stream) {
+int64_t grid_tier_capacity() {
+  constexpr int kDevices = 64;
+  static std::atomic<int64_t> cap[kDevices];  // 0: not asked yet
+  int dev = 0;
+  if (current_device(&dev) != kSuccess || dev < 0 || dev >= kDevices) return 0;
+  int64_t c = cap[dev].load(std::memory_order_relaxed);
+  if (c == 0) {
+    c = static_cast<int64_t>(num_sms()) *
+        max_active_blocks(reinterpret_cast<const void*>(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>),
+                          kThreads);
+    cap[dev].store(c, std::memory_order_relaxed);
+  }
+  return c;
+}
+
+// A launch the runtime refuses (a grid that cannot be resident after all, e.g. the GPU shared with other work) is
+// cleared and reported as unsupported: the caller runs the two kernels.
+template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
+Error launch_grid_tier(const Args& a, const AlignOut& o, int32_t* chunk_hist, int blocks, bool& unsupported,
+                       Stream stream) {
   GridArgs g;
   g.chunk_hist = chunk_hist;
   g.tokens_per_block = grid_tokens_per_block<L>();
-  g.slot = stream_slot_of<GridSlotTag, kGridSlots>(stream);
-  if (g.slot < 0) return kInvalidValue;  // the launcher checked for a free slot first
-  return launch_cooperative(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>,
-                            static_cast<unsigned>(blocks), static_cast<unsigned>(kThreads), stream, a, o, g);
-}
-
-// Blocks the grid tier can keep resident at once (one per SM at 512 threads where registers allow no more).
-template <typename T, int V, int L, bool kSoftmax, bool kGrouped, bool kThreadPads>
-int64_t grid_tier_capacity() {
-  static const int64_t cap = static_cast<int64_t>(num_sms()) *
-      max_active_blocks(reinterpret_cast<const void*>(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>),
-                        kThreads);
-  return cap;
+  const Error e = launch_cooperative(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>,
+                                     static_cast<unsigned>(blocks), static_cast<unsigned>(kThreads), stream, a, o, g);
+  if (e != kSuccess) {
+    (void)last_error();
+    unsupported = true;
+  }
+  return kSuccess;
 }
 
 template <typename T, int V, int L, bool kThreadPads>
@@ -139,10 +129,10 @@ Error launch_grid_pads(const Args& a, const AlignOut& o, int32_t* chunk_hist, bo
 #define MOEKERN_GRID_TIER(SM, GR)                                                                     \
   if (softmax == (SM) && grouped == (GR)) {                                                         \
     if (blocks > kRouteAlignGridMaxBlocks || blocks > grid_tier_capacity<T, V, L, SM, GR, kThreadPads>() || \
-        chunk_hist == nullptr ||                                                                    \
-        stream_slot_of<GridSlotTag, kGridSlots>(stream) < 0)                                        \
+        chunk_hist == nullptr)                                                                      \
       return unsupported = true, kSuccess;                                                          \
-    return launch_grid_tier<T, V, L, SM, GR, kThreadPads>(a, o, chunk_hist, static_cast<int>(blocks), stream); \
+    return launch_grid_tier<T, V, L, SM, GR, kThreadPads>(a, o, chunk_hist, static_cast<int>(blocks), unsupported, \
+                                                          stream);                                  \
   }
   MOEKERN_GRID_TIER(true, true)
   MOEKERN_GRID_TIER(true, false)

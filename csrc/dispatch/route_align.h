@@ -11,7 +11,7 @@ namespace mk {
 // (benchmarks/results/fastpath/h100-2026-12-07/).
 constexpr int64_t kRouteAlignMaxLanes = 1024;
 
-// Blocks of the grid tier at most (16 teams' tokens each: M <= 256 at L = 32, 1,024 at L = 8). Each block sums the
+// Blocks of the grid tier at most (512 / L tokens each: M <= 256 at L = 32, 1,024 at L = 8). Each block sums the
 // chunk counts of the blocks before it per expert, a chain that grows with the grid; 16 keeps it short, and the
 // launches it replaces (routing, align's chunk histogram, its scatter) are the loss measured at M = 64-256.
 constexpr int64_t kRouteAlignGridMaxBlocks = 16;

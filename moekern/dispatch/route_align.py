@@ -4,7 +4,7 @@ Exactly `fused_topk(...)` followed by `align(topk_ids, E, block_size, expert_cou
 On the cuda backend it is ONE kernel launch (csrc/dispatch/route_align.cu): one block while M x L <= 1024 token
 lanes (L = 32 lanes per token for E >= 32: M <= 32; L = 16 for E <= 16: M <= 64; L = 8 for E <= 8: M <= 128), which
 routes every token, counts in shared memory and scatters the slots; above, a grid of up to 16 blocks that each
-route 16 teams' tokens and scatter their own chunk after a grid barrier (M <= 256 for E >= 32, M <= 1024 for E <= 8);
+route 512 / L tokens and scatter their own chunk after a grid barrier (M <= 256 for E >= 32, M <= 1024 for E <= 8);
 past that, the routing kernel then align's kernel. The torch and triton backends run fused_topk
 and align on that backend."""
 

@@ -85,7 +85,9 @@ def routing_cuda_variants():
 
 def routing_dispatch_moe(be):
     torch.manual_seed(0)
-    for M, E, k, grouped in [(1, 8, 2, False), (7, 60, 4, False), (33, 256, 8, True), (5, 1, 1, False)]:
+    # 33 x 256 grouped, 200 x 128 and 300 x 8: route_and_align's grid tier (3, 13 and 5 blocks)
+    for M, E, k, grouped in [(1, 8, 2, False), (7, 60, 4, False), (33, 256, 8, True), (5, 1, 1, False),
+                             (200, 128, 8, False), (300, 8, 2, False)]:
         logits = torch.randn(M, E, device=DEV, dtype=torch.bfloat16)
         kw = dict(scoring="sigmoid", correction_bias=torch.randn(E, device=DEV), num_expert_group=8,
                   topk_group=4) if grouped else {}

@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 # The kernels the emulator runs: routing (every variant) and dispatch (align, route_and_align, permute).
 SOURCES = sorted((ROOT / "csrc" / "routing").glob("*.cu")) + sorted((ROOT / "csrc" / "dispatch").glob("*.cu"))
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-DMOEKERN_SIMT_EMULATION", "-Wno-unknown-pragmas", "-Wno-attributes"]
+# -fno-strict-aliasing: the kernels read rows through uint4/uint2 views, as CUDA allows; alignment: a misaligned
+# vector load, which faults on a GPU, stops here too
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-DMOEKERN_SIMT_EMULATION", "-fno-strict-aliasing", "-fsanitize=alignment",
+         "-fno-sanitize-recover=alignment", "-Wno-unknown-pragmas", "-Wno-attributes"]
 # callee (a name, maybe with template arguments holding no angle brackets of their own), then the launch
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
@@ -100,8 +103,8 @@ def library_path(jobs: int | None = None) -> Path:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             objs = list(pool.map(compile_one, units))
         tmp_lib = work / out.name
-        r = subprocess.run([cxx, "-shared", *[str(o) for o in objs], "-o", str(tmp_lib)], capture_output=True,
-                           text=True)
+        r = subprocess.run([cxx, "-shared", "-fsanitize=alignment", *[str(o) for o in objs], "-o", str(tmp_lib)],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(f"link failed:\n{r.stderr[-4000:]}")
         os.replace(tmp_lib, out)  # atomic: a concurrent build finds a whole library or none

@@ -26,9 +26,9 @@ int simt_fused_topk(const void* logits, int dtype, int64_t M, int E, int top_k, 
                                     bias, num_groups, topk_group, scale, weights, ids, counts, nullptr, variant));
 }
 
-// returns 0 and sets *unsupported when the one launch does not take this shape
 int64_t simt_route_align_scratch_elems(int64_t M, int E) { return mk::route_align_scratch_elems(M, E); }
 
+// returns 0 and sets *unsupported when the one launch does not take this shape
 int simt_route_align(const void* logits, int dtype, int64_t M, int E, int top_k, int scoring, int renormalize,
                      const float* bias, int num_groups, int topk_group, float scale, float* weights, int32_t* ids,
                      int32_t* counts, int block_size, int32_t* sorted, int32_t* block_ids, int32_t* num_post_pad,

@@ -10,13 +10,18 @@
 // run in waves of kSms, each block on its own OS thread (as resident blocks run side by side on a GPU), so a grid
 // barrier between resident blocks works; atomics are real atomics.
 //
+// `__shared__` storage starts filled with 0xA5 in every block (GPU shared memory starts as garbage).
+//
 // What it does not model: timing, memory ordering and races within a block (its threads switch only at barriers;
 // the GPU's racecheck/memcheck stay the judges of those), occupancy (max_active_blocks is 1, num_sms 4, so the
 // multi-block paths run with small grids), PTX (griddepcontrol and other inline asm stay behind __CUDA_ARCH__). A thread
 // that returns leaves its warp's and block's barriers (as an exited GPU thread does); a barrier no thread can
-// complete (threads diverged at __syncthreads or a full-warp shuffle) stops the launch with an error.
+// complete (threads diverged at __syncthreads or a full-warp shuffle) stops the launch with an error, and a spin past
+// the launch's 60 s deadline stops the process.
 #pragma once
 
+#include <dlfcn.h>
+#include <link.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -24,6 +29,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -51,10 +60,10 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint2 {
+struct alignas(8) uint2 {  // CUDA's alignment: a misaligned vector load is caught (-fsanitize=alignment)
   unsigned x, y;
 };
-struct uint4 {
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 
@@ -174,6 +183,53 @@ inline void fiber_entry() {
 // Runs one block's threads as fibers on this OS thread; throws on a barrier deadlock.
 constexpr size_t kStack = 128 * 1024;
 
+// GPU shared memory starts as garbage, not zeros: every block starts with this module's thread-local storage (the
+// `__shared__` arrays, and block_now, set after) filled with 0xA5, so a kernel that reads shared memory it never
+// wrote fails here too.
+inline void poison_shared_memory() {
+  Block** volatile anchor = &block_now();  // allocates this module's TLS block in the calling thread
+  (void)anchor;
+  Dl_info di;
+  if (!dladdr(reinterpret_cast<void*>(&poison_shared_memory), &di)) return;
+  struct Base {
+    void* base;
+  } base{di.dli_fbase};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* d) -> int {
+        if (reinterpret_cast<void*>(info->dlpi_addr) != static_cast<Base*>(d)->base || info->dlpi_tls_data == nullptr)
+          return 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i)
+          if (info->dlpi_phdr[i].p_type == PT_TLS) memset(info->dlpi_tls_data, 0xA5, info->dlpi_phdr[i].p_memsz);
+        return 1;
+      },
+      &base);
+}
+
+// A spin that outlasts any real wait (a barrier some block never reaches) stops the process with a message instead of
+// hanging the test run: each launch sets a deadline.
+inline std::atomic<long long>& spin_deadline_ns() {
+  static std::atomic<long long> t{0};
+  return t;
+}
+inline long long now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline void spin_pause_check() {
+  static thread_local unsigned spins;  // any start value: only its low bits pace the clock reads
+  if ((++spins & 0x3ff) == 0 && now_ns() > spin_deadline_ns().load()) {
+    std::fprintf(stderr, "simt: a thread spun past its launch's 60 s deadline (a barrier some block never reaches?)\n");
+    std::abort();
+  }
+  std::this_thread::yield();  // the blocks it waits for are other OS threads
+}
+
+// A cooperative launch's grid barrier (portability.cuh's grid_sync): every block's thread 0 meets the others here.
+inline std::barrier<>*& grid_barrier_now() {
+  static std::barrier<>* b = nullptr;
+  return b;
+}
+
 // Fiber stacks, reused across launches (allocating and faulting in 512 fresh stacks per block dominated the time).
 struct StackPool {
   std::mutex mu;
@@ -203,6 +259,7 @@ inline void run_block(dim3 grid, dim3 block, unsigned bx, const std::function<vo
       pool.free.push_back(std::move(s));
     }
   } give_back{stacks};
+  poison_shared_memory();
   Block blk;
   blk.grid = grid;
   blk.block = block;
@@ -273,17 +330,28 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   }
 }
 
+// A launch `Launch(grid, block, smem, stream)(kernel, args...)`; cooperative: every block resident at once, so the
+// grid may be at most one wave (kSms blocks), and grid_sync() works.
 struct Launch {
   dim3 grid, block;
-  Launch(dim3 g, dim3 b, size_t = 0, cudaStream_t = nullptr) : grid(g), block(b) {}
+  bool cooperative = false;
+  Launch(dim3 g, dim3 b, size_t = 0, cudaStream_t = nullptr, bool coop = false) : grid(g), block(b), cooperative(coop) {}
   template <typename... P, typename... A>
   void operator()(void (*kernel)(P...), A&&... args) const {
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // by value, as a launch copies them
+    if (cooperative && grid.x > static_cast<unsigned>(kSms)) {  // cudaErrorCooperativeLaunchTooLarge
+      last_error_text() = "cooperative launch of " + std::to_string(grid.x) + " blocks: more than can be resident";
+      return;
+    }
+    std::barrier<> sync(cooperative ? static_cast<std::ptrdiff_t>(grid.x) : 1);
+    if (cooperative) grid_barrier_now() = &sync;
+    spin_deadline_ns().store(now_ns() + 60'000'000'000LL);
     try {
       run_grid(grid, block, [&] { std::apply(kernel, params); });
     } catch (const std::exception& e) {
       last_error_text() = e.what();
     }
+    if (cooperative) grid_barrier_now() = nullptr;
   }
 };
 
@@ -407,8 +475,7 @@ inline unsigned atomicInc(unsigned* p, unsigned limit) {  // CUDA: old >= limit 
   }
   return o;
 }
-// A spinning thread lets the others run (the blocks it waits for are other OS threads).
-inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __nanosleep(unsigned) { ::mk_simt::spin_pause_check(); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
