@@ -1,6 +1,6 @@
-"""The CUDA source of the routing and dispatch kernels, run on the CPU by the SIMT emulator (tools/simt/), against
-the plain-PyTorch references: fused_topk (every variant), route_and_align's one launch, align (every plan,
-matcher and pad writer) and permute's row kernels.
+"""The CUDA source of every kernel in csrc/, run on the CPU by the SIMT emulator (tools/simt/), against the
+plain-PyTorch references: fused_topk (every variant), route_and_align (one block and the grid tier), align (every
+plan, matcher and pad writer), permute's row kernels and the gate log's snapshot.
 
 These run in CI without a GPU, so a change to csrc/routing or csrc/dispatch that breaks ids, counts or the
 layout fails here first; the GPU tests (test_cuda_ops.py, test_route_align.py) still judge timing-dependent
@@ -320,3 +320,21 @@ def test_unpermute_skips_rows_past_the_output():
     slot_to_row = torch.tensor([0, 4, 3, -1], dtype=torch.int32)  # 4 is one past the rows; -1 an invalid slot
     out = ops.unpermute(expert_out, slot_to_row, torch.ones(2, 2))
     assert out[0].tolist() == [1.0] * 8 and out[1].tolist() == [1.0] * 8
+
+
+# ---------------------------------------------------------------------------------------------- gate-log snapshot
+@pytest.mark.parametrize("n_counts,n_sample", [(1, 1), (8, 0), (4 * 256, 64), (1000, 2000)])
+def test_gatelog_snapshot(n_counts, n_sample):
+    g = torch.Generator().manual_seed(n_counts + n_sample)
+    counts = torch.randint(0, 50, (n_counts,), generator=g, dtype=torch.int32)
+    sample = torch.randint(0, 8, (n_sample,), generator=g, dtype=torch.int32) if n_sample else None
+    want_counts, want_sample = counts.clone(), None if sample is None else sample.clone()
+    host = torch.full((n_counts,), -9, dtype=torch.int32)
+    host_sample = torch.full((n_sample,), -9, dtype=torch.int32) if n_sample else None
+    mark = torch.zeros(1, dtype=torch.int64)
+    ops.gatelog_snapshot(counts, host, mark, 41, sample, host_sample)
+    assert torch.equal(host, want_counts) and not counts.any() and int(mark) == 41
+    if sample is not None:
+        assert torch.equal(host_sample, want_sample) and bool((sample == -1).all())
+        ops.gatelog_snapshot(counts, host, mark, 42, sample, None)  # no host sample: the reset alone
+        assert int(mark) == 42 and bool((sample == -1).all())

@@ -1,4 +1,4 @@
-"""Build the CPU emulation of moekern's routing and dispatch kernels (tools/simt/simt_emulation.h has the why).
+"""Build the CPU emulation of moekern's CUDA kernels (tools/simt/simt_emulation.h has the why).
 
 The .cu sources are compiled as C++20 by the host compiler, unchanged except for one textual rewrite: a launch
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::mk_simt::Launch(grid, block, smem, stream)(kernel,
@@ -24,8 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-# The kernels the emulator runs: routing (every variant) and dispatch (align, route_and_align, permute).
-SOURCES = sorted((ROOT / "csrc" / "routing").glob("*.cu")) + sorted((ROOT / "csrc" / "dispatch").glob("*.cu"))
+# The kernels the emulator runs: every .cu file (routing, dispatch, the gate log's snapshot).
+SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
 # -fno-strict-aliasing: the kernels read rows through uint4/uint2 views, as CUDA allows; alignment: a misaligned
 # vector load, which faults on a GPU, stops here too
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-DMOEKERN_SIMT_EMULATION", "-fno-strict-aliasing", "-fsanitize=alignment",
@@ -85,7 +85,7 @@ def library_path(jobs: int | None = None) -> Path:
         work = Path(tmp)
         units = []
         for src in SOURCES:
-            unit = work / (src.parent.name + "_" + src.stem + ".cpp")
+            unit = work / (src.parent.name + "_" + src.stem + ".cpp")  # one folder level names every source
             unit.write_text(f'#line 1 "{src.relative_to(ROOT)}"\n' + rewrite_launches(src.read_text()))
             units.append(unit)
         units.append(HERE / "entry.cpp")

@@ -2,6 +2,7 @@
 // launcher with host pointers and returns its error code (0: success); simt_error() says why a launch failed.
 #include "dispatch/dispatch.h"
 #include "dispatch/route_align.h"
+#include "gatelog/snapshot.h"
 #include "routing/fused_topk.h"
 
 #include <string>
@@ -63,6 +64,12 @@ int simt_unpermute(const void* expert_output, int dtype, const int32_t* slot_to_
                    int top_k, int64_t H, int64_t num_rows, void* out) {
   return done(mk::launch_unpermute(expert_output, static_cast<mk::DType>(dtype), slot_to_row, weights, M, top_k, H,
                                    num_rows, out, nullptr));
+}
+
+int simt_gatelog_snapshot(int32_t* counts, int32_t* host_counts, int64_t n_counts, int32_t* sample,
+                          int32_t* host_sample, int64_t n_sample, int64_t* host_mark, int64_t mark) {
+  return done(mk::launch_gatelog_snapshot(counts, host_counts, n_counts, sample, host_sample, n_sample, host_mark,
+                                          mark, nullptr));
 }
 
 }  // extern "C"

@@ -143,3 +143,13 @@ def unpermute(expert_output: torch.Tensor, slot_to_row: torch.Tensor, weights: t
                                _p(out))
     _check(rc, "unpermute")
     return out
+
+
+def gatelog_snapshot(counts: torch.Tensor, host_counts: torch.Tensor, mark: torch.Tensor, step: int,
+                     sample: torch.Tensor | None = None, host_sample: torch.Tensor | None = None) -> None:
+    """launch_gatelog_snapshot, in place: host_counts = counts, counts = 0, host_sample = sample, sample = -1, then
+    mark[0] = step."""
+    rc = _lib().simt_gatelog_snapshot(_p(counts), _p(host_counts), ctypes.c_int64(counts.numel()), _p(sample),
+                                      _p(host_sample), ctypes.c_int64(0 if sample is None else sample.numel()),
+                                      _p(mark), ctypes.c_int64(step))
+    _check(rc, "gatelog_snapshot")

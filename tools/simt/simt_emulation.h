@@ -1,4 +1,4 @@
-// A CPU stand-in for the CUDA names moekern's routing and dispatch kernels use, so their real source runs on a
+// A CPU stand-in for the CUDA names moekern's kernels (csrc/**/*.cu) use, so their real source runs on a
 // machine without a GPU (tools/simt/build.py compiles it; tests/test_simt_kernels.py checks it against the torch
 // references). Included by common/portability.cuh when MOEKERN_SIMT_EMULATION is defined.
 //
@@ -387,6 +387,13 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
   *v = ::mk_simt::kSms;
   return cudaSuccess;
 }
+struct cudaPointerAttributes {
+  void* devicePointer = nullptr;
+};
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {  // one address space here
+  a->devicePointer = const_cast<void*>(p);
+  return cudaSuccess;
+}
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t) {
   *n = 1;
   return cudaSuccess;
@@ -396,6 +403,7 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const v
 inline void __syncthreads() { ::mk_simt::arrive_and_wait(::mk_simt::block_now()->bar); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::mk_simt::arrive_and_wait(::mk_simt::warp_now().bar); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
   const unsigned r = ::mk_simt::exchange(v)[src & (::mk_simt::kWarp - 1)];
