@@ -35,9 +35,13 @@ pytestmark = pytest.mark.timeout(300)
 VARIANTS = tuple(ops.VARIANTS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built():
+@pytest.fixture(scope="module", autouse=True, params=ops.WAVES, ids=lambda w: f"wave{w}")
+def wave(request):
+    """Every test twice: the kernels' CUDA path (warps of 32) and their HIP path (wavefronts of 64)."""
+    ops.set_wave(request.param)
     ops._lib()  # one build (cached by source hash) before the first test's clock starts
+    yield request.param
+    ops.set_wave(32)
 
 
 def _model_args(model: str):
@@ -73,6 +77,11 @@ def _assert_align(got, ids, E, B):
     torch.testing.assert_close(sorted_ids, ref.sorted_token_ids, rtol=0, atol=0)
     torch.testing.assert_close(block_ids, ref.block_expert_ids, rtol=0, atol=0)
     torch.testing.assert_close(post, ref.num_tokens_post_padded, rtol=0, atol=0)
+
+
+def test_each_wave_compiles_its_own_path(wave):
+    assert ops._lib().simt_warp_size() == wave
+    assert ops._lib().simt_is_hip() == (1 if wave == 64 else 0)
 
 
 def test_build_rewrites_every_launch_form():

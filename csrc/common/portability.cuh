@@ -14,9 +14,12 @@
 #include <utility>
 
 #if defined(MOEKERN_SIMT_EMULATION)
-// The CPU emulator's stand-ins for the CUDA names (tools/simt/simt_emulation.h): the kernels' CUDA path, run by
-// fibers on a machine without a GPU, for tests only.
+// The CPU emulator's stand-ins for the CUDA (or, with MOEKERN_SIMT_WAVE64, the HIP) names
+// (tools/simt/simt_emulation.h): the kernels' CUDA or HIP path, run by fibers on a machine without a GPU, tests only.
 #include "simt_emulation.h"
+#if defined(MOEKERN_SIMT_WAVE64)
+#define MOEKERN_HIP 1
+#endif
 #elif defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__) || defined(__HIP_PLATFORM_HCC__) || defined(USE_ROCM)
 #define MOEKERN_HIP 1
 #include <hip/hip_runtime.h>

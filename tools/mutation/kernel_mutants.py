@@ -40,8 +40,13 @@ class Mutant:
     path: str  # relative to the repository root
     old: str  # must occur exactly once in the file
     new: str
-    tests: tuple[str, ...]  # pytest arguments that must fail on the mutant
+    tests: tuple[str, ...]  # pytest arguments that must fail on the mutant (GPU tests; empty: a HIP-only path)
     what: str
+
+    @property
+    def hip_only(self) -> bool:
+        """A bug in a HIP-only path: no CUDA GPU test can see it, only --simt (its wave-64 emulation) judges it."""
+        return not self.tests
 
 
 # Cheapest rebuild first (align.cu and permute.cu alone; histogram.cuh: the two routing files; align_scatter.cuh and
@@ -102,6 +107,13 @@ MUTANTS = (
         ("tests/test_cuda_ops.py", "tests/test_route_align.py", "-k", "topk or route"),
         "the routing kernels count into shared memory they never zeroed (garbage on a GPU; the emulator fills "
         "shared memory with 0xA5 for the same reason)",
+    ),
+    Mutant(
+        "hip-popc-drops-the-upper-lanes", "csrc/common/portability.cuh",
+        "__device__ __forceinline__ int popc(lane_mask_t m) { return __popcll(m); }",
+        "__device__ __forceinline__ int popc(lane_mask_t m) { return __popc(static_cast<unsigned>(m)); }",
+        (),
+        "HIP only: lane counts of a wavefront of 64 miss lanes 32-63, so align's ranks within a warp step go wrong",
     ),
     Mutant(
         "route-align-grid-chunk-in-tokens", "csrc/dispatch/route_align.cu",
@@ -254,6 +266,11 @@ def main(argv=None) -> int:
         print(f"error: {bad_work}; pick a folder outside it (default /tmp/moekern-kernel-mutants)", file=sys.stderr)
         return 2
     todo = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if not args.simt:  # the GPU here is CUDA: a HIP-only path is judged by --simt's wave-64 emulation alone
+        skipped = [m.name for m in todo if m.hip_only]
+        if skipped:
+            print(f"skipped (HIP only, judged by --simt): {', '.join(skipped)}")
+        todo = [m for m in todo if not m.hip_only]
     log = args.log or args.work.parent / f"{args.work.name}.log"
     log.write_text("")
 

@@ -5,9 +5,11 @@ The .cu sources are compiled as C++20 by the host compiler, unchanged except for
 args)``, the one piece of CUDA syntax no header can stand in for. The library is cached by a hash of every
 input, outside the source tree.
 
-    python tools/simt/build.py            # prints the library's path (builds it if needed)
+    python tools/simt/build.py            # prints both libraries' paths, wave 32 and 64 (builds them if needed)
 
-From Python: ``from tools.simt.build import library_path`` (tests/test_simt_kernels.py loads it with ctypes).
+From Python: ``from tools.simt.build import library_path`` (tests/test_simt_kernels.py loads it with ctypes). Two
+builds: wave 32 compiles the kernels' CUDA path, wave 64 their HIP path (wavefronts of 64, 64-bit lane masks, the
+shuffle fallbacks), which no GPU here has ever run.
 """
 
 from __future__ import annotations
@@ -58,9 +60,15 @@ def compiler() -> str:
     return cxx
 
 
-def _digest(cxx: str) -> str:
+def _flags(wave: int) -> list[str]:
+    if wave not in (32, 64):
+        raise BuildError(f"wave={wave} must be 32 (the CUDA path) or 64 (the HIP path)")
+    return FLAGS + (["-DMOEKERN_SIMT_WAVE64"] if wave == 64 else [])
+
+
+def _digest(cxx: str, wave: int) -> str:
     h = hashlib.sha256()
-    h.update(" ".join([cxx, *FLAGS]).encode())
+    h.update(" ".join([cxx, *_flags(wave)]).encode())
     for p in [*SOURCES, *sorted((ROOT / "csrc").rglob("*.h")), *sorted((ROOT / "csrc").rglob("*.cuh")),
               HERE / "simt_emulation.h", HERE / "entry.cpp", Path(__file__)]:
         h.update(str(p.relative_to(ROOT)).encode())
@@ -74,10 +82,12 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def library_path(jobs: int | None = None) -> Path:
-    """The emulated kernels' shared library, built first if this source tree's build is not cached."""
+def library_path(wave: int = 32, jobs: int | None = None) -> Path:
+    """The emulated kernels' shared library, built first if this source tree's build is not cached. wave 32: the
+    CUDA path (warps of 32); wave 64: the HIP path (wavefronts of 64, MOEKERN_HIP's branches)."""
     cxx = compiler()
-    out = cache_dir() / _digest(cxx) / "libmoekern_simt.so"
+    flags = _flags(wave)
+    out = cache_dir() / _digest(cxx, wave) / "libmoekern_simt.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +103,7 @@ def library_path(jobs: int | None = None) -> Path:
 
         def compile_one(unit: Path) -> Path:
             obj = work / (unit.stem + ".o")
-            r = subprocess.run([cxx, *FLAGS, *inc, "-x", "c++", "-c", str(unit), "-o", str(obj)],
+            r = subprocess.run([cxx, *flags, *inc, "-x", "c++", "-c", str(unit), "-o", str(obj)],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise BuildError(f"{unit.name}: {cxx} failed:\n{r.stderr[-4000:]}")
@@ -113,6 +123,7 @@ def library_path(jobs: int | None = None) -> Path:
 
 if __name__ == "__main__":
     try:
-        print(library_path())
+        for w in (32, 64):
+            print(library_path(w))
     except BuildError as e:
         sys.exit(f"simt build: {e}")

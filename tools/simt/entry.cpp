@@ -18,6 +18,14 @@ int done(mk::Error e) {
 extern "C" {
 
 const char* simt_error() { return ::mk_simt::last_error_text().c_str(); }
+int simt_warp_size() { return mk::kWarpSize; }  // 32: the CUDA path; 64: the HIP path (MOEKERN_HIP)
+int simt_is_hip() {
+#ifdef MOEKERN_HIP
+  return 1;
+#else
+  return 0;
+#endif
+}
 void simt_clear_error() { ::mk_simt::last_error_text().clear(); }
 
 int simt_fused_topk(const void* logits, int dtype, int64_t M, int E, int top_k, int scoring, int renormalize,

@@ -25,9 +25,25 @@ class SimtError(RuntimeError):
     """An emulated launch returned an error (the launcher's code, or a barrier no thread could complete)."""
 
 
-@lru_cache(maxsize=1)
+WAVES = (32, 64)  # the kernels' CUDA path (warps of 32) and their HIP path (wavefronts of 64)
+_wave = 32
+
+
+def set_wave(wave: int) -> None:
+    """Which emulation the functions below run: 32 (the CUDA path) or 64 (the HIP path)."""
+    global _wave
+    if wave not in WAVES:
+        raise ValueError(f"wave={wave} must be one of {WAVES}")
+    _wave = wave
+
+
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library_path()))
+    return _load(_wave)
+
+
+@lru_cache(maxsize=2)
+def _load(wave: int) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_path(wave)))
     lib.simt_error.restype = ctypes.c_char_p
     lib.simt_align_scratch_elems.restype = ctypes.c_int64
     lib.simt_align_scratch_elems.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]

@@ -76,7 +76,13 @@ struct __nv_bfloat16 {
 
 namespace mk_simt {
 
+#if defined(MOEKERN_SIMT_WAVE64)
+constexpr int kWarp = 64;  // the HIP build's wavefront (CDNA): portability.cuh takes its MOEKERN_HIP branch
+using mask_t = unsigned long long;
+#else
 constexpr int kWarp = 32;
+using mask_t = unsigned;
+#endif
 constexpr int kSms = 4;  // small: grid-stride loops and multi-block histograms take several turns
 
 inline unsigned f2u(float f) {
@@ -399,17 +405,80 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const v
   return cudaSuccess;
 }
 
+#if defined(MOEKERN_SIMT_WAVE64)
+// HIP's runtime names, onto the CUDA stand-ins above
+using hipStream_t = cudaStream_t;
+using hipError_t = cudaError_t;
+constexpr hipError_t hipSuccess = cudaSuccess;
+constexpr hipError_t hipErrorInvalidValue = cudaErrorInvalidValue;
+enum hipDeviceAttribute_t : int { hipDeviceAttributeMultiprocessorCount = 16 };
+inline const char* hipGetErrorString(hipError_t e) { return cudaGetErrorString(e); }
+inline hipError_t hipGetLastError() { return cudaGetLastError(); }
+inline hipError_t hipMemsetAsync(void* p, int v, size_t n, hipStream_t s) { return cudaMemsetAsync(p, v, n, s); }
+inline hipError_t hipGetDevice(int* d) { return cudaGetDevice(d); }
+inline hipError_t hipDeviceGetAttribute(int* v, hipDeviceAttribute_t, int) {
+  *v = ::mk_simt::kSms;
+  return hipSuccess;
+}
+inline hipError_t hipOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* k, int t, size_t s) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, k, t, s);
+}
+using hipPointerAttribute_t = cudaPointerAttributes;
+inline hipError_t hipPointerGetAttributes(hipPointerAttribute_t* a, const void* p) {
+  return cudaPointerGetAttributes(a, p);
+}
+// ROCm's bf16 class: constructed from float with round to nearest even, read back as float
+struct hip_bfloat16 {
+  unsigned short data = 0;
+  hip_bfloat16() = default;
+  explicit hip_bfloat16(float f) {
+    unsigned u = ::mk_simt::f2u(f);
+    if (isnan(f)) {
+      data = static_cast<unsigned short>((u >> 16) | 0x40u);
+    } else {
+      u += 0x7fffu + ((u >> 16) & 1u);
+      data = static_cast<unsigned short>(u >> 16);
+    }
+  }
+  explicit operator float() const { return ::mk_simt::u2f(static_cast<unsigned>(data) << 16); }
+};
+#endif
+
 // ---------------------------------------------------------------- device intrinsics
 inline void __syncthreads() { ::mk_simt::arrive_and_wait(::mk_simt::block_now()->bar); }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::mk_simt::arrive_and_wait(::mk_simt::warp_now().bar); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
-  const unsigned r = ::mk_simt::exchange(v)[src & (::mk_simt::kWarp - 1)];
-  ::mk_simt::exchange_done();
+namespace mk_simt {
+// The warp primitives, for either API below: every live lane offers a value, then reads.
+inline unsigned shfl_u32(unsigned v, int src) {
+  const unsigned r = exchange(v)[src & (kWarp - 1)];
+  exchange_done();
   return r;
 }
+inline mask_t ballot_bits(bool p) {
+  const unsigned* all = exchange(p ? 1u : 0u);
+  const bool* alive = warp_now().alive;
+  mask_t m = 0;
+  for (int i = 0; i < kWarp; ++i) m |= (alive[i] && all[i]) ? (mask_t(1) << i) : mask_t(0);
+  exchange_done();
+  return m;
+}
+inline mask_t match_bits(unsigned key) {
+  const int lane = lane_now();
+  const unsigned* all = exchange(key);
+  const bool* alive = warp_now().alive;
+  mask_t m = 0;
+  for (int i = 0; i < kWarp; ++i) m |= (alive[i] && all[i] == all[lane]) ? (mask_t(1) << i) : mask_t(0);
+  exchange_done();
+  return m;
+}
+inline void wave_barrier() { arrive_and_wait(warp_now().bar); }
+}  // namespace mk_simt
+
+#if !defined(MOEKERN_SIMT_WAVE64)
+// CUDA's names (warp of 32; the masks are always the full warp in these kernels)
+inline unsigned __shfl_sync(unsigned, unsigned v, int src) { return ::mk_simt::shfl_u32(v, src); }
 inline int __shfl_sync(unsigned m, int v, int src) { return static_cast<int>(__shfl_sync(m, static_cast<unsigned>(v), src)); }
 inline float __shfl_sync(unsigned m, float v, int src) { return ::mk_simt::u2f(__shfl_sync(m, ::mk_simt::f2u(v), src)); }
 inline unsigned __shfl_xor_sync(unsigned m, unsigned v, int x) { return __shfl_sync(m, v, ::mk_simt::lane_now() ^ x); }
@@ -417,26 +486,10 @@ inline int __shfl_xor_sync(unsigned m, int v, int x) { return __shfl_sync(m, v, 
 inline float __shfl_xor_sync(unsigned m, float v, int x) { return __shfl_sync(m, v, ::mk_simt::lane_now() ^ x); }
 inline int __shfl_up_sync(unsigned m, int v, int d) {
   const int lane = ::mk_simt::lane_now();
-  const int r = __shfl_sync(m, v, lane >= d ? lane - d : lane);  // below the first lane: the lane's own value
-  return r;
+  return __shfl_sync(m, v, lane >= d ? lane - d : lane);  // below the first lane: the lane's own value
 }
-inline unsigned __ballot_sync(unsigned, bool p) {
-  const unsigned* all = ::mk_simt::exchange(p ? 1u : 0u);
-  const bool* alive = ::mk_simt::warp_now().alive;
-  unsigned m = 0;
-  for (int i = 0; i < ::mk_simt::kWarp; ++i) m |= (alive[i] && all[i]) ? (1u << i) : 0u;
-  ::mk_simt::exchange_done();
-  return m;
-}
-inline unsigned __match_any_sync(unsigned, unsigned key) {
-  const int lane = ::mk_simt::lane_now();
-  const unsigned* all = ::mk_simt::exchange(key);
-  const bool* alive = ::mk_simt::warp_now().alive;
-  unsigned m = 0;
-  for (int i = 0; i < ::mk_simt::kWarp; ++i) m |= (alive[i] && all[i] == all[lane]) ? (1u << i) : 0u;
-  ::mk_simt::exchange_done();
-  return m;
-}
+inline unsigned __ballot_sync(unsigned, bool p) { return ::mk_simt::ballot_bits(p); }
+inline unsigned __match_any_sync(unsigned, unsigned key) { return ::mk_simt::match_bits(key); }
 inline unsigned __reduce_max_sync(unsigned, unsigned v) {
   const unsigned* all = ::mk_simt::exchange(v);
   const bool* alive = ::mk_simt::warp_now().alive;
@@ -453,6 +506,23 @@ inline int __reduce_min_sync(unsigned, int v) {
   ::mk_simt::exchange_done();
   return r;
 }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::mk_simt::wave_barrier(); }
+#else
+// HIP's names (wavefront of 64, no masks); the builtins are macros onto the emulator's own
+inline unsigned __shfl(unsigned v, int src) { return ::mk_simt::shfl_u32(v, src); }
+inline int __shfl(int v, int src) { return static_cast<int>(::mk_simt::shfl_u32(static_cast<unsigned>(v), src)); }
+inline float __shfl(float v, int src) { return ::mk_simt::u2f(::mk_simt::shfl_u32(::mk_simt::f2u(v), src)); }
+inline unsigned __shfl_xor(unsigned v, int x) { return __shfl(v, ::mk_simt::lane_now() ^ x); }
+inline int __shfl_xor(int v, int x) { return __shfl(v, ::mk_simt::lane_now() ^ x); }
+inline float __shfl_xor(float v, int x) { return __shfl(v, ::mk_simt::lane_now() ^ x); }
+inline int __shfl_up(int v, int d) {
+  const int lane = ::mk_simt::lane_now();
+  return __shfl(v, lane >= d ? lane - d : lane);
+}
+inline unsigned long long __ballot(int p) { return ::mk_simt::ballot_bits(p != 0); }
+#define __builtin_amdgcn_wave_barrier() ::mk_simt::wave_barrier()
+#define __builtin_amdgcn_s_sleep(n) ::mk_simt::spin_pause_check()
+#endif
 
 inline int __popc(unsigned m) { return __builtin_popcount(m); }
 inline int __popcll(unsigned long long m) { return __builtin_popcountll(m); }
