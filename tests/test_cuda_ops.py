@@ -17,6 +17,7 @@ from moekern import _ext
 from moekern.dispatch.reference import align_reference, align_sizes, permute_reference, unpermute_reference
 from moekern.models.registry import STANDARD_MODELS, get_model
 from moekern.routing.reference import fused_topk_reference
+from topk_inputs import ties_nan_inf_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -177,15 +178,7 @@ def test_fused_topk_paths_ties_nan_inf(variant):
     g = torch.Generator(device="cuda").manual_seed(3)
     cases = [(8, 2, torch.bfloat16), (128, 8, torch.float16), (256, 8, torch.float32), (60, 5, torch.bfloat16)]
     for E, k, dtype in cases:
-        logits = torch.randint(-2, 3, (300, E), device="cuda", generator=g).float()
-        logits[0] = 0.0
-        logits[1] = -0.0
-        logits[2, E // 2] = float("nan")
-        logits[3] = float("-inf")
-        logits[4] = float("nan")
-        logits[5, 0] = float("inf")
-        logits[6, ::2] = float("-inf")
-        logits = logits.to(dtype)
+        logits = ties_nan_inf_logits(300, E, dtype, g)
         for scoring in ("softmax", "sigmoid"):
             _assert_routing_equal(*_run_topk(logits, k, scoring, True, None, 0, 0, 1.0, variant))
     logits = torch.randint(-1, 2, (300, 256), device="cuda", generator=g).to(torch.bfloat16)

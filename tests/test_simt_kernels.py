@@ -27,6 +27,7 @@ if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or s
         raise RuntimeError("CI must compile the SIMT emulation: no C++ compiler found")
     pytest.skip("no C++ compiler: the SIMT emulation cannot be built", allow_module_level=True)
 
+from topk_inputs import ties_nan_inf_logits  # noqa: E402
 from tools.simt import ops  # noqa: E402
 
 WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -113,15 +114,7 @@ def test_fused_topk_every_variant_model_shapes(model, M, variant):
 def test_fused_topk_ties_nan_inf(variant):
     g = torch.Generator().manual_seed(3)
     for E, k, dtype in [(8, 2, torch.bfloat16), (128, 8, torch.float16), (256, 8, torch.float32), (60, 5, torch.bfloat16)]:
-        logits = torch.randint(-2, 3, (12, E), generator=g).float()
-        logits[0] = 0.0
-        logits[1] = -0.0
-        logits[2, E // 2] = float("nan")
-        logits[3] = float("-inf")
-        logits[4] = float("nan")
-        logits[5, 0] = float("inf")
-        logits[6, ::2] = float("-inf")
-        logits = logits.to(dtype)
+        logits = ties_nan_inf_logits(12, E, dtype, g)
         for scoring in ("softmax", "sigmoid"):
             _route(logits, k, scoring, True, None, 0, 0, 1.0, variant)
     logits = torch.randint(-1, 2, (12, 256), generator=g).to(torch.bfloat16)

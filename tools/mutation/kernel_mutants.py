@@ -177,9 +177,9 @@ def _build(work: Path, log: Path) -> tuple[bool, float]:
     return proc.returncode == 0, time.time() - t0
 
 
-def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int | None:
-    env = dict(os.environ, PYTHONPATH=str(work))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", *tests]
+def _run_pytest(work: Path, args: tuple[str, ...], env: dict, log: Path) -> int | None:
+    """pytest in work/ with `args`, stopping at the first failure; its exit code, or None past 15 minutes."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args]
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -209,18 +209,14 @@ def _build_simt(work: Path, log: Path) -> tuple[bool, float]:
     return proc.returncode == 0, time.time() - t0
 
 
+def _run_tests(work: Path, tests: tuple[str, ...], log: Path) -> int | None:
+    """The GPU tests that judge a mutant, against work's own moekern._C."""
+    return _run_pytest(work, ("-m", "gpu", *tests), dict(os.environ, PYTHONPATH=str(work)), log)
+
+
 def _run_simt_tests(work: Path, log: Path) -> int | None:
     """The CPU emulation's tests in work/ (against the emulation _build_simt built)."""
-    env = _simt_env(work)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SIMT_TESTS]
-    with log.open("a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        try:
-            return subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
-        except subprocess.TimeoutExpired:
-            f.write("\n(timed out after 900 s)\n")
-            return None
+    return _run_pytest(work, SIMT_TESTS, _simt_env(work), log)
 
 
 def _imports_from(work: Path, log: Path) -> bool:

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from moekern.dispatch.reference import align_sizes
 from tools.simt.build import library_path
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -79,11 +80,6 @@ def fused_topk(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", re
                                 ctypes.c_float(routed_scaling_factor), _p(w), _p(ids), _p(counts), VARIANTS[variant])
     _check(rc, f"fused_topk({variant})")
     return w, ids, counts
-
-
-def align_sizes(n: int, E: int, B: int) -> tuple[int, int]:
-    padded = n + min(n, E) * (B - 1)
-    return padded, -(-padded // B)
 
 
 def route_align(logits: torch.Tensor, top_k: int, block_size: int, *, scoring: str = "softmax",
