@@ -81,8 +81,7 @@ __global__ void __launch_bounds__(kThreads) route_align_grid_kernel(const Args a
 
 // Tokens per block of the grid tier: one per team (a block's slots then fit one per thread: 16 x 16 at L = 32 and
 // top_k <= 16, 64 x 8 at L = 8).
-template <int L>
-constexpr int64_t grid_tokens_per_block() {
+constexpr int64_t grid_tokens_per_block(int L) {
   return static_cast<int64_t>(kThreads / kWarpSize) * (kWarpSize / L);
 }
 
@@ -111,7 +110,7 @@ Error launch_grid_tier(const Args& a, const AlignOut& o, int32_t* chunk_hist, in
                        Stream stream) {
   GridArgs g;
   g.chunk_hist = chunk_hist;
-  g.tokens_per_block = grid_tokens_per_block<L>();
+  g.tokens_per_block = grid_tokens_per_block(L);
   const Error e = launch_cooperative(route_align_grid_kernel<T, V, L, kSoftmax, kGrouped, kThreadPads>,
                                      static_cast<unsigned>(blocks), static_cast<unsigned>(kThreads), stream, a, o, g);
   if (e != kSuccess) {
@@ -124,7 +123,7 @@ Error launch_grid_tier(const Args& a, const AlignOut& o, int32_t* chunk_hist, in
 template <typename T, int V, int L, bool kThreadPads>
 Error launch_grid_pads(const Args& a, const AlignOut& o, int32_t* chunk_hist, bool softmax, bool& unsupported,
                        Stream stream) {
-  const int64_t blocks = (a.M + grid_tokens_per_block<L>() - 1) / grid_tokens_per_block<L>();
+  const int64_t blocks = (a.M + grid_tokens_per_block(L) - 1) / grid_tokens_per_block(L);
   const bool grouped = a.G > 1;
 #define MOEKERN_GRID_TIER(SM, GR)                                                                     \
   if (softmax == (SM) && grouped == (GR)) {                                                         \
@@ -213,8 +212,7 @@ int64_t route_align_scratch_elems(int64_t M, int E) {
   if (E < 1 || E > kTopkMaxExperts || M < 1) return 0;
   const int L = route_align_lanes(E);
   if (M * L <= kRouteAlignMaxLanes) return 0;
-  const int64_t per_block = static_cast<int64_t>(kThreads / kWarpSize) * (kWarpSize / L);
-  const int64_t blocks = (M + per_block - 1) / per_block;
+  const int64_t blocks = (M + grid_tokens_per_block(L) - 1) / grid_tokens_per_block(L);
   return blocks <= kRouteAlignGridMaxBlocks ? blocks * E : 0;
 }
 
