@@ -244,10 +244,11 @@ run_stage() {
   fastpath-bench)
     # Side by side with vLLM in one process per script (needs the gpuenv): routing at the 28 shapes in CUDA
     # graphs, route_and_align vs vLLM's routing + moe_align_block_size, the decode layer with its routing.
-    # FASTPATH_SKIP_ROUTING=1 leaves out the routing table (for a change that touches align alone).
+    # FASTPATH_SKIP_ROUTING=1 leaves out the routing table (for a change that touches align alone);
+    # FASTPATH_ROUTING_VARIANTS picks its moekern paths (default auto,compact,legacy; `auto` alone is the quickest).
     versions; build
     if [ "${FASTPATH_SKIP_ROUTING:-0}" != "1" ]; then
-      timeout 180 python3 benchmarks/routing_variants.py --variants auto,compact,legacy \
+      timeout 180 python3 benchmarks/routing_variants.py --variants "${FASTPATH_ROUTING_VARIANTS:-auto,compact,legacy}" \
         --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -40
     fi
     timeout 120 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
