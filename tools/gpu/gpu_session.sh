@@ -266,19 +266,28 @@ run_stage() {
     ;;
   fastpath-source)
     # No vLLM: where route_and_align's one launch (M=1) and align's scatter (M=256) spend their cycles, per
-    # SASS instruction (ncu's PC sampling: warp stall reasons and executed instructions per line).
+    # SASS instruction (ncu's PC sampling: warp stall reasons and executed instructions per line); and the routing
+    # kernel alone (redux_topk) for DeepSeek-V3 at M=1 (one warp's chain) and M=16 (16 warps on one SM).
+    # FASTPATH_SOURCE_TARGETS ("kernel model M" per line) replaces the list.
     build
     mkdir -p "$OUT/prof"
-    for target in "route_align qwen3-30b-a3b 1" "route_align deepseek-v3 1" "align_scatter qwen3-30b-a3b 256"; do
-      read -r kname model m <<< "$target"
+    local targets=${FASTPATH_SOURCE_TARGETS:-"route_align qwen3-30b-a3b 1
+route_align deepseek-v3 1
+align_scatter qwen3-30b-a3b 256
+redux_topk deepseek-v3 1
+redux_topk deepseek-v3 16"}
+    while read -r kname model m; do
+      [ -n "$kname" ] || continue
       rep="$OUT/prof/src_${kname}_${model}_m$m"
+      local probe_args=()
+      if [ "$kname" = redux_topk ]; then probe_args=(--routing); fi
       timeout 120 ncu --kernel-name "regex:$kname" --launch-count 1 --section SourceCounters --section WarpStateStats \
         --section SpeedOfLight --import-source yes -f -o "$rep" python3 tools/gpu/route_align_probe.py \
-        --models "$model" --ms "$m" --iters 1 > "$rep.log" 2>&1 || tail -5 "$rep.log"
-      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv" 2>&1 \
-        || ncu -i "$rep.ncu-rep" --page details > "$rep.details.txt" 2>&1
+        --models "$model" --ms "$m" --iters 1 "${probe_args[@]}" < /dev/null > "$rep.log" 2>&1 || tail -5 "$rep.log"
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass < /dev/null > "$rep.sass.csv" 2>&1 \
+        || ncu -i "$rep.ncu-rep" --page details < /dev/null > "$rep.details.txt" 2>&1
       ls -la "$rep".* | awk '{print $5, $9}'
-    done
+    done <<< "$targets"
     ;;
   gpu-mutants)
     # No vLLM: planted bugs in the .cu kernels, each judged by the GPU tests (tools/mutation/kernel_mutants.py), in

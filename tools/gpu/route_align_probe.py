@@ -2,6 +2,7 @@
 each result against the torch reference: the target that compute-sanitizer (racecheck) and ncu wrap.
 
     python tools/gpu/route_align_probe.py [--models qwen3-30b-a3b,deepseek-v3] [--ms 1,16,256] [--iters 3] [--layer]
+        [--routing]   # moekern.fused_topk alone (the routing kernel) instead of route_and_align
 
 Exit code 1 when a result differs from the reference (ids, counts, layout exactly; weights to 1e-5).
 """
@@ -18,6 +19,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
+def _check_routing(got, x, top_k: int, kw: dict) -> str | None:
+    """None when fused_topk's output equals the torch reference (ids and counts exactly, weights to 1e-5)."""
+    from moekern.routing.reference import fused_topk_reference
+
+    (w, ids, counts), (rw, rids, rcounts) = tuple(got), tuple(fused_topk_reference(x, top_k, **kw))
+    if not torch.equal(ids.long(), rids.long()):
+        return "topk_ids differ"
+    if not torch.equal(counts.long(), rcounts.long()):
+        return "expert_counts differ"
+    if not torch.allclose(w, rw, rtol=1e-5, atol=1e-5, equal_nan=True):
+        return "topk_weights differ"
+    return None
+
+
 def main(argv=None) -> int:
     from bench_route_align import _check, _kwargs
     from routing_variants import _spec_args
@@ -31,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,16,256")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--layer", action="store_true", help="also run fused_moe (route_and_align + experts) once per shape")
+    p.add_argument("--routing", action="store_true",
+                   help="run moekern.fused_topk (backend cuda) instead of route_and_align, checked the same way")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("skipped: needs a CUDA GPU", file=sys.stderr)
@@ -45,6 +62,13 @@ def main(argv=None) -> int:
             block = get_configs(M, a["E"], a["k"], spec.intermediate_size, spec.hidden_size, torch.bfloat16,
                                 torch.device("cuda"))[0].block_m
             x = torch.randn(M, a["E"], device="cuda", generator=g).to(torch.bfloat16)
+            if args.routing:
+                for _ in range(args.iters):
+                    got = moekern.fused_topk(x, a["k"], backend="cuda", **kw)
+                err = _check_routing(got, x, a["k"], kw)
+                print(f"{name:<15} M={M:<6} routing    {'ok' if err is None else 'WRONG: ' + err}", flush=True)
+                bad += err is not None
+                continue
             for _ in range(args.iters):
                 out = moekern.route_and_align(x, a["k"], block_size=block, backend="cuda", **kw)
             err = _check(tuple(out), x, a, bias, block)
