@@ -20,7 +20,10 @@ tensor (one fill kernel per call; rotated over as many copies as the logits). An
 this much per call on this GPU, so where 0.7 x vLLM is below the floor (column `0.7v<floor`: yes), the target
 cannot be met by a faster kernel body, only by doing the work in fewer nodes (e.g. fused into a neighbour).
 "cuda-compact" (--variants compact): the compact kernel with auto's grid choice but without auto's v1 shortcut for
-one ungrouped token; beside "auto" it shows what that shortcut gains at M = 1.
+one ungrouped token; beside "auto" it shows what that shortcut gains at M = 1. "cuda-redux_atomic" (--variants
+redux_atomic): the reduction-selection kernel's multi-block grid with its counts zeroed by a memset node and added
+by global atomics instead of the ticket histogram's fenced tail; beside "redux_multi" it prices that tail (two graph
+nodes against one).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import torch
 
 ISSUE_MS = (1, 16, 64, 256, 1024, 4096, 16384)
 MODELS = ("mixtral", "qwen3-30b-a3b", "deepseek-v3", "olmoe")
-CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux", "redux_single", "redux_multi")
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux", "redux_single", "redux_multi",
+                 "redux_atomic")
 SINGLE_BLOCK_MAX_M = 4096  # a forced single block grid-strides over every token: slow and pointless above this
 
 

@@ -187,7 +187,7 @@ Tensor3 fused_topk_variant_cuda(const Tensor& logits_in, int64_t top_k, int64_t 
                                 double scale, int64_t variant) {
   TORCH_CHECK(variant >= mk::kTopkAuto && variant <= mk::kTopkLastVariant, "variant=", variant,
               " must be 0 (auto), 1 (legacy), 2 (single block), 3 (multi block), 4 (compact), 5 (redux), "
-              "6 (redux single block) or 7 (redux multi block)");
+              "6 (redux single block), 7 (redux multi block) or 8 (redux multi block, atomic counts)");
   const RoutingInputs r = check_routing(logits_in, top_k, scoring, bias_in, num_groups, topk_group);
   const c10::cuda::OptionalCUDAGuard guard(r.logits.device());
   const auto i32 = r.logits.options().dtype(at::kInt);

@@ -143,7 +143,7 @@ def test_fused_topk_counts_zeroed_every_call():
 # force v1 ("legacy"), one block, or the multi-block grid with its ticket reduction, so all are checked here.
 # "compact" names the v2 kernel alone (auto = compact, except v1 for one ungrouped token):
 # test_fused_topk_grids_bit_identical runs it.
-VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi")
+VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi", "redux_atomic")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -213,9 +213,10 @@ def test_fused_topk_grids_bit_identical(model):
                     torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
             r = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "redux_single")
             _assert_routing_equal(r, want)
-            c = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, "redux_multi")
-            for x, y in zip(r, c):  # the reduction kernel on both grids: one token's result, bit for bit
-                torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
+            for variant in ("redux_multi", "redux_atomic"):
+                c = fused_topk_cuda(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant)
+                for x, y in zip(r, c):  # the reduction kernel on every grid: one token's result, bit for bit
+                    torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("model", STANDARD_MODELS)
@@ -226,12 +227,13 @@ def test_fused_topk_repeated_calls_reset_the_ticket(model):
     g = torch.Generator(device="cuda").manual_seed(11)
     bias = torch.randn(E, device="cuda", generator=g) * 0.1 if has_bias else None
     for M in (4096, 9, 300, 1, 20000, 4096, 64, 4096):
-        for variant in ("auto", "multi_block", "redux_multi"):
+        for variant in ("auto", "multi_block", "redux_multi", "redux_atomic"):
             logits = torch.randn(M, E, device="cuda", generator=g).to(torch.bfloat16)
             _assert_routing_equal(*_run_topk(logits, k, scoring, renorm, bias, groups, topk_group, scale, variant))
 
 
-@pytest.mark.parametrize("variant", ["auto", "multi_block", "single_block", "redux_single", "redux_multi"])
+@pytest.mark.parametrize(
+    "variant", ["auto", "multi_block", "single_block", "redux_single", "redux_multi", "redux_atomic"])
 @pytest.mark.parametrize("model", STANDARD_MODELS)
 def test_fused_topk_graph_replays_count_correctly(model, variant):
     E, k, scoring, renorm, groups, topk_group, scale, has_bias = _routing_args(model)
@@ -306,14 +308,14 @@ def test_fused_topk_bad_variant():
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(ValueError, match="variant='fast' must be one of"):
         fused_topk_cuda(x, 2, "softmax", True, None, 0, 0, 1.0, "fast")
-    with pytest.raises(RuntimeError, match="variant=8 must be 0"):
-        torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 8)
+    with pytest.raises(RuntimeError, match="variant=99 must be 0"):
+        torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 99)
 
 
 # Each C++ op's argument check, run in a fresh interpreter: a check that crashed the process (a signal) instead
 # of raising RuntimeError would otherwise take the whole pytest worker with it.
 _CPP_ERRORS = {
-    "topk_variant": ("torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 8)", "variant=8"),
+    "topk_variant": ("torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 99)", "variant=99"),
     "topk_k": ("torch.ops.moekern.fused_topk(x, 9, 0, True, None, 0, 0, 1.0)", "top_k=9"),
     "topk_cpu": ("torch.ops.moekern.fused_topk(x.cpu(), 2, 0, True, None, 0, 0, 1.0)", "CPU tensors"),
     "align_E": ("torch.ops.moekern.moe_align(ids, 0, 16, None)", "num_experts=0"),

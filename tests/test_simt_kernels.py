@@ -137,7 +137,7 @@ def test_fused_topk_repeated_multi_block_launches_reset_the_ticket():
     # The ticket histogram's accumulator slot must be left zeroed by every launch (graph replays rely on it).
     g = torch.Generator().manual_seed(11)
     for M in (70, 9, 33, 70):
-        for variant in ("multi_block", "redux_multi"):
+        for variant in ("multi_block", "redux_multi", "redux_atomic"):
             logits = torch.randn(M, 128, generator=g).to(torch.bfloat16)
             _route(logits, 8, "softmax", True, None, 0, 0, 1.0, variant)
 
@@ -161,7 +161,7 @@ def _routing_case(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_routing_case(), variant=st.sampled_from(["auto", "redux", "compact", "legacy", "redux_multi"]))
+@given(case=_routing_case(), variant=st.sampled_from(["auto", "redux", "compact", "legacy", "redux_multi", "redux_atomic"]))
 def test_fused_topk_property(case, variant):
     E, k, G, g, M, kind, dtype, scoring, renormalize, seed = case
     gen = torch.Generator().manual_seed(seed)

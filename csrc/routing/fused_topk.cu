@@ -402,9 +402,10 @@ Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int t
   // was faster, so the switch is placed at M > 2048, between the two measured sizes).
   const bool compact_faster = (E <= 8 && M > 128 && M <= 256) || (E > 32 && E <= 128 && G == 0 && M > 2048);
   if ((variant == kTopkAuto && !compact_faster) || variant >= kTopkRedux) {
-    const int grid = variant == kTopkReduxSingle ? kReduxGridSingle
-                     : variant == kTopkReduxMulti ? kReduxGridMulti
-                                                  : kReduxGridAuto;
+    const int grid = variant == kTopkReduxSingle   ? kReduxGridSingle
+                     : variant == kTopkReduxMulti  ? kReduxGridMulti
+                     : variant == kTopkReduxAtomic ? kReduxGridMultiAtomic
+                                                   : kReduxGridAuto;
     bool unsupported = false;
     const Error err = launch_redux_topk(logits, dtype, M, E, top_k, scoring, renormalize, bias, num_groups,
                                         topk_group, scale, weights, ids, counts, stream, grid, &unsupported);

@@ -22,11 +22,14 @@ enum TopkVariant : int {
   kTopkRedux = 5,        // the reduction-selection kernel (redux_topk.cuh) with its own grid choice
   kTopkReduxSingle = 6,  // the same, forced to one block
   kTopkReduxMulti = 7,   // the same, forced to the multi-block grid with the ticket histogram
-  kTopkLastVariant = kTopkReduxMulti,
+  kTopkReduxAtomic = 8,  // the same multi-block grid, counts added by global atomics into `counts` zeroed by a
+                         // memset before the kernel (two launches or graph nodes, no ticket: the experiment of
+                         // NOTES.md, "Beside vLLM", for the grid's tail)
+  kTopkLastVariant = kTopkReduxAtomic,
 };
 
 // Grid choice of launch_redux_topk.
-enum ReduxGrid : int { kReduxGridAuto = 0, kReduxGridSingle = 1, kReduxGridMulti = 2 };
+enum ReduxGrid : int { kReduxGridAuto = 0, kReduxGridSingle = 1, kReduxGridMulti = 2, kReduxGridMultiAtomic = 3 };
 
 // logits: [M, E] row-major of `dtype`; bias: [E] fp32 or nullptr (sigmoid only); num_groups = 0 or 1
 // means no grouped selection. Writes weights [M, k] fp32, ids [M, k] int32 and counts [E] int32 (every

@@ -19,16 +19,25 @@ namespace mk {
 namespace {
 
 constexpr int kHistSlots = 32;  // accumulator slots per device (one per stream)
+constexpr int kHistAtomicCounts = -2;  // slot value: add each block's counts straight into `counts` (zeroed before)
 
 // Zero at module load; every multi-block launch leaves its slot zeroed again (atomicExch / atomicInc wrap).
 __device__ int g_hist_acc[kHistSlots][kTopkMaxExperts] = {};
 __device__ unsigned int g_hist_ticket[kHistSlots] = {};
 
-// Writes the launch's per-expert counts once the block's choices are in s_hist. slot < 0: this is the only
-// block. Every thread of every block calls it.
+// Writes the launch's per-expert counts once the block's choices are in s_hist. slot -1: this is the only
+// block; kHistAtomicCounts: every block adds its non-zero counts to `counts`, which the launcher zeroed. Every
+// thread of every block calls it.
 __device__ __forceinline__ void publish_counts(const int* s_hist, int& s_last, int E, int slot,
                                                int32_t* __restrict__ counts) {
   __syncthreads();
+  if (slot == kHistAtomicCounts) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      const int c = s_hist[e];
+      if (c != 0) atomicAdd(&counts[e], c);
+    }
+    return;
+  }
   if (slot < 0) {
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = s_hist[e];
     return;

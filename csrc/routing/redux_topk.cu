@@ -8,7 +8,8 @@
 // Buckets (E -> V experts per lane, L lanes per token): E <= 8: 1 x 8, 16: 1 x 16, 32: 1 x 32, 64: 2 x 32,
 // 128: 4 x 32, 256: 8 x 32, 512: 16 x 32. Grouped selection needs E/G to be a power-of-two multiple of V
 // lanes; otherwise, or when a multi-block launch finds no free histogram slot, launch_redux_topk launches
-// nothing and sets *unsupported (the caller falls back to another kernel).
+// nothing and sets *unsupported (the caller falls back to another kernel). kReduxGridMultiAtomic (a variant for
+// measurement) runs the same grid with a memset of the counts before it and global atomics in place of the ticket.
 #include "routing/histogram.cuh"
 #include "routing/redux_topk.cuh"
 
@@ -80,7 +81,11 @@ Error launch_typed(Args& a, bool softmax, int grid, bool& unsupported, Stream st
     const bool fits = lanes <= kReduxSingleLanes || (a.top_k <= 2 && lanes <= kReduxSingleLanesShortK);     \
     const bool single = grid == kReduxGridSingle || (grid == kReduxGridAuto && fits);                        \
     a.slot = -1;                                                                                            \
-    if (!single) {                                                                                          \
+    if (grid == kReduxGridMultiAtomic) {                                                                    \
+      a.slot = kHistAtomicCounts;                                                                           \
+      const Error z = memset_async(a.counts, 0, sizeof(int32_t) * a.E, stream);                             \
+      if (z != kSuccess) return z;                                                                          \
+    } else if (!single) {                                                                                   \
       a.slot = stream_slot(stream);                                                                         \
       if (a.slot < 0) return unsupported = true, kSuccess;                                                  \
     }                                                                                                       \

@@ -1,6 +1,7 @@
 """The cuda backend of moekern.fused_topk: torch.ops.moekern.fused_topk (csrc/routing/fused_topk.cu).
 
-One kernel launch per call at every M, no memset (csrc/routing/NOTES.md has the design). Importing this
+One kernel launch per call at every M, no memset (csrc/routing/NOTES.md has the design; only the "redux_atomic"
+variant below adds a memset). Importing this
 module registers the op's fake implementation, so the op traces under torch.compile and CUDA-graph
 capture. moekern.fused_topk validates the arguments; the op re-checks the ones a kernel relies on.
 
@@ -11,7 +12,8 @@ graphs captured on one stream must not be replayed concurrently.
 `variant` (internal, for tests and benchmarks/routing_variants.py) forces a kernel path: "auto" (what
 moekern.fused_topk uses: the reduction-selection kernel, csrc/routing/redux_topk.cuh, where its group geometry
 fits and it measured faster on an H100, else the compact kernel; the table is in csrc/routing/fused_topk.cu), "redux" / "redux_single" / "redux_multi" (the reduction-selection kernel with its
-own grid choice, or forced to one block / to the ticket grid), "compact" (the compact kernel: one block while
+own grid choice, or forced to one block / to the ticket grid), "redux_atomic" (its grid with a memset of the counts
+and global atomics in place of the ticket), "compact" (the compact kernel: one block while
 M x team lanes <= 256, else the multi-block grid), "single_block" / "multi_block" (the compact kernel forced to
 one grid), "legacy" (the v1 kernel: memset + one warp per token). csrc/routing/NOTES.md has the measurements.
 """
@@ -25,7 +27,7 @@ from moekern.routing.reference import empty_routing_outputs
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 VARIANT_CODES = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4, "redux": 5,
-                 "redux_single": 6, "redux_multi": 7}
+                 "redux_single": 6, "redux_multi": 7, "redux_atomic": 8}
 
 # Checked once at import: the wrappers then read a constant, which torch.compile traces through.
 _EXT_ERROR = extension_error()

@@ -103,7 +103,7 @@ probe() {
 import torch, moekern._C
 x = torch.randn(4, 8, device="cuda")
 try:
-    torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 8)
+    torch.ops.moekern.fused_topk_variant(x, 2, 0, True, None, 0, 0, 1.0, 99)
 except RuntimeError as e:
     print("RAISED:", str(e).splitlines()[0])
 PY

@@ -34,7 +34,8 @@ from moekern.experts.reference import fused_moe_reference  # noqa: E402
 from moekern.routing.reference import fused_topk_reference  # noqa: E402
 
 DEV = "cuda"
-CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi")
+CUDA_VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi",
+                 "redux_atomic")
 
 
 def _equal(got, want, what):

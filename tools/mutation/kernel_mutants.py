@@ -72,6 +72,13 @@ MUTANTS = (
         "the multi-block routing grid leaves out a block's experts chosen exactly once: counts too low",
     ),
     Mutant(
+        "histogram-atomic-tail-skips-the-memset", "csrc/routing/redux_topk.cu",
+        "const Error z = memset_async(a.counts, 0, sizeof(int32_t) * a.E, stream);",
+        "const Error z = kSuccess;",
+        ("tests/test_cuda_ops.py", "-k", "topk"),
+        "the atomic-tail grid adds into counts left from before (the caller's buffer is not zeroed): counts too high",
+    ),
+    Mutant(
         "align-unstable-rank", "csrc/dispatch/align_scatter.cuh",
         "popc(peers & lanemask_lt())", "(popc(peers) - 1 - popc(peers & lanemask_lt()))",
         ("tests/test_cuda_ops.py", "-k", "align"),
