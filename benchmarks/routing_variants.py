@@ -1,5 +1,5 @@
-"""Routing kernel paths side by side on one GPU: moekern cuda (auto / v1 legacy / auto's kernel forced to a single
-block or to the multi-block grid), moekern triton, the one-kernel-node floor, and vLLM 0.26's routing ops when
+"""Routing kernel paths side by side on one GPU: moekern cuda (auto / v1 legacy / the compact and reduction-selection
+kernels forced to a single block or to a multi-block grid, with the ticket or atomic counts), moekern triton, the one-kernel-node floor, and vLLM 0.26's routing ops when
 importable, on the same inputs.
 
     python benchmarks/routing_variants.py

@@ -140,7 +140,8 @@ def test_fused_topk_counts_zeroed_every_call():
 
 
 # Kernel paths of the cuda backend (csrc/routing/NOTES.md): "auto" is what moekern.fused_topk runs; the others
-# force v1 ("legacy"), one block, or the multi-block grid with its ticket reduction, so all are checked here.
+# force v1 ("legacy"), one block, or the multi-block grid with its ticket reduction (or, "redux_atomic", a memset
+# and global atomics), so all are checked here.
 # "compact" names the v2 kernel alone (auto = compact, except v1 for one ungrouped token):
 # test_fused_topk_grids_bit_identical runs it.
 VARIANTS = ("auto", "legacy", "single_block", "multi_block", "compact", "redux_single", "redux_multi", "redux_atomic")

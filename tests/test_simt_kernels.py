@@ -161,7 +161,8 @@ def _routing_case(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_routing_case(), variant=st.sampled_from(["auto", "redux", "compact", "legacy", "redux_multi", "redux_atomic"]))
+@given(case=_routing_case(),
+       variant=st.sampled_from(["auto", "redux", "compact", "legacy", "redux_multi", "redux_atomic"]))
 def test_fused_topk_property(case, variant):
     E, k, G, g, M, kind, dtype, scoring, renormalize, seed = case
     gen = torch.Generator().manual_seed(seed)

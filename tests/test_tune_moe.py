@@ -204,6 +204,9 @@ KNOWN_ROWS = {
     (64, 1024, 2048, 64): ((B(16, 128, 128, 1, 4, 3), B(16, 32, 128, 1, 4, 3)), None),
     (128, 768, 2048, 2): ((B(16, 32, 128, 1, 4, 4), B(16, 64, 128, 1, 4, 4)),
                           "vllm-tile-fused: 62 us, was 66 (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0)"),
+    (8, 14336, 4096, 4): ((B(16, 32, 128, 1, 4, 4), B(16, 64, 128, 1, 4, 4)),
+                          "vllm-tile-fused: 570 us, was 585, vLLM 578 (NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, "
+                          "triton 3.6.0)"),
 }
 
 
@@ -211,7 +214,7 @@ def test_known_rows_of_the_committed_table():
     meta, rows = cfgmod.read_tiles(cfgmod.SM90_TILES)
     by_key = {r.key: r for r in rows}
     table = cfgmod.tuned_table()
-    assert len(rows) == 26 and sum(len(v) for v in table.values()) == 26
+    assert len(rows) == 29 and sum(len(v) for v in table.values()) == 29
     assert sorted(table) == [(8, 14336, 4096), (64, 1024, 2048), (128, 768, 2048), (256, 2048, 7168)]
     for key, (pair, note) in KNOWN_ROWS.items():
         assert table[key[:3]][key[3]] == pair, key
@@ -219,6 +222,17 @@ def test_known_rows_of_the_committed_table():
     assert by_key[(8, 14336, 4096, 128)].model == "mixtral"
     assert "H100" in meta["gpus"] and "H200" in meta["gpus"] and meta["torch"] and meta["triton"]
     assert any("tune_moe.py apply" in c for c in meta["commands"])
+
+
+def test_mixtral_m4_row_moves_only_m3_to_m5():
+    # The table serves M from its nearest row in log2: the M=4 row alone would also have taken M = 6-16 off the
+    # tiles measured there. The pinned M=8 and M=9 rows keep every M >= 6 on the tiles it had before that row.
+    rows = cfgmod.tuned_table()[(8, 14336, 4096)]
+    before = {b: pair for b, pair in rows.items() if b not in (4, 8, 9)}
+    for m in range(1, 300):
+        now = rows[cfgmod.tuned_bucket(rows, m)]
+        was = before[cfgmod.tuned_bucket(before, m)]
+        assert (now == was) == (m not in (3, 4, 5)), m
 
 
 def test_tuned_table_is_read_once_and_keeps_its_old_name():

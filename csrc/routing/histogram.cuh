@@ -4,7 +4,8 @@
 // A grid of several blocks adds each block's non-zero counts into an accumulator slot in device-global memory,
 // fences, and takes a ticket with atomicInc(ticket, gridDim.x - 1), which wraps to 0 on the last ticket; the
 // last block moves the totals out with atomicExch(acc, 0), leaving the slot zeroed for the next launch or graph
-// replay. So no memset node runs before the kernel and no second kernel after it.
+// replay. So no memset node runs before the kernel and no second kernel after it. (Slot kHistAtomicCounts, the
+// kTopkReduxAtomic variant, instead adds each block's counts into a `counts` its launcher zeroed with a memset.)
 //
 // Slots are __device__ arrays (zero at module load, one copy per device and per translation unit that includes
 // this header), one per (device, stream): launches on one stream are ordered, so a slot is never used by two

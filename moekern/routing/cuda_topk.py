@@ -1,7 +1,7 @@
 """The cuda backend of moekern.fused_topk: torch.ops.moekern.fused_topk (csrc/routing/fused_topk.cu).
 
-One kernel launch per call at every M, no memset (csrc/routing/NOTES.md has the design; only the "redux_atomic"
-variant below adds a memset). Importing this
+One kernel launch per call at every M, no memset (csrc/routing/NOTES.md has the design; the v1 fallback and the
+"legacy" and "redux_atomic" variants below add one). Importing this
 module registers the op's fake implementation, so the op traces under torch.compile and CUDA-graph
 capture. moekern.fused_topk validates the arguments; the op re-checks the ones a kernel relies on.
 

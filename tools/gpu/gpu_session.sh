@@ -19,6 +19,7 @@
 #   bash tools/gpu/gpu_session.sh fastpath-profile  # no vLLM: per-kernel ncu + torch.profiler of the M=1 layer
 #   bash tools/gpu/gpu_session.sh align-plans       # every plan of the cuda align (slots per thread, matcher) timed
 #   bash tools/gpu/gpu_session.sh fastpath-source   # no vLLM: ncu per-instruction stalls of route_and_align's kernels
+#                                                   #   and of the routing kernel alone (FASTPATH_SOURCE_TARGETS)
 #   bash tools/gpu/gpu_session.sh gpu-mutants       # no vLLM: planted .cu bugs, each must fail the GPU tests
 #   bash tools/gpu/gpu_session.sh fi-warmup    # start FlashInfer's JIT builds detached (tens of minutes of nvcc)
 #   bash tools/gpu/gpu_session.sh fi-status    # how far that build is
@@ -268,7 +269,8 @@ run_stage() {
     # No vLLM: where route_and_align's one launch (M=1) and align's scatter (M=256) spend their cycles, per
     # SASS instruction (ncu's PC sampling: warp stall reasons and executed instructions per line); and the routing
     # kernel alone (redux_topk) for DeepSeek-V3 at M=1 (one warp's chain) and M=16 (16 warps on one SM).
-    # FASTPATH_SOURCE_TARGETS ("kernel model M" per line) replaces the list.
+    # FASTPATH_SOURCE_TARGETS ("kernel model M" per line) replaces the list (each target is ~30 s of ncu, at most
+    # 120; trim the list when the call has other work).
     build
     mkdir -p "$OUT/prof"
     local targets=${FASTPATH_SOURCE_TARGETS:-"route_align qwen3-30b-a3b 1
@@ -283,7 +285,7 @@ redux_topk deepseek-v3 16"}
       if [ "$kname" = redux_topk ]; then probe_args=(--routing); fi
       timeout 120 ncu --kernel-name "regex:$kname" --launch-count 1 --section SourceCounters --section WarpStateStats \
         --section SpeedOfLight --import-source yes -f -o "$rep" python3 tools/gpu/route_align_probe.py \
-        --models "$model" --ms "$m" --iters 1 "${probe_args[@]}" < /dev/null > "$rep.log" 2>&1 || tail -5 "$rep.log"
+        --models "$model" --ms "$m" --iters 1 ${probe_args[@]+"${probe_args[@]}"} < /dev/null > "$rep.log" 2>&1 || tail -5 "$rep.log"
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass < /dev/null > "$rep.sass.csv" 2>&1 \
         || ncu -i "$rep.ncu-rep" --page details < /dev/null > "$rep.details.txt" 2>&1
       ls -la "$rep".* | awk '{print $5, $9}'

@@ -59,8 +59,6 @@ def main(argv=None) -> int:
         bias = torch.randn(a["E"], device="cuda", generator=g).mul(0.1).to(torch.bfloat16).float() if a["has_bias"] else None
         kw = _kwargs(a, bias)
         for M in [int(m) for m in args.ms.split(",") if m]:
-            block = get_configs(M, a["E"], a["k"], spec.intermediate_size, spec.hidden_size, torch.bfloat16,
-                                torch.device("cuda"))[0].block_m
             x = torch.randn(M, a["E"], device="cuda", generator=g).to(torch.bfloat16)
             if args.routing:
                 for _ in range(args.iters):
@@ -69,6 +67,8 @@ def main(argv=None) -> int:
                 print(f"{name:<15} M={M:<6} routing    {'ok' if err is None else 'WRONG: ' + err}", flush=True)
                 bad += err is not None
                 continue
+            block = get_configs(M, a["E"], a["k"], spec.intermediate_size, spec.hidden_size, torch.bfloat16,
+                                torch.device("cuda"))[0].block_m
             for _ in range(args.iters):
                 out = moekern.route_and_align(x, a["k"], block_size=block, backend="cuda", **kw)
             err = _check(tuple(out), x, a, bias, block)
