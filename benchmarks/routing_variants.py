@@ -1,6 +1,6 @@
 """Routing kernel paths side by side on one GPU: moekern cuda (auto / v1 legacy / the compact and reduction-selection
-kernels forced to a single block or to a multi-block grid, with the ticket or atomic counts), moekern triton, the one-kernel-node floor, and vLLM 0.26's routing ops when
-importable, on the same inputs.
+kernels forced to a single block or to a multi-block grid, with the ticket or atomic counts), moekern triton, the
+one-kernel-node floor, and vLLM 0.26's routing ops when importable, on the same inputs.
 
     python benchmarks/routing_variants.py
     python benchmarks/routing_variants.py --models deepseek-v3 --ms 1,16,64,256,1024,4096,16384,131072

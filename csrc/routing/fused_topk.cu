@@ -1,6 +1,6 @@
 // Fused top-k routing (v2): scores, (grouped) selection, renormalization, scaling and the expert histogram
-// in ONE kernel launch at every M, with no memset (kTopkReduxAtomic, a variant for measurement, adds one). NOTES.md has the design, the H100 measurements and the
-// diagnosis of the small-M gap to vLLM; fused_topk_legacy.cu keeps v1 as the fallback. One kernel,
+// in ONE kernel launch at every M, with no memset (kTopkReduxAtomic, a variant for measurement, adds one).
+// NOTES.md has the design, the H100 measurements and the diagnosis of the small-M gap to vLLM; fused_topk_legacy.cu keeps v1 as the fallback. One kernel,
 // compact_topk_kernel, serves every non-legacy variant; the variants only choose its grid.
 //
 // Teams. A token is handled by a team of L lanes (a power of two chosen from E at compile time); lane j of

@@ -37,8 +37,8 @@ enum ReduxGrid : int { kReduxGridAuto = 0, kReduxGridSingle = 1, kReduxGridMulti
 // (softmax) or 1 (sigmoid); returns kInvalidValue otherwise.
 //
 // One kernel launch, no memset (except the v1 fallback: an irregular group geometry or a 33rd stream on
-// one device; and kTopkReduxAtomic, a variant for measurement, which zeroes the counts with a memset). The multi-block path keeps a per-(device, stream) slot of a device-global accumulator and
-// ticket counter, which each launch leaves zeroed. Restriction: launches of this op that can run at the
+// one device; and kTopkReduxAtomic, a variant for measurement, which zeroes the counts with a memset). The
+// multi-block path keeps a per-(device, stream) slot of a device-global accumulator and ticket counter, which each launch leaves zeroed. Restriction: launches of this op that can run at the
 // same time must have been issued (or captured into a CUDA graph) on different streams; e.g. two graphs
 // captured on the same stream must not be replayed concurrently.
 Error launch_fused_topk(const void* logits, DType dtype, int64_t M, int E, int top_k, int scoring,

@@ -249,8 +249,9 @@ run_stage() {
     # FASTPATH_ROUTING_VARIANTS picks its moekern paths (default auto,compact,legacy; `auto` alone is the quickest).
     versions; build
     if [ "${FASTPATH_SKIP_ROUTING:-0}" != "1" ]; then
-      timeout 180 python3 benchmarks/routing_variants.py --variants "${FASTPATH_ROUTING_VARIANTS:-auto,compact,legacy}" \
-        --json "$OUT/routing_graph.json" 2>&1 | tee "$OUT/routing_graph.log" | tail -40
+      timeout 180 python3 benchmarks/routing_variants.py \
+        --variants "${FASTPATH_ROUTING_VARIANTS:-auto,compact,legacy}" --json "$OUT/routing_graph.json" 2>&1 \
+        | tee "$OUT/routing_graph.log" | tail -40
     fi
     timeout 120 python3 benchmarks/bench_route_align.py --json "$OUT/route_align.json" 2>&1 \
       | tee "$OUT/route_align.log" | tail -28
@@ -285,7 +286,8 @@ redux_topk deepseek-v3 16"}
       if [ "$kname" = redux_topk ]; then probe_args=(--routing); fi
       timeout 120 ncu --kernel-name "regex:$kname" --launch-count 1 --section SourceCounters --section WarpStateStats \
         --section SpeedOfLight --import-source yes -f -o "$rep" python3 tools/gpu/route_align_probe.py \
-        --models "$model" --ms "$m" --iters 1 ${probe_args[@]+"${probe_args[@]}"} < /dev/null > "$rep.log" 2>&1 || tail -5 "$rep.log"
+        --models "$model" --ms "$m" --iters 1 ${probe_args[@]+"${probe_args[@]}"} < /dev/null > "$rep.log" 2>&1 \
+        || tail -5 "$rep.log"
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass < /dev/null > "$rep.sass.csv" 2>&1 \
         || ncu -i "$rep.ncu-rep" --page details < /dev/null > "$rep.details.txt" 2>&1
       ls -la "$rep".* | awk '{print $5, $9}'

@@ -7,8 +7,8 @@ plain-PyTorch reference (ids, counts, indices and rows exactly), so a clean run 
 
 Sections (each prints its wall time; the whole script is meant to stay well under a minute under memcheck):
   1. routing, cuda backend: every kernel path (auto, single_block, multi_block, legacy, compact, and the
-     reduction-selection kernel's grids redux_single, redux_multi, redux_atomic) against the torch reference, incl. DeepSeek-V3 grouped selection, the 512-expert bucket,
-     the group geometry that falls back to v1, and M large enough for the multi-block ticket reduction;
+     reduction-selection kernel's grids redux_single, redux_multi, redux_atomic) against the torch reference,
+     incl. DeepSeek-V3 grouped selection, the 512-expert bucket, the group geometry that falls back to v1, and M large enough for the multi-block ticket reduction;
   2. routing, align, permute, unpermute and a small fused_moe, triton and cuda backends, and every plan of the
      cuda align (moe_align_variant);
   3. expert parallel, the peer-write path (Triton kernels that store into other ranks' receive buffers),

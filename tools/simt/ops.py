@@ -13,13 +13,13 @@ from functools import lru_cache
 import torch
 
 from moekern.dispatch.reference import align_sizes
+from moekern.routing.cuda_topk import VARIANT_CODES
 from tools.simt.build import library_path
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SCORINGS = {"softmax": 0, "sigmoid": 1}
-# launch_fused_topk's variants (csrc/routing/fused_topk.h, TopkVariant)
-VARIANTS = {"auto": 0, "legacy": 1, "single_block": 2, "multi_block": 3, "compact": 4, "redux": 5,
-            "redux_single": 6, "redux_multi": 7, "redux_atomic": 8}
+# launch_fused_topk's variants (csrc/routing/fused_topk.h, TopkVariant): the cuda backend's own table
+VARIANTS = VARIANT_CODES
 
 
 class SimtError(RuntimeError):
